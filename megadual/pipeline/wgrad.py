@@ -1,0 +1,53 @@
+"""Deferred weight-gradient store: the zero-bubble split of a backward into B and W.
+
+A linear layer's backward has two GEMMs: the input gradient, which the previous
+pipeline stage is waiting for, and the weight gradient, which nobody waits for.
+While a store is `deferring`, layers that were built with it hand their weight-
+gradient work to `put` instead of running it; the backward then returns as soon as
+the input gradients exist. The schedule later runs one W action per deferred
+backward with `pop`, in the order the backwards ran.
+
+The store is an explicit object owned by whoever runs the schedule (one per model
+chunk); layers capture it at forward time, so it works wherever autograd runs the
+backward (on CUDA that is a device thread, not the caller's).
+"""
+from __future__ import annotations
+
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable
+
+
+class WeightGradStore:
+    def __init__(self) -> None:
+        self.deferring = False
+        self._open: list[Callable[[], None]] = []
+        self._ready: deque[list[Callable[[], None]]] = deque()
+
+    def put(self, compute_weight_grad: Callable[[], None]) -> None:
+        """Run the weight-gradient work now, or queue it if a split backward is running."""
+        if self.deferring:
+            self._open.append(compute_weight_grad)
+        else:
+            compute_weight_grad()
+
+    @contextmanager
+    def split_backward(self):
+        """Backward passes run inside this block leave their weight gradients queued as one W."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            self._ready.append(self._open)
+            self._open = []
+
+    def pop(self) -> None:
+        """Run the oldest queued W (all weight-gradient work of one split backward)."""
+        if not self._ready:
+            raise RuntimeError("W action with no deferred weight gradients: schedule is inconsistent")
+        for compute in self._ready.popleft():
+            compute()
+
+    def __len__(self) -> int:
+        return len(self._ready)

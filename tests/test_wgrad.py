@@ -1,0 +1,29 @@
+import torch
+
+from megadual.parallel.linear import linear
+from megadual.pipeline.wgrad import WeightGradStore
+
+
+def test_split_backward_defers_weight_grad_until_pop():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    linear(x, w).square().sum().backward()
+    want_x, want_w = x.grad.clone(), w.grad.clone()
+
+    x.grad, w.grad = None, None
+    store = WeightGradStore()
+    with store.split_backward():
+        linear(x, w, store).square().sum().backward()
+    assert torch.equal(x.grad, want_x)
+    assert w.grad is None and len(store) == 1
+    store.pop()
+    assert torch.allclose(w.grad, want_w, rtol=1e-6, atol=1e-6)
+    assert len(store) == 0
+
+
+def test_store_not_deferring_runs_weight_grad_immediately():
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    store = WeightGradStore()
+    linear(torch.randn(2, 8), w, store).sum().backward()
+    assert w.grad is not None and len(store) == 0
