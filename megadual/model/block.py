@@ -1,0 +1,68 @@
+"""One decoder layer, written as explicit sub-steps a schedule can run one by one.
+
+attention (with its residual, the pre-MLP norm and routing) -> dispatch -> experts
+-> combine (with the MLP residual). A dense layer runs its MLP in the experts step
+and passes through dispatch and combine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megadual.config import ModelConfig
+from megadual.model.layers import Attention, RMSNorm, SwiGLUMLP
+from megadual.moe.layer import MoELayer, MoEState
+from megadual.parallel.linear import linear
+from megadual.parallel.tensor import TensorParallel
+
+
+@dataclass
+class LayerState:
+    residual: torch.Tensor
+    mlp_input: torch.Tensor | None = None
+    moe: MoEState | None = None
+    mlp_output: torch.Tensor | None = None
+
+
+class TransformerLayer(torch.nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, tp: TensorParallel, ep_group=None,
+                 num_nodes: int = 1, gemm: Callable = linear):
+        super().__init__()
+        sp = tp.sequence_parallel
+        self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
+        self.attention = Attention(config, tp, gemm)
+        self.pre_mlp_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
+        self.is_moe = config.is_moe_layer(layer_index)
+        if self.is_moe:
+            self.mlp = MoELayer(config, tp, ep_group, num_nodes, gemm)
+        else:
+            self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, tp, gemm)
+
+    def attention_step(self, hidden: torch.Tensor) -> LayerState:
+        residual = hidden + self.attention(self.input_norm(hidden))
+        state = LayerState(residual, mlp_input=self.pre_mlp_norm(residual))
+        if self.is_moe:
+            state.moe = self.mlp.route(state.mlp_input)
+        return state
+
+    def dispatch_step(self, state: LayerState) -> LayerState:
+        if self.is_moe:
+            self.mlp.dispatch(state.moe)
+        return state
+
+    def experts_step(self, state: LayerState) -> LayerState:
+        if self.is_moe:
+            self.mlp.compute(state.moe)
+        else:
+            state.mlp_output = self.mlp(state.mlp_input)
+        return state
+
+    def combine_step(self, state: LayerState) -> torch.Tensor:
+        out = self.mlp.combine(state.moe) if self.is_moe else state.mlp_output
+        return state.residual + out
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        state = self.attention_step(hidden)
+        return self.combine_step(self.experts_step(self.dispatch_step(state)))

@@ -1,0 +1,134 @@
+"""The DeepSeek-V3 router: gate scores, node-limited top-k, expert bias, balance losses.
+
+Selection uses the scores plus a per-expert bias (aux-loss-free balancing); the gate
+values use the unbiased scores. Every statistic (balance loss, expert loads, the
+bias update) is computed from the final routing, after the node limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megadual.config import ModelConfig
+from megadual.parallel.linear import linear
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor  # [tokens, topk] global expert ids
+    gates: torch.Tensor  # [tokens, topk] weights of the selected experts
+    aux_loss: torch.Tensor  # scalar, already multiplied by --moe-aux-loss-coeff
+
+
+def node_limited_topk(choice_scores: torch.Tensor, topk: int, num_nodes: int, max_nodes: int) -> torch.Tensor:
+    """Top-k experts per token, restricted to the `max_nodes` best nodes of that token.
+
+    Experts are laid out node by node (expert e lives on node e // (E / num_nodes)).
+    A node's score is the sum of its best topk/max_nodes scores.
+    """
+    if num_nodes <= max_nodes:
+        return choice_scores.topk(topk, dim=-1).indices
+    tokens, experts = choice_scores.shape
+    per_node = choice_scores.view(tokens, num_nodes, experts // num_nodes)
+    node_scores = per_node.topk(topk // max_nodes, dim=-1).values.sum(-1)
+    best_nodes = node_scores.topk(max_nodes, dim=-1).indices
+    node_allowed = torch.zeros(tokens, num_nodes, dtype=torch.bool, device=choice_scores.device)
+    node_allowed.scatter_(1, best_nodes, True)
+    expert_allowed = node_allowed.repeat_interleave(experts // num_nodes, dim=1)
+    return choice_scores.masked_fill(~expert_allowed, float("-inf")).topk(topk, dim=-1).indices
+
+
+def nodes_per_token(indices: torch.Tensor, num_experts: int, num_nodes: int) -> torch.Tensor:
+    """Distinct destination nodes of each token's selected experts."""
+    node = indices // (num_experts // num_nodes)
+    hit = torch.zeros(indices.shape[0], num_nodes, dtype=torch.bool, device=indices.device)
+    return hit.scatter_(1, node, True).sum(-1)
+
+
+def balance_loss(normalized_scores: torch.Tensor, indices: torch.Tensor, num_sequences: int,
+                 num_experts: int, topk: int) -> torch.Tensor:
+    """sum_i f_i * P_i averaged over sequences (the report's sequence-wise balance loss).
+
+    Tokens are [sequence position, sequence] flattened, as [s, b] activations are.
+    `num_sequences=1` with all tokens gives the batch-wise auxiliary loss.
+    """
+    scores = normalized_scores.view(-1, num_sequences, num_experts)
+    length = scores.shape[0]
+    counts = torch.zeros_like(scores).scatter_add_(
+        2, indices.view(length, num_sequences, topk), torch.ones_like(scores[..., :topk]))
+    f = counts.sum(0) * (num_experts / (topk * length))
+    p = scores.mean(0)
+    return (f.detach() * p).sum(-1).mean()
+
+
+class RoutingStats:
+    """What the routers saw during one training step, for logging and the bias update."""
+
+    def __init__(self, num_experts: int):
+        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64)
+        self.aux_loss = 0.0
+        self.calls = 0
+        self.tokens = 0
+        self.node_count_sum = 0
+        self.node_count_max = 0
+
+    def record(self, indices: torch.Tensor, aux_loss: torch.Tensor, node_counts: torch.Tensor) -> None:
+        self.tokens_per_expert += torch.bincount(
+            indices.flatten(), minlength=len(self.tokens_per_expert)).cpu().double()
+        self.aux_loss += float(aux_loss)
+        self.calls += 1
+        self.tokens += indices.shape[0]
+        self.node_count_sum += int(node_counts.sum())
+        self.node_count_max = max(self.node_count_max, int(node_counts.max()))
+
+
+class Router(torch.nn.Module):
+    def __init__(self, config: ModelConfig, num_nodes: int, sequence_parallel: bool = False):
+        super().__init__()
+        self.config, self.num_nodes = config, num_nodes
+        self.weight = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.weight.init_std = config.init_method_std
+        self.weight.sequence_parallel = sequence_parallel
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        self.stats = RoutingStats(config.num_experts)
+        self.wgrad_store = None
+
+    def forward(self, tokens: torch.Tensor, num_sequences: int) -> Routing:
+        c = self.config
+        with torch.autocast(tokens.device.type, enabled=False):
+            logits = linear(tokens.float(), self.weight, self.wgrad_store)
+        if c.moe_router_score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            normalized = scores / scores.sum(-1, keepdim=True)
+        else:
+            scores = normalized = torch.softmax(logits, dim=-1)
+        choice = scores.detach()
+        if c.moe_router_enable_expert_bias:
+            choice = choice + self.expert_bias
+        indices = node_limited_topk(choice, c.moe_router_topk, self.num_nodes, c.moe_router_max_nodes)
+        gates = scores.gather(-1, indices)
+        if c.moe_router_score_function == "sigmoid":
+            gates = gates / gates.sum(-1, keepdim=True)
+        gates = gates * c.moe_router_topk_scaling_factor
+        aux = self._aux_loss(normalized, indices, num_sequences)
+        self.stats.record(indices, aux.detach(), nodes_per_token(indices, c.num_experts, self.num_nodes))
+        return Routing(indices, gates.to(tokens.dtype), aux)
+
+    def _aux_loss(self, normalized: torch.Tensor, indices: torch.Tensor, num_sequences: int) -> torch.Tensor:
+        c = self.config
+        if c.moe_router_load_balancing_type == "none" or c.moe_aux_loss_coeff == 0:
+            return normalized.new_zeros(())
+        groups = num_sequences if c.moe_router_load_balancing_type == "seq_aux_loss" else 1
+        loss = balance_loss(normalized, indices, groups, c.num_experts, c.moe_router_topk)
+        return loss * c.moe_aux_loss_coeff
+
+    def take_stats(self) -> RoutingStats:
+        stats, self.stats = self.stats, RoutingStats(self.config.num_experts)
+        return stats
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
+        """b += rate * sign(mean load - load): over-loaded experts become less attractive."""
+        load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(load.mean() - load)

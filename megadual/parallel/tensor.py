@@ -1,0 +1,138 @@
+"""Tensor-parallel layers: sharded linears, vocabulary-parallel embedding and cross entropy.
+
+A TP region starts with `enter_tp_region` (copy, or all-gather of the sequence under
+sequence parallelism) and ends with `leave_tp_region` (all-reduce, or reduce-scatter
+of the sequence). Inside, column-sharded linears split the output features and
+row-sharded linears split the input features, as in Megatron-LM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megadual.parallel import comm
+from megadual.parallel.linear import linear
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    group: object = None
+    sequence_parallel: bool = False
+
+    @property
+    def size(self) -> int:
+        return comm.group_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return comm.group_rank(self.group)
+
+
+def enter_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    if tp.sequence_parallel:
+        return comm.gather_sequence(x, tp.group)
+    return comm.copy_to_tp_region(x, tp.group)
+
+
+def leave_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    if tp.sequence_parallel:
+        return comm.reduce_scatter_sequence(x, tp.group)
+    return comm.reduce_from_tp_region(x, tp.group)
+
+
+def shard_parameter(param: torch.nn.Parameter, dim: int, tp: TensorParallel) -> torch.nn.Parameter:
+    if tp.size > 1:
+        param.tp_shard = (dim, tp.rank, tp.size)
+    return param
+
+
+class ShardedLinear(torch.nn.Module):
+    """A bias-free linear whose weight [out, in] is split over TP along `shard_dim`.
+
+    shard_dim 0 is Megatron's column-parallel linear, 1 its row-parallel linear;
+    `shard_dim=None` keeps the weight whole (replicated). `gemm` is the linear
+    function (full precision or FP8); `wgrad_store` is set by the pipeline runtime.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel, shard_dim: int | None,
+                 init_std: float, gemm: Callable = linear):
+        super().__init__()
+        shape = [out_features, in_features]
+        if shard_dim is not None:
+            if shape[shard_dim] % tp.size:
+                raise ValueError(f"linear dim {shape[shard_dim]} is not divisible by TP size {tp.size}")
+            shape[shard_dim] //= tp.size
+        self.weight = torch.nn.Parameter(torch.empty(shape))
+        if shard_dim is not None:
+            shard_parameter(self.weight, shard_dim, tp)
+        self.weight.init_std = init_std
+        self.gemm = gemm
+        self.wgrad_store = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x, self.weight, self.wgrad_store)
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding table split over TP by vocabulary rows; output leaves the TP region."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel, init_std: float):
+        super().__init__()
+        self.tp = tp
+        self.rows = vocab_size // tp.size
+        self.weight = shard_parameter(torch.nn.Parameter(torch.empty(self.rows, hidden_size)), 0, tp)
+        self.weight.init_std = init_std
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.tp.rank * self.rows
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return leave_tp_region(out.masked_fill(outside.unsqueeze(-1), 0.0), self.tp)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group):
+        logits = logits.float()
+        vocab_local = logits.shape[-1]
+        logits_max = logits.max(dim=-1).values
+        if comm.group_size(group) > 1:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        local = target - comm.group_rank(group) * vocab_local
+        outside = (local < 0) | (local >= vocab_local)
+        local = local.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if comm.group_size(group) > 1:
+            dist.all_reduce(target_logit, group=group)
+            dist.all_reduce(sum_exp, group=group)
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        hit = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+        return grad * grad_loss.unsqueeze(-1), None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TensorParallel):
+    """Per-token cross entropy of logits split over TP along the vocabulary."""
+    return _VocabParallelCrossEntropy.apply(logits, target, tp.group)
+
+
+def attach_wgrad_store(module: torch.nn.Module, store) -> None:
+    """Route the weight gradients of every linear in `module` through `store`."""
+    for sub in module.modules():
+        if hasattr(sub, "wgrad_store"):
+            sub.wgrad_store = store

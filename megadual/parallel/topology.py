@@ -1,0 +1,97 @@
+"""The world as a PP x DP x TP grid, with expert parallelism folded into DP x TP.
+
+Rank order (fastest first): TP, DP, PP, as in Megatron-LM, so TP groups are on one
+node. Within one pipeline stage the DP*TP ranks, numbered dp_rank*TP + tp_rank,
+are cut into EP groups of consecutive ranks; ranks holding the same experts form
+an expert-data-parallel group. Every group is built here, once, and looked up by
+name; nothing else calls new_group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megadual.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    ranks_per_node: int = 0  # 0: one node holds the whole world
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def node_size(self) -> int:
+        return self.ranks_per_node or self.world_size
+
+    def validate(self) -> None:
+        if self.world_size % (self.tp * self.pp):
+            raise ConfigError(
+                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size ({self.tp}) x "
+                f"--pipeline-model-parallel-size ({self.pp})")
+        if (self.dp * self.tp) % self.ep:
+            raise ConfigError(
+                f"--expert-model-parallel-size ({self.ep}) must divide data-parallel x tensor-parallel size "
+                f"({self.dp} x {self.tp}): experts are spread over the ranks of one pipeline stage")
+        if self.world_size % self.node_size:
+            raise ConfigError(f"world size {self.world_size} is not divisible by --moe-ranks-per-node "
+                              f"({self.node_size})")
+        if self.ep > self.node_size and self.ep % self.node_size:
+            raise ConfigError(f"--expert-model-parallel-size ({self.ep}) must be a multiple of "
+                              f"--moe-ranks-per-node ({self.node_size}) so that nodes hold whole EP slices")
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """rank -> (pp_rank, dp_rank, tp_rank)."""
+        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    @property
+    def nodes_per_ep_group(self) -> int:
+        return max(1, self.ep // self.node_size)
+
+    def group_members(self) -> dict[str, list[list[int]]]:
+        """Every named group as lists of global ranks."""
+        stage = self.dp * self.tp
+        tp = [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+        dp = [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+        pp = [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+        ep = [[p * stage + e * self.ep + j for j in range(self.ep)]
+              for p in range(self.pp) for e in range(stage // self.ep)]
+        edp = [[p * stage + e * self.ep + j for e in range(stage // self.ep)]
+               for p in range(self.pp) for j in range(self.ep)]
+        dp_tp = [[p * stage + i for i in range(stage)] for p in range(self.pp)]
+        return {"tp": tp, "dp": dp, "pp": pp, "ep": ep, "edp": edp, "dp_tp": dp_tp}
+
+
+class Topology:
+    """This rank's coordinates and process groups under a Layout."""
+
+    def __init__(self, layout: Layout, rank: int):
+        layout.validate()
+        self.layout, self.rank = layout, rank
+        self.pp_rank, self.dp_rank, self.tp_rank = layout.coords(rank)
+        self.groups: dict[str, object] = {}
+        self.members: dict[str, list[int]] = {}
+        distributed = dist.is_available() and dist.is_initialized()
+        for name, lists in layout.group_members().items():
+            for ranks in lists:
+                group = dist.new_group(ranks) if distributed and len(ranks) > 1 else None
+                if rank in ranks:
+                    self.groups[name], self.members[name] = group, ranks
+
+    def group(self, name: str):
+        """The named group of this rank (None when it has one member)."""
+        return self.groups[name]
+
+    @property
+    def ep_rank(self) -> int:
+        return self.members["ep"].index(self.rank)

@@ -1,0 +1,134 @@
+"""Checkpoints in Megatron's layout, written with torch.distributed.checkpoint.
+
+SAVE/iter_0000100/      DCP shards (.distcp) + .metadata, and megadual_meta.json
+SAVE/latest_checkpointed_iteration.txt
+
+Every rank writes its own shards (model, optimizer, its RNG state). The tracker file
+is replaced only after every rank has finished the folder, so a run killed mid-save
+resumes from the previous checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from megadual.config import RunConfig, model_config_differences
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "megadual_meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, config: RunConfig) -> str:
+    rank = dist.get_rank()
+    path = iteration_dir(root, state.iteration)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd, f"rng_rank{rank}": _rng_state()}, checkpoint_id=path)
+    if rank == 0:
+        meta = {"train_state": dataclasses.asdict(state), "config": dataclasses.asdict(config)}
+        _write_atomically(os.path.join(path, META), json.dumps(meta, indent=1))
+    dist.barrier()
+    if rank == 0:
+        _write_atomically(os.path.join(root, TRACKER), str(state.iteration))
+    dist.barrier()
+    return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_iteration(root: str) -> int | None:
+    """The tracked iteration under `root` (the maximum over ranks, as Megatron does)."""
+    tracker = os.path.join(root, TRACKER)
+    mine = -1
+    if os.path.exists(tracker):
+        text = open(tracker).read().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{tracker} should hold an iteration number, found {text!r}")
+        mine = int(text)
+    found = torch.tensor(mine)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return None if found.item() < 0 else int(found.item())
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META)
+    if not os.path.exists(meta_path) or not os.path.exists(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path} is not a complete megadual checkpoint (missing {META} or .metadata)")
+    return json.load(open(meta_path))
+
+
+def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    config: RunConfig) -> TrainState | None:
+    """Restore the latest checkpoint under `root` (--load); None when there is none."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    meta = read_meta(path)
+    differences = model_config_differences(meta["config"]["model"], config.model)
+    if differences:
+        raise CheckpointError(f"--load {path}: the checkpoint's model differs from this run's:\n  "
+                              + "\n  ".join(differences))
+    t = config.train
+    load_optim = not (t.no_load_optim or t.finetune)
+    load_rng = not (t.no_load_rng or t.finetune)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    wanted = {"model": model_sd}
+    if load_optim:
+        wanted["optimizer"] = optim_sd
+    rng_key = f"rng_rank{dist.get_rank()}"
+    if load_rng:
+        wanted[rng_key] = _rng_state()
+    dcp.load(wanted, checkpoint_id=path)
+    if load_optim:
+        set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"])
+    else:
+        set_model_state_dict(model, wanted["model"], options=StateDictOptions(strict=True))
+    if load_rng:
+        _set_rng_state(wanted[rng_key])
+    if t.finetune:
+        return TrainState()
+    return TrainState(**meta["train_state"])

@@ -1,0 +1,151 @@
+"""The pretraining run: build everything from a RunConfig, train, evaluate, checkpoint."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megadual.config import ConfigError, RunConfig
+from megadual.data.builder import build_datasets
+from megadual.data.sampler import build_loader
+from megadual.model.gpt import GPTChunk, build_chunk, full_model_stage
+from megadual.parallel.linear import linear
+from megadual.parallel.tensor import TensorParallel
+from megadual.parallel.topology import Layout, Topology
+from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megadual.training.distributed import local_world_size
+from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
+from megadual.training.optimizer import build_optimizer, learning_rate
+from megadual.training.step import autocast_context, train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    """What a run did, for callers and tests: the loss of every iteration it trained."""
+    losses: list[float] = field(default_factory=list)
+    final_state: TrainState | None = None
+
+
+def build_topology(config: RunConfig) -> Topology:
+    p = config.parallel
+    layout = Layout(dist.get_world_size(), p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                    p.expert_model_parallel_size, p.moe_ranks_per_node or local_world_size())
+    if layout.pp > 1:
+        raise ConfigError("--pipeline-model-parallel-size > 1 is not available in this build yet")
+    return Topology(layout, dist.get_rank())
+
+
+def num_microbatches(config: RunConfig, dp: int) -> int:
+    t = config.train
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"--global-batch-size ({t.global_batch_size}) must be divisible by "
+                          f"--micro-batch-size ({t.micro_batch_size}) x data-parallel size ({dp})")
+    return t.global_batch_size // per_step
+
+
+def linear_gemm(config: RunConfig):
+    if config.fp8.fp8_format is None:
+        return linear
+    from megadual.fp8.linear import fp8_linear
+    return fp8_linear
+
+
+def build_model(config: RunConfig, topo: Topology, device: torch.device) -> GPTChunk:
+    tp = TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
+    model = build_chunk(config.model, full_model_stage(config.model), config.train.seed, tp,
+                        topo.group("ep"), topo.layout.nodes_per_ep_group, linear_gemm(config))
+    return model.to(device)
+
+
+def samples_needed(config: RunConfig) -> tuple[int, int, int]:
+    t = config.train
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+    return (t.train_iters * t.global_batch_size, evals * t.eval_iters * t.global_batch_size,
+            t.eval_iters * t.global_batch_size)
+
+
+def next_batches(loader, count: int) -> list[dict]:
+    return [next(loader) for _ in range(count)]
+
+
+@torch.no_grad()
+def evaluate(model: GPTChunk, loader, count: int, iters: int, topo: Topology, device, bf16: bool) -> float:
+    total = torch.zeros((), dtype=torch.float64)
+    for batch in next_batches(loader, count * iters):
+        with autocast_context(device, bf16):
+            total += model(batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+    for router in model.routers():
+        router.take_stats()  # evaluation must not move the expert biases
+    if topo.group("dp") is not None:
+        dist.all_reduce(total, group=topo.group("dp"))
+    return float(total) / (count * iters * topo.layout.dp)
+
+
+def pretrain(config: RunConfig, device: torch.device, log=print) -> RunResult:
+    topo = build_topology(config)
+    t, o = config.train, config.optim
+    n_micro = num_microbatches(config, topo.layout.dp)
+    d = config.data
+    train_ds, valid_ds, _ = build_datasets(list(d.data_path), d.split, config.model.seq_length, t.seed,
+                                           samples_needed(config), d.mock_data, d.vocab_size)
+    torch.manual_seed(t.seed)
+    model = build_model(config, topo, device)
+    model.set_aux_loss_grad_scale(1.0 / n_micro)
+    optimizer = build_optimizer(list(model.named_parameters()), o)
+    state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
+    if t.load and dist.get_rank() == 0:
+        log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
+    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp)
+    train_loader = loader(train_ds, state.consumed_samples)
+    valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
+    writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
+    result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
+    is_moe = config.model.num_experts > 0
+    while state.iteration < t.train_iters:
+        lr = learning_rate(state.iteration, o, t.train_iters)
+        start = time.perf_counter()
+        step = train_step(model, optimizer, next_batches(train_loader, n_micro), topo, lr, o.clip_grad,
+                          o.moe_router_bias_update_rate, device, t.bf16)
+        interval.add(step, time.perf_counter() - start)
+        state.iteration += 1
+        state.consumed_samples += t.global_batch_size
+        result.losses.append(step.lm_loss)
+        consecutive_bad = consecutive_bad + 1 if step.skipped else 0
+        state.skipped_iterations += int(step.skipped)
+        if consecutive_bad >= t.max_consecutive_skipped_iters:
+            raise NonFiniteLossError(
+                f"loss or gradient was not finite for {consecutive_bad} iterations in a row (last: lm loss "
+                f"{step.lm_loss}, grad norm {step.grad_norm}) at iteration {state.iteration}; stopping. "
+                f"Lower --lr or raise --max-consecutive-skipped-iters.")
+        if state.iteration % t.log_interval == 0 and dist.get_rank() == 0:
+            log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
+                                 t.global_batch_size, t.global_batch_size * config.model.seq_length,
+                                 interval, is_moe))
+            if not step.skipped:
+                writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
+                                                 "grad norm": step.grad_norm,
+                                                 "load_balancing_loss": step.routing.aux_loss})
+            interval.reset()
+        if valid_loader is not None and state.iteration % t.eval_interval == 0:
+            loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16)
+            if dist.get_rank() == 0:
+                log(format_validation(state.iteration, loss))
+                writer.scalars(state.iteration, {"validation lm loss": loss})
+        saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
+        if saved:
+            save_checkpoint(t.save, model, optimizer, state, config)
+        if t.exit_interval and state.iteration % t.exit_interval == 0:
+            break
+    if t.save and not saved:
+        save_checkpoint(t.save, model, optimizer, state, config)
+    result.final_state = state
+    return result
+
+

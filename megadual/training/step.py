@@ -1,0 +1,103 @@
+"""One optimizer step: forward/backward over the micro-batches, gradient sync, clip, update.
+
+A non-finite loss or gradient norm skips the update (gradients dropped, router biases
+left alone); the decision is the same on every rank because both values are reduced
+over all ranks before it is taken.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megadual.model.gpt import GPTChunk
+from megadual.parallel.topology import Topology
+from megadual.training.grads import clip_gradients, global_grad_norm, reduce_gradients
+from megadual.training.optimizer import set_learning_rate
+
+
+@dataclass
+class RoutingSummary:
+    aux_loss: float = 0.0
+    max_over_mean_load: float = 0.0
+    nodes_per_token_mean: float = 0.0
+    nodes_per_token_max: int = 0
+
+
+@dataclass
+class StepResult:
+    lm_loss: float
+    grad_norm: float
+    skipped: bool
+    routing: RoutingSummary
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
+    """Gradient accumulation over micro-batches; returns the mean lm loss (this rank)."""
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        with autocast_context(device, bf16):
+            loss = model(batch["tokens"].to(device), batch["labels"].to(device))
+        (loss / len(batches)).backward()
+        total += loss.detach().float()
+    return total / len(batches)
+
+
+def mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
+    value = value.detach().double().cpu()
+    group = topo.group("dp")
+    if group is not None:
+        dist.all_reduce(value, group=group)
+    return float(value) / topo.layout.dp
+
+
+def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bool) -> RoutingSummary:
+    """Sum each router's step statistics over the pipeline stage; move its expert bias."""
+    routers = model.routers()
+    if not routers:
+        return RoutingSummary()
+    summary = RoutingSummary()
+    group = topo.group("dp_tp")
+    node_sum = node_tokens = 0.0
+    for router in routers:
+        stats = router.take_stats()
+        totals = [stats.aux_loss, stats.calls, stats.tokens, stats.node_count_sum]
+        sums = torch.cat([stats.tokens_per_expert, torch.tensor(totals, dtype=torch.float64)])
+        node_max = torch.tensor(stats.node_count_max)
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(node_max, op=dist.ReduceOp.MAX, group=group)
+        load = sums[:-4]
+        aux, calls, tokens, nodes = sums[-4:].tolist()
+        if update_bias and router.config.moe_router_enable_expert_bias:
+            router.update_bias(load, rate)
+        summary.aux_loss += aux / max(1.0, calls)
+        summary.max_over_mean_load = max(summary.max_over_mean_load, float(load.max() / load.mean()))
+        summary.nodes_per_token_max = max(summary.nodes_per_token_max, int(node_max))
+        node_sum, node_tokens = node_sum + nodes, node_tokens + tokens
+    summary.nodes_per_token_mean = node_sum / max(1.0, node_tokens)
+    return summary
+
+
+def train_step(model: GPTChunk, optimizer: torch.optim.Optimizer, batches: list[dict], topo: Topology,
+               lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool) -> StepResult:
+    optimizer.zero_grad(set_to_none=True)
+    lm_loss = mean_over_dp(forward_backward(model, batches, device, bf16), topo)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reduce_gradients(params, topo)
+    norm = global_grad_norm(params, topo)
+    finite = math.isfinite(norm) and math.isfinite(lm_loss)
+    routing = reduce_routing(model, topo, bias_rate, update_bias=finite)
+    if finite:
+        clip_gradients(params, norm, clip_grad)
+        set_learning_rate(optimizer, lr)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(lm_loss, norm, not finite, routing)

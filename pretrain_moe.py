@@ -1,0 +1,48 @@
+"""Pretrain a DeepSeek-V3-style MoE transformer (Megatron-style flags; see README.md).
+
+    python pretrain_moe.py --mock-data --vocab-size 1024 --num-experts 8 ...
+    torchrun --nproc-per-node 4 pretrain_moe.py --tensor-model-parallel-size 2 ...
+"""
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from megadual.config import ConfigError, build_parser, parse_args
+from megadual.data.indexed_dataset import DataFileError
+from megadual.data.tokenizer import build_tokenizer
+from megadual.training.checkpoint import CheckpointError
+from megadual.training.distributed import init_distributed
+from megadual.training.loop import NonFiniteLossError, pretrain
+
+
+def load_config(argv: list[str]):
+    """Flags -> validated RunConfig; the tokenizer decides the vocabulary size."""
+    flags, _ = build_parser().parse_known_args(argv)
+    tokenizer = build_tokenizer(flags.tokenizer_type, flags.tokenizer_model, flags.vocab_size)
+    return parse_args(argv, tokenizer_vocab_size=tokenizer.vocab_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(argv)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"pretrain_moe.py: error: {e}", file=sys.stderr)
+        return 2
+    device = init_distributed()
+    try:
+        if dist.get_rank() == 0:
+            print(f" megadual: world size {dist.get_world_size()}, device {device}, config {config}", flush=True)
+        pretrain(config, device, log=lambda line: print(line, flush=True))
+    except (ConfigError, FileNotFoundError, DataFileError, CheckpointError, NonFiniteLossError) as e:
+        print(f"pretrain_moe.py: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
