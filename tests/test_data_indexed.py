@@ -1,0 +1,106 @@
+"""Megatron .bin/.idx layout: exact bytes, reading, dtype choice, and clear errors on bad files."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from megadual.data.indexed_dataset import DataFileError, IndexedDataset, IndexedDatasetBuilder, optimal_dtype
+
+MAGIC = b"MMIDIDX\x00\x00"
+
+
+def write(prefix, documents, dtype=np.uint16):
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype)
+    for tokens in documents:
+        builder.add_document(tokens)
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_builder_writes_megatron_bytes(tmp_path):
+    prefix = tmp_path / "tiny"
+    write(prefix, [[1, 2, 3], [], [65535, 7]])
+    expected_idx = (
+        MAGIC
+        + struct.pack("<Q", 1)  # version
+        + struct.pack("<B", 8)  # uint16
+        + struct.pack("<QQ", 3, 4)  # sequences, document indices
+        + struct.pack("<3i", 3, 0, 2)  # lengths
+        + struct.pack("<3q", 0, 6, 6)  # byte pointers
+        + struct.pack("<4q", 0, 1, 2, 3)  # document ends
+    )
+    assert (tmp_path / "tiny.idx").read_bytes() == expected_idx
+    assert (tmp_path / "tiny.bin").read_bytes() == struct.pack("<5H", 1, 2, 3, 65535, 7)
+
+    dataset = IndexedDataset(str(prefix))
+    assert len(dataset) == 3 and dataset.dtype == np.uint16
+    assert [dataset[i].tolist() for i in range(3)] == [[1, 2, 3], [], [65535, 7]]
+    assert dataset.get(0, offset=1, length=2).tolist() == [2, 3]
+    assert dataset.sequence_lengths.tolist() == [3, 0, 2]
+    assert dataset.document_indices.tolist() == [0, 1, 2, 3]
+
+
+def test_reads_hand_written_int32_file_with_multi_sequence_documents(tmp_path):
+    tokens = [[10, 11], [70000], [5, 6, 7]]
+    (tmp_path / "x.bin").write_bytes(np.concatenate([np.array(t, "<i4") for t in tokens]).tobytes())
+    (tmp_path / "x.idx").write_bytes(
+        MAGIC + struct.pack("<QBQQ", 1, 4, 3, 3) + struct.pack("<3i", 2, 1, 3)
+        + struct.pack("<3q", 0, 8, 12) + struct.pack("<3q", 0, 2, 3)
+    )
+    dataset = IndexedDataset(str(tmp_path / "x"))
+    assert dataset.dtype == np.int32
+    assert [dataset[i].tolist() for i in range(3)] == tokens
+    assert dataset.document_indices.tolist() == [0, 2, 3]
+
+
+def test_dtype_follows_vocab_size_like_megatron(tmp_path):
+    assert optimal_dtype(50257) == np.uint16
+    assert optimal_dtype(65499) == np.uint16
+    assert optimal_dtype(65500) == np.int32
+    assert optimal_dtype(128256) == np.int32
+    write(tmp_path / "big", [[100000]], np.int32)
+    assert (tmp_path / "big.idx").read_bytes()[17] == 4  # dtype code of int32
+    with pytest.raises(ValueError, match="out of range"):
+        write(tmp_path / "small", [[70000]], np.uint16)
+
+
+@pytest.fixture
+def good_prefix(tmp_path):
+    prefix = tmp_path / "good"
+    write(prefix, [[1, 2, 3, 4], [5, 6]])
+    return prefix
+
+
+@pytest.mark.parametrize("missing", ["bin", "idx"])
+def test_missing_file_names_file_and_flag(good_prefix, missing):
+    path = good_prefix.with_suffix(f".{missing}")
+    path.unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        IndexedDataset(str(good_prefix))
+    assert str(path) in str(error.value) and "--data-path" in str(error.value)
+
+
+def test_truncated_bin_is_rejected_on_open(good_prefix):
+    path = good_prefix.with_suffix(".bin")
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DataFileError, match="truncated") as error:
+        IndexedDataset(str(good_prefix))
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [
+        (lambda data: b"XXIDIDX\x00\x00" + data[9:], "bad magic"),
+        (lambda data: data[:9] + struct.pack("<Q", 2) + data[17:], "unknown version"),
+        (lambda data: data[:17] + bytes([9]) + data[18:], "unknown dtype"),
+        (lambda data: data[:-3], "truncated"),
+        (lambda data: data[:20], "truncated"),
+    ],
+)
+def test_corrupt_idx_is_rejected_on_open(good_prefix, corrupt, problem):
+    path = good_prefix.with_suffix(".idx")
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(DataFileError, match=problem) as error:
+        IndexedDataset(str(good_prefix))
+    assert str(path) in str(error.value)
