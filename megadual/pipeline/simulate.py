@@ -1,0 +1,212 @@
+"""Run per-rank action lists against a cost model: makespan, bubbles, peak activations.
+
+Each rank executes its list top to bottom. A compute action takes its cost and
+starts when the rank is free. A maximal run of consecutive SEND/RECV actions is
+one batch, posted when the rank reaches it; every message of the batch moves
+once both its send and its receive are posted and arrives `latency` later. With
+`rendezvous` (the default, what a runtime that waits on a whole
+batch_isend_irecv gets), the rank leaves the batch when all its messages have
+arrived; without it sends complete at once and only receives wait. No rank able
+to move while actions remain is a deadlock, reported with every stuck rank's
+next actions.
+
+Bubble of a rank = makespan - the rank's compute time: its idle time between the
+first action anywhere and the last action anywhere. The bubbles of the DualPipe
+README's table are the worst rank's (`max_bubble`) when costs are drawn as in its
+figure: backward-for-input as long as a forward (B = F + W), W <= F, and
+max(F, B) <= F&B <= F + B. Then 1F1B gives (PP-1)(F+B), ZB-H1 (PP-1)(F+B-2W),
+DualPipe and DualPipeV (PP/2-1)(F&B+B-3W), PP counting stages (2 per rank on V).
+
+    python -m megadual.pipeline.simulate --schedule dualpipe --pp 8 --microbatches 20 --out t.png
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from megadual.pipeline.actions import Action, Kind, match_messages
+from megadual.pipeline.schedules import SCHEDULES, build_schedule, check_schedule, pipeline_layout
+from megadual.pipeline.timeline import draw_timeline
+
+
+class DeadlockError(RuntimeError):
+    """No rank can progress while actions remain."""
+
+
+@dataclass(frozen=True)
+class SimCosts:
+    f: float = 1.0
+    b: float = 2.0  # full backward: input and weight gradients
+    w: float = 1.0
+    bi: float | None = None  # backward for input only; default b - w
+    fb: float | None = None  # paired forward and backward; default f + b
+    latency: float = 0.0  # one p2p message
+
+    def duration(self, action: Action) -> float:
+        return {
+            Kind.F: self.f,
+            Kind.B: self.b,
+            Kind.W: self.w,
+            Kind.BI: self.b - self.w if self.bi is None else self.bi,
+            Kind.FB: self.f + self.b if self.fb is None else self.fb,
+        }[action.kind]
+
+
+@dataclass(frozen=True)
+class Interval:
+    start: float
+    end: float
+    action: Action
+
+
+@dataclass(frozen=True)
+class SimResult:
+    makespan: float
+    busy: list[float]  # compute time per rank
+    peak_activations: list[int]  # per rank, in (micro-batch, chunk) units
+    timeline: list[list[Interval]]  # compute actions per rank
+
+    @property
+    def bubble(self) -> list[float]:
+        return [self.makespan - busy for busy in self.busy]
+
+    @property
+    def max_bubble(self) -> float:
+        """The worst rank's bubble: what the DualPipe README's table gives."""
+        return max(self.bubble)
+
+
+def peak_activations(actions: list[Action]) -> int:
+    """Most forwards whose input-gradient backward has not finished, in units of one
+    micro-batch's activations on one chunk (one stage). A paired F&B holds both
+    micro-batches while it runs, so it counts one above its surroundings; what a
+    deferred W keeps for its weight gradients is not counted (as in the table)."""
+    live = peak = 0
+    for action in actions:
+        if action.forward_of:
+            live += 1
+            peak = max(peak, live)
+        if action.backward_of:
+            live -= 1
+    return peak
+
+
+def _steps(actions: list[Action]) -> list[range]:
+    """Split a rank's list into compute actions and maximal batches of comm actions."""
+    steps, start = [], 0
+    while start < len(actions):
+        end = start + 1
+        if actions[start].is_comm:
+            while end < len(actions) and actions[end].is_comm:
+                end += 1
+        steps.append(range(start, end))
+        start = end
+    return steps
+
+
+def simulate(schedules: list[list[Action]], costs: SimCosts = SimCosts(),
+             rendezvous: bool = True) -> SimResult:
+    """Time every rank's list; raises UnmatchedCommError or DeadlockError."""
+    partner: dict[tuple[int, int], tuple[int, int]] = {}
+    for send, recv in match_messages(schedules):
+        partner[send], partner[recv] = recv, send
+    steps = [_steps(actions) for actions in schedules]
+    pos = [0] * len(schedules)
+    clock = [0.0] * len(schedules)
+    posted: dict[tuple[int, int], float] = {}
+    timeline: list[list[Interval]] = [[] for _ in schedules]
+
+    def batch_done(rank: int, batch: range) -> float | None:
+        done = clock[rank]
+        for index in batch:
+            if not rendezvous and schedules[rank][index].is_send:
+                continue
+            other = partner[(rank, index)]
+            if other not in posted:
+                return None
+            done = max(done, max(posted[(rank, index)], posted[other]) + costs.latency)
+        return done
+
+    moved = True
+    while moved:
+        moved = False
+        for rank, actions in enumerate(schedules):
+            while pos[rank] < len(steps[rank]):
+                step = steps[rank][pos[rank]]
+                first = actions[step[0]]
+                if not first.is_comm:
+                    end = clock[rank] + costs.duration(first)
+                    timeline[rank].append(Interval(clock[rank], end, first))
+                    clock[rank] = end
+                elif (rank, step[0]) not in posted:
+                    posted.update({(rank, index): clock[rank] for index in step})
+                    moved = True
+                    continue
+                else:
+                    done = batch_done(rank, step)
+                    if done is None:
+                        break
+                    clock[rank] = done
+                pos[rank] += 1
+                moved = True
+
+    stuck = [rank for rank in range(len(schedules)) if pos[rank] < len(steps[rank])]
+    if stuck:
+        waits = [" ".join(str(schedules[rank][i]) for i in steps[rank][pos[rank]]) for rank in stuck]
+        raise DeadlockError("deadlock: " + "; ".join(
+            f"rank {rank} waits at {wait}" for rank, wait in zip(stuck, waits)))
+    return SimResult(
+        makespan=max(clock, default=0.0),
+        busy=[sum(i.end - i.start for i in intervals) for intervals in timeline],
+        peak_activations=[peak_activations(actions) for actions in schedules],
+        timeline=timeline,
+    )
+
+
+def format_report(result: SimResult) -> str:
+    lines = [f"{'rank':>4} {'busy':>10} {'bubble':>10} {'peak act':>8}"]
+    for rank, (busy, bubble, peak) in enumerate(zip(result.busy, result.bubble, result.peak_activations)):
+        lines.append(f"{rank:>4} {busy:>10g} {bubble:>10g} {peak:>8}")
+    lines.append(f"makespan {result.makespan:g}, worst bubble {result.max_bubble:g}, "
+                 f"peak activations {max(result.peak_activations)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--schedule", choices=SCHEDULES, default="dualpipe")
+    parser.add_argument("--pp", type=int, default=8, help="pipeline ranks")
+    parser.add_argument("--microbatches", type=int, default=20)
+    parser.add_argument("--no-split-backward", action="store_true", help="full backwards only, no W")
+    parser.add_argument("--cost-f", type=float, default=1.0)
+    parser.add_argument("--cost-b", type=float, default=2.0, help="full backward")
+    parser.add_argument("--cost-w", type=float, default=1.0)
+    parser.add_argument("--cost-bi", type=float, default=None, help="default: cost-b - cost-w")
+    parser.add_argument("--cost-fb", type=float, default=None, help="paired F&B; default: cost-f + cost-b")
+    parser.add_argument("--latency", type=float, default=0.0, help="per p2p message")
+    parser.add_argument("--eager-sends", action="store_true", help="sends never wait for their receive")
+    parser.add_argument("--print-actions", action="store_true", help="print every rank's action list")
+    parser.add_argument("--out", default=None, help="PNG timeline to write")
+    args = parser.parse_args(argv)
+
+    try:
+        schedules = build_schedule(args.schedule, args.pp, args.microbatches, not args.no_split_backward)
+    except ValueError as error:
+        parser.error(str(error))
+    check_schedule(schedules, pipeline_layout(args.schedule, args.pp, args.microbatches))
+    costs = SimCosts(args.cost_f, args.cost_b, args.cost_w, args.cost_bi, args.cost_fb, args.latency)
+    result = simulate(schedules, costs, rendezvous=not args.eager_sends)
+    if args.print_actions:
+        for rank, actions in enumerate(schedules):
+            print(f"rank {rank}: {' '.join(map(str, actions))}")
+    print(f"{args.schedule}: {args.pp} ranks, {args.microbatches} micro-batches, {costs}")
+    print(format_report(result))
+    if args.out:
+        title = (f"{args.schedule}  PP ranks={args.pp}  micro-batches={args.microbatches}  "
+                 f"makespan={result.makespan:g}  worst bubble={result.max_bubble:g}")
+        draw_timeline(result, args.out, title)
+        print(f"timeline written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

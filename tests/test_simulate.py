@@ -1,0 +1,129 @@
+"""Simulator: the bubble and memory columns of the DualPipe README, deadlocks, the CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from megadual.pipeline.actions import Action, Kind, UnmatchedCommError
+from megadual.pipeline.schedules import build_schedule
+from megadual.pipeline.simulate import DeadlockError, SimCosts, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Costs drawn as in the README's figure: backward-for-input as long as a forward
+# (B = F + W), W <= F; F&B is 18, well below F + B = 25, so the overlap is measured.
+F, W, B = 10.0, 5.0, 15.0
+OVERLAPPED = SimCosts(f=F, b=B, w=W, fb=18.0)
+
+
+@pytest.mark.parametrize("pp", [4, 8, 16])
+@pytest.mark.parametrize("extra", [0, 3, 11])
+def test_1f1b_bubble_is_pp_minus_1_times_f_plus_b(pp, extra):
+    costs = SimCosts(f=10, b=20, w=6)
+    result = simulate(build_schedule("1f1b", pp, pp + extra, split_backward=False), costs)
+    assert result.bubble == [(pp - 1) * (costs.f + costs.b)] * pp
+
+
+@pytest.mark.parametrize("pp", [4, 8, 16])
+def test_zero_bubble_1f1b_bubble_is_pp_minus_1_times_f_plus_b_minus_2w(pp):
+    costs = SimCosts(f=10, b=20, w=6)
+    result = simulate(build_schedule("1f1b", pp, 2 * pp + 1), costs)
+    assert result.bubble == [(pp - 1) * (costs.f + costs.b - 2 * costs.w)] * pp
+
+
+def dualpipe_bubble(stages, costs):
+    return (stages / 2 - 1) * (costs.fb + costs.b - 3 * costs.w)
+
+
+@pytest.mark.parametrize("pp", [4, 8, 16])
+@pytest.mark.parametrize("extra", [0, 4, 10])
+@pytest.mark.parametrize("fb", [18.0, 22.0])
+def test_dualpipe_bubble_matches_the_table(pp, extra, fb):
+    costs = SimCosts(f=F, b=B, w=W, fb=fb)
+    result = simulate(build_schedule("dualpipe", pp, 2 * pp + extra), costs)
+    assert result.max_bubble == dualpipe_bubble(pp, costs)
+    # the busy time is what the table's bubble is measured against
+    assert result.max_bubble == result.makespan - min(result.busy)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("extra", [0, 5])
+def test_dualpipev_has_the_dualpipe_bubble_on_half_the_ranks(ranks, extra):
+    result = simulate(build_schedule("dualpipev", ranks, 2 * ranks + extra), OVERLAPPED)
+    assert result.max_bubble == dualpipe_bubble(2 * ranks, OVERLAPPED)
+
+
+def test_bubble_is_the_same_whether_sends_wait_for_their_receive():
+    schedules = build_schedule("dualpipe", 8, 20)
+    assert simulate(schedules, OVERLAPPED, rendezvous=False).bubble == simulate(schedules, OVERLAPPED).bubble
+
+
+def test_latency_delays_every_message_on_the_critical_path():
+    schedules = build_schedule("1f1b", 2, 1, split_backward=False)  # F, send, F, B, send back, B
+    for rendezvous in (True, False):
+        result = simulate(schedules, SimCosts(f=1, b=2, latency=0.5), rendezvous=rendezvous)
+        assert result.makespan == 1 + 0.5 + 1 + 2 + 0.5 + 2
+
+
+@pytest.mark.parametrize("pp", [4, 8, 16])
+def test_peak_activations_match_the_memory_column(pp):
+    one_f_one_b = simulate(build_schedule("1f1b", pp, 2 * pp, split_backward=False), OVERLAPPED)
+    assert one_f_one_b.peak_activations == [pp - r for r in range(pp)]
+    zero_bubble = simulate(build_schedule("1f1b", pp, 2 * pp), OVERLAPPED)
+    assert zero_bubble.peak_activations[0] == pp
+    dualpipe = simulate(build_schedule("dualpipe", pp, 2 * pp + 6), OVERLAPPED)
+    assert dualpipe.peak_activations == [pp + 1] * pp
+    dualpipev = simulate(build_schedule("dualpipev", pp // 2, pp + 3), OVERLAPPED)
+    assert dualpipev.peak_activations == [pp + 1] * (pp // 2)
+
+
+def test_a_receive_hoisted_above_the_send_it_waits_for_deadlocks():
+    schedules = build_schedule("1f1b", 2, 1, split_backward=False)
+    rank0 = schedules[0]  # F0.0 SEND_F0.0>r1 RECV_B0.0<r1 B0.0
+    rank0.insert(0, rank0.pop(rank0.index(Action(Kind.RECV_B, 0, 0, peer=1))))
+    with pytest.raises(DeadlockError, match=r"rank 0 waits at RECV_B0\.0<r1; rank 1 waits at RECV_F0\.0<r0"):
+        simulate(schedules)
+
+
+def test_sends_that_wait_for_their_receive_can_deadlock_where_eager_ones_do_not():
+    schedules = [
+        [Action(Kind.F, 0, 0), Action(Kind.SEND_F, 0, 0, peer=1), Action(Kind.F, 0, 1),
+         Action(Kind.RECV_F, 1, 5, peer=1), Action(Kind.F, 1, 5)],
+        [Action(Kind.F, 1, 5), Action(Kind.SEND_F, 1, 5, peer=0), Action(Kind.F, 1, 6),
+         Action(Kind.RECV_F, 0, 0, peer=0), Action(Kind.F, 0, 0)],
+    ]
+    assert simulate(schedules, rendezvous=False).makespan == 3.0
+    with pytest.raises(DeadlockError):
+        simulate(schedules)
+
+
+def test_a_dropped_receive_is_reported_unmatched():
+    schedules = build_schedule("dualpipev", 4, 8)
+    schedules[3] = [a for a in schedules[3] if a != Action(Kind.RECV_F, 0, 7, peer=2)]
+    with pytest.raises(UnmatchedCommError, match=r"SEND_F0\.7>r3 has no matching receive"):
+        simulate(schedules)
+
+
+def test_cli_prints_the_table_and_writes_a_png(tmp_path):
+    out = tmp_path / "timeline.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "megadual.pipeline.simulate", "--schedule", "dualpipe", "--pp", "8",
+         "--microbatches", "20", "--cost-fb", "2.5", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
+    assert "worst bubble 4.5" in run.stdout  # (8/2-1)(2.5 + 2 - 3*1)
+    assert len([line for line in run.stdout.splitlines() if line.split()[:1] == ["7"]]) == 1
+    with Image.open(out) as image:
+        image.verify()
+    with Image.open(out) as image:
+        width, height = image.size
+        assert image.format == "PNG" and width > 600 and 8 * 25 < height < 600
+        assert len(set(image.convert("RGB").get_flattened_data())) > 10  # coloured boxes, not a blank page
+
+
+def test_cli_rejects_bad_sizes_naming_the_flag():
+    run = subprocess.run(
+        [sys.executable, "-m", "megadual.pipeline.simulate", "--schedule", "dualpipe", "--pp", "8",
+         "--microbatches", "10"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "--num-microbatches" in run.stderr
