@@ -1,0 +1,53 @@
+"""Training-loop behaviour: non-finite steps are skipped and counted, then stop the run; log shape."""
+import re
+
+import pytest
+import torch
+
+from megadual.config import parse_args
+from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.parallel.topology import Layout, Topology
+from megadual.training import loop
+from megadual.training.optimizer import build_optimizer
+from megadual.training.step import RoutingSummary, StepResult, train_step
+from tests.helpers import TINY_MOE, single_process_group
+
+
+def test_non_finite_loss_skips_update_and_leaves_weights_and_biases():
+    config = parse_args(TINY_MOE)
+    with single_process_group() as device:
+        topo = Topology(Layout(1), 0)
+        model = build_chunk(config.model, full_model_stage(config.model), seed=1)
+        optimizer = build_optimizer(list(model.named_parameters()), config.optim)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        biases = [r.expert_bias.clone() for r in model.routers()]
+        with torch.no_grad():
+            model.layers["0"].attention.q.weight[0, 0] = float("nan")
+        tokens = torch.randint(0, 512, (2, 32))
+        result = train_step(model, optimizer, [{"tokens": tokens, "labels": tokens}], topo, 1e-3, 1.0, 1e-2,
+                            device, bf16=False)
+    assert result.skipped
+    for name, p in model.named_parameters():
+        if name != "layers.0.attention.q.weight":
+            assert torch.equal(p, before[name]), name
+    assert all(torch.equal(r.expert_bias, b) for r, b in zip(model.routers(), biases))
+
+
+def test_too_many_consecutive_skips_stop_the_run(monkeypatch):
+    bad = StepResult(float("nan"), float("nan"), True, RoutingSummary())
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: bad)
+    with single_process_group() as device, pytest.raises(loop.NonFiniteLossError, match="3 iterations in a row"):
+        loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "10", "--max-consecutive-skipped-iters", "3"]),
+                      device, log=lambda line: None)
+
+
+def test_log_line_has_megatron_shape():
+    lines = []
+    with single_process_group() as device:
+        loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "4", "--log-interval", "2"]), device, lines.append)
+    assert len(lines) == 2
+    pattern = (r"^ iteration +2/ +4 \| consumed samples: +16 \| elapsed time per iteration \(ms\): [\d.]+ \| "
+               r"tokens per second: [\d.]+ \| learning rate: [\d.]+E[-+]\d+ \| global batch size: +8 \| "
+               r"lm loss: [\d.]+E[-+]\d+ \| load_balancing_loss: .* \| grad norm: [\d.]+ \| "
+               r"number of skipped iterations: +0 \| number of nan iterations: +0 \|$")
+    assert re.match(pattern, lines[0]), lines[0]
