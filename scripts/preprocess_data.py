@@ -30,20 +30,20 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megadual.data.indexed_dataset import (  # noqa: E402
+from megadual.data.indexed_dataset import (
     IndexedDatasetBuilder,
     bin_path,
     idx_path,
     optimal_dtype,
 )
-from megadual.data.tokenizer import build_tokenizer, train_bpe_tokenizer  # noqa: E402
+from megadual.data.tokenizer import build_tokenizer, train_bpe_tokenizer
 
 DEFAULT_TRAINED_VOCAB = 8192
 

@@ -104,3 +104,10 @@ def test_frozen_weight_still_gives_input_grad():
     x = x.clone().requires_grad_()
     (fp8_linear(x, w) * g).sum().backward()
     assert torch.equal(x.grad, want_gx)
+
+
+def test_expert_with_no_tokens_gets_zero_gradients():
+    w = torch.nn.Parameter(torch.randn(256, 128))
+    x = torch.zeros(0, 128, requires_grad=True)
+    fp8_linear(x, w).sum().backward()
+    assert x.grad.shape == (0, 128) and torch.equal(w.grad, torch.zeros_like(w))

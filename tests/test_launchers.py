@@ -12,7 +12,7 @@ from tests.helpers import TINY_MOE
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 TRAIN_3_ITERS = TINY_MOE + ["--train-iters", "3", "--log-interval", "1"]
-ITERATION_LINE = re.compile(r"^ iteration +(\d+)/ +3 \| consumed samples: .*\| lm loss: \S+ \|", re.M)
+ITERATION_LINE = re.compile(r"^ iteration +(\d+)/ +3 \| consumed samples: .*\| lm loss: \S+ \|", re.MULTILINE)
 PACKAGES_MISSING = 3  # slurm_local_cluster.sh's exit status when apt-get cannot install Slurm
 
 

@@ -2,8 +2,12 @@
 import pytest
 
 from megadual.pipeline.actions import Action, Kind, ScheduleError, UnmatchedCommError
-from megadual.pipeline.schedules import (build_schedule, check_schedule, pipeline_layout,
-                                         validate_schedule_args)
+from megadual.pipeline.schedules import (
+    build_schedule,
+    check_schedule,
+    pipeline_layout,
+    validate_schedule_args,
+)
 
 SIZES = {
     "1f1b": [(1, 3), (2, 1), (4, 3), (4, 8), (8, 20)],

@@ -8,7 +8,7 @@ the weights, with no randomness involved: component datasets are already shuffle
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch.utils.data import Dataset

@@ -9,7 +9,7 @@ uninterrupted run would have seen. A trailing partial step is dropped.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

@@ -16,6 +16,7 @@ is simply shorter.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,8 @@ class Fp8Tensor:
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    # Explicit row count: reshape(-1, 0) is ambiguous for an expert that got no tokens.
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _ceil_to(n: int, multiple: int) -> int:

@@ -6,8 +6,8 @@ and passes through dispatch and combine.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

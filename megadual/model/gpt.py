@@ -7,8 +7,8 @@ expert index), so initialization and checkpoints do not depend on the layout.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -19,8 +19,13 @@ from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
 from megadual.parallel.linear import linear
 from megadual.parallel.rng import initialize_parameters
-from megadual.parallel.tensor import (ShardedLinear, TensorParallel, VocabParallelEmbedding,
-                                      enter_tp_region, vocab_parallel_cross_entropy)
+from megadual.parallel.tensor import (
+    ShardedLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    enter_tp_region,
+    vocab_parallel_cross_entropy,
+)
 
 
 @dataclass(frozen=True)

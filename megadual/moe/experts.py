@@ -1,7 +1,7 @@
 """The routed experts held by this EP rank, named by their global expert index."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,8 +7,8 @@ row-sharded linears split the input features, as in Megatron-LM.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

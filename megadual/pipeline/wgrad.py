@@ -14,8 +14,8 @@ backward (on CUDA that is a device thread, not the caller's).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 
 class WeightGradStore:

@@ -19,8 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from megadual.config import RunConfig, model_config_differences
 
@@ -83,7 +87,8 @@ def latest_iteration(root: str) -> int | None:
     tracker = os.path.join(root, TRACKER)
     mine = -1
     if os.path.exists(tracker):
-        text = open(tracker).read().strip()
+        with open(tracker) as f:
+            text = f.read().strip()
         if not text.isdigit():
             raise CheckpointError(f"{tracker} should hold an iteration number, found {text!r}")
         mine = int(text)
@@ -97,7 +102,8 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path) or not os.path.exists(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path} is not a complete megadual checkpoint (missing {META} or .metadata)")
-    return json.load(open(meta_path))
+    with open(meta_path) as f:
+        return json.load(f)
 
 
 def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
