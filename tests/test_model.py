@@ -83,3 +83,15 @@ def test_weight_gradient_split_gives_identical_gradients():
     grads = dict(plain.named_parameters())
     for name, p in split.named_parameters():
         assert torch.allclose(p.grad, grads[name].grad, atol=1e-6), name
+
+
+def test_fp8_dispatch_delivers_dequantized_tokens_and_full_precision_grads():
+    from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
+    from megadual.moe.dispatcher import TokenDispatcher
+    x = torch.randn(10, 256, requires_grad=True)
+    idx = torch.randint(0, 8, (10, 2))
+    d = TokenDispatcher(8, fp8_dispatch=True).dispatch(x, idx, torch.ones(10, 2))
+    want = dequantize_from_dispatch(*quantize_for_dispatch(x.detach()[d.token_of_row]), torch.float32)
+    assert torch.equal(d.tokens, want) and not torch.equal(d.tokens, x.detach()[d.token_of_row])
+    d.tokens.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))

@@ -16,3 +16,11 @@ def single():
 def test_two_process_losses_match_one_process(single, extra):
     losses = spawn_pretrain(2, ARGS + extra)
     assert losses == pytest.approx(single, rel=1e-5)
+
+
+def test_fp8_dispatch_sends_quantized_tokens_and_tracks_bf16(single):
+    base = ARGS + ["--expert-model-parallel-size", "2", "--fp8-format", "e4m3"]
+    plain = spawn_pretrain(2, base)
+    fp8_dispatch = spawn_pretrain(2, base + ["--moe-fp8-dispatch"])
+    assert fp8_dispatch != plain  # the dispatched tokens really were quantized
+    assert fp8_dispatch == pytest.approx(plain, rel=5e-3)

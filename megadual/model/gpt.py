@@ -76,6 +76,11 @@ class GPTChunk(torch.nn.Module):
     def routers(self) -> list[Router]:
         return [m.router for m in self.modules() if isinstance(m, MoELayer)]
 
+    def set_fp8_dispatch(self, enabled: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, MoELayer):
+                m.dispatcher.fp8_dispatch = enabled
+
     def set_aux_loss_grad_scale(self, scale: float) -> None:
         for m in self.modules():
             if isinstance(m, MoELayer):

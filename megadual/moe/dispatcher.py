@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
 from megadual.parallel import comm
 
 
@@ -25,8 +26,31 @@ class Dispatched:
     num_tokens: int
 
 
+class _Fp8Exchange(torch.autograd.Function):
+    """Send tokens as E4M3 data + 1x128 scales, dequantize on arrival (half the bytes of BF16).
+
+    The gradient goes back through the reverse all-to-all in full precision, treating
+    the quantization as the identity (the combine path stays high precision too).
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, group, recv_counts, send_counts):
+        ctx.group, ctx.counts = group, (recv_counts, send_counts)
+        data, scales = quantize_for_dispatch(tokens)
+        # gloo has no float8 type: the E4M3 bytes travel as uint8.
+        data = comm.all_to_all(data.view(torch.uint8), group, recv_counts, send_counts)
+        scales = comm.all_to_all(scales, group, recv_counts, send_counts)
+        return dequantize_from_dispatch(data.view(torch.float8_e4m3fn), scales, tokens.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_counts, send_counts = ctx.counts
+        return comm.all_to_all(grad, ctx.group, send_counts, recv_counts), None, None, None
+
+
 class TokenDispatcher:
-    def __init__(self, num_experts: int, ep_group=None):
+    def __init__(self, num_experts: int, ep_group=None, fp8_dispatch: bool = False):
+        self.fp8_dispatch = fp8_dispatch
         self.group = ep_group
         self.ep_size = comm.group_size(ep_group)
         self.experts_per_rank = num_experts // self.ep_size
@@ -48,7 +72,12 @@ class TokenDispatcher:
         def exchange(t: torch.Tensor) -> torch.Tensor:
             return comm.all_to_all(t, self.group, recv_counts, send_counts)
 
-        return Dispatched(exchange(tokens[token_of_row]), exchange(local), exchange(row_gates),
+        rows = tokens[token_of_row]
+        if self.fp8_dispatch:
+            sent = _Fp8Exchange.apply(rows, self.group, recv_counts, send_counts)
+        else:
+            sent = exchange(rows)
+        return Dispatched(sent, exchange(local), exchange(row_gates),
                           token_of_row, send_counts, recv_counts, num_tokens)
 
     def combine(self, expert_out: torch.Tensor, d: Dispatched) -> torch.Tensor:

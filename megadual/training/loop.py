@@ -64,6 +64,7 @@ def build_model(config: RunConfig, topo: Topology, device: torch.device) -> GPTC
     tp = TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
     model = build_chunk(config.model, full_model_stage(config.model), config.train.seed, tp,
                         topo.group("ep"), topo.layout.nodes_per_ep_group, linear_gemm(config))
+    model.set_fp8_dispatch(config.fp8.moe_fp8_dispatch)
     return model.to(device)
 
 
