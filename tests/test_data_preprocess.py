@@ -15,7 +15,8 @@ TEXTS = [f"# file {i}\nclass Shape{i}:\n    sides = {i % 7}\n" + "pass\n" * (i %
 
 
 def preprocess(*args):
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
+                            check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -62,7 +63,7 @@ def test_missing_json_key_is_reported_with_line_and_flag(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--input", str(corpus), "--output-prefix", str(tmp_path / "x"),
          "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"],
-        capture_output=True, text=True,
+        check=False, capture_output=True, text=True,
     )
     assert result.returncode != 0
     assert f"{corpus}:2" in result.stderr and "--json-keys" in result.stderr

@@ -44,109 +44,58 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out
 
 
-def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    if group_size(group) == 1:
-        return x
-    return x.chunk(group_size(group), dim=dim)[group_rank(group)].contiguous()
+
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
 
-class _CopyToRegion(torch.autograd.Function):
-    """Forward identity, backward all-reduce: entering a TP region with replicated input."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+def _sum(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)
 
 
-class _ReduceFromRegion(torch.autograd.Function):
-    """Forward all-reduce, backward identity: leaving a TP region with partial sums."""
+def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_gather(x, group, 0)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return _reduce_scatter(x, group, 0)
+
+
+class _Collective(torch.autograd.Function):
+    """A collective in the forward whose backward is its adjoint collective."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherSequence(torch.autograd.Function):
-    """Forward all-gather along the sequence, backward reduce-scatter (sequence parallel)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, 0)
+    def forward(ctx, x, group, forward_op, backward_op):
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, 0), None
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
-class _ReduceScatterSequence(torch.autograd.Function):
-    """Forward reduce-scatter along the sequence, backward all-gather (sequence parallel)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, 0), None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    """Forward keep this rank's sequence slice, backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, 0), None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, ctx.group, -1), None
+def _apply(x: torch.Tensor, group, forward_op, backward_op) -> torch.Tensor:
+    return _Collective.apply(x, group, forward_op, backward_op) if group_size(group) > 1 else x
 
 
 def copy_to_tp_region(x, group):
-    return _CopyToRegion.apply(x, group) if group_size(group) > 1 else x
+    """Entering a TP region with replicated input: identity, gradient all-reduced."""
+    return _apply(x, group, _identity, _sum)
 
 
 def reduce_from_tp_region(x, group):
-    return _ReduceFromRegion.apply(x, group) if group_size(group) > 1 else x
+    """Leaving a TP region with partial sums: all-reduce, gradient passed through."""
+    return _apply(x, group, _sum, _identity)
 
 
 def gather_sequence(x, group):
-    return _GatherSequence.apply(x, group) if group_size(group) > 1 else x
+    """Sequence parallel into a TP region: all-gather the sequence, gradient reduce-scattered."""
+    return _apply(x, group, _gather_seq, _reduce_scatter_seq)
 
 
 def reduce_scatter_sequence(x, group):
-    return _ReduceScatterSequence.apply(x, group) if group_size(group) > 1 else x
-
-
-def scatter_sequence(x, group):
-    return _ScatterSequence.apply(x, group) if group_size(group) > 1 else x
-
-
-def gather_last_dim(x, group):
-    return _GatherLastDim.apply(x, group) if group_size(group) > 1 else x
+    """Sequence parallel out of a TP region: reduce-scatter the sequence, gradient all-gathered."""
+    return _apply(x, group, _reduce_scatter_seq, _gather_seq)
 
 
 class _AllToAll(torch.autograd.Function):
