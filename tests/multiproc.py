@@ -1,33 +1,103 @@
-"""Run `pretrain` in N spawned processes (gloo on 127.0.0.1) and collect rank 0's losses."""
+"""Run `pretrain` in N spawned processes (gloo on 127.0.0.1) and collect what rank 0 saw.
+
+`spawn_pretrain` returns the losses; `spawn_run` also returns rank 0's log and the
+first step's gradients of the whole model, gathered from every rank by global
+parameter name (tensor-parallel shards concatenated), so any layout can be compared
+with a one-process run; `spawn_runs` runs several configurations in the same processes.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.helpers import free_port
 
 
-def _worker(rank: int, world: int, port: int, args: list[str], queue) -> None:
+@dataclass
+class Run:
+    losses: list[float]
+    grads: dict[str, torch.Tensor]
+    log: list[str]
+
+
+def _local_grads(model: torch.nn.Module) -> dict:
+    return {name: (getattr(p, "tp_shard", None), p.grad.detach().clone())
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
+    """Full gradients by name from every rank's (tp_shard, grad) entries."""
+    shards: dict[str, dict[int, tuple]] = {}
+    for grads in per_rank:
+        for name, (tp_shard, grad) in grads.items():
+            shards.setdefault(name, {})[tp_shard[1] if tp_shard else 0] = (tp_shard, grad)
+    full = {}
+    for name, parts in shards.items():
+        tp_shard = parts[0][0]
+        full[name] = torch.cat([parts[r][1] for r in sorted(parts)], tp_shard[0]) if tp_shard else parts[0][1]
+    return full
+
+
+def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue, with_grads: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
     from megadual.config import parse_args
     from megadual.training.loop import pretrain
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        losses = pretrain(parse_args(args), torch.device("cpu"), log=lambda line: None).losses
+        runs = []
+        for args in arg_lists:
+            first_grads, lines = [], []
+
+            def grad_hook(model, first_grads=first_grads):
+                if with_grads and not first_grads:
+                    gathered = [None] * world
+                    dist.all_gather_object(gathered, _local_grads(model))
+                    first_grads.append(_assemble(gathered))
+
+            losses = pretrain(parse_args(args), torch.device("cpu"), log=lines.append, grad_hook=grad_hook).losses
+            # numpy, not tensors: a tensor in a queue lives in shared memory this process frees on exit
+            grads = {name: g.numpy() for name, g in (first_grads[0] if with_grads else {}).items()}
+            runs.append(Run(losses, grads, lines))
         if rank == 0:
-            queue.put(losses)
+            queue.put(runs)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_pretrain(world: int, args: list[str]) -> list[float]:
+def _spawn(world: int, arg_lists: list[list[str]], with_grads: bool) -> list[Run]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, free_port(), args, queue), nprocs=world, start_method="spawn")
-    return queue.get()
+    workers = mp.start_processes(_worker, args=(world, free_port(), arg_lists, queue, with_grads), nprocs=world,
+                                 start_method="spawn", join=False)
+    # Read before joining: a result larger than the pipe's buffer blocks its sender until read.
+    # Poll so that a worker that failed (and so sends nothing) raises here instead of hanging.
+    while queue.empty():
+        if workers.join(timeout=0.5):
+            raise RuntimeError("the workers exited without sending a result")
+    runs = queue.get()
+    while not workers.join():
+        pass
+    for run in runs:
+        run.grads = {name: torch.from_numpy(g) for name, g in run.grads.items()}
+    return runs
+
+
+def spawn_pretrain(world: int, args: list[str]) -> list[float]:
+    return _spawn(world, [args], with_grads=False)[0].losses
+
+
+def spawn_run(world: int, args: list[str]) -> Run:
+    """Losses, first-step gradients and rank 0's log lines of a `world`-process run."""
+    return _spawn(world, [args], with_grads=True)[0]
+
+
+def spawn_runs(world: int, arg_lists: list[list[str]]) -> list[Run]:
+    """`spawn_run` of several configurations, one after another in the same processes
+    (starting the processes is most of a small run's time)."""
+    return _spawn(world, arg_lists, with_grads=True)

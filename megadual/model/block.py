@@ -1,8 +1,9 @@
 """One decoder layer, written as explicit sub-steps a schedule can run one by one.
 
-attention (with its residual, the pre-MLP norm and routing) -> dispatch -> experts
--> combine (with the MLP residual). A dense layer runs its MLP in the experts step
-and passes through dispatch and combine.
+attention (with its residual, the pre-MLP norm and routing) -> dispatch (launches the
+all-to-all, runs shared experts) -> experts (waits, computes, launches the combine)
+-> combine (waits, adds the MLP residual). A dense layer runs its MLP in the experts
+step and passes through dispatch and combine.
 """
 from __future__ import annotations
 
@@ -49,18 +50,18 @@ class TransformerLayer(torch.nn.Module):
 
     def dispatch_step(self, state: LayerState) -> LayerState:
         if self.is_moe:
-            self.mlp.dispatch(state.moe)
+            self.mlp.dispatch_start(state.moe)
         return state
 
     def experts_step(self, state: LayerState) -> LayerState:
         if self.is_moe:
-            self.mlp.compute(state.moe)
+            self.mlp.experts_and_combine_start(state.moe)
         else:
             state.mlp_output = self.mlp(state.mlp_input)
         return state
 
     def combine_step(self, state: LayerState) -> torch.Tensor:
-        out = self.mlp.combine(state.moe) if self.is_moe else state.mlp_output
+        out = self.mlp.combine_wait(state.moe) if self.is_moe else state.mlp_output
         return state.residual + out
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

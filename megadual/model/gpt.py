@@ -20,6 +20,7 @@ from megadual.moe.router import Router
 from megadual.parallel.linear import linear
 from megadual.parallel.rng import initialize_parameters
 from megadual.parallel.tensor import (
+    NO_TP,
     ShardedLinear,
     TensorParallel,
     VocabParallelEmbedding,
@@ -41,7 +42,7 @@ def full_model_stage(config: ModelConfig) -> StageSpec:
 
 
 class GPTChunk(torch.nn.Module):
-    def __init__(self, config: ModelConfig, stage: StageSpec, tp: TensorParallel = TensorParallel(),
+    def __init__(self, config: ModelConfig, stage: StageSpec, tp: TensorParallel = NO_TP,
                  ep_group=None, num_nodes: int = 1, gemm: Callable = linear):
         super().__init__()
         self.config, self.stage, self.tp = config, stage, tp
@@ -87,7 +88,7 @@ class GPTChunk(torch.nn.Module):
                 m.aux_loss_grad_scale = scale
 
 
-def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, tp: TensorParallel = TensorParallel(),
+def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, tp: TensorParallel = NO_TP,
                 ep_group=None, num_nodes: int = 1, gemm: Callable = linear) -> GPTChunk:
     chunk = GPTChunk(config, stage, tp, ep_group, num_nodes, gemm)
     initialize_parameters(chunk, seed)

@@ -85,7 +85,7 @@ class SwiGLUMLP(torch.nn.Module):
     """down(silu(gate(x)) * up(x)); gate/up column-sharded, down row-sharded over `tp`.
 
     With `in_tp_region=False` the caller handles entering and leaving the TP region
-    (routed experts have no TP: their `tp` is the empty TensorParallel()).
+    (routed experts have no TP: their `tp` is NO_TP).
     """
 
     def __init__(self, config: ModelConfig, ffn_hidden_size: int, tp: TensorParallel,

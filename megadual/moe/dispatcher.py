@@ -4,6 +4,9 @@ A token travels once to every EP rank that holds at least one of its experts (no
 once per expert); it carries, for that rank, which of the rank's experts it chose
 and with what gate. The receiving rank sums the gated expert outputs of the token
 before sending one row back, so combine is a plain sum over ranks.
+
+Dispatch and combine are each a start (counts exchanged, all-to-alls launched) and
+a wait, so a schedule can compute something else while the tokens are in flight.
 """
 from __future__ import annotations
 
@@ -13,6 +16,21 @@ import torch
 
 from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
 from megadual.parallel import comm
+
+
+class Fp8Codec(comm.Codec):
+    """Tokens travel as E4M3 bytes plus 1x128 scales (half the bytes of BF16).
+
+    The gradient returns in full precision, the quantization counting as the identity.
+    """
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        data, scales = quantize_for_dispatch(x)
+        return [data.view(torch.uint8), scales]  # gloo has no float8 type
+
+    def decode(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        data, scales = parts
+        return dequantize_from_dispatch(data.view(torch.float8_e4m3fn), scales, dtype)
 
 
 @dataclass
@@ -26,26 +44,19 @@ class Dispatched:
     num_tokens: int
 
 
-class _Fp8Exchange(torch.autograd.Function):
-    """Send tokens as E4M3 data + 1x128 scales, dequantize on arrival (half the bytes of BF16).
+@dataclass
+class PendingDispatch:
+    exchanges: tuple[comm.Exchange, comm.Exchange, comm.Exchange]  # tokens, local experts, gates
+    token_of_row: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+    num_tokens: int
 
-    The gradient goes back through the reverse all-to-all in full precision, treating
-    the quantization as the identity (the combine path stays high precision too).
-    """
 
-    @staticmethod
-    def forward(ctx, tokens, group, recv_counts, send_counts):
-        ctx.group, ctx.counts = group, (recv_counts, send_counts)
-        data, scales = quantize_for_dispatch(tokens)
-        # gloo has no float8 type: the E4M3 bytes travel as uint8.
-        data = comm.all_to_all(data.view(torch.uint8), group, recv_counts, send_counts)
-        scales = comm.all_to_all(scales, group, recv_counts, send_counts)
-        return dequantize_from_dispatch(data.view(torch.float8_e4m3fn), scales, tokens.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        recv_counts, send_counts = ctx.counts
-        return comm.all_to_all(grad, ctx.group, send_counts, recv_counts), None, None, None
+@dataclass
+class PendingCombine:
+    exchange: comm.Exchange
+    dispatched: Dispatched
 
 
 class TokenDispatcher:
@@ -55,7 +66,7 @@ class TokenDispatcher:
         self.ep_size = comm.group_size(ep_group)
         self.experts_per_rank = num_experts // self.ep_size
 
-    def dispatch(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> Dispatched:
+    def dispatch_start(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> PendingDispatch:
         num_tokens = tokens.shape[0]
         dest = indices // self.experts_per_rank  # [tokens, topk]
         goes_to = torch.zeros(num_tokens, self.ep_size, dtype=torch.bool, device=tokens.device)
@@ -66,21 +77,28 @@ class TokenDispatcher:
         local = local.masked_fill(~on_rank, -1)
         row_gates = gates[token_of_row] * on_rank
         send = goes_to.sum(0)
-        recv = comm.exchange_counts(send, self.group)
-        send_counts, recv_counts = send.tolist(), recv.tolist()
+        send_counts = send.tolist()
+        recv_counts = comm.exchange_counts(send, self.group).tolist()
+        codec = Fp8Codec() if self.fp8_dispatch else comm.Codec()
+        exchanges = (comm.Exchange(self.group, recv_counts, send_counts, codec).start(tokens[token_of_row]),
+                     comm.Exchange(self.group, recv_counts, send_counts).start(local),
+                     comm.Exchange(self.group, recv_counts, send_counts).start(row_gates))
+        return PendingDispatch(exchanges, token_of_row, send_counts, recv_counts, num_tokens)
 
-        def exchange(t: torch.Tensor) -> torch.Tensor:
-            return comm.all_to_all(t, self.group, recv_counts, send_counts)
+    def dispatch_wait(self, pending: PendingDispatch) -> Dispatched:
+        tokens, local, gates = (e.wait() for e in pending.exchanges)
+        return Dispatched(tokens, local, gates, pending.token_of_row, pending.send_counts,
+                          pending.recv_counts, pending.num_tokens)
 
-        rows = tokens[token_of_row]
-        if self.fp8_dispatch:
-            sent = _Fp8Exchange.apply(rows, self.group, recv_counts, send_counts)
-        else:
-            sent = exchange(rows)
-        return Dispatched(sent, exchange(local), exchange(row_gates),
-                          token_of_row, send_counts, recv_counts, num_tokens)
+    def combine_start(self, expert_out: torch.Tensor, d: Dispatched) -> PendingCombine:
+        return PendingCombine(comm.Exchange(self.group, d.send_counts, d.recv_counts).start(expert_out), d)
+
+    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
+        back, d = pending.exchange.wait(), pending.dispatched
+        return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)
+
+    def dispatch(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> Dispatched:
+        return self.dispatch_wait(self.dispatch_start(tokens, indices, gates))
 
     def combine(self, expert_out: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        back = comm.all_to_all(expert_out, self.group, d.send_counts, d.recv_counts)
-        out = back.new_zeros(d.num_tokens, back.shape[-1])
-        return out.index_add(0, d.token_of_row, back)
+        return self.combine_wait(self.combine_start(expert_out, d))

@@ -8,7 +8,7 @@ import torch
 from megadual.config import ModelConfig
 from megadual.model.layers import SwiGLUMLP
 from megadual.parallel.linear import linear
-from megadual.parallel.tensor import TensorParallel
+from megadual.parallel.tensor import NO_TP
 
 
 class RoutedExperts(torch.nn.Module):
@@ -16,7 +16,7 @@ class RoutedExperts(torch.nn.Module):
         super().__init__()
         self.first_expert = first_expert
         self.local = torch.nn.ModuleDict({
-            str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, TensorParallel(), gemm,
+            str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, NO_TP, gemm,
                                              in_tp_region=False)
             for i in range(num_local)})
         for expert in self.local.values():

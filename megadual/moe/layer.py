@@ -1,8 +1,9 @@
-"""The MoE layer: shared experts plus routed experts, as four sub-steps.
+"""The MoE layer: shared experts plus routed experts, as sub-steps around two all-to-alls.
 
-route -> dispatch -> compute -> combine. `forward` runs them in order; a pipeline
-schedule may run them one by one to overlap one micro-batch's all-to-alls with
-another micro-batch's compute.
+route -> dispatch_start -> experts_and_combine_start -> combine_wait. Each step after
+the first begins by waiting for the all-to-all the previous one launched, so a
+schedule running the steps of two micro-batches alternately overlaps one's
+all-to-alls with the other's compute. `forward` runs them in order.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from megadual.config import ModelConfig
 from megadual.model.layers import SwiGLUMLP
-from megadual.moe.dispatcher import Dispatched, TokenDispatcher
+from megadual.moe.dispatcher import PendingCombine, PendingDispatch, TokenDispatcher
 from megadual.moe.experts import RoutedExperts
 from megadual.moe.router import Router, Routing
 from megadual.parallel import comm
@@ -40,22 +41,33 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 @dataclass
 class MoEState:
-    shape: torch.Size
-    moe_input: torch.Tensor
+    moe_input: torch.Tensor  # the layer input as the TP region sees it (for the shared experts)
+    routed_shape: torch.Size | None = None
+    tokens: torch.Tensor | None = None  # [routed tokens, hidden]
     routing: Routing | None = None
-    dispatched: Dispatched | None = None
-    expert_output: torch.Tensor | None = None
+    pending_dispatch: PendingDispatch | None = None
+    shared_output: torch.Tensor | None = None
+    pending_combine: PendingCombine | None = None
 
 
 class MoELayer(torch.nn.Module):
+    """Shared and routed experts, as sub-steps: route, dispatch (start/wait), experts, combine.
+
+    Under TP the routed path works on this rank's part of the sequence (as sequence
+    parallelism already splits it), so each token is routed and computed once per
+    TP group rather than once per TP rank; without sequence parallelism the sequence
+    is split before routing and gathered after the combine.
+    """
+
     def __init__(self, config: ModelConfig, tp: TensorParallel, ep_group=None, num_nodes: int = 1,
                  gemm: Callable = linear):
         super().__init__()
         ep_size, ep_rank = comm.group_size(ep_group), comm.group_rank(ep_group)
         per_rank = config.num_experts // ep_size
+        self.tp = tp
         # --moe-router-num-groups stands in for nodes (virtual nodes on one machine).
         num_nodes = config.moe_router_num_groups or num_nodes
-        self.router = Router(config, num_nodes, sequence_parallel=tp.sequence_parallel)
+        self.router = Router(config, num_nodes, tp.group)
         self.dispatcher = TokenDispatcher(config.num_experts, ep_group)
         self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, gemm)
         self.shared = None
@@ -65,27 +77,40 @@ class MoELayer(torch.nn.Module):
         # the balance loss's gradient must be scaled the same way.
         self.aux_loss_grad_scale = 1.0
 
+    @property
+    def _splits_sequence(self) -> bool:
+        return self.tp.size > 1 and not self.tp.sequence_parallel
+
     def route(self, x: torch.Tensor) -> MoEState:
-        state = MoEState(x.shape, x)
-        state.routing = self.router(x.reshape(-1, x.shape[-1]), num_sequences=x.shape[1])
+        state = MoEState(x)
+        routed = comm.split_sequence(x, self.tp.group) if self._splits_sequence else x
+        state.routed_shape = routed.shape
+        state.tokens = routed.reshape(-1, routed.shape[-1])
+        state.routing = self.router(state.tokens, num_sequences=routed.shape[1])
         return state
 
-    def dispatch(self, state: MoEState) -> MoEState:
+    def dispatch_start(self, state: MoEState) -> MoEState:
+        """Launch the dispatch all-to-all, then run the shared experts while the tokens travel."""
         r = state.routing
-        flat = state.moe_input.reshape(-1, state.shape[-1])
-        state.dispatched = self.dispatcher.dispatch(flat, r.indices, r.gates)
-        return state
-
-    def compute(self, state: MoEState) -> MoEState:
-        d = state.dispatched
-        state.expert_output = self.experts(d.tokens, d.local_experts, d.gates)
-        return state
-
-    def combine(self, state: MoEState) -> torch.Tensor:
-        out = self.dispatcher.combine(state.expert_output, state.dispatched).view(state.shape)
+        state.pending_dispatch = self.dispatcher.dispatch_start(state.tokens, r.indices, r.gates)
         if self.shared is not None:
-            out = out + self.shared(state.moe_input)
+            state.shared_output = self.shared(state.moe_input)
+        return state
+
+    def experts_and_combine_start(self, state: MoEState) -> MoEState:
+        """Wait for the dispatched tokens, run the local experts, launch the combine all-to-all."""
+        d = self.dispatcher.dispatch_wait(state.pending_dispatch)
+        out = self.experts(d.tokens, d.local_experts, d.gates)
+        state.pending_combine = self.dispatcher.combine_start(out, d)
+        return state
+
+    def combine_wait(self, state: MoEState) -> torch.Tensor:
+        out = self.dispatcher.combine_wait(state.pending_combine).view(state.routed_shape)
+        if self._splits_sequence:
+            out = comm.gather_split_sequence(out, self.tp.group)
+        if state.shared_output is not None:
+            out = out + state.shared_output
         return _AttachAuxLoss.apply(out, state.routing.aux_loss, self.aux_loss_grad_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.compute(self.dispatch(self.route(x))))
+        return self.combine_wait(self.experts_and_combine_start(self.dispatch_start(self.route(x))))

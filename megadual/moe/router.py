@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from megadual.config import ModelConfig
+from megadual.parallel import comm
 from megadual.parallel.linear import linear
 
 
@@ -47,19 +48,22 @@ def nodes_per_token(indices: torch.Tensor, num_experts: int, num_nodes: int) -> 
 
 
 def balance_loss(normalized_scores: torch.Tensor, indices: torch.Tensor, num_sequences: int,
-                 num_experts: int, topk: int) -> torch.Tensor:
+                 num_experts: int, topk: int, tp_group=None) -> torch.Tensor:
     """sum_i f_i * P_i averaged over sequences (the report's sequence-wise balance loss).
 
     Tokens are [sequence position, sequence] flattened, as [s, b] activations are.
-    `num_sequences=1` with all tokens gives the batch-wise auxiliary loss.
+    `num_sequences=1` with all tokens gives the batch-wise auxiliary loss. When the
+    sequence is split over `tp_group`, f and P are summed over it, so every TP rank
+    gets the loss of the whole sequence.
     """
     scores = normalized_scores.view(-1, num_sequences, num_experts)
-    length = scores.shape[0]
+    length = scores.shape[0] * comm.group_size(tp_group)
     counts = torch.zeros_like(scores).scatter_add_(
-        2, indices.view(length, num_sequences, topk), torch.ones_like(scores[..., :topk]))
-    f = counts.sum(0) * (num_experts / (topk * length))
-    p = scores.mean(0)
-    return (f.detach() * p).sum(-1).mean()
+        2, indices.view(scores.shape[0], num_sequences, topk), torch.ones_like(scores[..., :topk])).sum(0)
+    counts = comm.all_reduce_no_grad(counts.detach(), tp_group)
+    score_sums = comm.reduce_from_tp_region(scores.sum(0), tp_group)
+    f = counts * (num_experts / (topk * length))
+    return (f * score_sums / length).sum(-1).mean()
 
 
 class RoutingStats:
@@ -84,12 +88,14 @@ class RoutingStats:
 
 
 class Router(torch.nn.Module):
-    def __init__(self, config: ModelConfig, num_nodes: int, sequence_parallel: bool = False):
+    def __init__(self, config: ModelConfig, num_nodes: int, tp_group=None):
+        """`tp_group`: the TP ranks that each route a different part of the sequence."""
         super().__init__()
-        self.config, self.num_nodes = config, num_nodes
+        self.config, self.num_nodes, self.tp_group = config, num_nodes, tp_group
         self.weight = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.weight.init_std = config.init_method_std
-        self.weight.sequence_parallel = sequence_parallel
+        # Each TP rank routes part of the tokens: the weight's gradient is summed over TP.
+        self.weight.sequence_parallel = comm.group_size(tp_group) > 1
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.stats = RoutingStats(config.num_experts)
         self.wgrad_store = None
@@ -120,7 +126,7 @@ class Router(torch.nn.Module):
         if c.moe_router_load_balancing_type == "none" or c.moe_aux_loss_coeff == 0:
             return normalized.new_zeros(())
         groups = num_sequences if c.moe_router_load_balancing_type == "seq_aux_loss" else 1
-        loss = balance_loss(normalized, indices, groups, c.num_experts, c.moe_router_topk)
+        loss = balance_loss(normalized, indices, groups, c.num_experts, c.moe_router_topk, self.tp_group)
         return loss * c.moe_aux_loss_coeff
 
     def take_stats(self) -> RoutingStats:

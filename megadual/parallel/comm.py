@@ -26,6 +26,11 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def all_reduce_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group of a tensor that carries no gradient."""
+    return _sum(x, group)
+
+
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     if group_size(group) == 1:
         return x
@@ -59,6 +64,10 @@ def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _reduce_scatter(x, group, 0)
+
+
+def _my_sequence_part(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(group_size(group), dim=0)[group_rank(group)].contiguous()
 
 
 class _Collective(torch.autograd.Function):
@@ -98,25 +107,109 @@ def reduce_scatter_sequence(x, group):
     return _apply(x, group, _reduce_scatter_seq, _gather_seq)
 
 
-class _AllToAll(torch.autograd.Function):
+def split_sequence(x, group):
+    """Replicated activations -> this rank's part of the sequence; the gradient is all-gathered."""
+    return _apply(x, group, _my_sequence_part, _gather_seq)
+
+
+def gather_split_sequence(x, group):
+    """The inverse of `split_sequence`: all-gather the sequence; the gradient keeps this rank's part."""
+    return _apply(x, group, _gather_seq, _my_sequence_part)
+
+
+class Codec:
+    """How tensors travel: `encode` before sending (a list of tensors), `decode` after arrival."""
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+    def decode(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return parts[0]
+
+
+class Exchange:
+    """An uneven all-to-all along dim 0 whose forward and backward each run as launch, then finish.
+
+    Forward: `start(x)` encodes x and launches the async all-to-all; `wait()` finishes
+    it and returns the decoded rows. Backward, the other way round: the gradient of the
+    `wait` output launches the reverse all-to-all (in full precision) and the gradient
+    of the `start` input waits for it. Whatever runs between the two halves - in the
+    forward or in the backward - overlaps with the communication.
+    """
+
+    def __init__(self, group, output_splits: list[int], input_splits: list[int], codec: Codec | None = None):
+        self.group, self.codec = group, codec or Codec()
+        self.output_splits, self.input_splits = output_splits, input_splits
+        self._pending = self._grad_pending = None
+        self._link = None
+
+    def start(self, x: torch.Tensor) -> Exchange:
+        self._link = _LaunchExchange.apply(x, self)
+        return self
+
+    def wait(self) -> torch.Tensor:
+        return _FinishExchange.apply(self._link, self)
+
+    def _launch(self, parts: list[torch.Tensor], output_splits: list[int], input_splits: list[int]):
+        if group_size(self.group) == 1:
+            return parts, []
+        outs, works = [], []
+        for part in parts:
+            out = part.new_empty((sum(output_splits),) + tuple(part.shape[1:]))
+            works.append(dist.all_to_all_single(out, part.contiguous(), output_splits, input_splits,
+                                                group=self.group, async_op=True))
+            outs.append(out)
+        return outs, works
+
+    def _launch_forward(self, x: torch.Tensor) -> None:
+        self._dtype = x.dtype
+        self._pending = self._launch(self.codec.encode(x), self.output_splits, self.input_splits)
+
+    def _finish_forward(self) -> torch.Tensor:
+        parts, works = self._pending
+        for work in works:
+            work.wait()
+        self._pending = None
+        return self.codec.decode(parts, self._dtype)
+
+    def _launch_backward(self, grad: torch.Tensor) -> None:
+        self._grad_pending = self._launch([grad], self.input_splits, self.output_splits)
+
+    def _finish_backward(self) -> torch.Tensor:
+        (grad,), works = self._grad_pending
+        for work in works:
+            work.wait()
+        self._grad_pending = None
+        return grad
+
+
+class _LaunchExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, output_splits, input_splits):
-        ctx.group, ctx.splits = group, (output_splits, input_splits)
-        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
+    def forward(ctx, x, exchange):
+        ctx.exchange = exchange
+        exchange._launch_forward(x)
+        return x.new_empty(0)  # carries the autograd edge from `start` to `wait`
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.exchange._finish_backward(), None
+
+
+class _FinishExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, link, exchange):
+        ctx.exchange = exchange
+        return exchange._finish_forward()
 
     @staticmethod
     def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad, ctx.group, input_splits, output_splits), None, None, None
+        ctx.exchange._launch_backward(grad)
+        return grad.new_empty(0), None
 
 
 def all_to_all(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
-    """Uneven all-to-all along dim 0; its backward is the reverse all-to-all."""
-    if group_size(group) == 1:
-        return x
-    return _AllToAll.apply(x, group, output_splits, input_splits)
+    """Blocking uneven all-to-all along dim 0; its backward is the reverse all-to-all."""
+    return Exchange(group, output_splits, input_splits).start(x).wait()
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:

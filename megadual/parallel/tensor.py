@@ -32,6 +32,9 @@ class TensorParallel:
         return comm.group_rank(self.group)
 
 
+NO_TP = TensorParallel()
+
+
 def enter_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     if tp.sequence_parallel:
         return comm.gather_sequence(x, tp.group)
