@@ -54,7 +54,10 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     moe_ranks_per_node: int = 0  # 0: the launcher's local world size
+    # An M set on the command line must fit the nodes; the default 4 just means "no limit" on fewer.
+    moe_router_max_nodes_given: bool = False
     pipeline_schedule: str = "1f1b"
+    pipeline_split_backward: bool = True  # zero-bubble: weight gradients deferred to W actions
 
 
 @dataclass(frozen=True)
@@ -154,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-load-balancing-type", choices=["seq_aux_loss", "aux_loss", "none"],
                    default="seq_aux_loss")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-4)
-    g.add_argument("--moe-router-max-nodes", type=int, default=4,
-                   help="M: each token's experts live on at most M nodes (node-limited routing)")
+    g.add_argument("--moe-router-max-nodes", type=int, default=None,
+                   help="M: each token's experts live on at most M nodes (node-limited routing; default 4)")
     g.add_argument("--moe-router-group-topk", type=int, default=None,
                    help="Megatron's name for --moe-router-max-nodes")
     g.add_argument("--moe-router-num-groups", type=int, default=0,
@@ -167,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--moe-ranks-per-node", type=int, default=0)
     g.add_argument("--pipeline-schedule", choices=["1f1b", "dualpipe", "dualpipev"], default="1f1b")
+    g.add_argument("--pipeline-split-backward", action=argparse.BooleanOptionalAction, default=True,
+                   help="zero-bubble W split: backwards compute input gradients first, weight gradients "
+                        "later where the schedule puts W actions")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=3e-5)
@@ -235,6 +241,9 @@ def parse_args(argv: list[str] | None = None, tokenizer_vocab_size: int | None =
         a["num_query_groups"] = a["num_attention_heads"]
     if a["moe_router_group_topk"] is not None:
         a["moe_router_max_nodes"] = a["moe_router_group_topk"]
+    a["moe_router_max_nodes_given"] = a["moe_router_max_nodes"] is not None
+    if a["moe_router_max_nodes"] is None:
+        a["moe_router_max_nodes"] = ModelConfig.moe_router_max_nodes
     a["data_path"] = tuple(a["data_path"])
     raw_vocab = tokenizer_vocab_size or a["vocab_size"]
     if raw_vocab is None:
@@ -268,6 +277,7 @@ def validate(c: RunConfig) -> None:
              f"({m.num_query_groups})")
     if m.num_experts:
         _validate_moe(m)
+    _validate_pipeline_layers(m, c.parallel)
     _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
@@ -285,6 +295,20 @@ def validate(c: RunConfig) -> None:
         _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
     _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
              "--moe-fp8-dispatch needs --fp8-format e4m3")
+
+
+def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
+    """Layers split evenly over the pipeline stages: PP of them, 2 * PP under dualpipev.
+    (The schedule's micro-batch checks need the data-parallel size: see training/loop.py.)"""
+    pp = p.pipeline_model_parallel_size
+    _require(pp >= 1, f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    if pp == 1:
+        return
+    stages = 2 * pp if p.pipeline_schedule == "dualpipev" else pp
+    _require(m.num_layers % stages == 0,
+             f"--num-layers ({m.num_layers}) must be divisible by the {stages} pipeline stages of "
+             f"--pipeline-model-parallel-size {pp} under --pipeline-schedule {p.pipeline_schedule}"
+             + (" (two stages per rank)" if stages > pp else ""))
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -312,6 +336,30 @@ def validate_node_limit(m: ModelConfig, num_nodes: int, nodes_flag: str) -> None
     _require(m.moe_router_topk // limit <= m.num_experts // num_nodes,
              f"--moe-router-topk / --moe-router-max-nodes ({m.moe_router_topk // limit}) exceeds the "
              f"experts per node ({m.num_experts // num_nodes})")
+
+
+def validate_parallel(c: RunConfig, tp: int, ep: int, nodes_in_ep_group: int) -> None:
+    """Checks of the model against the parallel layout, once the world size is known."""
+    m, p = c.model, c.parallel
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "moe_shared_expert_intermediate_size"):
+        _require(getattr(m, name) % tp == 0, f"{_flag(name)} ({getattr(m, name)}) must be divisible by "
+                                              f"--tensor-model-parallel-size ({tp})")
+    if tp > 1 and (p.sequence_parallel or m.num_experts):
+        why = "sequence parallelism" if p.sequence_parallel else "MoE layers route each TP rank's part"
+        _require(m.seq_length % tp == 0, f"--seq-length ({m.seq_length}) must be divisible by "
+                                         f"--tensor-model-parallel-size ({tp}) ({why} of the sequence)")
+    if not m.num_experts:
+        return
+    _require(m.num_experts % ep == 0, f"--num-experts ({m.num_experts}) must be divisible by "
+                                      f"--expert-model-parallel-size ({ep})")
+    if m.moe_router_num_groups:
+        return
+    _require(not p.moe_router_max_nodes_given or m.moe_router_max_nodes <= nodes_in_ep_group,
+             f"--moe-router-max-nodes ({m.moe_router_max_nodes}) is larger than the nodes in an expert-"
+             f"parallel group ({nodes_in_ep_group}: --expert-model-parallel-size {ep} over "
+             f"--moe-ranks-per-node ranks per node)")
+    validate_node_limit(m, nodes_in_ep_group, "--expert-model-parallel-size / --moe-ranks-per-node")
 
 
 def model_config_differences(saved: dict, current: ModelConfig) -> list[str]:

@@ -33,8 +33,25 @@ def _check(rank: int, port: int) -> None:
         y, g = run(comm.reduce_scatter_sequence, weights[rank][:2])
         assert torch.equal(y, (others[0] + others[1])[2 * rank: 2 * rank + 2])
         assert torch.equal(g, torch.cat([weights[0][:2], weights[1][:2]]))  # all-gather of the gradients
+        _check_exchange(rank, group)
     finally:
         dist.destroy_process_group()
+
+
+def _check_exchange(rank: int, group) -> None:
+    """Uneven all-to-all as start/wait: rank r sends send[r][q] rows to rank q."""
+    send = [[1, 2], [3, 1]]
+    rows = {r: torch.arange(sum(send[r]) * 2.0).view(-1, 2) + 100 * r for r in range(2)}
+    x = rows[rank].clone().requires_grad_()
+    recv_counts = [send[q][rank] for q in range(2)]
+    pending = comm.Exchange(group, recv_counts, send[rank]).start(x)
+    other_work = x.detach() * 2  # runs while the rows travel
+    y = pending.wait()
+    expected = torch.cat([rows[q].split(send[q])[rank] for q in range(2)])
+    assert torch.equal(y, expected) and torch.equal(other_work, rows[rank] * 2)
+    (y * (rank + 1)).sum().backward()  # the gradient of a row is the factor of the rank it went to
+    factors = torch.cat([torch.full((n, 2), float(q + 1)) for q, n in enumerate(send[rank])])
+    assert torch.equal(x.grad, factors)
 
 
 def test_collectives_and_their_gradients_across_two_processes():

@@ -1,7 +1,11 @@
-"""pretrain_moe.py fails fast, with one message naming the flag or file at fault."""
+"""pretrain_moe.py: fails fast with one message naming the flag or file at fault; runs under torchrun."""
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import TINY_MOE
 
@@ -25,3 +29,20 @@ def test_missing_data_file_is_named():
 def test_bad_flag_is_named_before_start():
     out = run(TINY_MOE + ["--hidden-size", "66", "--train-iters", "2"])
     assert out.returncode == 2 and "--hidden-size" in out.stderr and "iteration" not in out.stdout
+
+
+def logged_losses(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", stdout)]
+
+
+def test_torchrun_four_processes_tp2_ep4_matches_one_process():
+    args = TINY_MOE + ["--train-iters", "3", "--log-interval", "1"]
+    launch = ["torchrun", "--standalone", "--nproc-per-node", "4", "pretrain_moe.py", *args,
+              "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4"]
+    parallel = subprocess.run(launch, cwd=ROOT, check=False, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    single = run(args)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert len(logged_losses(parallel.stdout)) == 3
+    assert logged_losses(parallel.stdout) == pytest.approx(logged_losses(single.stdout), rel=1e-5)

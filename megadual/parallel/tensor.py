@@ -50,6 +50,7 @@ def leave_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
 def shard_parameter(param: torch.nn.Parameter, dim: int, tp: TensorParallel) -> torch.nn.Parameter:
     if tp.size > 1:
         param.tp_shard = (dim, tp.rank, tp.size)
+        param.tp_group = tp.group  # checkpoints save the shard as part of the whole tensor
     return param
 
 

@@ -3,9 +3,11 @@
 SAVE/iter_0000100/      DCP shards (.distcp) + .metadata, and megadual_meta.json
 SAVE/latest_checkpointed_iteration.txt
 
-Every rank writes its own shards (model, optimizer, its RNG state). The tracker file
-is replaced only after every rank has finished the folder, so a run killed mid-save
-resumes from the previous checkpoint.
+Every rank writes its own shards (model, optimizer, its RNG state). Tensors are keyed
+by global parameter name (experts by global expert index), and tensor-parallel shards
+are saved as DTensors, pieces of the whole tensor, so a checkpoint loads under any
+TP/EP/PP/DP layout. The tracker file is replaced only after every rank has finished
+the folder, so a run killed mid-save resumes from the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -57,14 +61,41 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+# Optimizer state flattened to one key per (parameter, state): a layout-independent key set.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _as_whole_tensors(model: torch.nn.Module, *state_dicts: dict) -> None:
+    """Replace each TP shard (and its optimizer states) in the flat state dicts by a DTensor."""
+    meshes: dict[int, DeviceMesh] = {}
+    for sd in state_dicts:
+        owners = {key: key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
+                  for key in sd}
+        params = dict(model.named_parameters())
+        for key, owner in owners.items():
+            param, value = params.get(owner), sd[key]
+            if getattr(param, "tp_shard", None) is None or not isinstance(value, torch.Tensor) \
+                    or value.shape != param.shape:  # e.g. Adam's scalar step
+                continue
+            group = param.tp_group
+            mesh = meshes.setdefault(id(group), DeviceMesh.from_group(group, param.device.type))
+            sd[key] = DTensor.from_local(value, mesh, [Shard(param.tp_shard[0])], run_check=False)
+
+
+def _as_local_tensors(state_dict: dict) -> dict:
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
+
+
 def save_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: RunConfig) -> str:
     rank = dist.get_rank()
     path = iteration_dir(root, state.iteration)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    _as_whole_tensors(model, model_sd, optim_sd)
     dcp.save({"model": model_sd, "optimizer": optim_sd, f"rng_rank{rank}": _rng_state()}, checkpoint_id=path)
     if rank == 0:
-        meta = {"train_state": dataclasses.asdict(state), "config": dataclasses.asdict(config)}
+        meta = {"train_state": dataclasses.asdict(state), "config": dataclasses.asdict(config),
+                "world_size": dist.get_world_size()}
         _write_atomically(os.path.join(path, META), json.dumps(meta, indent=1))
     dist.barrier()
     if rank == 0:
@@ -120,8 +151,10 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Op
                               + "\n  ".join(differences))
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
-    load_rng = not (t.no_load_rng or t.finetune)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # RNG states are per rank: they only mean something for the same number of ranks.
+    load_rng = not (t.no_load_rng or t.finetune) and meta.get("world_size") == dist.get_world_size()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    _as_whole_tensors(model, model_sd, optim_sd)
     wanted = {"model": model_sd}
     if load_optim:
         wanted["optimizer"] = optim_sd
@@ -129,10 +162,12 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if load_rng:
         wanted[rng_key] = _rng_state()
     dcp.load(wanted, checkpoint_id=path)
+    model_sd = _as_local_tensors(wanted["model"])
     if load_optim:
-        set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=model_sd,
+                       optim_state_dict=_as_local_tensors(wanted["optimizer"]), options=OPTIONS)
     else:
-        set_model_state_dict(model, wanted["model"], options=StateDictOptions(strict=True))
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
     if load_rng:
         _set_rng_state(wanted[rng_key])
     if t.finetune:
