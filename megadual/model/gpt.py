@@ -7,7 +7,7 @@ expert index), so initialization and checkpoints do not depend on the layout.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +68,32 @@ class GPTChunk(torch.nn.Module):
         logits = self.output_layer(hidden)
         return vocab_parallel_cross_entropy(logits, labels.t(), self.tp).mean()
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None
+                      ) -> Generator[None, None, torch.Tensor]:
+        """The forward as a generator that pauses while each expert all-to-all is in flight.
+
+        Its return value (StopIteration.value) is what `forward` returns. A schedule can
+        resume it from elsewhere - `pipeline/overlap.py` does so inside another
+        micro-batch's backward - to fill the all-to-all's time with other compute.
+        """
         hidden = self.embed(inputs) if self.stage.has_embedding else inputs
         for layer in self.layers.values():
-            hidden = layer(hidden)
+            state = layer.dispatch_step(layer.attention_step(hidden))
+            if layer.is_moe:
+                yield  # dispatch in flight
+            state = layer.experts_step(state)
+            if layer.is_moe:
+                yield  # combine in flight
+            hidden = layer.combine_step(state)
         return self.loss(hidden, labels) if self.stage.has_head else hidden
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        steps = self.forward_steps(inputs, labels)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     def routers(self) -> list[Router]:
         return [m.router for m in self.modules() if isinstance(m, MoELayer)]

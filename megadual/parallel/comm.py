@@ -6,6 +6,9 @@ parallel activations are split along dim 0 (the sequence dim of [s, b, h]).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -127,6 +130,21 @@ class Codec:
         return parts[0]
 
 
+# Callables run each time a backward launches an all-to-all; set only by `while_backward_comm`.
+# Module-level (not thread-local) because on CUDA the backward runs on autograd's own thread.
+_BACKWARD_LAUNCH_HOOKS: list[Callable[[], None]] = []
+
+
+@contextmanager
+def while_backward_comm(work: Callable[[], None]):
+    """Inside this block, every all-to-all a backward launches runs `work` before it is waited for."""
+    _BACKWARD_LAUNCH_HOOKS.append(work)
+    try:
+        yield
+    finally:
+        _BACKWARD_LAUNCH_HOOKS.remove(work)
+
+
 class Exchange:
     """An uneven all-to-all along dim 0 whose forward and backward each run as launch, then finish.
 
@@ -174,6 +192,8 @@ class Exchange:
 
     def _launch_backward(self, grad: torch.Tensor) -> None:
         self._grad_pending = self._launch([grad], self.input_splits, self.output_splits)
+        for work_while_in_flight in list(_BACKWARD_LAUNCH_HOOKS):
+            work_while_in_flight()
 
     def _finish_backward(self) -> torch.Tensor:
         (grad,), works = self._grad_pending
