@@ -8,7 +8,6 @@ from megadual.pipeline.overlap import overlapped_forward_backward
 from tests.test_model import CFG, batch
 
 
-
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 

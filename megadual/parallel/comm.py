@@ -192,7 +192,7 @@ class Exchange:
 
     def _launch_backward(self, grad: torch.Tensor) -> None:
         self._grad_pending = self._launch([grad], self.input_splits, self.output_splits)
-        for work_while_in_flight in list(_BACKWARD_LAUNCH_HOOKS):
+        for work_while_in_flight in _BACKWARD_LAUNCH_HOOKS:
             work_while_in_flight()
 
     def _finish_backward(self) -> torch.Tensor:
