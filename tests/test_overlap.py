@@ -4,6 +4,7 @@ from contextlib import nullcontext
 import torch
 
 from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.parallel import comm
 from megadual.pipeline.overlap import overlapped_forward_backward
 from tests.test_model import CFG, batch
 
@@ -12,7 +13,7 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_overlapped_pair_equals_forward_then_backward():
+def test_overlapped_pair_equals_forward_then_backward(monkeypatch):
     (tokens_a, labels_a), (tokens_b, labels_b) = batch(1), batch(2)
     plain = build_chunk(CFG, full_model_stage(CFG), seed=3)
     plain(tokens_b, labels_b).backward()
@@ -22,27 +23,22 @@ def test_overlapped_pair_equals_forward_then_backward():
     paired = build_chunk(CFG, full_model_stage(CFG), seed=3)
     loss_b = paired(tokens_b, labels_b)
     events = []
-
-    def logged_steps():
-        steps = paired.forward_steps(tokens_a, labels_a)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-            events.append("forward step")
-            yield
+    launch_forward, launch_backward = comm.Exchange._launch_forward, comm.Exchange._launch_backward
+    monkeypatch.setattr(comm.Exchange, "_launch_forward",
+                        lambda self, x: (events.append("F"), launch_forward(self, x)))
+    monkeypatch.setattr(comm.Exchange, "_launch_backward",
+                        lambda self, g: (events.append("B"), launch_backward(self, g)))
 
     def backward():
         loss_b.backward()
-        events.append("backward done")
+        events.append("|")
 
-    overlapped = overlapped_forward_backward(logged_steps(), backward, nullcontext)
+    overlapped = overlapped_forward_backward(paired.forward_steps(tokens_a, labels_a), backward, nullcontext)
     overlapped.backward()
-    # The forward pauses at its 2 all-to-alls per MoE layer; every step ran inside the backward,
-    # each started right after the backward launched one of its all-to-alls.
-    moe_layers = sum(layer.is_moe for layer in paired.layers.values())
-    assert moe_layers == 2 and events == ["forward step"] * (2 * moe_layers) + ["backward done"]
+    # Each all-to-all the backward launches (B: combine, tokens, gates per MoE layer) is followed by
+    # one forward step, which ends by launching its own (F: tokens, expert ids, gates; or combine);
+    # the forward (dense layer 0, MoE layers 1 and 2) is done before the backward is.
+    assert "".join(events[:events.index("|") + 1]) == "BFFFBFBFFFBFBB|"
     assert torch.equal(overlapped, loss_a)
     expected = grads(plain)
     for name, grad in grads(paired).items():

@@ -35,11 +35,15 @@ def test_node_limit_is_a_no_op_when_nodes_do_not_exceed_m():
     assert torch.equal(node_limited_topk(scores, 4, 1, 4), scores.topk(4).indices)
 
 
-def test_bias_steers_selection_but_not_gate_values():
-    torch.manual_seed(0)
+def seeded_router(seed: int, std: float, tokens: int) -> tuple[Router, torch.Tensor]:
+    torch.manual_seed(seed)
     router = Router(CFG, num_nodes=4)
-    torch.nn.init.normal_(router.weight, std=0.5)
-    x = torch.randn(64, 16)
+    torch.nn.init.normal_(router.weight, std=std)
+    return router, torch.randn(tokens, 16)
+
+
+def test_bias_steers_selection_but_not_gate_values():
+    router, x = seeded_router(0, 0.5, 64)
     plain = router(x, num_sequences=1)
     router.expert_bias[7] = 10.0
     biased = router(x, num_sequences=1)
@@ -69,10 +73,7 @@ def test_sequence_balance_loss_matches_formula():
 
 
 def test_stats_and_aux_loss_use_final_node_limited_routing():
-    torch.manual_seed(1)
-    router = Router(CFG, num_nodes=4)
-    torch.nn.init.normal_(router.weight, std=1.0)
-    x = torch.randn(40, 16)
+    router, x = seeded_router(1, 1.0, 40)
     r = router(x, num_sequences=4)
     stats = router.take_stats()
     assert torch.equal(stats.tokens_per_expert, torch.bincount(r.indices.flatten(), minlength=8).double())

@@ -90,34 +90,30 @@ def _apply(x: torch.Tensor, group, forward_op, backward_op) -> torch.Tensor:
     return _Collective.apply(x, group, forward_op, backward_op) if group_size(group) > 1 else x
 
 
-def copy_to_tp_region(x, group):
-    """Entering a TP region with replicated input: identity, gradient all-reduced."""
-    return _apply(x, group, _identity, _sum)
+def _collective(forward_op, backward_op, doc: str):
+    def apply(x: torch.Tensor, group) -> torch.Tensor:
+        return _apply(x, group, forward_op, backward_op)
+    apply.__doc__ = doc
+    return apply
 
 
-def reduce_from_tp_region(x, group):
-    """Leaving a TP region with partial sums: all-reduce, gradient passed through."""
-    return _apply(x, group, _sum, _identity)
-
-
-def gather_sequence(x, group):
-    """Sequence parallel into a TP region: all-gather the sequence, gradient reduce-scattered."""
-    return _apply(x, group, _gather_seq, _reduce_scatter_seq)
-
-
-def reduce_scatter_sequence(x, group):
-    """Sequence parallel out of a TP region: reduce-scatter the sequence, gradient all-gathered."""
-    return _apply(x, group, _reduce_scatter_seq, _gather_seq)
-
-
-def split_sequence(x, group):
-    """Replicated activations -> this rank's part of the sequence; the gradient is all-gathered."""
-    return _apply(x, group, _my_sequence_part, _gather_seq)
-
-
-def gather_split_sequence(x, group):
-    """The inverse of `split_sequence`: all-gather the sequence; the gradient keeps this rank's part."""
-    return _apply(x, group, _gather_seq, _my_sequence_part)
+# Each collective with its adjoint as the backward; sequences are split along dim 0.
+copy_to_tp_region = _collective(
+    _identity, _sum, "Entering a TP region with replicated input: identity, gradient all-reduced.")
+reduce_from_tp_region = _collective(
+    _sum, _identity, "Leaving a TP region with partial sums: all-reduce, gradient passed through.")
+gather_sequence = _collective(
+    _gather_seq, _reduce_scatter_seq,
+    "Sequence parallel into a TP region: all-gather the sequence, gradient reduce-scattered.")
+reduce_scatter_sequence = _collective(
+    _reduce_scatter_seq, _gather_seq,
+    "Sequence parallel out of a TP region: reduce-scatter the sequence, gradient all-gathered.")
+split_sequence = _collective(
+    _my_sequence_part, _gather_seq,
+    "Replicated activations -> this rank's part of the sequence; the gradient is all-gathered.")
+gather_split_sequence = _collective(
+    _gather_seq, _my_sequence_part,
+    "The inverse of split_sequence: all-gather the sequence; the gradient keeps this rank's part.")
 
 
 class Codec:
