@@ -105,7 +105,7 @@ def record_texts(record: Record, input_format: str, keys: list[str]) -> dict[str
     texts = {}
     for key in keys:
         if not isinstance(fields, dict) or not isinstance(fields.get(key), str):
-            raise ValueError(f"{path}:{line_number}: no text field {key!r} (--json-keys)")
+            raise ValueError(f"{path}:{line_number}: no text field {key!r} (--json-keys)")  # noqa: TRY004
         texts[key] = fields[key]
     return texts
 

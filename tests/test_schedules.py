@@ -116,7 +116,7 @@ def test_dualpipe_directions_and_micro_batch_numbering():
         assert peers(actions, Kind.SEND_F, 0) == ({rank + 1} if rank < pp - 1 else set())
         assert peers(actions, Kind.SEND_F, 1) == ({rank - 1} if rank > 0 else set())
         assert peers(actions, Kind.SEND_B, 0) == ({rank - 1} if rank > 0 else set())
-    first = [a for a in schedules[0] if not a.is_comm][0]
+    first = next(a for a in schedules[0] if not a.is_comm)
     assert str(first) == "F0.0" and str(compute(schedules[-1])[0]) == "F1.4"
 
 

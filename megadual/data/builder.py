@@ -10,6 +10,7 @@ built with 0.5% more samples than its share so that rounding never runs one dry.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -71,12 +72,12 @@ def split_ranges(shares: list[float], num_documents: int) -> list[tuple[int, int
     """Contiguous [start, end) document ranges per split, rounded as Megatron rounds them."""
     bounds = [0]
     for share in shares:
-        bounds.append(bounds[-1] + int(round(share * num_documents)))
+        bounds.append(bounds[-1] + round(share * num_documents))
     excess = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
     # Megatron's correction can push a bound below 0 in rare tiny cases; keep ranges valid
     bounds = np.maximum.accumulate(np.clip(bounds, 0, num_documents)).tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(pairwise(bounds))
 
 
 def build_datasets(

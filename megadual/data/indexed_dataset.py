@@ -69,7 +69,7 @@ class IndexedDatasetBuilder:
         if np.dtype(dtype) not in _CODE_OF_DTYPE:
             raise ValueError(f"unsupported token dtype {dtype}; choose one of {list(_CODE_OF_DTYPE)}")
         self.dtype = np.dtype(dtype)
-        self._bin: BinaryIO = open(bin_file, "wb")
+        self._bin: BinaryIO = open(bin_file, "wb")  # noqa: SIM115 (closed by finalize)
         self._sequence_lengths: list[int] = []
 
     def add_document(self, tokens) -> None:

@@ -33,7 +33,7 @@ class HuggingFaceTokenizer:
             raise FileNotFoundError(f"--tokenizer-model {tokenizer_file}: no such file")
         try:
             self._tokenizer = Tokenizer.from_file(tokenizer_file)
-        except Exception as error:  # the library raises a bare Exception on bad JSON
+        except Exception as error:  # noqa: BLE001 (the library raises a bare Exception on bad JSON)
             raise ValueError(f"--tokenizer-model {tokenizer_file}: not a tokenizer.json ({error})") from None
         eod = next((self._tokenizer.token_to_id(t) for t in _EOD_CANDIDATES
                     if self._tokenizer.token_to_id(t) is not None), None)
