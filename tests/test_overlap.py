@@ -1,5 +1,8 @@
 """The paired F&B chunk: a forward interleaved with another micro-batch's backward computes the same."""
+import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -43,3 +46,11 @@ def test_overlapped_pair_equals_forward_then_backward(monkeypatch):
     expected = grads(plain)
     for name, grad in grads(paired).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_overlap_benchmark_runs_and_both_ways_agree():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_overlap.py"
+    out = subprocess.run([sys.executable, str(script), "--hidden", "64", "--seq", "32", "--micro-batch", "2",
+                          "--warmup", "0", "--iters", "1"], capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert "same loss: True" in out.stdout
