@@ -60,10 +60,10 @@ def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue,
                     dist.all_gather_object(gathered, _local_grads(model))
                     first_grads.append(_assemble(gathered))
 
-            losses = pretrain(parse_args(args), torch.device("cpu"), log=lines.append, grad_hook=grad_hook).losses
+            run = pretrain(parse_args(args), torch.device("cpu"), log=lines.append, grad_hook=grad_hook)
             # numpy, not tensors: a tensor in a queue lives in shared memory this process frees on exit
             grads = {name: g.numpy() for name, g in (first_grads[0] if with_grads else {}).items()}
-            runs.append(Run(losses, grads, lines))
+            runs.append(Run(run.losses, grads, lines))
         if rank == 0:
             queue.put(runs)
     finally:
@@ -73,8 +73,8 @@ def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue,
 def _spawn(world: int, arg_lists: list[list[str]], with_grads: bool) -> list[Run]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    workers = mp.start_processes(_worker, args=(world, free_port(), arg_lists, queue, with_grads), nprocs=world,
-                                 start_method="spawn", join=False)
+    workers = mp.start_processes(_worker, args=(world, free_port(), arg_lists, queue, with_grads),
+                                 nprocs=world, start_method="spawn", join=False)
     # Read before joining: a result larger than the pipe's buffer blocks its sender until read.
     # Poll so that a worker that failed (and so sends nothing) raises here instead of hanging.
     while queue.empty():

@@ -51,3 +51,12 @@ def test_log_line_has_megatron_shape():
                r"lm loss: [\d.]+E[-+]\d+ \| load_balancing_loss: .* \| grad norm: [\d.]+ \| "
                r"number of skipped iterations: +0 \| number of nan iterations: +0 \|$")
     assert re.match(pattern, lines[0]), lines[0]
+
+
+def test_bf16_autocast_trains_close_to_fp32():
+    args = TINY_MOE + ["--train-iters", "3"]
+    with single_process_group() as device:
+        fp32 = loop.pretrain(parse_args(args), device, log=lambda line: None).losses
+        bf16 = loop.pretrain(parse_args(args + ["--bf16"]), device, log=lambda line: None).losses
+    assert bf16 != fp32  # the GEMMs really ran in bf16
+    assert bf16 == pytest.approx(fp32, rel=1e-3)

@@ -24,20 +24,37 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype: autocast's when it is on (bf16 on CUDA), else the operands' common type."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.result_type(x, weight)
+
+
 class _Linear(torch.autograd.Function):
+    """Autocast is applied here by hand: the backward runs outside autocast, so it must
+    know the forward's GEMM dtype to multiply the gradient with the same operands."""
+
     @staticmethod
     def forward(ctx, x, weight, wgrad_store):
+        dtype = compute_dtype(x, weight)
+        x = x.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.wgrad_store = wgrad_store
-        return x.matmul(weight.t())
+        return x.matmul(weight.to(dtype).t())
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x = grad_out.matmul(weight)
+        grad_out = grad_out.to(x.dtype)
+        grad_x = grad_out.matmul(weight.to(x.dtype))
+
+        def weight_grad() -> torch.Tensor:
+            return flat(grad_out).t().matmul(flat(x)).to(weight.dtype)
+
         if ctx.wgrad_store is None:
-            return grad_x, flat(grad_out).t().matmul(flat(x)), None
-        ctx.wgrad_store.put(lambda: accumulate_grad(weight, flat(grad_out).t().matmul(flat(x))))
+            return grad_x, weight_grad(), None
+        ctx.wgrad_store.put(lambda: accumulate_grad(weight, weight_grad()))
         return grad_x, None, None
 
 

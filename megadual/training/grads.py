@@ -4,7 +4,8 @@ Dense parameters are averaged over DP. Expert parameters are summed over the
 expert-data-parallel group (ranks holding the same experts) and divided by DP,
 since their gradients already gather tokens of the whole EP group. Parameters that
 see only part of the sequence under sequence parallelism (norms, router) are first
-summed over TP.
+summed over TP. DualPipe's two copies of a stage are summed by the pipeline
+(pipeline/driver.py) after this reduction.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def global_grad_norm(params: list[torch.nn.Parameter], topo: Topology) -> float:
     for p in params:
         is_expert = getattr(p, "expert_parallel", False)
         replicated_over_tp = not hasattr(p, "tp_shard") and not is_expert
+        if getattr(p, "pipeline_mirror", False):
+            continue  # DualPipe's second copy of a stage: its gradient equals the first copy's
         if (expert_owner if is_expert else dense_owner) and not (replicated_over_tp and topo.tp_rank):
             total += p.grad.detach().double().pow(2).sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megadual.config import ConfigError, RunConfig
+from megadual.config import ConfigError, RunConfig, validate_parallel
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
 from megadual.model.gpt import GPTChunk, build_chunk, full_model_stage
 from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
+from megadual.pipeline.driver import Pipeline
+from megadual.pipeline.schedules import pipeline_layout, validate_schedule_args
+from megadual.pipeline.stage_model import StageModel, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
@@ -36,12 +39,20 @@ def build_topology(config: RunConfig) -> Topology:
     p = config.parallel
     layout = Layout(dist.get_world_size(), p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                     p.expert_model_parallel_size, p.moe_ranks_per_node or local_world_size())
+    layout.validate()
+    validate_parallel(config, layout.tp, layout.ep, layout.nodes_per_ep_group)
     if layout.pp > 1:
-        raise ConfigError("--pipeline-model-parallel-size > 1 is not available in this build yet")
-    if layout.tp > 1:
-        raise ConfigError("--tensor-model-parallel-size > 1 is not available in this build yet: the TP "
-                          "layers exist but are not yet validated against a one-process run")
+        validate_pipeline(config, layout.dp)
     return Topology(layout, dist.get_rank())
+
+
+def validate_pipeline(config: RunConfig, dp: int) -> None:
+    """The schedule's demands on PP and the micro-batch count (the layer split: config.validate)."""
+    p, n_micro = config.parallel, num_microbatches(config, dp)
+    try:
+        validate_schedule_args(p.pipeline_schedule, p.pipeline_model_parallel_size, n_micro)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def num_microbatches(config: RunConfig, dp: int) -> int:
@@ -60,12 +71,32 @@ def linear_gemm(config: RunConfig):
     return fp8_linear
 
 
-def build_model(config: RunConfig, topo: Topology, device: torch.device) -> GPTChunk:
-    tp = TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
-    model = build_chunk(config.model, full_model_stage(config.model), config.train.seed, tp,
-                        topo.group("ep"), topo.layout.nodes_per_ep_group, linear_gemm(config))
+def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
+    return TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
+
+
+def build_model(config: RunConfig, topo: Topology, device: torch.device) -> GPTChunk | StageModel:
+    """The whole model, or under PP the stage chunks this pipeline rank holds."""
+    parts = (config.train.seed, tensor_parallel(config, topo), topo.group("ep"),
+             topo.layout.nodes_per_ep_group, linear_gemm(config))
+    if topo.layout.pp == 1:
+        model = build_chunk(config.model, full_model_stage(config.model), *parts)
+    else:
+        layout = pipeline_layout(config.parallel.pipeline_schedule, topo.layout.pp,
+                                 num_microbatches(config, topo.layout.dp))
+        model = build_stage_model(config.model, layout, topo.pp_rank, *parts)
     model.set_fp8_dispatch(config.fp8.moe_fp8_dispatch)
     return model.to(device)
+
+
+def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device) -> Pipeline:
+    m, p, tp = config.model, config.parallel, tensor_parallel(config, topo)
+    seq = m.seq_length // tp.size if tp.sequence_parallel else m.seq_length
+    n_micro = num_microbatches(config, topo.layout.dp)
+    return Pipeline(model, p.pipeline_schedule, p.pipeline_split_backward, n_micro, topo.pp_rank,
+                    topo.group("pp"), topo.members["pp"],
+                    activation_shape=(seq, config.train.micro_batch_size, m.hidden_size), device=device,
+                    autocast=lambda: autocast_context(device, config.train.bf16))
 
 
 def samples_needed(config: RunConfig) -> tuple[int, int, int]:
@@ -75,16 +106,24 @@ def samples_needed(config: RunConfig) -> tuple[int, int, int]:
             t.eval_iters * t.global_batch_size)
 
 
-def next_batches(loader, count: int) -> list[dict]:
+def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[dict | None]:
+    """`count` micro-batches; under PP, ranks holding no first or last stage read nothing."""
+    if pipeline is not None and not pipeline.reads_data:
+        return [None] * count
     return [next(loader) for _ in range(count)]
 
 
 @torch.no_grad()
-def evaluate(model: GPTChunk, loader, count: int, iters: int, topo: Topology, device, bf16: bool) -> float:
+def evaluate(model: GPTChunk | StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
+             pipeline: Pipeline | None = None) -> float:
     total = torch.zeros((), dtype=torch.float64)
-    for batch in next_batches(loader, count * iters):
-        with autocast_context(device, bf16):
-            total += model(batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+    if pipeline is not None:
+        for _ in range(iters):
+            total += pipeline.evaluate(next_batches(loader, count, pipeline)).double().cpu() * count
+    else:
+        for batch in next_batches(loader, count * iters):
+            with autocast_context(device, bf16):
+                total += model(batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
     for router in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
@@ -92,7 +131,9 @@ def evaluate(model: GPTChunk, loader, count: int, iters: int, topo: Topology, de
     return float(total) / (count * iters * topo.layout.dp)
 
 
-def pretrain(config: RunConfig, device: torch.device, log=print) -> RunResult:
+def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
+    """Train as `config` says. `grad_hook(model)`, if given, sees the reduced gradients of every
+    step before clipping (tests compare them across layouts)."""
     topo = build_topology(config)
     t, o = config.train, config.optim
     n_micro = num_microbatches(config, topo.layout.dp)
@@ -101,6 +142,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print) -> RunResult:
                                            samples_needed(config), d.mock_data, d.vocab_size)
     torch.manual_seed(t.seed)
     model = build_model(config, topo, device)
+    pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
     optimizer = build_optimizer(list(model.named_parameters()), o)
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
@@ -115,8 +157,9 @@ def pretrain(config: RunConfig, device: torch.device, log=print) -> RunResult:
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
-        step = train_step(model, optimizer, next_batches(train_loader, n_micro), topo, lr, o.clip_grad,
-                          o.moe_router_bias_update_rate, device, t.bf16)
+        batches = next_batches(train_loader, n_micro, pipeline)
+        step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
+                          device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
@@ -138,7 +181,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print) -> RunResult:
                                                  "load_balancing_loss": step.routing.aux_loss})
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
-            loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16)
+            loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
             if dist.get_rank() == 0:
                 log(format_validation(state.iteration, loss))
                 writer.scalars(state.iteration, {"validation lm loss": loss})

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megadual.model.gpt import GPTChunk
 from megadual.parallel.topology import Topology
+from megadual.pipeline.driver import Pipeline
 from megadual.training.grads import clip_gradients, global_grad_norm, reduce_gradients
 from megadual.training.optimizer import set_learning_rate
 
@@ -58,15 +59,16 @@ def mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
     return float(value) / topo.layout.dp
 
 
-def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bool) -> RoutingSummary:
-    """Sum each router's step statistics over the pipeline stage; move its expert bias."""
-    routers = model.routers()
-    if not routers:
+def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bool,
+                   pipeline: Pipeline | None = None) -> RoutingSummary:
+    """Sum each router's step statistics over the pipeline stage (and DualPipe's mirrored copy);
+    move its expert bias. Under PP the summary covers the routers of every stage."""
+    if not model.config.num_experts:
         return RoutingSummary()
     summary = RoutingSummary()
     group = topo.group("dp_tp")
     node_sum = node_tokens = 0.0
-    for router in routers:
+    for router in model.routers():
         stats = router.take_stats()
         totals = [stats.aux_loss, stats.calls, stats.tokens, stats.node_count_sum]
         sums = torch.cat([stats.tokens_per_expert, torch.tensor(totals, dtype=torch.float64)])
@@ -74,27 +76,56 @@ def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bo
         if group is not None:
             dist.all_reduce(sums, group=group)
             dist.all_reduce(node_max, op=dist.ReduceOp.MAX, group=group)
+        if pipeline is not None and pipeline.mirror is not None:
+            sums = sums + pipeline.from_mirror(sums)
+            node_max = torch.maximum(node_max, pipeline.from_mirror(node_max))
         load = sums[:-4]
         aux, calls, tokens, nodes = sums[-4:].tolist()
         if update_bias and router.config.moe_router_enable_expert_bias:
             router.update_bias(load, rate)
+        if getattr(router.weight, "pipeline_mirror", False):
+            continue  # the copy on the mirrored rank counts it
         summary.aux_loss += aux / max(1.0, calls)
         summary.max_over_mean_load = max(summary.max_over_mean_load, float(load.max() / load.mean()))
         summary.nodes_per_token_max = max(summary.nodes_per_token_max, int(node_max))
         node_sum, node_tokens = node_sum + nodes, node_tokens + tokens
+    if topo.layout.pp > 1:
+        node_sum, node_tokens = _combine_over_pipeline(summary, node_sum, node_tokens, topo.group("pp"))
     summary.nodes_per_token_mean = node_sum / max(1.0, node_tokens)
     return summary
 
 
+def _combine_over_pipeline(summary: RoutingSummary, node_sum: float, node_tokens: float,
+                           group) -> tuple[float, float]:
+    """Fold the other stages' routers into `summary`; returns the pipeline's node sums."""
+    sums = torch.tensor([summary.aux_loss, node_sum, node_tokens], dtype=torch.float64)
+    maxes = torch.tensor([summary.max_over_mean_load, summary.nodes_per_token_max], dtype=torch.float64)
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    summary.aux_loss, node_sum, node_tokens = sums.tolist()
+    summary.max_over_mean_load, summary.nodes_per_token_max = float(maxes[0]), int(maxes[1])
+    return node_sum, node_tokens
+
+
 def train_step(model: GPTChunk, optimizer: torch.optim.Optimizer, batches: list[dict], topo: Topology,
-               lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool) -> StepResult:
+               lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
+               grad_hook=None, pipeline: Pipeline | None = None) -> StepResult:
+    """With `pipeline` (PP > 1), `model` is its stage model and the schedule runs the micro-batches."""
     optimizer.zero_grad(set_to_none=True)
-    lm_loss = mean_over_dp(forward_backward(model, batches, device, bf16), topo)
+    if pipeline is None:
+        loss = forward_backward(model, batches, device, bf16)
+    else:
+        loss = pipeline.forward_backward(batches)
+    lm_loss = mean_over_dp(loss, topo)
     params = [p for p in model.parameters() if p.requires_grad]
     reduce_gradients(params, topo)
+    if pipeline is not None:
+        pipeline.sum_mirrored_gradients()
+    if grad_hook is not None:
+        grad_hook(model)
     norm = global_grad_norm(params, topo)
     finite = math.isfinite(norm) and math.isfinite(lm_loss)
-    routing = reduce_routing(model, topo, bias_rate, update_bias=finite)
+    routing = reduce_routing(model, topo, bias_rate, update_bias=finite, pipeline=pipeline)
     if finite:
         clip_gradients(params, norm, clip_grad)
         set_learning_rate(optimizer, lr)

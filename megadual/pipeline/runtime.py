@@ -1,0 +1,229 @@
+"""Executes one pipeline rank's action list (schedules.py) for one optimizer step.
+
+API (the training loop and scripts/bench_pipeline.py use it directly):
+
+    runtime = PipelineRuntime(actions, layout, chunks, pp_rank, group_ranks, group=None,
+                              activation_shape=(seq, micro_batch, hidden), dtype=torch.float32,
+                              device=None (cpu), autocast=contextlib.nullcontext, trace=False)
+    loss = runtime.run(microbatches)    # scalar tensor, see below
+    runtime.trace                       # Trace of the last run when trace=True, else None
+
+- `actions`: this rank's list from `build_schedule(...)[pp_rank]`; `layout`: the matching
+  `pipeline_layout(...)`. `chunks[c]` is the module of local chunk c, called as
+  `chunks[c](inputs, labels)`: `inputs` are the token ids [micro_batch, seq] on a first
+  stage and the received hidden states otherwise; `labels` are given on a last stage only,
+  where the module returns the scalar loss (mean over tokens), elsewhere None; FB actions
+  also use `chunks[c].forward_steps(inputs, labels)`, the same forward as a generator that
+  pauses at each expert all-to-all. A GPTChunk is such a module; `stage_model.build_stage_model(model_config, layout, pp_rank, seed).chunks`
+  builds a rank's. A runtime whose actions include backwards attaches one WeightGradStore per
+  chunk to the chunk's linears.
+- `group_ranks[p]` is the global rank of pipeline rank p in the process group `group`
+  (None: the default group) over which activations and gradients travel.
+- `activation_shape`/`dtype`: every tensor passed between stages has this shape and dtype,
+  so receives can be posted before the sender computes. For GPTChunk that is
+  [seq (/ TP under sequence parallelism), micro_batch, hidden] in the parameter dtype: the
+  residual stream stays in the parameters' dtype under autocast (the embedding output is
+  full precision and every residual add promotes to it).
+- `microbatches[m]`: dict with "tokens" and "labels" [micro_batch, seq] of micro-batch m, for
+  every m of the layout; entries may be None on a rank holding no first or last stage.
+- `run` returns the sum of the losses of the micro-batches whose last stage is on this rank,
+  divided by the number of micro-batches M; the backward starts from loss / M, so the
+  gradients are those of the mean loss. Summing `run`'s results over the pipeline gives the
+  mean loss. An action list with no backward runs forward-only (evaluation): nothing is
+  kept for a backward, and the caller wraps `run` in torch.no_grad().
+
+Actions: F runs a forward; B a full backward; BI a backward whose weight gradients the
+chunk's store defers; W runs the oldest deferred weight gradients of the chunk; FB a paired
+forward and backward, the forward's steps run in the shadow of the backward's expert
+all-to-alls and the other way round (`forward_backward`, pipeline/overlap.py). Each maximal run of consecutive SEND/RECV actions is one `batch_isend_irecv`,
+waited for before the next compute. A stage whose neighbour is on this rank (DualPipeV's
+turn at the last rank) hands the tensor over locally. Activations are dropped as soon as
+their backward ran.
+
+Trace: `Trace.events` lists (label, start, end) in perf_counter seconds for every compute
+action (label `str(action)`) and communication batch (label "comm:" + actions). A rank's
+measured bubble is `trace.span() - trace.compute_seconds()`, or, against a makespan taken
+over all ranks, `makespan - trace.compute_seconds()`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megadual.parallel.tensor import attach_wgrad_store
+from megadual.pipeline.actions import BACKWARD_KINDS, Action, Kind, Layout
+from megadual.pipeline.overlap import overlapped_forward_backward
+from megadual.pipeline.wgrad import WeightGradStore
+
+# Where a tensor produced on this rank goes: (send kind to a peer, receive kind it fills locally).
+_FORWARD = (Kind.SEND_F, Kind.RECV_F)
+_BACKWARD = (Kind.SEND_B, Kind.RECV_B)
+
+
+@dataclass
+class Trace:
+    events: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def compute_seconds(self) -> float:
+        return sum(end - start for label, start, end in self.events if not label.startswith("comm:"))
+
+    def span(self) -> float:
+        return self.events[-1][2] - self.events[0][1] if self.events else 0.0
+
+
+class PipelineRuntime:
+    def __init__(self, actions: list[Action], layout: Layout, chunks: Sequence[torch.nn.Module], pp_rank: int,
+                 group_ranks: Sequence[int], group=None, activation_shape: Sequence[int] = (),
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 autocast: Callable = nullcontext, trace: bool = False):
+        self.actions, self.layout, self.chunks = actions, layout, list(chunks)
+        self.rank, self.group_ranks, self.group = pp_rank, list(group_ranks), group
+        self.activation_shape, self.dtype = tuple(activation_shape), dtype
+        self.device = device or torch.device("cpu")
+        self.autocast, self.tracing = autocast, trace
+        self.num_microbatches = sum(len(m) for m in layout.microbatches)
+        self.training = any(a.backward_of is not None for a in actions)
+        self.stores = [WeightGradStore() for _ in self.chunks]
+        if self.training:  # a forward-only runtime on the same chunks leaves the training stores in place
+            for chunk, store in zip(self.chunks, self.stores):
+                attach_wgrad_store(chunk, store)
+        self.trace: Trace | None = None
+
+    def run(self, microbatches: Sequence[dict | None]) -> torch.Tensor:
+        if len(microbatches) != self.num_microbatches:
+            raise ValueError(f"the schedule runs {self.num_microbatches} micro-batches, "
+                             f"got {len(microbatches)}")
+        self._microbatches = microbatches
+        self._inbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
+        self._outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
+        self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._loss = torch.zeros((), device=self.device)
+        self.trace = Trace() if self.tracing else None
+        i = 0
+        while i < len(self.actions):
+            if self.actions[i].is_comm:
+                j = i
+                while j < len(self.actions) and self.actions[j].is_comm:
+                    j += 1
+                self._timed("comm:" + " ".join(map(str, self.actions[i:j])), self._communicate,
+                            self.actions[i:j])
+                i = j
+            else:
+                self._timed(str(self.actions[i]), self._compute, self.actions[i])
+                i += 1
+        self._check_drained()
+        self._microbatches = None
+        return self._loss / self.num_microbatches
+
+    def _timed(self, label: str, fn: Callable, arg) -> None:
+        start = time.perf_counter()
+        fn(arg)
+        if self.trace is not None:
+            self.trace.events.append((label, start, time.perf_counter()))
+
+    def _compute(self, action: Action) -> None:
+        if action.kind == Kind.F:
+            self.forward(action.chunk, action.mb)
+        elif action.kind in BACKWARD_KINDS:
+            self.backward(action.chunk, action.mb, split=action.kind == Kind.BI)
+        elif action.kind == Kind.W:
+            self.stores[action.chunk].pop()
+        elif action.kind == Kind.FB:
+            self.forward_backward(action)
+        else:
+            raise ValueError(f"not a compute action: {action}")
+
+    def forward(self, chunk: int, mb: int) -> None:
+        inputs, labels = self._forward_inputs(chunk, mb)
+        with self.autocast():
+            output = self.chunks[chunk](inputs, labels)
+        self._forward_done(chunk, mb, inputs, output)
+
+    def _forward_inputs(self, chunk: int, mb: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token ids or received hidden states, labels on a last stage else None)."""
+        batch = self._microbatches[mb]
+        if self.layout.is_first_stage(self.rank, chunk):
+            inputs = batch["tokens"].to(self.device)
+        else:
+            inputs = self._inbox.pop((Kind.RECV_F, chunk, mb))
+        labels = batch["labels"].to(self.device) if self.layout.is_last_stage(self.rank, chunk) else None
+        return inputs, labels
+
+    def _forward_done(self, chunk: int, mb: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        """Count the loss or pass the output on; keep what the backward needs."""
+        last = self.layout.is_last_stage(self.rank, chunk)
+        if last:
+            self._loss += output.detach().float()
+            output = output / self.num_microbatches
+        if self.training:
+            first = self.layout.is_first_stage(self.rank, chunk)
+            self._saved[(chunk, mb)] = (None if first else inputs, output)
+        if not last:
+            self._deliver(_FORWARD, chunk, mb, +1, output.detach())
+
+    def backward(self, chunk: int, mb: int, split: bool) -> None:
+        inputs, output = self._saved.pop((chunk, mb))
+        last = self.layout.is_last_stage(self.rank, chunk)
+        grad = None if last else self._inbox.pop((Kind.RECV_B, chunk, mb))
+        with self.stores[chunk].split_backward() if split else nullcontext():
+            torch.autograd.backward(output, grad)
+        if inputs is not None:
+            self._deliver(_BACKWARD, chunk, mb, -1, inputs.grad)
+
+    def forward_backward(self, action: Action) -> None:
+        """The paired F&B action: the full backward of (b_chunk, b_mb) runs, and the forward of
+        (chunk, mb) advances one step each time that backward launches an expert all-to-all
+        (pipeline/overlap.py), so each one's all-to-alls travel while the other computes."""
+        inputs, labels = self._forward_inputs(action.chunk, action.mb)
+        output = overlapped_forward_backward(
+            self.chunks[action.chunk].forward_steps(inputs, labels),
+            lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast)
+        self._forward_done(action.chunk, action.mb, inputs, output)
+
+    def _deliver(self, kinds: tuple[Kind, Kind], chunk: int, mb: int, step: int,
+                 tensor: torch.Tensor) -> None:
+        """Hand a stage's output (step=+1) or input gradient (step=-1) to the neighbouring stage:
+        to this rank's chunk that holds it, or to the outbox for the SEND action."""
+        send, recv = kinds
+        rank, neighbour_chunk = self.layout.neighbour(self.rank, chunk, step)
+        if rank == self.rank:
+            if send == Kind.SEND_F:
+                tensor = tensor.requires_grad_(self.training)
+            self._inbox[(recv, neighbour_chunk, mb)] = tensor
+            return
+        if tuple(tensor.shape) != self.activation_shape or tensor.dtype != self.dtype:
+            raise RuntimeError(f"rank {self.rank} chunk {chunk} micro-batch {mb}: tensor of shape "
+                               f"{tuple(tensor.shape)} {tensor.dtype} to send, the pipeline passes "
+                               f"{self.activation_shape} {self.dtype}")
+        self._outbox[(send, chunk, mb)] = tensor.contiguous()
+
+    def _communicate(self, actions: list[Action]) -> None:
+        ops, received = [], []
+        for action in actions:
+            peer = self.group_ranks[action.peer]
+            if action.is_send:
+                tensor = self._outbox.pop((action.kind, action.chunk, action.mb))
+                ops.append(dist.P2POp(dist.isend, tensor, peer, self.group))
+            else:
+                tensor = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group))
+                received.append((action, tensor))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        for action, tensor in received:
+            if action.kind == Kind.RECV_F:
+                tensor.requires_grad_(self.training)
+            self._inbox[(action.kind, action.chunk, action.mb)] = tensor
+
+    def _check_drained(self) -> None:
+        left = {"received but unused": list(self._inbox), "computed but not sent": list(self._outbox),
+                "forwards without backward": list(self._saved) if self.training else [],
+                "deferred weight gradients": [c for c, s in enumerate(self.stores) if len(s)]}
+        left = {what: keys for what, keys in left.items() if keys}
+        if left:
+            raise RuntimeError(f"pipeline rank {self.rank}: the schedule left work behind: {left}")

@@ -1,0 +1,96 @@
+"""The model chunks one pipeline rank holds, seen as one module under the full model's names.
+
+A schedule's Layout says which stages a rank runs: 1F1B stage r; DualPipeV stages r and
+2PP-1-r of one model; DualPipe stage r of the forward-direction model and stage PP-1-r of
+the reverse-direction model. Layers are split evenly over the stages of a path by global
+index (embedding in the first stage, final norm and head in the last).
+
+Paths after the first are copies of the model (DualPipe's reverse direction): each stage's
+parameters then live on two mirrored ranks, r and PP-1-r. The copies start equal (init
+depends only on seed and global name), each sees the micro-batches of its own direction,
+and the loss of every micro-batch is divided by the total count M; so the gradient of the
+mean loss over all M micro-batches is the SUM of the two copies' gradients. After that sum
+both copies take the same optimizer step and stay equal. Parameters of a copy carry
+`pipeline_mirror = True`, so the gradient norm counts each distinct parameter once.
+
+`StageModel.state_dict()` keys are the single-model global names (the chunks of one rank
+never hold the same global layer), so checkpoints move between layouts.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from megadual.config import ModelConfig
+from megadual.model.gpt import GPTChunk, StageSpec, build_chunk
+from megadual.moe.router import Router
+from megadual.parallel.linear import linear
+from megadual.parallel.tensor import TensorParallel
+from megadual.pipeline.actions import Layout
+
+
+def stage_specs(num_layers: int, num_stages: int) -> list[StageSpec]:
+    """An even split of the layers over the stages; config validation guarantees divisibility."""
+    if num_layers % num_stages:
+        raise ValueError(f"{num_layers} layers do not split evenly over {num_stages} pipeline stages")
+    per = num_layers // num_stages
+    return [StageSpec(s * per, (s + 1) * per, s == 0, s == num_stages - 1) for s in range(num_stages)]
+
+
+class StageModel(torch.nn.Module):
+    """Chunks of one rank (`chunks[c]` is local chunk c), their modules registered under the
+    global names: `embedding`, `layers.<global index>`, `final_norm`, `output_layer`."""
+
+    def __init__(self, config: ModelConfig, chunks: list[GPTChunk]):
+        super().__init__()
+        self.config = config
+        self.chunks = chunks  # a plain list: their modules are registered below by global name
+        layers, head = {}, None
+        for chunk in chunks:
+            if chunk.stage.has_embedding:
+                self.embedding = chunk.embedding
+            if chunk.stage.has_head:
+                head = chunk
+            layers.update(chunk.layers)
+        self.layers = torch.nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
+        if head is not None:
+            self.final_norm, self.output_layer = head.final_norm, head.output_layer
+
+    def routers(self) -> list[Router]:
+        """In global layer order, the same order on mirrored ranks."""
+        return [layer.mlp.router for layer in self.layers.values() if layer.is_moe]
+
+    def set_fp8_dispatch(self, enabled: bool) -> None:
+        for chunk in self.chunks:
+            chunk.set_fp8_dispatch(enabled)
+
+    def set_aux_loss_grad_scale(self, scale: float) -> None:
+        for chunk in self.chunks:
+            chunk.set_aux_loss_grad_scale(scale)
+
+
+def build_stage_model(config: ModelConfig, layout: Layout, pp_rank: int, seed: int,
+                      tp: TensorParallel | None = None, ep_group=None, num_nodes: int = 1,
+                      gemm: Callable = linear) -> StageModel:
+    specs = stage_specs(config.num_layers, len(layout.paths[0]))
+    chunks = []
+    for chunk in range(2):
+        try:
+            path, stage = layout.locate(pp_rank, chunk)
+        except KeyError:
+            break
+        module = build_chunk(config, specs[stage], seed, tp or TensorParallel(), ep_group, num_nodes, gemm)
+        if path > 0:
+            for p in module.parameters():
+                p.pipeline_mirror = True
+        chunks.append(module)
+    return StageModel(config, chunks)
+
+
+def mirror_rank(layout: Layout, pp_rank: int) -> int | None:
+    """The pipeline rank holding the other copies of this rank's stages (None: one copy)."""
+    if len(layout.paths) == 1:
+        return None
+    _, stage = layout.locate(pp_rank, 0)
+    return layout.paths[1][stage][0]

@@ -1,0 +1,139 @@
+"""The pipeline runtime, stage models and pipeline validation, on one process.
+
+Schedules whose stages all live on one rank (1F1B and DualPipeV with PP=1, where the V
+turns locally) run through the runtime without communication and give exactly the
+gradients of plain gradient accumulation. Multi-process runs: test_parallel_pp.py.
+"""
+import pytest
+import torch
+
+from megadual.config import ConfigError, parse_args
+from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.pipeline.actions import Action, Kind, Layout, match_messages
+from megadual.pipeline.driver import forward_only_schedule
+from megadual.pipeline.runtime import PipelineRuntime
+from megadual.pipeline.schedules import build_schedule, pipeline_layout
+from megadual.pipeline.simulate import simulate
+from megadual.pipeline.stage_model import build_stage_model, mirror_rank
+from megadual.training.loop import validate_pipeline
+from megadual.training.step import forward_backward
+from tests.helpers import TINY_MOE
+
+SEED = 7
+SHAPE = (32, 2, 64)  # [seq, micro-batch, hidden] of TINY_MOE
+
+
+def tiny():
+    """One dense and one MoE layer: a stage each under DualPipeV with PP=1."""
+    return parse_args(TINY_MOE + ["--num-layers", "2"]).model
+
+
+def microbatches(count: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    return [{"tokens": torch.randint(0, 512, (2, 32), generator=generator),
+             "labels": torch.randint(0, 512, (2, 32), generator=generator)} for _ in range(count)]
+
+
+def accumulated(config, batches):
+    """Loss and gradients of the one-chunk model under plain gradient accumulation."""
+    model = build_chunk(config, full_model_stage(config), SEED)
+    model.set_aux_loss_grad_scale(1.0 / len(batches))
+    loss = forward_backward(model, batches, torch.device("cpu"), bf16=False)
+    return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def one_rank_runtime(config, schedule: str, actions: list[Action], count: int, trace: bool = False):
+    layout = pipeline_layout(schedule, 1, count)
+    model = build_stage_model(config, layout, 0, SEED)
+    model.set_aux_loss_grad_scale(1.0 / count)
+    return model, PipelineRuntime(actions, layout, model.chunks, 0, [0], activation_shape=SHAPE, trace=trace)
+
+
+@pytest.fixture(scope="module")
+def four_microbatches():
+    batches = microbatches(4)
+    return batches, *accumulated(tiny(), batches)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_one_rank_schedule_equals_gradient_accumulation(four_microbatches, schedule, split):
+    config, (batches, want_loss, want_grads) = tiny(), four_microbatches
+    actions = build_schedule(schedule, 1, 4, split)[0]
+    assert any(a.kind == Kind.FB for a in actions) == (schedule == "dualpipev")
+    assert any(a.kind == Kind.BI for a in actions) == split
+    model, runtime = one_rank_runtime(config, schedule, actions, 4)
+    assert torch.equal(runtime.run(batches), want_loss)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, want_grads[name]), name
+
+
+def test_input_backward_leaves_weight_gradients_to_w():
+    config, batches = tiny(), microbatches(1)
+    forward, backward = Action(Kind.F, 0, 0), Action(Kind.BI, 0, 0)
+    _, runtime = one_rank_runtime(config, "1f1b", [forward, backward], 1)
+    with pytest.raises(RuntimeError, match="deferred weight gradients"):
+        runtime.run(batches)
+    model, runtime = one_rank_runtime(config, "1f1b", [forward, backward, Action(Kind.W, 0, 0)], 1)
+    runtime.run(batches)
+    _, want_grads = accumulated(config, batches)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, want_grads[name]), name
+
+
+def test_trace_times_every_compute_action():
+    actions = build_schedule("dualpipev", 1, 4)[0]
+    _, runtime = one_rank_runtime(tiny(), "dualpipev", actions, 4, trace=True)
+    runtime.run(microbatches(4))
+    assert [label for label, _, _ in runtime.trace.events] == [str(a) for a in actions]
+    assert 0 < runtime.trace.compute_seconds() <= runtime.trace.span()
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe", "dualpipev"])
+def test_stage_models_hold_the_full_model_under_its_names(schedule, pp):
+    config = parse_args(TINY_MOE + ["--num-layers", "8"]).model
+    full = build_chunk(config, full_model_stage(config), SEED).state_dict()
+    layout = pipeline_layout(schedule, pp, 2 * pp)
+    copies = {name: 0 for name in full}
+    for rank in range(pp):
+        model = build_stage_model(config, layout, rank, SEED)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, full[name]), name
+            copies[name] += 1
+        mirrored = {name for name, p in model.named_parameters() if getattr(p, "pipeline_mirror", False)}
+        mirror_chunk = [name for chunk in model.chunks[1:] for name, _ in chunk.named_parameters()]
+        assert mirrored == (set(mirror_chunk) if schedule == "dualpipe" else set())
+        assert mirror_rank(layout, rank) == (pp - 1 - rank if schedule == "dualpipe" else None)
+    assert set(copies.values()) == {2 if schedule == "dualpipe" else 1}
+
+
+def test_layers_must_split_evenly_over_the_stages():
+    parse_args(TINY_MOE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2"])
+    flags = r"--num-layers \(6\).* 4 pipeline stages.*--pipeline-model-parallel-size 2"
+    with pytest.raises(ConfigError, match=flags + " under --pipeline-schedule dualpipev"):
+        parse_args(TINY_MOE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2",
+                               "--pipeline-schedule", "dualpipev"])
+
+
+def test_schedule_needs_enough_microbatches():
+    args = TINY_MOE + ["--num-layers", "4", "--pipeline-model-parallel-size", "4",
+                       "--pipeline-schedule", "dualpipe"]
+    validate_pipeline(parse_args(args + ["--micro-batch-size", "1"]), dp=1)  # 8 micro-batches
+    flags = r"--num-microbatches .* must be >= 2 \* --pipeline-model-parallel-size"
+    with pytest.raises(ConfigError, match=flags):
+        validate_pipeline(parse_args(args), dp=1)  # 4 micro-batches
+
+
+@pytest.mark.parametrize("pp", [2, 4, 8])
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe", "dualpipev"])
+def test_forward_only_schedule_pipelines_every_stage(schedule, pp):
+    count = 2 * pp + 2
+    path = pipeline_layout(schedule, pp, count).paths[0]
+    schedules = forward_only_schedule(Layout((path,), (range(count),)), pp)
+    match_messages(schedules)
+    for rank, actions in enumerate(schedules):
+        forwards = sorted((a.chunk, a.mb) for a in actions if a.kind == Kind.F)
+        assert forwards == sorted((chunk, mb) for r, chunk in path if r == rank for mb in range(count))
+    # at most one tick per micro-batch and stage, each as long as the stages of a rank
+    assert simulate(schedules).makespan <= len(path) // pp * (count + len(path) - 1)
