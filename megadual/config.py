@@ -58,6 +58,8 @@ class ParallelConfig:
     moe_router_max_nodes_given: bool = False
     pipeline_schedule: str = "1f1b"
     pipeline_split_backward: bool = True  # zero-bubble: weight gradients deferred to W actions
+    decoder_first_pipeline_num_layers: int | None = None  # None: the even share
+    decoder_last_pipeline_num_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-split-backward", action=argparse.BooleanOptionalAction, default=True,
                    help="zero-bubble W split: backwards compute input gradients first, weight gradients "
                         "later where the schedule puts W actions")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers of the first pipeline stage; the others share the rest evenly")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers of the last pipeline stage; the others share the rest evenly")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=3e-5)
@@ -298,17 +304,33 @@ def validate(c: RunConfig) -> None:
 
 
 def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
-    """Layers split evenly over the pipeline stages: PP of them, 2 * PP under dualpipev.
+    """The layers split over the pipeline stages: PP of them, 2 * PP under dualpipev.
     (The schedule's micro-batch checks need the data-parallel size: see training/loop.py.)"""
     pp = p.pipeline_model_parallel_size
     _require(pp >= 1, f"--pipeline-model-parallel-size must be >= 1, got {pp}")
-    if pp == 1:
-        return
-    stages = 2 * pp if p.pipeline_schedule == "dualpipev" else pp
-    _require(m.num_layers % stages == 0,
-             f"--num-layers ({m.num_layers}) must be divisible by the {stages} pipeline stages of "
-             f"--pipeline-model-parallel-size {pp} under --pipeline-schedule {p.pipeline_schedule}"
-             + (" (two stages per rank)" if stages > pp else ""))
+    if pp > 1:
+        stages = 2 * pp if p.pipeline_schedule == "dualpipev" else pp
+        context = f"of --pipeline-model-parallel-size {pp} under --pipeline-schedule {p.pipeline_schedule}"
+        pipeline_stage_layers(m.num_layers, stages, p.decoder_first_pipeline_num_layers,
+                              p.decoder_last_pipeline_num_layers,
+                              context + (" (two stages per rank)" if stages > pp else ""))
+
+
+def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = None, last: int | None = None,
+                          context: str = "") -> list[int]:
+    """Layers per pipeline stage: `first`/`last` for the end stages when given (Megatron's
+    --decoder-first/last-pipeline-num-layers), the rest split evenly over the other stages."""
+    fixed = {stage: n for stage, n in ((0, first), (num_stages - 1, last)) if n is not None}
+    for n in fixed.values():
+        _require(0 <= n <= num_layers, f"--decoder-first/last-pipeline-num-layers ({n}) must be in "
+                                       f"[0, --num-layers ({num_layers})]")
+    middle, rest = num_stages - len(fixed), num_layers - sum(fixed.values())
+    overrides = " minus --decoder-first/last-pipeline-num-layers" if fixed else ""
+    _require(rest >= 0 and (rest % middle == 0 if middle else rest == 0),
+             f"--num-layers ({num_layers}){overrides} must split evenly over the {middle or num_stages} "
+             f"pipeline stages {context}".rstrip())
+    return [fixed.get(stage, rest // middle if middle else 0) for stage in range(num_stages)]
+
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -34,6 +34,8 @@ WORLD4 = {  # PP 4 with 8 micro-batches; PP 2 x DP 2 with 4 micro-batches per pi
     "PP2xDP2-1f1b": pipeline(2, "1f1b"),
     "PP2xDP2-dualpipe": pipeline(2, "dualpipe"),
     "PP2xDP2-dualpipev": pipeline(2, "dualpipev"),
+    "PP4-dualpipev-uneven": pipeline(4, "dualpipev", "--decoder-first-pipeline-num-layers", "0",
+                                     "--decoder-last-pipeline-num-layers", "2"),  # stages of 0,1,1,...,1,2
 }
 
 

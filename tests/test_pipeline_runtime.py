@@ -14,7 +14,7 @@ from megadual.pipeline.driver import forward_only_schedule
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.simulate import simulate
-from megadual.pipeline.stage_model import build_stage_model, mirror_rank
+from megadual.pipeline.stage_model import build_stage_model, mirror_rank, stage_specs
 from megadual.training.loop import validate_pipeline
 from megadual.training.step import forward_backward
 from tests.helpers import TINY_MOE
@@ -114,6 +114,18 @@ def test_layers_must_split_evenly_over_the_stages():
     with pytest.raises(ConfigError, match=flags + " under --pipeline-schedule dualpipev"):
         parse_args(TINY_MOE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2",
                                "--pipeline-schedule", "dualpipev"])
+
+
+def test_first_and_last_stage_layer_counts_override_the_even_split():
+    assert [s.last_layer - s.first_layer for s in stage_specs(7, 4, first=1)] == [1, 2, 2, 2]
+    assert [(s.first_layer, s.last_layer) for s in stage_specs(8, 4, first=2, last=0)] == \
+        [(0, 2), (2, 5), (5, 8), (8, 8)]
+    parse_args(TINY_MOE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2", "--pipeline-schedule",
+                           "dualpipev", "--decoder-first-pipeline-num-layers", "0"])
+    with pytest.raises(ConfigError, match=r"--num-layers \(6\) minus --decoder-first/last-pipeline-num-layers "
+                                          r"must split evenly over the 3 pipeline stages"):
+        parse_args(TINY_MOE + ["--num-layers", "6", "--pipeline-model-parallel-size", "4",
+                               "--decoder-first-pipeline-num-layers", "2"])
 
 
 def test_schedule_needs_enough_microbatches():

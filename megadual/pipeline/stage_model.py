@@ -2,8 +2,9 @@
 
 A schedule's Layout says which stages a rank runs: 1F1B stage r; DualPipeV stages r and
 2PP-1-r of one model; DualPipe stage r of the forward-direction model and stage PP-1-r of
-the reverse-direction model. Layers are split evenly over the stages of a path by global
-index (embedding in the first stage, final norm and head in the last).
+the reverse-direction model. Layers are split over the stages of a path by global index,
+evenly unless the first or last stage's count is given (embedding in the first stage,
+final norm and head in the last).
 
 Paths after the first are copies of the model (DualPipe's reverse direction): each stage's
 parameters then live on two mirrored ranks, r and PP-1-r. The copies start equal (init
@@ -19,10 +20,11 @@ never hold the same global layer), so checkpoints move between layouts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
-from megadual.config import ModelConfig
+from megadual.config import ModelConfig, pipeline_stage_layers
 from megadual.model.gpt import GPTChunk, StageSpec, build_chunk
 from megadual.moe.router import Router
 from megadual.parallel.linear import linear
@@ -30,12 +32,11 @@ from megadual.parallel.tensor import TensorParallel
 from megadual.pipeline.actions import Layout
 
 
-def stage_specs(num_layers: int, num_stages: int) -> list[StageSpec]:
-    """An even split of the layers over the stages; config validation guarantees divisibility."""
-    if num_layers % num_stages:
-        raise ValueError(f"{num_layers} layers do not split evenly over {num_stages} pipeline stages")
-    per = num_layers // num_stages
-    return [StageSpec(s * per, (s + 1) * per, s == 0, s == num_stages - 1) for s in range(num_stages)]
+def stage_specs(num_layers: int, num_stages: int, first: int | None = None,
+                last: int | None = None) -> list[StageSpec]:
+    """Consecutive layer ranges per stage (see config.pipeline_stage_layers)."""
+    bounds = [0, *accumulate(pipeline_stage_layers(num_layers, num_stages, first, last))]
+    return [StageSpec(bounds[s], bounds[s + 1], s == 0, s == num_stages - 1) for s in range(num_stages)]
 
 
 class StageModel(torch.nn.Module):
@@ -72,8 +73,9 @@ class StageModel(torch.nn.Module):
 
 def build_stage_model(config: ModelConfig, layout: Layout, pp_rank: int, seed: int,
                       tp: TensorParallel | None = None, ep_group=None, num_nodes: int = 1,
-                      gemm: Callable = linear) -> StageModel:
-    specs = stage_specs(config.num_layers, len(layout.paths[0]))
+                      gemm: Callable = linear, first_stage_layers: int | None = None,
+                      last_stage_layers: int | None = None) -> StageModel:
+    specs = stage_specs(config.num_layers, len(layout.paths[0]), first_stage_layers, last_stage_layers)
     chunks = []
     for chunk in range(2):
         try:

@@ -84,7 +84,9 @@ def build_model(config: RunConfig, topo: Topology, device: torch.device) -> GPTC
     else:
         layout = pipeline_layout(config.parallel.pipeline_schedule, topo.layout.pp,
                                  num_microbatches(config, topo.layout.dp))
-        model = build_stage_model(config.model, layout, topo.pp_rank, *parts)
+        model = build_stage_model(config.model, layout, topo.pp_rank, *parts,
+                                  first_stage_layers=config.parallel.decoder_first_pipeline_num_layers,
+                                  last_stage_layers=config.parallel.decoder_last_pipeline_num_layers)
     model.set_fp8_dispatch(config.fp8.moe_fp8_dispatch)
     return model.to(device)
 
