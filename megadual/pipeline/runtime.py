@@ -35,10 +35,12 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
 Actions: F runs a forward; B a full backward; BI a backward whose weight gradients the
 chunk's store defers; W runs the oldest deferred weight gradients of the chunk; FB a paired
 forward and backward, the forward's steps run in the shadow of the backward's expert
-all-to-alls and the other way round (`forward_backward`, pipeline/overlap.py). Each maximal run of consecutive SEND/RECV actions is one `batch_isend_irecv`,
-waited for before the next compute. A stage whose neighbour is on this rank (DualPipeV's
-turn at the last rank) hands the tensor over locally. Activations are dropped as soon as
-their backward ran.
+all-to-alls and the other way round (`forward_backward`, pipeline/overlap.py).
+Each maximal run of consecutive SEND/RECV actions is one `batch_isend_irecv`; its
+receives are waited for before the next compute, its sends (where the backend gives one
+handle per op, as gloo does) only at the end of the step, so no rank idles on a send.
+A stage whose neighbour is on this rank (DualPipeV's turn at the last rank) hands the
+tensor over locally. Activations are dropped as soon as their backward ran.
 
 Trace: `Trace.events` lists (label, start, end) in perf_counter seconds for every compute
 action (label `str(action)`) and communication batch (label "comm:" + actions). A rank's
@@ -101,6 +103,8 @@ class PipelineRuntime:
         self._microbatches = microbatches
         self._inbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
         self._outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
+        # (work, tensor): a send is waited for at the end of the step, its tensor kept alive till then
+        self._sends_in_flight: list[tuple[object, torch.Tensor]] = []
         self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._loss = torch.zeros((), device=self.device)
         self.trace = Trace() if self.tracing else None
@@ -116,6 +120,9 @@ class PipelineRuntime:
             else:
                 self._timed(str(self.actions[i]), self._compute, self.actions[i])
                 i += 1
+        for work, _tensor in self._sends_in_flight:
+            work.wait()
+        self._sends_in_flight = []
         self._check_drained()
         self._microbatches = None
         return self._loss / self.num_microbatches
@@ -213,7 +220,12 @@ class PipelineRuntime:
                 tensor = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group))
                 received.append((action, tensor))
-        for work in dist.batch_isend_irecv(ops):
+        works = dist.batch_isend_irecv(ops)
+        if len(works) == len(ops):  # one handle per op (gloo): only the receives are waited for now
+            sends = [(work, op.tensor) for work, op in zip(works, ops) if op.op is dist.isend]
+            self._sends_in_flight += sends
+            works = [work for work, op in zip(works, ops) if op.op is not dist.isend]
+        for work in works:
             work.wait()
         for action, tensor in received:
             if action.kind == Kind.RECV_F:
