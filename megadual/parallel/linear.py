@@ -7,6 +7,7 @@ no bias (as in DeepSeek-V3). With `wgrad_store=None` this is `x @ weight.T`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megadual.pipeline.wgrad import WeightGradStore
 
@@ -41,7 +42,7 @@ class _Linear(torch.autograd.Function):
         x = x.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.wgrad_store = wgrad_store
-        return x.matmul(weight.to(dtype).t())
+        return F.linear(x, weight.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
