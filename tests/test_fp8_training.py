@@ -7,6 +7,17 @@ from megadual.training.loop import pretrain
 from scripts.fp8_loss_gap import model_args, relative_gap, smoothed, train
 from tests.helpers import TINY_MOE, single_process_group
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small GEMMs and per-call overhead dominate these runs: one thread is as fast as two on 2 cores
+    and, unlike two, is not slowed several-fold when the cores are shared. The losses do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ARGS = TINY_MOE + ["--train-iters", "4", "--hidden-size", "128", "--moe-ffn-hidden-size", "128"]
 
 
@@ -21,23 +32,13 @@ def test_fp8_losses_track_fp32_but_are_not_identical():
     assert all(abs(a - b) / a < 5e-3 for a, b in zip(fp32, fp8)), (fp32, fp8)
 
 
-@pytest.fixture
-def one_thread():
-    """Small GEMMs and per-call overhead dominate these runs: one thread is as fast as two on
-    2 cores and is not slowed tenfold when the cores are shared. The losses do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_fp8_final_loss_within_a_quarter_percent_of_fp32(one_thread):
+def test_fp8_final_loss_within_a_quarter_percent_of_fp32():
     """DeepSeek-V3's figure, on the CI-sized run of scripts/fp8_loss_gap.py: 100 steps of a
     3-layer MoE (hidden 128, 8 routed experts + 1 shared, FFN 128) on mock data, loss
     from ~6.3 to ~0.3; the final loss is the mean of the last 20 iterations."""
-    argv = model_args(steps=100, hidden=128, layers=3, seq_length=64, data_prefix=None, tokenizer=None)
+    argv = model_args(steps=100, hidden=128, layers=3, seq_length=64)
     with single_process_group() as device:
-        fp32, fp8 = train(argv, fp8=False, device=device), train(argv, fp8=True, device=device)
+        fp32, fp8 = train(argv, "fp32", device), train(argv, "fp8", device)
     assert fp32.fp8_gemm_calls == 0 and fp8.fp8_gemm_calls > 0
     assert fp8.losses != fp32.losses
     assert smoothed(fp32.losses, 20) < 0.1 * fp32.losses[0]  # long enough to have learned
