@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megadual.config import ModelConfig
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.pipeline.overlap import overlapped_forward_backward
+from megadual.training.distributed import free_port
 
 
 def model_config(args) -> ModelConfig:
@@ -74,12 +74,6 @@ def worker(rank: int, args, port: int, queue) -> None:
     if rank == 0:
         queue.put((statistics.median(times[False]), statistics.median(times[True]), same))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.simulate import SimCosts, simulate
 from megadual.pipeline.stage_model import build_stage_model, stage_specs
 from megadual.pipeline.wgrad import WeightGradStore
+from megadual.training.distributed import free_port
 
 SEED = 1234
 
@@ -237,12 +237,6 @@ class OurRunner:
 
 # ----------------------------------------------------------------------------------------------
 # The per-rank worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def p2p_latency(bench: Bench, rank: int, reps: int = 20) -> float:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+
+from megadual.training.distributed import free_port
 
 TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden-size", "64",
             "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "8",
@@ -13,12 +14,6 @@ TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden
             "--moe-shared-expert-intermediate-size", "32", "--moe-first-k-dense", "1",
             "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
             "--lr-warmup-iters", "2", "--log-interval", "1000", "--moe-aux-loss-coeff", "1e-2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class single_process_group:

@@ -90,7 +90,8 @@ def test_fp8_dispatch_delivers_dequantized_tokens_and_full_precision_grads():
     from megadual.moe.dispatcher import TokenDispatcher
     x = torch.randn(10, 256, requires_grad=True)
     idx = torch.randint(0, 8, (10, 2))
-    d = TokenDispatcher(8, fp8_dispatch=True).dispatch(x, idx, torch.ones(10, 2))
+    dispatcher = TokenDispatcher(8, fp8_dispatch=True)
+    d = dispatcher.dispatch_wait(dispatcher.dispatch_start(x, idx, torch.ones(10, 2)))
     want = dequantize_from_dispatch(*quantize_for_dispatch(x.detach()[d.token_of_row]), torch.float32)
     assert torch.equal(d.tokens, want) and not torch.equal(d.tokens, x.detach()[d.token_of_row])
     d.tokens.sum().backward()

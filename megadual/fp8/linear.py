@@ -25,7 +25,7 @@ from megadual.fp8.quant import (
     quantize_tiles,
     quantize_tiles_transposed,
 )
-from megadual.parallel.linear import accumulate_grad, flat
+from megadual.parallel.linear import flat, weight_grad_now_or_deferred
 from megadual.pipeline.wgrad import WeightGradStore
 
 __all__ = ["dequantize_from_dispatch", "fp8_linear", "quantize_for_dispatch"]
@@ -63,10 +63,7 @@ class _Fp8Linear(torch.autograd.Function):
         def weight_grad() -> torch.Tensor:
             return fp8_gemm(dy_by_tokens, x_by_tokens).to(weight.dtype)
 
-        if ctx.wgrad_store is None:
-            return grad_x, weight_grad(), None
-        ctx.wgrad_store.put(lambda: accumulate_grad(weight, weight_grad()))
-        return grad_x, None, None
+        return grad_x, weight_grad_now_or_deferred(weight, weight_grad, ctx.wgrad_store), None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor,

@@ -96,9 +96,3 @@ class TokenDispatcher:
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
         back, d = pending.exchange.wait(), pending.dispatched
         return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)
-
-    def dispatch(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> Dispatched:
-        return self.dispatch_wait(self.dispatch_start(tokens, indices, gates))
-
-    def combine(self, expert_out: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        return self.combine_wait(self.combine_start(expert_out, d))

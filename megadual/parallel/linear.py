@@ -6,6 +6,8 @@ no bias (as in DeepSeek-V3). With `wgrad_store=None` this is `x @ weight.T`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,15 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad = grad.to(param.dtype)
     else:
         param.grad.add_(grad)
+
+
+def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], torch.Tensor],
+                                store: WeightGradStore | None) -> torch.Tensor | None:
+    """The weight gradient for autograd to accumulate, or None when `store` takes the work."""
+    if store is None:
+        return weight_grad()
+    store.put(lambda: accumulate_grad(weight, weight_grad()))
+    return None
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -53,10 +64,7 @@ class _Linear(torch.autograd.Function):
         def weight_grad() -> torch.Tensor:
             return flat(grad_out).t().matmul(flat(x)).to(weight.dtype)
 
-        if ctx.wgrad_store is None:
-            return grad_x, weight_grad(), None
-        ctx.wgrad_store.put(lambda: accumulate_grad(weight, weight_grad()))
-        return grad_x, None, None
+        return grad_x, weight_grad_now_or_deferred(weight, weight_grad, ctx.wgrad_store), None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,

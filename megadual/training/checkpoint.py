@@ -68,10 +68,10 @@ OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 def _as_whole_tensors(model: torch.nn.Module, *state_dicts: dict) -> None:
     """Replace each TP shard (and its optimizer states) in the flat state dicts by a DTensor."""
     meshes: dict[int, DeviceMesh] = {}
+    params = dict(model.named_parameters())
     for sd in state_dicts:
         owners = {key: key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
                   for key in sd}
-        params = dict(model.named_parameters())
         for key, owner in owners.items():
             param, value = params.get(owner), sd[key]
             if getattr(param, "tp_shard", None) is None or not isinstance(value, torch.Tensor) \
