@@ -6,8 +6,9 @@
 One process per pipeline rank, one thread each, gloo on 127.0.0.1. Every schedule
 runs the same dense GPT (megadual.model.gpt chunks cut by global layer index) on
 the same batch. All schedules are built up front and then stepped in turn, round
-after round, so a change in the machine's load hits them alike; each figure is the
-median over the timed rounds.
+after round (in reverse order every other round), so a change in the machine's load
+hits them alike; each figure is the median over the timed rounds, and each ratio is
+also given per round, between the two steps of that round.
 
 Per schedule it prints tokens/s, each rank's busy time (forward, backward and W calls,
 timed around each) and bubble: the step's makespan (after a barrier, until the last
@@ -77,6 +78,7 @@ class Variant:
     impl: str  # "ours" or "torch"
     shape: str  # our schedule of the same shape: what the simulator predicts from
     split_backward: bool  # whether the shape has W actions
+    recv_lookahead: int | None = None  # ours only: PipelineRuntime's (None: the backend's default)
 
 
 VARIANTS = (
@@ -85,9 +87,11 @@ VARIANTS = (
     Variant("ours 1F1B + W split (ZB-H1)", "ours", "1f1b", True),
     Variant("ours DualPipe", "ours", "dualpipe", True),
     Variant("ours DualPipeV", "ours", "dualpipev", True),
+    Variant("ours DualPipeV, recv in place", "ours", "dualpipev", True, recv_lookahead=0),
     Variant("torch ScheduleDualPipeV", "torch", "dualpipev", True),
 )
-RATIOS = (("ours 1F1B", "torch Schedule1F1B"), ("ours DualPipeV", "torch ScheduleDualPipeV"))
+RATIOS = (("ours 1F1B", "torch Schedule1F1B"), ("ours DualPipeV", "torch ScheduleDualPipeV"),
+          ("ours DualPipeV", "ours DualPipeV, recv in place"))
 
 
 def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
@@ -141,8 +145,9 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
         times[key].append(time.perf_counter() - start)
         return result
 
-    def forward() -> torch.Tensor:
-        return chunk(tokens if spec.has_embedding else hidden, tokens)
+    def forward(deferrable: bool = False) -> torch.Tensor:
+        with store.deferrable_forward(deferrable):
+            return chunk(tokens if spec.has_embedding else hidden, tokens)
 
     def split_backward(out: torch.Tensor) -> None:
         with store.split_backward():
@@ -151,7 +156,7 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
     for _ in range(reps + 1):  # the first round warms up
         out = timed("f", forward)
         timed("b", torch.Tensor.backward, out, grad)
-        timed("bi", split_backward, forward())
+        timed("bi", split_backward, forward(deferrable=True))
         timed("w", store.pop)
     return {key: statistics.median(values[1:]) for key, values in times.items()}
 
@@ -225,7 +230,7 @@ class OurRunner:
         m = bench.model
         self.runtime = PipelineRuntime(actions, layout, self.modules, rank, range(bench.pp),
                                        activation_shape=(m.seq_length, bench.micro_batch_size, m.hidden_size),
-                                       trace=True)
+                                       trace=True, recv_lookahead=variant.recv_lookahead)
         self.mbs = bench.micro_batch_size
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> float:
@@ -282,8 +287,9 @@ def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, qu
             for _ in range(bench.warmup):
                 timed_step(runner, tokens, labels)
         samples: list[list[tuple[float, float]]] = [[] for _ in variants]
-        for _ in range(bench.rounds):
-            for runner, out in zip(runners, samples):
+        for round_ in range(bench.rounds):
+            order = list(zip(runners, samples))
+            for runner, out in order if round_ % 2 == 0 else reversed(order):
                 out.append(timed_step(runner, tokens, labels))
         gathered = [None] * bench.pp
         dist.all_gather_object(gathered, (costs, samples))
@@ -300,6 +306,7 @@ def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, qu
 @dataclass(frozen=True)
 class Row:
     variant: Variant
+    makespans: list[float]  # seconds, per round
     makespan: float  # seconds, median over rounds
     busy: list[float]  # compute seconds per rank, median over rounds
     bubble: list[float]  # seconds per rank, median over rounds
@@ -316,7 +323,8 @@ def summarize(variant: Variant, per_rank: list[list[tuple[float, float]]], costs
     schedules = build_schedule(variant.shape, pp, microbatches, variant.split_backward)
     # Neither runtime waits for its sends to be received before computing on.
     predicted = simulate(schedules, costs, rendezvous=False)
-    return Row(variant, statistics.median(makespans), busy, bubbles, predicted.makespan, predicted.bubble)
+    return Row(variant, makespans, statistics.median(makespans), busy, bubbles, predicted.makespan,
+               predicted.bubble)
 
 
 def format_report(bench: Bench, rows: list[Row], costs: dict[str, SimCosts], latency: float,
@@ -350,7 +358,12 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[str, SimCosts], lat
     for ours, theirs in RATIOS:
         if ours in by_label and theirs in by_label:
             ratio = by_label[theirs].makespan / by_label[ours].makespan
-            lines.append(f"tokens/s ratio {ours} / {theirs}: {ratio:.3f}")
+            # Rounds step both back to back, so a round's ratio cancels slow swings of machine speed.
+            paired = sorted(t / o for o, t in zip(by_label[ours].makespans, by_label[theirs].makespans))
+            quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+            lines.append(f"tokens/s ratio {ours} / {theirs}: {ratio:.3f} (medians); per round: median "
+                         f"{statistics.median(paired):.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+                         f"{sum(r >= 1 for r in paired)} of {len(paired)} rounds >= 1")
     return "\n".join(lines)
 
 

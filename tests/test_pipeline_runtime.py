@@ -71,14 +71,36 @@ def test_one_rank_schedule_equals_gradient_accumulation(four_microbatches, sched
 def test_input_backward_leaves_weight_gradients_to_w():
     config, batches = tiny(), microbatches(1)
     forward, backward = Action(Kind.F, 0, 0), Action(Kind.BI, 0, 0)
-    _, runtime = one_rank_runtime(config, "1f1b", [forward, backward], 1)
+    model, runtime = one_rank_runtime(config, "1f1b", [forward, backward], 1)
     with pytest.raises(RuntimeError, match="deferred weight gradients"):
         runtime.run(batches)
+    waiting = {name for name, p in model.named_parameters() if p.grad is None}
+    assert any("experts" in n for n in waiting) and any("attention" in n for n in waiting)
     model, runtime = one_rank_runtime(config, "1f1b", [forward, backward, Action(Kind.W, 0, 0)], 1)
     runtime.run(batches)
     _, want_grads = accumulated(config, batches)
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, want_grads[name]), name
+
+
+def test_only_forwards_of_split_backwards_defer():
+    """Micro-batch 0's backward is a full B: its forward builds plain linears, so all its
+    weight gradients exist after the B, and the W left over holds micro-batch 1's only."""
+    config, batches = tiny(), microbatches(2)
+    actions = [Action(Kind.F, 0, 0), Action(Kind.F, 0, 1), Action(Kind.B, 0, 0), Action(Kind.BI, 0, 1)]
+    model, runtime = one_rank_runtime(config, "1f1b", actions, 2)
+    with pytest.raises(RuntimeError, match="deferred weight gradients"):
+        runtime.run(batches)
+    _, first_grads = accumulated(config, batches[:1])
+    linears = [n for n, _ in model.named_parameters() if "experts" in n or "attention" in n]
+    assert linears
+    params = dict(model.named_parameters())
+    for name in linears:  # the mean over 2 micro-batches: half of micro-batch 0's gradient so far
+        assert torch.allclose(params[name].grad, first_grads[name] / 2, rtol=1e-5, atol=1e-7), name
+    runtime.stores[0].pop()
+    _, want_grads = accumulated(config, batches)
+    for name, p in params.items():
+        assert torch.allclose(p.grad, want_grads[name], rtol=1e-5, atol=1e-7), name
 
 
 def test_trace_times_every_compute_action():

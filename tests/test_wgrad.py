@@ -13,8 +13,10 @@ def test_split_backward_defers_weight_grad_until_pop():
 
     x.grad, w.grad = None, None
     store = WeightGradStore()
+    with store.deferrable_forward():
+        y = linear(x, w, store)
     with store.split_backward():
-        linear(x, w, store).square().sum().backward()
+        y.square().sum().backward()
     assert torch.equal(x.grad, want_x)
     assert w.grad is None and len(store) == 1
     store.pop()
@@ -27,3 +29,12 @@ def test_store_not_deferring_runs_weight_grad_immediately():
     store = WeightGradStore()
     linear(torch.randn(2, 8), w, store).sum().backward()
     assert w.grad is not None and len(store) == 0
+
+
+def test_forward_outside_deferrable_forward_is_not_deferred():
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    store = WeightGradStore()
+    y = linear(torch.randn(2, 8), w, store)
+    with store.split_backward():
+        y.sum().backward()
+    assert w.grad is not None

@@ -26,7 +26,7 @@ from megadual.fp8.quant import (
     quantize_tiles_transposed,
 )
 from megadual.parallel.linear import flat, weight_grad_now_or_deferred
-from megadual.pipeline.wgrad import WeightGradStore
+from megadual.pipeline.wgrad import WeightGradStore, store_for_forward
 
 __all__ = ["dequantize_from_dispatch", "fp8_linear", "quantize_for_dispatch"]
 
@@ -41,7 +41,7 @@ class _Fp8Linear(torch.autograd.Function):
             ctx.save_for_backward(x_by_tokens.data, x_by_tokens.scale, weight)
         else:
             ctx.save_for_backward(None, None, weight)
-        ctx.wgrad_store = wgrad_store
+        ctx.wgrad_store = store_for_forward(wgrad_store)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
@@ -68,5 +68,6 @@ class _Fp8Linear(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
                wgrad_store: WeightGradStore | None = None) -> torch.Tensor:
-    """y = x @ weight.T with FP8 GEMMs, the weight gradient routed through `wgrad_store`."""
+    """y = x @ weight.T with FP8 GEMMs, the weight gradient routed through `wgrad_store` when
+    the store takes this forward (`WeightGradStore.deferrable_forward`)."""
     return _Fp8Linear.apply(x, weight, wgrad_store)

@@ -2,7 +2,7 @@
 
 Every linear layer of the model (TP linears, experts, router, head) goes through
 `linear`, so the pipeline's W split covers every weight. The model's linears have
-no bias (as in DeepSeek-V3). With `wgrad_store=None` this is `x @ weight.T`.
+no bias (as in DeepSeek-V3). Without a store taking the forward it is `F.linear`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megadual.pipeline.wgrad import WeightGradStore
+from megadual.pipeline.wgrad import WeightGradStore, store_for_forward
 
 
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -24,8 +24,8 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], torch.Tensor],
                                 store: WeightGradStore | None) -> torch.Tensor | None:
-    """The weight gradient for autograd to accumulate, or None when `store` takes the work."""
-    if store is None:
+    """The weight gradient for autograd to accumulate, or None when a deferring `store` takes the work."""
+    if store is None or not store.deferring:
         return weight_grad()
     store.put(lambda: accumulate_grad(weight, weight_grad()))
     return None
@@ -36,24 +36,19 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The GEMM dtype: autocast's when it is on (bf16 on CUDA), else the operands' common type."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return torch.result_type(x, weight)
-
-
 class _Linear(torch.autograd.Function):
-    """Autocast is applied here by hand: the backward runs outside autocast, so it must
-    know the forward's GEMM dtype to multiply the gradient with the same operands."""
+    """Autocast is applied here by hand: the backward runs outside autocast, so it keeps
+    the forward's GEMM operands (x in the GEMM dtype) to multiply the gradient with."""
 
     @staticmethod
     def forward(ctx, x, weight, wgrad_store):
-        dtype = compute_dtype(x, weight)
-        x = x.to(dtype)
+        gemm_weight = weight
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gemm_weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.wgrad_store = wgrad_store
-        return F.linear(x, weight.to(dtype))
+        return F.linear(x, gemm_weight)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -69,5 +64,9 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            wgrad_store: WeightGradStore | None = None) -> torch.Tensor:
-    """y = x @ weight.T, with the weight gradient routed through `wgrad_store`."""
-    return _Linear.apply(x, weight, wgrad_store)
+    """y = x @ weight.T, with the weight gradient routed through `wgrad_store` when the
+    store takes this forward (`WeightGradStore.deferrable_forward`)."""
+    store = store_for_forward(wgrad_store)
+    if store is None:
+        return F.linear(x, weight)
+    return _Linear.apply(x, weight, store)

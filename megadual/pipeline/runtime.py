@@ -4,7 +4,8 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
 
     runtime = PipelineRuntime(actions, layout, chunks, pp_rank, group_ranks, group=None,
                               activation_shape=(seq, micro_batch, hidden), dtype=torch.float32,
-                              device=None (cpu), autocast=contextlib.nullcontext, trace=False)
+                              device=None (cpu), autocast=contextlib.nullcontext, trace=False,
+                              recv_lookahead=None)
     loss = runtime.run(microbatches)    # scalar tensor, see below
     runtime.trace                       # Trace of the last run when trace=True, else None
 
@@ -36,9 +37,15 @@ Actions: F runs a forward; B a full backward; BI a backward whose weight gradien
 chunk's store defers; W runs the oldest deferred weight gradients of the chunk; FB a paired
 forward and backward, the forward's steps run in the shadow of the backward's expert
 all-to-alls and the other way round (`forward_backward`, pipeline/overlap.py).
-Each maximal run of consecutive SEND/RECV actions is one `batch_isend_irecv`; its
-receives are waited for before the next compute, its sends (where the backend gives one
-handle per op, as gloo does) only at the end of the step, so no rank idles on a send.
+Each maximal run of consecutive SEND/RECV actions is one `batch_isend_irecv`. Where the
+backend gives one handle per op (gloo), each receive is waited for only by the compute that
+consumes it and each send only at the end of the step, so no rank idles on a send; and each
+RECV is posted `recv_lookahead` computes before the place it stands in the list
+(`post_receives_ahead`), so the transfer runs while this rank computes instead of after.
+gloo moves a message only once its receive is posted. The default lookahead is 1 on gloo. On
+other backends (NCCL) it is 0 and a batch is waited for whole, as it is posted: there, p2p
+ops between two ranks share one stream and a receive posted ahead of its batch could block
+the peer's send behind it.
 A stage whose neighbour is on this rank (DualPipeV's turn at the last rank) hands the
 tensor over locally. Activations are dropped as soon as their backward ran.
 
@@ -82,7 +89,13 @@ class PipelineRuntime:
     def __init__(self, actions: list[Action], layout: Layout, chunks: Sequence[torch.nn.Module], pp_rank: int,
                  group_ranks: Sequence[int], group=None, activation_shape: Sequence[int] = (),
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-                 autocast: Callable = nullcontext, trace: bool = False):
+                 autocast: Callable = nullcontext, trace: bool = False, recv_lookahead: int | None = None):
+        self.waits_per_op = dist.is_initialized() and dist.get_backend(group) == "gloo"
+        if recv_lookahead is None:
+            recv_lookahead = int(self.waits_per_op)
+        if recv_lookahead and not self.waits_per_op:
+            raise ValueError("recv_lookahead > 0 needs a backend with one handle per p2p op (gloo)")
+        actions = post_receives_ahead(actions, recv_lookahead)
         self.actions, self.layout, self.chunks = actions, layout, list(chunks)
         self.rank, self.group_ranks, self.group = pp_rank, list(group_ranks), group
         self.activation_shape, self.dtype = tuple(activation_shape), dtype
@@ -91,6 +104,7 @@ class PipelineRuntime:
         self.num_microbatches = sum(len(m) for m in layout.microbatches)
         self.training = any(a.backward_of is not None for a in actions)
         self.stores = [WeightGradStore() for _ in self.chunks]
+        self._split_later = {a.backward_of for a in actions if a.kind == Kind.BI}
         if self.training:  # a forward-only runtime on the same chunks leaves the training stores in place
             for chunk, store in zip(self.chunks, self.stores):
                 attach_wgrad_store(chunk, store)
@@ -103,6 +117,8 @@ class PipelineRuntime:
         self._microbatches = microbatches
         self._inbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
         self._outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
+        # receives posted but not yet waited for: key -> (work, tensor)
+        self._pending: dict[tuple[Kind, int, int], tuple[object, torch.Tensor]] = {}
         # (work, tensor): a send is waited for at the end of the step, its tensor kept alive till then
         self._sends_in_flight: list[tuple[object, torch.Tensor]] = []
         self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -118,6 +134,7 @@ class PipelineRuntime:
                             self.actions[i:j])
                 i = j
             else:
+                self._await_inputs(self.actions[i])
                 self._timed(str(self.actions[i]), self._compute, self.actions[i])
                 i += 1
         for work, _tensor in self._sends_in_flight:
@@ -133,6 +150,23 @@ class PipelineRuntime:
         if self.trace is not None:
             self.trace.events.append((label, start, time.perf_counter()))
 
+    def _await_inputs(self, action: Action) -> None:
+        keys = []
+        if action.forward_of:
+            keys.append((Kind.RECV_F, *action.forward_of))
+        if action.backward_of:
+            keys.append((Kind.RECV_B, *action.backward_of))
+        for key in keys:
+            if key in self._pending:
+                work, tensor = self._pending.pop(key)
+                self._timed(f"comm:wait {key[0].value}{key[1]}.{key[2]}", lambda w: w.wait(), work)
+                self._received(key, tensor)
+
+    def _received(self, key: tuple[Kind, int, int], tensor: torch.Tensor) -> None:
+        if key[0] == Kind.RECV_F:
+            tensor.requires_grad_(self.training)
+        self._inbox[key] = tensor
+
     def _compute(self, action: Action) -> None:
         if action.kind == Kind.F:
             self.forward(action.chunk, action.mb)
@@ -147,9 +181,13 @@ class PipelineRuntime:
 
     def forward(self, chunk: int, mb: int) -> None:
         inputs, labels = self._forward_inputs(chunk, mb)
-        with self.autocast():
+        with self.autocast(), self._deferrable(chunk, mb):
             output = self.chunks[chunk](inputs, labels)
         self._forward_done(chunk, mb, inputs, output)
+
+    def _deferrable(self, chunk: int, mb: int):
+        """Only forwards whose backward will be a BI build linears that can defer (wgrad.py)."""
+        return self.stores[chunk].deferrable_forward((chunk, mb) in self._split_later)
 
     def _forward_inputs(self, chunk: int, mb: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(token ids or received hidden states, labels on a last stage else None)."""
@@ -187,9 +225,10 @@ class PipelineRuntime:
         (chunk, mb) advances one step each time that backward launches an expert all-to-all
         (pipeline/overlap.py), so each one's all-to-alls travel while the other computes."""
         inputs, labels = self._forward_inputs(action.chunk, action.mb)
-        output = overlapped_forward_backward(
-            self.chunks[action.chunk].forward_steps(inputs, labels),
-            lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast)
+        with self._deferrable(action.chunk, action.mb):
+            output = overlapped_forward_backward(
+                self.chunks[action.chunk].forward_steps(inputs, labels),
+                lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast)
         self._forward_done(action.chunk, action.mb, inputs, output)
 
     def _deliver(self, kinds: tuple[Kind, Kind], chunk: int, mb: int, step: int,
@@ -219,23 +258,49 @@ class PipelineRuntime:
             else:
                 tensor = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group))
-                received.append((action, tensor))
+                received.append(((action.kind, action.chunk, action.mb), tensor))
         works = dist.batch_isend_irecv(ops)
-        if len(works) == len(ops):  # one handle per op (gloo): only the receives are waited for now
-            sends = [(work, op.tensor) for work, op in zip(works, ops) if op.op is dist.isend]
-            self._sends_in_flight += sends
-            works = [work for work, op in zip(works, ops) if op.op is not dist.isend]
-        for work in works:
-            work.wait()
-        for action, tensor in received:
-            if action.kind == Kind.RECV_F:
-                tensor.requires_grad_(self.training)
-            self._inbox[(action.kind, action.chunk, action.mb)] = tensor
+        if not self.waits_per_op:
+            for work in works:
+                work.wait()
+            for key, tensor in received:
+                self._received(key, tensor)
+            return
+        receives = iter(received)
+        for work, op in zip(works, ops, strict=True):
+            if op.op is dist.isend:  # its tensor is kept alive until the wait
+                self._sends_in_flight.append((work, op.tensor))
+            else:
+                key, tensor = next(receives)
+                self._pending[key] = (work, tensor)
 
     def _check_drained(self) -> None:
-        left = {"received but unused": list(self._inbox), "computed but not sent": list(self._outbox),
+        left = {"received but unused": list(self._inbox) + list(self._pending),
+                "computed but not sent": list(self._outbox),
                 "forwards without backward": list(self._saved) if self.training else [],
                 "deferred weight gradients": [c for c, s in enumerate(self.stores) if len(s)]}
         left = {what: keys for what, keys in left.items() if keys}
         if left:
             raise RuntimeError(f"pipeline rank {self.rank}: the schedule left work behind: {left}")
+
+
+def post_receives_ahead(actions: list[Action], lookahead: int) -> list[Action]:
+    """The list with each RECV moved `lookahead` compute actions earlier (at most to the
+    start). Receives keep their order among themselves, and so stay matched in order with
+    their peers' sends; sends stay where they are."""
+    if lookahead == 0:
+        return list(actions)
+    slots: list[list[Action]] = [[]]  # slots[k]: the communication before compute k
+    computes: list[Action] = []
+    for action in actions:
+        if not action.is_comm:
+            computes.append(action)
+            slots.append([])
+        elif action.is_send:
+            slots[-1].append(action)
+        else:
+            slots[max(0, len(computes) - lookahead)].append(action)
+    moved = slots[0]
+    for compute, slot in zip(computes, slots[1:]):
+        moved += [compute, *slot]
+    return moved

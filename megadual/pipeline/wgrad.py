@@ -9,7 +9,11 @@ backward with `pop`, in the order the backwards ran.
 
 The store is an explicit object owned by whoever runs the schedule (one per model
 chunk); layers capture it at forward time, so it works wherever autograd runs the
-backward (on CUDA that is a device thread, not the caller's).
+backward (on CUDA that is a device thread, not the caller's). Only forwards run inside
+`deferrable_forward` build the autograd node that can defer; the others use the plain
+GEMM and autograd's own backward, which costs less per call, and their weight gradients
+are computed in the backward even when it is split. A runtime knows from its schedule
+which forwards will have a split backward.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from contextlib import contextmanager
 
 class WeightGradStore:
     def __init__(self) -> None:
+        self.forward_deferrable = False
         self.deferring = False
         self._open: list[Callable[[], None]] = []
         self._ready: deque[list[Callable[[], None]]] = deque()
@@ -30,6 +35,15 @@ class WeightGradStore:
             self._open.append(compute_weight_grad)
         else:
             compute_weight_grad()
+
+    @contextmanager
+    def deferrable_forward(self, enabled: bool = True):
+        """Forwards run inside this block can have their weight gradients deferred."""
+        self.forward_deferrable = enabled
+        try:
+            yield
+        finally:
+            self.forward_deferrable = False
 
     @contextmanager
     def split_backward(self):
@@ -51,3 +65,8 @@ class WeightGradStore:
 
     def __len__(self) -> int:
         return len(self._ready)
+
+
+def store_for_forward(store: WeightGradStore | None) -> WeightGradStore | None:
+    """The store this forward's backward may defer to: `store` inside its `deferrable_forward`, else None."""
+    return store if store is not None and store.forward_deferrable else None
