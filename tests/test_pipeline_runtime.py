@@ -11,8 +11,8 @@ from megadual.config import ConfigError, parse_args
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.pipeline.actions import Action, Kind, Layout, match_messages
 from megadual.pipeline.driver import forward_only_schedule
-from megadual.pipeline.runtime import PipelineRuntime
-from megadual.pipeline.schedules import build_schedule, pipeline_layout
+from megadual.pipeline.runtime import PipelineRuntime, post_receives_ahead
+from megadual.pipeline.schedules import build_schedule, check_schedule, pipeline_layout
 from megadual.pipeline.simulate import simulate
 from megadual.pipeline.stage_model import build_stage_model, mirror_rank, stage_specs
 from megadual.training.loop import validate_pipeline
@@ -171,3 +171,35 @@ def test_forward_only_schedule_pipelines_every_stage(schedule, pp):
         assert forwards == sorted((chunk, mb) for r, chunk in path if r == rank for mb in range(count))
     # at most one tick per micro-batch and stage, each as long as the stages of a rank
     assert simulate(schedules).makespan <= len(path) // pp * (count + len(path) - 1)
+
+
+@pytest.mark.parametrize("schedule,pp,m", [("1f1b", 4, 8), ("dualpipe", 4, 8), ("dualpipev", 2, 8),
+                                           ("dualpipev", 4, 10)])
+def test_receives_posted_ahead_stay_valid_and_move_one_compute(schedule, pp, m):
+    schedules = build_schedule(schedule, pp, m)
+    moved = [post_receives_ahead(actions, 1) for actions in schedules]
+    check_schedule(moved, pipeline_layout(schedule, pp, m))  # matched in order, received before use
+
+    def computes_before(actions):
+        count, where = 0, {}
+        for a in actions:
+            if a.is_comm:
+                where[a] = count
+            else:
+                count += 1
+        return where
+
+    for before, after in zip(schedules, moved):
+        assert [a for a in after if not a.is_comm] == [a for a in before if not a.is_comm]
+        old, new = computes_before(before), computes_before(after)
+        for action, position in old.items():
+            want = position if action.is_send else max(0, position - 1)
+            assert new[action] == want, action
+    assert any(a != b for before, after in zip(schedules, moved) for a, b in zip(before, after))
+
+
+def test_receives_ahead_need_a_backend_with_per_op_handles():
+    layout = pipeline_layout("1f1b", 1, 1)
+    model = build_stage_model(tiny(), layout, 0, SEED)
+    with pytest.raises(ValueError, match="recv_lookahead"):
+        PipelineRuntime([], layout, model.chunks, 0, [0], activation_shape=SHAPE, recv_lookahead=1)
