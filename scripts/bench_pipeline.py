@@ -19,10 +19,10 @@ at once before the steps, mean over the stages) and the p2p latency measured bet
 ranks 0 and 1. The machine's load average is printed too: on a shared machine other
 work inflates every figure.
 
-torch's stages are the same GPTChunk modules with the same weights, except that
-their linears use F.linear: torch splits B into input and weight halves by walking
-the autograd graph, which cannot split a custom autograd Function such as the one
-our W split uses (its weight GEMM would run in both halves). Both do the same GEMMs.
+torch's stages are the same GPTChunk modules with the same weights. They have no
+weight-gradient store attached, so their linears are plain F.linear, which torch's
+split of B into input and weight halves (by walking the autograd graph) needs: it
+cannot split a custom autograd Function such as the one our W split uses.
 """
 from __future__ import annotations
 
@@ -38,13 +38,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadual.config import ModelConfig
 from megadual.model.gpt import StageSpec, build_chunk
-from megadual.parallel.tensor import ShardedLinear, attach_wgrad_store
+from megadual.parallel.tensor import attach_wgrad_store
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.simulate import SimCosts, simulate
@@ -178,10 +177,6 @@ def mean_costs(per_stage: list[dict[str, float]], latency: float) -> SimCosts:
 # torch.distributed.pipelining
 
 
-def _native_linear(x: torch.Tensor, weight: torch.Tensor, wgrad_store=None) -> torch.Tensor:
-    return F.linear(x, weight)
-
-
 def _loss_is_output(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """GPTChunk's last stage returns the loss itself (labels come in as a keyword argument)."""
     return loss
@@ -200,9 +195,6 @@ class TorchRunner:
         stages = []
         for index in indices:
             module = build_chunk(bench.model, specs[index], SEED)
-            for sub in module.modules():
-                if isinstance(sub, ShardedLinear):
-                    sub.gemm = _native_linear
             stage = PipelineStage(module, index, len(specs), torch.device("cpu"))
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 setattr(stage, name, self.clock.timed(getattr(stage, name)))
