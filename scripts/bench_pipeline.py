@@ -14,9 +14,8 @@ Per schedule it prints tokens/s, each rank's busy time (forward, backward and W 
 timed around each) and bubble: the step's makespan (after a barrier, until the last
 rank is done) minus that rank's busy time. Next to them, what the simulator
 (megadual.pipeline.simulate) predicts for the same schedule shape from the F, B, BI
-and W costs of the shape's stage chunks (measured on each chunk directly, all ranks
-at once before the steps, mean over the stages) and the p2p latency measured between
-ranks 0 and 1. The machine's load average is printed too: on a shared machine other
+and W costs of each stage chunk (measured on each chunk directly, all ranks at once
+before the steps) and the p2p latency measured between ranks 0 and 1. The machine's load average is printed too: on a shared machine other
 work inflates every figure.
 
 torch's stages are the same GPTChunk modules with the same weights. They have no
@@ -44,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megadual.config import ModelConfig
 from megadual.model.gpt import StageSpec, build_chunk
 from megadual.parallel.tensor import attach_wgrad_store
+from megadual.pipeline.actions import Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
-from megadual.pipeline.simulate import SimCosts, simulate
+from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
 from megadual.pipeline.stage_model import build_stage_model, stage_specs
 from megadual.pipeline.wgrad import WeightGradStore
 from megadual.training.distributed import free_port
@@ -160,17 +160,26 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
     return {key: statistics.median(values[1:]) for key, values in times.items()}
 
 
-def rank_costs(bench: Bench, shapes: list[str], rank: int) -> dict[str, list[dict[str, float]]]:
-    """Per schedule shape, the costs of this rank's share of the shape's stage chunks. All ranks
-    measure at once, so the costs are those of a machine as loaded as during the steps."""
-    return {shape: [chunk_costs(bench.model, spec, bench.micro_batch_size, bench.cost_reps)
-                    for spec in shape_specs(shape, bench.model.num_layers, bench.pp)[rank::bench.pp]]
-            for shape in shapes}
+def rank_costs(bench: Bench, shapes: list[str], rank: int) -> dict[str, dict[int, dict[str, float]]]:
+    """Per schedule shape, the costs of this rank's share of the shape's stage chunks, by stage
+    index. All ranks measure at once, so the costs are those of a machine as loaded as during
+    the steps."""
+    costs = {}
+    for shape in shapes:
+        specs = shape_specs(shape, bench.model.num_layers, bench.pp)
+        costs[shape] = {index: chunk_costs(bench.model, specs[index], bench.micro_batch_size, bench.cost_reps)
+                        for index in range(rank, len(specs), bench.pp)}
+    return costs
 
 
-def mean_costs(per_stage: list[dict[str, float]], latency: float) -> SimCosts:
-    mean = {key: statistics.mean(c[key] for c in per_stage) for key in per_stage[0]}
-    return SimCosts(f=mean["f"], b=mean["b"], w=mean["w"], bi=mean["bi"], latency=latency)
+def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float) -> StageCosts:
+    """Each chunk of the layout costs what its stage measured (DualPipe's two directions are cut alike)."""
+    chunks = {}
+    for path in layout.paths:
+        for stage, place in enumerate(path):
+            c = per_stage[stage]
+            chunks[place] = SimCosts(f=c["f"], b=c["b"], w=c["w"], bi=c["bi"])
+    return StageCosts(chunks, latency)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,20 +315,21 @@ class Row:
     predicted_bubble: list[float]
 
 
-def summarize(variant: Variant, per_rank: list[list[tuple[float, float]]], costs: SimCosts, pp: int,
-              microbatches: int) -> Row:
+def summarize(variant: Variant, per_rank: list[list[tuple[float, float]]],
+              per_stage: dict[int, dict[str, float]], latency: float, pp: int, microbatches: int) -> Row:
     rounds = range(len(per_rank[0]))
     makespans = [per_rank[0][i][0] for i in rounds]
     busy = [statistics.median(per_rank[r][i][1] for i in rounds) for r in range(pp)]
     bubbles = [statistics.median(per_rank[r][i][0] - per_rank[r][i][1] for i in rounds) for r in range(pp)]
     schedules = build_schedule(variant.shape, pp, microbatches, variant.split_backward)
+    costs = stage_costs(pipeline_layout(variant.shape, pp, microbatches), per_stage, latency)
     # Neither runtime waits for its sends to be received before computing on.
     predicted = simulate(schedules, costs, rendezvous=False)
     return Row(variant, makespans, statistics.median(makespans), busy, bubbles, predicted.makespan,
                predicted.bubble)
 
 
-def format_report(bench: Bench, rows: list[Row], costs: dict[str, SimCosts], latency: float,
+def format_report(bench: Bench, rows: list[Row], costs: dict[str, dict[int, dict[str, float]]], latency: float,
                   load: tuple[float, float]) -> str:
     m = bench.model
     ms = 1e3
@@ -331,9 +341,10 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[str, SimCosts], lat
         (f"p2p latency (one activation message, ranks 0-1): {latency * ms:.2f} ms; machine load average "
          f"(1 min) {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores"),
     ]
-    for shape, c in costs.items():
-        lines.append(f"chunk costs, {shape} stages (ms, mean over stages): F {c.f * ms:.1f}  B {c.b * ms:.1f}  "
-                     f"BI {c.bi * ms:.1f}  W {c.w * ms:.1f}")
+    for shape, per_stage in costs.items():
+        stages = [per_stage[i] for i in sorted(per_stage)]
+        lines.append(f"chunk costs, {shape} stages 0-{len(stages) - 1} (ms): " + " | ".join(
+            f"{key.upper()} " + " ".join(f"{c[key] * ms:.1f}" for c in stages) for key in ("f", "b", "bi", "w")))
 
     def per_rank(values: list[float]) -> str:
         return " ".join(f"{v * ms:6.0f}" for v in values)
@@ -398,9 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     mp.start_processes(worker, args=(bench, variants, free_port(), queue), nprocs=bench.pp,
                        start_method="spawn")
     latency, gathered = queue.get()
-    costs = {shape: mean_costs([c for measured, _ in gathered for c in measured[shape]], latency)
+    costs = {shape: {stage: c for measured, _ in gathered for stage, c in measured[shape].items()}
              for shape in gathered[0][0]}
-    rows = [summarize(v, [samples[i] for _, samples in gathered], costs[v.shape], bench.pp, bench.microbatches)
+    rows = [summarize(v, [samples[i] for _, samples in gathered], costs[v.shape], latency, bench.pp,
+                      bench.microbatches)
             for i, v in enumerate(variants)]
     print(format_report(bench, rows, costs, latency, (load_before, os.getloadavg()[0])))
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from megadual.pipeline.actions import Action, Kind, UnmatchedCommError
 from megadual.pipeline.schedules import build_schedule
-from megadual.pipeline.simulate import DeadlockError, SimCosts, simulate
+from megadual.pipeline.simulate import DeadlockError, SimCosts, StageCosts, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +127,17 @@ def test_cli_rejects_bad_sizes_naming_the_flag():
         [sys.executable, "-m", "megadual.pipeline.simulate", "--schedule", "dualpipe", "--pp", "8",
          "--microbatches", "10"], cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "--num-microbatches" in run.stderr
+
+
+def test_stage_costs_time_each_chunk_by_its_own_costs():
+    """A last stage twice as slow bounds 1F1B: its first forward waits for rank 0's (1), then it
+    computes M forwards and backwards (6 each), then rank 0's last backward follows (2)."""
+    fast, slow = SimCosts(f=1, b=2, w=1), SimCosts(f=2, b=4, w=1)
+    result = simulate(build_schedule("1f1b", 2, 4, split_backward=False),
+                      StageCosts({(0, 0): fast, (1, 0): slow}))
+    assert result.makespan == 1 + 4 * 6 + 2
+    assert result.busy == [4 * 3, 4 * 6]
+    # a paired F&B costs its forward chunk's F plus its backward chunk's B
+    result = simulate(build_schedule("dualpipev", 1, 4, split_backward=False),
+                      StageCosts({(0, 0): fast, (0, 1): SimCosts(f=3, b=5, w=1)}))
+    assert result.busy == [4 * (1 + 3) + 4 * (2 + 5)]

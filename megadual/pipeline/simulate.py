@@ -22,6 +22,7 @@ DualPipe and DualPipeV (PP/2-1)(F&B+B-3W), PP counting stages (2 per rank on V).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megadual.pipeline.actions import Action, Kind, match_messages
@@ -42,7 +43,7 @@ class SimCosts:
     fb: float | None = None  # paired forward and backward; default f + b
     latency: float = 0.0  # one p2p message
 
-    def duration(self, action: Action) -> float:
+    def duration(self, action: Action, rank: int = 0) -> float:
         return {
             Kind.F: self.f,
             Kind.B: self.b,
@@ -50,6 +51,22 @@ class SimCosts:
             Kind.BI: self.b - self.w if self.bi is None else self.bi,
             Kind.FB: self.f + self.b if self.fb is None else self.fb,
         }[action.kind]
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Costs that differ between chunks, such as those measured on each stage:
+    `chunks[rank, chunk]` for every chunk of the schedule; one p2p `latency` for all.
+    A paired F&B costs its forward chunk's F plus its backward chunk's B."""
+
+    chunks: Mapping[tuple[int, int], SimCosts]
+    latency: float = 0.0
+
+    def duration(self, action: Action, rank: int) -> float:
+        own = self.chunks[rank, action.chunk]
+        if action.kind == Kind.FB:
+            return own.f + self.chunks[rank, action.b_chunk].b
+        return own.duration(action)
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ def _steps(actions: list[Action]) -> list[range]:
     return steps
 
 
-def simulate(schedules: list[list[Action]], costs: SimCosts = SimCosts(),
+def simulate(schedules: list[list[Action]], costs: SimCosts | StageCosts = SimCosts(),
              rendezvous: bool = True) -> SimResult:
     """Time every rank's list; raises UnmatchedCommError or DeadlockError."""
     partner: dict[tuple[int, int], tuple[int, int]] = {}
@@ -135,7 +152,7 @@ def simulate(schedules: list[list[Action]], costs: SimCosts = SimCosts(),
                 step = steps[rank][pos[rank]]
                 first = actions[step[0]]
                 if not first.is_comm:
-                    end = clock[rank] + costs.duration(first)
+                    end = clock[rank] + costs.duration(first, rank)
                     timeline[rank].append(Interval(clock[rank], end, first))
                     clock[rank] = end
                 elif (rank, step[0]) not in posted:
