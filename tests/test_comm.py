@@ -1,5 +1,7 @@
 """TP/SP collectives across two real gloo processes: forward values and their adjoint gradients."""
+import gc
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -56,3 +58,19 @@ def _check_exchange(rank: int, group) -> None:
 
 def test_collectives_and_their_gradients_across_two_processes():
     mp.start_processes(_check, args=(free_port(),), nprocs=2, start_method="spawn")
+
+
+def test_exchange_leaves_no_reference_cycle():
+    """Cyclic garbage is freed only by a garbage collection; one that frees gloo work at
+    interpreter exit, after the group is destroyed, aborts the process."""
+    gc.disable()
+    try:
+        x = torch.randn(4, 3, requires_grad=True)
+        exchange = comm.Exchange(None, [4], [4]).start(x * 2)
+        freed = weakref.ref(exchange)
+        exchange.wait().sum().backward()
+        del exchange
+        assert freed() is None
+        assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    finally:
+        gc.enable()

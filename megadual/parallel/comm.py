@@ -162,7 +162,11 @@ class Exchange:
         return self
 
     def wait(self) -> torch.Tensor:
-        return _FinishExchange.apply(self._link, self)
+        # Dropping the link breaks the cycle exchange -> link -> its autograd node -> exchange,
+        # which would otherwise keep the group's work alive until a garbage collection; one
+        # at interpreter exit, after the group is destroyed, aborts the process inside gloo.
+        link, self._link = self._link, None
+        return _FinishExchange.apply(link, self)
 
     def _launch(self, parts: list[torch.Tensor], output_splits: list[int], input_splits: list[int]):
         if group_size(self.group) == 1:
