@@ -30,11 +30,10 @@ class WeightGradStore:
         self._ready: deque[list[Callable[[], None]]] = deque()
 
     def put(self, compute_weight_grad: Callable[[], None]) -> None:
-        """Run the weight-gradient work now, or queue it if a split backward is running."""
-        if self.deferring:
-            self._open.append(compute_weight_grad)
-        else:
-            compute_weight_grad()
+        """Queue weight-gradient work for the W of the split backward now running."""
+        if not self.deferring:
+            raise RuntimeError("weight-gradient work queued outside split_backward()")
+        self._open.append(compute_weight_grad)
 
     @contextmanager
     def deferrable_forward(self, enabled: bool = True):
