@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadual.config import ModelConfig
 from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.parallel.comm import BackwardOverlap
+from megadual.parallel.context import BuildContext
 from megadual.pipeline.overlap import overlapped_forward_backward
 from megadual.training.distributed import free_port
 
@@ -38,12 +40,12 @@ def model_config(args) -> ModelConfig:
                        moe_shared_expert_intermediate_size=args.hidden, moe_first_k_dense=1)
 
 
-def one_pair(model, batch_a, batch_b, overlapped: bool) -> tuple[float, torch.Tensor]:
+def one_pair(model, overlap: BackwardOverlap, batch_a, batch_b, overlapped: bool) -> tuple[float, torch.Tensor]:
     loss_b = model(*batch_b)
     dist.barrier()
     start = time.perf_counter()
     if overlapped:
-        loss_a = overlapped_forward_backward(model.forward_steps(*batch_a), loss_b.backward, nullcontext)
+        loss_a = overlapped_forward_backward(model.forward_steps(*batch_a), loss_b.backward, nullcontext, overlap)
     else:
         loss_a = model(*batch_a)
         loss_b.backward()
@@ -59,18 +61,20 @@ def worker(rank: int, args, port: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=args.ep)
     config = model_config(args)
-    model = build_chunk(config, full_model_stage(config), seed=1, ep_group=dist.group.WORLD)
+    model = build_chunk(config, full_model_stage(config), seed=1, ctx=BuildContext(ep_group=dist.group.WORLD))
+    overlap = BackwardOverlap()
+    model.attach_schedule(None, overlap)
     g = torch.Generator().manual_seed(rank)
     batches = [tuple(torch.randint(0, 1024, (args.micro_batch, args.seq), generator=g) for _ in range(2))
                for _ in range(2)]
     times = {False: [], True: []}
     for i in range(args.warmup + args.iters):
         for overlapped in (i % 2 == 0, i % 2 == 1):
-            elapsed, loss = one_pair(model, *batches, overlapped)
+            elapsed, loss = one_pair(model, overlap, *batches, overlapped)
             if i >= args.warmup:
                 times[overlapped].append(elapsed)
             if overlapped:
-                same = torch.equal(loss, one_pair(model, *batches, False)[1])
+                same = torch.equal(loss, one_pair(model, overlap, *batches, False)[1])
     if rank == 0:
         queue.put((statistics.median(times[False]), statistics.median(times[True]), same))
     dist.destroy_process_group()

@@ -42,13 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadual.config import ModelConfig
 from megadual.model.gpt import StageSpec, build_chunk
-from megadual.parallel.tensor import attach_wgrad_store
+from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
 from megadual.pipeline.stage_model import build_stage_model, stage_specs
-from megadual.pipeline.wgrad import WeightGradStore
 from megadual.training.distributed import free_port
 
 SEED = 1234
@@ -131,7 +130,7 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
     micro-batch, with our W split: a WeightGradStore attached to every linear."""
     chunk = build_chunk(config, spec, SEED)
     store = WeightGradStore()
-    attach_wgrad_store(chunk, store)
+    chunk.attach_schedule(store, None)
     seq, h = config.seq_length, config.hidden_size
     tokens = torch.randint(config.vocab_size, (micro_batch_size, seq))
     hidden = torch.randn(seq, micro_batch_size, h, requires_grad=True)

@@ -24,9 +24,9 @@ class Run:
     log: list[str]
 
 
-def _local_grads(model: torch.nn.Module) -> dict:
-    return {name: (getattr(p, "tp_shard", None), p.grad.detach().clone())
-            for name, p in model.named_parameters() if p.grad is not None}
+def _local_grads(model) -> dict:
+    return {r.name: (None if r.spec.tp is None else (r.spec.tp.dim, r.spec.tp.rank), r.param.grad.detach().clone())
+            for r in model.param_table if r.param.grad is not None}
 
 
 def _assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:

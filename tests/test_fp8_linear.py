@@ -13,7 +13,7 @@ import torch
 from megadual.fp8.linear import fp8_linear
 from megadual.fp8.quant import E4M3
 from megadual.parallel.linear import linear
-from megadual.pipeline.wgrad import WeightGradStore
+from megadual.parallel.wgrad import WeightGradStore
 
 BOUND = math.sqrt(2 / 3) * 2**-4
 

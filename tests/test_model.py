@@ -1,12 +1,13 @@
 """The decoder: layout-free initialization, MoE math against a naive loop, causality, W split."""
+import pytest
 import torch
 
 from megadual.config import ModelConfig
 from megadual.model.gpt import StageSpec, build_chunk, full_model_stage
 from megadual.moe.layer import MoELayer
+from megadual.parallel.params import ParamSpec, ParamTable, TPShard
 from megadual.parallel.rng import initialize_parameters
-from megadual.parallel.tensor import TensorParallel, attach_wgrad_store
-from megadual.pipeline.wgrad import WeightGradStore
+from megadual.parallel.wgrad import WeightGradStore
 
 CFG = ModelConfig(num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                   seq_length=16, vocab_size=128, num_experts=8, moe_ffn_hidden_size=16,
@@ -30,21 +31,32 @@ def test_initial_weights_depend_only_on_seed_and_global_name():
     assert all(torch.equal(full[n], p) for n, p in last_stage.items())
 
 
+class _Holder(torch.nn.Module):
+    def __init__(self, shape, spec):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(shape))
+        self.param_specs = {"w": spec}
+
+
 def test_tensor_parallel_shards_are_slices_of_the_full_weight():
-    full = torch.nn.Parameter(torch.empty(8, 6))
-    full.init_std = 1.0
-    initialize_parameters(torch.nn.ParameterDict({"w": full}), seed=3)
+    full = _Holder((8, 6), ParamSpec(1.0))
+    initialize_parameters(ParamTable.build(full), seed=3)
     for rank in range(2):
-        shard = torch.nn.Parameter(torch.empty(4, 6))
-        shard.init_std, shard.tp_shard = 1.0, (0, rank, 2)
-        initialize_parameters(torch.nn.ParameterDict({"w": shard}), seed=3)
-        assert torch.equal(shard, full[4 * rank:4 * rank + 4])
+        shard = _Holder((4, 6), ParamSpec(1.0, TPShard(0, rank, 2, None)))
+        initialize_parameters(ParamTable.build(shard), seed=3)
+        assert torch.equal(shard.w, full.w[4 * rank:4 * rank + 4])
+
+
+def test_a_parameter_without_a_spec_is_refused():
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="Linear declares no ParamSpec for its parameter weight"):
+        ParamTable.build(module)
 
 
 def test_moe_layer_equals_naive_per_token_sum():
     torch.manual_seed(0)
-    layer = MoELayer(CFG, TensorParallel())
-    initialize_parameters(layer, seed=1)
+    layer = MoELayer(CFG)
+    initialize_parameters(ParamTable.build(layer), seed=1)
     x = torch.randn(16, 2, 32)
     out = layer(x)
     flat = x.reshape(-1, 32)
@@ -74,7 +86,7 @@ def test_weight_gradient_split_gives_identical_gradients():
     plain(tokens, labels).backward()
     split = build_chunk(CFG, full_model_stage(CFG), seed=1)
     store = WeightGradStore()
-    attach_wgrad_store(split, store)
+    split.attach_schedule(store, None)
     with store.deferrable_forward():
         loss = split(tokens, labels)
     with store.split_backward():

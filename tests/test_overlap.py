@@ -8,6 +8,7 @@ import torch
 
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.parallel import comm
+from megadual.parallel.comm import BackwardOverlap
 from megadual.pipeline.overlap import overlapped_forward_backward
 from tests.test_model import CFG, batch
 
@@ -24,6 +25,8 @@ def test_overlapped_pair_equals_forward_then_backward(monkeypatch):
     loss_a.backward()
 
     paired = build_chunk(CFG, full_model_stage(CFG), seed=3)
+    overlap = BackwardOverlap()
+    paired.attach_schedule(None, overlap)
     loss_b = paired(tokens_b, labels_b)
     events = []
     launch_forward, launch_backward = comm.Exchange._launch_forward, comm.Exchange._launch_backward
@@ -36,7 +39,8 @@ def test_overlapped_pair_equals_forward_then_backward(monkeypatch):
         loss_b.backward()
         events.append("|")
 
-    overlapped = overlapped_forward_backward(paired.forward_steps(tokens_a, labels_a), backward, nullcontext)
+    overlapped = overlapped_forward_backward(paired.forward_steps(tokens_a, labels_a), backward, nullcontext,
+                                             overlap)
     overlapped.backward()
     # Each all-to-all the backward launches (B: combine, tokens, gates per MoE layer) is followed by
     # one forward step, which ends by launching its own (F: tokens, expert ids, gates; or combine);

@@ -14,7 +14,7 @@ from megadual.pipeline.driver import forward_only_schedule
 from megadual.pipeline.runtime import PipelineRuntime, post_receives_ahead
 from megadual.pipeline.schedules import build_schedule, check_schedule, pipeline_layout
 from megadual.pipeline.simulate import simulate
-from megadual.pipeline.stage_model import build_stage_model, mirror_rank, stage_specs
+from megadual.pipeline.stage_model import build_full_model, build_stage_model, mirror_rank, stage_specs
 from megadual.training.loop import validate_pipeline
 from megadual.training.step import forward_backward
 from tests.helpers import TINY_MOE
@@ -36,9 +36,9 @@ def microbatches(count: int) -> list[dict]:
 
 def accumulated(config, batches):
     """Loss and gradients of the one-chunk model under plain gradient accumulation."""
-    model = build_chunk(config, full_model_stage(config), SEED)
+    model = build_full_model(config, SEED)
     model.set_aux_loss_grad_scale(1.0 / len(batches))
-    loss = forward_backward(model, batches, torch.device("cpu"), bf16=False)
+    loss = forward_backward(model.chunks[0], batches, torch.device("cpu"), bf16=False)
     return loss, {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -123,7 +123,7 @@ def test_stage_models_hold_the_full_model_under_its_names(schedule, pp):
         for name, value in model.state_dict().items():
             assert torch.equal(value, full[name]), name
             copies[name] += 1
-        mirrored = {name for name, p in model.named_parameters() if getattr(p, "pipeline_mirror", False)}
+        mirrored = {record.name for record in model.param_table if record.mirror}
         mirror_chunk = [name for chunk in model.chunks[1:] for name, _ in chunk.named_parameters()]
         assert mirrored == (set(mirror_chunk) if schedule == "dualpipe" else set())
         assert mirror_rank(layout, rank) == (pp - 1 - rank if schedule == "dualpipe" else None)

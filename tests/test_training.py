@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megadual.config import parse_args
-from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.parallel.topology import Layout, Topology
+from megadual.pipeline.stage_model import build_full_model
 from megadual.training import loop
 from megadual.training.optimizer import build_optimizer
 from megadual.training.step import RoutingSummary, StepResult, train_step
@@ -17,10 +17,10 @@ def test_non_finite_loss_skips_update_and_leaves_weights_and_biases():
     config = parse_args(TINY_MOE)
     with single_process_group() as device:
         topo = Topology(Layout(1), 0)
-        model = build_chunk(config.model, full_model_stage(config.model), seed=1)
+        model = build_full_model(config.model, seed=1)
         optimizer = build_optimizer(list(model.named_parameters()), config.optim)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        biases = [r.expert_bias.clone() for r in model.routers()]
+        biases = [r.expert_bias.clone() for r, _ in model.routers()]
         with torch.no_grad():
             model.layers["0"].attention.q.weight[0, 0] = float("nan")
         tokens = torch.randint(0, 512, (2, 32))
@@ -30,7 +30,7 @@ def test_non_finite_loss_skips_update_and_leaves_weights_and_biases():
     for name, p in model.named_parameters():
         if name != "layers.0.attention.q.weight":
             assert torch.equal(p, before[name]), name
-    assert all(torch.equal(r.expert_bias, b) for r, b in zip(model.routers(), biases))
+    assert all(torch.equal(r.expert_bias, b) for r, b in zip((r for r, _ in model.routers()), biases))
 
 
 def test_too_many_consecutive_skips_stop_the_run(monkeypatch):

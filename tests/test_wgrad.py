@@ -1,7 +1,7 @@
 import torch
 
 from megadual.parallel.linear import linear
-from megadual.pipeline.wgrad import WeightGradStore
+from megadual.parallel.wgrad import WeightGradStore
 
 
 def test_split_backward_defers_weight_grad_until_pop():

@@ -26,7 +26,7 @@ from megadual.fp8.quant import (
     quantize_tiles_transposed,
 )
 from megadual.parallel.linear import flat, weight_grad_now_or_deferred
-from megadual.pipeline.wgrad import WeightGradStore, store_for_forward
+from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 __all__ = ["dequantize_from_dispatch", "fp8_linear", "quantize_for_dispatch"]
 

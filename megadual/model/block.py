@@ -7,16 +7,15 @@ step and passes through dispatch and combine.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from megadual.config import ModelConfig
-from megadual.model.layers import Attention, RMSNorm, SwiGLUMLP
+from megadual.model.layers import Attention, RMSNorm
 from megadual.moe.layer import MoELayer, MoEState
-from megadual.parallel.linear import linear
-from megadual.parallel.tensor import TensorParallel
+from megadual.parallel.context import ONE_PROCESS, BuildContext
+from megadual.parallel.mlp import SwiGLUMLP
 
 
 @dataclass
@@ -28,18 +27,17 @@ class LayerState:
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, tp: TensorParallel, ep_group=None,
-                 num_nodes: int = 1, gemm: Callable = linear):
+    def __init__(self, config: ModelConfig, layer_index: int, ctx: BuildContext = ONE_PROCESS):
         super().__init__()
-        sp = tp.sequence_parallel
+        sp = ctx.tp.sequence_parallel
         self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
-        self.attention = Attention(config, tp, gemm)
+        self.attention = Attention(config, ctx.tp, ctx.gemm)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
         self.is_moe = config.is_moe_layer(layer_index)
         if self.is_moe:
-            self.mlp = MoELayer(config, tp, ep_group, num_nodes, gemm)
+            self.mlp = MoELayer(config, ctx)
         else:
-            self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, tp, gemm)
+            self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
 
     def attention_step(self, hidden: torch.Tensor) -> LayerState:
         residual = hidden + self.attention(self.input_norm(hidden))

@@ -7,7 +7,7 @@ expert index), so initialization and checkpoints do not depend on the layout.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -17,16 +17,17 @@ from megadual.model.block import TransformerLayer
 from megadual.model.layers import RMSNorm
 from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
-from megadual.parallel.linear import linear
+from megadual.parallel import comm
+from megadual.parallel.context import ONE_PROCESS, BuildContext
+from megadual.parallel.params import ParamTable
 from megadual.parallel.rng import initialize_parameters
 from megadual.parallel.tensor import (
-    NO_TP,
     ShardedLinear,
-    TensorParallel,
     VocabParallelEmbedding,
     enter_tp_region,
     vocab_parallel_cross_entropy,
 )
+from megadual.parallel.wgrad import WeightGradStore
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,17 @@ def full_model_stage(config: ModelConfig) -> StageSpec:
 
 
 class GPTChunk(torch.nn.Module):
-    def __init__(self, config: ModelConfig, stage: StageSpec, tp: TensorParallel = NO_TP,
-                 ep_group=None, num_nodes: int = 1, gemm: Callable = linear):
+    """Layers [first, last) of the model; `copy` marks DualPipe's second copy of a stage."""
+
+    def __init__(self, config: ModelConfig, stage: StageSpec, ctx: BuildContext = ONE_PROCESS, copy: bool = False):
         super().__init__()
-        self.config, self.stage, self.tp = config, stage, tp
+        tp = ctx.tp
+        self.config, self.stage, self.tp, self.copy = config, stage, tp, copy
         if stage.has_embedding:
             self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp,
                                                     config.init_method_std)
         self.layers = torch.nn.ModuleDict({
-            str(i): TransformerLayer(config, i, tp, ep_group, num_nodes, gemm)
-            for i in range(stage.first_layer, stage.last_layer)})
+            str(i): TransformerLayer(config, i, ctx) for i in range(stage.first_layer, stage.last_layer)})
         if stage.has_head:
             self.final_norm = RMSNorm(config.hidden_size, config.norm_epsilon, tp.sequence_parallel)
             # The head stays in full precision (as in DeepSeek-V3), whatever `gemm` is.
@@ -95,23 +97,21 @@ class GPTChunk(torch.nn.Module):
             except StopIteration as done:
                 return done.value
 
-    def routers(self) -> list[Router]:
-        return [m.router for m in self.modules() if isinstance(m, MoELayer)]
+    def param_table(self) -> ParamTable:
+        return ParamTable.build(self, mirror=self.copy)
 
-    def set_fp8_dispatch(self, enabled: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, MoELayer):
-                m.dispatcher.fp8_dispatch = enabled
+    def attach_schedule(self, store: WeightGradStore | None, overlap: comm.BackwardOverlap | None) -> None:
+        """Route the weight gradients of every linear through `store` (the W split) and let
+        `overlap` fill the backward's expert all-to-alls (the paired F&B chunk)."""
+        for module in self.modules():
+            if isinstance(module, ShardedLinear | Router):
+                module.wgrad_store = store
+            elif isinstance(module, MoELayer):
+                module.dispatcher.overlap = overlap
 
-    def set_aux_loss_grad_scale(self, scale: float) -> None:
-        for m in self.modules():
-            if isinstance(m, MoELayer):
-                m.aux_loss_grad_scale = scale
 
-
-def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, tp: TensorParallel = NO_TP,
-                ep_group=None, num_nodes: int = 1, gemm: Callable = linear) -> GPTChunk:
-    chunk = GPTChunk(config, stage, tp, ep_group, num_nodes, gemm)
-    initialize_parameters(chunk, seed)
+def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, ctx: BuildContext = ONE_PROCESS,
+                copy: bool = False) -> GPTChunk:
+    chunk = GPTChunk(config, stage, ctx, copy)
+    initialize_parameters(chunk.param_table(), seed)
     return chunk
-

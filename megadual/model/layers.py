@@ -1,11 +1,10 @@
-"""Building blocks of the decoder: RMSNorm, rotary embedding, attention, SwiGLU MLP.
+"""Building blocks of the decoder: RMSNorm, rotary embedding, attention (the MLP: parallel/mlp.py).
 
 Activations are [sequence, batch, hidden], as in Megatron-LM, so sequence
 parallelism splits dim 0.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 
 from megadual.config import ModelConfig
 from megadual.parallel.linear import linear
+from megadual.parallel.mlp import output_std
+from megadual.parallel.params import ParamSpec
 from megadual.parallel.tensor import ShardedLinear, TensorParallel, enter_tp_region, leave_tp_region
 
 
@@ -23,7 +24,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size))
         # Under sequence parallelism each TP rank sees part of the sequence, so this
         # weight's gradient is a partial sum that must be all-reduced over TP.
-        self.weight.sequence_parallel = sequence_parallel
+        self.param_specs = {"weight": ParamSpec(None, grad_partial_over_tp=sequence_parallel)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -42,11 +43,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate [s, b, heads, head_dim] by position (the half-split convention)."""
     first, second = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
-
-
-def output_std(config: ModelConfig) -> float:
-    """Megatron scales the init of layers that write into the residual by 1/sqrt(2L)."""
-    return config.init_method_std / math.sqrt(2.0 * config.num_layers)
 
 
 class Attention(torch.nn.Module):
@@ -79,26 +75,3 @@ class Attention(torch.nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * hd)
         return leave_tp_region(self.proj(out), self.tp)
-
-
-class SwiGLUMLP(torch.nn.Module):
-    """down(silu(gate(x)) * up(x)); gate/up column-sharded, down row-sharded over `tp`.
-
-    With `in_tp_region=False` the caller handles entering and leaving the TP region
-    (routed experts have no TP: their `tp` is NO_TP).
-    """
-
-    def __init__(self, config: ModelConfig, ffn_hidden_size: int, tp: TensorParallel,
-                 gemm: Callable = linear, in_tp_region: bool = True):
-        super().__init__()
-        self.tp, self.in_tp_region = tp, in_tp_region
-        h, std = config.hidden_size, config.init_method_std
-        self.gate = ShardedLinear(h, ffn_hidden_size, tp, 0, std, gemm)
-        self.up = ShardedLinear(h, ffn_hidden_size, tp, 0, std, gemm)
-        self.down = ShardedLinear(ffn_hidden_size, h, tp, 1, output_std(config), gemm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_tp_region:
-            x = enter_tp_region(x, self.tp)
-        out = self.down(F.silu(self.gate(x)) * self.up(x))
-        return leave_tp_region(out, self.tp) if self.in_tp_region else out

@@ -65,6 +65,12 @@ class TokenDispatcher:
         self.group = ep_group
         self.ep_size = comm.group_size(ep_group)
         self.experts_per_rank = num_experts // self.ep_size
+        # Set by a pipeline runtime that fills the backward's all-to-alls with other work.
+        self.overlap: comm.BackwardOverlap | None = None
+
+    def _exchange(self, output_splits: list[int], input_splits: list[int],
+                  codec: comm.Codec | None = None) -> comm.Exchange:
+        return comm.Exchange(self.group, output_splits, input_splits, codec, self.overlap)
 
     def dispatch_start(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> PendingDispatch:
         num_tokens = tokens.shape[0]
@@ -80,9 +86,9 @@ class TokenDispatcher:
         send_counts = send.tolist()
         recv_counts = comm.exchange_counts(send, self.group).tolist()
         codec = Fp8Codec() if self.fp8_dispatch else comm.Codec()
-        exchanges = (comm.Exchange(self.group, recv_counts, send_counts, codec).start(tokens[token_of_row]),
-                     comm.Exchange(self.group, recv_counts, send_counts).start(local),
-                     comm.Exchange(self.group, recv_counts, send_counts).start(row_gates))
+        exchanges = (self._exchange(recv_counts, send_counts, codec).start(tokens[token_of_row]),
+                     self._exchange(recv_counts, send_counts).start(local),
+                     self._exchange(recv_counts, send_counts).start(row_gates))
         return PendingDispatch(exchanges, token_of_row, send_counts, recv_counts, num_tokens)
 
     def dispatch_wait(self, pending: PendingDispatch) -> Dispatched:
@@ -91,7 +97,7 @@ class TokenDispatcher:
                           pending.recv_counts, pending.num_tokens)
 
     def combine_start(self, expert_out: torch.Tensor, d: Dispatched) -> PendingCombine:
-        return PendingCombine(comm.Exchange(self.group, d.send_counts, d.recv_counts).start(expert_out), d)
+        return PendingCombine(self._exchange(d.send_counts, d.recv_counts).start(expert_out), d)
 
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
         back, d = pending.exchange.wait(), pending.dispatched

@@ -6,9 +6,8 @@ from collections.abc import Callable
 import torch
 
 from megadual.config import ModelConfig
-from megadual.model.layers import SwiGLUMLP
 from megadual.parallel.linear import linear
-from megadual.parallel.tensor import NO_TP
+from megadual.parallel.mlp import SwiGLUMLP
 
 
 class RoutedExperts(torch.nn.Module):
@@ -16,12 +15,8 @@ class RoutedExperts(torch.nn.Module):
         super().__init__()
         self.first_expert = first_expert
         self.local = torch.nn.ModuleDict({
-            str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, NO_TP, gemm,
-                                             in_tp_region=False)
+            str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, gemm=gemm, expert=True)
             for i in range(num_local)})
-        for expert in self.local.values():
-            for p in expert.parameters():
-                p.expert_parallel = True
 
     def forward(self, tokens: torch.Tensor, local_experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sum over each row's chosen local experts of gate * expert(row)."""

@@ -7,19 +7,17 @@ all-to-alls with the other's compute. `forward` runs them in order.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from megadual.config import ModelConfig
-from megadual.model.layers import SwiGLUMLP
 from megadual.moe.dispatcher import PendingCombine, PendingDispatch, TokenDispatcher
 from megadual.moe.experts import RoutedExperts
 from megadual.moe.router import Router, Routing
 from megadual.parallel import comm
-from megadual.parallel.linear import linear
-from megadual.parallel.tensor import TensorParallel
+from megadual.parallel.context import ONE_PROCESS, BuildContext
+from megadual.parallel.mlp import SwiGLUMLP
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -59,20 +57,18 @@ class MoELayer(torch.nn.Module):
     is split before routing and gathered after the combine.
     """
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel, ep_group=None, num_nodes: int = 1,
-                 gemm: Callable = linear):
+    def __init__(self, config: ModelConfig, ctx: BuildContext = ONE_PROCESS):
         super().__init__()
-        ep_size, ep_rank = comm.group_size(ep_group), comm.group_rank(ep_group)
+        ep_size, ep_rank = comm.group_size(ctx.ep_group), comm.group_rank(ctx.ep_group)
         per_rank = config.num_experts // ep_size
-        self.tp = tp
+        self.tp = ctx.tp
         # --moe-router-num-groups stands in for nodes (virtual nodes on one machine).
-        num_nodes = config.moe_router_num_groups or num_nodes
-        self.router = Router(config, num_nodes, tp.group)
-        self.dispatcher = TokenDispatcher(config.num_experts, ep_group)
-        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, gemm)
+        self.router = Router(config, config.moe_router_num_groups or ctx.num_nodes, ctx.tp.group)
+        self.dispatcher = TokenDispatcher(config.num_experts, ctx.ep_group, ctx.fp8_dispatch)
+        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm)
         self.shared = None
         if config.moe_shared_expert_intermediate_size:
-            self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, tp, gemm)
+            self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, ctx.tp, ctx.gemm)
         # The lm loss of each micro-batch is divided by the number of micro-batches;
         # the balance loss's gradient must be scaled the same way.
         self.aux_loss_grad_scale = 1.0

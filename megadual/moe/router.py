@@ -13,6 +13,7 @@ import torch
 from megadual.config import ModelConfig
 from megadual.parallel import comm
 from megadual.parallel.linear import linear
+from megadual.parallel.params import ParamSpec
 
 
 @dataclass
@@ -93,9 +94,9 @@ class Router(torch.nn.Module):
         super().__init__()
         self.config, self.num_nodes, self.tp_group = config, num_nodes, tp_group
         self.weight = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        self.weight.init_std = config.init_method_std
         # Each TP rank routes part of the tokens: the weight's gradient is summed over TP.
-        self.weight.sequence_parallel = comm.group_size(tp_group) > 1
+        self.param_specs = {"weight": ParamSpec(config.init_method_std,
+                                                grad_partial_over_tp=comm.group_size(tp_group) > 1)}
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.stats = RoutingStats(config.num_experts)
         self.wgrad_store = None

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def group_size(group) -> int:
@@ -32,6 +33,16 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 def all_reduce_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group of a tensor that carries no gradient."""
     return _sum(x, group)
+
+
+def coalesced(tensors: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply `transform` to the tensors flattened into one buffer (one collective for all of
+    them), and copy the result back in place."""
+    if not tensors:
+        return
+    flat = transform(_flatten_dense_tensors(tensors))
+    for tensor, result in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(result)
 
 
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -126,19 +137,29 @@ class Codec:
         return parts[0]
 
 
-# Callables run each time a backward launches an all-to-all; set only by `while_backward_comm`.
-# Module-level (not thread-local) because on CUDA the backward runs on autograd's own thread.
-_BACKWARD_LAUNCH_HOOKS: list[Callable[[], None]] = []
+class BackwardOverlap:
+    """Work to run while a backward's all-to-all is in flight.
 
+    A dispatcher hands this object to the exchanges it starts; whoever runs their
+    backward (the pipeline's paired F&B chunk) says what to run with `filling`. On
+    CUDA the backward runs on autograd's own thread, which sees the same object.
+    """
 
-@contextmanager
-def while_backward_comm(work: Callable[[], None]):
-    """Inside this block, every all-to-all a backward launches runs `work` before it is waited for."""
-    _BACKWARD_LAUNCH_HOOKS.append(work)
-    try:
-        yield
-    finally:
-        _BACKWARD_LAUNCH_HOOKS.remove(work)
+    def __init__(self) -> None:
+        self._work: Callable[[], None] | None = None
+
+    @contextmanager
+    def filling(self, work: Callable[[], None]):
+        """Inside this block, every all-to-all launched by a backward runs `work` before it is waited for."""
+        self._work = work
+        try:
+            yield
+        finally:
+            self._work = None
+
+    def launched(self) -> None:
+        if self._work is not None:
+            self._work()
 
 
 class Exchange:
@@ -151,8 +172,9 @@ class Exchange:
     forward or in the backward - overlaps with the communication.
     """
 
-    def __init__(self, group, output_splits: list[int], input_splits: list[int], codec: Codec | None = None):
-        self.group, self.codec = group, codec or Codec()
+    def __init__(self, group, output_splits: list[int], input_splits: list[int], codec: Codec | None = None,
+                 overlap: BackwardOverlap | None = None):
+        self.group, self.codec, self.overlap = group, codec or Codec(), overlap
         self.output_splits, self.input_splits = output_splits, input_splits
         self._pending = self._grad_pending = None
         self._link = None
@@ -192,8 +214,8 @@ class Exchange:
 
     def _launch_backward(self, grad: torch.Tensor) -> None:
         self._grad_pending = self._launch([grad], self.input_splits, self.output_splits)
-        for work_while_in_flight in _BACKWARD_LAUNCH_HOOKS:
-            work_while_in_flight()
+        if self.overlap is not None:
+            self.overlap.launched()
 
     def _finish_backward(self) -> torch.Tensor:
         (grad,), works = self._grad_pending
@@ -225,11 +247,6 @@ class _FinishExchange(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.exchange._launch_backward(grad)
         return grad.new_empty(0), None
-
-
-def all_to_all(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
-    """Blocking uneven all-to-all along dim 0; its backward is the reverse all-to-all."""
-    return Exchange(group, output_splits, input_splits).start(x).wait()
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:

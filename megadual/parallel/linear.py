@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megadual.pipeline.wgrad import WeightGradStore, store_for_forward
+from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megadual.parallel import comm
 from megadual.parallel.linear import linear
+from megadual.parallel.params import ParamSpec, TPShard
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,18 @@ def leave_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return comm.reduce_from_tp_region(x, tp.group)
 
 
-def shard_parameter(param: torch.nn.Parameter, dim: int, tp: TensorParallel) -> torch.nn.Parameter:
-    if tp.size > 1:
-        param.tp_shard = (dim, tp.rank, tp.size)
-        param.tp_group = tp.group  # checkpoints save the shard as part of the whole tensor
-    return param
+def tp_spec(dim: int | None, tp: TensorParallel, init_std: float | None, expert: bool = False) -> ParamSpec:
+    """The spec of a parameter split over `tp` along `dim` (None, or TP of one: whole)."""
+    shard = TPShard(dim, tp.rank, tp.size, tp.group) if dim is not None and tp.size > 1 else None
+    return ParamSpec(init_std, shard, expert=expert)
+
+
+def local_shape(shape: list[int], spec: ParamSpec) -> list[int]:
+    if spec.tp is None:
+        return list(shape)
+    if shape[spec.tp.dim] % spec.tp.size:
+        raise ValueError(f"dim {shape[spec.tp.dim]} is not divisible by TP size {spec.tp.size}")
+    return [n // spec.tp.size if d == spec.tp.dim else n for d, n in enumerate(shape)]
 
 
 class ShardedLinear(torch.nn.Module):
@@ -63,17 +71,11 @@ class ShardedLinear(torch.nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, shard_dim: int | None,
-                 init_std: float, gemm: Callable = linear):
+                 init_std: float, gemm: Callable = linear, expert: bool = False):
         super().__init__()
-        shape = [out_features, in_features]
-        if shard_dim is not None:
-            if shape[shard_dim] % tp.size:
-                raise ValueError(f"linear dim {shape[shard_dim]} is not divisible by TP size {tp.size}")
-            shape[shard_dim] //= tp.size
-        self.weight = torch.nn.Parameter(torch.empty(shape))
-        if shard_dim is not None:
-            shard_parameter(self.weight, shard_dim, tp)
-        self.weight.init_std = init_std
+        self.param_specs = {"weight": tp_spec(shard_dim, tp, init_std, expert)}
+        self.weight = torch.nn.Parameter(torch.empty(local_shape([out_features, in_features],
+                                                                 self.param_specs["weight"])))
         self.gemm = gemm
         self.wgrad_store = None
 
@@ -88,8 +90,8 @@ class VocabParallelEmbedding(torch.nn.Module):
         super().__init__()
         self.tp = tp
         self.rows = vocab_size // tp.size
-        self.weight = shard_parameter(torch.nn.Parameter(torch.empty(self.rows, hidden_size)), 0, tp)
-        self.weight.init_std = init_std
+        self.param_specs = {"weight": tp_spec(0, tp, init_std)}
+        self.weight = torch.nn.Parameter(torch.empty(self.rows, hidden_size))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megadual.parallel import comm
 from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
@@ -97,8 +97,5 @@ class Pipeline:
         so both compute the same sum."""
         if self.mirror is None:
             return
-        grads = [p.grad for _, p in sorted(self.model.named_parameters())]
-        flat = _flatten_dense_tensors(grads)
-        flat += self.from_mirror(flat)
-        for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(summed)
+        comm.coalesced([p.grad for _, p in sorted(self.model.named_parameters())],
+                       lambda flat: flat + self.from_mirror(flat))

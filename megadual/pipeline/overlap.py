@@ -2,7 +2,7 @@
 
 DualPipe pairs the forward of one micro-batch with the backward of another so that
 each expert all-to-all of one runs while the other computes. Here the backward runs
-as usual; each time it launches an all-to-all (`comm.while_backward_comm`), the
+as usual; each time it launches an all-to-all (`comm.BackwardOverlap`), the
 forward advances by one step (`GPTChunk.forward_steps`), and each forward step ends
 by launching its own all-to-all, which the backward's next compute then covers:
 
@@ -24,8 +24,10 @@ from megadual.parallel import comm
 
 
 def overlapped_forward_backward(forward_steps: Generator[None, None, torch.Tensor], backward: Callable[[], None],
-                                step_context: Callable[[], AbstractContextManager]) -> torch.Tensor:
-    """Run `backward()` with the forward's steps interleaved; return the forward's output."""
+                                step_context: Callable[[], AbstractContextManager],
+                                overlap: comm.BackwardOverlap) -> torch.Tensor:
+    """Run `backward()` with the forward's steps interleaved; return the forward's output.
+    `overlap` is the one the backward's all-to-alls were started with."""
     output: list[torch.Tensor] = []
 
     def advance() -> None:
@@ -37,7 +39,7 @@ def overlapped_forward_backward(forward_steps: Generator[None, None, torch.Tenso
             except StopIteration as done:
                 output.append(done.value)
 
-    with comm.while_backward_comm(advance):
+    with overlap.filling(advance):
         backward()
     while not output:
         advance()

@@ -15,9 +15,10 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
   stage and the received hidden states otherwise; `labels` are given on a last stage only,
   where the module returns the scalar loss (mean over tokens), elsewhere None; FB actions
   also use `chunks[c].forward_steps(inputs, labels)`, the same forward as a generator that
-  pauses at each expert all-to-all. A GPTChunk is such a module; `stage_model.build_stage_model(model_config, layout, pp_rank, seed).chunks`
-  builds a rank's. A runtime whose actions include backwards attaches one WeightGradStore per
-  chunk to the chunk's linears.
+  pauses at each expert all-to-all. A GPTChunk is such a module;
+  `stage_model.build_stage_model(model_config, layout, pp_rank, seed).chunks` builds a rank's.
+  A runtime whose actions include backwards gives each chunk its own WeightGradStore (the W
+  split) and BackwardOverlap (the F&B pairing) with `chunks[c].attach_schedule(store, overlap)`.
 - `group_ranks[p]` is the global rank of pipeline rank p in the process group `group`
   (None: the default group) over which activations and gradients travel.
 - `activation_shape`/`dtype`: every tensor passed between stages has this shape and dtype,
@@ -37,15 +38,12 @@ Actions: F runs a forward; B a full backward; BI a backward whose weight gradien
 chunk's store defers; W runs the oldest deferred weight gradients of the chunk; FB a paired
 forward and backward, the forward's steps run in the shadow of the backward's expert
 all-to-alls and the other way round (`forward_backward`, pipeline/overlap.py).
-Each maximal run of consecutive SEND/RECV actions is one `batch_isend_irecv`. Where the
-backend gives one handle per op (gloo), each receive is waited for only by the compute that
-consumes it and each send only at the end of the step, so no rank idles on a send; and each
-RECV is posted `recv_lookahead` computes before the place it stands in the list
-(`post_receives_ahead`), so the transfer runs while this rank computes instead of after.
-gloo moves a message only once its receive is posted. The default lookahead is 1 on gloo. On
-other backends (NCCL) it is 0 and a batch is waited for whole, as it is posted: there, p2p
-ops between two ranks share one stream and a receive posted ahead of its batch could block
-the peer's send behind it.
+Communication is the Mailbox's (pipeline/p2p.py). On gloo each RECV is posted
+`recv_lookahead` computes before the place it stands in the list (`post_receives_ahead`),
+so the transfer runs while this rank computes instead of after: gloo moves a message only
+once its receive is posted. The default lookahead is 1 on gloo. On other backends (NCCL)
+it is 0: there, p2p ops between two ranks share one stream and a receive posted ahead of
+its batch could block the peer's send behind it.
 A stage whose neighbour is on this rank (DualPipeV's turn at the last rank) hands the
 tensor over locally. Activations are dropped as soon as their backward ran.
 
@@ -64,10 +62,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megadual.parallel.tensor import attach_wgrad_store
+from megadual.parallel import comm
+from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import BACKWARD_KINDS, Action, Kind, Layout
 from megadual.pipeline.overlap import overlapped_forward_backward
-from megadual.pipeline.wgrad import WeightGradStore
+from megadual.pipeline.p2p import Mailbox
 
 # Where a tensor produced on this rank goes: (send kind to a peer, receive kind it fills locally).
 _FORWARD = (Kind.SEND_F, Kind.RECV_F)
@@ -90,24 +89,25 @@ class PipelineRuntime:
                  group_ranks: Sequence[int], group=None, activation_shape: Sequence[int] = (),
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                  autocast: Callable = nullcontext, trace: bool = False, recv_lookahead: int | None = None):
-        self.waits_per_op = dist.is_initialized() and dist.get_backend(group) == "gloo"
+        waits_per_op = dist.is_initialized() and dist.get_backend(group) == "gloo"
         if recv_lookahead is None:
-            recv_lookahead = int(self.waits_per_op)
-        if recv_lookahead and not self.waits_per_op:
+            recv_lookahead = int(waits_per_op)
+        if recv_lookahead and not waits_per_op:
             raise ValueError("recv_lookahead > 0 needs a backend with one handle per p2p op (gloo)")
-        actions = post_receives_ahead(actions, recv_lookahead)
-        self.actions, self.layout, self.chunks = actions, layout, list(chunks)
-        self.rank, self.group_ranks, self.group = pp_rank, list(group_ranks), group
-        self.activation_shape, self.dtype = tuple(activation_shape), dtype
+        self.actions = post_receives_ahead(actions, recv_lookahead)
+        self.layout, self.chunks, self.rank = layout, list(chunks), pp_rank
         self.device = device or torch.device("cpu")
         self.autocast, self.tracing = autocast, trace
         self.num_microbatches = sum(len(m) for m in layout.microbatches)
         self.training = any(a.backward_of is not None for a in actions)
+        self.mailbox = Mailbox(group_ranks, group, activation_shape, dtype, self.device, waits_per_op,
+                               self.training)
         self.stores = [WeightGradStore() for _ in self.chunks]
+        self.overlaps = [comm.BackwardOverlap() for _ in self.chunks]
         self._split_later = {a.backward_of for a in actions if a.kind == Kind.BI}
-        if self.training:  # a forward-only runtime on the same chunks leaves the training stores in place
-            for chunk, store in zip(self.chunks, self.stores):
-                attach_wgrad_store(chunk, store)
+        if self.training:  # a forward-only runtime on the same chunks leaves the training ones in place
+            for chunk, store, overlap in zip(self.chunks, self.stores, self.overlaps):
+                chunk.attach_schedule(store, overlap)
         self.trace: Trace | None = None
 
     def run(self, microbatches: Sequence[dict | None]) -> torch.Tensor:
@@ -115,12 +115,7 @@ class PipelineRuntime:
             raise ValueError(f"the schedule runs {self.num_microbatches} micro-batches, "
                              f"got {len(microbatches)}")
         self._microbatches = microbatches
-        self._inbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
-        self._outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
-        # receives posted but not yet waited for: key -> (work, tensor)
-        self._pending: dict[tuple[Kind, int, int], tuple[object, torch.Tensor]] = {}
-        # (work, tensor): a send is waited for at the end of the step, its tensor kept alive till then
-        self._sends_in_flight: list[tuple[object, torch.Tensor]] = []
+        self.mailbox.reset()
         self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._loss = torch.zeros((), device=self.device)
         self.trace = Trace() if self.tracing else None
@@ -130,16 +125,14 @@ class PipelineRuntime:
                 j = i
                 while j < len(self.actions) and self.actions[j].is_comm:
                     j += 1
-                self._timed("comm:" + " ".join(map(str, self.actions[i:j])), self._communicate,
+                self._timed("comm:" + " ".join(map(str, self.actions[i:j])), self.mailbox.post,
                             self.actions[i:j])
                 i = j
             else:
-                self._await_inputs(self.actions[i])
+                self.mailbox.wait_for_inputs(self.actions[i], self._timed)
                 self._timed(str(self.actions[i]), self._compute, self.actions[i])
                 i += 1
-        for work, _tensor in self._sends_in_flight:
-            work.wait()
-        self._sends_in_flight = []
+        self.mailbox.finish_sends()
         self._check_drained()
         self._microbatches = None
         return self._loss / self.num_microbatches
@@ -149,23 +142,6 @@ class PipelineRuntime:
         fn(arg)
         if self.trace is not None:
             self.trace.events.append((label, start, time.perf_counter()))
-
-    def _await_inputs(self, action: Action) -> None:
-        keys = []
-        if action.forward_of:
-            keys.append((Kind.RECV_F, *action.forward_of))
-        if action.backward_of:
-            keys.append((Kind.RECV_B, *action.backward_of))
-        for key in keys:
-            if key in self._pending:
-                work, tensor = self._pending.pop(key)
-                self._timed(f"comm:wait {key[0].value}{key[1]}.{key[2]}", lambda w: w.wait(), work)
-                self._received(key, tensor)
-
-    def _received(self, key: tuple[Kind, int, int], tensor: torch.Tensor) -> None:
-        if key[0] == Kind.RECV_F:
-            tensor.requires_grad_(self.training)
-        self._inbox[key] = tensor
 
     def _compute(self, action: Action) -> None:
         if action.kind == Kind.F:
@@ -195,7 +171,7 @@ class PipelineRuntime:
         if self.layout.is_first_stage(self.rank, chunk):
             inputs = batch["tokens"].to(self.device)
         else:
-            inputs = self._inbox.pop((Kind.RECV_F, chunk, mb))
+            inputs = self.mailbox.take((Kind.RECV_F, chunk, mb))
         labels = batch["labels"].to(self.device) if self.layout.is_last_stage(self.rank, chunk) else None
         return inputs, labels
 
@@ -214,7 +190,7 @@ class PipelineRuntime:
     def backward(self, chunk: int, mb: int, split: bool) -> None:
         inputs, output = self._saved.pop((chunk, mb))
         last = self.layout.is_last_stage(self.rank, chunk)
-        grad = None if last else self._inbox.pop((Kind.RECV_B, chunk, mb))
+        grad = None if last else self.mailbox.take((Kind.RECV_B, chunk, mb))
         with self.stores[chunk].split_backward() if split else nullcontext():
             torch.autograd.backward(output, grad)
         if inputs is not None:
@@ -228,55 +204,23 @@ class PipelineRuntime:
         with self._deferrable(action.chunk, action.mb):
             output = overlapped_forward_backward(
                 self.chunks[action.chunk].forward_steps(inputs, labels),
-                lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast)
+                lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast,
+                self.overlaps[action.b_chunk])
         self._forward_done(action.chunk, action.mb, inputs, output)
 
     def _deliver(self, kinds: tuple[Kind, Kind], chunk: int, mb: int, step: int,
                  tensor: torch.Tensor) -> None:
         """Hand a stage's output (step=+1) or input gradient (step=-1) to the neighbouring stage:
-        to this rank's chunk that holds it, or to the outbox for the SEND action."""
+        to this rank's chunk that holds it, or to the mailbox for the SEND action."""
         send, recv = kinds
         rank, neighbour_chunk = self.layout.neighbour(self.rank, chunk, step)
         if rank == self.rank:
-            if send == Kind.SEND_F:
-                tensor = tensor.requires_grad_(self.training)
-            self._inbox[(recv, neighbour_chunk, mb)] = tensor
-            return
-        if tuple(tensor.shape) != self.activation_shape or tensor.dtype != self.dtype:
-            raise RuntimeError(f"rank {self.rank} chunk {chunk} micro-batch {mb}: tensor of shape "
-                               f"{tuple(tensor.shape)} {tensor.dtype} to send, the pipeline passes "
-                               f"{self.activation_shape} {self.dtype}")
-        self._outbox[(send, chunk, mb)] = tensor.contiguous()
-
-    def _communicate(self, actions: list[Action]) -> None:
-        ops, received = [], []
-        for action in actions:
-            peer = self.group_ranks[action.peer]
-            if action.is_send:
-                tensor = self._outbox.pop((action.kind, action.chunk, action.mb))
-                ops.append(dist.P2POp(dist.isend, tensor, peer, self.group))
-            else:
-                tensor = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group))
-                received.append(((action.kind, action.chunk, action.mb), tensor))
-        works = dist.batch_isend_irecv(ops)
-        if not self.waits_per_op:
-            for work in works:
-                work.wait()
-            for key, tensor in received:
-                self._received(key, tensor)
-            return
-        receives = iter(received)
-        for work, op in zip(works, ops, strict=True):
-            if op.op is dist.isend:  # its tensor is kept alive until the wait
-                self._sends_in_flight.append((work, op.tensor))
-            else:
-                key, tensor = next(receives)
-                self._pending[key] = (work, tensor)
+            self.mailbox.deliver_locally((recv, neighbour_chunk, mb), tensor)
+        else:
+            self.mailbox.to_send((send, chunk, mb), tensor, f"rank {self.rank} chunk {chunk} micro-batch {mb}")
 
     def _check_drained(self) -> None:
-        left = {"received but unused": list(self._inbox) + list(self._pending),
-                "computed but not sent": list(self._outbox),
+        left = {**self.mailbox.leftovers(),
                 "forwards without backward": list(self._saved) if self.training else [],
                 "deferred weight gradients": [c for c, s in enumerate(self.stores) if len(s)]}
         left = {what: keys for what, keys in left.items() if keys}

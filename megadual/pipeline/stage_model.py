@@ -12,23 +12,22 @@ depends only on seed and global name), each sees the micro-batches of its own di
 and the loss of every micro-batch is divided by the total count M; so the gradient of the
 mean loss over all M micro-batches is the SUM of the two copies' gradients. After that sum
 both copies take the same optimizer step and stay equal. Parameters of a copy carry
-`pipeline_mirror = True`, so the gradient norm counts each distinct parameter once.
+`mirror=True` in the parameter table, so the gradient norm counts each distinct parameter once.
 
 `StageModel.state_dict()` keys are the single-model global names (the chunks of one rank
 never hold the same global layer), so checkpoints move between layouts.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import accumulate
 
 import torch
 
 from megadual.config import ModelConfig, pipeline_stage_layers
-from megadual.model.gpt import GPTChunk, StageSpec, build_chunk
+from megadual.model.gpt import GPTChunk, StageSpec, build_chunk, full_model_stage
 from megadual.moe.router import Router
-from megadual.parallel.linear import linear
-from megadual.parallel.tensor import TensorParallel
+from megadual.parallel.context import ONE_PROCESS, BuildContext
+from megadual.parallel.params import ParamTable
 from megadual.pipeline.actions import Layout
 
 
@@ -41,7 +40,8 @@ def stage_specs(num_layers: int, num_stages: int, first: int | None = None,
 
 class StageModel(torch.nn.Module):
     """Chunks of one rank (`chunks[c]` is local chunk c), their modules registered under the
-    global names: `embedding`, `layers.<global index>`, `final_norm`, `output_layer`."""
+    global names: `embedding`, `layers.<global index>`, `final_norm`, `output_layer`. Without
+    pipeline parallelism it holds one chunk, the whole model."""
 
     def __init__(self, config: ModelConfig, chunks: list[GPTChunk]):
         super().__init__()
@@ -57,23 +57,28 @@ class StageModel(torch.nn.Module):
         self.layers = torch.nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
         if head is not None:
             self.final_norm, self.output_layer = head.final_norm, head.output_layer
+        self.param_table = ParamTable.union([chunk.param_table() for chunk in chunks])
+        self._copy_of_layer = {k: chunk.copy for chunk in chunks for k in chunk.layers}
 
-    def routers(self) -> list[Router]:
-        """In global layer order, the same order on mirrored ranks."""
-        return [layer.mlp.router for layer in self.layers.values() if layer.is_moe]
-
-    def set_fp8_dispatch(self, enabled: bool) -> None:
-        for chunk in self.chunks:
-            chunk.set_fp8_dispatch(enabled)
+    def routers(self) -> list[tuple[Router, bool]]:
+        """(router, in DualPipe's second copy) in global layer order, the same order on mirrored ranks."""
+        return [(layer.mlp.router, self._copy_of_layer[k]) for k, layer in self.layers.items() if layer.is_moe]
 
     def set_aux_loss_grad_scale(self, scale: float) -> None:
-        for chunk in self.chunks:
-            chunk.set_aux_loss_grad_scale(scale)
+        """The lm loss of each micro-batch is divided by the number of micro-batches; the
+        balance loss's gradient must be scaled the same way."""
+        for layer in self.layers.values():
+            if layer.is_moe:
+                layer.mlp.aux_loss_grad_scale = scale
+
+
+def build_full_model(config: ModelConfig, seed: int, ctx: BuildContext = ONE_PROCESS) -> StageModel:
+    """The whole model on one pipeline rank."""
+    return StageModel(config, [build_chunk(config, full_model_stage(config), seed, ctx)])
 
 
 def build_stage_model(config: ModelConfig, layout: Layout, pp_rank: int, seed: int,
-                      tp: TensorParallel | None = None, ep_group=None, num_nodes: int = 1,
-                      gemm: Callable = linear, first_stage_layers: int | None = None,
+                      ctx: BuildContext = ONE_PROCESS, first_stage_layers: int | None = None,
                       last_stage_layers: int | None = None) -> StageModel:
     specs = stage_specs(config.num_layers, len(layout.paths[0]), first_stage_layers, last_stage_layers)
     chunks = []
@@ -82,11 +87,7 @@ def build_stage_model(config: ModelConfig, layout: Layout, pp_rank: int, seed: i
             path, stage = layout.locate(pp_rank, chunk)
         except KeyError:
             break
-        module = build_chunk(config, specs[stage], seed, tp or TensorParallel(), ep_group, num_nodes, gemm)
-        if path > 0:
-            for p in module.parameters():
-                p.pipeline_mirror = True
-        chunks.append(module)
+        chunks.append(build_chunk(config, specs[stage], seed, ctx, copy=path > 0))
     return StageModel(config, chunks)
 
 

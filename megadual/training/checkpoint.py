@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megadual.config import RunConfig, model_config_differences
+from megadual.pipeline.stage_model import StageModel
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megadual_meta.json"
@@ -65,28 +66,28 @@ def _set_rng_state(state: dict) -> None:
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _as_whole_tensors(model: torch.nn.Module, *state_dicts: dict) -> None:
+def _as_whole_tensors(model: StageModel, *state_dicts: dict) -> None:
     """Replace each TP shard (and its optimizer states) in the flat state dicts by a DTensor."""
     meshes: dict[int, DeviceMesh] = {}
-    params = dict(model.named_parameters())
+    records = {r.name: r for r in model.param_table}
     for sd in state_dicts:
         owners = {key: key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
                   for key in sd}
         for key, owner in owners.items():
-            param, value = params.get(owner), sd[key]
-            if getattr(param, "tp_shard", None) is None or not isinstance(value, torch.Tensor) \
-                    or value.shape != param.shape:  # e.g. Adam's scalar step
+            record, value = records.get(owner), sd[key]
+            if record is None or record.spec.tp is None or not isinstance(value, torch.Tensor) \
+                    or value.shape != record.param.shape:  # e.g. Adam's scalar step
                 continue
-            group = param.tp_group
-            mesh = meshes.setdefault(id(group), DeviceMesh.from_group(group, param.device.type))
-            sd[key] = DTensor.from_local(value, mesh, [Shard(param.tp_shard[0])], run_check=False)
+            tp = record.spec.tp
+            mesh = meshes.setdefault(id(tp.group), DeviceMesh.from_group(tp.group, record.param.device.type))
+            sd[key] = DTensor.from_local(value, mesh, [Shard(tp.dim)], run_check=False)
 
 
 def _as_local_tensors(state_dict: dict) -> dict:
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
 
 
-def save_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: RunConfig) -> str:
     rank = dist.get_rank()
     path = iteration_dir(root, state.iteration)
@@ -137,7 +138,7 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,
                     config: RunConfig) -> TrainState | None:
     """Restore the latest checkpoint under `root` (--load); None when there is none."""
     iteration = latest_iteration(root)

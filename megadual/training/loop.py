@@ -10,13 +10,13 @@ import torch.distributed as dist
 from megadual.config import ConfigError, RunConfig, validate_parallel
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
-from megadual.model.gpt import GPTChunk, build_chunk, full_model_stage
+from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout, validate_schedule_args
-from megadual.pipeline.stage_model import StageModel, build_stage_model
+from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
@@ -75,19 +75,22 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
     return TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
 
 
-def build_model(config: RunConfig, topo: Topology, device: torch.device) -> GPTChunk | StageModel:
+def build_context(config: RunConfig, topo: Topology) -> BuildContext:
+    return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch)
+
+
+def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
     """The whole model, or under PP the stage chunks this pipeline rank holds."""
-    parts = (config.train.seed, tensor_parallel(config, topo), topo.group("ep"),
-             topo.layout.nodes_per_ep_group, linear_gemm(config))
+    ctx, seed = build_context(config, topo), config.train.seed
     if topo.layout.pp == 1:
-        model = build_chunk(config.model, full_model_stage(config.model), *parts)
+        model = build_full_model(config.model, seed, ctx)
     else:
         layout = pipeline_layout(config.parallel.pipeline_schedule, topo.layout.pp,
                                  num_microbatches(config, topo.layout.dp))
-        model = build_stage_model(config.model, layout, topo.pp_rank, *parts,
+        model = build_stage_model(config.model, layout, topo.pp_rank, seed, ctx,
                                   first_stage_layers=config.parallel.decoder_first_pipeline_num_layers,
                                   last_stage_layers=config.parallel.decoder_last_pipeline_num_layers)
-    model.set_fp8_dispatch(config.fp8.moe_fp8_dispatch)
     return model.to(device)
 
 
@@ -116,7 +119,7 @@ def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[d
 
 
 @torch.no_grad()
-def evaluate(model: GPTChunk | StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
+def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
              pipeline: Pipeline | None = None) -> float:
     total = torch.zeros((), dtype=torch.float64)
     if pipeline is not None:
@@ -125,8 +128,8 @@ def evaluate(model: GPTChunk | StageModel, loader, count: int, iters: int, topo:
     else:
         for batch in next_batches(loader, count * iters):
             with autocast_context(device, bf16):
-                total += model(batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
-    for router in model.routers():
+                total += model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+    for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
         dist.all_reduce(total, group=topo.group("dp"))

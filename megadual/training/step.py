@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megadual.model.gpt import GPTChunk
 from megadual.parallel.topology import Topology
 from megadual.pipeline.driver import Pipeline
+from megadual.pipeline.stage_model import StageModel
 from megadual.training.grads import clip_gradients, global_grad_norm, reduce_gradients
 from megadual.training.optimizer import set_learning_rate
 
@@ -41,7 +42,8 @@ def autocast_context(device: torch.device, bf16: bool):
 
 
 def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
-    """Gradient accumulation over micro-batches; returns the mean lm loss (this rank)."""
+    """Gradient accumulation over micro-batches through the whole model (one chunk); returns the
+    mean lm loss (this rank)."""
     total = torch.zeros((), device=device)
     for batch in batches:
         with autocast_context(device, bf16):
@@ -59,7 +61,7 @@ def mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
     return float(value) / topo.layout.dp
 
 
-def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bool,
+def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: bool,
                    pipeline: Pipeline | None = None) -> RoutingSummary:
     """Sum each router's step statistics over the pipeline stage (and DualPipe's mirrored copy);
     move its expert bias. Under PP the summary covers the routers of every stage."""
@@ -68,7 +70,7 @@ def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bo
     summary = RoutingSummary()
     group = topo.group("dp_tp")
     node_sum = node_tokens = 0.0
-    for router in model.routers():
+    for router, copy in model.routers():
         stats = router.take_stats()
         totals = [stats.aux_loss, stats.calls, stats.tokens, stats.node_count_sum]
         sums = torch.cat([stats.tokens_per_expert, torch.tensor(totals, dtype=torch.float64)])
@@ -83,8 +85,8 @@ def reduce_routing(model: GPTChunk, topo: Topology, rate: float, update_bias: bo
         aux, calls, tokens, nodes = sums[-4:].tolist()
         if update_bias and router.config.moe_router_enable_expert_bias:
             router.update_bias(load, rate)
-        if getattr(router.weight, "pipeline_mirror", False):
-            continue  # the copy on the mirrored rank counts it
+        if copy:
+            continue  # the first copy, on the mirrored rank, counts it
         summary.aux_loss += aux / max(1.0, calls)
         summary.max_over_mean_load = max(summary.max_over_mean_load, float(load.max() / load.mean()))
         summary.nodes_per_token_max = max(summary.nodes_per_token_max, int(node_max))
@@ -107,27 +109,27 @@ def _combine_over_pipeline(summary: RoutingSummary, node_sum: float, node_tokens
     return node_sum, node_tokens
 
 
-def train_step(model: GPTChunk, optimizer: torch.optim.Optimizer, batches: list[dict], topo: Topology,
+def train_step(model: StageModel, optimizer: torch.optim.Optimizer, batches: list[dict], topo: Topology,
                lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
                grad_hook=None, pipeline: Pipeline | None = None) -> StepResult:
-    """With `pipeline` (PP > 1), `model` is its stage model and the schedule runs the micro-batches."""
+    """With `pipeline` (PP > 1) the schedule runs the micro-batches through `model`'s chunks."""
     optimizer.zero_grad(set_to_none=True)
     if pipeline is None:
-        loss = forward_backward(model, batches, device, bf16)
+        loss = forward_backward(model.chunks[0], batches, device, bf16)
     else:
         loss = pipeline.forward_backward(batches)
     lm_loss = mean_over_dp(loss, topo)
-    params = [p for p in model.parameters() if p.requires_grad]
-    reduce_gradients(params, topo)
+    table = model.param_table
+    reduce_gradients(table, topo)
     if pipeline is not None:
         pipeline.sum_mirrored_gradients()
     if grad_hook is not None:
         grad_hook(model)
-    norm = global_grad_norm(params, topo)
+    norm = global_grad_norm(table, topo)
     finite = math.isfinite(norm) and math.isfinite(lm_loss)
     routing = reduce_routing(model, topo, bias_rate, update_bias=finite, pipeline=pipeline)
     if finite:
-        clip_gradients(params, norm, clip_grad)
+        clip_gradients(table, norm, clip_grad)
         set_learning_rate(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
