@@ -5,11 +5,12 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch.distributed as dist
 
-from megadual.config import ConfigError, build_parser, parse_args
+from megadual.config import ConfigError, build_parser, parse_args, resolve_device_defaults, validate_world
 from megadual.data.indexed_dataset import DataFileError
 from megadual.data.tokenizer import build_tokenizer
 from megadual.training.checkpoint import CheckpointError
@@ -24,14 +25,23 @@ def load_config(argv: list[str]):
     return parse_args(argv, tokenizer_vocab_size=tokenizer.vocab_size)
 
 
+def validate_launch(config) -> None:
+    """The layout against the launcher's world (torchrun's environment; none: one process),
+    before any process group: a bad layout fails at once instead of in a rendezvous."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_world(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = load_config(argv)
+        validate_launch(config)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"pretrain_moe.py: error: {e}", file=sys.stderr)
         return 2
     device = init_distributed()
+    config = resolve_device_defaults(config, device.type)
     try:
         if dist.get_rank() == 0:
             print(f" megadual: world size {dist.get_world_size()}, device {device}, config {config}", flush=True)

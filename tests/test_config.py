@@ -1,7 +1,7 @@
 """Bad flags are rejected at start-up with a message naming the flag."""
 import pytest
 
-from megadual.config import ConfigError, parse_args
+from megadual.config import ConfigError, parse_args, resolve_device_defaults
 from tests.helpers import TINY_MOE
 
 
@@ -47,3 +47,32 @@ def test_megatron_group_topk_maps_to_max_nodes_and_vocab_is_padded():
 def test_unknown_choice_is_rejected_by_argparse():
     with pytest.raises(SystemExit):
         parse_args(TINY_MOE + ["--moe-router-score-function", "relu"])
+
+
+def test_derived_defaults():
+    c = parse_args(TINY_MOE + ["--num-query-groups", "2"])  # ignored without --group-query-attention
+    assert c.model.ffn_hidden_size == 176  # 8/3 x 64 = 170.7, up to a multiple of 8
+    assert c.model.num_query_groups == 4 and not c.parallel.moe_router_max_nodes_given
+    c = parse_args(TINY_MOE + ["--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "96",
+                               "--moe-router-max-nodes", "4"])
+    assert (c.model.num_query_groups, c.model.ffn_hidden_size) == (2, 96) and c.parallel.moe_router_max_nodes_given
+
+
+def test_flags_keep_their_types_and_actions():
+    c = parse_args(TINY_MOE + ["--norm-epsilon", "1e-5", "--no-pipeline-split-backward", "--sequence-parallel",
+                               "--lr-decay-iters", "50", "--no-moe-router-enable-expert-bias"])
+    assert c.model.norm_epsilon == 1e-5 and c.optim.lr_decay_iters == 50
+    assert c.parallel.sequence_parallel and not c.parallel.pipeline_split_backward
+    assert not c.model.moe_router_enable_expert_bias
+    args = [a for a in TINY_MOE if a != "--mock-data"]
+    assert parse_args(args + ["--data-path", "0.3", "a", "0.7", "b"]).data.data_path == ("0.3", "a", "0.7", "b")
+
+
+@pytest.mark.parametrize("flags, device_type, bf16", [
+    ([], "cuda", True), ([], "cpu", False), (["--no-bf16"], "cuda", False), (["--bf16"], "cpu", True),
+])
+def test_bf16_default_depends_on_the_device(flags, device_type, bf16):
+    config = parse_args(TINY_MOE + flags)
+    resolved = resolve_device_defaults(config, device_type)
+    assert resolved.train.bf16 is bf16
+    assert resolve_device_defaults(resolved, "cpu" if device_type == "cuda" else "cuda") == resolved

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from megadual.training.distributed import free_port
 from tests.helpers import TINY_MOE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args):
+def run(args, env=None, timeout=120):
     return subprocess.run([sys.executable, "pretrain_moe.py", *args], cwd=ROOT, check=False,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_missing_data_file_is_named():
@@ -29,6 +30,16 @@ def test_missing_data_file_is_named():
 def test_bad_flag_is_named_before_start():
     out = run(TINY_MOE + ["--hidden-size", "66", "--train-iters", "2"])
     assert out.returncode == 2 and "--hidden-size" in out.stderr and "iteration" not in out.stdout
+
+
+def test_bad_layout_fails_before_the_rendezvous():
+    """Rank 0 of a world of 3 that no other rank joins: a rendezvous would wait until the timeout."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    out = run(TINY_MOE + ["--tensor-model-parallel-size", "2"], env=env, timeout=60)
+    assert out.returncode == 2, out.stderr[-3000:]
+    error = out.stderr.strip().splitlines()
+    assert len(error) == 1 and "world size 3 is not divisible by --tensor-model-parallel-size (2)" in error[0]
 
 
 def logged_losses(stdout: str) -> list[float]:

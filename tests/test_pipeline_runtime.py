@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megadual.config import ConfigError, parse_args
+from megadual.config_validate import validate_pipeline
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.pipeline.actions import Action, Kind, Layout, match_messages
 from megadual.pipeline.driver import forward_only_schedule
@@ -15,7 +16,6 @@ from megadual.pipeline.runtime import PipelineRuntime, post_receives_ahead
 from megadual.pipeline.schedules import build_schedule, check_schedule, pipeline_layout
 from megadual.pipeline.simulate import simulate
 from megadual.pipeline.stage_model import build_full_model, build_stage_model, mirror_rank, stage_specs
-from megadual.training.loop import validate_pipeline
 from megadual.training.step import forward_backward
 from tests.helpers import TINY_MOE
 

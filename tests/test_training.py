@@ -1,4 +1,5 @@
 """Training-loop behaviour: non-finite steps are skipped and counted, then stop the run; log shape."""
+import json
 import re
 
 import pytest
@@ -39,6 +40,24 @@ def test_too_many_consecutive_skips_stop_the_run(monkeypatch):
     with single_process_group() as device, pytest.raises(loop.NonFiniteLossError, match="3 iterations in a row"):
         loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "10", "--max-consecutive-skipped-iters", "3"]),
                       device, log=lambda line: None)
+
+
+@pytest.mark.parametrize("lm_loss, grad_norm, nan", [(2.0, float("inf"), 0), (float("nan"), float("nan"), 1)])
+def test_skipped_and_nan_iterations_are_counted_apart(monkeypatch, lm_loss, grad_norm, nan):
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: StepResult(lm_loss, grad_norm, True, RoutingSummary()))
+    lines = []
+    with single_process_group() as device:
+        loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "1", "--log-interval", "1", "--lr-warmup-iters", "0"]),
+                      device, lines.append)
+    assert f"| number of skipped iterations:   1 | number of nan iterations: {nan:3d} |" in lines[0]
+
+
+def test_pretrain_resolves_bf16_for_its_device(tmp_path):
+    with single_process_group() as device:
+        loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(tmp_path)]),
+                      device, log=lambda line: None)
+    meta = json.loads(next(tmp_path.glob("iter_*/megadual_meta.json")).read_text())
+    assert meta["config"]["train"]["bf16"] is False  # on CPU; the checkpoint records the resolved run
 
 
 def test_log_line_has_megatron_shape():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from megadual.config import ConfigError
+from megadual.config_validate import validate_layout
 
 
 @dataclass(frozen=True)
@@ -32,20 +32,7 @@ class Layout:
         return self.ranks_per_node or self.world_size
 
     def validate(self) -> None:
-        if self.world_size % (self.tp * self.pp):
-            raise ConfigError(
-                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size ({self.tp}) x "
-                f"--pipeline-model-parallel-size ({self.pp})")
-        if (self.dp * self.tp) % self.ep:
-            raise ConfigError(
-                f"--expert-model-parallel-size ({self.ep}) must divide data-parallel x tensor-parallel size "
-                f"({self.dp} x {self.tp}): experts are spread over the ranks of one pipeline stage")
-        if self.world_size % self.node_size:
-            raise ConfigError(f"world size {self.world_size} is not divisible by --moe-ranks-per-node "
-                              f"({self.node_size})")
-        if self.ep > self.node_size and self.ep % self.node_size:
-            raise ConfigError(f"--expert-model-parallel-size ({self.ep}) must be a multiple of "
-                              f"--moe-ranks-per-node ({self.node_size}) so that nodes hold whole EP slices")
+        validate_layout(self.world_size, self.tp, self.pp, self.ep, self.node_size)
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """rank -> (pp_rank, dp_rank, tp_rank)."""

@@ -31,32 +31,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
+from megadual.config_validate import SCHEDULES, validate_schedule_args
 from megadual.pipeline.actions import Action, Kind, Layout, ScheduleError, match_messages, paired
-
-SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
-
-
-def validate_schedule_args(name: str, pp_size: int, num_microbatches: int) -> None:
-    """Reject a schedule/size combination with a message naming the flag to change."""
-    if name not in SCHEDULES:
-        raise ValueError(f"--pipeline-schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
-    if pp_size < 1:
-        raise ValueError(f"--pipeline-model-parallel-size must be >= 1, got {pp_size}")
-    mb_flags = "--num-microbatches (--global-batch-size / (--micro-batch-size * data-parallel size))"
-    if name == "1f1b":
-        if num_microbatches < 1:
-            raise ValueError(f"{mb_flags} must be >= 1 under 1f1b, got {num_microbatches}")
-        return
-    if name == "dualpipe" and pp_size % 2:
-        raise ValueError(f"--pipeline-model-parallel-size must be even for {name}, got {pp_size}")
-    if num_microbatches < 2 * pp_size:
-        raise ValueError(
-            f"{mb_flags} must be >= 2 * --pipeline-model-parallel-size = {2 * pp_size} "
-            f"under {name}, got {num_microbatches}"
-        )
-    if name == "dualpipe" and num_microbatches % 2:
-        raise ValueError(f"{mb_flags} must be even under dualpipe (half enter from each end), "
-                         f"got {num_microbatches}")
 
 
 def pipeline_layout(name: str, pp_size: int, num_microbatches: int) -> Layout:

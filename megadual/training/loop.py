@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megadual.config import ConfigError, RunConfig, validate_parallel
+from megadual.config import RunConfig, resolve_device_defaults
+from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
 from megadual.parallel.context import BuildContext
@@ -15,7 +16,7 @@ from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.driver import Pipeline
-from megadual.pipeline.schedules import pipeline_layout, validate_schedule_args
+from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megadual.training.distributed import local_world_size
@@ -36,39 +37,19 @@ class RunResult:
 
 
 def build_topology(config: RunConfig) -> Topology:
+    """This rank's place in the grid of a layout that validate_world accepted."""
     p = config.parallel
     layout = Layout(dist.get_world_size(), p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                    p.expert_model_parallel_size, p.moe_ranks_per_node or local_world_size())
-    layout.validate()
-    validate_parallel(config, layout.tp, layout.ep, layout.nodes_per_ep_group)
-    if layout.pp > 1:
-        validate_pipeline(config, layout.dp)
+                    p.expert_model_parallel_size, node_size(config, local_world_size()))
     return Topology(layout, dist.get_rank())
 
 
-def validate_pipeline(config: RunConfig, dp: int) -> None:
-    """The schedule's demands on PP and the micro-batch count (the layer split: config.validate)."""
-    p, n_micro = config.parallel, num_microbatches(config, dp)
-    try:
-        validate_schedule_args(p.pipeline_schedule, p.pipeline_model_parallel_size, n_micro)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def num_microbatches(config: RunConfig, dp: int) -> int:
-    t = config.train
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"--global-batch-size ({t.global_batch_size}) must be divisible by "
-                          f"--micro-batch-size ({t.micro_batch_size}) x data-parallel size ({dp})")
-    return t.global_batch_size // per_step
-
-
 def linear_gemm(config: RunConfig):
+    """The linear of every layer: F.linear's, or with --fp8-format the FP8 one of --fp8-recipe."""
     if config.fp8.fp8_format is None:
         return linear
     from megadual.fp8.linear import fp8_linear
-    return fp8_linear
+    return {"blockwise": fp8_linear}[config.fp8.fp8_recipe]
 
 
 def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
@@ -139,6 +120,8 @@ def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
     """Train as `config` says. `grad_hook(model)`, if given, sees the reduced gradients of every
     step before clipping (tests compare them across layouts)."""
+    config = resolve_device_defaults(config, device.type)
+    validate_world(config, dist.get_world_size(), local_world_size())
     topo = build_topology(config)
     t, o = config.train, config.optim
     n_micro = num_microbatches(config, topo.layout.dp)

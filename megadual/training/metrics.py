@@ -21,9 +21,9 @@ class IntervalLog:
     def add(self, result: StepResult, seconds: float) -> None:
         self.iterations += 1
         self.seconds += seconds
+        self.nan += int(not math.isfinite(result.lm_loss))
         if result.skipped:
             self.skipped += 1
-            self.nan += int(not math.isfinite(result.lm_loss) or not math.isfinite(result.grad_norm))
             return
         self.lm_loss += result.lm_loss
         self.aux_loss += result.routing.aux_loss

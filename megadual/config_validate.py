@@ -1,0 +1,214 @@
+"""The checks of a run configuration: each rule once, each message naming the flag at fault.
+
+`validate` needs only the flags; `validate_world` checks the parallel layout against the
+world the run is launched on. Both are arithmetic on the config, with no torch.distributed,
+so the entry point runs them before any process group exists.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megadual.config import ModelConfig, ParallelConfig, RunConfig
+
+SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+
+
+class ConfigError(ValueError):
+    """A flag or combination of flags that cannot work; the message names the flag."""
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: RunConfig) -> None:
+    """Checks that need no process group; layout checks against the world are in validate_world."""
+    m, t, o, d = c.model, c.train, c.optim, c.data
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size"):
+        _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
+             f"({m.num_attention_heads})")
+    _require(m.head_dim % 2 == 0, "--hidden-size / --num-attention-heads must be even for rotary embeddings")
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --num-query-groups "
+             f"({m.num_query_groups})")
+    if m.num_experts:
+        _validate_moe(m)
+    _validate_parallel_sizes(c.parallel)
+    _validate_pipeline_layers(m, c.parallel)
+    _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
+             f"({t.micro_batch_size})")
+    _require(t.train_iters > 0, "--train-iters must be positive")
+    _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
+    _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
+             "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
+    _require(t.log_interval > 0, "--log-interval must be positive")
+    _require(t.eval_interval >= 0 and t.eval_iters >= 0, "--eval-interval and --eval-iters must be >= 0")
+    _require(t.save_interval >= 0, "--save-interval must be >= 0")
+    _require(not (t.save_interval and not t.save), "--save-interval needs --save")
+    _require(bool(d.data_path) != d.mock_data, "give exactly one of --data-path and --mock-data")
+    if d.tokenizer_type == "HuggingFaceTokenizer":
+        _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
+    _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
+             "--moe-fp8-dispatch needs --fp8-format e4m3")
+
+
+def _validate_parallel_sizes(p: ParallelConfig) -> None:
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        _require(getattr(p, name) >= 1, f"{flag_name(name)} must be >= 1, got {getattr(p, name)}")
+    _require(p.moe_ranks_per_node >= 0, f"--moe-ranks-per-node must be >= 0, got {p.moe_ranks_per_node}")
+
+
+def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
+    """The layers split over the pipeline stages: PP of them, 2 * PP under dualpipev.
+    (The schedule's micro-batch checks need the data-parallel size: see validate_world.)"""
+    pp = p.pipeline_model_parallel_size
+    if pp > 1:
+        stages = 2 * pp if p.pipeline_schedule == "dualpipev" else pp
+        context = f"of --pipeline-model-parallel-size {pp} under --pipeline-schedule {p.pipeline_schedule}"
+        pipeline_stage_layers(m.num_layers, stages, p.decoder_first_pipeline_num_layers,
+                              p.decoder_last_pipeline_num_layers,
+                              context + (" (two stages per rank)" if stages > pp else ""))
+
+
+def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = None, last: int | None = None,
+                          context: str = "") -> list[int]:
+    """Layers per pipeline stage: `first`/`last` for the end stages when given (Megatron's
+    --decoder-first/last-pipeline-num-layers), the rest split evenly over the other stages."""
+    fixed = {stage: n for stage, n in ((0, first), (num_stages - 1, last)) if n is not None}
+    for n in fixed.values():
+        _require(0 <= n <= num_layers, f"--decoder-first/last-pipeline-num-layers ({n}) must be in "
+                                       f"[0, --num-layers ({num_layers})]")
+    middle, rest = num_stages - len(fixed), num_layers - sum(fixed.values())
+    overrides = " minus --decoder-first/last-pipeline-num-layers" if fixed else ""
+    _require(rest >= 0 and (rest % middle == 0 if middle else rest == 0),
+             f"--num-layers ({num_layers}){overrides} must split evenly over the {middle or num_stages} "
+             f"pipeline stages {context}".rstrip())
+    return [fixed.get(stage, rest // middle if middle else 0) for stage in range(num_stages)]
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    _require(m.moe_router_topk >= 1, "--moe-router-topk must be at least 1")
+    _require(m.moe_router_topk <= m.num_experts,
+             f"--moe-router-topk ({m.moe_router_topk}) exceeds --num-experts ({m.num_experts})")
+    _require(0 <= m.moe_first_k_dense <= m.num_layers,
+             f"--moe-first-k-dense ({m.moe_first_k_dense}) must be in [0, --num-layers]")
+    _require(m.moe_router_max_nodes >= 1, "--moe-router-max-nodes must be at least 1")
+    if m.moe_router_num_groups:
+        validate_node_limit(m, m.moe_router_num_groups, "--moe-router-num-groups")
+
+
+def validate_node_limit(m: ModelConfig, num_nodes: int, nodes_flag: str) -> None:
+    """Node-limited routing needs experts split evenly over nodes and topk/M experts per node."""
+    _require(m.num_experts % num_nodes == 0,
+             f"--num-experts ({m.num_experts}) must be divisible by the number of nodes ({nodes_flag} "
+             f"gives {num_nodes})")
+    limit = m.moe_router_max_nodes
+    if limit >= num_nodes:
+        return
+    _require(m.moe_router_topk % limit == 0,
+             f"--moe-router-topk ({m.moe_router_topk}) must be divisible by --moe-router-max-nodes "
+             f"({limit}): nodes are ranked by their best topk/M scores")
+    _require(m.moe_router_topk // limit <= m.num_experts // num_nodes,
+             f"--moe-router-topk / --moe-router-max-nodes ({m.moe_router_topk // limit}) exceeds the "
+             f"experts per node ({m.num_experts // num_nodes})")
+
+
+def node_size(config: RunConfig, launcher_ranks_per_node: int) -> int:
+    """Ranks per node: --moe-ranks-per-node, or (0) the launcher's LOCAL_WORLD_SIZE."""
+    return config.parallel.moe_ranks_per_node or launcher_ranks_per_node
+
+
+def validate_world(config: RunConfig, world_size: int, ranks_per_node: int) -> None:
+    """Every check of the parallel layout against a world of `world_size` ranks, `ranks_per_node`
+    (the launcher's LOCAL_WORLD_SIZE) on each node: the grid, the model's splits, the batch and
+    the pipeline schedule."""
+    p = config.parallel
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    ranks_per_node = node_size(config, ranks_per_node)
+    validate_layout(world_size, tp, pp, ep, ranks_per_node)
+    validate_parallel(config, tp, ep, max(1, ep // ranks_per_node))
+    validate_pipeline(config, world_size // (tp * pp))
+
+
+def validate_layout(world_size: int, tp: int, pp: int, ep: int, ranks_per_node: int) -> None:
+    """The PP x DP x TP grid, EP folded into DP x TP, and whole EP slices per node."""
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+             f"--pipeline-model-parallel-size ({pp})")
+    dp = world_size // (tp * pp)
+    _require((dp * tp) % ep == 0,
+             f"--expert-model-parallel-size ({ep}) must divide data-parallel x tensor-parallel size "
+             f"({dp} x {tp}): experts are spread over the ranks of one pipeline stage")
+    _require(world_size % ranks_per_node == 0,
+             f"world size {world_size} is not divisible by --moe-ranks-per-node ({ranks_per_node})")
+    _require(ep <= ranks_per_node or ep % ranks_per_node == 0,
+             f"--expert-model-parallel-size ({ep}) must be a multiple of --moe-ranks-per-node "
+             f"({ranks_per_node}) so that nodes hold whole EP slices")
+
+
+def validate_parallel(c: RunConfig, tp: int, ep: int, nodes_in_ep_group: int) -> None:
+    """Checks of the model against the TP and EP sizes and the nodes of an EP group."""
+    m, p = c.model, c.parallel
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "moe_shared_expert_intermediate_size"):
+        _require(getattr(m, name) % tp == 0, f"{flag_name(name)} ({getattr(m, name)}) must be divisible by "
+                                              f"--tensor-model-parallel-size ({tp})")
+    if tp > 1 and (p.sequence_parallel or m.num_experts):
+        why = "sequence parallelism" if p.sequence_parallel else "MoE layers route each TP rank's part"
+        _require(m.seq_length % tp == 0, f"--seq-length ({m.seq_length}) must be divisible by "
+                                         f"--tensor-model-parallel-size ({tp}) ({why} of the sequence)")
+    if not m.num_experts:
+        return
+    _require(m.num_experts % ep == 0, f"--num-experts ({m.num_experts}) must be divisible by "
+                                      f"--expert-model-parallel-size ({ep})")
+    if m.moe_router_num_groups:
+        return
+    _require(not p.moe_router_max_nodes_given or m.moe_router_max_nodes <= nodes_in_ep_group,
+             f"--moe-router-max-nodes ({m.moe_router_max_nodes}) is larger than the nodes in an expert-"
+             f"parallel group ({nodes_in_ep_group}: --expert-model-parallel-size {ep} over "
+             f"--moe-ranks-per-node ranks per node)")
+    validate_node_limit(m, nodes_in_ep_group, "--expert-model-parallel-size / --moe-ranks-per-node")
+
+
+def validate_pipeline(config: RunConfig, dp: int) -> None:
+    """The micro-batch count, and the schedule's demands on it and on PP (the layer split: validate)."""
+    n_micro = num_microbatches(config, dp)
+    if config.parallel.pipeline_model_parallel_size > 1:
+        validate_schedule_args(config.parallel.pipeline_schedule, config.parallel.pipeline_model_parallel_size,
+                               n_micro)
+
+
+def num_microbatches(config: RunConfig, dp: int) -> int:
+    t = config.train
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0,
+             f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
+             f"({t.micro_batch_size}) x data-parallel size ({dp})")
+    return t.global_batch_size // per_step
+
+
+def validate_schedule_args(name: str, pp_size: int, num_microbatches: int) -> None:
+    """Reject a schedule/size combination with a message naming the flag to change."""
+    _require(name in SCHEDULES, f"--pipeline-schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    _require(pp_size >= 1, f"--pipeline-model-parallel-size must be >= 1, got {pp_size}")
+    mb_flags = "--num-microbatches (--global-batch-size / (--micro-batch-size * data-parallel size))"
+    if name == "1f1b":
+        _require(num_microbatches >= 1, f"{mb_flags} must be >= 1 under 1f1b, got {num_microbatches}")
+        return
+    _require(name != "dualpipe" or pp_size % 2 == 0,
+             f"--pipeline-model-parallel-size must be even for {name}, got {pp_size}")
+    _require(num_microbatches >= 2 * pp_size,
+             f"{mb_flags} must be >= 2 * --pipeline-model-parallel-size = {2 * pp_size} "
+             f"under {name}, got {num_microbatches}")
+    _require(name != "dualpipe" or num_microbatches % 2 == 0,
+             f"{mb_flags} must be even under dualpipe (half enter from each end), got {num_microbatches}")
