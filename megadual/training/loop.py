@@ -18,7 +18,7 @@ from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
-from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megadual.training.checkpoint import CheckpointManager, TrainState
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
@@ -123,6 +123,16 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     config = resolve_device_defaults(config, device.type)
     validate_world(config, dist.get_world_size(), local_world_size())
     topo = build_topology(config)
+    with CheckpointManager(config, log) as checkpoints:  # --save locked, --load found, before anything is built
+        done = checkpoints.already_trained(config.train.train_iters)
+        if done is not None:
+            return RunResult(final_state=done)
+        return train(config, topo, device, log, grad_hook, checkpoints)
+
+
+def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hook,
+          checkpoints: CheckpointManager) -> RunResult:
+    """Build the data, model and optimizer, restore the checkpoint found, and run the iterations."""
     t, o = config.train, config.optim
     n_micro = num_microbatches(config, topo.layout.dp)
     d = config.data
@@ -133,14 +143,12 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
     optimizer = build_optimizer(list(model.named_parameters()), o)
-    state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
-    if t.load and dist.get_rank() == 0:
-        log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
+    state = checkpoints.restore(model, optimizer)
     loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
     writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
-    result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
+    result, interval, consecutive_bad = RunResult(), IntervalLog(), 0
     is_moe = config.model.num_experts > 0
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
@@ -173,13 +181,10 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             if dist.get_rank() == 0:
                 log(format_validation(state.iteration, loss))
                 writer.scalars(state.iteration, {"validation lm loss": loss})
-        saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
-        if saved:
-            save_checkpoint(t.save, model, optimizer, state, config)
+        checkpoints.after_step(state, step.skipped)
         if t.exit_interval and state.iteration % t.exit_interval == 0:
             break
-    if t.save and not saved:
-        save_checkpoint(t.save, model, optimizer, state, config)
+    checkpoints.finish(state)
     result.final_state = state
     return result
 
