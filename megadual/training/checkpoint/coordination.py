@@ -8,8 +8,6 @@ with training's on the default group.
 """
 from __future__ import annotations
 
-import errno
-
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
@@ -22,15 +20,12 @@ EXPECTED = (OSError, CheckpointError, CheckpointException)
 
 
 def describe(error: BaseException) -> str:
-    """One line in plain words: `No space left on device (/ckpt/iter_0000100/__0_0.distcp)`."""
+    """One line in plain words: `No space left on device`, `Permission denied (/ckpt/iter_0000100)`."""
     if isinstance(error, CheckpointException):
         rank, (inner, _) = next(iter(error.failures.items()))
         return f"rank {rank}: {describe(inner)}"
     if isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-        if error.errno == errno.ENOSPC:
-            text += " (the disk is full)"
-        return f"{text} ({error.filename})" if error.filename else text
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
     return str(error)
 
 
