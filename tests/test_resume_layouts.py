@@ -15,9 +15,9 @@ def straight():
     return spawn_pretrain(1, ARGS)
 
 
-@pytest.mark.parametrize("saved, resumed", [((4, TP2_EP2_DP2), (1, [])), ((1, []), (2, TP2)),
+@pytest.mark.parametrize("saved, resumed", [((4, TP2_EP2_DP2 + ["--async-save"]), (1, [])), ((1, []), (2, TP2)),
                                             ((2, EP2), (2, TP2))],
-                         ids=["TP2xEP2xDP2->1", "1->TP2", "EP2->TP2"])
+                         ids=["TP2xEP2xDP2-async->1", "1->TP2", "EP2->TP2"])
 def test_resume_under_another_layout(tmp_path, straight, saved, resumed):
     save = ["--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3"]
     first = spawn_pretrain(saved[0], ARGS + saved[1] + save)

@@ -56,6 +56,9 @@ class Saver:
         t = config.train
         self.root, self.keep, self.config, self.coord, self.log = t.save, t.keep_last_n_checkpoints, config, coord, log
         self._background = ThreadPoolExecutor(1, thread_name_prefix="megadual-save") if t.async_save else None
+        # DCP's background writer gets a group of its own: its collectives run while this thread agrees
+        # over coord's that the save started.
+        self._writer_group = dist.new_group(backend="gloo") if t.async_save else coord.group
         self._pending: Future | None = None
 
     def save(self, model: StageModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
@@ -73,7 +76,7 @@ class Saver:
                 self.log(f" removed what an interrupted save left in {self.root}: {', '.join(leftovers)}")
             state_dict = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer),
                           rng_key(): rng_state()}
-            group = self.coord.group
+            group = self._writer_group
             if self._background is None:
                 self.coord.everywhere(lambda: dcp.save(state_dict, checkpoint_id=staging, process_group=group))
             else:
