@@ -65,6 +65,11 @@ def timed_run(flags: list[str], device: torch.device) -> tuple[list[float], list
     return plain, with_save, saves
 
 
+def describe(run: tuple[list[float], list[float], list[float]]) -> str:
+    plain, with_save = statistics.median(run[0]), statistics.median(run[1])
+    return f"iteration {plain * 1e3:.0f} ms, with a save {with_save * 1e3:.0f} ms"
+
+
 def checksum_speed(folder: Path) -> tuple[float, float]:
     """Seconds to checksum every file of `folder`, and their bytes."""
     start = time.perf_counter()
@@ -117,16 +122,18 @@ def main() -> None:
                 results[mode].append(timed_run(flags, device))
             ratio = statistics.median(results["async"][-1][1]) / statistics.median(results["sync"][-1][1])
             ratios.append(ratio)
-            print(f"round {round_}: iteration with a save, async / sync: {ratio:.3f}")
+            print(f"round {round_}: " + " | ".join(f"{mode} {describe(results[mode][-1])}" for mode in modes)
+                  + f" | with a save, async / sync {ratio:.3f}")
         folder = max(save.glob("iter_*"))
         seconds, size = checksum_speed(folder)
     for mode, runs in results.items():
         plain = statistics.median(t for run in runs for t in run[0])
         with_save = statistics.median(t for run in runs for t in run[1])
         saves = statistics.median(s for run in runs for s in run[2])
-        print(f"{mode:5s}: iteration {plain * 1e3:8.1f} ms, with a save {with_save * 1e3:8.1f} ms, "
-              f"the save itself (start to published) {saves * 1e3:8.1f} ms")
-    print(f"iteration with a save, async / sync (median of {a.rounds} rounds): {statistics.median(ratios):.3f}")
+        print(f"{mode:5s}: iteration {plain * 1e3:.0f} ms, with a save {with_save * 1e3:.0f} ms "
+              f"(+{(with_save - plain) * 1e3:.0f} ms), the save from its start to published {saves * 1e3:.0f} ms")
+    print(f"iteration with a save, async / sync: median over {a.rounds} rounds {statistics.median(ratios):.3f} "
+          f"(quartiles {' '.join(f'{q:.3f}' for q in statistics.quantiles(ratios, n=4)) if a.rounds > 1 else '-'})")
     sync_save = statistics.median(s for run in results["sync"] for s in run[2])
     print(f"checksum pass: {size / 1e6:.1f} MB in {seconds * 1e3:.1f} ms ({size / seconds / 1e9:.2f} GB/s), "
           f"{seconds / sync_save:.1%} of a sync save")

@@ -91,7 +91,7 @@ def test_keep_last_n_removes_older_checkpoints_only_after_a_newer_one_verified(t
 def test_every_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     """The directory as a kill would leave it before each rename or removal of a save that replaces a
     stale iter_0000004, publishes iteration 4 and removes iteration 2 (the real kills are in
-    test_checkpoint_kill.py): each loads iteration 2 or 4."""
+    test_checkpoint_kill.py): each loads the folder its tracker names, iteration 2 or 4."""
     root = tmp_path / "checkpoints"
     train(["--train-iters", "4", "--save", str(root), "--save-interval", "2", "--exit-interval", "2"])
     shutil.copytree(root / "iter_0000002", root / "iter_0000004")  # a complete folder the tracker does not name
@@ -110,12 +110,13 @@ def test_every_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path, monkeypat
     assert folders(root) == ["iter_0000004"] and (root / TRACKER).read_text() == "4"
     assert run.has("removed checkpoints of iterations 2 (--keep-last-n-checkpoints 1)")
     assert len(snapshots) >= 8  # DCP's .metadata, metadata, manifest, move out, publish, tracker, 2 removals
-    loaded = []
+    loaded, lines = [], []
     with single_process_group():
         for moment in snapshots:
-            found = find_checkpoint(parse_args(SMALL + ["--load", str(moment)]), Coordination(), log=lambda line: None)
+            found = find_checkpoint(parse_args(SMALL + ["--load", str(moment)]), Coordination(), log=lines.append)
             loaded.append(found.train_state.iteration)
     assert set(loaded) == {2, 4} and loaded[-1] == 4
+    assert not [line for line in lines if "skipping" in line]  # the tracker always named a complete folder
 
 
 def test_an_async_save_holds_its_own_iteration_while_training_goes_on(tmp_path, monkeypatch):
