@@ -6,12 +6,15 @@
 One process (a one-rank world), one thread for training. Each round trains the same dense model
 twice, writing a checkpoint every --save-interval iterations: once synchronously, once with
 --async-save (which goes first alternates between rounds, so a change in the machine's load hits
-both alike). With --log-interval 1 a log line follows every step, so the time between two lines
-is one iteration, including the save made after the first of them. Printed per mode: the median
-iteration without a save, the median iteration that includes a save (under --async-save: starting
-it, and waiting for the one before), and the ratio async / sync of the latter, per round and as a
-median. Then the checksum pass that every save makes (CRC-32 over the files just written, in the
-page cache) against the time of a synchronous save, and the speed of other hashes on 256 MB.
+both alike). Per mode it prints the median of:
+- iteration: the time between two log lines (--log-interval 1) with no save between them;
+- with a save: the same around a save, so the step plus the save made before it;
+- blocked: how long the save held up training (the call that saves, which under --async-save
+  copies the state to memory and first waits for the save before, if that is still running);
+- published: from the start of a save until its tracker moved (from the save's log line);
+and the ratios async / sync of "with a save" and of "blocked", per round and as a median.
+Then the checksum pass that every save makes (CRC-32 over the files just written, in the page
+cache) against the time of a synchronous save, and the speed of other hashes on 256 MB.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadual.config import parse_args
+from megadual.training.checkpoint import CheckpointManager
 from megadual.training.checkpoint.integrity import file_checksum
 from megadual.training.distributed import init_distributed
 from megadual.training.loop import pretrain
@@ -48,26 +53,50 @@ def model_flags(a: argparse.Namespace) -> list[str]:
             "--train-iters", str(a.train_iters), "--save-interval", str(a.save_interval), "--log-interval", "1"]
 
 
-def timed_run(flags: list[str], device: torch.device) -> tuple[list[float], list[float], list[float]]:
-    """Iteration times without a save, iteration times including one, and the saves' own times."""
-    stamps, saves = [], []
+@dataclass
+class Timings:
+    plain: list[float] = field(default_factory=list)
+    with_save: list[float] = field(default_factory=list)
+    blocked: list[float] = field(default_factory=list)
+    published: list[float] = field(default_factory=list)
+
+    def median_ms(self, name: str) -> float:
+        return statistics.median(getattr(self, name)) * 1e3
+
+
+def timed_run(flags: list[str], device: torch.device) -> Timings:
+    interval = int(flags[flags.index("--save-interval") + 1])
+    timings, stamps = Timings(), []
 
     def log(line: str) -> None:
         if line.startswith(" iteration"):
             stamps.append((int(line.split()[1].split("/")[0]), time.perf_counter()))
         elif SAVED.search(line):
-            saves.append(float(SAVED.search(line).group(1)))
-    pretrain(parse_args(flags), device, log=log)
-    interval = int(flags[flags.index("--save-interval") + 1])
-    plain, with_save = [], []
+            timings.published.append(float(SAVED.search(line).group(1)))
+    after_step = CheckpointManager.after_step
+
+    def timed_after_step(self, state, skipped):
+        start = time.perf_counter()
+        after_step(self, state, skipped)
+        if state.iteration % interval == 0:
+            timings.blocked.append(time.perf_counter() - start)
+    CheckpointManager.after_step = timed_after_step
+    try:
+        pretrain(parse_args(flags), device, log=log)
+    finally:
+        CheckpointManager.after_step = after_step
     for (previous, t0), (_, t1) in itertools.pairwise(stamps[1:]):  # the first step warms up
-        (with_save if previous % interval == 0 else plain).append(t1 - t0)
-    return plain, with_save, saves
+        (timings.with_save if previous % interval == 0 else timings.plain).append(t1 - t0)
+    return timings
 
 
-def describe(run: tuple[list[float], list[float], list[float]]) -> str:
-    plain, with_save = statistics.median(run[0]), statistics.median(run[1])
-    return f"iteration {plain * 1e3:.0f} ms, with a save {with_save * 1e3:.0f} ms"
+def merged(runs: list[Timings]) -> Timings:
+    return Timings(*([x for run in runs for x in getattr(run, f.name)] for f in fields(Timings)))
+
+
+def describe(t: Timings) -> str:
+    return (f"iteration {t.median_ms('plain'):.0f} ms, with a save {t.median_ms('with_save'):.0f} ms, "
+            f"blocked {t.median_ms('blocked'):.0f} ms, published {t.median_ms('published'):.0f} ms")
 
 
 def checksum_speed(folder: Path) -> tuple[float, float]:
@@ -100,7 +129,7 @@ def main() -> None:
     parser.add_argument("--save-interval", type=int, default=3)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary directory)")
@@ -111,7 +140,7 @@ def main() -> None:
         print(f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
               f"load average {f.read().split()[0]}")
     results = {"sync": [], "async": []}
-    ratios = []
+    ratios = {"with_save": [], "blocked": []}
     with tempfile.TemporaryDirectory(dir=a.dir) as scratch:
         save = Path(scratch) / "checkpoints"
         for round_ in range(a.rounds):
@@ -120,21 +149,18 @@ def main() -> None:
                 shutil.rmtree(save, ignore_errors=True)  # only the last run's checkpoints stay
                 flags = model_flags(a) + ["--save", str(save)] + (["--async-save"] if mode == "async" else [])
                 results[mode].append(timed_run(flags, device))
-            ratio = statistics.median(results["async"][-1][1]) / statistics.median(results["sync"][-1][1])
-            ratios.append(ratio)
+            for name, values in ratios.items():
+                values.append(results["async"][-1].median_ms(name) / results["sync"][-1].median_ms(name))
             print(f"round {round_}: " + " | ".join(f"{mode} {describe(results[mode][-1])}" for mode in modes)
-                  + f" | with a save, async / sync {ratio:.3f}")
-        folder = max(save.glob("iter_*"))
-        seconds, size = checksum_speed(folder)
+                  + f" | async / sync: with a save {ratios['with_save'][-1]:.3f}, blocked {ratios['blocked'][-1]:.3f}")
+        seconds, size = checksum_speed(max(save.glob("iter_*")))
     for mode, runs in results.items():
-        plain = statistics.median(t for run in runs for t in run[0])
-        with_save = statistics.median(t for run in runs for t in run[1])
-        saves = statistics.median(s for run in runs for s in run[2])
-        print(f"{mode:5s}: iteration {plain * 1e3:.0f} ms, with a save {with_save * 1e3:.0f} ms "
-              f"(+{(with_save - plain) * 1e3:.0f} ms), the save from its start to published {saves * 1e3:.0f} ms")
-    print(f"iteration with a save, async / sync: median over {a.rounds} rounds {statistics.median(ratios):.3f} "
-          f"(quartiles {' '.join(f'{q:.3f}' for q in statistics.quantiles(ratios, n=4)) if a.rounds > 1 else '-'})")
-    sync_save = statistics.median(s for run in results["sync"] for s in run[2])
+        print(f"{mode:5s}: {describe(merged(runs))}")
+    for name, values in ratios.items():
+        spread = " ".join(f"{q:.3f}" for q in statistics.quantiles(values, n=4)) if len(values) > 1 else "-"
+        print(f"async / sync, {name.replace('_', ' ')}: median over {a.rounds} rounds {statistics.median(values):.3f} "
+              f"(quartiles {spread})")
+    sync_save = merged(results["sync"]).median_ms("published") / 1e3
     print(f"checksum pass: {size / 1e6:.1f} MB in {seconds * 1e3:.1f} ms ({size / seconds / 1e9:.2f} GB/s), "
           f"{seconds / sync_save:.1%} of a sync save")
     print("hashes over 256 MB in memory, GB/s: "
