@@ -1,10 +1,10 @@
 """Checksums of a checkpoint's files: recorded after the data is written and before the folder is
 published, checked before a checkpoint is loaded.
 
-The manifest lists every file of the folder with its size and CRC-32 (zlib's): one pass over
-the bytes, at about 2 GB/s per core (docs/benchmarks.md), split over the ranks. The size finds
-a truncated file without reading it; the CRC finds every burst of up to 32 flipped bits and
-any other corruption but for a chance of 2^-32.
+The manifest lists every file of the folder with its size and CRC-32 (zlib's, the fastest
+checksum Python ships): one pass over the bytes, split over the ranks (docs/benchmarks.md).
+The size finds a truncated file without reading it; the CRC finds every burst of up to 32
+flipped bits and any other corruption but for a chance of 2^-32.
 """
 from __future__ import annotations
 
