@@ -1,11 +1,9 @@
 """The bash launchers: scripts/pretrain_moe.sh (local torchrun) and scripts/pretrain_moe_slurm.sh
-(sbatch) on a real two-node Slurm cluster brought up on this host by scripts/slurm_local_cluster.sh."""
-import os
+(sbatch) on a real two-node Slurm cluster brought up on this host by scripts/slurm_local_cluster.sh
+(the slurm_cluster fixture of tests/conftest.py)."""
 import re
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from tests.helpers import TINY_MOE
 
@@ -13,7 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 TRAIN_3_ITERS = TINY_MOE + ["--train-iters", "3", "--log-interval", "1"]
 ITERATION_LINE = re.compile(r"^ iteration +(\d+)/ +3 \| consumed samples: .*\| lm loss: \S+ \|", re.MULTILINE)
-PACKAGES_MISSING = 3  # slurm_local_cluster.sh's exit status when apt-get cannot install Slurm
 
 
 def logged_iterations(log: str) -> list[int]:
@@ -30,30 +27,9 @@ def test_local_launcher_two_processes(tmp_path):
     assert logged_iterations(result.stdout) == [1, 2, 3], log
 
 
-def cluster_script(command: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([SCRIPTS / "slurm_local_cluster.sh", command],
-                          check=False, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def slurm_conf():
-    """SLURM_CONF of a running two-node local cluster; stopped afterwards if this fixture started it."""
-    already_up = cluster_script("status", timeout=60).returncode == 0
-    try:
-        start = cluster_script("start", timeout=600)
-        if start.returncode == PACKAGES_MISSING:
-            pytest.skip(f"Slurm packages could not be installed (no network?): {start.stderr.strip()[-500:]}")
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield re.search(r"export SLURM_CONF=(\S+)", start.stdout).group(1)
-    finally:
-        if not already_up:
-            stop = cluster_script("stop", timeout=120)
-            assert stop.returncode == 0, stop.stdout + stop.stderr
-
-
-def test_slurm_launcher_two_nodes(slurm_conf, tmp_path):
-    env = {**os.environ, "SLURM_CONF": slurm_conf, "NPROC_PER_NODE": "1"}
-    slurmd_logs = [Path(slurm_conf).parent / "log" / f"slurmd-{node}.log" for node in ("n1", "n2")]
+def test_slurm_launcher_two_nodes(slurm_cluster, tmp_path):
+    env = {**slurm_cluster.env(), "NPROC_PER_NODE": "1"}
+    slurmd_logs = [slurm_cluster.slurmd_log(node) for node in ("n1", "n2")]
     log_offsets = [log.stat().st_size for log in slurmd_logs]
     save = tmp_path / "checkpoints"
 
