@@ -26,6 +26,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     rotary_base: float = 10000.0
     init_method_std: float = 0.02
+    hidden_dropout: float = 0.0  # on the embedding and each attention / MLP output before its residual add
+    attention_dropout: float = 0.0  # on the attention probabilities
     num_experts: int = 0
     moe_ffn_hidden_size: int = 64
     moe_shared_expert_intermediate_size: int = 0
@@ -110,7 +112,6 @@ class TrainConfig:
     save_interval: int = 0
     exit_interval: int = 0
     no_load_optim: bool = False
-    no_load_rng: bool = False
     finetune: bool = False
     max_consecutive_skipped_iters: int = 10
     tensorboard_dir: str | None = None
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=int, default=0, help="routed experts per MoE layer; 0: dense")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=64)
@@ -221,7 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=0,
                    help="stop (saving first, with --save) when the iteration is a multiple of this")
     g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true")
     return p
 
@@ -281,6 +283,8 @@ def validate(c: RunConfig) -> None:
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --num-query-groups "
              f"({m.num_query_groups})")
+    for name in ("hidden_dropout", "attention_dropout"):
+        _require(0 <= getattr(m, name) < 1, f"{_flag(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
     _validate_pipeline_layers(m, c.parallel)

@@ -111,10 +111,7 @@ def samples_needed(config: RunConfig) -> tuple[int, int, int]:
             t.eval_iters * t.global_batch_size)
 
 
-def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[dict | None]:
-    """`count` micro-batches; under PP, ranks holding no first or last stage read nothing."""
-    if pipeline is not None and not pipeline.reads_data:
-        return [None] * count
+def next_batches(loader, count: int) -> list[dict]:
     return [next(loader) for _ in range(count)]
 
 
@@ -122,13 +119,15 @@ def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[d
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
              pipeline: Pipeline | None = None) -> float:
     total = torch.zeros((), dtype=torch.float64)
+    model.eval()  # no dropout
     if pipeline is not None:
         for _ in range(iters):
-            total += pipeline.evaluate(next_batches(loader, count, pipeline)).double().cpu() * count
+            total += pipeline.evaluate(next_batches(loader, count)).double().cpu() * count
     else:
         for batch in next_batches(loader, count * iters):
             with autocast_context(device, bf16):
                 total += model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+    model.train()
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
@@ -153,7 +152,9 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and dist.get_rank() == 0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
-    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp)
+    reads = pipeline is None or pipeline.reads_data  # other pipeline ranks take only the sample ids
+    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp,
+                                               reads)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
     writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
@@ -162,7 +163,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
-        batches = next_batches(train_loader, n_micro, pipeline)
+        batches = next_batches(train_loader, n_micro)
         step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
                           device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)

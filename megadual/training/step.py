@@ -47,7 +47,7 @@ def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device,
     total = torch.zeros((), device=device)
     for batch in batches:
         with autocast_context(device, bf16):
-            loss = model(batch["tokens"].to(device), batch["labels"].to(device))
+            loss = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"))
         (loss / len(batches)).backward()
         total += loss.detach().float()
     return total / len(batches)
