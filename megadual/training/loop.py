@@ -21,7 +21,7 @@ from megadual.training.checkpoint import TrainState, load_checkpoint, save_check
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
-from megadual.training.step import autocast_context, train_step
+from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,9 +30,16 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run did, for callers and tests: the loss of every iteration it trained."""
-    losses: list[float] = field(default_factory=list)
+    """What a run did, for callers and tests: every step it trained, every validation loss, and
+    the model and state it ended with."""
+    steps: list[StepResult] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
+    model: StageModel | None = None
     final_state: TrainState | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [step.lm_loss for step in self.steps]
 
 
 def build_topology(config: RunConfig) -> Topology:
@@ -118,15 +125,14 @@ def next_batches(loader, count: int) -> list[dict]:
 @torch.no_grad()
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
              pipeline: Pipeline | None = None) -> float:
+    if pipeline is not None:
+        mean_loss = pipeline.evaluate
+    else:
+        mean_loss = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
     total = torch.zeros((), dtype=torch.float64)
     model.eval()  # no dropout
-    if pipeline is not None:
-        for _ in range(iters):
-            total += pipeline.evaluate(next_batches(loader, count)).double().cpu() * count
-    else:
-        for batch in next_batches(loader, count * iters):
-            with autocast_context(device, bf16):
-                total += model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+    for _ in range(iters):
+        total += mean_loss(next_batches(loader, count)).double().cpu() * count
     model.train()
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
@@ -169,7 +175,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
-        result.losses.append(step.lm_loss)
+        result.steps.append(step)
         consecutive_bad = consecutive_bad + 1 if step.skipped else 0
         state.skipped_iterations += int(step.skipped)
         if consecutive_bad >= t.max_consecutive_skipped_iters:
@@ -188,6 +194,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
             loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
+            result.validation_losses.append(loss)
             if dist.get_rank() == 0:
                 log(format_validation(state.iteration, loss))
                 writer.scalars(state.iteration, {"validation lm loss": loss})
@@ -198,7 +205,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             break
     if t.save and not saved:
         save_checkpoint(t.save, model, optimizer, state, config)
-    result.final_state = state
+    result.model, result.final_state = model, state
     return result
 
 
