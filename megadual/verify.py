@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megadual.config import build_parser as pretrain_parser
 from megadual.parallel.topology import Layout
-from megadual.training.capture import Capture, relative_difference
+from megadual.training.capture import Capture, capture_run, relative_difference
+from megadual.training.distributed import init_distributed
+from pretrain_moe import load_config  # flags -> config, the vocabulary from the tokenizer, as training does
 
 ROOT = Path(__file__).resolve().parents[1]
 WORST_SHOWN = 5
@@ -250,8 +253,9 @@ def launch(world: int, arg_lists: list[list[str]], gpus: bool) -> list[Capture]:
                    "-m", "megadual.verify", WORKER, folder]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
-            raise RuntimeError(f"{world} processes training {len(arg_lists)} configurations failed "
-                               f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
+            errors = sorted(Path(folder).glob("error_rank*.txt"))
+            why = errors[0].read_text() if errors else done.stderr[-4000:]
+            raise RuntimeError(f"{world} processes training {len(arg_lists)} configurations failed: {why}")
         return torch.load(Path(folder, "captures.pt"), weights_only=False)
 
 
@@ -291,17 +295,15 @@ def check(cases: dict[str, tuple[list[str], str]]) -> dict[str, Outcome]:
 
 def run_worker(folder: str) -> None:
     """Inside torchrun: train every flag list of folder/runs.json, rank 0 saves the captures."""
-    import torch.distributed as dist
-
-    from megadual.training.capture import capture_run
-    from megadual.training.distributed import init_distributed
-    from pretrain_moe import load_config
     device = init_distributed()
     try:
         arg_lists = json.loads(Path(folder, "runs.json").read_text())
         captures = [capture_run(load_config(args), device) for args in arg_lists]
         if dist.get_rank() == 0:
             torch.save(captures, Path(folder, "captures.pt"))
+    except Exception as error:
+        Path(folder, f"error_rank{dist.get_rank()}.txt").write_text(f"{type(error).__name__}: {error}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -328,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"megadual.verify: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a launch failed: its processes' errors
+        print(f"megadual.verify: error: {error}", file=sys.stderr)
+        return 1
     device = "cuda/nccl" if on_gpus(max(o.spec.world for o in outcomes.values())) else "cpu/gloo"
     for layout, outcome in outcomes.items():
         print(outcome.report.format(f"{layout}: {outcome.spec.world} processes vs one, {args.iters} iterations, "

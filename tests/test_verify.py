@@ -54,3 +54,8 @@ def test_command_passes_an_equal_layout_and_fails_a_different_one_naming_the_ten
 def test_command_refuses_a_bad_layout(capsys):
     assert verify.main(TINY_MOE + ["--layouts", "xp2"]) == 2
     assert "'xp2' is not" in capsys.readouterr().err
+
+
+def test_command_names_the_flag_a_layout_cannot_take(capsys):
+    assert verify.main(TINY_MOE + ["--layouts", "tp3", "--iters", "1"]) == 1
+    assert "--tensor-model-parallel-size (3)" in capsys.readouterr().err
