@@ -287,6 +287,8 @@ def check(cases: dict[str, tuple[list[str], str]]) -> dict[str, Outcome]:
     reference_args = {name: cases[name][0] + list(spec.reference_flags) for name, spec in specs.items()}
     reference_of = {name: "reference " + json.dumps(args) for name, args in reference_args.items()}
     runs.update({reference_of[name]: (1, args) for name, args in reference_args.items()})
+    for _, args in runs.values():
+        load_config(args)  # a flag wrong whatever the layout fails here, before any launch
     captures = launch_all(runs)
     return {name: Outcome(spec, captures[name], captures[reference_of[name]],
                           compare(captures[name], captures[reference_of[name]], spec.tolerance))

@@ -51,11 +51,13 @@ def test_command_passes_an_equal_layout_and_fails_a_different_one_naming_the_ten
     assert failed.rstrip().endswith("FAIL")
 
 
-def test_command_refuses_a_bad_layout(capsys):
+def test_command_refuses_a_bad_layout_or_flag_before_launching(capsys):
     assert verify.main(TINY_MOE + ["--layouts", "xp2"]) == 2
     assert "'xp2' is not" in capsys.readouterr().err
+    assert verify.main(TINY_MOE + ["--layouts", "dp2", "--iters", "1"]) == 2
+    assert "--lr-warmup-iters" in capsys.readouterr().err
 
 
 def test_command_names_the_flag_a_layout_cannot_take(capsys):
-    assert verify.main(TINY_MOE + ["--layouts", "tp3", "--iters", "1"]) == 1
+    assert verify.main(TINY_MOE + ["--layouts", "tp3", "--iters", "2"]) == 1
     assert "--tensor-model-parallel-size (3)" in capsys.readouterr().err
