@@ -82,9 +82,9 @@ def test_dropout_needs_the_sample_ids():
 
 
 def test_dropout_changes_the_training_losses():
-    args = TINY_MOE + ["--train-iters", "2"]
+    args = TINY_MOE + ["--train-iters", "1", "--lr-warmup-iters", "0"]
     with single_process_group() as device:
         plain = pretrain(parse_args(args), device, log=lambda line: None).losses
         dropped = pretrain(parse_args(args + ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]), device,
                            log=lambda line: None).losses
-    assert dropped[0] != plain[0] and dropped == pytest.approx(plain, rel=0.05)
+    assert dropped != plain and dropped == pytest.approx(plain, rel=0.05)
