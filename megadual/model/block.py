@@ -13,6 +13,7 @@ import torch
 
 from megadual.config import ModelConfig
 from megadual.model.layers import Attention, RMSNorm
+from megadual.model.mla import MultiLatentAttention
 from megadual.moe.layer import MoELayer, MoEState
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
@@ -31,7 +32,8 @@ class TransformerLayer(torch.nn.Module):
         super().__init__()
         sp = ctx.tp.sequence_parallel
         self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
-        self.attention = Attention(config, ctx.tp, ctx.gemm)
+        attention = MultiLatentAttention if config.multi_latent_attention else Attention
+        self.attention = attention(config, ctx.tp, ctx.gemm)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
         self.is_moe = config.is_moe_layer(layer_index)
         if self.is_moe:

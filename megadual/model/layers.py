@@ -32,11 +32,18 @@ class RMSNorm(torch.nn.Module):
         return (normed * self.weight).to(x.dtype)
 
 
-def rotary_tables(seq_length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(seq_length, device=device, dtype=torch.float64), inv_freq)
+def rotary_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """RoPE's angle per position of each pair of channels, base^(-2i / head_dim), in float64."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def rotary_tables(seq_length: int, frequencies: torch.Tensor, device,
+                  magnitude: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [s, 1, 1, 2 x pairs] of every position's angles, times `magnitude` (YaRN's)."""
+    angles = torch.outer(torch.arange(seq_length, device=device, dtype=torch.float64), frequencies.to(device))
     angles = torch.cat([angles, angles], dim=-1)  # [s, head_dim]
-    return angles.cos().float()[:, None, None, :], angles.sin().float()[:, None, None, :]
+    return ((angles.cos() * magnitude).float()[:, None, None, :],
+            (angles.sin() * magnitude).float()[:, None, None, :])
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,7 +76,7 @@ class Attention(torch.nn.Module):
         q = self.q(x).view(s, b, self.heads, hd)
         k = self.k(x).view(s, b, self.groups, hd)
         v = self.v(x).view(s, b, self.groups, hd)
-        cos, sin = rotary_tables(s, hd, self.config.rotary_base, x.device)
+        cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base), x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
