@@ -1,7 +1,7 @@
 """Run `pretrain` in N spawned processes (gloo on 127.0.0.1) and collect what rank 0 saw.
 
-`spawn_pretrain` returns the losses; `spawn_run` also returns rank 0's log and the
-first step's gradients of the whole model, gathered from every rank by global
+`spawn_pretrain` returns the losses; `spawn_run` also returns the gradient norms, rank 0's
+log and the first step's gradients of the whole model, gathered from every rank by global
 parameter name (tensor-parallel shards concatenated), so any layout can be compared
 with a one-process run; `spawn_runs` runs several configurations in the same processes.
 """
@@ -22,6 +22,7 @@ class Run:
     losses: list[float]
     grads: dict[str, torch.Tensor]
     log: list[str]
+    grad_norms: list[float]
 
 
 def _local_grads(model) -> dict:
@@ -63,7 +64,7 @@ def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue,
             run = pretrain(parse_args(args), torch.device("cpu"), log=lines.append, grad_hook=grad_hook)
             # numpy, not tensors: a tensor in a queue lives in shared memory this process frees on exit
             grads = {name: g.numpy() for name, g in (first_grads[0] if with_grads else {}).items()}
-            runs.append(Run(run.losses, grads, lines))
+            runs.append(Run(run.losses, grads, lines, run.grad_norms))
         if rank == 0:
             queue.put(runs)
     finally:

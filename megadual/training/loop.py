@@ -31,8 +31,9 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run did, for callers and tests: the loss of every iteration it trained."""
+    """What a run did, for callers and tests: the loss and gradient norm of every iteration it trained."""
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     final_state: TrainState | None = None
 
 
@@ -152,6 +153,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
         result.losses.append(step.lm_loss)
+        result.grad_norms.append(step.grad_norm)
         consecutive_bad = consecutive_bad + 1 if step.skipped else 0
         state.skipped_iterations += int(step.skipped)
         if consecutive_bad >= t.max_consecutive_skipped_iters:
