@@ -47,8 +47,8 @@ def model_args(steps: int, hidden: int, layers: int, seq_length: int, data_prefi
                tokenizer: str | None = None, seed: int = 1234, mla: bool = False) -> list[str]:
     """A dense first layer, then MoE layers of 8 routed experts (top-2) and one shared expert;
     one micro-batch of 8 sequences a step; the validation loss (real data only) after the last step.
-    `mla`: multi-head latent attention in DeepSeek-V3's proportions (latent ranks 3/4 and 1/2 of
-    the hidden size, head dims 1/4, RoPE 1/8) instead of MHA."""
+    `mla`: multi-head latent attention instead of MHA (query and key/value latents 3/4 and 1/2 of
+    the hidden size, head dims 1/4 of it plus 1/8 for RoPE)."""
     data = (["--mock-data", "--vocab-size", "512"] if data_prefix is None else
             ["--data-path", data_prefix, "--split", "98,2,0", "--eval-interval", str(steps), "--eval-iters", "16",
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer])

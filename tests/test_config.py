@@ -25,10 +25,6 @@ def error_for(*extra: str) -> str:
     (["--save-interval", "5"], "--save-interval"),
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch"),
     (["--lr-warmup-iters", "500", "--train-iters", "10"], "--lr-warmup-iters"),
-    (["--kv-lora-rank", "16"], "--kv-lora-rank needs --multi-latent-attention"),
-    (["--q-lora-rank", "0"], "--q-lora-rank needs --multi-latent-attention"),
-    (["--rotary-scaling-factor", "40"], "--rope-scaling-factor needs --multi-latent-attention"),
-    (["--multi-latent-attention", "--mscale-all-dim", "1"], "--mscale-all-dim needs --rope-scaling-factor above 1"),
     (["--multi-latent-attention", "--group-query-attention"], "--group-query-attention"),
     (["--multi-latent-attention", "--qk-pos-emb-head-dim", "7"], "--qk-pos-emb-head-dim"),
     (["--multi-latent-attention", "--q-lora-rank", "-1"], "--q-lora-rank"),
@@ -66,6 +62,14 @@ def test_derived_defaults():
     c = parse_args(TINY_MOE + ["--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "96",
                                "--moe-router-max-nodes", "4"])
     assert (c.model.num_query_groups, c.model.ffn_hidden_size) == (2, 96) and c.parallel.moe_router_max_nodes_given
+
+
+def test_mla_and_yarn_flags_are_refused_without_what_they_need():
+    assert error_for("--kv-lora-rank", "16") == "--kv-lora-rank needs --multi-latent-attention"
+    assert error_for("--q-lora-rank", "0") == "--q-lora-rank needs --multi-latent-attention"
+    assert error_for("--rotary-scaling-factor", "40") == "--rope-scaling-factor needs --multi-latent-attention"
+    assert error_for("--multi-latent-attention", "--mscale-all-dim", "1") == \
+        "--mscale-all-dim needs --rope-scaling-factor above 1"
 
 
 def test_mla_flags_left_out_take_their_defaults():

@@ -1,6 +1,7 @@
 """Multi-head latent attention, with and without query compression, gives the one-process run
-under TP2+SP x EP2 (x DP2), PP2 DualPipe x EP2 (x DP2) and PP4 DualPipeV, the W split on:
-the losses of several steps, the gradient norm of each, and every parameter's first-step gradient.
+under TP2 x EP2 (x DP2) with and without sequence parallelism, PP2 DualPipe x EP2 (x DP2) and
+PP4 DualPipeV, the W split on: the losses of several steps, the gradient norm of each, and every
+parameter's first-step gradient.
 """
 import pytest
 
@@ -16,9 +17,10 @@ VARIANTS = {  # V3's shape (query latent, YaRN with a softmax mscale) and V2-Lit
                       "16", "--mscale-all-dim", "1"],
     "no-q-lora": ARGS,
 }
+TP2_EP2 = ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
 LAYOUTS = {
-    "TP2-SPxEP2xDP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size",
-                       "2"],
+    "TP2-SPxEP2xDP2": TP2_EP2 + ["--sequence-parallel"],
+    "TP2xEP2xDP2": TP2_EP2,  # without sequence parallelism the replicated weights' gradients are whole
     "PP2-dualpipexEP2xDP2": ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipe",
                              "--expert-model-parallel-size", "2"],
     "PP4-dualpipev": ["--pipeline-model-parallel-size", "4", "--pipeline-schedule", "dualpipev"],
