@@ -38,8 +38,8 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "grad-norm-tp-twice", "megadual/training/grads.py",
-        "if (expert_owner if is_expert else dense_owner) and not (replicated_over_tp and topo.tp_rank):",
-        "if (expert_owner if is_expert else dense_owner):",
+        "return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)",
+        "return topo.dp_rank == 0",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
     Mutation(
@@ -56,14 +56,14 @@ MUTATIONS = [
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
-        '    _all_reduce_coalesced(seq_parallel, topo.group("tp"))\n',
-        "",
+        '_all_reduce_coalesced([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo.group("tp"))',
+        "pass",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SP]",),
         "the gradients of sequence-parallel parameters (norms, router) are not summed over TP"),
     Mutation(
         "dualpipe-mirror-grads-not-summed", "megadual/pipeline/driver.py",
-        "        flat += self.from_mirror(flat)\n",
-        "        self.from_mirror(flat)\n",
+        "lambda flat: flat + self.from_mirror(flat))",
+        "lambda flat: flat + 0 * self.from_mirror(flat))",
         ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
         "DualPipe's two copies of a stage keep their own gradients instead of their sum"),
     Mutation(
