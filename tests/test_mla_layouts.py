@@ -25,8 +25,9 @@ LAYOUTS = {
                              "--expert-model-parallel-size", "2"],
     "PP4-dualpipev": ["--pipeline-model-parallel-size", "4", "--pipeline-schedule", "dualpipev"],
 }
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-5
+# Relative errors measured over the 8 cases (CPU, FP32): losses 3.8e-8, grad norms 5.1e-8, first-step
+# gradients 5.8e-7 (a TP-replicated norm weight); PP4 DualPipeV is exact. Tolerances about 8-10x that.
+LOSS_RTOL, NORM_RTOL, GRAD_RTOL = 3e-7, 5e-7, 5e-6
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def world4():
 def test_mla_layout_matches_one_process(world4, reference, variant, layout):
     run, ref = world4[variant, layout], reference[variant]
     assert run.losses == pytest.approx(ref.losses, rel=LOSS_RTOL)
-    assert run.grad_norms == pytest.approx(ref.grad_norms, rel=LOSS_RTOL)
+    assert run.grad_norms == pytest.approx(ref.grad_norms, rel=NORM_RTOL)
     assert run.grads.keys() == ref.grads.keys()
     errors = {name: float((run.grads[name] - grad).norm() / grad.norm().clamp_min(1e-12))
               for name, grad in ref.grads.items()}
