@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         validate_launch(config)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         return fail(e, 2)
-    device = init_distributed(config.train.distributed_timeout_minutes)
-    config = resolve_device_defaults(config, device.type)
     try:
+        device = init_distributed(config.train.distributed_timeout_minutes)
+        config = resolve_device_defaults(config, device.type)
         if dist.get_rank() == 0:
             print(f" megadual: world size {dist.get_world_size()}, device {device}, config {config}", flush=True)
         pretrain(config, device, log=lambda line: print(line, flush=True))
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return fail(lost, 1)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -13,7 +13,7 @@ from tests.helpers import TINY_MOE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-ITERS = 10  # enough that a signal sent after the first iteration arrives well before the last
+ITERS = 16  # enough that a signal sent after the first iteration arrives well before the last
 TRAIN = TINY_MOE + ["--train-iters", str(ITERS), "--log-interval", "1"]
 TRAIN_3 = TINY_MOE + ["--train-iters", "3", "--log-interval", "1"]
 ITERATION_LINE = re.compile(r"^ iteration +(\d+)/ +(\d+) \| consumed samples: .*\| lm loss: (\S+) \|", re.MULTILINE)

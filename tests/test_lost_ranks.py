@@ -1,5 +1,6 @@
 """A rank that stops or whose launcher dies ends the run: the others fail with one line after
 --distributed-timeout-minutes instead of gloo's 30 minutes, and workers die with their torchrun agent."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,12 +27,21 @@ def wait_for_first_iteration(process: subprocess.Popen) -> None:
     raise AssertionError(f"no iteration logged: {process.communicate()[1][-3000:]}")
 
 
-def alive(pid: int) -> bool:
-    """Running, or stopped: not gone and not a zombie waiting for its new parent to reap it."""
+def process_state(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time) of a process, None when it is gone; the start time tells a
+    process from a later one that got the same pid."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
-        return False
+        return None
+    return fields[0], fields[19]
+
+
+def alive(worker: tuple[int, str]) -> bool:
+    """Running, or stopped: not gone, not a zombie waiting to be reaped, and not a new process."""
+    pid, started = worker
+    state = process_state(pid)
+    return state is not None and state[0] != "Z" and state[1] == started
 
 
 def test_stopped_rank_ends_the_run_after_the_distributed_timeout():
@@ -57,9 +67,11 @@ def test_stopped_rank_ends_the_run_after_the_distributed_timeout():
 
 def test_workers_exit_when_their_torchrun_agent_is_killed():
     agent = start(["torchrun", "--standalone", "--nproc-per-node", "2", "pretrain_moe.py", *LONG_RUN])
+    workers = []
     try:
         wait_for_first_iteration(agent)
-        workers = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+        pids = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+        workers = [(pid, process_state(pid)[1]) for pid in pids]
         assert len(workers) == 2
         agent.kill()
         deadline = time.monotonic() + 30
@@ -68,4 +80,7 @@ def test_workers_exit_when_their_torchrun_agent_is_killed():
         assert not any(map(alive, workers)), "workers kept running after their agent was killed"
     finally:
         agent.kill()
+        for pid, _ in filter(alive, workers):  # survivors hold the output pipes open
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         agent.communicate()

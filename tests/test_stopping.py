@@ -1,25 +1,29 @@
 """Stopping early on request: a signal or the time budget ends the run after an iteration every
-rank agrees on, with a checkpoint, and resuming from it continues the uninterrupted run exactly."""
+rank agrees on, with a checkpoint, and resuming from it continues the uninterrupted run exactly.
+A rank that stops without being asked is the other case: every process group gives up on it after
+--distributed-timeout-minutes (test_lost_ranks.py shows the run ending)."""
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megadual.config import parse_args
-from megadual.training.distributed import free_port
-from megadual.training.loop import pretrain
+from megadual.training.distributed import free_port, init_distributed
+from megadual.training.loop import build_topology, pretrain
 from megadual.training.stopping import StopRequests
 from tests.helpers import TINY_MOE, single_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
-ITERS = 8
+ITERS = 12
 ARGS = TINY_MOE + ["--train-iters", str(ITERS)]
 
 
@@ -39,10 +43,10 @@ def test_exit_duration_saves_and_stops(tmp_path):
 
 
 def test_first_ctrl_c_stops_after_the_iteration_and_a_second_would_kill(tmp_path):
-    after_ctrl_c = []
+    steps, after_ctrl_c = [], []
 
-    def press_ctrl_c_in_step_2(model, steps=[]):  # noqa: B006 (counts this run's steps)
-        steps.append(None)
+    def press_ctrl_c_in_step_2(model):
+        steps.append(model)
         if len(steps) == 2:
             os.kill(os.getpid(), signal.SIGINT)
             after_ctrl_c.append(signal.getsignal(signal.SIGINT))  # the handler has run by now
@@ -55,38 +59,59 @@ def test_first_ctrl_c_stops_after_the_iteration_and_a_second_would_kill(tmp_path
 
 
 def _rank(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    """One rank of a world started as pretrain_moe.py starts it: reports the stop decisions
+    before and after rank 1 alone gets SIGTERM, and the timeout of every process group."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(timeout_minutes=0.5)
+    topo = build_topology(parse_args(TINY_MOE + ["--expert-model-parallel-size", "2",
+                                                 "--distributed-timeout-minutes", "0.5"]))
+    groups = {"world": dist.group.WORLD, **{name: g for name, g in topo.groups.items() if g is not None}}
+    timeouts = {name: g._get_backend(torch.device("cpu")).options._timeout for name, g in groups.items()}
     with StopRequests("SIGTERM", None, torch.device("cpu")) as stop:
         before = stop.agreed_reason()
         if rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        results.put((rank, before, stop.agreed_reason(), stop.received is not None))
+        results.put((rank, before, stop.agreed_reason(), stop.received is not None, timeouts))
     dist.destroy_process_group()
 
 
-def test_a_signal_to_one_rank_stops_every_rank():
+@pytest.fixture(scope="module")
+def two_ranks() -> list[tuple]:
     results = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_rank, args=(free_port(), results), nprocs=2, start_method="spawn")
-    outcomes = sorted(results.get() for _ in range(2))
-    assert outcomes == [(0, None, "received SIGTERM", False), (1, None, "received SIGTERM", True)]
+    return sorted(results.get() for _ in range(2))
+
+
+def test_a_signal_to_one_rank_stops_every_rank(two_ranks):
+    decisions = [(rank, before, after, received) for rank, before, after, received, _ in two_ranks]
+    assert decisions == [(0, None, "received SIGTERM", False), (1, None, "received SIGTERM", True)]
+
+
+def test_every_process_group_waits_the_distributed_timeout(two_ranks):
+    """A rank that stops leaves the others waiting in whichever collective comes next: every group
+    (the world, and each one Topology builds) must give up after --distributed-timeout-minutes."""
+    for *_, timeouts in two_ranks:
+        assert set(timeouts) == {"world", "dp", "dp_tp", "ep"}
+        assert set(timeouts.values()) == {timedelta(seconds=30)}
 
 
 ITERATION = re.compile(r"^ iteration +(\d+)/ +\d+ \|.*\| lm loss: (\S+) \|", re.MULTILINE)
 
 
 def signal_after_first_iteration(command: list, signum: int) -> subprocess.CompletedProcess:
-    """Run `command`, send `signum` to it once it logs its first iteration, and wait for it."""
-    process = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    """Run `command`, send `signum` to it once it logs its first iteration, and wait for it
+    (stdout and stderr together, in `stdout`)."""
+    process = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    stdout = []
+    output = []
     for line in process.stdout:
-        stdout.append(line)
+        output.append(line)
         if ITERATION.match(line):
             process.send_signal(signum)
             break
-    out, err = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(command, process.returncode, "".join(stdout) + out, err)
+    output.append(process.communicate(timeout=300)[0])
+    return subprocess.CompletedProcess(command, process.returncode, "".join(output))
 
 
 def test_sigterm_saves_the_current_iteration_and_resuming_continues_exactly(tmp_path):
@@ -98,8 +123,11 @@ def test_sigterm_saves_the_current_iteration_and_resuming_continues_exactly(tmp_
     launchers = {"python": [sys.executable, "pretrain_moe.py"],
                  "torchrun": [ROOT / "scripts" / "pretrain_moe.sh", "--nproc-per-node", "1", "--"]}
     finished = {}
-    threads = [threading.Thread(target=lambda name, launcher: finished.update({name: signal_after_first_iteration(
-        [*launcher, *flags, "--save", tmp_path / name], signal.SIGTERM)}), args=item) for item in launchers.items()]
+
+    def stop_after_first_iteration(name, launcher):
+        finished[name] = signal_after_first_iteration([*launcher, *flags, "--save", tmp_path / name], signal.SIGTERM)
+
+    threads = [threading.Thread(target=stop_after_first_iteration, args=item) for item in launchers.items()]
     for thread in threads:
         thread.start()
     threads_before = torch.get_num_threads()
@@ -109,7 +137,7 @@ def test_sigterm_saves_the_current_iteration_and_resuming_continues_exactly(tmp_
         for thread in threads:
             thread.join()
         for name, process in finished.items():
-            log = process.stdout + process.stderr
+            log = process.stdout
             stopped = tracked_iteration(tmp_path / name)
             assert 1 <= stopped < ITERS, log
             assert f" exiting program at iteration {stopped}: received SIGTERM; checkpoint saved" in log, log

@@ -19,12 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: float) -> torch.device:
+def init_distributed(timeout_minutes: float | None = None) -> torch.device:
     """Join (or, run without torchrun, create) the process group; return this rank's device.
 
     Even a single process initializes torch.distributed, so one process and many run
     the same code. NCCL on CUDA, gloo on CPU. A collective that waits longer than
-    `timeout_minutes` (--distributed-timeout-minutes) raises instead of blocking.
+    `timeout_minutes` (--distributed-timeout-minutes; None: torch's default) raises.
     """
     exit_with_torchrun_agent()
     if "RANK" not in os.environ:
@@ -37,7 +37,8 @@ def init_distributed(timeout_minutes: float) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, timeout=timeout)
     return device
 
 
@@ -79,9 +80,11 @@ def lost_rank_message(error: BaseException, timeout_minutes: float) -> str | Non
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if not isinstance(error, dist.DistError) and not any(text in first_line for text in _LOST_PEER):
         return None
-    rank = dist.get_rank() if dist.is_initialized() else "?"
+    if not dist.is_initialized():
+        return (f"rank {os.environ.get('RANK', '?')}: the process group did not start within "
+                f"--distributed-timeout-minutes ({timeout_minutes:g}): a rank did not join ({first_line})")
     if "Timed out" in first_line or "timeout" in first_line.lower():
         why = f"got no answer within --distributed-timeout-minutes ({timeout_minutes:g}): a rank is stopped or hung"
     else:
         why = "lost its connection to another rank, which failed or was killed"
-    return f"rank {rank}: a collective {why} ({first_line})"
+    return f"rank {dist.get_rank()}: a collective {why} ({first_line})"
