@@ -12,7 +12,10 @@
 #   sinfo; srun -N2 hostname; sbatch --nodes 2 --cpus-per-task 1 scripts/pretrain_moe_slurm.sh -- ...
 #
 # Runs as root and needs no systemd: the daemons are started directly. Everything it writes
-# (munge key and socket, slurm.conf, state, spool, logs, pid files) lies under SLURM_LOCAL_DIR.
+# (munge key and socket, slurm.conf, state, spool, logs, pid files) lies under SLURM_LOCAL_DIR,
+# and every daemon, munged included, is its own, so clusters in different directories on
+# different ports run side by side and stopping one leaves the others alone (the tests start
+# theirs in a fresh directory on free ports: tests/conftest.py, slurm_cluster).
 # env: SLURM_LOCAL_DIR (/tmp/megadual-slurm), SLURM_LOCAL_PORT (16817: slurmctld; the nodes
 #      use the next two ports), SLURM_LOCAL_CPUS (CPUs declared per node, default nproc).
 # Exit status 3 means the packages could not be installed (e.g. no network).
@@ -73,7 +76,10 @@ SlurmctldPort=$ctld_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$work/munge/munge.socket
+# cred_expire also delays a requeued job's restart (by cred_expire + 1 s; Slurm's default 120)
+AuthInfo=socket=$work/munge/munge.socket,cred_expire=5
+SchedulerParameters=sched_interval=1,bf_interval=1
+JobRequeue=1
 CredType=cred/munge
 StateSaveLocation=$work/state
 SlurmdSpoolDir=$work/spool/%n
@@ -115,9 +121,11 @@ start() {
         done
         local waited=0
         until nodes_up; do
-            if (( waited++ >= 60 )); then
-                echo "$0: nodes not up after 30 s; logs in $work/log" >&2
-                sinfo -N >&2 || true
+            # A daemon that exits (e.g. its port is taken) fails the start after 2 s, not 30; the
+            # grace is for daemons that write their pid files after they return.
+            if { (( waited > 4 )) && ! daemons_up; } || (( waited++ >= 60 )); then
+                echo "$0: nodes not up (a daemon exited, or 30 s passed); logs in $work/log:" >&2
+                tail -n 5 "$work"/log/*.log >&2 || true
                 exit 1
             fi
             sleep 0.5

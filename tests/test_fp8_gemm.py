@@ -7,20 +7,32 @@ so the relative Frobenius error of A @ B^T is at most the RMS of the two operand
 errors combined: sqrt(2/3) * 2^-4 = 5.1%. (Measured: ~3.7%.) Beyond quantization,
 the GEMM itself must be exact up to FP32 accumulation: against the float64 product
 of the dequantized operands the relative error is below 1e-5.
+
+Every backend is a test case on every device, skipped with the reason where it
+cannot run. On CPU the Triton kernel runs in Triton's interpreter, in a child
+process: TRITON_INTERPRET must be set before triton is imported, and set in this
+process it would also interpret the kernel on a GPU.
 """
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from unittest import mock
 
 import pytest
 import torch
 
-from megadual.fp8.gemm import available_backends, fp8_gemm
+from megadual.fp8.gemm import available_backends, backend_unavailable, fp8_gemm
 from megadual.fp8.quant import quantize, quantize_blocks, quantize_tiles
 
 QUANTIZATION_BOUND = math.sqrt(2 / 3) * 2**-4
 ACCUMULATION_BOUND = 1e-5
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in available_backends(d)]
+DEVICE_BACKENDS = [(d, b) for d in ("cpu", "cuda") for b in ("reference", "triton", "te")]
+INTERPRETED = ("cpu", "triton")
+# (M, N) for the interpreter, which takes 4 s for 256 x 512 x 1024 and 0.3 s for this; ragged
+# against its 32 x 32 tiles
+INTERPRETED_SHAPE = (72, 80)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,17 +43,45 @@ def exact_product(a, b) -> torch.Tensor:
     return a.dequantize().double() @ b.dequantize().double().t()
 
 
+def _interpret_triton() -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """A child process whose Triton kernels run in the interpreter."""
+    with mock.patch.dict(os.environ, TRITON_INTERPRET="1"):
+        why = backend_unavailable("triton", "cpu")
+    if why:
+        pytest.skip(f"{why} (pip install -r requirements-test.txt)")
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_interpret_triton) as child:
+        yield child
+
+
+@pytest.fixture
+def gemm(request, device, backend):
+    """fp8_gemm on `backend`: in the interpreter's child process for Triton on CPU."""
+    if (device, backend) == INTERPRETED:
+        child = request.getfixturevalue("triton_interpreter")
+        return lambda a, b: child.submit(fp8_gemm, a, b, backend).result()
+    why = backend_unavailable(backend, device)
+    if why:
+        pytest.skip(why)
+    return lambda a, b: fp8_gemm(a, b, backend)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("k", [1024, 384, 200])  # hidden 7168 trimmed; 3 blocks; ragged last block
 @pytest.mark.parametrize("weight_blocks", [True, False], ids=["Bblocks", "Btiles"])
-def test_gemm_error_vs_float64(device, backend, k, weight_blocks):
+def test_gemm_error_vs_float64(gemm, device, backend, k, weight_blocks):
+    m, n = INTERPRETED_SHAPE if (device, backend) == INTERPRETED else (256, 512)
     torch.manual_seed(k)
-    x = torch.randn(256, k, device=device)
-    w = torch.randn(512, k, device=device) * 0.02
+    x = torch.randn(m, k, device=device)
+    w = torch.randn(n, k, device=device) * 0.02
     a = quantize_tiles(x)
     b = quantize_blocks(w) if weight_blocks else quantize_tiles(w)
-    out = fp8_gemm(a, b, backend)
-    assert out.dtype == torch.float32 and out.shape == (256, 512)
+    out = gemm(a, b)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
     assert rel_err(out, exact_product(a, b)) < ACCUMULATION_BOUND
     err = rel_err(out, x.double() @ w.double().t())
     assert 2**-10 < err < QUANTIZATION_BOUND

@@ -34,27 +34,49 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _triton_usable(device: torch.device) -> bool:
+def _triton_unusable(device: torch.device) -> str | None:
     if not _installed("triton"):
-        return False
+        return "triton is not installed"
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        major, minor = torch.cuda.get_device_capability(device)
+        return None if (major, minor) >= (8, 9) else f"the Triton kernel needs sm_89+, {device} is sm_{major}{minor}"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton runs on {device.type} only in its interpreter (TRITON_INTERPRET=1)"
+    return None if device.type == "cpu" else f"Triton has no {device.type} backend"
 
 
-def _te_usable(device: torch.device) -> bool:
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-            and _installed("transformer_engine"))
+def _te_unusable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "Transformer Engine runs on CUDA only"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
+        return f"Transformer Engine's blockwise FP8 GEMM needs sm_90+, {device} is sm_{major}{minor}"
+    return None if _installed("transformer_engine") else "transformer_engine is not installed"
+
+
+_UNUSABLE: dict[str, Callable[[torch.device], str | None]] = {
+    "reference": lambda device: None,
+    "triton": _triton_unusable,
+    "te": _te_unusable,
+}
+
+
+def backend_unavailable(backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` cannot run on `device` in this process, or None when it can."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if backend not in _UNUSABLE:
+        return f"no backend {backend!r}; there are {list(_UNUSABLE)}"
+    return _UNUSABLE[backend](device)
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """The backends that run on `device`, the one `fp8_gemm` picks first."""
     device = torch.device(device)
-    if device.type == "cuda":
-        accelerated = [("triton", _triton_usable(device)), ("te", _te_usable(device))]
-        return [name for name, usable in accelerated if usable] + ["reference"]
     # On CPU the interpreted Triton kernel is for checking the kernel, never the default.
-    return ["reference"] + (["triton"] if _triton_usable(device) else [])
+    order = ["triton", "te", "reference"] if device.type == "cuda" else ["reference", "triton", "te"]
+    return [name for name in order if backend_unavailable(name, device) is None]
 
 
 def _padded_for_scaled_mm(t: Fp8Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +139,8 @@ def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, backend: str | None = None) -> torch.Te
     usable = available_backends(a.data.device)
     name = backend or usable[0]
     if name not in usable:
-        raise ValueError(f"FP8 GEMM backend {name!r} is not available on {a.data.device}; "
-                         f"available: {usable}")
+        raise ValueError(f"FP8 GEMM backend {name!r} is not available on {a.data.device} "
+                         f"({backend_unavailable(name, a.data.device)}); available: {usable}")
     if 0 in (a.shape[0], b.shape[0], a.shape[1]):  # e.g. an expert that received no tokens
         return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.data.device)
     return _BACKENDS[name](a, b)

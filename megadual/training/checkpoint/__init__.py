@@ -8,7 +8,7 @@ Modules, by job:
     lock          one trainer per --save directory
     coordination  every rank agreeing on each step's outcome
     integrity     per-file checksums (the manifest), written on save and verified on load
-    state         what is saved: layout-free model, optimizer and RNG state dicts
+    state         what is saved: layout-free model and optimizer state dicts
     save          temporary folder -> checksums -> rename -> tracker; async saves; retention
     load          --load resolved to a verified folder (with fallback), restored
     manager       CheckpointManager, what the training loop calls

@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from megadual.config import RunConfig, model_config_differences
@@ -42,9 +41,6 @@ from megadual.training.checkpoint.state import (
     optimizer_state,
     restore_model_state,
     restore_optimizer_state,
-    rng_key,
-    rng_state,
-    set_rng_state,
 )
 
 
@@ -97,22 +93,18 @@ def find_checkpoint(config: RunConfig, coord: Coordination, log) -> Checkpoint |
 
 def restore(checkpoint: Checkpoint, model: StageModel, optimizer: torch.optim.Optimizer,
             config: RunConfig, coord: Coordination) -> TrainState:
-    """Load `checkpoint` into `model` and `optimizer` (as --finetune, --no-load-optim and --no-load-rng
-    say); the training state to continue from."""
+    """Load `checkpoint` into `model` and `optimizer` (as --finetune and --no-load-optim say); the
+    training state to continue from. Only the keys asked for are read, so the `rng_rank*` entries of
+    older checkpoints are ignored."""
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
-    load_rng = not (t.no_load_rng or t.finetune) and checkpoint.meta.get("world_size") == dist.get_world_size()
     wanted = {"model": model_state(model)}
     if load_optim:
         wanted["optimizer"] = optimizer_state(model, optimizer)
-    if load_rng:
-        wanted[rng_key()] = rng_state()
     coord.everywhere(lambda: dcp.load(wanted, checkpoint_id=checkpoint.path, process_group=coord.group))
     restore_model_state(model, wanted["model"])
     if load_optim:
         restore_optimizer_state(model, optimizer, wanted["optimizer"])
-    if load_rng:
-        set_rng_state(wanted[rng_key()])
     return TrainState() if t.finetune else checkpoint.train_state
 
 

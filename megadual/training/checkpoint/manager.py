@@ -105,11 +105,11 @@ class CheckpointManager:
         except SaveFailed as e:
             self._failed(e)
 
-    def finish(self, state: TrainState) -> None:
+    def finish(self, state: TrainState) -> bool:
         """Save `state` unless it is saved already or its step was skipped, and wait until every save of
-        this run is published."""
+        this run is published. Whether `state`'s iteration is in --save now."""
         if self._saver is None:
-            return
+            return False
         if state.iteration != self._saved_iteration:
             if self._last_step_skipped:
                 self.log(f" no checkpoint at iteration {state.iteration}: its step was skipped (loss or gradient "
@@ -117,6 +117,7 @@ class CheckpointManager:
             else:
                 self.save(state)
         self._collect_background_save()
+        return state.iteration == self._saved_iteration
 
     def close(self) -> None:
         """Wait for a background save still running, and release --save's lock."""
@@ -135,6 +136,7 @@ class CheckpointManager:
         try:
             self._saver.wait()
         except SaveFailed as e:
+            self._saved_iteration = -1  # the background save was of the iteration recorded as saved
             self._failed(e)
 
     def _failed(self, error: SaveFailed) -> None:

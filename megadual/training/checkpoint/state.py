@@ -7,15 +7,15 @@ for saving (and, filled by DCP, for loading) and one that restores it:
 
     model_state / restore_model_state
     optimizer_state / restore_optimizer_state     (the pair a distributed optimizer replaces)
+
+No RNG state is saved: dropout masks are a pure function of (seed, sample, position)
+(model/dropout.py) and nothing else draws random numbers after start-up.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -59,21 +59,6 @@ def optimizer_state(model: StageModel, optimizer: torch.optim.Optimizer) -> dict
 
 def restore_optimizer_state(model: StageModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, _as_local_tensors(state), options=OPTIONS)
-
-
-def rng_key() -> str:
-    """RNG states are per rank: they only mean something for the same number of ranks."""
-    return f"rng_rank{dist.get_rank()}"
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def _as_whole_tensors(model: StageModel, state: dict) -> None:
