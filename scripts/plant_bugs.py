@@ -173,8 +173,8 @@ MUTATIONS = [
         '--exit-duration-in-mins never stops the run'),
     Mutation(
         'stop-without-saving', 'megadual/training/loop.py',
-        '    if t.save and not saved:',
-        '    if t.save and not saved and not result.stop_reason:',
+        '    saved = checkpoints.finish(state)',
+        '    saved = result.stop_reason is None and checkpoints.finish(state)',
         ('tests/test_stopping.py::test_exit_duration_saves_and_stops',),
         'a run stopped early exits without saving'),
     Mutation(
