@@ -316,7 +316,7 @@ MUTATIONS = [
         'ckpt-failed-save-ignored', 'megadual/training/checkpoint/manager.py',
         '        if not self.config.train.save_failures_continue:',
         '        if False:',
-        ('tests/test_checkpoint_save.py::test_a_failed_save_keeps_the_previous_checkpoint_and_stops_the_run',),
+        ('tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous',),
         'a failed save is only logged and training goes on without --save-failures-continue'),
     Mutation(
         'ckpt-save-after-skipped-step', 'megadual/training/checkpoint/manager.py',
