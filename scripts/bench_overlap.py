@@ -37,9 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadual.config import ModelConfig
 from megadual.model.gpt import build_chunk, full_model_stage
-from megadual.parallel.comm import BackwardOverlap
+from megadual.moe.dispatcher import Hop
+from megadual.parallel.comm import BackwardOverlap, Exchange
 from megadual.parallel.context import BuildContext
 from megadual.parallel.emulate import Link, LinkModel, emulated_links
+from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.overlap import overlapped_forward_backward
 from megadual.training.distributed import free_port
 
@@ -55,15 +57,36 @@ def model_config(args) -> ModelConfig:
 
 
 def build_context(args, rank: int) -> BuildContext:
-    return BuildContext(ep_group=dist.group.WORLD, num_nodes=max(1, args.ep // args.ranks_per_node))
+    topo = Topology(Layout(args.ep, ep=args.ep, ranks_per_node=args.ranks_per_node), rank)
+    hierarchical = args.dispatcher == "hierarchical"
+    return BuildContext(ep_group=topo.group("ep"), num_nodes=topo.layout.nodes_per_ep_group,
+                        ep_node_groups=topo.ep_node_groups() if hierarchical else None)
 
 
 def describe(kind: str) -> str:
-    names = [frame.f_code.co_name for frame, _ in traceback.walk_stack(None)]
-    if "exchange_counts" in names:
-        return "counts"
-    first = next((n for n in names if n in ("_launch_backward", "_launch_forward")), "")
-    return ("B " if first == "_launch_backward" else "F ") + kind
+    """Which all-to-all this is, from the stack: "F"orward or "B"ackward, the layer's hop, dispatch
+    ("out") or combine ("back"). A forward launch names its Exchange, so its backward finds the name."""
+    exchange = None
+    for frame, _ in traceback.walk_stack(None):  # innermost first: a forward step may run inside a backward
+        name, obj = frame.f_code.co_name, frame.f_locals.get("self")
+        if name == "exchange_counts":
+            return "counts"
+        if name == "_launch_backward":
+            return "B " + getattr(obj, "label", kind)
+        exchange = obj if isinstance(obj, Exchange) and exchange is None else exchange
+        if isinstance(obj, Hop):
+            exchange.label = f"{obj.label} {'back' if name == 'return_start' else 'out'}"
+            return "F " + exchange.label
+    return "F " + kind
+
+
+def label_hops(model) -> None:
+    """Name each hop by its layer, for the breakdown."""
+    for index, layer in model.layers.items():
+        if layer.is_moe:
+            for name in ("hop", "inter", "intra"):
+                if hasattr(layer.mlp.dispatcher, name):
+                    getattr(layer.mlp.dispatcher, name).label = f"L{index} {name}"
 
 
 def one_pair(model, overlap: BackwardOverlap, batch_a, batch_b, way: str, links: LinkModel,
@@ -129,6 +152,7 @@ def worker(rank: int, args, port: int, queue) -> None:
     try:
         config = model_config(args)
         model = build_chunk(config, full_model_stage(config), seed=1, ctx=build_context(args, rank))
+        label_hops(model)
         overlap = BackwardOverlap()
         model.attach_schedule(None, overlap)
         g = torch.Generator().manual_seed(rank)
@@ -164,7 +188,7 @@ def report(args, links: str, gathered: list, same: bool) -> str:
     no_comm, sequential, overlapped = (medians[way] for way in WAYS)
     exposed = (overlapped - no_comm) / (sequential - no_comm)
     nodes = max(1, args.ep // args.ranks_per_node)
-    lines = [(f"EP{args.ep} over {nodes} emulated nodes, hidden {args.hidden}, "
+    lines = [(f"EP{args.ep} over {nodes} emulated nodes, {args.dispatcher} dispatch, hidden {args.hidden}, "
               f"seq {args.seq}, micro-batch {args.micro_batch}, layers {args.layers}: one F&B pair, median of "
               f"{args.iters}"),
              f"links: {links}"]
@@ -184,6 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--ranks-per-node", type=int, default=1, help="emulated nodes of this many ranks")
+    parser.add_argument("--dispatcher", choices=("alltoall", "hierarchical"), default="alltoall",
+                        help="--moe-token-dispatcher-type")
     parser.add_argument("--emulate-links", default="match",
                         help="'match', or a link model such as 'inter=25GB/s,10us;intra=150GB/s,2us'")
     parser.add_argument("--layers", type=int, default=3)
