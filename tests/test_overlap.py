@@ -68,9 +68,19 @@ def test_overlapped_pair_equals_forward_then_backward(monkeypatch, dispatcher):
         torch.testing.assert_close(grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_overlap_benchmark_runs_and_both_ways_agree():
+def run_overlap_benchmark(*args: str) -> str:
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_overlap.py"
-    out = subprocess.run([sys.executable, str(script), "--hidden", "64", "--seq", "32", "--micro-batch", "2",
-                          "--warmup", "0", "--iters", "1"], capture_output=True, text=True, check=True,
-                         timeout=120)
-    assert "same loss: True" in out.stdout
+    return subprocess.run([sys.executable, str(script), "--hidden", "64", "--seq", "32", "--micro-batch", "2",
+                           "--warmup", "0", "--iters", "1", *args], capture_output=True, text=True, check=True,
+                          timeout=300).stdout
+
+
+def test_overlap_benchmark_runs_and_both_ways_agree():
+    assert "same loss: True" in run_overlap_benchmark()
+
+
+def test_overlap_benchmark_runs_hierarchical_dispatch_on_given_links():
+    out = run_overlap_benchmark("--ep", "4", "--ranks-per-node", "2", "--dispatcher", "hierarchical",
+                                "--emulate-links", "inter=20MB/s,10us;intra=120MB/s,2us", "--breakdown")
+    assert "same loss: True" in out and "exposed communication" in out
+    assert "F L1 inter out" in out and "F L1 intra out" in out and "B L2 inter back" in out, out

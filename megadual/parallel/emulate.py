@@ -65,6 +65,14 @@ class LinkModel:
             links[name] = Link(float(bandwidth) * _UNITS[bandwidth_unit], float(latency) * _UNITS[latency_unit])
         return LinkModel(**links)
 
+    def free_seconds(self, record: Record) -> float:
+        """What a recorded transfer takes on idle links: its bytes over each link, plus the
+        latency of the slower link it used."""
+        used = [link for link, num_bytes in ((self.inter, record.bytes_inter), (self.intra, record.bytes_intra))
+                if num_bytes]
+        return (self.inter.transfer_seconds(record.bytes_inter) + self.intra.transfer_seconds(record.bytes_intra)
+                + max((link.latency for link in used), default=0.0))
+
     def __str__(self) -> str:
         def show(link: Link) -> str:
             return "free" if link is FREE else f"{link.bandwidth / 1e9:g}GB/s,{link.latency * 1e6:g}us"
