@@ -8,15 +8,21 @@ One pair = the forward of micro-batch A and the backward of micro-batch B (whose
 before, untimed). Three ways are timed, alternating within one run:
 
 - no-comm:    A's forward resumed at each all-to-all B's backward launches (pipeline/overlap.py),
-              links not emulated (loopback: the all-to-alls cost next to nothing);
+              on free links (loopback: the all-to-alls cost next to nothing);
 - sequential: A's forward, then B's backward, on the emulated links;
 - overlapped: the paired way, on the emulated links.
 
 exposed communication = (overlapped - no-comm) / (sequential - no-comm): the share of the
-emulated communication time the pairing leaves visible. `--emulate-links match` picks the
-inter-node bandwidth at which one micro-batch's dispatch of one MoE layer costs what that
-layer's routed experts compute (measured first, forward); the intra-node link is 6x faster.
-`--breakdown` adds, for one overlapped pair, the time each all-to-all kept its caller waiting.
+emulated communication time the pairing leaves visible. It is printed per round (the three
+ways of a round run back to back) as median and quartiles, and from the medians and from the
+fastest of each way (on a loaded machine interference only adds time). The same fraction
+is also taken from the time the ranks spent waiting for all-to-alls (mean over ranks), in
+which the compute, the same in all three ways, does not appear, and with it the noise a
+loaded machine adds to the compute. `--emulate-links
+match` picks the inter-node bandwidth at which one micro-batch's dispatch of one MoE layer
+costs what that layer's routed experts compute (measured first, forward); the intra-node
+link is then 6x faster. `--breakdown` adds, for one overlapped pair, the time each
+all-to-all kept its caller waiting.
 """
 from __future__ import annotations
 
@@ -96,9 +102,8 @@ def one_pair(model, overlap: BackwardOverlap, batch_a, batch_b, way: str, links:
     with emulated_links(LinkModel(), ranks_per_node, describe):  # free links: names B's exchanges
         loss_b = model(*batch_b)
     dist.barrier()
-    emulation = emulated_links(links, ranks_per_node, describe) if way != "no-comm" else nullcontext()
     start = time.perf_counter()
-    with emulation as emulator:
+    with emulated_links(LinkModel() if way == "no-comm" else links, ranks_per_node, describe) as emulator:
         if way == "sequential":
             loss_a = model(*batch_a)
             loss_b.backward()
@@ -109,7 +114,7 @@ def one_pair(model, overlap: BackwardOverlap, batch_a, batch_b, way: str, links:
     elapsed = time.perf_counter() - start
     loss_a.backward()  # release A's graph, untimed
     model.zero_grad(set_to_none=True)
-    return elapsed, loss_a.detach(), emulator.records if emulator else []
+    return elapsed, loss_a.detach(), emulator.records
 
 
 def expert_seconds(model, batch, reps: int = 3) -> float:
@@ -162,18 +167,19 @@ def worker(rank: int, args, port: int, queue) -> None:
             links = matched_links(model, batches[0], args.ranks_per_node)
         else:
             links = LinkModel.parse(args.emulate_links)
-        times = {way: [] for way in WAYS}
+        times, waits = {way: [] for way in WAYS}, {way: [] for way in WAYS}
         losses = {}
         for i in range(args.warmup + args.iters):
             for way in (WAYS if i % 2 == 0 else WAYS[::-1]):
-                elapsed, losses[way], _ = one_pair(model, overlap, *batches, way, links, args.ranks_per_node)
+                elapsed, losses[way], records = one_pair(model, overlap, *batches, way, links, args.ranks_per_node)
                 if i >= args.warmup:
                     times[way].append(elapsed)
+                    waits[way].append(sum(r.blocked for r in records))
         breakdown = one_pair(model, overlap, *batches, "overlapped", links, args.ranks_per_node)[2] \
             if args.breakdown else []
         same = all(torch.equal(losses[way], losses["sequential"]) for way in WAYS)
         gathered = [None] * args.ep
-        dist.all_gather_object(gathered, ({way: statistics.median(t) for way, t in times.items()}, breakdown))
+        dist.all_gather_object(gathered, (times, waits, breakdown))
         if rank == 0:
             queue.put((str(links), gathered, same))
     except Exception:
@@ -183,24 +189,41 @@ def worker(rank: int, args, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+def exposed(no_comm: float, sequential: float, overlapped: float) -> float:
+    return (overlapped - no_comm) / (sequential - no_comm)
+
+
+def fractions(samples: dict[str, list[float]]) -> tuple[float, float, float, float]:
+    """Exposed fraction per round (median, quartiles) and of the medians."""
+    per_round = sorted(exposed(*rounds) for rounds in zip(*(samples[way] for way in WAYS)))
+    quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    return (statistics.median(per_round), quartiles[0], quartiles[2],
+            exposed(*(statistics.median(samples[way]) for way in WAYS)))
+
+
 def report(args, links: str, gathered: list, same: bool) -> str:
-    medians = gathered[0][0]  # every pair ends at a barrier: rank 0's times stand for all
-    no_comm, sequential, overlapped = (medians[way] for way in WAYS)
-    exposed = (overlapped - no_comm) / (sequential - no_comm)
+    times = gathered[0][0]  # every pair ends at a barrier: rank 0's times stand for all
+    waits = {way: [statistics.mean(w) for w in zip(*(rank[1][way] for rank in gathered))] for way in WAYS}
     nodes = max(1, args.ep // args.ranks_per_node)
     lines = [(f"EP{args.ep} over {nodes} emulated nodes, {args.dispatcher} dispatch, hidden {args.hidden}, "
-              f"seq {args.seq}, micro-batch {args.micro_batch}, layers {args.layers}: one F&B pair, median of "
-              f"{args.iters}"),
-             f"links: {links}"]
-    lines += [f"  {way:<11} {medians[way] * 1e3:8.1f} ms" for way in WAYS]
-    lines.append(f"  exposed communication = (overlapped - no-comm) / (sequential - no-comm) = {exposed:.1%}"
-                 f"   same loss: {same}")
-    if gathered[0][1]:
+              f"seq {args.seq}, micro-batch {args.micro_batch}, layers {args.layers}: one F&B pair, "
+              f"{args.iters} rounds; machine load average (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
+             f"links: {links}", f"  {'ms':<11} {'median':>8} {'fastest':>8} {'waiting':>8}"]
+    lines += [f"  {way:<11} {statistics.median(times[way]) * 1e3:8.1f} {min(times[way]) * 1e3:8.1f} "
+              f"{statistics.median(waits[way]) * 1e3:8.1f}" for way in WAYS]
+    fastest = exposed(*(min(times[way]) for way in WAYS))
+    lines.append("  exposed communication = (overlapped - no-comm) / (sequential - no-comm), per round median "
+                 "(quartiles) and of the medians")
+    for name, (median, low, high, of_medians) in (("times", fractions(times)), ("waiting", fractions(waits))):
+        extra = f", of the fastest {fastest:.1%}" if name == "times" else ""
+        lines.append(f"    from the {name:<8} {median:7.1%} ({low:.1%}-{high:.1%}), {of_medians:.1%}{extra}")
+    lines.append(f"  same loss: {same}")
+    if gathered[0][2]:
         lines.append("  overlapped pair, rank 0, each emulated collective in launch order "
                      "(what, inter KB, modelled ms, waited ms):")
-        for r in gathered[0][1]:
+        for r in gathered[0][2]:
             modelled = (r.deadline - r.launched) * 1e3
-            lines.append(f"    {r.what:<11} {r.bytes_inter / 1e3:8.1f} {modelled:8.2f} {r.blocked * 1e3:8.2f}")
+            lines.append(f"    {r.what:<16} {r.bytes_inter / 1e3:8.1f} {modelled:8.2f} {r.blocked * 1e3:8.2f}")
     return "\n".join(lines)
 
 

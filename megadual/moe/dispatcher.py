@@ -11,13 +11,14 @@ exchange, the async exchange (start/wait) and the return summed per source row.
 
 A dispatcher's `routed_steps` is the routed path of one MoE layer as a generator that
 pauses while an all-to-all is in flight, so a schedule can cover it with other compute
-(`pipeline/overlap.py`); `alongside`, the shared experts, runs where it covers this
-micro-batch's own dispatch.
+(`pipeline/overlap.py`); `alongside` (the shared experts) runs where it covers this
+micro-batch's own dispatch, and the generator returns the routed output with its result.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -145,14 +146,14 @@ class TokenDispatcher:
         self.overlap: comm.BackwardOverlap | None = None
 
     def routed_steps(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts: Experts,
-                     alongside: Callable[[], None], stats: RoutingStats | None = None
-                     ) -> Generator[None, None, torch.Tensor]:
-        """dispatch | experts | combine, pausing while each all-to-all is in flight; the shared
-        experts (`alongside`) cover the dispatch."""
+                     alongside: Callable[[], Any], stats: RoutingStats | None = None
+                     ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
+        """dispatch | experts | combine, pausing while each all-to-all is in flight; `alongside`
+        covers the dispatch."""
         sent = self.hop.start(tokens, indices, gates, self.overlap, stats)
-        alongside()
+        beside = alongside()
         yield
         d = self.hop.wait(sent)
         returning = self.hop.return_start(experts(d.tokens, d.local_experts, d.gates), d, self.overlap)
         yield
-        return self.hop.return_wait(returning)
+        return self.hop.return_wait(returning), beside

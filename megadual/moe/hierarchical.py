@@ -14,13 +14,18 @@ The layer's sub-steps (what a paired F&B chunk covers with the other micro-batch
     hop 1 out in flight | hop 2 out, shared experts while it flies, experts, hop 2 back in flight
     | node sum, hop 1 back in flight | ...
 
-Both inter-node hops are covered by the other micro-batch; the intra-node dispatch by this
-micro-batch's shared experts, and the intra-node return by the other micro-batch's short
-step between its two inter-node hops (see docs/benchmarks.md for what that leaves exposed).
+So a layer takes three steps where the flat dispatch takes two, alternating long and
+short computes. Paired with the backward of another micro-batch (whose steps mirror
+these) with the forward one step ahead (`BackwardOverlap.forward_first`, which this
+dispatcher sets), the long steps of each side cover the other's inter-node hops, the
+shared experts cover this micro-batch's intra-node dispatch (in the backward too: the
+intra-node hop resumes no forward step), and the short steps the intra-node returns
+(docs/benchmarks.md measures what that leaves exposed).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 
@@ -53,19 +58,19 @@ class HierarchicalDispatcher:
             overlap.forward_first = True
 
     def routed_steps(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts: Experts,
-                     alongside: Callable[[], None], stats: RoutingStats | None = None
-                     ) -> Generator[None, None, torch.Tensor]:
+                     alongside: Callable[[], Any], stats: RoutingStats | None = None
+                     ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
         to_node = self.inter.start(tokens, indices, gates, self.overlap, stats)
         yield
         at_node = self.inter.wait(to_node)
         # Covered by the shared experts alone, in the forward and (reversed) in the backward: its
         # backward launch resumes no forward step.
         to_rank = self.intra.start(at_node.tokens, at_node.local_experts, at_node.gates, None, stats)
-        alongside()
+        beside = alongside()
         at_rank = self.intra.wait(to_rank)
         back_in_node = self.intra.return_start(experts(at_rank.tokens, at_rank.local_experts, at_rank.gates),
                                                at_rank, self.overlap)
         yield
         back_to_source = self.inter.return_start(self.intra.return_wait(back_in_node), at_node, self.overlap)
         yield
-        return self.inter.return_wait(back_to_source)
+        return self.inter.return_wait(back_to_source), beside

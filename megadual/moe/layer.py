@@ -77,15 +77,14 @@ class MoELayer(torch.nn.Module):
         routed = comm.split_sequence(x, self.tp.group) if self._splits_sequence else x
         tokens = routed.reshape(-1, routed.shape[-1])
         routing = self.router(tokens, num_sequences=routed.shape[1])
-        shared = []
-        alongside = (lambda: shared.append(self.shared(x))) if self.shared is not None else (lambda: None)
-        out = yield from self.dispatcher.routed_steps(tokens, routing.indices, routing.gates, self.experts,
-                                                      alongside, self.router.stats)
+        shared = (lambda: self.shared(x)) if self.shared is not None else (lambda: None)
+        out, shared_out = yield from self.dispatcher.routed_steps(tokens, routing.indices, routing.gates,
+                                                                  self.experts, shared, self.router.stats)
         out = out.view(routed.shape)
         if self._splits_sequence:
             out = comm.gather_split_sequence(out, self.tp.group)
-        if shared:
-            out = out + shared[0]
+        if shared_out is not None:
+            out = out + shared_out
         return _AttachAuxLoss.apply(out, routing.aux_loss, self.aux_loss_grad_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
