@@ -40,19 +40,13 @@ MUTATIONS = [
         "grad-norm-tp-twice", "megadual/training/grads.py",
         "return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)",
         "return topo.dp_rank == 0",
-        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2]",),
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-GQA]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
-    Mutation(
-        "rng-not-restored", "megadual/training/checkpoint.py",
-        "        _set_rng_state(wanted[rng_key])\n",
-        "        pass\n",
-        ("tests/test_resume.py::test_resumed_losses_equal_uninterrupted",),
-        "loading a checkpoint does not restore the RNG states"),
     Mutation(
         "bias-update-skipped-on-rank-1", "megadual/training/step.py",
         "if update_bias and router.config.moe_router_enable_expert_bias:",
         "if update_bias and router.config.moe_router_enable_expert_bias and topo.rank != 1:",
-        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP2]",),
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP3]",),
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
@@ -67,6 +61,12 @@ MUTATIONS = [
         ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
         "DualPipe's two copies of a stage keep their own gradients instead of their sum"),
     Mutation(
+        "dualpipe-mirror-router-stats", "megadual/training/step.py",
+        "            sums = sums + pipeline.from_mirror(sums)",
+        "            pipeline.from_mirror(sums)",
+        ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
+        "DualPipe's mirrored copies move their expert biases by their own loads only"),
+    Mutation(
         "router-ignores-node-limit", "megadual/moe/router.py",
         "indices = node_limited_topk(choice, c.moe_router_topk, self.num_nodes, c.moe_router_max_nodes)",
         "indices = choice.topk(c.moe_router_topk, dim=-1).indices",
@@ -78,6 +78,183 @@ MUTATIONS = [
         "* a_scale[:, None]",
         ("tests/test_fp8_gemm.py::test_gemm_error_vs_float64[Bblocks-384-cpu-triton]",),
         "the Triton FP8 GEMM kernel leaves out the weight's block scales"),
+    Mutation(
+        "dropout-sp-offset", "megadual/model/dropout.py",
+        "        offset = self.tp.rank * s if self.tp.sequence_parallel else 0",
+        "        offset = 0",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
+        "sequence-parallel ranks draw the mask of the sequence's start"),
+    Mutation(
+        "dropout-local-heads", "megadual/model/layers.py",
+        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, self.tp.rank * self.heads)",
+        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, 0)",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
+        "the attention-dropout mask is keyed by the local head index"),
+    Mutation(
+        "dropout-global-rng", "megadual/model/dropout.py",
+        "        keep = uniform(self.key, samples, counters) >= self.p",
+        "        keep = torch.rand(torch.broadcast_shapes(samples.shape, counters.shape), device=x.device) >= self.p",
+        ("tests/test_resume.py::test_resumed_losses_equal_uninterrupted",),
+        "dropout masks drawn from the stateful global RNG: a resumed run no longer equals an uninterrupted one"),
+    Mutation(
+        "wgrad-always-defer", "megadual/parallel/linear.py",
+        "    if store is None or not store.deferring:",
+        "    if store is None:",
+        ("tests/test_wgrad.py::test_deferrable_forward_whose_backward_is_not_split_computes_weight_grad_at_once",),
+        "a deferrable forward's unsplit backward tries to defer its weight gradient"),
+    Mutation("mla-k-rope-not-rotated", "megadual/model/mla.py",
+        "k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).expand(s, b, self.heads, -1)",
+        "k_rope = k_rope.unsqueeze(2).expand(s, b, self.heads, -1)",
+        ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[q-lora]",),
+        "MLA's shared RoPE key is not rotated"),
+    Mutation("mla-rope-on-whole-heads", "megadual/model/mla.py",
+        "        q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], -1)\n        k = torch.cat([k_nope, k_rope], -1)\n",
+        "        nope = rotary_tables(s, __import__('megadual.model.layers', fromlist=['f']).rotary_frequencies(c.qk_head_dim, c.rotary_base), x.device)\n"
+        "        q = torch.cat([apply_rotary(q_nope, *nope), apply_rotary(q_rope, cos, sin)], -1)\n"
+        "        k = torch.cat([apply_rotary(k_nope, *nope), k_rope], -1)\n",
+        ("tests/test_mla.py::test_positions_enter_through_the_decoupled_rope_channels_only",),
+        "RoPE rotates the heads' non-RoPE channels too"),
+    Mutation("mla-kv-latent-not-normed", "megadual/model/mla.py",
+        "torch.cat([query_input, self.kv_norm(c_kv), k_rope], -1)",
+        "torch.cat([query_input, c_kv, k_rope], -1)",
+        ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[no-q-lora]",),
+        "the key/value latent skips its RMSNorm"),
+    Mutation("mla-softmax-scale-without-rope-dims", "megadual/model/mla.py",
+        "scale = 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)",
+        "scale = 1.0 / math.sqrt(config.qk_head_dim)",
+        ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[q-lora]",),
+        "the softmax scale leaves the RoPE dims out"),
+    Mutation("mla-yarn-mscale-ignored", "megadual/model/mla.py",
+        "    return scale * yarn_mscale(config.rope_scaling_factor, config.mscale_all_dim) ** 2\n",
+        "    return scale\n",
+        ("tests/test_mla.py::test_softmax_scale_and_rope_magnitude_follow_deepseek_v3_and_v2_lite",),
+        "YaRN's mscale^2 is left out of the softmax scale"),
+    Mutation("yarn-ramp-reversed", "megadual/model/yarn.py",
+        "return frequencies / factor * interpolated + frequencies * (1 - interpolated)",
+        "return frequencies * interpolated + frequencies / factor * (1 - interpolated)",
+        ("tests/test_mla.py::test_yarn_frequencies_follow_the_formula",),
+        "YaRN interpolates the fast channels and keeps the slow ones"),
+    Mutation("mla-down-proj-grad-not-summed-under-sp", "megadual/model/mla.py",
+        "self.kv_down = ShardedLinear(h, config.kv_lora_rank + config.qk_pos_emb_head_dim, tp, None, std, gemm,\n                                     grad_partial_over_tp=sp)",
+        "self.kv_down = ShardedLinear(h, config.kv_lora_rank + config.qk_pos_emb_head_dim, tp, None, std, gemm)",
+        ("tests/test_mla_layouts.py::test_mla_layout_matches_one_process[no-q-lora-TP2-SPxEP2xDP2]",),
+        "under sequence parallelism the replicated KV down-projection's gradient is not summed over TP"),
+    Mutation("mla-down-proj-grad-summed-without-sp", "megadual/model/mla.py",
+        "self.q_down = ShardedLinear(h, self.q_lora_rank, tp, None, std, gemm, grad_partial_over_tp=sp)",
+        "self.q_down = ShardedLinear(h, self.q_lora_rank, tp, None, std, gemm, grad_partial_over_tp=tp.size > 1)",
+        ("tests/test_mla_layouts.py::test_mla_layout_matches_one_process[q-lora-TP2xEP2xDP2]",),
+        "without sequence parallelism the query down-projection's (already whole) gradient is summed over TP again"),
+    Mutation("mla-linear-bypasses-gemm", "megadual/model/mla.py",
+        "self.kv_up = ShardedLinear(config.kv_lora_rank, heads * (config.qk_head_dim + config.v_head_dim), tp, 0,\n                                   std, gemm)",
+        "self.kv_up = ShardedLinear(config.kv_lora_rank, heads * (config.qk_head_dim + config.v_head_dim), tp, 0,\n                                   std)",
+        ("tests/test_mla.py::test_every_linear_runs_through_the_layers_gemm",),
+        "an MLA projection ignores the layer's GEMM (no FP8)"),
+    Mutation("mla-flags-silently-ignored", "megadual/config.py",
+        "    validate_attention_flags_given(m)\n", "",
+        ("tests/test_config.py::test_mla_and_yarn_flags_are_refused_without_what_they_need",),
+        "MLA flags given without --multi-latent-attention are ignored"),
+    Mutation(
+        'stop-not-agreed-across-ranks', 'megadual/training/stopping.py',
+        'dist.all_reduce(votes, op=dist.ReduceOp.MAX)',
+        'pass',
+        ('tests/test_stopping.py::test_a_signal_to_one_rank_stops_every_rank',),
+        'each rank decides alone whether to stop, so a signal that reached one rank stops only that one'),
+    Mutation(
+        'second-ctrl-c-caught-again', 'megadual/training/stopping.py',
+        '            signal.signal(signal.SIGINT, signal.SIG_DFL)\n',
+        '            pass\n',
+        ('tests/test_stopping.py::test_first_ctrl_c_stops_after_the_iteration_and_a_second_would_kill',),
+        'a second Ctrl-C is caught like the first instead of ending the process'),
+    Mutation(
+        'exit-duration-ignored', 'megadual/training/stopping.py',
+        'over_time = self.deadline is not None and time.monotonic() >= self.deadline',
+        'over_time = False',
+        ('tests/test_stopping.py::test_exit_duration_saves_and_stops',),
+        '--exit-duration-in-mins never stops the run'),
+    Mutation(
+        'stop-without-saving', 'megadual/training/loop.py',
+        '    if t.save and not saved:',
+        '    if t.save and not saved and not result.stop_reason:',
+        ('tests/test_stopping.py::test_exit_duration_saves_and_stops',),
+        'a run stopped early exits without saving'),
+    Mutation(
+        'world-without-distributed-timeout', 'megadual/training/distributed.py',
+        'dist.init_process_group(backend, timeout=timeout)',
+        'dist.init_process_group(backend)',
+        ('tests/test_stopping.py::test_every_process_group_waits_the_distributed_timeout',),
+        "the world group keeps gloo's 30-minute timeout: a stopped rank blocks the others in checkpoints and the stop agreement"),
+    Mutation(
+        'groups-without-distributed-timeout', 'megadual/parallel/topology.py',
+        'dist.new_group(ranks, timeout=timeout)',
+        'dist.new_group(ranks)',
+        ('tests/test_stopping.py::test_every_process_group_waits_the_distributed_timeout',),
+        "the DP/TP/EP/PP groups keep gloo's 30-minute timeout: a stopped rank blocks the others in training"),
+    Mutation(
+        'lost-rank-not-explained', 'pretrain_moe.py',
+        'lost = lost_rank_message(e, config.train.distributed_timeout_minutes)',
+        'lost = None',
+        ('tests/test_lost_ranks.py::test_stopped_rank_ends_the_run_after_the_distributed_timeout',),
+        "a collective timeout ends the run with gloo's raw traceback"),
+    Mutation(
+        'workers-outlive-their-agent', 'megadual/training/distributed.py',
+        '    exit_with_torchrun_agent()\n',
+        '',
+        ('tests/test_lost_ranks.py::test_workers_exit_when_their_torchrun_agent_is_killed',),
+        'workers of a killed torchrun agent train on (and save) by themselves'),
+    Mutation(
+        'token-ids-not-checked', 'megadual/data/builder.py',
+        '    check_token_ids(dataset, vocab_size)\n',
+        '',
+        ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
+        'token ids beyond the vocabulary reach the model'),
+    Mutation(
+        'token-id-cache-trusted-after-rewrite', 'megadual/data/token_ids.py',
+        'if cached["files"] == identity:',
+        'if cached:',
+        ('tests/test_data_indexed.py::test_token_ids_outside_the_vocabulary_are_refused_and_the_scan_is_cached',),
+        'the cached token-id range is used for a dataset rewritten since'),
+    Mutation(
+        'idx-pointer-stride-not-checked', 'megadual/data/indexed_dataset.py',
+        '            if len(wrong):',
+        '            if False:',
+        ('tests/test_data_indexed.py::test_dtype_that_disagrees_with_the_bin_is_refused',),
+        "an .idx whose pointers do not advance by its dtype's size is read"),
+    Mutation(
+        'bin-longer-than-idx-accepted', 'megadual/data/indexed_dataset.py',
+        '        if size > end:',
+        '        if False:',
+        ('tests/test_data_indexed.py::test_dtype_that_disagrees_with_the_bin_is_refused',),
+        'a .bin larger than its .idx describes (e.g. a uint16 file relabelled uint8) is read'),
+    Mutation(
+        'preprocess-failure-deletes-the-old-dataset', 'scripts/preprocess_data.py',
+        'os.remove(_temporary(path))',
+        'os.remove(path)',
+        ('tests/test_data_preprocess.py::test_a_failed_run_leaves_the_previous_dataset_and_names_the_bad_input',),
+        'a failed preprocess_data.py run removes the dataset that was there instead of its own temporary files'),
+    Mutation(
+        'empty-test-split-is-an-error', 'megadual/data/builder.py',
+        '    if split_number == 1:',
+        '    if split_number >= 1:',
+        ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
+        'the default --split 969,30,1 refuses a small corpus because of the unused test split'),
+    Mutation(
+        'negative-lr-read-as-a-flag', 'megadual/config.py',
+        '    parser._negative_number_matcher = re.compile(r"^-(\\d+\\.?\\d*|\\.\\d+)([eE][-+]?\\d+)?$")\n',
+        '',
+        ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
+        'argparse reads `--lr -1e-3` as two flags'),
+    Mutation(
+        'slurm-warning-not-passed-to-workers', 'scripts/pretrain_moe_slurm.sh',
+        '--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 ',
+        '',
+        ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
+        'torchrun is not told to pass SIGUSR1 on, dies of it, and its workers save nothing'),
+    Mutation(
+        'slurm-requeued-run-starts-fresh', 'scripts/pretrain_moe_slurm.sh',
+        'flags+=(--load "$save")',
+        ':',
+        ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
+        'the requeued job trains from scratch instead of resuming from --save'),
 ]
 
 
@@ -164,10 +341,18 @@ def select(ids: list[str]) -> list[Mutation]:
     return [by_id[i] for i in ids] if ids else MUTATIONS
 
 
+def markdown_table(mutations: list[Mutation]) -> str:
+    rows = ["| id | the bug | the tests that must fail |", "|---|---|---|"]
+    rows += [f"| `{m.id}` | {m.description} | " + "<br>".join(f"`{t.removeprefix('tests/')}`" for t in m.tests) + " |"
+             for m in mutations]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ids", nargs="*", help="mutations to plant (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--markdown", action="store_true", help="print docs/testing.md's table and exit")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each test run may take")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output of each")
     args = parser.parse_args(argv)
@@ -175,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in mutations:
             print(f"{m.id:<34} {m.file:<34} {m.description}")
+        return 0
+    if args.markdown:
+        print(markdown_table(mutations))
         return 0
     verdicts = [report(m, args.timeout, args.verbose) for m in mutations]
     return 0 if all(v == "CAUGHT" for v in verdicts) else 1

@@ -62,3 +62,12 @@ def test_inter_node_rows_never_exceed_the_remote_nodes_of_a_tokens_experts(max_n
     assert int(hierarchical.max()) <= max_nodes
     assert bool((flat >= hierarchical).all())
     assert bool((flat > hierarchical).any())  # some token's experts sit on two ranks of a remote node
+
+
+def test_fp8_dispatch_forwards_without_changing_a_token():
+    # Hop 2 of the hierarchical dispatch quantizes the tokens hop 1 dequantized: with power-of-two
+    # scales that gives the same values, so the flat and hierarchical paths feed the experts alike.
+    from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 64)[:, None]
+    once = dequantize_from_dispatch(*quantize_for_dispatch(x), torch.float32)
+    assert torch.equal(dequantize_from_dispatch(*quantize_for_dispatch(once), torch.float32), once)

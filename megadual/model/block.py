@@ -11,18 +11,23 @@ from collections.abc import Generator
 import torch
 
 from megadual.config import ModelConfig
+from megadual.model.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, HiddenDropout
 from megadual.model.layers import Attention, RMSNorm
+from megadual.model.mla import MultiLatentAttention
 from megadual.moe.layer import MoELayer, run_steps
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, ctx: BuildContext = ONE_PROCESS):
+    def __init__(self, config: ModelConfig, layer_index: int, ctx: BuildContext = ONE_PROCESS, seed: int = 0):
         super().__init__()
         sp = ctx.tp.sequence_parallel
         self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
-        self.attention = Attention(config, ctx.tp, ctx.gemm)
+        attention = MultiLatentAttention if config.multi_latent_attention else Attention
+        self.attention = attention(config, ctx.tp, ctx.gemm, layer_index, seed)
+        self.attention_dropout = HiddenDropout(config.hidden_dropout, seed, ATTENTION_OUTPUT, layer_index, ctx.tp)
+        self.mlp_dropout = HiddenDropout(config.hidden_dropout, seed, MLP_OUTPUT, layer_index, ctx.tp)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
         self.is_moe = config.is_moe_layer(layer_index)
         if self.is_moe:
@@ -30,12 +35,14 @@ class TransformerLayer(torch.nn.Module):
         else:
             self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
 
-    def forward_steps(self, hidden: torch.Tensor) -> Generator[None, None, torch.Tensor]:
-        """The layer as a generator that pauses while each expert all-to-all is in flight."""
-        residual = hidden + self.attention(self.input_norm(hidden))
+    def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None
+                      ) -> Generator[None, None, torch.Tensor]:
+        """The layer as a generator that pauses while each expert all-to-all is in flight.
+        `samples` are the micro-batch's global sample indices (the dropout masks' key)."""
+        residual = hidden + self.attention_dropout(self.attention(self.input_norm(hidden), samples), samples)
         mlp_input = self.pre_mlp_norm(residual)
         out = (yield from self.mlp.forward_steps(mlp_input)) if self.is_moe else self.mlp(mlp_input)
-        return residual + out
+        return residual + self.mlp_dropout(out, samples)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return run_steps(self.forward_steps(hidden))
+    def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+        return run_steps(self.forward_steps(hidden, samples))

@@ -75,6 +75,7 @@ class Dispatched:
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int  # source rows
+    origin: torch.Tensor | None = None  # [rows] the `origin` tag each received row was sent with
 
 
 @dataclass
@@ -111,19 +112,22 @@ class Hop:
         self.codec = Fp8Codec() if fp8 else None
 
     def start(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
-              overlap: comm.BackwardOverlap | None, stats: RoutingStats | None = None) -> InFlight:
+              overlap: comm.BackwardOverlap | None, stats: RoutingStats | None = None,
+              origin: torch.Tensor | None = None) -> InFlight:
+        """Launch the rows; `origin`, an integer tag per source row, travels with them."""
         plan = plan_rows(experts, gates, self.experts_per_rank, self.size)
         if stats is not None:
             stats.record_dispatch(*count_traffic(plan.send_counts, self.nodes, self.index))
         recv_counts = comm.exchange_counts(torch.tensor(plan.send_counts), self.group).tolist()
         exchange = comm.Exchange(self.group, recv_counts, plan.send_counts, (self.codec,), overlap)
-        return InFlight(exchange.start(tokens[plan.source], plan.experts, plan.gates), plan, recv_counts,
+        tags = () if origin is None else (origin[plan.source],)
+        return InFlight(exchange.start(tokens[plan.source], plan.experts, plan.gates, *tags), plan, recv_counts,
                         tokens.shape[0])
 
     def wait(self, sent: InFlight) -> Dispatched:
-        tokens, experts, gates = sent.exchange.wait()
+        tokens, experts, gates, *origin = sent.exchange.wait()
         return Dispatched(tokens, experts, gates, sent.plan.source, sent.plan.send_counts, sent.recv_counts,
-                          sent.num_tokens)
+                          sent.num_tokens, *origin)
 
     def return_start(self, rows: torch.Tensor, d: Dispatched, overlap: comm.BackwardOverlap | None) -> Returning:
         return Returning(comm.Exchange(self.group, d.send_counts, d.recv_counts, (), overlap).start(rows), d)

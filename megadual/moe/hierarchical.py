@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from megadual.moe.dispatcher import Experts, Hop
+from megadual.moe.dispatcher import Dispatched, Experts, Hop
 from megadual.moe.router import RoutingStats
 from megadual.parallel import comm
 
@@ -63,14 +63,28 @@ class HierarchicalDispatcher:
         to_node = self.inter.start(tokens, indices, gates, self.overlap, stats)
         yield
         at_node = self.inter.wait(to_node)
+        source_node = torch.repeat_interleave(torch.arange(len(at_node.recv_counts), device=tokens.device),
+                                              torch.tensor(at_node.recv_counts, device=tokens.device))
         # Covered by the shared experts alone, in the forward and (reversed) in the backward: its
         # backward launch resumes no forward step.
-        to_rank = self.intra.start(at_node.tokens, at_node.local_experts, at_node.gates, None, stats)
+        to_rank = self.intra.start(at_node.tokens, at_node.local_experts, at_node.gates, None, stats,
+                                   origin=source_node)
         beside = alongside()
         at_rank = self.intra.wait(to_rank)
-        back_in_node = self.intra.return_start(experts(at_rank.tokens, at_rank.local_experts, at_rank.gates),
-                                               at_rank, self.overlap)
+        back_in_node = self.intra.return_start(experts_in_flat_order(experts, at_rank), at_rank, self.overlap)
         yield
         back_to_source = self.inter.return_start(self.intra.return_wait(back_in_node), at_node, self.overlap)
         yield
         return self.inter.return_wait(back_to_source), beside
+
+
+def experts_in_flat_order(experts: Experts, d: Dispatched) -> torch.Tensor:
+    """The experts' outputs for the rows hop 2 delivered, in arrival order, computed over the rows
+    in the flat dispatch's order. Rows arrive by forwarding rank (in-node index), then source
+    node; the flat path delivers them by source EP rank (source node, then in-node index), and
+    a stable sort by source node restores that. The order matters where the expert GEMMs are
+    FP8: their weight gradients quantize 128-token tiles, so both paths must tile the same rows."""
+    order = torch.argsort(d.origin, stable=True)
+    arrival = torch.empty_like(order)
+    arrival[order] = torch.arange(order.numel(), device=order.device)
+    return experts(d.tokens[order], d.local_experts[order], d.gates[order])[arrival]
