@@ -65,8 +65,8 @@ def test_inter_node_rows_never_exceed_the_remote_nodes_of_a_tokens_experts(max_n
 
 
 def test_fp8_dispatch_forwards_without_changing_a_token():
-    # Hop 2 of the hierarchical dispatch quantizes the tokens hop 1 dequantized: with power-of-two
-    # scales that gives the same values, so the flat and hierarchical paths feed the experts alike.
+    # Hop 2 of the hierarchical dispatch quantizes the tokens hop 1 dequantized: that gives the same
+    # values (each row's largest element keeps its scale), so both paths feed the experts alike.
     from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
     x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 64)[:, None]
     once = dequantize_from_dispatch(*quantize_for_dispatch(x), torch.float32)

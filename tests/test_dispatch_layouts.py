@@ -8,6 +8,8 @@ gradient and every final parameter - and on the dispatch traffic counted from th
 All runs share one launch of the processes. The per-token bound on inter-node rows is checked
 in test_dispatch.py.
 """
+from dataclasses import replace
+
 from megadual.verify import Tolerance, compare, launch_all
 from tests.helpers import TINY_MOE
 
@@ -21,6 +23,9 @@ CASES = {"EP4 M1": (4, 1, []), "EP4 M2 fp8": (4, 2, FP8), "EP8 M1": (8, 1, []), 
 # across). Largest differences measured over these cases (and 2-iteration runs): logged values
 # 1.7e-08, grad norm 2.8e-08, first-step gradients 3.9e-07, final values 6.8e-06; about 10x.
 HIERARCHICAL_VS_FLAT = Tolerance("hierarchical vs flat", logged=2e-7, grad_norm=3e-7, grads=4e-6, final=7e-5)
+# FP8 GEMMs quantize the gradients, where a difference that small can move an element across a
+# rounding step: measured 3.1e-04 on one first-step gradient (EP4 M2, layers.0.mlp.down.weight).
+FP8_GRADS = 3e-3
 
 
 def test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once():
@@ -29,9 +34,10 @@ def test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once():
                                                     "--moe-token-dispatcher-type", dispatcher])
             for name, (ep, m, extra) in CASES.items() for dispatcher in ("alltoall", "hierarchical")}
     captures = launch_all(runs)
-    for name, (ep, m, _) in CASES.items():
+    for name, (ep, m, extra) in CASES.items():
         flat, hierarchical = captures[name, "alltoall"], captures[name, "hierarchical"]
-        report = compare(hierarchical, flat, HIERARCHICAL_VS_FLAT)
+        tolerance = replace(HIERARCHICAL_VS_FLAT, grads=FP8_GRADS) if FP8[0] in extra else HIERARCHICAL_VS_FLAT
+        report = compare(hierarchical, flat, tolerance)
         assert report.passed, report.format(name)
         flat_inter, inter = (c.traffic["moe inter-node rows per token"][0] for c in (flat, hierarchical))
         intra = hierarchical.traffic["moe intra-node rows per token"][0]

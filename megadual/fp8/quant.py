@@ -114,11 +114,8 @@ def quantize_blocks(w: torch.Tensor, pow2_scales: bool = False) -> Fp8Tensor:
 
 def quantize_for_dispatch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [..., hidden] -> (E4M3 data [..., hidden], FP32 scales [..., ceil(hidden / 128)]),
-    the two tensors the MoE dispatch all-to-all sends instead of BF16 activations. The scales are
-    powers of two (as DeepSeek-V3 quantizes the dispatched activations), so dequantized tokens
-    quantize again to the same values: a hop that forwards them (node-hierarchical dispatch)
-    changes nothing."""
-    q = quantize_tiles(x, pow2_scales=True)
+    the two tensors the MoE dispatch all-to-all sends instead of BF16 activations."""
+    q = quantize_tiles(x)
     return q.data, q.scale
 
 
