@@ -71,3 +71,34 @@ def test_fp8_dispatch_forwards_without_changing_a_token():
     x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 64)[:, None]
     once = dequantize_from_dispatch(*quantize_for_dispatch(x), torch.float32)
     assert torch.equal(dequantize_from_dispatch(*quantize_for_dispatch(once), torch.float32), once)
+
+
+@pytest.mark.parametrize("fp8_dispatch", [False, True])
+def test_without_expert_parallelism_the_layer_skips_the_exchange_and_computes_the_same(fp8_dispatch):
+    from dataclasses import replace
+
+    from megadual.moe.dispatcher import LocalDispatcher, TokenDispatcher
+    from megadual.moe.layer import MoELayer
+    from megadual.parallel.context import ONE_PROCESS
+    from tests.test_model import CFG
+    layer = MoELayer(CFG, replace(ONE_PROCESS, fp8_dispatch=fp8_dispatch))
+    assert isinstance(layer.dispatcher, LocalDispatcher)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2, generator=generator)
+    x = torch.randn(16, 2, CFG.hidden_size, generator=generator)
+
+    def run():
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs)
+        out.square().sum().backward()
+        grads = [inputs.grad] + [p.grad for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    skipped, skipped_grads = run()
+    layer.dispatcher = TokenDispatcher(CFG.num_experts, fp8_dispatch=fp8_dispatch)  # the exchange at one rank
+    exchanged, exchanged_grads = run()
+    assert torch.equal(skipped, exchanged)
+    assert all(torch.equal(a, b) for a, b in zip(skipped_grads, exchanged_grads))

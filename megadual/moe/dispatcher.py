@@ -161,3 +161,35 @@ class TokenDispatcher:
         returning = self.hop.return_start(experts(d.tokens, d.local_experts, d.gates), d, self.overlap)
         yield
         return self.hop.return_wait(returning), beside
+
+
+class _AsDispatched(torch.autograd.Function):
+    """Tokens rounded as the FP8 dispatch delivers them; the gradient passes unchanged, as it does
+    through the all-to-all."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, codec: comm.Codec) -> torch.Tensor:
+        return codec.decode(codec.encode(tokens), tokens.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class LocalDispatcher:
+    """Without expert parallelism every expert is on this rank: the routed path is the experts
+    alone, with no row plan, exchange or summed return (which at one rank copy the rows, and
+    add them to zeros). Equal to the flat path at one rank, FP8 dispatch's rounding included."""
+
+    def __init__(self, fp8_dispatch: bool = False):
+        self.codec = Fp8Codec() if fp8_dispatch else None
+        self.overlap: comm.BackwardOverlap | None = None  # no all-to-all to fill
+
+    def routed_steps(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts: Experts,
+                     alongside: Callable[[], Any], stats: RoutingStats | None = None
+                     ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
+        """The experts, then `alongside`, with no pause (nothing is in flight)."""
+        if self.codec is not None:
+            tokens = _AsDispatched.apply(tokens, self.codec)
+        return experts(tokens, indices, gates), alongside()
+        yield  # a generator, like the other dispatchers' routed paths

@@ -4,8 +4,9 @@
 combine), pausing while each all-to-all is in flight; each step after a pause begins by
 waiting for the all-to-all the previous one launched, so a schedule running the steps of
 two micro-batches alternately overlaps one's all-to-alls with the other's compute.
-`forward` runs them in order. The dispatcher is the flat all-to-all, or the node-
-hierarchical one when the build context carries node groups.
+`forward` runs them in order. The dispatcher is the flat all-to-all, the node-hierarchical
+one when the build context carries node groups, or, without expert parallelism, none: the
+experts run on the routed tokens as they are.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Generator
 import torch
 
 from megadual.config import ModelConfig
-from megadual.moe.dispatcher import TokenDispatcher
+from megadual.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from megadual.moe.experts import RoutedExperts
 from megadual.moe.hierarchical import HierarchicalDispatcher
 from megadual.moe.router import Router
@@ -56,7 +57,9 @@ class MoELayer(torch.nn.Module):
         self.tp = ctx.tp
         # --moe-router-num-groups stands in for nodes (virtual nodes on one machine).
         self.router = Router(config, config.moe_router_num_groups or ctx.num_nodes, ctx.tp.group)
-        if ctx.ep_node_groups is None:
+        if ep_size == 1:
+            self.dispatcher = LocalDispatcher(ctx.fp8_dispatch)
+        elif ctx.ep_node_groups is None:
             self.dispatcher = TokenDispatcher(config.num_experts, ctx.ep_group, ctx.num_nodes, ctx.fp8_dispatch)
         else:
             self.dispatcher = HierarchicalDispatcher(config.num_experts, *ctx.ep_node_groups, ctx.fp8_dispatch)
