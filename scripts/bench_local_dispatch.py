@@ -27,7 +27,7 @@ from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from megadual.moe.layer import MoELayer
 
-QUICKSTART = ModelConfig(num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
+QUICKSTART = ModelConfig(num_layers=4, hidden_size=128, ffn_hidden_size=344, num_attention_heads=4,
                          seq_length=128, vocab_size=4096, num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
                          moe_shared_expert_intermediate_size=128, moe_first_k_dense=1, moe_router_num_groups=4,
                          moe_router_max_nodes=2)
