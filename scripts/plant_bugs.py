@@ -256,12 +256,13 @@ MUTATIONS = [
         ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
         'the requeued job trains from scratch instead of resuming from --save'),
     Mutation(
-        "hierarchical-combine-keeps-one-row", "megadual/moe/dispatcher.py",
+        "combine-keeps-one-row", "megadual/moe/dispatcher.py",
         "return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)",
         "return back.new_zeros(d.num_tokens, back.shape[-1]).index_copy(0, d.token_of_row, back)",
-        ("tests/test_dispatch_layouts.py::test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once",),
-        "the combine keeps one of a row's returned results instead of their sum (the hierarchical "
-        "path's in-node sum before the hop back among them)"),
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[EP4-on-2-nodes-M2]",),
+        "each hop's combine keeps one of a row's returned results instead of their sum (the "
+        "hierarchical path's in-node sum included; both paths then keep the same one, so only the "
+        "comparison with one process sees it)"),
     Mutation(
         "hierarchical-outputs-in-sorted-order", "megadual/moe/hierarchical.py",
         "d.gates[order])[arrival]",
