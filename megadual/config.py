@@ -32,7 +32,7 @@ __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig
            "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
            "validate_parallel", "validate_world"]
 
-MOE, CHECKPOINTS = "mixture of experts", "checkpointing"
+MOE, MTP, CHECKPOINTS = "mixture of experts", "multi-token prediction", "checkpointing"
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
@@ -80,6 +80,10 @@ class ModelConfig:
         unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group")
     moe_router_num_groups: int = option(0, "node groups for node-limited routing; 0: the real nodes of the "
                                            "EP group, G > 0: G virtual nodes", group=MOE)
+    mtp_num_layers: int = option(0, "D: multi-token prediction modules after the last layer, module k "
+                                    "predicting the token k+1 ahead; 0: none", group=MTP)
+    mtp_loss_scaling_factor: float = option(0.1, "the MTP loss (mean over the D depths) is scaled by this and "
+                                                 "added to the training loss", group=MTP)
 
     @property
     def head_dim(self) -> int:
@@ -153,6 +157,7 @@ class TrainConfig:
     log_interval: int = option(10)
     eval_interval: int = option(0, "0: no evaluation")
     eval_iters: int = option(10)
+    mtp_eval_loss: bool = option(False, "evaluation also computes the MTP losses and logs them", group=MTP)
     save: str | None = option(None, group=CHECKPOINTS)
     load: str | None = option(None, group=CHECKPOINTS)
     save_interval: int = option(0, group=CHECKPOINTS)

@@ -41,13 +41,14 @@ def model_config(args) -> ModelConfig:
 
 
 def one_pair(model, overlap: BackwardOverlap, batch_a, batch_b, overlapped: bool) -> tuple[float, torch.Tensor]:
-    loss_b = model(*batch_b)
+    loss_b = model(*batch_b).loss
     dist.barrier()
     start = time.perf_counter()
     if overlapped:
-        loss_a = overlapped_forward_backward(model.forward_steps(*batch_a), loss_b.backward, nullcontext, overlap)
+        loss_a = overlapped_forward_backward(model.forward_steps(*batch_a), loss_b.backward, nullcontext,
+                                             overlap).loss
     else:
-        loss_a = model(*batch_a)
+        loss_a = model(*batch_a).loss
         loss_b.backward()
     dist.barrier()
     elapsed = time.perf_counter() - start

@@ -41,7 +41,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadual.config import ModelConfig
-from megadual.model.gpt import StageSpec, build_chunk
+from megadual.model.gpt import StageLoss, StageSpec, build_chunk
 from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Layout
 from megadual.pipeline.runtime import PipelineRuntime
@@ -145,7 +145,8 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
 
     def forward(deferrable: bool = False) -> torch.Tensor:
         with store.deferrable_forward(deferrable):
-            return chunk(tokens if spec.has_embedding else hidden, tokens)
+            out = chunk(tokens if spec.has_embedding else hidden, tokens)
+        return out.loss if spec.has_head else out
 
     def split_backward(out: torch.Tensor) -> None:
         with store.split_backward():
@@ -185,9 +186,9 @@ def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency:
 # torch.distributed.pipelining
 
 
-def _loss_is_output(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """GPTChunk's last stage returns the loss itself (labels come in as a keyword argument)."""
-    return loss
+def _loss_is_output(output: StageLoss, labels: torch.Tensor) -> torch.Tensor:
+    """GPTChunk's last stage returns its loss (labels come in as a keyword argument)."""
+    return output.loss
 
 
 class TorchRunner:

@@ -2,11 +2,13 @@
 import subprocess
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
-from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.model.gpt import build_chunk, full_model_stage, loss_names
 from megadual.parallel import comm
 from megadual.parallel.comm import BackwardOverlap
 from megadual.pipeline.overlap import overlapped_forward_backward
@@ -17,14 +19,16 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_overlapped_pair_equals_forward_then_backward(monkeypatch):
+@pytest.mark.parametrize("mtp_layers", [0, 2], ids=["no MTP", "MTP D=2"])
+def test_overlapped_pair_equals_forward_then_backward(monkeypatch, mtp_layers):
+    config = replace(CFG, mtp_num_layers=mtp_layers)
     (tokens_a, labels_a), (tokens_b, labels_b) = batch(1), batch(2)
-    plain = build_chunk(CFG, full_model_stage(CFG), seed=3)
-    plain(tokens_b, labels_b).backward()
+    plain = build_chunk(config, full_model_stage(config), seed=3)
+    plain(tokens_b, labels_b).loss.backward()
     loss_a = plain(tokens_a, labels_a)
-    loss_a.backward()
+    loss_a.loss.backward()
 
-    paired = build_chunk(CFG, full_model_stage(CFG), seed=3)
+    paired = build_chunk(config, full_model_stage(config), seed=3)
     overlap = BackwardOverlap()
     paired.attach_schedule(None, overlap)
     loss_b = paired(tokens_b, labels_b)
@@ -36,17 +40,20 @@ def test_overlapped_pair_equals_forward_then_backward(monkeypatch):
                         lambda self, g: (events.append("B"), launch_backward(self, g)))
 
     def backward():
-        loss_b.backward()
+        loss_b.loss.backward()
         events.append("|")
 
     overlapped = overlapped_forward_backward(paired.forward_steps(tokens_a, labels_a), backward, nullcontext,
                                              overlap)
-    overlapped.backward()
+    overlapped.loss.backward()
     # Each all-to-all the backward launches (B: combine, tokens, gates per MoE layer) is followed by
     # one forward step, which ends by launching its own (F: tokens, expert ids, gates; or combine);
-    # the forward (dense layer 0, MoE layers 1 and 2) is done before the backward is.
-    assert "".join(events[:events.index("|") + 1]) == "BFFFBFBFFFBFBB|"
-    assert torch.equal(overlapped, loss_a)
+    # the forward (dense layer 0, MoE layers 1 and 2, then the MTP modules' MoE layers) is done
+    # before the backward is.
+    moe_layers = 2 + mtp_layers
+    assert "".join(events[:events.index("|") + 1]) == "BFFFBF" * moe_layers + "B" * moe_layers + "|"
+    assert overlapped.reported.keys() == loss_a.reported.keys() == set(loss_names(config))
+    assert all(torch.equal(overlapped.reported[name], loss_a.reported[name]) for name in loss_a.reported)
     expected = grads(plain)
     for name, grad in grads(paired).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)

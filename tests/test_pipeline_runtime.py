@@ -24,8 +24,9 @@ SHAPE = (32, 2, 64)  # [seq, micro-batch, hidden] of TINY_MOE
 
 
 def tiny():
-    """One dense and one MoE layer: a stage each under DualPipeV with PP=1."""
-    return parse_args(TINY_MOE + ["--num-layers", "2"]).model
+    """One dense and one MoE layer: a stage each under DualPipeV with PP=1, where the MTP module
+    beside the head (on chunk 1) embeds with chunk 0's embedding."""
+    return parse_args(TINY_MOE + ["--num-layers", "2", "--mtp-num-layers", "1"]).model
 
 
 def microbatches(count: int) -> list[dict]:
@@ -40,6 +41,17 @@ def accumulated(config, batches):
     model.set_aux_loss_grad_scale(1.0 / len(batches))
     loss = forward_backward(model.chunks[0], batches, torch.device("cpu"), bf16=False)
     return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_gradients(model, want_grads):
+    """Bit for bit, except the parameters MTP shares with the main model, whose gradients from the
+    two uses are summed in another order when the head's W is deferred or the embedding is in
+    another chunk (measured: relative 6.5e-8)."""
+    for name, p in model.named_parameters():
+        if name in ("embedding.weight", "output_layer.weight"):
+            assert float((p.grad - want_grads[name]).norm() / want_grads[name].norm()) < 1e-6, name
+        else:
+            assert torch.equal(p.grad, want_grads[name]), name
 
 
 def one_rank_runtime(config, schedule: str, actions: list[Action], count: int, trace: bool = False):
@@ -63,9 +75,10 @@ def test_one_rank_schedule_equals_gradient_accumulation(four_microbatches, sched
     assert any(a.kind == Kind.FB for a in actions) == (schedule == "dualpipev")
     assert any(a.kind == Kind.BI for a in actions) == split
     model, runtime = one_rank_runtime(config, schedule, actions, 4)
-    assert torch.equal(runtime.run(batches), want_loss)
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad, want_grads[name]), name
+    losses = runtime.run(batches)
+    assert losses.keys() == want_loss.keys() == {"lm loss", "mtp_1 loss"}
+    assert all(torch.equal(losses[name], want_loss[name]) for name in want_loss)
+    assert_same_gradients(model, want_grads)
 
 
 def test_input_backward_leaves_weight_gradients_to_w():
@@ -78,9 +91,7 @@ def test_input_backward_leaves_weight_gradients_to_w():
     assert any("experts" in n for n in waiting) and any("attention" in n for n in waiting)
     model, runtime = one_rank_runtime(config, "1f1b", [forward, backward, Action(Kind.W, 0, 0)], 1)
     runtime.run(batches)
-    _, want_grads = accumulated(config, batches)
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad, want_grads[name]), name
+    assert_same_gradients(model, accumulated(config, batches)[1])
 
 
 def test_only_forwards_of_split_backwards_defer():

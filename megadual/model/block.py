@@ -7,6 +7,7 @@ step and passes through dispatch and combine.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,14 @@ class TransformerLayer(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         state = self.attention_step(hidden)
         return self.combine_step(self.experts_step(self.dispatch_step(state)))
+
+    def forward_steps(self, hidden: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """`forward` as a generator that pauses while each expert all-to-all is in flight
+        (see GPTChunk.forward_steps); its return value is the layer's output."""
+        state = self.dispatch_step(self.attention_step(hidden))
+        if self.is_moe:
+            yield  # dispatch in flight
+        state = self.experts_step(state)
+        if self.is_moe:
+            yield  # combine in flight
+        return self.combine_step(state)

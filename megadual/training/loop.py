@@ -11,6 +11,7 @@ from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
+from megadual.model.gpt import LM_LOSS, loss_names
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
@@ -20,7 +21,13 @@ from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megadual.training.distributed import local_world_size
-from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
+from megadual.training.metrics import (
+    IntervalLog,
+    TensorBoard,
+    format_iteration,
+    format_validation,
+    mtp_fields,
+)
 from megadual.training.optimizer import build_optimizer, learning_rate
 from megadual.training.step import autocast_context, train_step
 
@@ -101,20 +108,25 @@ def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[d
 
 @torch.no_grad()
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
-             pipeline: Pipeline | None = None) -> float:
-    total = torch.zeros((), dtype=torch.float64)
-    if pipeline is not None:
-        for _ in range(iters):
-            total += pipeline.evaluate(next_batches(loader, count, pipeline)).double().cpu() * count
-    else:
-        for batch in next_batches(loader, count * iters):
-            with autocast_context(device, bf16):
-                total += model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+             pipeline: Pipeline | None = None, mtp: bool = False) -> dict[str, float]:
+    """The mean validation losses by log name: the lm loss, and with `mtp` each MTP depth's."""
+    names = loss_names(model.config) if mtp else [LM_LOSS]
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    with model.evaluating(mtp):
+        if pipeline is not None:
+            for _ in range(iters):
+                losses = pipeline.evaluate(next_batches(loader, count, pipeline))
+                totals += torch.stack([losses[name] for name in names]).double().cpu() * count
+        else:
+            for batch in next_batches(loader, count * iters):
+                with autocast_context(device, bf16):
+                    out = model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device))
+                totals += torch.stack([out.reported[name] for name in names]).double().cpu()
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
-        dist.all_reduce(total, group=topo.group("dp"))
-    return float(total) / (count * iters * topo.layout.dp)
+        dist.all_reduce(totals, group=topo.group("dp"))
+    return dict(zip(names, (totals / (count * iters * topo.layout.dp)).tolist()))
 
 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
@@ -166,13 +178,15 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             if not step.skipped:
                 writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
                                                  "grad norm": step.grad_norm,
-                                                 "load_balancing_loss": step.routing.aux_loss})
+                                                 "load_balancing_loss": step.routing.aux_loss,
+                                                 **mtp_fields(step.mtp_losses)})
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
-            loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
+            losses = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline,
+                              mtp=t.mtp_eval_loss)
             if dist.get_rank() == 0:
-                log(format_validation(state.iteration, loss))
-                writer.scalars(state.iteration, {"validation lm loss": loss})
+                log(format_validation(state.iteration, losses))
+                writer.scalars(state.iteration, {f"validation {name}": v for name, v in losses.items()})
         saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
         if saved:
             save_checkpoint(t.save, model, optimizer, state, config)
