@@ -25,6 +25,8 @@ def error_for(*extra: str) -> str:
     (["--save-interval", "5"], "--save-interval"),
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch"),
     (["--lr-warmup-iters", "500", "--train-iters", "10"], "--lr-warmup-iters"),
+    (["--mtp-num-layers", "32"], "--mtp-num-layers"),  # --seq-length 32: no position has a target
+    (["--mtp-eval-loss"], "--mtp-eval-loss"),
 ])
 def test_invalid_combination_names_flag(extra, flag):
     assert flag in error_for(*extra)
