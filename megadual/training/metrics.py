@@ -28,7 +28,7 @@ class IntervalLog:
     def add(self, result: StepResult, seconds: float) -> None:
         self.iterations += 1
         self.seconds += seconds
-        self.nan += int(not math.isfinite(result.lm_loss))
+        self.nan += int(not all(map(math.isfinite, [result.lm_loss, *result.mtp_losses])))
         if result.skipped:
             self.skipped += 1
             return
