@@ -186,9 +186,22 @@ def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency:
 # torch.distributed.pipelining
 
 
-def _loss_is_output(output: StageLoss, labels: torch.Tensor) -> torch.Tensor:
-    """GPTChunk's last stage returns its loss (labels come in as a keyword argument)."""
-    return output.loss
+class _TensorOutput(torch.nn.Module):
+    """A GPTChunk whose last stage returns its loss tensor instead of a StageLoss: torch's stages
+    pass tensors only."""
+
+    def __init__(self, chunk: torch.nn.Module):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.chunk(inputs, labels)
+        return out.loss if isinstance(out, StageLoss) else out
+
+
+def _loss_is_output(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The last stage returns the loss itself (labels come in as a keyword argument)."""
+    return loss
 
 
 class TorchRunner:
@@ -203,7 +216,7 @@ class TorchRunner:
         self.clock = BusyClock()
         stages = []
         for index in indices:
-            module = build_chunk(bench.model, specs[index], SEED)
+            module = _TensorOutput(build_chunk(bench.model, specs[index], SEED))
             stage = PipelineStage(module, index, len(specs), torch.device("cpu"))
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 setattr(stage, name, self.clock.timed(getattr(stage, name)))
