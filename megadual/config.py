@@ -17,11 +17,13 @@ import typing
 from dataclasses import dataclass, field, replace
 
 from megadual.config_validate import (
+    ATTENTION_VARIANT_FLAGS,
     SCHEDULES,
     ConfigError,
     flag_name,
     pipeline_stage_layers,
     validate,
+    validate_attention_flags_given,
     validate_parallel,
     validate_world,
 )
@@ -32,7 +34,8 @@ __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig
            "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
            "validate_parallel", "validate_world"]
 
-MOE, MTP, CHECKPOINTS = "mixture of experts", "multi-token prediction", "checkpointing"
+MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
+                              "checkpointing")
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
@@ -63,6 +66,9 @@ class ModelConfig:
     norm_epsilon: float = option(1e-6)
     rotary_base: float = option(10000.0)
     init_method_std: float = option(0.02)
+    hidden_dropout: float = option(0.0, "dropout on the embedding and each attention / MLP output before its "
+                                        "residual add (DeepSeek-V3: 0)")
+    attention_dropout: float = option(0.0, "dropout on the attention probabilities (DeepSeek-V3: 0)")
     num_experts: int = option(0, "routed experts per MoE layer; 0: dense", group=MOE)
     moe_ffn_hidden_size: int = option(64, group=MOE)
     moe_shared_expert_intermediate_size: int = option(0, group=MOE)
@@ -80,6 +86,29 @@ class ModelConfig:
         unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group")
     moe_router_num_groups: int = option(0, "node groups for node-limited routing; 0: the real nodes of the "
                                            "EP group, G > 0: G virtual nodes", group=MOE)
+    multi_latent_attention: bool = option(False, "DeepSeek's multi-head latent attention (MLA) instead of MHA/GQA",
+                                          group=MLA)
+    # The flags below are read only with --multi-latent-attention (the YaRN ones only with
+    # --rope-scaling-factor > 1): left out, they parse as None and take their default.
+    q_lora_rank: int = option(0, "query latent rank; 0: queries straight from the hidden state (Megatron's "
+                                 "None, as in DeepSeek-V2-Lite)", group=MLA, unset="{default}")
+    kv_lora_rank: int = option(32, "key/value latent rank", group=MLA, unset="{default}")
+    qk_head_dim: int = option(128, "query/key head dim without RoPE", group=MLA, unset="{default}")
+    qk_pos_emb_head_dim: int = option(64, "query/key RoPE head dim (one RoPE key per token, shared by the heads)",
+                                      group=MLA, unset="{default}")
+    v_head_dim: int = option(128, group=MLA, unset="{default}")
+    rope_scaling_factor: float = option(1.0, "YaRN: context extension factor; 1: plain RoPE",
+                                        aliases=("--rotary-scaling-factor",), group=MLA, unset="{default}")
+    original_max_position_embeddings: int = option(4096, "YaRN: the context length RoPE was trained for",
+                                                   group=MLA, unset="{default}")
+    beta_fast: float = option(32.0, "YaRN: channels turning more often than this over the original context "
+                                    "keep their frequency", group=MLA, unset="{default}")
+    beta_slow: float = option(1.0, "YaRN: channels turning less often than this are interpolated fully",
+                              group=MLA, unset="{default}")
+    mscale: float = option(1.0, "YaRN: the RoPE magnitude is mscale(factor, this) / mscale(factor, "
+                                "--mscale-all-dim)", group=MLA, unset="{default}")
+    mscale_all_dim: float = option(0.0, "YaRN: the softmax scale is multiplied by mscale(factor, this)^2",
+                                   group=MLA, unset="{default}")
     mtp_num_layers: int = option(0, "D: multi-token prediction modules after the last layer, module k "
                                     "predicting the token k+1 ahead; 0: none", group=MTP)
     mtp_loss_scaling_factor: float = option(0.1, "the MTP loss (mean over the D depths) is scaled by this and "
@@ -164,7 +193,6 @@ class TrainConfig:
     exit_interval: int = option(0, "stop (saving first, with --save) when the iteration is a multiple of this",
                                 group=CHECKPOINTS)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
-    no_load_rng: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
     tensorboard_dir: str | None = option(None)
@@ -251,8 +279,8 @@ def _section_as_parsed(cls: type, flags: dict):
 def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) -> RunConfig:
     """Fill the values other flags decide, on a config as parsed (None: the flag was left out):
     the dense FFN size, the query groups (one per head without --group-query-attention),
-    --moe-router-max-nodes and whether it was given, and the vocabulary (the tokenizer's, and
-    the model's padded one)."""
+    --moe-router-max-nodes and whether it was given, the MLA and YaRN flags left out (those given
+    must be read), and the vocabulary (the tokenizer's, and the model's padded one)."""
     m, p, d = parsed.model, parsed.parallel, parsed.data
     data = replace(d, vocab_size=tokenizer_vocab_size or d.vocab_size)
     if data.vocab_size is None:
@@ -260,9 +288,11 @@ def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) 
     ffn = -(-m.hidden_size * 8 // 3 // 8) * 8 if m.ffn_hidden_size is None else m.ffn_hidden_size
     gqa = p.group_query_attention and m.num_query_groups is not None
     given = m.moe_router_max_nodes is not None
+    validate_attention_flags_given(m)
+    left_out = {name: getattr(ModelConfig, name) for name in ATTENTION_VARIANT_FLAGS if getattr(m, name) is None}
     model = replace(m, ffn_hidden_size=ffn, num_query_groups=m.num_query_groups if gqa else m.num_attention_heads,
                     moe_router_max_nodes=m.moe_router_max_nodes if given else ModelConfig.moe_router_max_nodes,
-                    vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size))
+                    vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size), **left_out)
     return replace(parsed, model=model, parallel=replace(p, moe_router_max_nodes_given=given), data=data)
 
 
@@ -301,8 +331,10 @@ def _markdown_flag(action: argparse.Action) -> str:
 
 
 def model_config_differences(saved: dict, current: ModelConfig) -> list[str]:
-    """Field-by-field differences between a checkpoint's model config and this run's."""
+    """Field-by-field differences between a checkpoint's model config and this run's. A field the
+    checkpoint predates counts as its default (what that checkpoint's model was)."""
     now = dataclasses.asdict(current)
+    saved = {**dataclasses.asdict(ModelConfig()), **saved}
     return [f"{flag_name(k)}: checkpoint has {saved.get(k)!r}, this run has {now.get(k)!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from megadual.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 
 SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling_factor")
+YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
 
 
 class ConfigError(ValueError):
@@ -32,13 +35,18 @@ def validate(c: RunConfig) -> None:
     m, t, o, d = c.model, c.train, c.optim, c.data
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size"):
         _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
-    _require(m.hidden_size % m.num_attention_heads == 0,
-             f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
-             f"({m.num_attention_heads})")
-    _require(m.head_dim % 2 == 0, "--hidden-size / --num-attention-heads must be even for rotary embeddings")
+    if m.multi_latent_attention:
+        _validate_mla(m, c.parallel)
+    else:
+        _require(m.hidden_size % m.num_attention_heads == 0,
+                 f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
+                 f"({m.num_attention_heads})")
+        _require(m.head_dim % 2 == 0, "--hidden-size / --num-attention-heads must be even for rotary embeddings")
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --num-query-groups "
              f"({m.num_query_groups})")
+    for name in ("hidden_dropout", "attention_dropout"):
+        _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
     _validate_mtp(m, t)
@@ -61,6 +69,33 @@ def validate(c: RunConfig) -> None:
         _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
     _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
              "--moe-fp8-dispatch needs --fp8-format e4m3")
+
+
+def validate_attention_flags_given(parsed: ModelConfig) -> None:
+    """MLA's flags do nothing without --multi-latent-attention, and YaRN's without
+    --rope-scaling-factor above 1: given there, they are refused rather than ignored.
+    `parsed` is the model section as parsed, where None marks a flag left out."""
+    for name in ATTENTION_VARIANT_FLAGS:
+        _require(getattr(parsed, name) is None or parsed.multi_latent_attention,
+                 f"{flag_name(name)} needs --multi-latent-attention")
+    yarn = (parsed.rope_scaling_factor or 1.0) > 1.0
+    for name in YARN_FLAGS:
+        _require(getattr(parsed, name) is None or yarn, f"{flag_name(name)} needs --rope-scaling-factor above 1")
+
+
+def _validate_mla(m: ModelConfig, p: ParallelConfig) -> None:
+    _require(not p.group_query_attention, "--group-query-attention does not apply with --multi-latent-attention "
+                                          "(each head has its own keys and values, all from one latent)")
+    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
+    _require(m.q_lora_rank >= 0, f"--q-lora-rank must be >= 0 (0: no query compression), got {m.q_lora_rank}")
+    _require(m.qk_pos_emb_head_dim % 2 == 0,
+             f"--qk-pos-emb-head-dim ({m.qk_pos_emb_head_dim}) must be even for rotary embeddings")
+    _require(m.rope_scaling_factor >= 1.0, f"--rope-scaling-factor must be >= 1, got {m.rope_scaling_factor}")
+    if m.rope_scaling_factor > 1.0:
+        _require(m.original_max_position_embeddings > 0, "--original-max-position-embeddings must be positive")
+        _require(m.beta_fast > m.beta_slow > 0, f"--beta-fast ({m.beta_fast}) must exceed --beta-slow "
+                                                f"({m.beta_slow}), which must be positive")
 
 
 def _validate_parallel_sizes(p: ParallelConfig) -> None:

@@ -38,34 +38,34 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "grad-norm-tp-twice", "megadual/training/grads.py",
-        "if (expert_owner if is_expert else dense_owner) and not (replicated_over_tp and topo.tp_rank):",
-        "if (expert_owner if is_expert else dense_owner):",
-        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2]",),
+        "return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)",
+        "return topo.dp_rank == 0",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-GQA]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
-    Mutation(
-        "rng-not-restored", "megadual/training/checkpoint.py",
-        "        _set_rng_state(wanted[rng_key])\n",
-        "        pass\n",
-        ("tests/test_resume.py::test_resumed_losses_equal_uninterrupted",),
-        "loading a checkpoint does not restore the RNG states"),
     Mutation(
         "bias-update-skipped-on-rank-1", "megadual/training/step.py",
         "if update_bias and router.config.moe_router_enable_expert_bias:",
         "if update_bias and router.config.moe_router_enable_expert_bias and topo.rank != 1:",
-        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP2]",),
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP3]",),
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
-        '    _all_reduce_coalesced(seq_parallel, topo.group("tp"))\n',
-        "",
+        '_all_reduce_coalesced([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo.group("tp"))',
+        "pass",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SP]",),
         "the gradients of sequence-parallel parameters (norms, router) are not summed over TP"),
     Mutation(
         "dualpipe-mirror-grads-not-summed", "megadual/pipeline/driver.py",
-        "        flat += self.from_mirror(flat)\n",
-        "        self.from_mirror(flat)\n",
+        "lambda flat: flat + self.from_mirror(flat))",
+        "lambda flat: flat + 0 * self.from_mirror(flat))",
         ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
         "DualPipe's two copies of a stage keep their own gradients instead of their sum"),
+    Mutation(
+        "dualpipe-mirror-router-stats", "megadual/training/step.py",
+        "            sums = sums + pipeline.from_mirror(sums)",
+        "            pipeline.from_mirror(sums)",
+        ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
+        "DualPipe's mirrored copies move their expert biases by their own loads only"),
     Mutation(
         "router-ignores-node-limit", "megadual/moe/router.py",
         "indices = node_limited_topk(choice, c.moe_router_topk, self.num_nodes, c.moe_router_max_nodes)",
@@ -78,6 +78,81 @@ MUTATIONS = [
         "* a_scale[:, None]",
         ("tests/test_fp8_gemm.py::test_gemm_error_vs_float64[Bblocks-384-cpu-triton]",),
         "the Triton FP8 GEMM kernel leaves out the weight's block scales"),
+    Mutation(
+        "dropout-sp-offset", "megadual/model/dropout.py",
+        "        offset = self.tp.rank * s if self.tp.sequence_parallel else 0",
+        "        offset = 0",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
+        "sequence-parallel ranks draw the mask of the sequence's start"),
+    Mutation(
+        "dropout-local-heads", "megadual/model/layers.py",
+        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, self.tp.rank * self.heads)",
+        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, 0)",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
+        "the attention-dropout mask is keyed by the local head index"),
+    Mutation(
+        "dropout-global-rng", "megadual/model/dropout.py",
+        "        keep = uniform(self.key, samples, counters) >= self.p",
+        "        keep = torch.rand(torch.broadcast_shapes(samples.shape, counters.shape), device=x.device) >= self.p",
+        ("tests/test_resume.py::test_resumed_losses_equal_uninterrupted",),
+        "dropout masks drawn from the stateful global RNG: a resumed run no longer equals an uninterrupted one"),
+    Mutation(
+        "wgrad-always-defer", "megadual/parallel/linear.py",
+        "    if store is None or not store.deferring:",
+        "    if store is None:",
+        ("tests/test_wgrad.py::test_deferrable_forward_whose_backward_is_not_split_computes_weight_grad_at_once",),
+        "a deferrable forward's unsplit backward tries to defer its weight gradient"),
+    Mutation("mla-k-rope-not-rotated", "megadual/model/mla.py",
+        "k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).expand(s, b, self.heads, -1)",
+        "k_rope = k_rope.unsqueeze(2).expand(s, b, self.heads, -1)",
+        ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[q-lora]",),
+        "MLA's shared RoPE key is not rotated"),
+    Mutation("mla-rope-on-whole-heads", "megadual/model/mla.py",
+        "        q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], -1)\n        k = torch.cat([k_nope, k_rope], -1)\n",
+        "        nope = rotary_tables(s, __import__('megadual.model.layers', fromlist=['f']).rotary_frequencies(c.qk_head_dim, c.rotary_base), x.device)\n"
+        "        q = torch.cat([apply_rotary(q_nope, *nope), apply_rotary(q_rope, cos, sin)], -1)\n"
+        "        k = torch.cat([apply_rotary(k_nope, *nope), k_rope], -1)\n",
+        ("tests/test_mla.py::test_positions_enter_through_the_decoupled_rope_channels_only",),
+        "RoPE rotates the heads' non-RoPE channels too"),
+    Mutation("mla-kv-latent-not-normed", "megadual/model/mla.py",
+        "torch.cat([query_input, self.kv_norm(c_kv), k_rope], -1)",
+        "torch.cat([query_input, c_kv, k_rope], -1)",
+        ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[no-q-lora]",),
+        "the key/value latent skips its RMSNorm"),
+    Mutation("mla-softmax-scale-without-rope-dims", "megadual/model/mla.py",
+        "scale = 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)",
+        "scale = 1.0 / math.sqrt(config.qk_head_dim)",
+        ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[q-lora]",),
+        "the softmax scale leaves the RoPE dims out"),
+    Mutation("mla-yarn-mscale-ignored", "megadual/model/mla.py",
+        "    return scale * yarn_mscale(config.rope_scaling_factor, config.mscale_all_dim) ** 2\n",
+        "    return scale\n",
+        ("tests/test_mla.py::test_softmax_scale_and_rope_magnitude_follow_deepseek_v3_and_v2_lite",),
+        "YaRN's mscale^2 is left out of the softmax scale"),
+    Mutation("yarn-ramp-reversed", "megadual/model/yarn.py",
+        "return frequencies / factor * interpolated + frequencies * (1 - interpolated)",
+        "return frequencies * interpolated + frequencies / factor * (1 - interpolated)",
+        ("tests/test_mla.py::test_yarn_frequencies_follow_the_formula",),
+        "YaRN interpolates the fast channels and keeps the slow ones"),
+    Mutation("mla-down-proj-grad-not-summed-under-sp", "megadual/model/mla.py",
+        "self.kv_down = ShardedLinear(h, config.kv_lora_rank + config.qk_pos_emb_head_dim, tp, None, std, gemm,\n                                     grad_partial_over_tp=sp)",
+        "self.kv_down = ShardedLinear(h, config.kv_lora_rank + config.qk_pos_emb_head_dim, tp, None, std, gemm)",
+        ("tests/test_mla_layouts.py::test_mla_layout_matches_one_process[no-q-lora-TP2-SPxEP2xDP2]",),
+        "under sequence parallelism the replicated KV down-projection's gradient is not summed over TP"),
+    Mutation("mla-down-proj-grad-summed-without-sp", "megadual/model/mla.py",
+        "self.q_down = ShardedLinear(h, self.q_lora_rank, tp, None, std, gemm, grad_partial_over_tp=sp)",
+        "self.q_down = ShardedLinear(h, self.q_lora_rank, tp, None, std, gemm, grad_partial_over_tp=tp.size > 1)",
+        ("tests/test_mla_layouts.py::test_mla_layout_matches_one_process[q-lora-TP2xEP2xDP2]",),
+        "without sequence parallelism the query down-projection's (already whole) gradient is summed over TP again"),
+    Mutation("mla-linear-bypasses-gemm", "megadual/model/mla.py",
+        "self.kv_up = ShardedLinear(config.kv_lora_rank, heads * (config.qk_head_dim + config.v_head_dim), tp, 0,\n                                   std, gemm)",
+        "self.kv_up = ShardedLinear(config.kv_lora_rank, heads * (config.qk_head_dim + config.v_head_dim), tp, 0,\n                                   std)",
+        ("tests/test_mla.py::test_every_linear_runs_through_the_layers_gemm",),
+        "an MLA projection ignores the layer's GEMM (no FP8)"),
+    Mutation("mla-flags-silently-ignored", "megadual/config.py",
+        "    validate_attention_flags_given(m)\n", "",
+        ("tests/test_config.py::test_mla_and_yarn_flags_are_refused_without_what_they_need",),
+        "MLA flags given without --multi-latent-attention are ignored"),
 ]
 
 
@@ -164,10 +239,18 @@ def select(ids: list[str]) -> list[Mutation]:
     return [by_id[i] for i in ids] if ids else MUTATIONS
 
 
+def markdown_table(mutations: list[Mutation]) -> str:
+    rows = ["| id | the bug | the tests that must fail |", "|---|---|---|"]
+    rows += [f"| `{m.id}` | {m.description} | " + "<br>".join(f"`{t.removeprefix('tests/')}`" for t in m.tests) + " |"
+             for m in mutations]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ids", nargs="*", help="mutations to plant (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--markdown", action="store_true", help="print docs/testing.md's table and exit")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each test run may take")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output of each")
     args = parser.parse_args(argv)
@@ -175,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in mutations:
             print(f"{m.id:<34} {m.file:<34} {m.description}")
+        return 0
+    if args.markdown:
+        print(markdown_table(mutations))
         return 0
     verdicts = [report(m, args.timeout, args.verbose) for m in mutations]
     return 0 if all(v == "CAUGHT" for v in verdicts) else 1

@@ -18,6 +18,7 @@ import torch
 
 from megadual.config import ModelConfig
 from megadual.model.block import TransformerLayer
+from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
 from megadual.model.mtp import MultiTokenPrediction, mtp_loss_names
 from megadual.moe.layer import MoELayer
@@ -67,7 +68,8 @@ def full_model_stage(config: ModelConfig) -> StageSpec:
 
 
 class GPTChunk(torch.nn.Module):
-    """Layers [first, last) of the model; `copy` marks DualPipe's second copy of a stage.
+    """Layers [first, last) of the model; `copy` marks DualPipe's second copy of a stage; `seed`
+    keys the dropout masks.
 
     A last stage with MTP embeds with `mtp_embed` when given (the embedding of another chunk on
     this rank: DualPipe's other copy, DualPipeV's first stage), else with its own embedding: the
@@ -76,22 +78,23 @@ class GPTChunk(torch.nn.Module):
     `mtp_in_evaluation`, in evaluation (module.eval()) too."""
 
     def __init__(self, config: ModelConfig, stage: StageSpec, ctx: BuildContext = ONE_PROCESS, copy: bool = False,
-                 mtp_embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 seed: int = 0, mtp_embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         tp = ctx.tp
         self.config, self.stage, self.tp, self.copy = config, stage, tp, copy
         self.mtp, self.mtp_in_evaluation, self._tied = None, False, ()
         if stage.has_embedding:
             self.embedding = self._new_embedding()
+            self.embedding_dropout = HiddenDropout(config.hidden_dropout, seed, EMBEDDING, 0, tp)
         self.layers = torch.nn.ModuleDict({
-            str(i): TransformerLayer(config, i, ctx) for i in range(stage.first_layer, stage.last_layer)})
+            str(i): TransformerLayer(config, i, ctx, seed) for i in range(stage.first_layer, stage.last_layer)})
         if stage.has_head:
             self.final_norm = RMSNorm(config.hidden_size, config.norm_epsilon, tp.sequence_parallel)
             # The head stays in full precision (as in DeepSeek-V3), whatever `gemm` is.
             self.output_layer = ShardedLinear(config.hidden_size, config.vocab_size, tp, 0,
                                               config.init_method_std)
             if config.mtp_num_layers:
-                self.mtp = MultiTokenPrediction(config, ctx)
+                self.mtp = MultiTokenPrediction(config, ctx, seed)
                 if mtp_embed is None and not stage.has_embedding:
                     self.embedding, self._tied = self._new_embedding(), ("embedding",)
                 self._mtp_embed = mtp_embed  # None: self.embed
@@ -109,37 +112,40 @@ class GPTChunk(torch.nn.Module):
         logits = self.output_layer(enter_tp_region(normed, self.tp))
         return vocab_parallel_cross_entropy(logits, targets.t(), self.tp)
 
-    def _loss_steps(self, hidden: torch.Tensor, labels: torch.Tensor) -> Generator[None, None, StageLoss]:
+    def _loss_steps(self, hidden: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor | None
+                    ) -> Generator[None, None, StageLoss]:
         normed = self.final_norm(hidden)
         lm_loss = self.token_losses(normed, labels).mean()
         reported = {LM_LOSS: lm_loss.detach()}
         if self.mtp is None or not (self.training or self.mtp_in_evaluation):
             return StageLoss(lm_loss, reported)
         embed = self._mtp_embed or self.embed
-        depths = yield from self.mtp.losses_steps(normed, labels, embed, self.token_losses)
+        depths = yield from self.mtp.losses_steps(normed, labels, samples, embed, self.token_losses)
         reported.update(zip(mtp_loss_names(len(depths)), (d.detach() for d in depths)))
         scale = self.config.mtp_loss_scaling_factor / len(depths)
         return StageLoss(lm_loss + scale * sum(depths), reported)
 
-    def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None
-                      ) -> Generator[None, None, torch.Tensor | StageLoss]:
-        """The forward as a generator that pauses while each expert all-to-all is in flight
-        (the MTP layers' too).
+    def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                      samples: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor | StageLoss]:
+        """The forward as a generator that pauses while each expert all-to-all is in flight (the
+        MTP layers' too). `samples` are the micro-batch's global sample indices (the dropout
+        masks' key).
 
         Its return value (StopIteration.value) is what `forward` returns: the hidden states, or
         on the last stage a StageLoss. A schedule can resume it from elsewhere -
         `pipeline/overlap.py` does so inside another micro-batch's backward - to fill the
         all-to-all's time with other compute.
         """
-        hidden = self.embed(inputs) if self.stage.has_embedding else inputs
+        hidden = self.embedding_dropout(self.embed(inputs), samples) if self.stage.has_embedding else inputs
         for layer in self.layers.values():
-            hidden = yield from layer.forward_steps(hidden)
+            hidden = yield from layer.forward_steps(hidden, samples)
         if not self.stage.has_head:
             return hidden
-        return (yield from self._loss_steps(hidden, labels))
+        return (yield from self._loss_steps(hidden, labels, samples))
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | StageLoss:
-        steps = self.forward_steps(inputs, labels)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                samples: torch.Tensor | None = None) -> torch.Tensor | StageLoss:
+        steps = self.forward_steps(inputs, labels, samples)
         while True:
             try:
                 next(steps)
@@ -161,6 +167,6 @@ class GPTChunk(torch.nn.Module):
 
 def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, ctx: BuildContext = ONE_PROCESS,
                 copy: bool = False, mtp_embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GPTChunk:
-    chunk = GPTChunk(config, stage, ctx, copy, mtp_embed)
+    chunk = GPTChunk(config, stage, ctx, copy, seed, mtp_embed)
     initialize_parameters(chunk.param_table(), seed)
     return chunk

@@ -67,10 +67,9 @@ class ShardedLinear(torch.nn.Module):
     """A bias-free linear whose weight [out, in] is split over TP along `shard_dim`.
 
     shard_dim 0 is Megatron's column-parallel linear, 1 its row-parallel linear;
-    `shard_dim=None` keeps the weight whole (replicated); applied to this rank's part of the
-    sequence (sequence parallelism), its gradient is then a partial sum over TP
-    (`grad_partial_over_tp`). `gemm` is the linear function (full precision or FP8);
-    `wgrad_store` is set by the pipeline runtime.
+    `shard_dim=None` keeps the weight whole (replicated; `grad_partial_over_tp` when each
+    TP rank applies it to its own tokens). `gemm` is the linear function (full precision
+    or FP8); `wgrad_store` is set by the pipeline runtime.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, shard_dim: int | None,

@@ -29,7 +29,7 @@ from megadual.training.metrics import (
     mtp_fields,
 )
 from megadual.training.optimizer import build_optimizer, learning_rate
-from megadual.training.step import autocast_context, train_step
+from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,9 +38,16 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run did, for callers and tests: the loss of every iteration it trained."""
-    losses: list[float] = field(default_factory=list)
+    """What a run did, for callers and tests: every step it trained, every validation loss, and
+    the model and state it ended with."""
+    steps: list[StepResult] = field(default_factory=list)
+    validation_losses: list[dict[str, float]] = field(default_factory=list)  # by log name, per evaluation
+    model: StageModel | None = None
     final_state: TrainState | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [step.lm_loss for step in self.steps]
 
 
 def build_topology(config: RunConfig) -> Topology:
@@ -99,10 +106,7 @@ def samples_needed(config: RunConfig) -> tuple[int, int, int]:
             t.eval_iters * t.global_batch_size)
 
 
-def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[dict | None]:
-    """`count` micro-batches; under PP, ranks holding no first or last stage read nothing."""
-    if pipeline is not None and not pipeline.reads_data:
-        return [None] * count
+def next_batches(loader, count: int) -> list[dict]:
     return [next(loader) for _ in range(count)]
 
 
@@ -110,18 +114,16 @@ def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[d
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
              pipeline: Pipeline | None = None, mtp: bool = False) -> dict[str, float]:
     """The mean validation losses by log name: the lm loss, and with `mtp` each MTP depth's."""
+    if pipeline is not None:
+        mean_losses = pipeline.evaluate
+    else:
+        mean_losses = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
     names = loss_names(model.config) if mtp else [LM_LOSS]
     totals = torch.zeros(len(names), dtype=torch.float64)
-    with model.evaluating(mtp):
-        if pipeline is not None:
-            for _ in range(iters):
-                losses = pipeline.evaluate(next_batches(loader, count, pipeline))
-                totals += torch.stack([losses[name] for name in names]).double().cpu() * count
-        else:
-            for batch in next_batches(loader, count * iters):
-                with autocast_context(device, bf16):
-                    out = model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device))
-                totals += torch.stack([out.reported[name] for name in names]).double().cpu()
+    with model.evaluating(mtp):  # no dropout
+        for _ in range(iters):
+            losses = mean_losses(next_batches(loader, count))
+            totals += torch.stack([losses[name] for name in names]).double().cpu() * count
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
@@ -148,7 +150,9 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and dist.get_rank() == 0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
-    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp)
+    reads = pipeline is None or pipeline.reads_data  # other pipeline ranks take only the sample ids
+    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp,
+                                               reads)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
     writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
@@ -157,13 +161,13 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
-        batches = next_batches(train_loader, n_micro, pipeline)
+        batches = next_batches(train_loader, n_micro)
         step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
                           device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
-        result.losses.append(step.lm_loss)
+        result.steps.append(step)
         consecutive_bad = consecutive_bad + 1 if step.skipped else 0
         state.skipped_iterations += int(step.skipped)
         if consecutive_bad >= t.max_consecutive_skipped_iters:
@@ -184,6 +188,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
             losses = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline,
                               mtp=t.mtp_eval_loss)
+            result.validation_losses.append(losses)
             if dist.get_rank() == 0:
                 log(format_validation(state.iteration, losses))
                 writer.scalars(state.iteration, {f"validation {name}": v for name, v in losses.items()})
@@ -194,7 +199,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             break
     if t.save and not saved:
         save_checkpoint(t.save, model, optimizer, state, config)
-    result.final_state = state
+    result.model, result.final_state = model, state
     return result
 
 

@@ -42,15 +42,17 @@ def autocast_context(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool
-                     ) -> dict[str, torch.Tensor]:
+def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool,
+                     backward: bool = True) -> dict[str, torch.Tensor]:
     """Gradient accumulation over micro-batches through the whole model (one chunk); returns the
-    mean of each reported loss (this rank) by log name."""
+    mean of each reported loss (this rank) by log name, summed in the order the pipeline runtime
+    sums them. Without `backward`: evaluation."""
     totals: dict[str, torch.Tensor] = {}
     for batch in batches:
         with autocast_context(device, bf16):
-            out = model(batch["tokens"].to(device), batch["labels"].to(device))
-        (out.loss / len(batches)).backward()
+            out = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"))
+        if backward:
+            (out.loss / len(batches)).backward()
         out.add_to(totals)
     return {name: total / len(batches) for name, total in totals.items()}
 
