@@ -221,7 +221,8 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a DeepSeek-V3-style MoE transformer.",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = flag_file_line
     groups = {}
     for section, cls in sections():
         hints = typing.get_type_hints(cls)
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
             groups[title].add_argument(flag_name(f.name), *spec["aliases"], dest=f.name, help=_help(f),
                                        **_argparse_kind(f, hints[f.name]))
     return parser
+
+
+def flag_file_line(line: str) -> list[str]:
+    """A line of an @file of flags: `--flag value ...` split on spaces; `#` starts a comment."""
+    return line.split("#", 1)[0].split()
 
 
 def _argparse_kind(f: dataclasses.Field, hint) -> dict:
