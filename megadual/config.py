@@ -31,8 +31,8 @@ from megadual.config_validate import (
 # The checks most callers want are re-exported; the others are in config_validate.
 __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
            "TrainConfig", "build_parser", "flags_markdown", "model_config_differences", "padded_vocab_size",
-           "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
-           "validate_parallel", "validate_world"]
+           "parse_args", "parse_model_flags", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults",
+           "validate", "validate_parallel", "validate_world"]
 
 MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
                               "checkpointing")
@@ -274,6 +274,13 @@ def parse_args(argv: list[str] | None = None, tokenizer_vocab_size: int | None =
     config = resolve_derived(parsed, tokenizer_vocab_size)
     validate(config)
     return config
+
+
+def parse_model_flags(argv: list[str]) -> RunConfig:
+    """parse_args for tools that read no data (conversion, parameter counts): --mock-data stands
+    in for the data flags unless one is given."""
+    given = {"--data-path", "--mock-data"} & set(argv)
+    return parse_args(argv if given else ["--mock-data", *argv])
 
 
 def _section_as_parsed(cls: type, flags: dict):

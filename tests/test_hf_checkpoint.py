@@ -24,9 +24,9 @@ transformers = pytest.importorskip("transformers")
 
 HF_VOCAB = 250  # padded to 256 by --make-vocab-size-divisible-by 128 (x TP 1 or 2)
 SEQ = 16
-# float32 logits of the same weights agree to ~1e-7 relative (measured 1.3e-7 .. 2.6e-7 across the
-# layouts); the issue's bound is 1e-5.
-LOGITS_RTOL = 1e-5
+# float32 logits of the same weights agree to 3.0e-7 (one process, PP2) and 3.6e-7 (TP2 x EP2) relative,
+# measured; the bound is about 10x that (the issue asks for 1e-5).
+LOGITS_RTOL = 4e-6
 
 
 def random_hf_model(folder: str) -> "transformers.DeepseekV3ForCausalLM":
@@ -65,7 +65,7 @@ def test_hf_model_converts_in_with_its_logits_under_every_layout(tmp_path):
     reference = hf_logits(random_hf_model(hf_dir), tokens())
     import_checkpoint(hf_dir, ckpt, ["--seq-length", str(SEQ)])
     flags = [f"@{os.path.join(ckpt, FLAGS_FILE)}", "--seq-length", str(SEQ)]
-    mp.start_processes(layout_worker, args=(4, free_port(), flags, ckpt, tokens(), str(tmp_path)), nprocs=4,
+    mp.start_processes(layout_worker, args=(2, free_port(), flags, ckpt, tokens(), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     with single_process_group():
         logits = {"1": loaded_logits(flags, ckpt, tokens())}

@@ -24,11 +24,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_args
+from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_model_flags
 from megadual.hf.config_map import UnsupportedModel, architecture_flags, behaviour_differences, hf_config
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import HFWeights, write_sharded
-from megadual.model.gpt import GPTChunk, full_model_stage
+from megadual.model.size import meta_model
 from megadual.training.checkpoint import META, TRACKER, TrainState, iteration_dir, latest_iteration, read_meta
 
 VOCAB_ROWS = ("embedding.weight", "output_layer.weight")
@@ -36,10 +36,8 @@ FLAGS_FILE = "hf_model.args"
 
 
 def model_shapes(config: ModelConfig) -> dict[str, torch.Size]:
-    """Every tensor of the one-process model (global names), built on the meta device."""
-    with torch.device("meta"):
-        chunk = GPTChunk(config, full_model_stage(config))
-    return {name: tensor.shape for name, tensor in chunk.state_dict().items()}
+    """Every tensor of the one-process model by global name."""
+    return {name: tensor.shape for name, tensor in meta_model(config).state_dict().items()}
 
 
 def _check_behaviour(m: ModelConfig, force: bool, warn: Callable[[str], None]) -> None:
@@ -92,10 +90,9 @@ def _mtp_layers(names, num_layers: int) -> int:
 def agreeing_config(architecture: list[str], flags: list[str]) -> RunConfig:
     """The run config of `flags` with the architecture flags; ConfigError listing every
     architecture flag of `flags` that disagrees with config.json."""
-    # The conversion reads no data, but a run config names some.
-    flags = flags if {"--data-path", "--mock-data"} & set(flags) else ["--mock-data", *flags]
-    config = parse_args(flags + architecture)
-    differences = model_config_differences(dataclasses.asdict(config.model), parse_args(architecture + flags).model)
+    config = parse_model_flags(flags + architecture)
+    differences = model_config_differences(dataclasses.asdict(config.model),
+                                           parse_model_flags(architecture + flags).model)
     if differences:
         raise ConfigError("flags disagree with the Hugging Face config.json (the 'checkpoint' side):\n  "
                           + "\n  ".join(differences))
