@@ -18,9 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megadual.config import ConfigError  # noqa: E402
-from megadual.hf.config_map import UnsupportedModel  # noqa: E402
-from megadual.hf.convert import export_checkpoint, import_checkpoint  # noqa: E402
+from megadual.config import ConfigError
+from megadual.hf.config_map import UnsupportedModel
+from megadual.hf.convert import export_checkpoint, import_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

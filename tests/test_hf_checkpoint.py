@@ -14,11 +14,18 @@ import torch.multiprocessing as mp
 
 from megadual.config import ConfigError, ModelConfig, parse_args
 from megadual.hf.config_map import UnsupportedModel, behaviour_differences, hf_config
-from megadual.hf.convert import FLAGS_FILE, VOCAB_ROWS, agreeing_config, export_checkpoint, import_checkpoint, read_checkpoint
+from megadual.hf.convert import (
+    FLAGS_FILE,
+    VOCAB_ROWS,
+    agreeing_config,
+    export_checkpoint,
+    import_checkpoint,
+    read_checkpoint,
+)
 from megadual.training.distributed import free_port
 from megadual.training.loop import pretrain
-from tests.hf_logits import layout_worker, loaded_logits, relative_error
 from tests.helpers import single_process_group
+from tests.hf_logits import layout_worker, loaded_logits, relative_error
 
 transformers = pytest.importorskip("transformers")
 
