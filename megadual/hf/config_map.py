@@ -119,7 +119,7 @@ def hf_config(m: ModelConfig, vocab_size: int) -> dict:
         "qk_rope_head_dim": m.qk_pos_emb_head_dim, "v_head_dim": m.v_head_dim,
         "n_routed_experts": m.num_experts if moe else 1, "moe_intermediate_size": m.moe_ffn_hidden_size,
         "n_shared_experts": m.moe_shared_expert_intermediate_size // m.moe_ffn_hidden_size if moe else 0,
-        "first_k_dense_replace": m.moe_first_k_dense if moe else m.num_layers,
+        "first_k_dense_replace": next((i for i in range(m.num_layers) if m.is_moe_layer(i)), m.num_layers),
         "num_experts_per_tok": m.moe_router_topk if moe else 1, "norm_topk_prob": True,
         "routed_scaling_factor": m.moe_router_topk_scaling_factor,
         "n_group": groups, "topk_group": min(m.moe_router_max_nodes, groups),
