@@ -6,7 +6,9 @@ transformers' logits under one process, TP2 x EP2 and PP2, and `--load --finetun
 Out: a megadual MLA + MTP checkpoint trained two steps gives transformers megadual's logits, and
 converting it back is bit-exact.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,10 @@ from tests.helpers import single_process_group
 from tests.hf_logits import layout_worker, loaded_logits, relative_error
 
 transformers = pytest.importorskip("transformers")
+_spec = importlib.util.spec_from_file_location(
+    "convert_checkpoint", Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py")
+convert_checkpoint = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_checkpoint)
 
 HF_VOCAB = 250  # padded to 256 by --make-vocab-size-divisible-by 128 (x TP 1 or 2)
 SEQ = 16
@@ -114,7 +120,7 @@ def test_trained_checkpoint_converts_out_and_back_exactly(tmp_path):
         assert torch.equal(converted[name][:rows], tensor[:rows]), name
 
 
-def test_conversion_refuses_what_hugging_face_would_compute_differently():
+def test_conversion_refuses_what_hugging_face_would_compute_differently(tmp_path, capsys):
     with pytest.raises(UnsupportedModel, match="only --multi-latent-attention models export"):
         hf_config(ModelConfig(), 100)
     routing = parse_args(MLA_MTP + ["--moe-router-num-groups", "2", "--moe-router-max-nodes", "1"]).model  # K/M = 4
@@ -122,3 +128,5 @@ def test_conversion_refuses_what_hugging_face_would_compute_differently():
     assert not behaviour_differences(parse_args(MLA_MTP).model)
     with pytest.raises(ConfigError, match="--hidden-size: checkpoint has 32, this run has 64"):
         agreeing_config(["--hidden-size", "32", "--vocab-size", "100"], ["--hidden-size", "64"])
+    assert convert_checkpoint.main(["--to-hf", str(tmp_path / "none"), str(tmp_path / "hf")]) == 2
+    assert f"{tmp_path / 'none'} has no latest_checkpointed_iteration.txt" in capsys.readouterr().err
