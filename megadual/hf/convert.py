@@ -7,9 +7,10 @@ Face folder: config.json, sharded model-*.safetensors and their index. The vocab
 import_checkpoint: a Hugging Face `DeepseekV3ForCausalLM` folder -> CKPT_DIR/iter_0000000/ and its
 tracker, in the layout training writes (model tensors by global name, whole; no optimizer), which
 `pretrain_moe.py --load CKPT_DIR --finetune` loads under any parallel layout. The architecture
-flags come from config.json, written to CKPT_DIR/hf_model.args for the training command
-(`@CKPT_DIR/hf_model.args`); the other flags given to the conversion (sequence length,
+flags come from config.json; the other flags given to the conversion (sequence length,
 --make-vocab-size-divisible-by, TP, balancing, ...) shape the saved config as they would a run.
+Both are written to CKPT_DIR/hf_model.args, one flag per line, for the training command
+(`pretrain_moe.py @CKPT_DIR/hf_model.args ...`; flags after it override it).
 The padded vocabulary rows start at zero.
 
 Both refuse, unless `force`, a model Hugging Face would run differently (config_map).
@@ -147,17 +148,17 @@ def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = Fa
     with open(os.path.join(path, META), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(root, FLAGS_FILE), "w") as f:
-        f.write("\n".join(_flag_lines(architecture)) + "\n")
+        f.write("\n".join(_flag_lines(flags + architecture)) + "\n")
     with open(os.path.join(root, TRACKER), "w") as f:
         f.write("0")
     return path
 
 
 def _flag_lines(flags: list[str]) -> list[str]:
-    """`--flag value` pairs one per line."""
+    """Each flag with its values on one line (an @file on its own)."""
     lines = []
     for item in flags:
-        if item.startswith("--"):
+        if item.startswith(("--", "@")) or not lines:
             lines.append(item)
         else:
             lines[-1] += f" {item}"
