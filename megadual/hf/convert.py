@@ -123,7 +123,10 @@ def read_hf(hf_dir: str, flags: list[str], force: bool = False,
     _check_behaviour(m, force, warn)
     shapes, state, copies = model_shapes(m), {}, {}
     for name in weights.names():
-        ours = our_name(name, num_layers)
+        try:
+            ours = our_name(name, num_layers)
+        except KeyError as unknown:
+            raise UnsupportedModel(f"{hf_dir}: {unknown.args[0]}") from None
         if ours is None:
             copies[name] = mtp_copy_of(name)
         else:
