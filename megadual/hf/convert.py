@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -50,6 +52,14 @@ def _check_behaviour(m: ModelConfig, force: bool, warn: Callable[[str], None]) -
         warn(f"warning: {difference}")
 
 
+@contextmanager
+def _without_process_group():
+    """DCP in one process, without its warning that this is one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
+
+
 def read_checkpoint(root: str) -> tuple[dict, ModelConfig, dict[str, torch.Tensor]]:
     """(the saved run's config as a dict, its ModelConfig, every model tensor whole) of the tracked
     iteration under `root`."""
@@ -60,7 +70,8 @@ def read_checkpoint(root: str) -> tuple[dict, ModelConfig, dict[str, torch.Tenso
     run = read_meta(path)["config"]
     model = ModelConfig(**run["model"])
     state = {name: torch.empty(shape) for name, shape in model_shapes(model).items()}
-    dcp.load({"model": state}, checkpoint_id=path)
+    with _without_process_group():
+        dcp.load({"model": state}, checkpoint_id=path)
     return run, model, state
 
 
@@ -146,7 +157,8 @@ def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = Fa
     """Write `root`/iter_0000000 from the HF folder; returns that folder."""
     config, architecture, state = read_hf(hf_dir, flags, force, warn)
     path = iteration_dir(root, 0)
-    dcp.save({"model": state}, checkpoint_id=path)
+    with _without_process_group():
+        dcp.save({"model": state}, checkpoint_id=path)
     meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1}
     with open(os.path.join(path, META), "w") as f:
         json.dump(meta, f, indent=1)
