@@ -33,10 +33,11 @@ from megadual.config_validate import (
 # The checks most callers want are re-exported; the others are in config_validate.
 __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
            "TrainConfig", "build_parser", "flags_markdown", "model_config_differences", "padded_vocab_size",
-           "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
-           "validate_parallel", "validate_world"]
+           "parse_args", "parse_model_flags", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults",
+           "validate", "validate_parallel", "validate_world"]
 
-MOE, MLA, CHECKPOINTS = "mixture of experts", "multi-latent attention", "checkpointing"
+MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
+                              "checkpointing")
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
@@ -110,6 +111,10 @@ class ModelConfig:
                                 "--mscale-all-dim)", group=MLA, unset="{default}")
     mscale_all_dim: float = option(0.0, "YaRN: the softmax scale is multiplied by mscale(factor, this)^2",
                                    group=MLA, unset="{default}")
+    mtp_num_layers: int = option(0, "D: multi-token prediction modules after the last layer, module k "
+                                    "predicting the token k+1 ahead; 0: none", group=MTP)
+    mtp_loss_scaling_factor: float = option(0.1, "the MTP loss (mean over the D depths) is scaled by this and "
+                                                 "added to the training loss", group=MTP)
 
     @property
     def head_dim(self) -> int:
@@ -188,6 +193,7 @@ class TrainConfig:
     log_interval: int = option(10)
     eval_interval: int = option(0, "0: no evaluation")
     eval_iters: int = option(10)
+    mtp_eval_loss: bool = option(False, "evaluation also computes the MTP losses and logs them", group=MTP)
     save: str | None = option(None, group=CHECKPOINTS)
     load: str | None = option(None, group=CHECKPOINTS)
     save_interval: int = option(0, group=CHECKPOINTS)
@@ -230,7 +236,8 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a DeepSeek-V3-style MoE transformer.",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = flag_file_line
     # argparse before Python 3.14 reads `--lr -1e-3` as two flags; values like -1e-3 are numbers
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     groups = {}
@@ -244,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
             groups[title].add_argument(flag_name(f.name), *spec["aliases"], dest=f.name, help=_help(f),
                                        **_argparse_kind(f, hints[f.name]))
     return parser
+
+
+def flag_file_line(line: str) -> list[str]:
+    """A line of an @file of flags: `--flag value ...` split on spaces; `#` starts a comment."""
+    return line.split("#", 1)[0].split()
 
 
 def _argparse_kind(f: dataclasses.Field, hint) -> dict:
@@ -279,6 +291,13 @@ def parse_args(argv: list[str] | None = None, tokenizer_vocab_size: int | None =
     config = resolve_derived(parsed, tokenizer_vocab_size)
     validate(config)
     return config
+
+
+def parse_model_flags(argv: list[str]) -> RunConfig:
+    """parse_args for tools that read no data (conversion, parameter counts): --mock-data stands
+    in for the data flags unless one is given."""
+    given = {"--data-path", "--mock-data"} & set(argv)
+    return parse_args(argv if given else ["--mock-data", *argv])
 
 
 def _section_as_parsed(cls: type, flags: dict):

@@ -52,6 +52,7 @@ def validate(c: RunConfig) -> None:
         _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
+    _validate_mtp(m, t)
     _validate_parallel_sizes(c.parallel)
     _validate_pipeline_layers(m, c.parallel)
     _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -164,6 +165,13 @@ def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = 
              f"--num-layers ({num_layers}){overrides} must split evenly over the {middle or num_stages} "
              f"pipeline stages {context}".rstrip())
     return [fixed.get(stage, rest // middle if middle else 0) for stage in range(num_stages)]
+
+
+def _validate_mtp(m: ModelConfig, t: TrainConfig) -> None:
+    _require(0 <= m.mtp_num_layers < m.seq_length,
+             f"--mtp-num-layers ({m.mtp_num_layers}) must be in [0, --seq-length ({m.seq_length})): depth k "
+             f"predicts the token k+1 ahead")
+    _require(m.mtp_num_layers > 0 or not t.mtp_eval_loss, "--mtp-eval-loss needs --mtp-num-layers > 0")
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -100,16 +100,16 @@ def one_pair(model, overlap: BackwardOverlap, batch_a, batch_b, way: str, links:
     """Seconds of one pair (after a barrier, until every rank is done), A's loss, and the emulated
     collectives of this rank."""
     with emulated_links(LinkModel(), ranks_per_node, describe):  # free links: names B's exchanges
-        loss_b = model(*batch_b)
+        loss_b = model(*batch_b).loss
     dist.barrier()
     start = time.perf_counter()
     with emulated_links(LinkModel() if way == "no-comm" else links, ranks_per_node, describe) as emulator:
         if way == "sequential":
-            loss_a = model(*batch_a)
+            loss_a = model(*batch_a).loss
             loss_b.backward()
         else:
             loss_a = overlapped_forward_backward(model.forward_steps(*batch_a), loss_b.backward, nullcontext,
-                                                 overlap)
+                                                 overlap).loss
     dist.barrier()
     elapsed = time.perf_counter() - start
     loss_a.backward()  # release A's graph, untimed

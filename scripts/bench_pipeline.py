@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline_report import format_report, slowest_per_stage, stage_costs, summarize
 
 from megadual.config import ModelConfig
-from megadual.model.gpt import StageSpec, build_chunk
+from megadual.model.gpt import StageLoss, StageSpec, build_chunk
 from megadual.parallel.context import BuildContext
 from megadual.parallel.emulate import LinkModel, Record, emulated_links
 from megadual.parallel.topology import Layout as Grid
@@ -208,7 +208,8 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
 
     def forward(deferrable: bool = False) -> torch.Tensor:
         with store.deferrable_forward(deferrable):
-            return chunk(tokens if spec.has_embedding else hidden, tokens)
+            out = chunk(tokens if spec.has_embedding else hidden, tokens)
+        return out.loss if spec.has_head else out
 
     def split_backward(out: torch.Tensor) -> None:
         with store.split_backward():
@@ -247,8 +248,21 @@ def rank_costs(bench: Bench, variants: tuple[Variant, ...], topo: Topology) -> d
 # torch.distributed.pipelining
 
 
+class _TensorOutput(torch.nn.Module):
+    """A GPTChunk whose last stage returns its loss tensor instead of a StageLoss: torch's stages
+    pass tensors only."""
+
+    def __init__(self, chunk: torch.nn.Module):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.chunk(inputs, labels)
+        return out.loss if isinstance(out, StageLoss) else out
+
+
 def _loss_is_output(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """GPTChunk's last stage returns the loss itself (labels come in as a keyword argument)."""
+    """The last stage returns the loss itself (labels come in as a keyword argument)."""
     return loss
 
 
@@ -264,7 +278,7 @@ class TorchRunner:
         self.clock = BusyClock()
         stages = []
         for index in indices:
-            module = build_chunk(bench.model, specs[index], SEED)
+            module = _TensorOutput(build_chunk(bench.model, specs[index], SEED))
             stage = PipelineStage(module, index, len(specs), torch.device("cpu"))
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 setattr(stage, name, self.clock.timed(getattr(stage, name)))

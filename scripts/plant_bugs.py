@@ -153,6 +153,39 @@ MUTATIONS = [
         "    validate_attention_flags_given(m)\n", "",
         ("tests/test_config.py::test_mla_and_yarn_flags_are_refused_without_what_they_need",),
         "MLA flags given without --multi-latent-attention are ignored"),
+    Mutation("hf-rope-rows-not-interleaved-out", "megadual/hf/names.py",
+        "return _reorder_rope_rows(name, tensor, config, half_split_to_interleaved)", "return tensor",
+        ("tests/test_hf_checkpoint.py::test_trained_checkpoint_converts_out_and_back_exactly",),
+        "export leaves the RoPE rows half-split where HF's rope_interleave expects interleaved pairs"),
+    Mutation("hf-rope-rows-wrong-way-in", "megadual/hf/names.py",
+        "_reorder_rope_rows(name, tensor, config, interleaved_to_half_split) if interleaved",
+        "_reorder_rope_rows(name, tensor, config, half_split_to_interleaved) if interleaved",
+        ("tests/test_hf_checkpoint.py::test_hf_model_converts_in_with_its_logits_under_every_layout",),
+        "import reorders the RoPE rows with the export's permutation instead of its inverse"),
+    Mutation("hf-mtp-layer-numbered-one-late", "megadual/hf/names.py",
+        'index = int(layer[1]) + (num_layers if name.startswith("mtp.") else 0)',
+        'index = int(layer[1]) + (num_layers + 1 if name.startswith("mtp.") else 0)',
+        ("tests/test_hf_checkpoint.py::test_trained_checkpoint_converts_out_and_back_exactly",),
+        "an MTP module's transformer layer is written one layer after its enorm/hnorm/eh_proj"),
+    Mutation("hf-expert-gate-up-swapped", "megadual/hf/names.py",
+        '"mlp.experts.local.{e}.gate.weight": "mlp.experts.{e}.gate_proj.weight",\n'
+        '    "mlp.experts.local.{e}.up.weight": "mlp.experts.{e}.up_proj.weight",',
+        '"mlp.experts.local.{e}.gate.weight": "mlp.experts.{e}.up_proj.weight",\n'
+        '    "mlp.experts.local.{e}.up.weight": "mlp.experts.{e}.gate_proj.weight",',
+        ("tests/test_hf_checkpoint.py::test_hf_model_converts_in_with_its_logits_under_every_layout",),
+        "the routed experts' gate and up projections trade places on conversion (same shapes)"),
+    Mutation("hf-vocab-padding-exported", "megadual/hf/convert.py",
+        "to_hf_rows(name, tensor, m)[:vocab] if name in VOCAB_ROWS", "to_hf_rows(name, tensor, m) if name in VOCAB_ROWS",
+        ("tests/test_hf_checkpoint.py::test_trained_checkpoint_converts_out_and_back_exactly",),
+        "export keeps the --make-vocab-size-divisible-by padding rows in the embedding and head"),
+    Mutation("hf-group-rule-difference-unchecked", "megadual/hf/config_map.py",
+        "m.moe_router_topk // kept != HF_GROUP_SCORE_TOPK:", "m.moe_router_topk // kept != m.moe_router_topk // kept:",
+        ("tests/test_hf_checkpoint.py::test_conversion_refuses_what_hugging_face_would_compute_differently",),
+        "conversion does not notice that HF ranks expert groups by their top 2, megadual by its top K/M"),
+    Mutation("size-every-expert-active", "megadual/model/size.py",
+        "experts * config.moe_router_topk // config.num_experts if config.num_experts else 0", "experts",
+        ("tests/test_model_size.py::test_counts_equal_the_built_models_parameters",),
+        "the active parameter count takes every routed expert instead of top-k of them"),
     Mutation(
         'stop-not-agreed-across-ranks', 'megadual/training/stopping.py',
         'dist.all_reduce(votes, op=dist.ReduceOp.MAX)',
@@ -288,7 +321,6 @@ MUTATIONS = [
         ("tests/test_emulate.py::test_collectives_finish_no_earlier_than_modelled_and_compute_hides_them",),
         "an emulated collective finishes when gloo does, not when its bytes could have crossed the link"),
 ]
-
 
 class MutationError(ValueError):
     pass

@@ -33,6 +33,8 @@ def error_for(*extra: str) -> str:
     (["--multi-latent-attention", "--v-head-dim", "0"], "--v-head-dim"),
     (["--multi-latent-attention", "--rope-scaling-factor", "0.5"], "--rope-scaling-factor"),
     (["--multi-latent-attention", "--rope-scaling-factor", "4", "--beta-fast", "1"], "--beta-fast"),
+    (["--mtp-num-layers", "32"], "--mtp-num-layers"),  # --seq-length 32: no position has a target
+    (["--mtp-eval-loss"], "--mtp-eval-loss"),
 ])
 def test_invalid_combination_names_flag(extra, flag):
     assert flag in error_for(*extra)

@@ -83,12 +83,12 @@ def test_attention_is_causal():
 def test_weight_gradient_split_gives_identical_gradients():
     tokens, labels = batch()
     plain = build_chunk(CFG, full_model_stage(CFG), seed=1)
-    plain(tokens, labels).backward()
+    plain(tokens, labels).loss.backward()
     split = build_chunk(CFG, full_model_stage(CFG), seed=1)
     store = WeightGradStore()
     split.attach_schedule(store, None)
     with store.deferrable_forward():
-        loss = split(tokens, labels)
+        loss = split(tokens, labels).loss
     with store.split_backward():
         loss.backward()
     deferred = [n for n, p in split.named_parameters() if p.grad is None]

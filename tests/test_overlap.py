@@ -2,15 +2,18 @@
 import subprocess
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.model.gpt import build_chunk, full_model_stage, loss_names
+from megadual.moe.dispatcher import TokenDispatcher
+from megadual.moe.hierarchical import HierarchicalDispatcher
+from megadual.moe.layer import MoELayer
 from megadual.parallel import comm
 from megadual.parallel.comm import BackwardOverlap
-from megadual.parallel.context import BuildContext
 from megadual.pipeline.overlap import overlapped_forward_backward
 from tests.test_model import CFG, batch
 
@@ -33,17 +36,23 @@ INTERLEAVING = {
 }
 
 
-@pytest.mark.parametrize("dispatcher", INTERLEAVING)
-def test_overlapped_pair_equals_forward_then_backward(monkeypatch, dispatcher):
+@pytest.mark.parametrize("dispatcher,mtp_layers", [("alltoall", 0), ("hierarchical", 0), ("alltoall", 2)],
+                         ids=["alltoall", "hierarchical", "alltoall-MTP-D2"])
+def test_overlapped_pair_equals_forward_then_backward(monkeypatch, dispatcher, mtp_layers):
+    config = replace(CFG, mtp_num_layers=mtp_layers)
     (tokens_a, labels_a), (tokens_b, labels_b) = batch(1), batch(2)
-    plain = build_chunk(CFG, full_model_stage(CFG), seed=3)
-    plain(tokens_b, labels_b).backward()
+    plain = build_chunk(config, full_model_stage(config), seed=3)
+    plain(tokens_b, labels_b).loss.backward()
     loss_a = plain(tokens_a, labels_a)
-    loss_a.backward()
+    loss_a.loss.backward()
 
-    # One process: both hops of the hierarchical path are local, but run their steps all the same.
-    ctx = BuildContext(ep_node_groups=(None, None) if dispatcher == "hierarchical" else None)
-    paired = build_chunk(CFG, full_model_stage(CFG), seed=3, ctx=ctx)
+    # One process: the exchanges (both hops of the hierarchical path) are local, but run their
+    # steps all the same; without EP a layer would skip the exchange, so it is given one.
+    paired = build_chunk(config, full_model_stage(config), seed=3)
+    for layer in paired.modules():
+        if isinstance(layer, MoELayer):
+            layer.dispatcher = (TokenDispatcher(config.num_experts) if dispatcher == "alltoall"
+                                else HierarchicalDispatcher(config.num_experts, None, None))
     overlap = BackwardOverlap()
     paired.attach_schedule(None, overlap)
     loss_b = paired(tokens_b, labels_b)
@@ -55,14 +64,17 @@ def test_overlapped_pair_equals_forward_then_backward(monkeypatch, dispatcher):
                         lambda self, g: (events.append("B"), launch_backward(self, g)))
 
     def backward():
-        loss_b.backward()
+        loss_b.loss.backward()
         events.append("|")
 
     overlapped = overlapped_forward_backward(paired.forward_steps(tokens_a, labels_a), backward, nullcontext,
                                              overlap)
-    overlapped.backward()
-    assert "".join(events[:events.index("|") + 1]) == INTERLEAVING[dispatcher]
-    assert torch.equal(overlapped, loss_a)
+    overlapped.loss.backward()
+    # The MTP modules' MoE layers pair like the main model's: each repeats the MoE layers' pattern.
+    moe_layers = 2 + mtp_layers
+    assert "".join(events[:events.index("|") + 1]) == INTERLEAVING[dispatcher][:-1] * (moe_layers // 2) + "|"
+    assert overlapped.reported.keys() == loss_a.reported.keys() == set(loss_names(config))
+    assert all(torch.equal(overlapped.reported[name], loss_a.reported[name]) for name in loss_a.reported)
     expected = grads(plain)
     for name, grad in grads(paired).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)

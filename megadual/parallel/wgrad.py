@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import torch
+
 
 class WeightGradStore:
     def __init__(self) -> None:
@@ -59,8 +61,10 @@ class WeightGradStore:
         """Run the oldest queued W (all weight-gradient work of one split backward)."""
         if not self._ready:
             raise RuntimeError("W action with no deferred weight gradients: schedule is inconsistent")
-        for compute in self._ready.popleft():
-            compute()
+        # As inside a backward: no graph, which would keep the saved activations alive in .grad.
+        with torch.no_grad():
+            for compute in self._ready.popleft():
+                compute()
 
     def __len__(self) -> int:
         return len(self._ready)

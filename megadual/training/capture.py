@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.loop import RunResult, pretrain
+from megadual.training.metrics import mtp_fields
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,19 @@ def assemble(pieces: list[Piece]) -> tuple[dict[str, torch.Tensor], dict[str, fl
 
 def _logged(result: RunResult) -> dict[str, list[float]]:
     steps = result.steps
-    return {"lm loss": [s.lm_loss for s in steps],
-            "load_balancing_loss": [s.routing.aux_loss for s in steps],
-            "moe max/mean expert load": [s.routing.max_over_mean_load for s in steps],
-            "moe nodes per token mean": [s.routing.nodes_per_token_mean for s in steps],
-            "moe nodes per token max": [float(s.routing.nodes_per_token_max) for s in steps],
-            "validation lm loss": result.validation_losses}
+    logged = {"lm loss": [s.lm_loss for s in steps],
+              "load_balancing_loss": [s.routing.aux_loss for s in steps],
+              "moe max/mean expert load": [s.routing.max_over_mean_load for s in steps],
+              "moe nodes per token mean": [s.routing.nodes_per_token_mean for s in steps],
+              "moe nodes per token max": [float(s.routing.nodes_per_token_max) for s in steps]}
+    for step in steps:
+        for name, loss in mtp_fields(step.mtp_losses).items():
+            logged.setdefault(name, []).append(loss)
+    logged["validation lm loss"] = []  # present without evaluation too
+    for losses in result.validation_losses:
+        for name, loss in losses.items():
+            logged.setdefault(f"validation {name}", []).append(loss)
+    return logged
 
 
 def _traffic(result: RunResult) -> dict[str, list[float]]:

@@ -5,7 +5,8 @@ Dense parameters are averaged over DP. Expert parameters are summed over the
 expert-data-parallel group (ranks holding the same experts) and divided by DP,
 since their gradients already gather tokens of the whole EP group. Parameters that
 see only part of the sequence under sequence parallelism (norms, router) are first
-summed over TP. DualPipe's two copies of a stage are summed by the pipeline
+summed over TP. Parameters held on two pipeline ranks (DualPipe's two copies of a stage,
+the embedding tied to the last stage for MTP) are summed by the pipeline
 (pipeline/driver.py) after this reduction.
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ def reduce_gradients(table: ParamTable, topo: Topology) -> None:
 
 def _counted_here(record: ParamRecord, topo: Topology) -> bool:
     """Whether this rank adds the parameter's gradient to the norm: each distinct piece once."""
-    if record.mirror:
-        return False  # DualPipe's second copy of a stage: its gradient equals the first copy's
+    if record.duplicate:
+        return False  # DualPipe's second copy, or a tied copy: its gradient equals the counted copy's
     if record.spec.expert:
         return topo.members["edp"].index(topo.rank) == 0
     return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)

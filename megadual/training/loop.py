@@ -12,6 +12,7 @@ from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
+from megadual.model.gpt import LM_LOSS, loss_names
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
@@ -21,7 +22,13 @@ from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megadual.training.distributed import local_world_size
-from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
+from megadual.training.metrics import (
+    IntervalLog,
+    TensorBoard,
+    format_iteration,
+    format_validation,
+    mtp_fields,
+)
 from megadual.training.optimizer import build_optimizer, learning_rate
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 from megadual.training.stopping import StopRequests
@@ -36,7 +43,7 @@ class RunResult:
     """What a run did, for callers and tests: every step it trained, every validation loss, and
     the model and state it ended with."""
     steps: list[StepResult] = field(default_factory=list)
-    validation_losses: list[float] = field(default_factory=list)
+    validation_losses: list[dict[str, float]] = field(default_factory=list)  # by log name, per evaluation
     model: StageModel | None = None
     final_state: TrainState | None = None
     stop_reason: str | None = None  # why it stopped before --train-iters (stopping.py), if it did
@@ -110,21 +117,23 @@ def next_batches(loader, count: int) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
-             pipeline: Pipeline | None = None) -> float:
+             pipeline: Pipeline | None = None, mtp: bool = False) -> dict[str, float]:
+    """The mean validation losses by log name: the lm loss, and with `mtp` each MTP depth's."""
     if pipeline is not None:
-        mean_loss = pipeline.evaluate
+        mean_losses = pipeline.evaluate
     else:
-        mean_loss = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
-    total = torch.zeros((), dtype=torch.float64)
-    model.eval()  # no dropout
-    for _ in range(iters):
-        total += mean_loss(next_batches(loader, count)).double().cpu() * count
-    model.train()
+        mean_losses = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
+    names = loss_names(model.config) if mtp else [LM_LOSS]
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    with model.evaluating(mtp):  # no dropout
+        for _ in range(iters):
+            losses = mean_losses(next_batches(loader, count))
+            totals += torch.stack([losses[name] for name in names]).double().cpu() * count
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
-        dist.all_reduce(total, group=topo.group("dp"))
-    return float(total) / (count * iters * topo.layout.dp)
+        dist.all_reduce(totals, group=topo.group("dp"))
+    return dict(zip(names, (totals / (count * iters * topo.layout.dp)).tolist()))
 
 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
@@ -187,14 +196,16 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
             if not step.skipped:
                 writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
                                                  "grad norm": step.grad_norm,
-                                                 "load_balancing_loss": step.routing.aux_loss})
+                                                 "load_balancing_loss": step.routing.aux_loss,
+                                                 **mtp_fields(step.mtp_losses)})
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
-            loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
-            result.validation_losses.append(loss)
+            losses = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline,
+                              mtp=t.mtp_eval_loss)
+            result.validation_losses.append(losses)
             if rank0:
-                log(format_validation(state.iteration, loss))
-                writer.scalars(state.iteration, {"validation lm loss": loss})
+                log(format_validation(state.iteration, losses))
+                writer.scalars(state.iteration, {f"validation {name}": v for name, v in losses.items()})
         saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
         if saved:
             save()

@@ -4,7 +4,13 @@ from __future__ import annotations
 import math
 
 from megadual.config_validate import ConfigError
+from megadual.model.mtp import mtp_loss_names
 from megadual.training.step import StepResult
+
+
+def mtp_fields(mtp_losses: list[float]) -> dict[str, float]:
+    """{"mtp_1 loss": ..., ...}: each MTP depth's loss under Megatron's log name."""
+    return dict(zip(mtp_loss_names(len(mtp_losses)), mtp_losses))
 
 
 class IntervalLog:
@@ -16,6 +22,7 @@ class IntervalLog:
     def reset(self) -> None:
         self.iterations = self.skipped = self.nan = 0
         self.seconds = self.lm_loss = self.aux_loss = 0.0
+        self.mtp_losses: list[float] = []
         self.load_ratio = self.nodes_mean = 0.0
         self.inter_node_rows = self.intra_node_rows = 0.0
         self.nodes_max = 0
@@ -23,11 +30,13 @@ class IntervalLog:
     def add(self, result: StepResult, seconds: float) -> None:
         self.iterations += 1
         self.seconds += seconds
-        self.nan += int(not math.isfinite(result.lm_loss))
+        self.nan += int(not all(map(math.isfinite, [result.lm_loss, *result.mtp_losses])))
         if result.skipped:
             self.skipped += 1
             return
         self.lm_loss += result.lm_loss
+        sums = self.mtp_losses or [0.0] * len(result.mtp_losses)
+        self.mtp_losses = [total + loss for total, loss in zip(sums, result.mtp_losses)]
         self.aux_loss += result.routing.aux_loss
         self.load_ratio = max(self.load_ratio, result.routing.max_over_mean_load)
         self.nodes_mean += result.routing.nodes_per_token_mean
@@ -49,6 +58,7 @@ def format_iteration(iteration: int, train_iters: int, consumed: int, lr: float,
              f"global batch size: {global_batch:5d}"]
     if log.iterations > log.skipped:
         parts.append(f"lm loss: {log.lm_loss / counted:.6E}")
+        parts += [f"{name}: {loss / counted:.6E}" for name, loss in mtp_fields(log.mtp_losses).items()]
         if is_moe:
             parts += [f"load_balancing_loss: {log.aux_loss / counted:.6E}",
                       f"moe max/mean expert load: {log.load_ratio:.3f}",
@@ -60,9 +70,11 @@ def format_iteration(iteration: int, train_iters: int, consumed: int, lr: float,
     return " | ".join(parts) + " |"
 
 
-def format_validation(iteration: int, loss: float) -> str:
-    ppl = math.exp(min(20.0, loss))
-    line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+def format_validation(iteration: int, losses: dict[str, float]) -> str:
+    """Megatron's validation line: value and perplexity of each loss ("lm loss", "mtp_1 loss", ...)."""
+    fields = "".join(f" {name} value: {loss:.6E} | {name} PPL: {math.exp(min(20.0, loss)):.6E} |"
+                     for name, loss in losses.items())
+    line = f" validation loss at iteration {iteration} |{fields} "
     bar = "-" * len(line)
     return f"{bar}\n{line}\n{bar}"
 

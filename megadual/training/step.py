@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from megadual.model.gpt import GPTChunk
+from megadual.model.gpt import GPTChunk, loss_names
 from megadual.parallel.topology import Topology
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.stage_model import StageModel
@@ -37,6 +37,7 @@ class StepResult:
     grad_norm: float
     skipped: bool
     routing: RoutingSummary
+    mtp_losses: list[float] = field(default_factory=list)  # per MTP depth, unscaled ("mtp_k loss")
 
 
 def autocast_context(device: torch.device, bf16: bool):
@@ -44,26 +45,27 @@ def autocast_context(device: torch.device, bf16: bool):
 
 
 def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool,
-                     backward: bool = True) -> torch.Tensor:
+                     backward: bool = True) -> dict[str, torch.Tensor]:
     """Gradient accumulation over micro-batches through the whole model (one chunk); returns the
-    mean lm loss (this rank), summed in the order the pipeline runtime sums it. Without
-    `backward`: evaluation."""
-    total = torch.zeros((), device=device)
+    mean of each reported loss (this rank) by log name, summed in the order the pipeline runtime
+    sums them. Without `backward`: evaluation."""
+    totals: dict[str, torch.Tensor] = {}
     for batch in batches:
         with autocast_context(device, bf16):
-            loss = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"))
+            out = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"))
         if backward:
-            (loss / len(batches)).backward()
-        total += loss.detach().float()
-    return total / len(batches)
+            (out.loss / len(batches)).backward()
+        out.add_to(totals)
+    return {name: total / len(batches) for name, total in totals.items()}
 
 
-def mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
-    value = value.detach().double().cpu()
+def mean_over_dp(losses: dict[str, torch.Tensor], names: list[str], topo: Topology) -> list[float]:
+    """The losses `names` (those reported by the model) averaged over the data-parallel ranks."""
+    values = torch.stack([losses[name].detach().double().cpu() for name in names])
     group = topo.group("dp")
     if group is not None:
-        dist.all_reduce(value, group=group)
-    return float(value) / topo.layout.dp
+        dist.all_reduce(values, group=group)
+    return (values / topo.layout.dp).tolist()
 
 
 def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: bool,
@@ -124,22 +126,22 @@ def train_step(model: StageModel, optimizer: torch.optim.Optimizer, batches: lis
     """With `pipeline` (PP > 1) the schedule runs the micro-batches through `model`'s chunks."""
     optimizer.zero_grad(set_to_none=True)
     if pipeline is None:
-        loss = forward_backward(model.chunks[0], batches, device, bf16)
+        losses = forward_backward(model.chunks[0], batches, device, bf16)
     else:
-        loss = pipeline.forward_backward(batches)
-    lm_loss = mean_over_dp(loss, topo)
+        losses = pipeline.forward_backward(batches)
+    lm_loss, *mtp_losses = mean_over_dp(losses, loss_names(model.config), topo)
     table = model.param_table
     reduce_gradients(table, topo)
     if pipeline is not None:
-        pipeline.sum_mirrored_gradients()
+        pipeline.sum_shared_gradients()
     if grad_hook is not None:
         grad_hook(model)
     norm = global_grad_norm(table, topo)
-    finite = math.isfinite(norm) and math.isfinite(lm_loss)
+    finite = all(map(math.isfinite, [norm, lm_loss, *mtp_losses]))
     routing = reduce_routing(model, topo, bias_rate, update_bias=finite, pipeline=pipeline)
     if finite:
         clip_gradients(table, norm, clip_grad)
         set_learning_rate(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(lm_loss, norm, not finite, routing)
+    return StepResult(lm_loss, norm, not finite, routing, mtp_losses)
