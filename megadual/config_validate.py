@@ -49,6 +49,8 @@ def validate(c: RunConfig) -> None:
              f"({t.micro_batch_size})")
     _require(t.train_iters > 0, "--train-iters must be positive")
     _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
+    _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,
+             f"--ddp-bucket-size must be positive, got {o.ddp_bucket_size}")
     _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
              "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
     _require(t.log_interval > 0, "--log-interval must be positive")

@@ -8,7 +8,7 @@ with a one-process run; `spawn_runs` runs several configurations in the same pro
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ class Run:
     losses: list[float]
     grads: dict[str, torch.Tensor]
     log: list[str]
+    grad_norms: list[float] = field(default_factory=list)
 
 
 def _local_grads(model) -> dict:
@@ -63,7 +64,7 @@ def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue,
             run = pretrain(parse_args(args), torch.device("cpu"), log=lines.append, grad_hook=grad_hook)
             # numpy, not tensors: a tensor in a queue lives in shared memory this process frees on exit
             grads = {name: g.numpy() for name, g in (first_grads[0] if with_grads else {}).items()}
-            runs.append(Run(run.losses, grads, lines))
+            runs.append(Run(run.losses, grads, lines, run.grad_norms))
         if rank == 0:
             queue.put(runs)
     finally:

@@ -15,11 +15,10 @@ from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add a deferred gradient into `param.grad`, as autograd would have."""
-    if param.grad is None:
-        param.grad = grad.to(param.dtype)
-    else:
-        param.grad.add_(grad)
+    """Add a deferred gradient into `param`'s, through autograd as an undeferred one goes: hooks on
+    the parameter see it (the distributed optimizer's FP32 accumulation), and a weight that is a
+    cast of a parameter (the router's FP32 copy of BF16 weights) passes it on to the parameter."""
+    torch.autograd.backward(param, grad)
 
 
 def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], torch.Tensor],

@@ -95,7 +95,10 @@ class Pipeline:
     def sum_mirrored_gradients(self) -> None:
         """Add the mirrored copy's gradients: the same global names in the same order on both ranks,
         so both compute the same sum."""
-        if self.mirror is None:
-            return
-        comm.coalesced([p.grad for _, p in sorted(self.model.named_parameters())],
-                       lambda flat: flat + self.from_mirror(flat))
+        self.sum_with_mirror([p.grad for _, p in sorted(self.model.named_parameters())])
+
+    def sum_with_mirror(self, tensors: list[torch.Tensor]) -> None:
+        """Add to `tensors` the mirrored rank's, which it lists in the same order and shapes
+        (nothing without a mirrored rank)."""
+        if self.mirror is not None:
+            comm.coalesced(tensors, lambda flat: flat + self.from_mirror(flat))

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -32,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from megadual.config import RunConfig, model_config_differences
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.dist_optimizer import DistributedOptimizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megadual_meta.json"
@@ -87,11 +89,31 @@ def _as_local_tensors(state_dict: dict) -> dict:
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
 
 
-def save_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,
+def _state_dicts(model: StageModel, optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts in the checkpoint's form, whichever optimizer:
+    the distributed one gives the FP32 weights (its masters) and the same flat, whole state."""
+    if not isinstance(optimizer, DistributedOptimizer):
+        return get_state_dict(model, optimizer, options=OPTIONS)
+    weights, optim_sd = optimizer.state_dict_for_checkpoint()
+    return {**get_model_state_dict(model), **weights}, optim_sd
+
+
+def _restore(model: StageModel, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+    """Load the model, and the optimizer too unless `optim_sd` is None (its masters in any case)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+        optimizer.load_checkpoint_state(model_sd, optim_sd)
+    elif optim_sd is not None:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIONS)
+    else:
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+
+
+def save_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
                     state: TrainState, config: RunConfig) -> str:
     rank = dist.get_rank()
     path = iteration_dir(root, state.iteration)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     _as_whole_tensors(model, model_sd, optim_sd)
     dcp.save({"model": model_sd, "optimizer": optim_sd, f"rng_rank{rank}": _rng_state()}, checkpoint_id=path)
     if rank == 0:
@@ -138,7 +160,7 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,
+def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
                     config: RunConfig) -> TrainState | None:
     """Restore the latest checkpoint under `root` (--load); None when there is none."""
     iteration = latest_iteration(root)
@@ -154,7 +176,7 @@ def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimiz
     load_optim = not (t.no_load_optim or t.finetune)
     # RNG states are per rank: they only mean something for the same number of ranks.
     load_rng = not (t.no_load_rng or t.finetune) and meta.get("world_size") == dist.get_world_size()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     _as_whole_tensors(model, model_sd, optim_sd)
     wanted = {"model": model_sd}
     if load_optim:
@@ -163,12 +185,8 @@ def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimiz
     if load_rng:
         wanted[rng_key] = _rng_state()
     dcp.load(wanted, checkpoint_id=path)
-    model_sd = _as_local_tensors(wanted["model"])
-    if load_optim:
-        set_state_dict(model, optimizer, model_state_dict=model_sd,
-                       optim_state_dict=_as_local_tensors(wanted["optimizer"]), options=OPTIONS)
-    else:
-        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+    _restore(model, optimizer, _as_local_tensors(wanted["model"]),
+             _as_local_tensors(wanted["optimizer"]) if load_optim else None)
     if load_rng:
         _set_rng_state(wanted[rng_key])
     if t.finetune:

@@ -19,6 +19,7 @@ from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megadual.training.dist_optimizer import DistributedOptimizer
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
@@ -31,8 +32,9 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run did, for callers and tests: the loss of every iteration it trained."""
+    """What a run did, for callers and tests: the loss and gradient norm of every iteration it trained."""
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     final_state: TrainState | None = None
 
 
@@ -73,6 +75,17 @@ def build_model(config: RunConfig, topo: Topology, device: torch.device) -> Stag
                                   first_stage_layers=config.parallel.decoder_first_pipeline_num_layers,
                                   last_stage_layers=config.parallel.decoder_last_pipeline_num_layers)
     return model.to(device)
+
+
+def build_model_optimizer(config: RunConfig, model: StageModel,
+                          topo: Topology) -> torch.optim.Optimizer | DistributedOptimizer:
+    """The plain AdamW, or with --use-distributed-optimizer the sharded one, which under --bf16
+    also turns the model's weights into BF16 (its FP32 masters taken first)."""
+    o = config.optim
+    if not o.use_distributed_optimizer:
+        return build_optimizer(list(model.named_parameters()), o)
+    dtype = torch.bfloat16 if config.train.bf16 else torch.float32
+    return DistributedOptimizer(model.param_table, topo, o, dtype, o.ddp_bucket_size)
 
 
 def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device) -> Pipeline:
@@ -130,9 +143,13 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
                                            samples_needed(config), d.mock_data, d.vocab_size)
     torch.manual_seed(t.seed)
     model = build_model(config, topo, device)
+    optimizer = build_model_optimizer(config, model, topo)
+    # After the optimizer: the pipeline passes activations in the model's (possibly BF16) dtype.
     pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
-    optimizer = build_optimizer(list(model.named_parameters()), o)
+    if isinstance(optimizer, DistributedOptimizer) and dist.get_rank() == 0:
+        log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
+            f"{optimizer.state_bytes()} bytes")
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and dist.get_rank() == 0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
@@ -152,6 +169,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
         result.losses.append(step.lm_loss)
+        result.grad_norms.append(step.grad_norm)
         consecutive_bad = consecutive_bad + 1 if step.skipped else 0
         state.skipped_iterations += int(step.skipped)
         if consecutive_bad >= t.max_consecutive_skipped_iters:
