@@ -23,6 +23,7 @@ class Run:
     grads: dict[str, torch.Tensor]
     log: list[str]
     grad_norms: list[float] = field(default_factory=list)
+    differing_replicas: list[str] = field(default_factory=list)  # with check_replicas: weights whose copies differ
 
 
 def _local_grads(model) -> dict:
@@ -43,7 +44,23 @@ def _assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
     return full
 
 
-def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue, with_grads: bool) -> None:
+def _local_weights(model) -> dict:
+    """This rank's copy of every weight, by (global name, TP rank)."""
+    return {(r.name, r.spec.tp.rank if r.spec.tp else 0): r.param.detach().float().clone() for r in model.param_table}
+
+
+def _differing(per_rank: list[dict]) -> set[str]:
+    """Names of the weights whose copies (over DP, TP where replicated, DualPipe's two) are not all equal."""
+    first, differing = {}, set()
+    for weights in per_rank:
+        for key, weight in weights.items():
+            if not torch.equal(first.setdefault(key, weight), weight):
+                differing.add(key[0])
+    return differing
+
+
+def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue, with_grads: bool,
+            check_replicas: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megadual.config import parse_args
@@ -53,28 +70,31 @@ def _worker(rank: int, world: int, port: int, arg_lists: list[list[str]], queue,
     try:
         runs = []
         for args in arg_lists:
-            first_grads, lines = [], []
+            first_grads, lines, differing = [], [], set()
 
-            def grad_hook(model, first_grads=first_grads):
+            def grad_hook(model, first_grads=first_grads, differing=differing):
+                gathered = [None] * world
                 if with_grads and not first_grads:
-                    gathered = [None] * world
                     dist.all_gather_object(gathered, _local_grads(model))
                     first_grads.append(_assemble(gathered))
+                if check_replicas:  # the weights after the previous step, before this one's update
+                    dist.all_gather_object(gathered, _local_weights(model))
+                    differing.update(_differing(gathered))
 
             run = pretrain(parse_args(args), torch.device("cpu"), log=lines.append, grad_hook=grad_hook)
             # numpy, not tensors: a tensor in a queue lives in shared memory this process frees on exit
             grads = {name: g.numpy() for name, g in (first_grads[0] if with_grads else {}).items()}
-            runs.append(Run(run.losses, grads, lines, run.grad_norms))
+            runs.append(Run(run.losses, grads, lines, run.grad_norms, sorted(differing)))
         if rank == 0:
             queue.put(runs)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, arg_lists: list[list[str]], with_grads: bool) -> list[Run]:
+def _spawn(world: int, arg_lists: list[list[str]], with_grads: bool, check_replicas: bool = False) -> list[Run]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    workers = mp.start_processes(_worker, args=(world, free_port(), arg_lists, queue, with_grads),
+    workers = mp.start_processes(_worker, args=(world, free_port(), arg_lists, queue, with_grads, check_replicas),
                                  nprocs=world, start_method="spawn", join=False)
     # Read before joining: a result larger than the pipe's buffer blocks its sender until read.
     # Poll so that a worker that failed (and so sends nothing) raises here instead of hanging.
@@ -98,7 +118,8 @@ def spawn_run(world: int, args: list[str]) -> Run:
     return _spawn(world, [args], with_grads=True)[0]
 
 
-def spawn_runs(world: int, arg_lists: list[list[str]]) -> list[Run]:
+def spawn_runs(world: int, arg_lists: list[list[str]], check_replicas: bool = False) -> list[Run]:
     """`spawn_run` of several configurations, one after another in the same processes
-    (starting the processes is most of a small run's time)."""
-    return _spawn(world, arg_lists, with_grads=True)
+    (starting the processes is most of a small run's time). `check_replicas`: every step,
+    list the weights whose copies on different ranks differ (`Run.differing_replicas`)."""
+    return _spawn(world, arg_lists, with_grads=True, check_replicas=check_replicas)

@@ -25,6 +25,7 @@ def error_for(*extra: str) -> str:
     (["--save-interval", "5"], "--save-interval"),
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch"),
     (["--lr-warmup-iters", "500", "--train-iters", "10"], "--lr-warmup-iters"),
+    (["--use-distributed-optimizer", "--ddp-bucket-size", "0"], "--ddp-bucket-size"),
 ])
 def test_invalid_combination_names_flag(extra, flag):
     assert flag in error_for(*extra)
