@@ -38,8 +38,8 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "grad-norm-tp-twice", "megadual/training/grads.py",
-        "if (expert_owner if is_expert else dense_owner) and not (replicated_over_tp and topo.tp_rank):",
-        "if (expert_owner if is_expert else dense_owner):",
+        "    if record.replicated_over_tp and topo.tp_rank:\n        return False\n",
+        "",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
     Mutation(
@@ -56,14 +56,14 @@ MUTATIONS = [
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
-        '    _all_reduce_coalesced(seq_parallel, topo.group("tp"))\n',
-        "",
+        '    _all_reduce_coalesced(grads, topo.group("tp"))\n',
+        "    pass\n",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SP]",),
         "the gradients of sequence-parallel parameters (norms, router) are not summed over TP"),
     Mutation(
         "dualpipe-mirror-grads-not-summed", "megadual/pipeline/driver.py",
-        "        flat += self.from_mirror(flat)\n",
-        "        self.from_mirror(flat)\n",
+        "lambda flat: flat + self.from_mirror(flat)",
+        "lambda flat: (self.from_mirror(flat), flat)[1]",
         ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
         "DualPipe's two copies of a stage keep their own gradients instead of their sum"),
     Mutation(
@@ -78,6 +78,42 @@ MUTATIONS = [
         "* a_scale[:, None]",
         ("tests/test_fp8_gemm.py::test_gemm_error_vs_float64[Bblocks-384-cpu-triton]",),
         "the Triton FP8 GEMM kernel leaves out the weight's block scales"),
+    Mutation(
+        "dist-opt-mirror-shards-not-summed", "megadual/training/dist_optimizer.py",
+        "            pipeline.sum_with_mirror(shards)\n",
+        "            pass\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe]",),
+        "with the distributed optimizer, DualPipe's mirrored ranks do not add their gradient shards"),
+    Mutation(
+        "dist-opt-norm-counts-dp-rank-0-only", "megadual/training/grads.py",
+        "        return True  # every data-parallel rank holds a different piece\n",
+        "        return topo.dp_rank == 0\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the gradient norm of sharded gradients counts only data-parallel rank 0's shard"),
+    Mutation(
+        "dist-opt-decays-vectors", "megadual/training/dist_optimizer.py",
+        " for record, p in b.pieces if decayed(record.param)])",
+        " for record, p in b.pieces])",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the distributed optimizer applies weight decay to norms (1-D parameters) too"),
+    Mutation(
+        "dist-opt-saves-own-shard-only", "megadual/training/dist_optimizer.py",
+        "(bucket.views(bucket.gather(t))",
+        "(bucket.views(t.repeat(bucket.size))",
+        ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
+        "the distributed optimizer's checkpoint holds its own shard of masters and moments in every rank's place"),
+    Mutation(
+        "dist-opt-grads-not-zeroed", "megadual/training/dist_optimizer.py",
+        "            bucket.grads.zero_()\n",
+        "            pass\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the distributed optimizer's gradient buckets carry the previous steps' gradients"),
+    Mutation(
+        "skipped-step-still-updates", "megadual/training/step.py",
+        "    if finite:\n        grads.clip(norm, clip_grad)\n",
+        "    if True:\n        grads.clip(norm, clip_grad)\n",
+        ("tests/test_dist_optimizer.py::test_skipped_step_updates_nothing_masters_included",),
+        "a step whose loss is not finite still updates the weights (with the distributed optimizer: the masters)"),
 ]
 
 
