@@ -103,6 +103,12 @@ MUTATIONS = [
         ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
         "the distributed optimizer's checkpoint holds its own shard of masters and moments in every rank's place"),
     Mutation(
+        "dist-opt-deferred-grads-bypass-buckets", "megadual/training/loop.py",
+        "accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)",
+        "accumulate_grad=add_to_grad if isinstance(optimizer, DistributedOptimizer)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe]",),
+        "the pipeline's deferred (W-split) weight gradients go to param.grad, not the distributed optimizer's buckets"),
+    Mutation(
         "dist-opt-grads-not-zeroed", "megadual/training/dist_optimizer.py",
         "            bucket.grads.zero_()\n",
         "            pass\n",

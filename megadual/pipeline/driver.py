@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.parallel import comm
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
@@ -44,11 +45,13 @@ def forward_only_schedule(layout: Layout, pp_size: int) -> list[list[Action]]:
 
 class Pipeline:
     """One rank of a pipeline: `model` holds its chunks; `group`/`group_ranks` are the
-    pipeline's process group and its global ranks by pipeline rank."""
+    pipeline's process group and its global ranks by pipeline rank; `accumulate_grad` takes
+    the deferred weight gradients (runtime.py)."""
 
     def __init__(self, model: StageModel, schedule: str, split_backward: bool, num_microbatches: int,
                  pp_rank: int, group, group_ranks: Sequence[int], activation_shape: Sequence[int],
-                 device: torch.device, autocast: Callable):
+                 device: torch.device, autocast: Callable,
+                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad):
         pp_size = len(group_ranks)
         self.model, self.group, self.group_ranks = model, group, list(group_ranks)
         layout = pipeline_layout(schedule, pp_size, num_microbatches)
@@ -58,7 +61,8 @@ class Pipeline:
                   "activation_shape": activation_shape, "dtype": next(model.parameters()).dtype,
                   "device": device, "autocast": autocast}
         actions = build_schedule(schedule, pp_size, num_microbatches, split_backward)[pp_rank]
-        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common)
+        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common,
+                                             accumulate_grad=accumulate_grad)
         self.eval_runtime = PipelineRuntime(forward_only_schedule(eval_layout, pp_size)[pp_rank], eval_layout,
                                             model.chunks, **common)
         mirror = mirror_rank(layout, pp_rank)

@@ -5,7 +5,8 @@ size D; rank r of the group owns the elements [r*S, (r+1)*S), S = padded size / 
 layout). The parameters become views into the bucket's buffer, and their gradients are added
 into the bucket's FP32 gradient buffer as autograd produces them, so one reduce-scatter leaves
 each rank the reduced gradient of its shard and one all-gather hands the updated shards back
-to every rank, with nothing packed or unpacked in between. A parameter's `Piece` on a rank is
+to every rank, with nothing packed or unpacked in between. (A pipeline's deferred weight
+gradients, which autograd does not see, go to `main_grads` directly.) A parameter's `Piece` on a rank is
 where it meets that rank's shard: nothing, part of it, or all of it.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ def split_into_buckets(records: list[ParamRecord], bucket_numel: int) -> list[li
     return buckets + [current] if current else buckets
 
 
-def _add_into(main_grad: torch.Tensor, param: torch.Tensor) -> None:
+def _move_into(main_grad: torch.Tensor, param: torch.Tensor) -> None:
     """After autograd accumulated a gradient into `param.grad`: move it into the FP32 main gradient.
     (Autograd also calls this when a backward deferred the weight's gradient: then there is none.)"""
     if param.grad is not None:
@@ -90,10 +91,12 @@ class Bucket:
         self.master = self.param_shard if dtype == torch.float32 else initial[shard].clone()
         self.grads = torch.zeros_like(initial)
         self.grad_shard = self.grads[shard]
+        self.main_grads: dict[int, torch.Tensor] = {}  # by id of the parameter: its FP32 gradient
         for record, start in zip(records, self.offsets):
             param, end = record.param, start + record.param.numel()
             param.data = self.params[start:end].view(param.shape)
-            param.register_post_accumulate_grad_hook(partial(_add_into, self.grads[start:end].view(param.shape)))
+            self.main_grads[id(param)] = main_grad = self.grads[start:end].view(param.shape)
+            param.register_post_accumulate_grad_hook(partial(_move_into, main_grad))
         self.pieces = [(records[p.index], p) for p in shard_pieces(numels, self.size, rank)]
 
     def grad_views(self) -> dict[str, torch.Tensor]:

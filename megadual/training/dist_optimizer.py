@@ -5,7 +5,8 @@ ranks: the DP group for dense parameters, the expert-DP group for routed experts
 ParamTable says which). Parameters live in flat buckets (buckets.py), sorted by global name
 so that DualPipe's mirrored ranks lay out the same buckets. One step:
 
-1. gradients accumulate in FP32 in the buckets, whatever the model's dtype;
+1. gradients accumulate in FP32 in the buckets, whatever the model's dtype (autograd's through
+   a hook on each parameter, the pipeline's deferred ones through `accumulate_grad`);
 2. sequence-parallel partial gradients are summed over TP, each bucket is reduce-scattered
    over its group (and divided by DP, as the plain reduction does), and DualPipe's mirrored
    ranks add their shards, so both copies of a stage hold the same summed shard;
@@ -65,10 +66,16 @@ class DistributedOptimizer:
             records = sorted((r for r in table if r.spec.expert == expert), key=lambda r: r.name)
             self.buckets += [Bucket(run, topo.group(group), model_dtype)
                              for run in split_into_buckets(records, bucket_numel)]
+        self._main_grads = {key: grad for bucket in self.buckets for key, grad in bucket.main_grads.items()}
         self.states = [AdamState.zeros_like(b.master) for b in self.buckets]
         self.param_groups = list(adamw_group_settings(cfg))  # decayed, undecayed; set_learning_rate sets lr
         self._decayed_ranges = [_merged([(p.start, p.end) for record, p in b.pieces if decayed(record.param)])
                                 for b in self.buckets]
+
+    def accumulate_grad(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        """Add a weight gradient autograd did not accumulate (the pipeline's deferred W) into the
+        parameter's FP32 gradient, as autograd's go."""
+        self._main_grads[id(param)].add_(grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for bucket in self.buckets:

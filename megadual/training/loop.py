@@ -15,6 +15,7 @@ from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
@@ -88,14 +89,17 @@ def build_model_optimizer(config: RunConfig, model: StageModel,
     return DistributedOptimizer(model.param_table, topo, o, dtype, o.ddp_bucket_size)
 
 
-def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device) -> Pipeline:
+def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device,
+                   optimizer: torch.optim.Optimizer | DistributedOptimizer) -> Pipeline:
     m, p, tp = config.model, config.parallel, tensor_parallel(config, topo)
     seq = m.seq_length // tp.size if tp.sequence_parallel else m.seq_length
     n_micro = num_microbatches(config, topo.layout.dp)
     return Pipeline(model, p.pipeline_schedule, p.pipeline_split_backward, n_micro, topo.pp_rank,
                     topo.group("pp"), topo.members["pp"],
                     activation_shape=(seq, config.train.micro_batch_size, m.hidden_size), device=device,
-                    autocast=lambda: autocast_context(device, config.train.bf16))
+                    autocast=lambda: autocast_context(device, config.train.bf16),
+                    accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)
+                    else add_to_grad)
 
 
 def samples_needed(config: RunConfig) -> tuple[int, int, int]:
@@ -145,7 +149,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     model = build_model(config, topo, device)
     optimizer = build_model_optimizer(config, model, topo)
     # After the optimizer: the pipeline passes activations in the model's (possibly BF16) dtype.
-    pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
+    pipeline = build_pipeline(config, topo, model, device, optimizer) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
     if isinstance(optimizer, DistributedOptimizer) and dist.get_rank() == 0:
         log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
