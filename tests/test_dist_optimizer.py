@@ -59,13 +59,13 @@ def world4(tmp):
 
 @pytest.fixture(scope="module")
 def world2(tmp, world4):
-    bf16 = ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipe", "--bf16",
+    bf16 = ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipev", "--bf16",
             "--fp8-format", "e4m3"]
     arg_lists = {("plain", "DP2"): ARGS + saved(tmp, "plain-DP2"),
                  ("dist", "DP2"): ARGS + DIST + saved(tmp, "dist-DP2"),
                  ("resumed", "dist DP4 -> dist DP2"): ARGS + DIST + ["--load", str(tmp / "dist-DP4xEP2")],
                  ("resumed", "plain TP2xDP2 -> dist DP2"): ARGS + DIST + ["--load", str(tmp / "plain-TP2xDP2-SP")],
-                 ("bf16", "PP2-dualpipe-fp8"): ARGS + DIST + bf16}
+                 ("bf16", "PP2-dualpipev-fp8"): ARGS + DIST + bf16}
     return dict(zip(arg_lists, spawn_runs(2, list(arg_lists.values()), check_replicas=True)))
 
 
@@ -150,10 +150,9 @@ def test_optimizer_state_falls_as_one_over_dp(world4, world2):
 
 
 def test_bf16_weights_with_fp32_masters_track_fp32(world2, world1):
-    """DualPipe with BF16 weights (and BF16 activations between the stages) and FP8 GEMMs: both copies of
-    every stage stay equal; the losses stay near FP32's (measured: 3e-5 relative)."""
-    run = world2[("bf16", "PP2-dualpipe-fp8")]
-    assert run.differing_replicas == []
+    """DualPipeV with BF16 weights (BF16 activations between the stages, deferred W gradients into the
+    FP32 buckets) and FP8 GEMMs: the losses stay near FP32's (measured: 5e-5 relative)."""
+    run = world2[("bf16", "PP2-dualpipev-fp8")]
     print(f"bf16: losses {max_rel(run.losses, world1['uninterrupted'].losses[:3]):.1e}")
     assert run.losses == pytest.approx(world1["uninterrupted"].losses[:3], rel=3e-4)
 

@@ -99,10 +99,6 @@ class Bucket:
             param.register_post_accumulate_grad_hook(partial(_move_into, main_grad))
         self.pieces = [(records[p.index], p) for p in shard_pieces(numels, self.size, rank)]
 
-    def grad_views(self) -> dict[str, torch.Tensor]:
-        """Each parameter's whole FP32 main gradient, by global name."""
-        return self.views(self.grads)
-
     def views(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         """A whole-bucket tensor cut into its parameters, shaped as they are."""
         return {r.name: full[start:start + r.param.numel()].view(r.param.shape)

@@ -59,7 +59,7 @@ class DistributedOptimizer:
 
     def __init__(self, table: ParamTable, topo: Topology, cfg: OptimConfig,
                  model_dtype: torch.dtype = torch.float32, bucket_numel: int | None = None):
-        self.table, self.topo, self.cfg = table, topo, cfg
+        self.table, self.topo = table, topo
         bucket_numel = bucket_numel or default_bucket_numel(topo.layout.dp)
         self.buckets: list[Bucket] = []
         for group, expert in (("dp", False), ("edp", True)):
@@ -78,13 +78,14 @@ class DistributedOptimizer:
         self._main_grads[id(param)].add_(grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the FP32 gradients (the buffers stay: `set_to_none` only matches torch's signature)."""
         for bucket in self.buckets:
             bucket.grads.zero_()
 
     def reduce_gradients(self, pipeline: Pipeline | None = None) -> ReducedGradients:
         """Reduce-scatter the step's gradients into this rank's shards (step 2)."""
-        views = {name: view for bucket in self.buckets for name, view in bucket.grad_views().items()}
-        sum_partial_over_tp([views[r.name] for r in self.table if r.spec.grad_partial_over_tp], self.topo)
+        sum_partial_over_tp([self._main_grads[id(r.param)] for r in self.table if r.spec.grad_partial_over_tp],
+                            self.topo)
         for bucket in self.buckets:
             bucket.reduce_scatter_grads(1.0 / self.topo.layout.dp)
         shards = [bucket.grad_shard for bucket in self.buckets]
