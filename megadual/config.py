@@ -63,6 +63,9 @@ class ModelConfig:
     norm_epsilon: float = option(1e-6)
     rotary_base: float = option(10000.0)
     init_method_std: float = option(0.02)
+    hidden_dropout: float = option(0.0, "dropout on the embedding and each attention / MLP output before its "
+                                        "residual add (DeepSeek-V3: 0)")
+    attention_dropout: float = option(0.0, "dropout on the attention probabilities (DeepSeek-V3: 0)")
     num_experts: int = option(0, "routed experts per MoE layer; 0: dense", group=MOE)
     moe_ffn_hidden_size: int = option(64, group=MOE)
     moe_shared_expert_intermediate_size: int = option(0, group=MOE)
@@ -164,7 +167,6 @@ class TrainConfig:
     exit_interval: int = option(0, "stop (saving first, with --save) when the iteration is a multiple of this",
                                 group=CHECKPOINTS)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
-    no_load_rng: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
     tensorboard_dir: str | None = option(None)

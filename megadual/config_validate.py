@@ -39,6 +39,8 @@ def validate(c: RunConfig) -> None:
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --num-query-groups "
              f"({m.num_query_groups})")
+    for name in ("hidden_dropout", "attention_dropout"):
+        _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
     _validate_parallel_sizes(c.parallel)

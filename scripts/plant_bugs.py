@@ -40,19 +40,13 @@ MUTATIONS = [
         "grad-norm-tp-twice", "megadual/training/grads.py",
         "    if record.replicated_over_tp and topo.tp_rank:\n        return False\n",
         "",
-        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2]",),
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-GQA]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
-    Mutation(
-        "rng-not-restored", "megadual/training/checkpoint.py",
-        "        _set_rng_state(wanted[rng_key])\n",
-        "        pass\n",
-        ("tests/test_resume.py::test_resumed_losses_equal_uninterrupted",),
-        "loading a checkpoint does not restore the RNG states"),
     Mutation(
         "bias-update-skipped-on-rank-1", "megadual/training/step.py",
         "if update_bias and router.config.moe_router_enable_expert_bias:",
         "if update_bias and router.config.moe_router_enable_expert_bias and topo.rank != 1:",
-        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP2]",),
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP3]",),
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
@@ -62,10 +56,16 @@ MUTATIONS = [
         "the gradients of sequence-parallel parameters (norms, router) are not summed over TP"),
     Mutation(
         "dualpipe-mirror-grads-not-summed", "megadual/pipeline/driver.py",
-        "lambda flat: flat + self.from_mirror(flat)",
-        "lambda flat: (self.from_mirror(flat), flat)[1]",
+        "lambda flat: flat + self.from_mirror(flat))",
+        "lambda flat: flat + 0 * self.from_mirror(flat))",
         ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
         "DualPipe's two copies of a stage keep their own gradients instead of their sum"),
+    Mutation(
+        "dualpipe-mirror-router-stats", "megadual/training/step.py",
+        "            sums = sums + pipeline.from_mirror(sums)",
+        "            pipeline.from_mirror(sums)",
+        ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP4-dualpipe]",),
+        "DualPipe's mirrored copies move their expert biases by their own loads only"),
     Mutation(
         "router-ignores-node-limit", "megadual/moe/router.py",
         "indices = node_limited_topk(choice, c.moe_router_topk, self.num_nodes, c.moe_router_max_nodes)",
@@ -120,6 +120,30 @@ MUTATIONS = [
         "    if True:\n        grads.clip(norm, clip_grad)\n",
         ("tests/test_dist_optimizer.py::test_skipped_step_updates_nothing_masters_included",),
         "a step whose loss is not finite still updates the weights (with the distributed optimizer: the masters)"),
+    Mutation(
+        "dropout-sp-offset", "megadual/model/dropout.py",
+        "        offset = self.tp.rank * s if self.tp.sequence_parallel else 0",
+        "        offset = 0",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
+        "sequence-parallel ranks draw the mask of the sequence's start"),
+    Mutation(
+        "dropout-local-heads", "megadual/model/layers.py",
+        "        return self.dropout(probs, samples, self.tp.rank * self.heads).matmul(v)",
+        "        return self.dropout(probs, samples, 0).matmul(v)",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
+        "the attention-dropout mask is keyed by the local head index"),
+    Mutation(
+        "dropout-global-rng", "megadual/model/dropout.py",
+        "        keep = uniform(self.key, samples, counters) >= self.p",
+        "        keep = torch.rand(torch.broadcast_shapes(samples.shape, counters.shape), device=x.device) >= self.p",
+        ("tests/test_resume.py::test_resumed_losses_equal_uninterrupted",),
+        "dropout masks drawn from the stateful global RNG: a resumed run no longer equals an uninterrupted one"),
+    Mutation(
+        "wgrad-always-defer", "megadual/parallel/linear.py",
+        "    if store is None or not store.deferring:",
+        "    if store is None:",
+        ("tests/test_wgrad.py::test_deferrable_forward_whose_backward_is_not_split_computes_weight_grad_at_once",),
+        "a deferrable forward's unsplit backward tries to defer its weight gradient"),
 ]
 
 
@@ -206,10 +230,18 @@ def select(ids: list[str]) -> list[Mutation]:
     return [by_id[i] for i in ids] if ids else MUTATIONS
 
 
+def markdown_table(mutations: list[Mutation]) -> str:
+    rows = ["| id | the bug | the tests that must fail |", "|---|---|---|"]
+    rows += [f"| `{m.id}` | {m.description} | " + "<br>".join(f"`{t.removeprefix('tests/')}`" for t in m.tests) + " |"
+             for m in mutations]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ids", nargs="*", help="mutations to plant (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--markdown", action="store_true", help="print docs/testing.md's table and exit")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each test run may take")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output of each")
     args = parser.parse_args(argv)
@@ -217,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in mutations:
             print(f"{m.id:<34} {m.file:<34} {m.description}")
+        return 0
+    if args.markdown:
+        print(markdown_table(mutations))
         return 0
     verdicts = [report(m, args.timeout, args.verbose) for m in mutations]
     return 0 if all(v == "CAUGHT" for v in verdicts) else 1

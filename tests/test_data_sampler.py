@@ -46,6 +46,15 @@ def test_batch_shapes_and_labels():
     assert torch.equal(batch["labels"], batch["tokens"] + 1)
 
 
+def test_batches_carry_their_global_sample_ids_and_ranks_that_read_nothing_get_only_those():
+    read = build_loader(IndexDataset(), 12, 2, 1, 2)
+    ids_only = build_loader(IndexDataset(), 12, 2, 1, 2, read=False)
+    for _ in range(3):
+        batch, ids = next(read), next(ids_only)
+        assert batch["sample_ids"].tolist() == batch["tokens"][:, 0].tolist()
+        assert ids.keys() == {"sample_ids"} and torch.equal(ids["sample_ids"], batch["sample_ids"])
+
+
 @pytest.mark.parametrize("args", [(50, 51, 1, 0, 1), (50, 0, 0, 0, 1), (50, 0, 1, 2, 2), (0, 0, 1, 0, 1)])
 def test_bad_arguments_rejected(args):
     with pytest.raises(ValueError):

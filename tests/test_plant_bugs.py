@@ -63,3 +63,11 @@ def test_reports_caught_and_missed(tiny_repo):
     assert [v for v, _ in plant_bugs.check(caught, tiny_repo, timeout=60)] == ["CAUGHT"]
     assert [v for v, _ in plant_bugs.check(missed, tiny_repo, timeout=60)] == ["MISSED"]
     assert (tiny_repo / "pkg.py").read_text() == "ANSWER = 42  # the answer\n"  # planted in a copy only
+
+
+def test_docs_table_lists_every_mutation():
+    doc = (REPO / "docs" / "testing.md").read_text()
+    start, end = doc.index("<!-- mutations:begin"), doc.index("<!-- mutations:end -->")
+    table = doc[doc.index("\n", start) + 1:end].strip()
+    assert table == plant_bugs.markdown_table(plant_bugs.MUTATIONS), \
+        "docs/testing.md's table is stale: python scripts/plant_bugs.py --markdown"

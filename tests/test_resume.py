@@ -3,6 +3,8 @@ import json
 import os
 
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
 from megadual.config import parse_args
 from megadual.training.checkpoint import CheckpointError, iteration_dir
@@ -15,14 +17,34 @@ def run(args):
         return pretrain(parse_args(TINY_MOE + args), device, log=lambda line: None)
 
 
+DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+
+
 def test_resumed_losses_equal_uninterrupted(tmp_path):
-    straight = run(["--train-iters", "6"]).losses
-    first = run(["--train-iters", "6", "--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3"])
+    """With dropout: its masks follow the samples, so the resumed steps drop what the straight run did."""
+    straight = run(DROPOUT + ["--train-iters", "6"]).losses
+    first = run(DROPOUT + ["--train-iters", "6", "--save", str(tmp_path), "--save-interval", "3",
+                           "--exit-interval", "3"])
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
-    resumed = run(["--train-iters", "6", "--load", str(tmp_path), "--save", str(tmp_path)])
+    resumed = run(DROPOUT + ["--train-iters", "6", "--load", str(tmp_path), "--save", str(tmp_path)])
     assert first.losses == straight[:3]
     assert resumed.losses == straight[3:]  # bit-for-bit on CPU
     assert resumed.final_state.consumed_samples == 6 * 8
+
+
+def test_checkpoint_with_rng_states_of_older_versions_loads(tmp_path):
+    """Older checkpoints also hold each rank's RNG state (`rng_rank<r>`); it is not read."""
+    run(["--train-iters", "2", "--save", str(tmp_path)])
+    path = tmp_path / "iter_0000002"
+    state = tmp_path / "state.pt"
+    dcp_to_torch_save(path, state)
+    with_rng = {**torch.load(state, weights_only=False), "rng_rank0": {"torch": torch.get_rng_state()}}
+    torch.save(with_rng, state)
+    for shard in [*path.glob("*.distcp"), path / ".metadata"]:
+        shard.unlink()
+    torch_save_to_dcp(state, path)
+    resumed = run(["--train-iters", "3", "--load", str(tmp_path)])
+    assert resumed.losses == run(["--train-iters", "3"]).losses[2:]
 
 
 def test_tracker_only_moves_after_complete_save(tmp_path):

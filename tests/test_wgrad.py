@@ -53,11 +53,15 @@ def test_gemm_runs_in_the_input_dtype_outside_autocast():
         assert w.grad.dtype == torch.bfloat16
 
 
-def test_store_not_deferring_runs_weight_grad_immediately():
-    w = torch.nn.Parameter(torch.randn(4, 8))
+def test_deferrable_forward_whose_backward_is_not_split_computes_weight_grad_at_once():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 8), torch.nn.Parameter(torch.randn(4, 8))
     store = WeightGradStore()
-    linear(torch.randn(2, 8), w, store).sum().backward()
-    assert w.grad is not None and len(store) == 0
+    with store.deferrable_forward():
+        y = linear(x, w, store)
+    y.square().sum().backward()
+    assert len(store) == 0
+    assert torch.allclose(w.grad, 2 * (x @ w.T).T @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_outside_deferrable_forward_is_not_deferred():

@@ -53,9 +53,24 @@ class PretrainingSampler(Sampler[list[int]]):
             yield list(range(start, start + self.micro_batch_size))
 
 
+class _WithSampleIds(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "sample_ids": i}
+
+
 def build_loader(
-    dataset: Dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    dataset: Dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, read: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Iterator of {"tokens": [mbs, seq], "labels": [mbs, seq]} for this DP rank."""
+    """Iterator of {"tokens": [mbs, seq], "labels": [mbs, seq], "sample_ids": [mbs]} for this DP rank:
+    the sample ids are the samples' global indices (which key the dropout masks). With
+    `read=False` (a pipeline rank holding no first or last stage) only the sample ids."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=0))
+    if not read:
+        return ({"sample_ids": torch.tensor(ids)} for ids in sampler)
+    return iter(DataLoader(_WithSampleIds(dataset), batch_sampler=sampler, num_workers=0))

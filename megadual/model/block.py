@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megadual.config import ModelConfig
+from megadual.model.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, HiddenDropout
 from megadual.model.layers import Attention, RMSNorm
 from megadual.moe.layer import MoELayer, MoEState
 from megadual.parallel.context import ONE_PROCESS, BuildContext
@@ -21,17 +22,20 @@ from megadual.parallel.mlp import SwiGLUMLP
 @dataclass
 class LayerState:
     residual: torch.Tensor
+    samples: torch.Tensor | None  # the micro-batch's global sample indices, for dropout
     mlp_input: torch.Tensor | None = None
     moe: MoEState | None = None
     mlp_output: torch.Tensor | None = None
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, ctx: BuildContext = ONE_PROCESS):
+    def __init__(self, config: ModelConfig, layer_index: int, ctx: BuildContext = ONE_PROCESS, seed: int = 0):
         super().__init__()
         sp = ctx.tp.sequence_parallel
         self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
-        self.attention = Attention(config, ctx.tp, ctx.gemm)
+        self.attention = Attention(config, ctx.tp, ctx.gemm, layer_index, seed)
+        self.attention_dropout = HiddenDropout(config.hidden_dropout, seed, ATTENTION_OUTPUT, layer_index, ctx.tp)
+        self.mlp_dropout = HiddenDropout(config.hidden_dropout, seed, MLP_OUTPUT, layer_index, ctx.tp)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
         self.is_moe = config.is_moe_layer(layer_index)
         if self.is_moe:
@@ -39,9 +43,10 @@ class TransformerLayer(torch.nn.Module):
         else:
             self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
 
-    def attention_step(self, hidden: torch.Tensor) -> LayerState:
-        residual = hidden + self.attention(self.input_norm(hidden))
-        state = LayerState(residual, mlp_input=self.pre_mlp_norm(residual))
+    def attention_step(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> LayerState:
+        attention = self.attention(self.input_norm(hidden), samples)
+        residual = hidden + self.attention_dropout(attention, samples)
+        state = LayerState(residual, samples, mlp_input=self.pre_mlp_norm(residual))
         if self.is_moe:
             state.moe = self.mlp.route(state.mlp_input)
         return state
@@ -60,8 +65,8 @@ class TransformerLayer(torch.nn.Module):
 
     def combine_step(self, state: LayerState) -> torch.Tensor:
         out = self.mlp.combine_wait(state.moe) if self.is_moe else state.mlp_output
-        return state.residual + out
+        return state.residual + self.mlp_dropout(out, state.samples)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        state = self.attention_step(hidden)
+    def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+        state = self.attention_step(hidden, samples)
         return self.combine_step(self.experts_step(self.dispatch_step(state)))

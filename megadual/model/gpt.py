@@ -14,6 +14,7 @@ import torch
 
 from megadual.config import ModelConfig
 from megadual.model.block import TransformerLayer
+from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
 from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
@@ -43,17 +44,20 @@ def full_model_stage(config: ModelConfig) -> StageSpec:
 
 
 class GPTChunk(torch.nn.Module):
-    """Layers [first, last) of the model; `copy` marks DualPipe's second copy of a stage."""
+    """Layers [first, last) of the model; `copy` marks DualPipe's second copy of a stage; `seed`
+    keys the dropout masks."""
 
-    def __init__(self, config: ModelConfig, stage: StageSpec, ctx: BuildContext = ONE_PROCESS, copy: bool = False):
+    def __init__(self, config: ModelConfig, stage: StageSpec, ctx: BuildContext = ONE_PROCESS, copy: bool = False,
+                 seed: int = 0):
         super().__init__()
         tp = ctx.tp
         self.config, self.stage, self.tp, self.copy = config, stage, tp, copy
         if stage.has_embedding:
             self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp,
                                                     config.init_method_std)
+            self.embedding_dropout = HiddenDropout(config.hidden_dropout, seed, EMBEDDING, 0, tp)
         self.layers = torch.nn.ModuleDict({
-            str(i): TransformerLayer(config, i, ctx) for i in range(stage.first_layer, stage.last_layer)})
+            str(i): TransformerLayer(config, i, ctx, seed) for i in range(stage.first_layer, stage.last_layer)})
         if stage.has_head:
             self.final_norm = RMSNorm(config.hidden_size, config.norm_epsilon, tp.sequence_parallel)
             # The head stays in full precision (as in DeepSeek-V3), whatever `gemm` is.
@@ -70,17 +74,18 @@ class GPTChunk(torch.nn.Module):
         logits = self.output_layer(hidden)
         return vocab_parallel_cross_entropy(logits, labels.t(), self.tp).mean()
 
-    def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None
-                      ) -> Generator[None, None, torch.Tensor]:
+    def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                      samples: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
         """The forward as a generator that pauses while each expert all-to-all is in flight.
+        `samples` are the micro-batch's global sample indices (the dropout masks' key).
 
         Its return value (StopIteration.value) is what `forward` returns. A schedule can
         resume it from elsewhere - `pipeline/overlap.py` does so inside another
         micro-batch's backward - to fill the all-to-all's time with other compute.
         """
-        hidden = self.embed(inputs) if self.stage.has_embedding else inputs
+        hidden = self.embedding_dropout(self.embed(inputs), samples) if self.stage.has_embedding else inputs
         for layer in self.layers.values():
-            state = layer.dispatch_step(layer.attention_step(hidden))
+            state = layer.dispatch_step(layer.attention_step(hidden, samples))
             if layer.is_moe:
                 yield  # dispatch in flight
             state = layer.experts_step(state)
@@ -89,8 +94,9 @@ class GPTChunk(torch.nn.Module):
             hidden = layer.combine_step(state)
         return self.loss(hidden, labels) if self.stage.has_head else hidden
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        steps = self.forward_steps(inputs, labels)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                samples: torch.Tensor | None = None) -> torch.Tensor:
+        steps = self.forward_steps(inputs, labels, samples)
         while True:
             try:
                 next(steps)
@@ -112,6 +118,6 @@ class GPTChunk(torch.nn.Module):
 
 def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, ctx: BuildContext = ONE_PROCESS,
                 copy: bool = False) -> GPTChunk:
-    chunk = GPTChunk(config, stage, ctx, copy)
+    chunk = GPTChunk(config, stage, ctx, copy, seed)
     initialize_parameters(chunk.param_table(), seed)
     return chunk

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megadual.config import ModelConfig
+from megadual.model.dropout import ATTENTION_PROBS, AttentionDropout
 from megadual.parallel.linear import linear
 from megadual.parallel.mlp import output_std
 from megadual.parallel.params import ParamSpec
@@ -48,7 +49,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(torch.nn.Module):
     """Causal multi-head / grouped-query self-attention with rotary embeddings."""
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel, gemm: Callable = linear):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, gemm: Callable = linear, layer_index: int = 0,
+                 seed: int = 0):
         super().__init__()
         if config.num_query_groups % tp.size:
             raise ValueError(f"--num-query-groups ({config.num_query_groups}) not divisible by TP {tp.size}")
@@ -61,8 +63,10 @@ class Attention(torch.nn.Module):
         self.v = ShardedLinear(config.hidden_size, config.num_query_groups * hd, tp, 0, std, gemm)
         self.proj = ShardedLinear(config.num_attention_heads * hd, config.hidden_size, tp, 1,
                                   output_std(config), gemm)
+        self.dropout = AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, layer_index)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+        """`samples`: the micro-batch's global sample indices, for attention dropout."""
         x = enter_tp_region(x, self.tp)
         s, b, _ = x.shape
         hd = self.config.head_dim
@@ -72,6 +76,20 @@ class Attention(torch.nn.Module):
         cos, sin = rotary_tables(s, hd, self.config.rotary_base, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
+        if self.dropout.active:
+            out = self._attention_with_dropout(q, k, v, samples)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * hd)
         return leave_tp_region(self.proj(out), self.tp)
+
+    def _attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                samples: torch.Tensor | None) -> torch.Tensor:
+        """SDPA's own dropout draws from the global generator, whose state depends on the layout:
+        the probabilities are formed here and dropped with the layout-free mask."""
+        k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
+        scores = q.matmul(k.transpose(-2, -1)).float() * self.config.head_dim ** -0.5
+        s = scores.shape[-1]
+        future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+        return self.dropout(probs, samples, self.tp.rank * self.heads).matmul(v)

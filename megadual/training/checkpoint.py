@@ -3,21 +3,22 @@
 SAVE/iter_0000100/      DCP shards (.distcp) + .metadata, and megadual_meta.json
 SAVE/latest_checkpointed_iteration.txt
 
-Every rank writes its own shards (model, optimizer, its RNG state). Tensors are keyed
+Every rank writes its own shards (model, optimizer). Tensors are keyed
 by global parameter name (experts by global expert index), and tensor-parallel shards
 are saved as DTensors, pieces of the whole tensor, so a checkpoint loads under any
 TP/EP/PP/DP layout. The tracker file is replaced only after every rank has finished
-the folder, so a run killed mid-save resumes from the previous checkpoint.
+the folder, so a run killed mid-save resumes from the previous checkpoint. No RNG state is
+saved: dropout masks are a pure function of (seed, sample, position) (model/dropout.py) and
+nothing else draws random numbers after start-up; the `rng_rank*` entries of older
+checkpoints are simply not read (DCP loads only the keys asked for).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -52,16 +53,6 @@ class TrainState:
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 # Optimizer state flattened to one key per (parameter, state): a layout-independent key set.
@@ -115,7 +106,7 @@ def save_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimiz
     path = iteration_dir(root, state.iteration)
     model_sd, optim_sd = _state_dicts(model, optimizer)
     _as_whole_tensors(model, model_sd, optim_sd)
-    dcp.save({"model": model_sd, "optimizer": optim_sd, f"rng_rank{rank}": _rng_state()}, checkpoint_id=path)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
     if rank == 0:
         meta = {"train_state": dataclasses.asdict(state), "config": dataclasses.asdict(config),
                 "world_size": dist.get_world_size()}
@@ -174,21 +165,14 @@ def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimiz
                               + "\n  ".join(differences))
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
-    # RNG states are per rank: they only mean something for the same number of ranks.
-    load_rng = not (t.no_load_rng or t.finetune) and meta.get("world_size") == dist.get_world_size()
     model_sd, optim_sd = _state_dicts(model, optimizer)
     _as_whole_tensors(model, model_sd, optim_sd)
     wanted = {"model": model_sd}
     if load_optim:
         wanted["optimizer"] = optim_sd
-    rng_key = f"rng_rank{dist.get_rank()}"
-    if load_rng:
-        wanted[rng_key] = _rng_state()
     dcp.load(wanted, checkpoint_id=path)
     _restore(model, optimizer, _as_local_tensors(wanted["model"]),
              _as_local_tensors(wanted["optimizer"]) if load_optim else None)
-    if load_rng:
-        _set_rng_state(wanted[rng_key])
     if t.finetune:
         return TrainState()
     return TrainState(**meta["train_state"])

@@ -93,7 +93,12 @@ class DistributedOptimizer:
             pipeline.sum_with_mirror(shards)
         counted = [bucket.grad_shard[p.start:p.end] for bucket in self.buckets for record, p in bucket.pieces
                    if counted_in_norm(record, self.topo, sharded_over_dp=True)]
-        return ReducedGradients(shards, counted)
+        return ReducedGradients(shards, counted, self._whole_gradients)
+
+    def _whole_gradients(self) -> dict[str, torch.Tensor]:
+        """Every parameter's reduced gradient, its shards gathered from the group."""
+        return {name: grad for bucket in self.buckets for name, grad in
+                bucket.views(bucket.gather(bucket.grad_shard)).items()}
 
     @torch.no_grad()
     def step(self) -> None:

@@ -11,6 +11,7 @@ reduce-scatters instead of all-reducing; both hand the norm and clipping a `Redu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,12 @@ def sum_partial_over_tp(grads: list[torch.Tensor], topo: Topology) -> None:
 @dataclass
 class ReducedGradients:
     """The gradient a rank holds after the reduction: `tensors` all of it (what clipping scales),
-    `counted` the distinct pieces this rank adds to the global norm."""
+    `counted` the distinct pieces this rank adds to the global norm; `whole()` each of the rank's
+    parameters' reduced gradient by global name, whole even where the rank holds a shard (for
+    checks: under the distributed optimizer it gathers, so every rank must call it)."""
     tensors: list[torch.Tensor]
     counted: list[torch.Tensor]
+    whole: Callable[[], dict[str, torch.Tensor]]
 
     def norm(self) -> float:
         """L2 norm of the full model's gradient, each distinct piece counted once over all ranks."""
@@ -75,7 +79,8 @@ def reduce_gradients(table: ParamTable, topo: Topology) -> ReducedGradients:
     _all_reduce_coalesced([r.param.grad for r in table if not r.spec.expert], topo.group("dp"), 1.0 / dp)
     _all_reduce_coalesced([r.param.grad for r in table if r.spec.expert], topo.group("edp"), 1.0 / dp)
     return ReducedGradients([r.param.grad for r in table],
-                            [r.param.grad for r in table if counted_in_norm(r, topo, sharded_over_dp=False)])
+                            [r.param.grad for r in table if counted_in_norm(r, topo, sharded_over_dp=False)],
+                            lambda: {r.name: r.param.grad for r in table})
 
 
 def counted_in_norm(record: ParamRecord, topo: Topology, sharded_over_dp: bool) -> bool:

@@ -24,7 +24,7 @@ from megadual.training.dist_optimizer import DistributedOptimizer
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
-from megadual.training.step import autocast_context, train_step
+from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,10 +33,17 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run did, for callers and tests: the loss and gradient norm of every iteration it trained."""
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
+    """What a run did, for callers and tests: every step it trained, every validation loss, and
+    the model, optimizer and state it ended with."""
+    steps: list[StepResult] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
+    model: StageModel | None = None
+    optimizer: torch.optim.Optimizer | DistributedOptimizer | None = None
     final_state: TrainState | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [step.lm_loss for step in self.steps]
 
 
 def build_topology(config: RunConfig) -> Topology:
@@ -109,24 +116,22 @@ def samples_needed(config: RunConfig) -> tuple[int, int, int]:
             t.eval_iters * t.global_batch_size)
 
 
-def next_batches(loader, count: int, pipeline: Pipeline | None = None) -> list[dict | None]:
-    """`count` micro-batches; under PP, ranks holding no first or last stage read nothing."""
-    if pipeline is not None and not pipeline.reads_data:
-        return [None] * count
+def next_batches(loader, count: int) -> list[dict]:
     return [next(loader) for _ in range(count)]
 
 
 @torch.no_grad()
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
              pipeline: Pipeline | None = None) -> float:
-    total = torch.zeros((), dtype=torch.float64)
     if pipeline is not None:
-        for _ in range(iters):
-            total += pipeline.evaluate(next_batches(loader, count, pipeline)).double().cpu() * count
+        mean_loss = pipeline.evaluate
     else:
-        for batch in next_batches(loader, count * iters):
-            with autocast_context(device, bf16):
-                total += model.chunks[0](batch["tokens"].to(device), batch["labels"].to(device)).double().cpu()
+        mean_loss = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
+    total = torch.zeros((), dtype=torch.float64)
+    model.eval()  # no dropout
+    for _ in range(iters):
+        total += mean_loss(next_batches(loader, count)).double().cpu() * count
+    model.train()
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
@@ -135,8 +140,9 @@ def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, 
 
 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
-    """Train as `config` says. `grad_hook(model)`, if given, sees the reduced gradients of every
-    step before clipping (tests compare them across layouts)."""
+    """Train as `config` says. `grad_hook(model, gradients)`, if given, is called every step after
+    the gradients' reduction, before clipping: `gradients()` gives each of the rank's parameters'
+    reduced gradient by global name (every rank must call it; tests compare them across layouts)."""
     config = resolve_device_defaults(config, device.type)
     validate_world(config, dist.get_world_size(), local_world_size())
     topo = build_topology(config)
@@ -157,7 +163,9 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and dist.get_rank() == 0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
-    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp)
+    reads = pipeline is None or pipeline.reads_data  # other pipeline ranks take only the sample ids
+    loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp,
+                                               reads)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
     writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
@@ -166,14 +174,13 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
-        batches = next_batches(train_loader, n_micro, pipeline)
+        batches = next_batches(train_loader, n_micro)
         step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
                           device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
-        result.losses.append(step.lm_loss)
-        result.grad_norms.append(step.grad_norm)
+        result.steps.append(step)
         consecutive_bad = consecutive_bad + 1 if step.skipped else 0
         state.skipped_iterations += int(step.skipped)
         if consecutive_bad >= t.max_consecutive_skipped_iters:
@@ -192,6 +199,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
             loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
+            result.validation_losses.append(loss)
             if dist.get_rank() == 0:
                 log(format_validation(state.iteration, loss))
                 writer.scalars(state.iteration, {"validation lm loss": loss})
@@ -202,7 +210,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             break
     if t.save and not saved:
         save_checkpoint(t.save, model, optimizer, state, config)
-    result.final_state = state
+    result.model, result.optimizer, result.final_state = model, optimizer, state
     return result
 
 

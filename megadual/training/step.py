@@ -42,14 +42,17 @@ def autocast_context(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool) -> torch.Tensor:
+def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device, bf16: bool,
+                     backward: bool = True) -> torch.Tensor:
     """Gradient accumulation over micro-batches through the whole model (one chunk); returns the
-    mean lm loss (this rank)."""
+    mean lm loss (this rank), summed in the order the pipeline runtime sums it. Without
+    `backward`: evaluation."""
     total = torch.zeros((), device=device)
     for batch in batches:
         with autocast_context(device, bf16):
-            loss = model(batch["tokens"].to(device), batch["labels"].to(device))
-        (loss / len(batches)).backward()
+            loss = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"))
+        if backward:
+            (loss / len(batches)).backward()
         total += loss.detach().float()
     return total / len(batches)
 
@@ -134,7 +137,7 @@ def train_step(model: StageModel, optimizer: torch.optim.Optimizer | Distributed
     lm_loss = mean_over_dp(loss, topo)
     grads = reduce_step_gradients(model, optimizer, topo, pipeline)
     if grad_hook is not None:
-        grad_hook(model)
+        grad_hook(model, grads.whole)
     norm = grads.norm()
     finite = math.isfinite(norm) and math.isfinite(lm_loss)
     routing = reduce_routing(model, topo, bias_rate, update_bias=finite, pipeline=pipeline)
