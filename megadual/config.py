@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field, replace
 
 from megadual.config_validate import (
+    ATTENTION_VARIANT_FLAGS,
+    EXIT_SIGNALS,
     SCHEDULES,
     ConfigError,
     flag_name,
     pipeline_stage_layers,
     validate,
+    validate_attention_flags_given,
     validate_parallel,
     validate_world,
 )
@@ -32,7 +36,7 @@ __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig
            "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
            "validate_parallel", "validate_world"]
 
-MOE, CHECKPOINTS = "mixture of experts", "checkpointing"
+MOE, MLA, CHECKPOINTS = "mixture of experts", "multi-latent attention", "checkpointing"
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
@@ -83,6 +87,29 @@ class ModelConfig:
         unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group")
     moe_router_num_groups: int = option(0, "node groups for node-limited routing; 0: the real nodes of the "
                                            "EP group, G > 0: G virtual nodes", group=MOE)
+    multi_latent_attention: bool = option(False, "DeepSeek's multi-head latent attention (MLA) instead of MHA/GQA",
+                                          group=MLA)
+    # The flags below are read only with --multi-latent-attention (the YaRN ones only with
+    # --rope-scaling-factor > 1): left out, they parse as None and take their default.
+    q_lora_rank: int = option(0, "query latent rank; 0: queries straight from the hidden state (Megatron's "
+                                 "None, as in DeepSeek-V2-Lite)", group=MLA, unset="{default}")
+    kv_lora_rank: int = option(32, "key/value latent rank", group=MLA, unset="{default}")
+    qk_head_dim: int = option(128, "query/key head dim without RoPE", group=MLA, unset="{default}")
+    qk_pos_emb_head_dim: int = option(64, "query/key RoPE head dim (one RoPE key per token, shared by the heads)",
+                                      group=MLA, unset="{default}")
+    v_head_dim: int = option(128, group=MLA, unset="{default}")
+    rope_scaling_factor: float = option(1.0, "YaRN: context extension factor; 1: plain RoPE",
+                                        aliases=("--rotary-scaling-factor",), group=MLA, unset="{default}")
+    original_max_position_embeddings: int = option(4096, "YaRN: the context length RoPE was trained for",
+                                                   group=MLA, unset="{default}")
+    beta_fast: float = option(32.0, "YaRN: channels turning more often than this over the original context "
+                                    "keep their frequency", group=MLA, unset="{default}")
+    beta_slow: float = option(1.0, "YaRN: channels turning less often than this are interpolated fully",
+                              group=MLA, unset="{default}")
+    mscale: float = option(1.0, "YaRN: the RoPE magnitude is mscale(factor, this) / mscale(factor, "
+                                "--mscale-all-dim)", group=MLA, unset="{default}")
+    mscale_all_dim: float = option(0.0, "YaRN: the softmax scale is multiplied by mscale(factor, this)^2",
+                                   group=MLA, unset="{default}")
 
     @property
     def head_dim(self) -> int:
@@ -166,10 +193,18 @@ class TrainConfig:
     save_interval: int = option(0, group=CHECKPOINTS)
     exit_interval: int = option(0, "stop (saving first, with --save) when the iteration is a multiple of this",
                                 group=CHECKPOINTS)
+    exit_signal_handler: bool = option(False, "on --exit-signal every rank finishes the iteration, the run saves "
+                                              "(with --save) and exits 0", group=CHECKPOINTS)
+    exit_signal: str = option("SIGTERM", "the signal --exit-signal-handler catches", choices=EXIT_SIGNALS,
+                              group=CHECKPOINTS)
+    exit_duration_in_mins: float | None = option(None, "save (with --save) and exit 0 once this many minutes of "
+                                                       "the run have passed", group=CHECKPOINTS)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
     tensorboard_dir: str | None = option(None)
+    distributed_timeout_minutes: float = option(10.0, "a collective that waits longer (a rank stopped, hung or "
+                                                      "lost) ends the run with an error")
 
 
 @dataclass(frozen=True)
@@ -196,6 +231,8 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a DeepSeek-V3-style MoE transformer.",
                                      allow_abbrev=False)
+    # argparse before Python 3.14 reads `--lr -1e-3` as two flags; values like -1e-3 are numbers
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     groups = {}
     for section, cls in sections():
         hints = typing.get_type_hints(cls)
@@ -253,8 +290,8 @@ def _section_as_parsed(cls: type, flags: dict):
 def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) -> RunConfig:
     """Fill the values other flags decide, on a config as parsed (None: the flag was left out):
     the dense FFN size, the query groups (one per head without --group-query-attention),
-    --moe-router-max-nodes and whether it was given, and the vocabulary (the tokenizer's, and
-    the model's padded one)."""
+    --moe-router-max-nodes and whether it was given, the MLA and YaRN flags left out (those given
+    must be read), and the vocabulary (the tokenizer's, and the model's padded one)."""
     m, p, d = parsed.model, parsed.parallel, parsed.data
     data = replace(d, vocab_size=tokenizer_vocab_size or d.vocab_size)
     if data.vocab_size is None:
@@ -262,9 +299,11 @@ def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) 
     ffn = -(-m.hidden_size * 8 // 3 // 8) * 8 if m.ffn_hidden_size is None else m.ffn_hidden_size
     gqa = p.group_query_attention and m.num_query_groups is not None
     given = m.moe_router_max_nodes is not None
+    validate_attention_flags_given(m)
+    left_out = {name: getattr(ModelConfig, name) for name in ATTENTION_VARIANT_FLAGS if getattr(m, name) is None}
     model = replace(m, ffn_hidden_size=ffn, num_query_groups=m.num_query_groups if gqa else m.num_attention_heads,
                     moe_router_max_nodes=m.moe_router_max_nodes if given else ModelConfig.moe_router_max_nodes,
-                    vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size))
+                    vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size), **left_out)
     return replace(parsed, model=model, parallel=replace(p, moe_router_max_nodes_given=given), data=data)
 
 
@@ -303,8 +342,10 @@ def _markdown_flag(action: argparse.Action) -> str:
 
 
 def model_config_differences(saved: dict, current: ModelConfig) -> list[str]:
-    """Field-by-field differences between a checkpoint's model config and this run's."""
+    """Field-by-field differences between a checkpoint's model config and this run's. A field the
+    checkpoint predates counts as its default (what that checkpoint's model was)."""
     now = dataclasses.asdict(current)
+    saved = {**dataclasses.asdict(ModelConfig()), **saved}
     return [f"{flag_name(k)}: checkpoint has {saved.get(k)!r}, this run has {now.get(k)!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 

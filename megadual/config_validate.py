@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from megadual.data.data_args import parse_data_path, parse_split
+
 if TYPE_CHECKING:
-    from megadual.config import ModelConfig, ParallelConfig, RunConfig
+    from megadual.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 
 SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling_factor")
+YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
+EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
 class ConfigError(ValueError):
@@ -32,10 +38,13 @@ def validate(c: RunConfig) -> None:
     m, t, o, d = c.model, c.train, c.optim, c.data
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size"):
         _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
-    _require(m.hidden_size % m.num_attention_heads == 0,
-             f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
-             f"({m.num_attention_heads})")
-    _require(m.head_dim % 2 == 0, "--hidden-size / --num-attention-heads must be even for rotary embeddings")
+    if m.multi_latent_attention:
+        _validate_mla(m, c.parallel)
+    else:
+        _require(m.hidden_size % m.num_attention_heads == 0,
+                 f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
+                 f"({m.num_attention_heads})")
+        _require(m.head_dim % 2 == 0, "--hidden-size / --num-attention-heads must be even for rotary embeddings")
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --num-query-groups "
              f"({m.num_query_groups})")
@@ -50,9 +59,7 @@ def validate(c: RunConfig) -> None:
              f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
              f"({t.micro_batch_size})")
     _require(t.train_iters > 0, "--train-iters must be positive")
-    _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
-    _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,
-             f"--ddp-bucket-size must be positive, got {o.ddp_bucket_size}")
+    _validate_optimizer(o)
     _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
              "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
     _require(t.log_interval > 0, "--log-interval must be positive")
@@ -60,10 +67,71 @@ def validate(c: RunConfig) -> None:
     _require(t.save_interval >= 0, "--save-interval must be >= 0")
     _require(not (t.save_interval and not t.save), "--save-interval needs --save")
     _require(bool(d.data_path) != d.mock_data, "give exactly one of --data-path and --mock-data")
+    _validate_data(d, t)
+    _validate_stopping(t)
     if d.tokenizer_type == "HuggingFaceTokenizer":
         _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
     _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
              "--moe-fp8-dispatch needs --fp8-format e4m3")
+
+
+def validate_attention_flags_given(parsed: ModelConfig) -> None:
+    """MLA's flags do nothing without --multi-latent-attention, and YaRN's without
+    --rope-scaling-factor above 1: given there, they are refused rather than ignored.
+    `parsed` is the model section as parsed, where None marks a flag left out."""
+    for name in ATTENTION_VARIANT_FLAGS:
+        _require(getattr(parsed, name) is None or parsed.multi_latent_attention,
+                 f"{flag_name(name)} needs --multi-latent-attention")
+    yarn = (parsed.rope_scaling_factor or 1.0) > 1.0
+    for name in YARN_FLAGS:
+        _require(getattr(parsed, name) is None or yarn, f"{flag_name(name)} needs --rope-scaling-factor above 1")
+
+
+def _validate_mla(m: ModelConfig, p: ParallelConfig) -> None:
+    _require(not p.group_query_attention, "--group-query-attention does not apply with --multi-latent-attention "
+                                          "(each head has its own keys and values, all from one latent)")
+    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
+    _require(m.q_lora_rank >= 0, f"--q-lora-rank must be >= 0 (0: no query compression), got {m.q_lora_rank}")
+    _require(m.qk_pos_emb_head_dim % 2 == 0,
+             f"--qk-pos-emb-head-dim ({m.qk_pos_emb_head_dim}) must be even for rotary embeddings")
+    _require(m.rope_scaling_factor >= 1.0, f"--rope-scaling-factor must be >= 1, got {m.rope_scaling_factor}")
+    if m.rope_scaling_factor > 1.0:
+        _require(m.original_max_position_embeddings > 0, "--original-max-position-embeddings must be positive")
+        _require(m.beta_fast > m.beta_slow > 0, f"--beta-fast ({m.beta_fast}) must exceed --beta-slow "
+                                                f"({m.beta_slow}), which must be positive")
+
+
+def _validate_optimizer(o: OptimConfig) -> None:
+    _require(o.lr >= 0, f"--lr must be >= 0, got {o.lr}")
+    _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
+    for name in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(o, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(o, name)}")
+    _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
+    _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _require(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+    _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,
+             f"--ddp-bucket-size must be positive, got {o.ddp_bucket_size}")
+
+
+def _validate_data(d: DataConfig, t: TrainConfig) -> None:
+    """--split and --data-path weights, and a validation split for --eval-interval."""
+    try:
+        shares = parse_split(d.split)
+        if d.data_path:
+            parse_data_path(list(d.data_path))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(not (t.eval_interval and t.eval_iters) or shares[1] > 0,
+             f"--eval-interval {t.eval_interval} asks for evaluation but --split {d.split} gives the validation "
+             "split no share; give it one, or set --eval-interval 0")
+
+
+def _validate_stopping(t: TrainConfig) -> None:
+    _require(t.exit_duration_in_mins is None or t.exit_duration_in_mins > 0,
+             f"--exit-duration-in-mins must be positive, got {t.exit_duration_in_mins}")
+    _require(t.distributed_timeout_minutes > 0,
+             f"--distributed-timeout-minutes must be positive, got {t.distributed_timeout_minutes}")
 
 
 def _validate_parallel_sizes(p: ParallelConfig) -> None:

@@ -44,9 +44,11 @@ class Run:
 
 
 def model_args(steps: int, hidden: int, layers: int, seq_length: int, data_prefix: str | None = None,
-               tokenizer: str | None = None, seed: int = 1234) -> list[str]:
+               tokenizer: str | None = None, seed: int = 1234, mla: bool = False) -> list[str]:
     """A dense first layer, then MoE layers of 8 routed experts (top-2) and one shared expert;
-    one micro-batch of 8 sequences a step; the validation loss (real data only) after the last step."""
+    one micro-batch of 8 sequences a step; the validation loss (real data only) after the last step.
+    `mla`: multi-head latent attention instead of MHA (query and key/value latents 3/4 and 1/2 of
+    the hidden size, head dims 1/4 of it plus 1/8 for RoPE)."""
     data = (["--mock-data", "--vocab-size", "512"] if data_prefix is None else
             ["--data-path", data_prefix, "--split", "98,2,0", "--eval-interval", str(steps), "--eval-iters", "16",
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer])
@@ -58,7 +60,13 @@ def model_args(steps: int, hidden: int, layers: int, seq_length: int, data_prefi
         "--micro-batch-size", "8", "--global-batch-size", "8", "--lr", "2e-3", "--min-lr", "2e-4",
         "--lr-warmup-iters", str(max(1, steps // 10)), "--train-iters", str(steps),
         "--log-interval", str(steps), "--seed", str(seed),
-    ]
+    ] + (mla_args(hidden) if mla else [])
+
+
+def mla_args(hidden: int) -> list[str]:
+    return ["--multi-latent-attention", "--q-lora-rank", str(hidden * 3 // 4), "--kv-lora-rank", str(hidden // 2),
+            "--qk-head-dim", str(hidden // 4), "--qk-pos-emb-head-dim", str(hidden // 8),
+            "--v-head-dim", str(hidden // 4)]
 
 
 def vocab_size(argv: list[str]) -> int | None:
@@ -136,6 +144,7 @@ def main() -> int:
     p.add_argument("--data-prefix", help="indexed dataset prefix (default: --mock-data)")
     p.add_argument("--tokenizer", help="HuggingFace tokenizer.json for --data-prefix")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--multi-latent-attention", action="store_true", help="MLA instead of MHA (see model_args)")
     p.add_argument("--noise-floor", action="store_true", help="also run the nudged FP32 control")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; 1 is as fast here and not slowed by busy cores")
@@ -144,8 +153,10 @@ def main() -> int:
         p.error("--data-prefix and --tokenizer go together")
     if a.threads:
         torch.set_num_threads(a.threads)
-    argv = model_args(a.steps, a.hidden_size, a.num_layers, a.seq_length, a.data_prefix, a.tokenizer, a.seed)
+    argv = model_args(a.steps, a.hidden_size, a.num_layers, a.seq_length, a.data_prefix, a.tokenizer, a.seed,
+                      a.multi_latent_attention)
     print(f"{a.steps} steps, hidden {a.hidden_size}, {a.num_layers} layers, seq {a.seq_length}, "
+          f"{'MLA' if a.multi_latent_attention else 'MHA'}, "
           f"data {a.data_prefix or 'mock'}, seed {a.seed}, {torch.get_num_threads()} threads", flush=True)
     modes = ("fp32", "fp8", "nudged") if a.noise_floor else ("fp32", "fp8")
     compare(argv, init_distributed(), a.window, modes, log=lambda line: print(line, flush=True))

@@ -1,7 +1,9 @@
 """Bad flags are rejected at start-up with a message naming the flag."""
+import dataclasses
+
 import pytest
 
-from megadual.config import ConfigError, parse_args, resolve_device_defaults
+from megadual.config import ConfigError, model_config_differences, parse_args, resolve_device_defaults
 from tests.helpers import TINY_MOE
 
 
@@ -26,6 +28,12 @@ def error_for(*extra: str) -> str:
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch"),
     (["--lr-warmup-iters", "500", "--train-iters", "10"], "--lr-warmup-iters"),
     (["--use-distributed-optimizer", "--ddp-bucket-size", "0"], "--ddp-bucket-size"),
+    (["--multi-latent-attention", "--group-query-attention"], "--group-query-attention"),
+    (["--multi-latent-attention", "--qk-pos-emb-head-dim", "7"], "--qk-pos-emb-head-dim"),
+    (["--multi-latent-attention", "--q-lora-rank", "-1"], "--q-lora-rank"),
+    (["--multi-latent-attention", "--v-head-dim", "0"], "--v-head-dim"),
+    (["--multi-latent-attention", "--rope-scaling-factor", "0.5"], "--rope-scaling-factor"),
+    (["--multi-latent-attention", "--rope-scaling-factor", "4", "--beta-fast", "1"], "--beta-fast"),
 ])
 def test_invalid_combination_names_flag(extra, flag):
     assert flag in error_for(*extra)
@@ -59,6 +67,24 @@ def test_derived_defaults():
     assert (c.model.num_query_groups, c.model.ffn_hidden_size) == (2, 96) and c.parallel.moe_router_max_nodes_given
 
 
+def test_mla_and_yarn_flags_are_refused_without_what_they_need():
+    assert error_for("--kv-lora-rank", "16") == "--kv-lora-rank needs --multi-latent-attention"
+    assert error_for("--q-lora-rank", "0") == "--q-lora-rank needs --multi-latent-attention"
+    assert error_for("--rotary-scaling-factor", "40") == "--rope-scaling-factor needs --multi-latent-attention"
+    assert error_for("--multi-latent-attention", "--mscale-all-dim", "1") == \
+        "--mscale-all-dim needs --rope-scaling-factor above 1"
+
+
+def test_mla_flags_left_out_take_their_defaults():
+    c = parse_args(TINY_MOE + ["--multi-latent-attention", "--hidden-size", "66", "--kv-lora-rank", "16"])
+    m = c.model  # the hidden size need not split into the heads: MLA's head dims are their own
+    assert (m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim) == (0, 16, 128, 64, 128)
+    assert (m.rope_scaling_factor, m.original_max_position_embeddings, m.mscale, m.mscale_all_dim) == (1, 4096, 1, 0)
+    c = parse_args(TINY_MOE + ["--multi-latent-attention", "--rope-scaling-factor", "40", "--mscale-all-dim", "1"])
+    assert (c.model.rope_scaling_factor, c.model.mscale_all_dim, c.model.beta_fast) == (40, 1, 32)
+    assert parse_args(TINY_MOE).model.kv_lora_rank == 32  # unread without MLA, but the same in every config
+
+
 def test_flags_keep_their_types_and_actions():
     c = parse_args(TINY_MOE + ["--norm-epsilon", "1e-5", "--no-pipeline-split-backward", "--sequence-parallel",
                                "--lr-decay-iters", "50", "--no-moe-router-enable-expert-bias"])
@@ -77,3 +103,12 @@ def test_bf16_default_depends_on_the_device(flags, device_type, bf16):
     resolved = resolve_device_defaults(config, device_type)
     assert resolved.train.bf16 is bf16
     assert resolve_device_defaults(resolved, "cpu" if device_type == "cuda" else "cuda") == resolved
+
+
+def test_a_checkpoint_predating_a_model_field_counts_it_at_its_default():
+    config = parse_args(TINY_MOE).model
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "multi_latent_attention"}
+    assert model_config_differences(saved, config) == []
+    mla = parse_args(TINY_MOE + ["--multi-latent-attention"]).model
+    assert model_config_differences(saved, mla) == [
+        "--multi-latent-attention: checkpoint has False, this run has True"]

@@ -34,9 +34,10 @@ def test_fp8_losses_track_fp32_but_are_not_identical():
 
 def test_fp8_final_loss_within_a_quarter_percent_of_fp32():
     """DeepSeek-V3's figure, on the CI-sized run of scripts/fp8_loss_gap.py: 100 steps of a
-    3-layer MoE (hidden 128, 8 routed experts + 1 shared, FFN 128) on mock data, loss
-    from ~6.3 to ~0.3; the final loss is the mean of the last 20 iterations."""
-    argv = model_args(steps=100, hidden=128, layers=3, seq_length=64)
+    3-layer MoE (hidden 128, 8 routed experts + 1 shared, FFN 128) with multi-head latent
+    attention on mock data, loss from ~6.3 to ~0.3; the final loss is the mean of the last 20
+    iterations. (MHA's FP8 path is the test above; its 100-step gap, +0.11%, is in docs/benchmarks.md.)"""
+    argv = model_args(steps=100, hidden=128, layers=3, seq_length=64, mla=True)
     with single_process_group() as device:
         fp32, fp8 = train(argv, "fp32", device), train(argv, "fp8", device)
     assert fp32.fp8_gemm_calls == 0 and fp8.fp8_gemm_calls > 0

@@ -21,6 +21,7 @@ def layout_error(world: int, tp: int = 1, pp: int = 1, ep: int = 1, ranks_per_no
     (6, 1, 1, 1, 4, [], "--moe-ranks-per-node"),  # world not divisible by the node size
     (12, 1, 1, 6, 4, [], "--expert-model-parallel-size"),  # EP slices cut across nodes
     (8, 8, 1, 1, 0, [], "--num-attention-heads"),
+    (8, 8, 1, 1, 0, ["--multi-latent-attention"], "--num-attention-heads"),  # MLA's heads split over TP too
     (2, 2, 1, 1, 0, ["--ffn-hidden-size", "171"], "--ffn-hidden-size"),
     (2, 2, 1, 1, 0, ["--moe-shared-expert-intermediate-size", "33"], "--moe-shared-expert-intermediate-size"),
     (2, 2, 1, 1, 0, ["--seq-length", "33"], "--seq-length"),

@@ -14,6 +14,7 @@ import torch
 from megadual.config import ModelConfig
 from megadual.model.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, HiddenDropout
 from megadual.model.layers import Attention, RMSNorm
+from megadual.model.mla import MultiLatentAttention
 from megadual.moe.layer import MoELayer, MoEState
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
@@ -33,7 +34,8 @@ class TransformerLayer(torch.nn.Module):
         super().__init__()
         sp = ctx.tp.sequence_parallel
         self.input_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
-        self.attention = Attention(config, ctx.tp, ctx.gemm, layer_index, seed)
+        attention = MultiLatentAttention if config.multi_latent_attention else Attention
+        self.attention = attention(config, ctx.tp, ctx.gemm, layer_index, seed)
         self.attention_dropout = HiddenDropout(config.hidden_dropout, seed, ATTENTION_OUTPUT, layer_index, ctx.tp)
         self.mlp_dropout = HiddenDropout(config.hidden_dropout, seed, MLP_OUTPUT, layer_index, ctx.tp)
         self.pre_mlp_norm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)

@@ -33,11 +33,18 @@ class RMSNorm(torch.nn.Module):
         return (normed * self.weight).to(x.dtype)
 
 
-def rotary_tables(seq_length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(seq_length, device=device, dtype=torch.float64), inv_freq)
+def rotary_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """RoPE's angle per position of each pair of channels, base^(-2i / head_dim), in float64."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def rotary_tables(seq_length: int, frequencies: torch.Tensor, device,
+                  magnitude: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [s, 1, 1, 2 x pairs] of every position's angles, times `magnitude` (YaRN's)."""
+    angles = torch.outer(torch.arange(seq_length, device=device, dtype=torch.float64), frequencies.to(device))
     angles = torch.cat([angles, angles], dim=-1)  # [s, head_dim]
-    return angles.cos().float()[:, None, None, :], angles.sin().float()[:, None, None, :]
+    return ((angles.cos() * magnitude).float()[:, None, None, :],
+            (angles.sin() * magnitude).float()[:, None, None, :])
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,23 +80,26 @@ class Attention(torch.nn.Module):
         q = self.q(x).view(s, b, self.heads, hd)
         k = self.k(x).view(s, b, self.groups, hd)
         v = self.v(x).view(s, b, self.groups, hd)
-        cos, sin = rotary_tables(s, hd, self.config.rotary_base, x.device)
+        cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base), x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
-        if self.dropout.active:
-            out = self._attention_with_dropout(q, k, v, samples)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
+        out = causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, self.tp.rank * self.heads)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * hd)
         return leave_tp_region(self.proj(out), self.tp)
 
-    def _attention_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                samples: torch.Tensor | None) -> torch.Tensor:
-        """SDPA's own dropout draws from the global generator, whose state depends on the layout:
-        the probabilities are formed here and dropped with the layout-free mask."""
-        k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
-        scores = q.matmul(k.transpose(-2, -1)).float() * self.config.head_dim ** -0.5
-        s = scores.shape[-1]
-        future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
-        probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
-        return self.dropout(probs, samples, self.tp.rank * self.heads).matmul(v)
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: AttentionDropout,
+                     samples: torch.Tensor | None, first_head: int) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v over [b, heads, s, dim]; k and v may have fewer heads (GQA).
+    `first_head` is the global index of this rank's first head (the dropout mask is keyed by it)."""
+    if not dropout.active:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    # SDPA's own dropout draws from the global generator, whose state depends on the layout: the
+    # probabilities are formed here and dropped with the layout-free mask.
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = q.matmul(k.transpose(-2, -1)).float() * scale
+    s = scores.shape[-1]
+    future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+    return dropout(probs, samples, first_head).matmul(v)

@@ -48,10 +48,11 @@ def leave_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return comm.reduce_from_tp_region(x, tp.group)
 
 
-def tp_spec(dim: int | None, tp: TensorParallel, init_std: float | None, expert: bool = False) -> ParamSpec:
+def tp_spec(dim: int | None, tp: TensorParallel, init_std: float | None, expert: bool = False,
+            grad_partial_over_tp: bool = False) -> ParamSpec:
     """The spec of a parameter split over `tp` along `dim` (None, or TP of one: whole)."""
     shard = TPShard(dim, tp.rank, tp.size, tp.group) if dim is not None and tp.size > 1 else None
-    return ParamSpec(init_std, shard, expert=expert)
+    return ParamSpec(init_std, shard, expert=expert, grad_partial_over_tp=grad_partial_over_tp)
 
 
 def local_shape(shape: list[int], spec: ParamSpec) -> list[int]:
@@ -66,14 +67,16 @@ class ShardedLinear(torch.nn.Module):
     """A bias-free linear whose weight [out, in] is split over TP along `shard_dim`.
 
     shard_dim 0 is Megatron's column-parallel linear, 1 its row-parallel linear;
-    `shard_dim=None` keeps the weight whole (replicated). `gemm` is the linear
-    function (full precision or FP8); `wgrad_store` is set by the pipeline runtime.
+    `shard_dim=None` keeps the weight whole (replicated; `grad_partial_over_tp` when each
+    TP rank applies it to its own tokens). `gemm` is the linear function (full precision
+    or FP8); `wgrad_store` is set by the pipeline runtime.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, shard_dim: int | None,
-                 init_std: float, gemm: Callable = linear, expert: bool = False):
+                 init_std: float, gemm: Callable = linear, expert: bool = False,
+                 grad_partial_over_tp: bool = False):
         super().__init__()
-        self.param_specs = {"weight": tp_spec(shard_dim, tp, init_std, expert)}
+        self.param_specs = {"weight": tp_spec(shard_dim, tp, init_std, expert, grad_partial_over_tp)}
         self.weight = torch.nn.Parameter(torch.empty(local_shape([out_features, in_features],
                                                                  self.param_specs["weight"])))
         self.gemm = gemm
