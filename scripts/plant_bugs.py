@@ -82,7 +82,7 @@ MUTATIONS = [
         "dist-opt-mirror-shards-not-summed", "megadual/training/dist_optimizer.py",
         "            pipeline.sum_with_mirror(shards)\n",
         "            pass\n",
-        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe]",),
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
         "with the distributed optimizer, DualPipe's mirrored ranks do not add their gradient shards"),
     Mutation(
         "dist-opt-norm-counts-dp-rank-0-only", "megadual/training/grads.py",
@@ -106,7 +106,7 @@ MUTATIONS = [
         "dist-opt-deferred-grads-bypass-buckets", "megadual/training/loop.py",
         "accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)",
         "accumulate_grad=add_to_grad if isinstance(optimizer, DistributedOptimizer)",
-        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe]",),
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
         "the pipeline's deferred (W-split) weight gradients go to param.grad, not the distributed optimizer's buckets"),
     Mutation(
         "dist-opt-grads-not-zeroed", "megadual/training/dist_optimizer.py",

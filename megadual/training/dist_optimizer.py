@@ -114,12 +114,12 @@ class DistributedOptimizer:
                  eps=decay["eps"], maximize=False)
             bucket.all_gather_params()
 
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: FP32 masters where they are not the model's own
-        weights, and the two moments; about 1/DP of the plain optimizer's."""
-        return sum(state.exp_avg.nbytes + state.exp_avg_sq.nbytes
-                   + (0 if bucket.master is bucket.param_shard else bucket.master.nbytes)
-                   for bucket, state in zip(self.buckets, self.states))
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The optimizer state this rank holds: each bucket's shard of Adam's moments and its step
+        count, and the FP32 masters where they are not the model's own weights (a BF16 model)."""
+        return [t for bucket, state in zip(self.buckets, self.states)
+                for t in (state.exp_avg, state.exp_avg_sq, state.step)
+                + (() if bucket.master is bucket.param_shard else (bucket.master,))]
 
     def state_dict_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(FP32 weights, optimizer state) in the plain optimizer's layout-free form: by global
@@ -163,8 +163,11 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | DistributedOptimizer) -> int:
-    """Bytes of optimizer state this rank holds (the memory report's figure): master weights kept
-    apart from the model's and Adam's moments."""
+    """Bytes of optimizer state this rank holds, summed over the optimizer's state tensors as they
+    are (the memory report's figure): Adam's moments and step counts, and master weights kept
+    apart from the model's. The distributed optimizer's fall as 1/DP."""
     if isinstance(optimizer, DistributedOptimizer):
-        return optimizer.state_bytes()
-    return sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+        tensors = optimizer.state_tensors()
+    else:
+        tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.nbytes for t in tensors)

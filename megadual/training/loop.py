@@ -21,7 +21,7 @@ from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from megadual.training.dist_optimizer import DistributedOptimizer
+from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
@@ -171,7 +171,7 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
     model.set_aux_loss_grad_scale(1.0 / n_micro)
     if isinstance(optimizer, DistributedOptimizer) and rank0:
         log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
-            f"{optimizer.state_bytes()} bytes")
+            f"{optimizer_state_bytes(optimizer)} bytes")
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and rank0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
