@@ -163,11 +163,12 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | DistributedOptimizer) -> int:
-    """Bytes of optimizer state this rank holds, summed over the optimizer's state tensors as they
-    are (the memory report's figure): Adam's moments and step counts, and master weights kept
-    apart from the model's. The distributed optimizer's fall as 1/DP."""
+    """Bytes of optimizer state this rank holds (the memory report's figure): the storages under
+    the optimizer's state tensors, each whole and once - Adam's moments and step counts, and
+    master weights kept apart from the model's. The distributed optimizer's fall as 1/DP."""
     if isinstance(optimizer, DistributedOptimizer):
         tensors = optimizer.state_tensors()
     else:
         tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum(t.nbytes for t in tensors)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
