@@ -115,6 +115,30 @@ MUTATIONS = [
         ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
         "the distributed optimizer's gradient buckets carry the previous steps' gradients"),
     Mutation(
+        "dist-opt-clip-misses-shards", "megadual/training/dist_optimizer.py",
+        "        return ReducedGradients(shards, counted, self._whole_gradients)",
+        "        return ReducedGradients([], counted, self._whole_gradients)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "clipping does not scale the distributed optimizer's gradient shards"),
+    Mutation(
+        "dist-opt-tp-partial-not-summed", "megadual/training/dist_optimizer.py",
+        "for r in self.table if r.spec.grad_partial_over_tp],",
+        "for r in self.table if False],",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[TP2xDP2-SP-MLA]",),
+        "with the distributed optimizer, gradients partial over TP (SP norms, MLA's latents) are not summed over TP"),
+    Mutation(
+        "dist-opt-load-drops-moments", "megadual/training/dist_optimizer.py",
+        "            if optim is not None:\n",
+        "            if False:\n",
+        ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
+        "the distributed optimizer loads a checkpoint's weights but not its Adam moments and step"),
+    Mutation(
+        "dist-opt-bf16-masters-whole", "megadual/training/buckets.py",
+        "else initial[shard].clone()",
+        "else initial.clone()[shard]",
+        ("tests/test_dist_optimizer.py::test_optimizer_state_falls_as_one_over_dp",),
+        "with BF16 weights each rank keeps the FP32 masters of the whole bucket (its shard a view of them)"),
+    Mutation(
         "skipped-step-still-updates", "megadual/training/step.py",
         "    if finite:\n        grads.clip(norm, clip_grad)\n",
         "    if True:\n        grads.clip(norm, clip_grad)\n",
