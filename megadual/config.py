@@ -127,6 +127,11 @@ class ParallelConfig:
     sequence_parallel: bool = option(False)
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
                                         "LOCAL_WORLD_SIZE")
+    moe_token_dispatcher_type: str = option(
+        "hierarchical", "hierarchical: each token crosses to each node once, then is forwarded inside the node "
+                        "(the same as alltoall on one node or with one EP rank per node); alltoall: one "
+                        "all-to-all over the EP group",
+        choices=("alltoall", "hierarchical"), group=MOE)
     pipeline_schedule: str = option("1f1b", choices=SCHEDULES)
     pipeline_split_backward: bool = option(True, "zero-bubble W split: backwards compute input gradients "
                                                  "first, weight gradients later where the schedule puts W actions")

@@ -321,6 +321,38 @@ MUTATIONS = [
         ':',
         ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
         'the requeued job trains from scratch instead of resuming from --save'),
+    Mutation(
+        "combine-keeps-one-row", "megadual/moe/dispatcher.py",
+        "return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)",
+        "return back.new_zeros(d.num_tokens, back.shape[-1]).index_copy(0, d.token_of_row, back)",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[EP4-on-2-nodes-M2]",),
+        "each hop's combine keeps one of a row's returned results instead of their sum (the "
+        "hierarchical path's in-node sum included; both paths then keep the same one, so only the "
+        "comparison with one process sees it)"),
+    Mutation(
+        "hierarchical-outputs-in-sorted-order", "megadual/moe/hierarchical.py",
+        "d.gates[order])[arrival]",
+        "d.gates[order])",
+        ("tests/test_dispatch_layouts.py::test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once",),
+        "hop 2's expert outputs go back in the flat path's order instead of the order the rows arrived in"),
+    Mutation(
+        "dispatch-rows-to-self-counted", "megadual/moe/dispatcher.py",
+        "if node == own and q != index)",
+        "if node == own)",
+        ("tests/test_dispatch.py::test_a_token_crosses_to_a_node_once_and_is_forwarded_inside_it",),
+        "the intra-node rows per token count the rows a rank sends to itself"),
+    Mutation(
+        "local-dispatch-skips-fp8-rounding", "megadual/moe/dispatcher.py",
+        "            tokens = _AsDispatched.apply(tokens, self.codec)",
+        "            pass",
+        ("tests/test_dispatch.py::test_without_expert_parallelism_the_layer_skips_the_exchange_and_computes_the_same",),
+        "without expert parallelism the experts see unrounded tokens under --moe-fp8-dispatch"),
+    Mutation(
+        "emulated-link-free", "megadual/parallel/emulate.py",
+        "        _sleep_until(self._record.deadline)",
+        "        pass",
+        ("tests/test_emulate.py::test_collectives_finish_no_earlier_than_modelled_and_compute_hides_them",),
+        "an emulated collective finishes when gloo does, not when its bytes could have crossed the link"),
 ]
 
 

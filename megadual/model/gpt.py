@@ -16,7 +16,7 @@ from megadual.config import ModelConfig
 from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
-from megadual.moe.layer import MoELayer
+from megadual.moe.layer import MoELayer, run_steps
 from megadual.moe.router import Router
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
@@ -85,23 +85,12 @@ class GPTChunk(torch.nn.Module):
         """
         hidden = self.embedding_dropout(self.embed(inputs), samples) if self.stage.has_embedding else inputs
         for layer in self.layers.values():
-            state = layer.dispatch_step(layer.attention_step(hidden, samples))
-            if layer.is_moe:
-                yield  # dispatch in flight
-            state = layer.experts_step(state)
-            if layer.is_moe:
-                yield  # combine in flight
-            hidden = layer.combine_step(state)
+            hidden = yield from layer.forward_steps(hidden, samples)
         return self.loss(hidden, labels) if self.stage.has_head else hidden
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
                 samples: torch.Tensor | None = None) -> torch.Tensor:
-        steps = self.forward_steps(inputs, labels, samples)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_steps(self.forward_steps(inputs, labels, samples))
 
     def param_table(self) -> ParamTable:
         return ParamTable.build(self, mirror=self.copy)

@@ -37,13 +37,16 @@ class Capture:
     """One run as rank 0 saw it. `logged`: every logged value per step (and validation loss per
     evaluation) by its log-line name; `replica_spread`: per name, the largest relative
     difference between two copies of one piece after the last step; `optimizer_state_bytes`:
-    what each rank's optimizer holds (dist_optimizer.optimizer_state_bytes)."""
+    what each rank's optimizer holds (dist_optimizer.optimizer_state_bytes); `traffic`: the
+    dispatch rows per token each step sent across and inside nodes (layout-dependent, so not
+    compared with one process)."""
     logged: dict[str, list[float]] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
     first_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
     replica_spread: dict[str, float] = field(default_factory=dict)
     optimizer_state_bytes: list[int] = field(default_factory=list)  # by rank
+    traffic: dict[str, list[float]] = field(default_factory=dict)
 
 
 def relative_difference(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
@@ -106,6 +109,11 @@ def _logged(result: RunResult) -> dict[str, list[float]]:
             "validation lm loss": result.validation_losses}
 
 
+def _traffic(result: RunResult) -> dict[str, list[float]]:
+    return {"moe inter-node rows per token": [s.routing.inter_node_rows_per_token for s in result.steps],
+            "moe intra-node rows per token": [s.routing.intra_node_rows_per_token for s in result.steps]}
+
+
 def capture_run(config: RunConfig, device: torch.device) -> Capture | None:
     """Train as `config` says (quietly) and return what rank 0 gathered; None on other ranks."""
     first_step: dict[str, list[Piece] | None] = {}
@@ -121,4 +129,5 @@ def capture_run(config: RunConfig, device: torch.device) -> Capture | None:
         return None
     values, spread = assemble(final)
     grads = assemble(first_step["grads"])[0]
-    return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, state_bytes)
+    return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, state_bytes,
+                   _traffic(result))

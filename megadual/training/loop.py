@@ -70,8 +70,10 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
 
 
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
+    hierarchical = config.parallel.moe_token_dispatcher_type == "hierarchical"
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch)
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch,
+                        ep_node_groups=topo.ep_node_groups() if hierarchical else None)
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:

@@ -28,6 +28,8 @@ class RoutingSummary:
     max_over_mean_load: float = 0.0
     nodes_per_token_mean: float = 0.0
     nodes_per_token_max: int = 0
+    inter_node_rows_per_token: float = 0.0  # dispatch rows sent to other nodes, per routed token
+    intra_node_rows_per_token: float = 0.0  # dispatch rows sent to other ranks of the node, per routed token
 
 
 @dataclass
@@ -73,10 +75,11 @@ def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: 
         return RoutingSummary()
     summary = RoutingSummary()
     group = topo.group("dp_tp")
-    node_sum = node_tokens = 0.0
+    node_sum = node_tokens = inter_rows = intra_rows = 0.0
     for router, copy in model.routers():
         stats = router.take_stats()
-        totals = [stats.aux_loss, stats.calls, stats.tokens, stats.node_count_sum]
+        totals = [stats.aux_loss, stats.calls, stats.tokens, stats.node_count_sum, stats.inter_node_rows,
+                  stats.intra_node_rows]
         sums = torch.cat([stats.tokens_per_expert, torch.tensor(totals, dtype=torch.float64)])
         node_max = torch.tensor(stats.node_count_max)
         if group is not None:
@@ -85,8 +88,8 @@ def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: 
         if pipeline is not None and pipeline.mirror is not None:
             sums = sums + pipeline.from_mirror(sums)
             node_max = torch.maximum(node_max, pipeline.from_mirror(node_max))
-        load = sums[:-4]
-        aux, calls, tokens, nodes = sums[-4:].tolist()
+        load = sums[:-len(totals)]
+        aux, calls, tokens, nodes, inter, intra = sums[-len(totals):].tolist()
         if update_bias and router.config.moe_router_enable_expert_bias:
             router.update_bias(load, rate)
         if copy:
@@ -95,22 +98,25 @@ def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: 
         summary.max_over_mean_load = max(summary.max_over_mean_load, float(load.max() / load.mean()))
         summary.nodes_per_token_max = max(summary.nodes_per_token_max, int(node_max))
         node_sum, node_tokens = node_sum + nodes, node_tokens + tokens
+        inter_rows, intra_rows = inter_rows + inter, intra_rows + intra
+    per_token = [node_sum, inter_rows, intra_rows]
     if topo.layout.pp > 1:
-        node_sum, node_tokens = _combine_over_pipeline(summary, node_sum, node_tokens, topo.group("pp"))
-    summary.nodes_per_token_mean = node_sum / max(1.0, node_tokens)
+        per_token, node_tokens = _combine_over_pipeline(summary, per_token, node_tokens, topo.group("pp"))
+    (summary.nodes_per_token_mean, summary.inter_node_rows_per_token,
+     summary.intra_node_rows_per_token) = (value / max(1.0, node_tokens) for value in per_token)
     return summary
 
 
-def _combine_over_pipeline(summary: RoutingSummary, node_sum: float, node_tokens: float,
-                           group) -> tuple[float, float]:
-    """Fold the other stages' routers into `summary`; returns the pipeline's node sums."""
-    sums = torch.tensor([summary.aux_loss, node_sum, node_tokens], dtype=torch.float64)
+def _combine_over_pipeline(summary: RoutingSummary, per_token: list[float], tokens: float,
+                           group) -> tuple[list[float], float]:
+    """Fold the other stages' routers into `summary`; returns the pipeline's per-token sums and tokens."""
+    sums = torch.tensor([summary.aux_loss, tokens, *per_token], dtype=torch.float64)
     maxes = torch.tensor([summary.max_over_mean_load, summary.nodes_per_token_max], dtype=torch.float64)
     dist.all_reduce(sums, group=group)
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-    summary.aux_loss, node_sum, node_tokens = sums.tolist()
+    summary.aux_loss, tokens, *per_token = sums.tolist()
     summary.max_over_mean_load, summary.nodes_per_token_max = float(maxes[0]), int(maxes[1])
-    return node_sum, node_tokens
+    return per_token, tokens
 
 
 def reduce_step_gradients(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
