@@ -161,6 +161,11 @@ class OptimConfig:
     adam_beta2: float = option(0.95)
     adam_eps: float = option(1e-8)
     clip_grad: float = option(1.0)
+    use_distributed_optimizer: bool = option(False, "ZeRO-1: shard the FP32 master weights and Adam moments over "
+                                                    "each parameter's data-parallel ranks; with --bf16 the model "
+                                                    "holds BF16 weights")
+    ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
+                                               "default max(40M, 1M x data-parallel size), as Megatron's")
     moe_router_bias_update_rate: float = option(1e-3, group=MOE)
 
 

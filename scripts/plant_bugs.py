@@ -38,8 +38,8 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "grad-norm-tp-twice", "megadual/training/grads.py",
-        "return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)",
-        "return topo.dp_rank == 0",
+        "    if record.replicated_over_tp and topo.tp_rank:\n        return False\n",
+        "",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-GQA]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
     Mutation(
@@ -50,8 +50,8 @@ MUTATIONS = [
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
-        '_all_reduce_coalesced([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo.group("tp"))',
-        "pass",
+        '    _all_reduce_coalesced(grads, topo.group("tp"))\n',
+        "    pass\n",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SP]",),
         "the gradients of sequence-parallel parameters (norms, router) are not summed over TP"),
     Mutation(
@@ -78,6 +78,72 @@ MUTATIONS = [
         "* a_scale[:, None]",
         ("tests/test_fp8_gemm.py::test_gemm_error_vs_float64[Bblocks-384-cpu-triton]",),
         "the Triton FP8 GEMM kernel leaves out the weight's block scales"),
+    Mutation(
+        "dist-opt-mirror-shards-not-summed", "megadual/training/dist_optimizer.py",
+        "            pipeline.sum_with_mirror(shards)\n",
+        "            pass\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        "with the distributed optimizer, DualPipe's mirrored ranks do not add their gradient shards"),
+    Mutation(
+        "dist-opt-norm-counts-dp-rank-0-only", "megadual/training/grads.py",
+        "        return True  # every data-parallel rank holds a different piece\n",
+        "        return topo.dp_rank == 0\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the gradient norm of sharded gradients counts only data-parallel rank 0's shard"),
+    Mutation(
+        "dist-opt-decays-vectors", "megadual/training/dist_optimizer.py",
+        " for record, p in b.pieces if decayed(record.param)])",
+        " for record, p in b.pieces])",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the distributed optimizer applies weight decay to norms (1-D parameters) too"),
+    Mutation(
+        "dist-opt-saves-own-shard-only", "megadual/training/dist_optimizer.py",
+        "(bucket.views(bucket.gather(t))",
+        "(bucket.views(t.repeat(bucket.size))",
+        ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
+        "the distributed optimizer's checkpoint holds its own shard of masters and moments in every rank's place"),
+    Mutation(
+        "dist-opt-deferred-grads-bypass-buckets", "megadual/training/loop.py",
+        "accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)",
+        "accumulate_grad=add_to_grad if isinstance(optimizer, DistributedOptimizer)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        "the pipeline's deferred (W-split) weight gradients go to param.grad, not the distributed optimizer's buckets"),
+    Mutation(
+        "dist-opt-grads-not-zeroed", "megadual/training/dist_optimizer.py",
+        "            bucket.grads.zero_()\n",
+        "            pass\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the distributed optimizer's gradient buckets carry the previous steps' gradients"),
+    Mutation(
+        "dist-opt-clip-misses-shards", "megadual/training/dist_optimizer.py",
+        "        return ReducedGradients(shards, counted, self._whole_gradients)",
+        "        return ReducedGradients([], counted, self._whole_gradients)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "clipping does not scale the distributed optimizer's gradient shards"),
+    Mutation(
+        "dist-opt-tp-partial-not-summed", "megadual/training/dist_optimizer.py",
+        "for r in self.table if r.spec.grad_partial_over_tp],",
+        "for r in self.table if False],",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[TP2xDP2-SP-MLA]",),
+        "with the distributed optimizer, gradients partial over TP (SP norms, MLA's latents) are not summed over TP"),
+    Mutation(
+        "dist-opt-load-drops-moments", "megadual/training/dist_optimizer.py",
+        "            if optim is not None:\n",
+        "            if False:\n",
+        ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
+        "the distributed optimizer loads a checkpoint's weights but not its Adam moments and step"),
+    Mutation(
+        "dist-opt-bf16-masters-whole", "megadual/training/buckets.py",
+        "else initial[shard].clone()",
+        "else initial.clone()[shard]",
+        ("tests/test_dist_optimizer.py::test_optimizer_state_falls_as_one_over_dp",),
+        "with BF16 weights each rank keeps the FP32 masters of the whole bucket (its shard a view of them)"),
+    Mutation(
+        "skipped-step-still-updates", "megadual/training/step.py",
+        "    if finite:\n        grads.clip(norm, clip_grad)\n",
+        "    if True:\n        grads.clip(norm, clip_grad)\n",
+        ("tests/test_dist_optimizer.py::test_skipped_step_updates_nothing_masters_included",),
+        "a step whose loss is not finite still updates the weights (with the distributed optimizer: the masters)"),
     Mutation(
         "dropout-sp-offset", "megadual/model/dropout.py",
         "        offset = self.tp.rank * s if self.tp.sequence_parallel else 0",

@@ -110,7 +110,7 @@ class Router(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, num_sequences: int) -> Routing:
         c = self.config
-        with torch.autocast(tokens.device.type, enabled=False):
+        with torch.autocast(tokens.device.type, enabled=False):  # the gate in FP32, even from BF16 weights
             logits = linear(tokens.float(), self.weight, self.wgrad_store)
         if c.moe_router_score_function == "sigmoid":
             scores = torch.sigmoid(logits)

@@ -17,7 +17,8 @@ from megadual.model.gpt import GPTChunk, loss_names
 from megadual.parallel.topology import Topology
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.stage_model import StageModel
-from megadual.training.grads import clip_gradients, global_grad_norm, reduce_gradients
+from megadual.training.dist_optimizer import DistributedOptimizer
+from megadual.training.grads import ReducedGradients, reduce_gradients
 from megadual.training.optimizer import set_learning_rate
 
 
@@ -120,8 +121,20 @@ def _combine_over_pipeline(summary: RoutingSummary, per_token: list[float], toke
     return per_token, tokens
 
 
-def train_step(model: StageModel, optimizer: torch.optim.Optimizer, batches: list[dict], topo: Topology,
-               lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
+def reduce_step_gradients(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
+                          topo: Topology, pipeline: Pipeline | None) -> ReducedGradients:
+    """Reduce the step's gradients over their replicas and DualPipe's mirrored copies: all-reduced
+    for the plain optimizer, reduce-scattered into shards for the distributed one."""
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.reduce_gradients(pipeline)
+    grads = reduce_gradients(model.param_table, topo)
+    if pipeline is not None:
+        pipeline.sum_shared_gradients()
+    return grads
+
+
+def train_step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, batches: list[dict],
+               topo: Topology, lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
                grad_hook=None, pipeline: Pipeline | None = None) -> StepResult:
     """With `pipeline` (PP > 1) the schedule runs the micro-batches through `model`'s chunks."""
     optimizer.zero_grad(set_to_none=True)
@@ -130,17 +143,14 @@ def train_step(model: StageModel, optimizer: torch.optim.Optimizer, batches: lis
     else:
         losses = pipeline.forward_backward(batches)
     lm_loss, *mtp_losses = mean_over_dp(losses, loss_names(model.config), topo)
-    table = model.param_table
-    reduce_gradients(table, topo)
-    if pipeline is not None:
-        pipeline.sum_shared_gradients()
+    grads = reduce_step_gradients(model, optimizer, topo, pipeline)
     if grad_hook is not None:
-        grad_hook(model)
-    norm = global_grad_norm(table, topo)
+        grad_hook(model, grads.whole)
+    norm = grads.norm()
     finite = all(map(math.isfinite, [norm, lm_loss, *mtp_losses]))
     routing = reduce_routing(model, topo, bias_rate, update_bias=finite, pipeline=pipeline)
     if finite:
-        clip_gradients(table, norm, clip_grad)
+        grads.clip(norm, clip_grad)
         set_learning_rate(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
