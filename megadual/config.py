@@ -181,6 +181,8 @@ class TrainConfig:
     seed: int = option(1234)
     bf16: bool | None = option(None, "bf16 autocast", unset="on with CUDA, off on CPU")
     log_interval: int = option(10)
+    log_throughput: bool = option(False, "model TFLOP/s per rank in the log line, from the FLOPs the config "
+                                         "implies (model/flops.py)")
     eval_interval: int = option(0, "0: no evaluation")
     eval_iters: int = option(10)
     save: str | None = option(None, group=CHECKPOINTS)

@@ -1,0 +1,64 @@
+"""The FLOP count derived from the config against torch.utils.flop_counter on a small model, forward
+and backward, with MHA/GQA and with MLA, dense and MoE layers, shared experts and the head."""
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from megadual.config import ModelConfig, parse_args
+from megadual.model.flops import training_flops_per_iteration
+from megadual.pipeline.stage_model import build_full_model
+from megadual.training import loop
+from megadual.training.metrics import IntervalLog, format_iteration
+from tests.helpers import TINY_MOE, single_process_group
+
+MOE = {"num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 128,
+       "ffn_hidden_size": 48, "num_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 24,
+       "moe_shared_expert_intermediate_size": 40, "moe_first_k_dense": 1}
+MLA = {"multi_latent_attention": True, "kv_lora_rank": 12, "qk_head_dim": 8, "qk_pos_emb_head_dim": 6,
+       "v_head_dim": 10}
+
+
+def _cpu_sdpa(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, **kwargs) -> int:
+    # The counter's own backward formula adds the flash kernel's recomputation of the scores
+    # (hardware FLOPs); model FLOPs count the four gradient GEMMs only: twice the forward.
+    return 2 * sdpa_flop_count(query, key, value)
+
+
+# The counter has formulas for the CUDA attention kernels but none for CPU's flash attention
+# (MHA/GQA; MLA's unequal head dims take SDPA's math path, whose matmuls it counts).
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+
+
+@pytest.mark.parametrize("variant", [
+    dict(MOE, num_query_groups=2),
+    dict(MOE, **MLA, q_lora_rank=20),
+    dict(MOE, **MLA, q_lora_rank=0, moe_shared_expert_intermediate_size=0),
+], ids=["gqa", "mla", "mla-no-q-lora-no-shared"])
+def test_flop_count_equals_the_flop_counter(variant):
+    config = ModelConfig(**variant)
+    model = build_full_model(config, seed=1)
+    batch = 3
+    tokens = torch.randint(0, config.vocab_size, (batch, config.seq_length))
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        model.chunks[0](tokens, tokens).backward()
+    assert counter.get_total_flops() == training_flops_per_iteration(config, batch)
+
+
+def test_log_throughput_puts_megatrons_field_in_the_log_line():
+    lines = []
+    config = parse_args(TINY_MOE + ["--train-iters", "2", "--log-interval", "2", "--log-throughput"])
+    with single_process_group() as device:
+        loop.pretrain(config, device, lines.append)
+    ms = float(re.search(r"elapsed time per iteration \(ms\): ([\d.]+) \| ", lines[0]).group(1))
+    field = re.search(r"\| throughput per GPU \(TFLOP/s/GPU\): ([\d.]+) \| learning rate", lines[0])
+    expected = training_flops_per_iteration(config.model, 8) / (ms / 1e3) / 1e12
+    # both figures printed rounded: ms to 0.1 of hundreds, TFLOP/s to 0.001
+    assert float(field.group(1)) == pytest.approx(expected, rel=1e-3, abs=1e-3), lines[0]
+    assert "throughput" not in format_iteration(1, 2, 8, 1e-3, 8, 256, IntervalLog(), True)
