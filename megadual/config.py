@@ -23,6 +23,7 @@ from megadual.config_validate import (
     SCHEDULES,
     ConfigError,
     flag_name,
+    grouped_gemm_fits,
     pipeline_stage_layers,
     validate,
     validate_attention_flags_given,
@@ -125,6 +126,10 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = option(1)
     expert_model_parallel_size: int = option(1)
     sequence_parallel: bool = option(False)
+    moe_grouped_gemm: bool | None = option(
+        None, "routed experts of a rank as one grouped GEMM (torch._grouped_mm) instead of one GEMM per expert; "
+              "FP8 experts keep one blockwise GEMM per expert", group=MOE,
+        unset="on with CUDA where --hidden-size and --moe-ffn-hidden-size are multiples of 8, else off")
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
                                         "LOCAL_WORLD_SIZE")
     pipeline_schedule: str = option("1f1b", choices=SCHEDULES)
@@ -314,10 +319,13 @@ def padded_vocab_size(data: DataConfig, tp: int) -> int:
 
 def resolve_device_defaults(config: RunConfig, device_type: str) -> RunConfig:
     """Settle the defaults that depend on the device: --bf16 left out is on with CUDA, off
-    elsewhere. An explicit --bf16 / --no-bf16 stays; a resolved config comes back unchanged."""
-    if config.train.bf16 is not None:
-        return config
-    return replace(config, train=replace(config.train, bf16=device_type == "cuda"))
+    elsewhere; --moe-grouped-gemm left out is on with CUDA where the sizes fit it (on CPU the
+    per-expert loop measured as fast: docs/benchmarks.md). What was given stays; a resolved
+    config comes back unchanged."""
+    t, p, m, cuda = config.train, config.parallel, config.model, device_type == "cuda"
+    bf16 = cuda if t.bf16 is None else t.bf16
+    grouped = cuda and grouped_gemm_fits(m) if p.moe_grouped_gemm is None else p.moe_grouped_gemm
+    return replace(config, train=replace(t, bf16=bf16), parallel=replace(p, moe_grouped_gemm=grouped))
 
 
 def flags_markdown() -> str:

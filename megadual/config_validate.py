@@ -52,6 +52,9 @@ def validate(c: RunConfig) -> None:
         _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
+        _require(not c.parallel.moe_grouped_gemm or grouped_gemm_fits(m),
+                 f"--moe-grouped-gemm needs --hidden-size ({m.hidden_size}) and --moe-ffn-hidden-size "
+                 f"({m.moe_ffn_hidden_size}) to be multiples of 8")
     _validate_parallel_sizes(c.parallel)
     _validate_pipeline_layers(m, c.parallel)
     _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -164,6 +167,11 @@ def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = 
              f"--num-layers ({num_layers}){overrides} must split evenly over the {middle or num_stages} "
              f"pipeline stages {context}".rstrip())
     return [fixed.get(stage, rest // middle if middle else 0) for stage in range(num_stages)]
+
+
+def grouped_gemm_fits(m: ModelConfig) -> bool:
+    """torch._grouped_mm wants row strides of 16 bytes' multiples: features a multiple of 8 in bf16."""
+    return m.hidden_size % 8 == 0 and m.moe_ffn_hidden_size % 8 == 0
 
 
 def _validate_moe(m: ModelConfig) -> None:

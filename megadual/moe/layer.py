@@ -65,7 +65,7 @@ class MoELayer(torch.nn.Module):
         # --moe-router-num-groups stands in for nodes (virtual nodes on one machine).
         self.router = Router(config, config.moe_router_num_groups or ctx.num_nodes, ctx.tp.group)
         self.dispatcher = TokenDispatcher(config.num_experts, ctx.ep_group, ctx.fp8_dispatch)
-        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm)
+        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm, ctx.grouped_gemm)
         self.shared = None
         if config.moe_shared_expert_intermediate_size:
             self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, ctx.tp, ctx.gemm)

@@ -16,6 +16,7 @@ class BuildContext:
     num_nodes: int = 1  # nodes the EP group spans, for node-limited routing
     gemm: Callable = linear  # the linear GEMM: full precision, or fp8.linear.fp8_linear
     fp8_dispatch: bool = False  # tokens travel to their experts in E4M3
+    grouped_gemm: bool = False  # routed experts as one grouped GEMM (moe/grouped_gemm.py)
 
 
 ONE_PROCESS = BuildContext()

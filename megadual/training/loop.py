@@ -69,7 +69,7 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
 
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch)
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch, config.parallel.moe_grouped_gemm)
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
