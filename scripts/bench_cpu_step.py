@@ -1,0 +1,114 @@
+"""The quick-start training step on CPU: today's code against the code before issue 14, in one run.
+
+    python scripts/bench_cpu_step.py [--iters 20] [--threads 1]
+
+Three variants of the quick-start run (scripts/quickstart.sh's model and batch flags, read from
+that script; mock data of the sample tokenizer's 4096 tokens), each its own model and optimizer
+from the same seed, trained on the same batches, their steps alternating so that the machine's
+load falls on all alike:
+  before:  AdamW with foreach=False, the written-out cross entropy, one GEMM per expert
+  now:     the CPU defaults (foreach AdamW, torch's fused cross entropy, one GEMM per expert)
+  grouped: now with --moe-grouped-gemm (the default on CUDA)
+The median step time of each is printed, with now/before and grouped/now. A whole train_step
+is timed: forward, backward, gradient reduction, norm, clipping, the optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megadual.config import parse_args, resolve_device_defaults
+from megadual.model import gpt
+from megadual.parallel.tensor import sharded_cross_entropy
+from megadual.training import loop
+from megadual.training.optimizer import build_optimizer
+from megadual.training.step import train_step
+from tests.helpers import single_process_group
+
+DATA_FLAGS = {"--data-path", "--split", "--tokenizer-type", "--tokenizer-model", "--save", "--save-interval",
+              "--eval-interval", "--eval-iters", "--log-interval"}
+
+
+def quickstart_flags() -> list[str]:
+    """scripts/quickstart.sh's MODEL flags (its ITERS=200), its data replaced by mock data of the
+    same vocabulary."""
+    script = (ROOT / "scripts" / "quickstart.sh").read_text()
+    words = shlex.split(re.search(r"MODEL=\((.*?)\)", script, re.DOTALL).group(1).replace('"$ITERS"', "200"))
+    kept, skip = [], False
+    for word in words:
+        if word.startswith("--"):
+            skip = word in DATA_FLAGS
+        if not skip:
+            kept.append(word)
+    return kept + ["--mock-data", "--vocab-size", "4096", "--train-iters", "200"]
+
+
+class Variant:
+    def __init__(self, name: str, config, topo, written_out_cross_entropy: bool, foreach: bool):
+        self.name, self.config, self.topo = name, config, topo
+        self.model = loop.build_model(config, topo, torch.device("cpu"))
+        self.optimizer = build_optimizer(list(self.model.named_parameters()), config.optim)
+        for group in self.optimizer.param_groups:
+            group["foreach"] = foreach
+        self.written_out_cross_entropy = written_out_cross_entropy
+        self.seconds: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self, batches: list[dict]) -> None:
+        o = self.config.optim
+        fused = gpt.vocab_parallel_cross_entropy
+        if self.written_out_cross_entropy:  # the model's loss as it was computed before
+            gpt.vocab_parallel_cross_entropy = lambda logits, target, tp: sharded_cross_entropy(logits, target,
+                                                                                                tp.group)
+        try:
+            start = time.perf_counter()
+            result = train_step(self.model, self.optimizer, batches, self.topo, o.lr, o.clip_grad,
+                                o.moe_router_bias_update_rate, torch.device("cpu"), False)
+            self.seconds.append(time.perf_counter() - start)
+        finally:
+            gpt.vocab_parallel_cross_entropy = fused
+        self.losses.append(result.lm_loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=20, help="timed steps per variant (after 2 untimed)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = resolve_device_defaults(parse_args(quickstart_flags()), "cpu")
+    grouped = replace(config, parallel=replace(config.parallel, moe_grouped_gemm=True))
+    with single_process_group():
+        topo = loop.build_topology(config)
+        variants = [Variant("before", config, topo, written_out_cross_entropy=True, foreach=False),
+                    Variant("now", config, topo, written_out_cross_entropy=False, foreach=True),
+                    Variant("grouped", grouped, topo, written_out_cross_entropy=False, foreach=True)]
+        t, m = config.train, config.model
+        g = torch.Generator().manual_seed(t.seed)
+        for _ in range(args.iters + 2):
+            tokens = torch.randint(0, m.vocab_size, (t.global_batch_size, m.seq_length + 1), generator=g)
+            batches = [{"tokens": chunk[:, :-1], "labels": chunk[:, 1:]}
+                       for chunk in tokens.split(t.micro_batch_size)]
+            for variant in variants:
+                variant.step(batches)
+    median = {v.name: statistics.median(v.seconds[2:]) * 1e3 for v in variants}
+    print(f"quick-start step on CPU, {args.threads} thread(s), median of {args.iters} steps each, alternating")
+    for v in variants:
+        print(f"  {v.name:8s} {median[v.name]:8.1f} ms   last lm loss {v.losses[-1]:.4f}")
+    print(f"  now / before     {median['now'] / median['before']:.3f}")
+    print(f"  grouped / now    {median['grouped'] / median['now']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
