@@ -1,16 +1,18 @@
-"""The quick-start training step on CPU: today's code against the code before issue 14, in one run.
+"""The quick-start training step: today's code against the code before issue 14, in one run.
 
-    python scripts/bench_cpu_step.py [--iters 20] [--threads 1]
+    python scripts/bench_step.py [--iters 20] [--threads 1] [--device cpu|cuda] [--model quickstart|tiny]
 
 Three variants of the quick-start run (scripts/quickstart.sh's model and batch flags, read from
-that script; mock data of the sample tokenizer's 4096 tokens), each its own model and optimizer
+that script; mock data of the sample tokenizer's 4096 tokens; `--model tiny`: the tests' tiny
+MoE, to check the script), each its own model and optimizer
 from the same seed, trained on the same batches, their steps alternating so that the machine's
 load falls on all alike:
   before:  AdamW with foreach=False, the written-out cross entropy, one GEMM per expert
   now:     the CPU defaults (foreach AdamW, torch's fused cross entropy, one GEMM per expert)
   grouped: now with --moe-grouped-gemm (the default on CUDA)
 The median step time of each is printed, with now/before and grouped/now. A whole train_step
-is timed: forward, backward, gradient reduction, norm, clipping, the optimizer.
+is timed: forward, backward, gradient reduction, norm, clipping, the optimizer. The variants
+compute the same: their losses are printed side by side.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from megadual.parallel.tensor import sharded_cross_entropy
 from megadual.training import loop
 from megadual.training.optimizer import build_optimizer
 from megadual.training.step import train_step
-from tests.helpers import single_process_group
+from tests.helpers import TINY_MOE, single_process_group
 
 DATA_FLAGS = {"--data-path", "--split", "--tokenizer-type", "--tokenizer-model", "--save", "--save-interval",
               "--eval-interval", "--eval-iters", "--log-interval"}
@@ -55,9 +57,10 @@ def quickstart_flags() -> list[str]:
 
 
 class Variant:
-    def __init__(self, name: str, config, topo, written_out_cross_entropy: bool, foreach: bool):
-        self.name, self.config, self.topo = name, config, topo
-        self.model = loop.build_model(config, topo, torch.device("cpu"))
+    def __init__(self, name: str, config, topo, device: torch.device, written_out_cross_entropy: bool,
+                 foreach: bool):
+        self.name, self.config, self.topo, self.device = name, config, topo, device
+        self.model = loop.build_model(config, topo, device)
         self.optimizer = build_optimizer(list(self.model.named_parameters()), config.optim)
         for group in self.optimizer.param_groups:
             group["foreach"] = foreach
@@ -74,7 +77,9 @@ class Variant:
         try:
             start = time.perf_counter()
             result = train_step(self.model, self.optimizer, batches, self.topo, o.lr, o.clip_grad,
-                                o.moe_router_bias_update_rate, torch.device("cpu"), False)
+                                o.moe_router_bias_update_rate, self.device, self.config.train.bf16)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - start)
         finally:
             gpt.vocab_parallel_cross_entropy = fused
@@ -85,15 +90,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20, help="timed steps per variant (after 2 untimed)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=("quickstart", "tiny"), default="quickstart")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = resolve_device_defaults(parse_args(quickstart_flags()), "cpu")
+    flags = quickstart_flags() if args.model == "quickstart" else TINY_MOE
+    config = resolve_device_defaults(parse_args(flags + ["--no-moe-grouped-gemm"]), args.device)
     grouped = replace(config, parallel=replace(config.parallel, moe_grouped_gemm=True))
-    with single_process_group():
+    device = torch.device(args.device)
+    with single_process_group(device):
         topo = loop.build_topology(config)
-        variants = [Variant("before", config, topo, written_out_cross_entropy=True, foreach=False),
-                    Variant("now", config, topo, written_out_cross_entropy=False, foreach=True),
-                    Variant("grouped", grouped, topo, written_out_cross_entropy=False, foreach=True)]
+        variants = [Variant("before", config, topo, device, written_out_cross_entropy=True, foreach=False),
+                    Variant("now", config, topo, device, written_out_cross_entropy=False, foreach=True),
+                    Variant("grouped", grouped, topo, device, written_out_cross_entropy=False, foreach=True)]
         t, m = config.train, config.model
         g = torch.Generator().manual_seed(t.seed)
         for _ in range(args.iters + 2):
@@ -103,9 +112,10 @@ def main() -> None:
             for variant in variants:
                 variant.step(batches)
     median = {v.name: statistics.median(v.seconds[2:]) * 1e3 for v in variants}
-    print(f"quick-start step on CPU, {args.threads} thread(s), median of {args.iters} steps each, alternating")
+    print(f"{args.model} step on {args.device}, {args.threads} thread(s), median of {args.iters} steps each, "
+          f"alternating")
     for v in variants:
-        print(f"  {v.name:8s} {median[v.name]:8.1f} ms   last lm loss {v.losses[-1]:.4f}")
+        print(f"  {v.name:8s} {median[v.name]:8.1f} ms   lm losses {' '.join(f'{x:.4f}' for x in v.losses[-3:])}")
     print(f"  now / before     {median['now'] / median['before']:.3f}")
     print(f"  grouped / now    {median['grouped'] / median['now']:.3f}")
 
