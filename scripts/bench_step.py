@@ -10,7 +10,8 @@ load falls on all alike:
   before:  AdamW with foreach=False, the written-out cross entropy, one GEMM per expert
   now:     the CPU defaults (foreach AdamW, torch's fused cross entropy, one GEMM per expert)
   grouped: now with --moe-grouped-gemm (the default on CUDA)
-The median step time of each is printed, with now/before and grouped/now. A whole train_step
+The median step time of each is printed, with now/before and grouped/now: the process's CPU
+time (with one thread, what the step costs, whatever else the machine runs) and the wall time. A whole train_step
 is timed: forward, backward, gradient reduction, norm, clipping, the optimizer. The variants
 compute the same: their losses are printed side by side.
 """
@@ -65,7 +66,8 @@ class Variant:
         for group in self.optimizer.param_groups:
             group["foreach"] = foreach
         self.written_out_cross_entropy = written_out_cross_entropy
-        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self.wall_seconds: list[float] = []
         self.losses: list[float] = []
 
     def step(self, batches: list[dict]) -> None:
@@ -75,12 +77,13 @@ class Variant:
             gpt.vocab_parallel_cross_entropy = lambda logits, target, tp: sharded_cross_entropy(logits, target,
                                                                                                 tp.group)
         try:
-            start = time.perf_counter()
+            cpu, wall = time.process_time(), time.perf_counter()
             result = train_step(self.model, self.optimizer, batches, self.topo, o.lr, o.clip_grad,
                                 o.moe_router_bias_update_rate, self.device, self.config.train.bf16)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - start)
+            self.cpu_seconds.append(time.process_time() - cpu)
+            self.wall_seconds.append(time.perf_counter() - wall)
         finally:
             gpt.vocab_parallel_cross_entropy = fused
         self.losses.append(result.lm_loss)
@@ -111,13 +114,17 @@ def main() -> None:
                        for chunk in tokens.split(t.micro_batch_size)]
             for variant in variants:
                 variant.step(batches)
-    median = {v.name: statistics.median(v.seconds[2:]) * 1e3 for v in variants}
-    print(f"{args.model} step on {args.device}, {args.threads} thread(s), median of {args.iters} steps each, "
-          f"alternating")
+    cpu = {v.name: statistics.median(v.cpu_seconds[2:]) * 1e3 for v in variants}
+    wall = {v.name: statistics.median(v.wall_seconds[2:]) * 1e3 for v in variants}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{args.model} step on {name} (torch {torch.__version__}), {torch.get_num_threads()} thread(s), "
+          f"median of {args.iters} steps each, alternating")
+    print(f"  {'variant':8s} {'CPU ms':>9s} {'wall ms':>9s}  last lm losses")
     for v in variants:
-        print(f"  {v.name:8s} {median[v.name]:8.1f} ms   lm losses {' '.join(f'{x:.4f}' for x in v.losses[-3:])}")
-    print(f"  now / before     {median['now'] / median['before']:.3f}")
-    print(f"  grouped / now    {median['grouped'] / median['now']:.3f}")
+        losses = " ".join(f"{x:.6f}" for x in v.losses[-3:])
+        print(f"  {v.name:8s} {cpu[v.name]:9.1f} {wall[v.name]:9.1f}  {losses}")
+    for new, old in (("now", "before"), ("grouped", "now")):
+        print(f"  {new} / {old}: CPU time {cpu[new] / cpu[old]:.3f}, wall time {wall[new] / wall[old]:.3f}")
 
 
 if __name__ == "__main__":
