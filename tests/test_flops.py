@@ -1,17 +1,12 @@
 """The FLOP count derived from the config against torch.utils.flop_counter on a small model, forward
 and backward, with MHA/GQA and with MLA, dense and MoE layers, shared experts and the head."""
-import re
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from megadual.config import ModelConfig, parse_args
+from megadual.config import ModelConfig
 from megadual.model.flops import training_flops_per_iteration
 from megadual.pipeline.stage_model import build_full_model
-from megadual.training import loop
-from megadual.training.metrics import IntervalLog, format_iteration
-from tests.helpers import TINY_MOE, single_process_group
 
 MOE = {"num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 128,
        "ffn_hidden_size": 48, "num_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 24,
@@ -50,15 +45,3 @@ def test_flop_count_equals_the_flop_counter(variant):
         model.chunks[0](tokens, tokens).backward()
     assert counter.get_total_flops() == training_flops_per_iteration(config, batch)
 
-
-def test_log_throughput_puts_megatrons_field_in_the_log_line():
-    lines = []
-    config = parse_args(TINY_MOE + ["--train-iters", "2", "--log-interval", "2", "--log-throughput"])
-    with single_process_group() as device:
-        loop.pretrain(config, device, lines.append)
-    ms = float(re.search(r"elapsed time per iteration \(ms\): ([\d.]+) \| ", lines[0]).group(1))
-    field = re.search(r"\| throughput per GPU \(TFLOP/s/GPU\): ([\d.]+) \| learning rate", lines[0])
-    expected = training_flops_per_iteration(config.model, 8) / (ms / 1e3) / 1e12
-    # both figures printed rounded: ms to 0.1 of hundreds, TFLOP/s to 0.001
-    assert float(field.group(1)) == pytest.approx(expected, rel=1e-3, abs=1e-3), lines[0]
-    assert "throughput" not in format_iteration(1, 2, 8, 1e-3, 8, 256, IntervalLog(), True)
