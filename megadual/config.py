@@ -129,7 +129,7 @@ class ParallelConfig:
     moe_grouped_gemm: bool | None = option(
         None, "routed experts of a rank as one grouped GEMM (torch._grouped_mm) instead of one GEMM per expert; "
               "FP8 experts keep one blockwise GEMM per expert", group=MOE,
-        unset="on with CUDA where --hidden-size and --moe-ffn-hidden-size are multiples of 8, else off")
+        unset="on with CUDA in bf16 where --hidden-size and --moe-ffn-hidden-size are multiples of 8, else off")
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
                                         "LOCAL_WORLD_SIZE")
     pipeline_schedule: str = option("1f1b", choices=SCHEDULES)
@@ -319,12 +319,12 @@ def padded_vocab_size(data: DataConfig, tp: int) -> int:
 
 def resolve_device_defaults(config: RunConfig, device_type: str) -> RunConfig:
     """Settle the defaults that depend on the device: --bf16 left out is on with CUDA, off
-    elsewhere; --moe-grouped-gemm left out is on with CUDA where the sizes fit it (on CPU the
-    per-expert loop measured as fast: docs/benchmarks.md). What was given stays; a resolved
+    elsewhere; --moe-grouped-gemm left out is on with CUDA in bf16 where the sizes fit it (CUDA's
+    grouped kernels are bf16's; on CPU the per-expert loop measured as fast: docs/benchmarks.md). What was given stays; a resolved
     config comes back unchanged."""
     t, p, m, cuda = config.train, config.parallel, config.model, device_type == "cuda"
     bf16 = cuda if t.bf16 is None else t.bf16
-    grouped = cuda and grouped_gemm_fits(m) if p.moe_grouped_gemm is None else p.moe_grouped_gemm
+    grouped = cuda and bf16 and grouped_gemm_fits(m) if p.moe_grouped_gemm is None else p.moe_grouped_gemm
     return replace(config, train=replace(t, bf16=bf16), parallel=replace(p, moe_grouped_gemm=grouped))
 
 
