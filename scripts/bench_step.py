@@ -15,6 +15,10 @@ process's CPU time (with one thread, what the step costs, whatever else the mach
 wall time. A whole train_step
 is timed: forward, backward, gradient reduction, norm, clipping, the optimizer. The variants
 compute the same: their losses are printed side by side.
+
+`--parts` times the two changed pieces alone instead, alternating the same way: the cross entropy
+(forward and backward of one micro-batch's logits) written out and fused, and the AdamW step
+over the quick-start model's parameters with foreach=False and True.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from megadual.config import parse_args, resolve_device_defaults
 from megadual.model import gpt
-from megadual.parallel.tensor import sharded_cross_entropy
+from megadual.parallel.tensor import NO_TP, sharded_cross_entropy, vocab_parallel_cross_entropy
+from megadual.pipeline.stage_model import build_full_model
 from megadual.training import loop
 from megadual.training.optimizer import build_optimizer
 from megadual.training.step import train_step
@@ -90,16 +95,57 @@ class Variant:
         self.losses.append(result.lm_loss)
 
 
+def cpu_ms_per_call(pieces: dict, iters: int) -> dict[str, float]:
+    """Median CPU milliseconds of each of `pieces` (name -> callable), called in turn `iters` times."""
+    seconds = {name: [] for name in pieces}
+    for _ in range(iters + 2):
+        for name, piece in pieces.items():
+            start = time.process_time()
+            piece()
+            seconds[name].append(time.process_time() - start)
+    return {name: statistics.median(s[2:]) * 1e3 for name, s in seconds.items()}
+
+
+def time_parts(config, iters: int) -> None:
+    m, t = config.model, config.train
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(m.seq_length, t.micro_batch_size, m.vocab_size, generator=g, requires_grad=True)
+    target = torch.randint(0, m.vocab_size, (t.micro_batch_size, m.seq_length), generator=g).t()
+    model = build_full_model(m, t.seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    optimizers = {}
+    for foreach in (False, True):
+        optimizers[foreach] = build_optimizer(list(model.named_parameters()), config.optim)
+        for group in optimizers[foreach].param_groups:
+            group["foreach"] = foreach
+    ms = cpu_ms_per_call({
+        "cross entropy, written out": lambda: sharded_cross_entropy(logits, target, None).mean().backward(),
+        "cross entropy, fused": lambda: vocab_parallel_cross_entropy(logits, target, NO_TP).mean().backward(),
+        "AdamW foreach=False": optimizers[False].step,
+        "AdamW foreach=True": optimizers[True].step}, iters)
+    print(f"pieces of the quick-start step, CPU ms per call (median of {iters}), {torch.get_num_threads()} thread(s)")
+    for name, value in ms.items():
+        print(f"  {name:28s} {value:8.2f}")
+    print(f"  fused / written out  {ms['cross entropy, fused'] / ms['cross entropy, written out']:.3f}  "
+          f"(x{t.global_batch_size // t.micro_batch_size} micro-batches a step)")
+    print(f"  foreach / loop       {ms['AdamW foreach=True'] / ms['AdamW foreach=False']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20, help="timed steps per variant (after 2 untimed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", choices=("quickstart", "tiny"), default="quickstart")
+    parser.add_argument("--parts", action="store_true", help="time the cross entropy and AdamW alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     flags = quickstart_flags() if args.model == "quickstart" else TINY_MOE
     config = resolve_device_defaults(parse_args(flags + ["--no-moe-grouped-gemm"]), args.device)
+    if args.parts:
+        time_parts(config, args.iters)
+        return
     grouped = replace(config, parallel=replace(config.parallel, moe_grouped_gemm=True))
     device = torch.device(args.device)
     with single_process_group(device):

@@ -7,7 +7,9 @@ the output head), and twice that again for the backward (input and weight gradie
 training token costs 3x its forward. The attention scores are counted over the whole s x s
 matrix, causal masking not subtracted (as the counter and Megatron's paper count them).
 Norms, activations, softmax and the loss are elementwise and not counted; the embedding is a
-lookup.
+lookup. Multi-token prediction (not on this branch yet) will add, per depth k, its projection,
+its layer and the shared head: `gemm(2 * h, h) + layer_flops(c, c.num_layers + k) + head`, one
+term in `forward_flops_per_token`.
 """
 from __future__ import annotations
 
