@@ -23,6 +23,7 @@ from megadual.config_validate import (
     SCHEDULES,
     ConfigError,
     flag_name,
+    grouped_gemm_fits,
     pipeline_stage_layers,
     validate,
     validate_attention_flags_given,
@@ -130,6 +131,10 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = option(1)
     expert_model_parallel_size: int = option(1)
     sequence_parallel: bool = option(False)
+    moe_grouped_gemm: bool | None = option(
+        None, "routed experts of a rank as one grouped GEMM (torch._grouped_mm) instead of one GEMM per expert; "
+              "FP8 experts keep one blockwise GEMM per expert", group=MOE,
+        unset="on with CUDA in bf16 where --hidden-size and --moe-ffn-hidden-size are multiples of 8, else off")
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
                                         "LOCAL_WORLD_SIZE")
     moe_token_dispatcher_type: str = option(
@@ -196,6 +201,8 @@ class TrainConfig:
     seed: int = option(1234)
     bf16: bool | None = option(None, "bf16 autocast", unset="on with CUDA, off on CPU")
     log_interval: int = option(10)
+    log_throughput: bool = option(False, "model TFLOP/s per rank in the log line, from the FLOPs the config "
+                                         "implies (model/flops.py)")
     eval_interval: int = option(0, "0: no evaluation")
     eval_iters: int = option(10)
     mtp_eval_loss: bool = option(False, "evaluation also computes the MTP losses and logs them", group=MTP)
@@ -341,10 +348,13 @@ def padded_vocab_size(data: DataConfig, tp: int) -> int:
 
 def resolve_device_defaults(config: RunConfig, device_type: str) -> RunConfig:
     """Settle the defaults that depend on the device: --bf16 left out is on with CUDA, off
-    elsewhere. An explicit --bf16 / --no-bf16 stays; a resolved config comes back unchanged."""
-    if config.train.bf16 is not None:
-        return config
-    return replace(config, train=replace(config.train, bf16=device_type == "cuda"))
+    elsewhere; --moe-grouped-gemm left out is on with CUDA in bf16 where the sizes fit it (CUDA's
+    grouped kernels are bf16's; on CPU the per-expert loop measured as fast: docs/benchmarks.md). What was given stays; a resolved
+    config comes back unchanged."""
+    t, p, m, cuda = config.train, config.parallel, config.model, device_type == "cuda"
+    bf16 = cuda if t.bf16 is None else t.bf16
+    grouped = cuda and bf16 and grouped_gemm_fits(m) if p.moe_grouped_gemm is None else p.moe_grouped_gemm
+    return replace(config, train=replace(t, bf16=bf16), parallel=replace(p, moe_grouped_gemm=grouped))
 
 
 def flags_markdown() -> str:

@@ -52,6 +52,9 @@ def validate(c: RunConfig) -> None:
         _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
+        _require(not c.parallel.moe_grouped_gemm or grouped_gemm_fits(m),
+                 f"--moe-grouped-gemm needs --hidden-size ({m.hidden_size}) and --moe-ffn-hidden-size "
+                 f"({m.moe_ffn_hidden_size}) to be multiples of 8")
     _validate_mtp(m, t)
     _validate_parallel_sizes(c.parallel)
     _validate_pipeline_layers(m, c.parallel)
@@ -179,6 +182,11 @@ def _validate_mtp(m: ModelConfig, t: TrainConfig) -> None:
              f"--mtp-num-layers ({m.mtp_num_layers}) must be in [0, --seq-length ({m.seq_length})): depth k "
              f"predicts the token k+1 ahead")
     _require(m.mtp_num_layers > 0 or not t.mtp_eval_loss, "--mtp-eval-loss needs --mtp-num-layers > 0")
+
+
+def grouped_gemm_fits(m: ModelConfig) -> bool:
+    """torch._grouped_mm wants row strides of 16 bytes' multiples: features a multiple of 8 in bf16."""
+    return m.hidden_size % 8 == 0 and m.moe_ffn_hidden_size % 8 == 0
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -386,6 +386,25 @@ MUTATIONS = [
         "        pass",
         ("tests/test_emulate.py::test_collectives_finish_no_earlier_than_modelled_and_compute_hides_them",),
         "an emulated collective finishes when gloo does, not when its bytes could have crossed the link"),
+    Mutation(
+        "flop-count-shared-experts-dropped", "megadual/model/flops.py",
+        "return gemm(c.hidden_size, c.num_experts) + routed + shared",
+        "return gemm(c.hidden_size, c.num_experts) + routed",
+        ("tests/test_flops.py::test_flop_count_equals_the_flop_counter[gqa]",),
+        "--log-throughput's FLOP count leaves out the shared experts"),
+    Mutation(
+        "grouped-experts-wrong-order", "megadual/moe/experts.py",
+        "experts = list(self.local.values())",
+        "experts = list(reversed(self.local.values()))",
+        ("tests/test_grouped_gemm.py::test_grouped_experts_equal_the_per_expert_loop[fp32]",
+         "tests/test_grouped_gemm.py::test_grouped_experts_defer_their_weight_gradients_to_the_w_action"),
+        "the grouped GEMM gives each expert's tokens another expert's weights"),
+    Mutation(
+        "fused-cross-entropy-target-order", "megadual/parallel/tensor.py",
+        "reduction=\"none\").view(target.shape)",
+        "reduction=\"none\").view(target.shape).flip(0)",
+        ("tests/test_cross_entropy.py::test_fused_cross_entropy_equals_the_written_out_one",),
+        "the fused cross entropy (no TP) returns the token losses in another order"),
 ]
 
 class MutationError(ValueError):

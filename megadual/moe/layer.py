@@ -63,7 +63,7 @@ class MoELayer(torch.nn.Module):
             self.dispatcher = TokenDispatcher(config.num_experts, ctx.ep_group, ctx.num_nodes, ctx.fp8_dispatch)
         else:
             self.dispatcher = HierarchicalDispatcher(config.num_experts, *ctx.ep_node_groups, ctx.fp8_dispatch)
-        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm)
+        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm, ctx.grouped_gemm)
         self.shared = None
         if config.moe_shared_expert_intermediate_size:
             self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, ctx.tp, ctx.gemm)

@@ -18,6 +18,7 @@ class BuildContext:
     fp8_dispatch: bool = False  # tokens travel to their experts in E4M3
     # (inter-node, intra-node) groups of a node-hierarchical dispatch; None: the flat all-to-all
     ep_node_groups: tuple[object, object] | None = None
+    grouped_gemm: bool = False  # routed experts as one grouped GEMM (moe/grouped_gemm.py)
 
 
 ONE_PROCESS = BuildContext()

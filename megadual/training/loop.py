@@ -12,6 +12,7 @@ from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
+from megadual.model.flops import training_flops_per_iteration
 from megadual.model.gpt import LM_LOSS, loss_names
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
@@ -80,7 +81,8 @@ def build_context(config: RunConfig, topo: Topology) -> BuildContext:
     hierarchical = config.parallel.moe_token_dispatcher_type == "hierarchical"
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
                         linear_gemm(config), config.fp8.moe_fp8_dispatch,
-                        ep_node_groups=topo.ep_node_groups() if hierarchical else None)
+                        ep_node_groups=topo.ep_node_groups() if hierarchical else None,
+                        grouped_gemm=config.parallel.moe_grouped_gemm)
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
@@ -195,6 +197,8 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
     save = lambda: save_checkpoint(t.save, model, optimizer, state, config)  # the one place that saves
     result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
     is_moe = config.model.num_experts > 0
+    flops_per_rank = (training_flops_per_iteration(config.model, t.global_batch_size) / dist.get_world_size()
+                      if t.log_throughput else None)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
@@ -215,7 +219,7 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
         if state.iteration % t.log_interval == 0 and rank0:
             log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
                                  t.global_batch_size, t.global_batch_size * config.model.seq_length,
-                                 interval, is_moe))
+                                 interval, is_moe, flops_per_rank))
             if not step.skipped:
                 writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
                                                  "grad norm": step.grad_norm,

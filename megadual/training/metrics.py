@@ -47,13 +47,16 @@ class IntervalLog:
 
 
 def format_iteration(iteration: int, train_iters: int, consumed: int, lr: float, global_batch: int,
-                     tokens_per_batch: int, log: IntervalLog, is_moe: bool) -> str:
+                     tokens_per_batch: int, log: IntervalLog, is_moe: bool,
+                     flops_per_rank: float | None = None) -> str:
+    """`flops_per_rank`: one iteration's model FLOPs over the ranks (--log-throughput), else None."""
     ms = 1000.0 * log.seconds / max(1, log.iterations)
     counted = max(1, log.iterations - log.skipped)
     parts = [f" iteration {iteration:8d}/{train_iters:8d}",
              f"consumed samples: {consumed:12d}",
              f"elapsed time per iteration (ms): {ms:.1f}",
              f"tokens per second: {tokens_per_batch / max(ms, 1e-9) * 1000.0:.1f}",
+             *throughput(flops_per_rank, ms),
              f"learning rate: {lr:.6E}",
              f"global batch size: {global_batch:5d}"]
     if log.iterations > log.skipped:
@@ -68,6 +71,13 @@ def format_iteration(iteration: int, train_iters: int, consumed: int, lr: float,
         parts.append(f"grad norm: {log.grad_norm:.3f}")
     parts += [f"number of skipped iterations: {log.skipped:3d}", f"number of nan iterations: {log.nan:3d}"]
     return " | ".join(parts) + " |"
+
+
+def throughput(flops_per_rank: float | None, ms: float) -> list[str]:
+    """Megatron's field (its digits stretched so that a CPU's fraction of a TFLOP/s shows)."""
+    if flops_per_rank is None:
+        return []
+    return [f"throughput per GPU (TFLOP/s/GPU): {flops_per_rank / max(ms, 1e-9) / 1e9:.3f}"]
 
 
 def format_validation(iteration: int, losses: dict[str, float]) -> str:

@@ -18,7 +18,7 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConf
     groups = [{"params": [p for _, p in params if decayed(p)], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in params if not decayed(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             foreach=False)
+                             foreach=True)
 
 
 def adamw_group_settings(cfg: OptimConfig) -> tuple[dict, dict]:
