@@ -20,7 +20,7 @@ def one_thread():
 
 
 ARGS = TINY_MOE + ["--train-iters", "4", "--hidden-size", "128", "--moe-ffn-hidden-size", "128"]
-MODELS = {"mha": ([], 0), "mla-mtp": (mla_args(128) + ["--mtp-num-layers", "2"], 2)}  # flags, MTP depths
+MODELS = {"mha": ([], 0), "mla-mtp": (mla_args(128) + ["--mtp-num-layers", "1"], 1)}  # flags, MTP depths
 
 
 def losses(extra) -> list[list[float]]:
@@ -37,7 +37,8 @@ def test_fp8_losses_track_fp32_but_are_not_identical(model):
     assert all(len(step) == 1 + depths for step in fp8)
     assert fp8 != fp32  # the FP8 path really ran
     pairs = [(a, b) for fp32_step, fp8_step in zip(fp32, fp8) for a, b in zip(fp32_step, fp8_step)]
-    assert all(abs(a - b) / a < 5e-3 for a, b in pairs), (fp32, fp8)
+    # Measured largest gaps: MHA 1.5e-04, MLA + MTP 9.8e-05 (lm and mtp_1 losses, 4 steps).
+    assert all(abs(a - b) / a < 1.5e-3 for a, b in pairs), (fp32, fp8)
 
 
 def test_fp8_final_loss_within_a_quarter_percent_of_fp32():
