@@ -33,8 +33,8 @@ from megadual.config_validate import (
 # The checks most callers want are re-exported; the others are in config_validate.
 __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
            "TrainConfig", "build_parser", "flags_markdown", "model_config_differences", "padded_vocab_size",
-           "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
-           "validate_parallel", "validate_world"]
+           "parse_args", "parse_model_flags", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults",
+           "validate", "validate_parallel", "validate_world"]
 
 MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
                               "checkpointing")
@@ -132,6 +132,11 @@ class ParallelConfig:
     sequence_parallel: bool = option(False)
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
                                         "LOCAL_WORLD_SIZE")
+    moe_token_dispatcher_type: str = option(
+        "hierarchical", "hierarchical: each token crosses to each node once, then is forwarded inside the node "
+                        "(the same as alltoall on one node or with one EP rank per node); alltoall: one "
+                        "all-to-all over the EP group",
+        choices=("alltoall", "hierarchical"), group=MOE)
     pipeline_schedule: str = option("1f1b", choices=SCHEDULES)
     pipeline_split_backward: bool = option(True, "zero-bubble W split: backwards compute input gradients "
                                                  "first, weight gradients later where the schedule puts W actions")
@@ -156,6 +161,11 @@ class OptimConfig:
     adam_beta2: float = option(0.95)
     adam_eps: float = option(1e-8)
     clip_grad: float = option(1.0)
+    use_distributed_optimizer: bool = option(False, "ZeRO-1: shard the FP32 master weights and Adam moments over "
+                                                    "each parameter's data-parallel ranks; with --bf16 the model "
+                                                    "holds BF16 weights")
+    ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
+                                               "default max(40M, 1M x data-parallel size), as Megatron's")
     moe_router_bias_update_rate: float = option(1e-3, group=MOE)
 
 
@@ -231,7 +241,8 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a DeepSeek-V3-style MoE transformer.",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = flag_file_line
     # argparse before Python 3.14 reads `--lr -1e-3` as two flags; values like -1e-3 are numbers
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     groups = {}
@@ -245,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
             groups[title].add_argument(flag_name(f.name), *spec["aliases"], dest=f.name, help=_help(f),
                                        **_argparse_kind(f, hints[f.name]))
     return parser
+
+
+def flag_file_line(line: str) -> list[str]:
+    """A line of an @file of flags: `--flag value ...` split on spaces; `#` starts a comment."""
+    return line.split("#", 1)[0].split()
 
 
 def _argparse_kind(f: dataclasses.Field, hint) -> dict:
@@ -280,6 +296,13 @@ def parse_args(argv: list[str] | None = None, tokenizer_vocab_size: int | None =
     config = resolve_derived(parsed, tokenizer_vocab_size)
     validate(config)
     return config
+
+
+def parse_model_flags(argv: list[str]) -> RunConfig:
+    """parse_args for tools that read no data (conversion, parameter counts): --mock-data stands
+    in for the data flags unless one is given."""
+    given = {"--data-path", "--mock-data"} & set(argv)
+    return parse_args(argv if given else ["--mock-data", *argv])
 
 
 def _section_as_parsed(cls: type, flags: dict):

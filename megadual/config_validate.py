@@ -61,6 +61,11 @@ def validate(c: RunConfig) -> None:
              f"({t.micro_batch_size})")
     _require(t.train_iters > 0, "--train-iters must be positive")
     _validate_optimizer(o)
+    _require(not (o.use_distributed_optimizer and m.mtp_num_layers and c.parallel.pipeline_model_parallel_size > 1
+                  and c.parallel.pipeline_schedule not in ("dualpipe", "dualpipev")),
+             "--use-distributed-optimizer with --mtp-num-layers needs --pipeline-schedule dualpipe or dualpipev "
+             "when --pipeline-model-parallel-size > 1: the MTP modules' tied copy of the embedding on the last "
+             "stage is not sharded yet")
     _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
              "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
     _require(t.log_interval > 0, "--log-interval must be positive")
@@ -111,6 +116,8 @@ def _validate_optimizer(o: OptimConfig) -> None:
     _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
     _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
     _require(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+    _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,
+             f"--ddp-bucket-size must be positive, got {o.ddp_bucket_size}")
 
 
 def _validate_data(d: DataConfig, t: TrainConfig) -> None:

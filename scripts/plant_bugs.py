@@ -38,8 +38,8 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "grad-norm-tp-twice", "megadual/training/grads.py",
-        "return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)",
-        "return topo.dp_rank == 0",
+        "    if record.replicated_over_tp and topo.tp_rank:\n        return False\n",
+        "",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-GQA]",),
         "the gradient norm counts TP-replicated gradients once per TP rank"),
     Mutation(
@@ -50,8 +50,8 @@ MUTATIONS = [
         "rank 1 never moves its routers' expert biases"),
     Mutation(
         "sp-grads-not-summed-over-tp", "megadual/training/grads.py",
-        '_all_reduce_coalesced([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo.group("tp"))',
-        "pass",
+        '    _all_reduce_coalesced(grads, topo.group("tp"))\n',
+        "    pass\n",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SP]",),
         "the gradients of sequence-parallel parameters (norms, router) are not summed over TP"),
     Mutation(
@@ -78,6 +78,72 @@ MUTATIONS = [
         "* a_scale[:, None]",
         ("tests/test_fp8_gemm.py::test_gemm_error_vs_float64[Bblocks-384-cpu-triton]",),
         "the Triton FP8 GEMM kernel leaves out the weight's block scales"),
+    Mutation(
+        "dist-opt-mirror-shards-not-summed", "megadual/training/dist_optimizer.py",
+        "            pipeline.sum_with_mirror(shards)\n",
+        "            pass\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        "with the distributed optimizer, DualPipe's mirrored ranks do not add their gradient shards"),
+    Mutation(
+        "dist-opt-norm-counts-dp-rank-0-only", "megadual/training/grads.py",
+        "        return True  # every data-parallel rank holds a different piece\n",
+        "        return topo.dp_rank == 0\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the gradient norm of sharded gradients counts only data-parallel rank 0's shard"),
+    Mutation(
+        "dist-opt-decays-vectors", "megadual/training/dist_optimizer.py",
+        " for record, p in b.pieces if decayed(record.param)])",
+        " for record, p in b.pieces])",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the distributed optimizer applies weight decay to norms (1-D parameters) too"),
+    Mutation(
+        "dist-opt-saves-own-shard-only", "megadual/training/dist_optimizer.py",
+        "(bucket.views(bucket.gather(t))",
+        "(bucket.views(t.repeat(bucket.size))",
+        ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
+        "the distributed optimizer's checkpoint holds its own shard of masters and moments in every rank's place"),
+    Mutation(
+        "dist-opt-deferred-grads-bypass-buckets", "megadual/training/loop.py",
+        "accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)",
+        "accumulate_grad=add_to_grad if isinstance(optimizer, DistributedOptimizer)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        "the pipeline's deferred (W-split) weight gradients go to param.grad, not the distributed optimizer's buckets"),
+    Mutation(
+        "dist-opt-grads-not-zeroed", "megadual/training/dist_optimizer.py",
+        "            bucket.grads.zero_()\n",
+        "            pass\n",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "the distributed optimizer's gradient buckets carry the previous steps' gradients"),
+    Mutation(
+        "dist-opt-clip-misses-shards", "megadual/training/dist_optimizer.py",
+        "        return ReducedGradients(shards, counted, self._whole_gradients)",
+        "        return ReducedGradients([], counted, self._whole_gradients)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[DP2]",),
+        "clipping does not scale the distributed optimizer's gradient shards"),
+    Mutation(
+        "dist-opt-tp-partial-not-summed", "megadual/training/dist_optimizer.py",
+        "for r in self.table if r.spec.grad_partial_over_tp],",
+        "for r in self.table if False],",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[TP2xDP2-SP-MLA]",),
+        "with the distributed optimizer, gradients partial over TP (SP norms, MLA's latents) are not summed over TP"),
+    Mutation(
+        "dist-opt-load-drops-moments", "megadual/training/dist_optimizer.py",
+        "            if optim is not None:\n",
+        "            if False:\n",
+        ("tests/test_dist_optimizer.py::test_checkpoints_resume_across_layouts_and_optimizers",),
+        "the distributed optimizer loads a checkpoint's weights but not its Adam moments and step"),
+    Mutation(
+        "dist-opt-bf16-masters-whole", "megadual/training/buckets.py",
+        "else initial[shard].clone()",
+        "else initial.clone()[shard]",
+        ("tests/test_dist_optimizer.py::test_optimizer_state_falls_as_one_over_dp",),
+        "with BF16 weights each rank keeps the FP32 masters of the whole bucket (its shard a view of them)"),
+    Mutation(
+        "skipped-step-still-updates", "megadual/training/step.py",
+        "    if finite:\n        grads.clip(norm, clip_grad)\n",
+        "    if True:\n        grads.clip(norm, clip_grad)\n",
+        ("tests/test_dist_optimizer.py::test_skipped_step_updates_nothing_masters_included",),
+        "a step whose loss is not finite still updates the weights (with the distributed optimizer: the masters)"),
     Mutation(
         "dropout-sp-offset", "megadual/model/dropout.py",
         "        offset = self.tp.rank * s if self.tp.sequence_parallel else 0",
@@ -183,6 +249,39 @@ MUTATIONS = [
         "self._exchange(grad, self.embedding_twin)",
         ("tests/test_parallel_mtp.py::test_mtp_matches_one_process[D2-PP2-1f1bxTP2-SP]",),
         "under 1F1B the last stage's tied embedding (MTP's) and the first stage's keep their own gradients"),
+    Mutation("hf-rope-rows-not-interleaved-out", "megadual/hf/names.py",
+        "return _reorder_rope_rows(name, tensor, config, half_split_to_interleaved)", "return tensor",
+        ("tests/test_hf_checkpoint.py::test_trained_checkpoint_converts_out_and_back_exactly",),
+        "export leaves the RoPE rows half-split where HF's rope_interleave expects interleaved pairs"),
+    Mutation("hf-rope-rows-wrong-way-in", "megadual/hf/names.py",
+        "_reorder_rope_rows(name, tensor, config, interleaved_to_half_split) if interleaved",
+        "_reorder_rope_rows(name, tensor, config, half_split_to_interleaved) if interleaved",
+        ("tests/test_hf_checkpoint.py::test_hf_model_converts_in_with_its_logits_under_every_layout",),
+        "import reorders the RoPE rows with the export's permutation instead of its inverse"),
+    Mutation("hf-mtp-layer-numbered-one-late", "megadual/hf/names.py",
+        'index = int(layer[1]) + (num_layers if name.startswith("mtp.") else 0)',
+        'index = int(layer[1]) + (num_layers + 1 if name.startswith("mtp.") else 0)',
+        ("tests/test_hf_checkpoint.py::test_trained_checkpoint_converts_out_and_back_exactly",),
+        "an MTP module's transformer layer is written one layer after its enorm/hnorm/eh_proj"),
+    Mutation("hf-expert-gate-up-swapped", "megadual/hf/names.py",
+        '"mlp.experts.local.{e}.gate.weight": "mlp.experts.{e}.gate_proj.weight",\n'
+        '    "mlp.experts.local.{e}.up.weight": "mlp.experts.{e}.up_proj.weight",',
+        '"mlp.experts.local.{e}.gate.weight": "mlp.experts.{e}.up_proj.weight",\n'
+        '    "mlp.experts.local.{e}.up.weight": "mlp.experts.{e}.gate_proj.weight",',
+        ("tests/test_hf_checkpoint.py::test_hf_model_converts_in_with_its_logits_under_every_layout",),
+        "the routed experts' gate and up projections trade places on conversion (same shapes)"),
+    Mutation("hf-vocab-padding-exported", "megadual/hf/convert.py",
+        "to_hf_rows(name, tensor, m)[:vocab] if name in VOCAB_ROWS", "to_hf_rows(name, tensor, m) if name in VOCAB_ROWS",
+        ("tests/test_hf_checkpoint.py::test_trained_checkpoint_converts_out_and_back_exactly",),
+        "export keeps the --make-vocab-size-divisible-by padding rows in the embedding and head"),
+    Mutation("hf-group-rule-difference-unchecked", "megadual/hf/config_map.py",
+        "m.moe_router_topk // kept != HF_GROUP_SCORE_TOPK:", "m.moe_router_topk // kept != m.moe_router_topk // kept:",
+        ("tests/test_hf_checkpoint.py::test_conversion_refuses_what_hugging_face_would_compute_differently",),
+        "conversion does not notice that HF ranks expert groups by their top 2, megadual by its top K/M"),
+    Mutation("size-every-expert-active", "megadual/model/size.py",
+        "experts * config.moe_router_topk // config.num_experts if config.num_experts else 0", "experts",
+        ("tests/test_model_size.py::test_counts_equal_the_built_models_parameters",),
+        "the active parameter count takes every routed expert instead of top-k of them"),
     Mutation(
         'stop-not-agreed-across-ranks', 'megadual/training/stopping.py',
         'dist.all_reduce(votes, op=dist.ReduceOp.MAX)',
@@ -285,8 +384,39 @@ MUTATIONS = [
         ':',
         ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
         'the requeued job trains from scratch instead of resuming from --save'),
+    Mutation(
+        "combine-keeps-one-row", "megadual/moe/dispatcher.py",
+        "return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)",
+        "return back.new_zeros(d.num_tokens, back.shape[-1]).index_copy(0, d.token_of_row, back)",
+        ("tests/test_parallel_layouts.py::test_layout_matches_one_process[EP4-on-2-nodes-M2]",),
+        "each hop's combine keeps one of a row's returned results instead of their sum (the "
+        "hierarchical path's in-node sum included; both paths then keep the same one, so only the "
+        "comparison with one process sees it)"),
+    Mutation(
+        "hierarchical-outputs-in-sorted-order", "megadual/moe/hierarchical.py",
+        "d.gates[order])[arrival]",
+        "d.gates[order])",
+        ("tests/test_dispatch_layouts.py::test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once",),
+        "hop 2's expert outputs go back in the flat path's order instead of the order the rows arrived in"),
+    Mutation(
+        "dispatch-rows-to-self-counted", "megadual/moe/dispatcher.py",
+        "if node == own and q != index)",
+        "if node == own)",
+        ("tests/test_dispatch.py::test_a_token_crosses_to_a_node_once_and_is_forwarded_inside_it",),
+        "the intra-node rows per token count the rows a rank sends to itself"),
+    Mutation(
+        "local-dispatch-skips-fp8-rounding", "megadual/moe/dispatcher.py",
+        "            tokens = _AsDispatched.apply(tokens, self.codec)",
+        "            pass",
+        ("tests/test_dispatch.py::test_without_expert_parallelism_the_layer_skips_the_exchange_and_computes_the_same",),
+        "without expert parallelism the experts see unrounded tokens under --moe-fp8-dispatch"),
+    Mutation(
+        "emulated-link-free", "megadual/parallel/emulate.py",
+        "        _sleep_until(self._record.deadline)",
+        "        pass",
+        ("tests/test_emulate.py::test_collectives_finish_no_earlier_than_modelled_and_compute_hides_them",),
+        "an emulated collective finishes when gloo does, not when its bytes could have crossed the link"),
 ]
-
 
 class MutationError(ValueError):
     pass

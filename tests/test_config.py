@@ -27,6 +27,7 @@ def error_for(*extra: str) -> str:
     (["--save-interval", "5"], "--save-interval"),
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch"),
     (["--lr-warmup-iters", "500", "--train-iters", "10"], "--lr-warmup-iters"),
+    (["--use-distributed-optimizer", "--ddp-bucket-size", "0"], "--ddp-bucket-size"),
     (["--multi-latent-attention", "--group-query-attention"], "--group-query-attention"),
     (["--multi-latent-attention", "--qk-pos-emb-head-dim", "7"], "--qk-pos-emb-head-dim"),
     (["--multi-latent-attention", "--q-lora-rank", "-1"], "--q-lora-rank"),

@@ -21,7 +21,7 @@ from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
 from megadual.model.mtp import MultiTokenPrediction, mtp_loss_names
-from megadual.moe.layer import MoELayer
+from megadual.moe.layer import MoELayer, run_steps
 from megadual.moe.router import Router
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
@@ -145,12 +145,7 @@ class GPTChunk(torch.nn.Module):
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
                 samples: torch.Tensor | None = None) -> torch.Tensor | StageLoss:
-        steps = self.forward_steps(inputs, labels, samples)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_steps(self.forward_steps(inputs, labels, samples))
 
     def param_table(self) -> ParamTable:
         return ParamTable.build(self, mirror=self.copy, tied=self._tied)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megadual.model.gpt import loss_names
 from megadual.parallel import comm
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
@@ -46,11 +47,13 @@ def forward_only_schedule(layout: Layout, pp_size: int) -> list[list[Action]]:
 
 class Pipeline:
     """One rank of a pipeline: `model` holds its chunks; `group`/`group_ranks` are the
-    pipeline's process group and its global ranks by pipeline rank."""
+    pipeline's process group and its global ranks by pipeline rank; `accumulate_grad` takes
+    the deferred weight gradients (runtime.py)."""
 
     def __init__(self, model: StageModel, schedule: str, split_backward: bool, num_microbatches: int,
                  pp_rank: int, group, group_ranks: Sequence[int], activation_shape: Sequence[int],
-                 device: torch.device, autocast: Callable):
+                 device: torch.device, autocast: Callable,
+                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad):
         pp_size = len(group_ranks)
         self.model, self.group, self.group_ranks, self.device = model, group, list(group_ranks), device
         layout = pipeline_layout(schedule, pp_size, num_microbatches)
@@ -60,7 +63,8 @@ class Pipeline:
                   "activation_shape": activation_shape, "dtype": next(model.parameters()).dtype,
                   "device": device, "autocast": autocast}
         actions = build_schedule(schedule, pp_size, num_microbatches, split_backward)[pp_rank]
-        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common)
+        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common,
+                                             accumulate_grad=accumulate_grad)
         self.eval_runtime = PipelineRuntime(forward_only_schedule(eval_layout, pp_size)[pp_rank], eval_layout,
                                             model.chunks, **common)
         mirror = mirror_rank(layout, pp_rank)
@@ -111,6 +115,10 @@ class Pipeline:
         if self.embedding_twin is not None:
             grad = self.model.embedding.weight.grad
             grad += self._exchange(grad, self.embedding_twin)
+        self.sum_with_mirror([p.grad for _, p in sorted(self.model.named_parameters())])
+
+    def sum_with_mirror(self, tensors: list[torch.Tensor]) -> None:
+        """Add to `tensors` the mirrored rank's, which it lists in the same order and shapes
+        (nothing without a mirrored rank)."""
         if self.mirror is not None:
-            comm.coalesced([p.grad for _, p in sorted(self.model.named_parameters())],
-                           lambda flat: flat + self.from_mirror(flat))
+            comm.coalesced(tensors, lambda flat: flat + self.from_mirror(flat))

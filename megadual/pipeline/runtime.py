@@ -5,7 +5,7 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
     runtime = PipelineRuntime(actions, layout, chunks, pp_rank, group_ranks, group=None,
                               activation_shape=(seq, micro_batch, hidden), dtype=torch.float32,
                               device=None (cpu), autocast=contextlib.nullcontext, trace=False,
-                              recv_lookahead=None)
+                              recv_lookahead=None, accumulate_grad=add_to_grad)
     losses = runtime.run(microbatches)  # {log name: mean over micro-batches}, see below
     runtime.trace                       # Trace of the last run when trace=True, else None
 
@@ -22,6 +22,8 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
   `stage_model.build_stage_model(model_config, layout, pp_rank, seed).chunks` builds a rank's.
   A runtime whose actions include backwards gives each chunk its own WeightGradStore (the W
   split) and BackwardOverlap (the F&B pairing) with `chunks[c].attach_schedule(store, overlap)`.
+  `accumulate_grad(param, grad)` is where the stores put deferred weight gradients: by default
+  added into `param.grad`, with the distributed optimizer into its FP32 buckets.
 - `group_ranks[p]` is the global rank of pipeline rank p in the process group `group`
   (None: the default group) over which activations and gradients travel.
 - `activation_shape`/`dtype`: every tensor passed between stages has this shape and dtype,
@@ -68,7 +70,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.parallel import comm
-from megadual.parallel.wgrad import WeightGradStore
+from megadual.parallel.wgrad import WeightGradStore, add_to_grad
 from megadual.pipeline.actions import BACKWARD_KINDS, Action, Kind, Layout
 from megadual.pipeline.overlap import overlapped_forward_backward
 from megadual.pipeline.p2p import Mailbox
@@ -93,7 +95,8 @@ class PipelineRuntime:
     def __init__(self, actions: list[Action], layout: Layout, chunks: Sequence[torch.nn.Module], pp_rank: int,
                  group_ranks: Sequence[int], group=None, activation_shape: Sequence[int] = (),
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-                 autocast: Callable = nullcontext, trace: bool = False, recv_lookahead: int | None = None):
+                 autocast: Callable = nullcontext, trace: bool = False, recv_lookahead: int | None = None,
+                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad):
         waits_per_op = dist.is_initialized() and dist.get_backend(group) == "gloo"
         if recv_lookahead is None:
             recv_lookahead = int(waits_per_op)
@@ -107,7 +110,7 @@ class PipelineRuntime:
         self.training = any(a.backward_of is not None for a in actions)
         self.mailbox = Mailbox(group_ranks, group, activation_shape, dtype, self.device, waits_per_op,
                                self.training)
-        self.stores = [WeightGradStore() for _ in self.chunks]
+        self.stores = [WeightGradStore(accumulate_grad) for _ in self.chunks]
         self.overlaps = [comm.BackwardOverlap() for _ in self.chunks]
         self._split_later = {a.backward_of for a in actions if a.kind == Kind.BI}
         if self.training:  # a forward-only runtime on the same chunks leaves the training ones in place

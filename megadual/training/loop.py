@@ -17,10 +17,12 @@ from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
 from megadual.training.metrics import (
     IntervalLog,
@@ -41,10 +43,11 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class RunResult:
     """What a run did, for callers and tests: every step it trained, every validation loss, and
-    the model and state it ended with."""
+    the model, optimizer and state it ended with."""
     steps: list[StepResult] = field(default_factory=list)
     validation_losses: list[dict[str, float]] = field(default_factory=list)  # by log name, per evaluation
     model: StageModel | None = None
+    optimizer: torch.optim.Optimizer | DistributedOptimizer | None = None
     final_state: TrainState | None = None
     stop_reason: str | None = None  # why it stopped before --train-iters (stopping.py), if it did
 
@@ -74,8 +77,10 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
 
 
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
+    hierarchical = config.parallel.moe_token_dispatcher_type == "hierarchical"
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch)
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch,
+                        ep_node_groups=topo.ep_node_groups() if hierarchical else None)
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
@@ -92,14 +97,28 @@ def build_model(config: RunConfig, topo: Topology, device: torch.device) -> Stag
     return model.to(device)
 
 
-def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device) -> Pipeline:
+def build_model_optimizer(config: RunConfig, model: StageModel,
+                          topo: Topology) -> torch.optim.Optimizer | DistributedOptimizer:
+    """The plain AdamW, or with --use-distributed-optimizer the sharded one, which under --bf16
+    also turns the model's weights into BF16 (its FP32 masters taken first)."""
+    o = config.optim
+    if not o.use_distributed_optimizer:
+        return build_optimizer(list(model.named_parameters()), o)
+    dtype = torch.bfloat16 if config.train.bf16 else torch.float32
+    return DistributedOptimizer(model.param_table, topo, o, dtype, o.ddp_bucket_size)
+
+
+def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device,
+                   optimizer: torch.optim.Optimizer | DistributedOptimizer) -> Pipeline:
     m, p, tp = config.model, config.parallel, tensor_parallel(config, topo)
     seq = m.seq_length // tp.size if tp.sequence_parallel else m.seq_length
     n_micro = num_microbatches(config, topo.layout.dp)
     return Pipeline(model, p.pipeline_schedule, p.pipeline_split_backward, n_micro, topo.pp_rank,
                     topo.group("pp"), topo.members["pp"],
                     activation_shape=(seq, config.train.micro_batch_size, m.hidden_size), device=device,
-                    autocast=lambda: autocast_context(device, config.train.bf16))
+                    autocast=lambda: autocast_context(device, config.train.bf16),
+                    accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)
+                    else add_to_grad)
 
 
 def samples_needed(config: RunConfig) -> tuple[int, int, int]:
@@ -135,9 +154,11 @@ def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, 
 
 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
-    """Train as `config` says. `grad_hook(model)`, if given, sees the reduced gradients of every
-    step before clipping (tests compare them across layouts). A stop request (stopping.py) ends
-    the run early, after the iteration all ranks agree on, with a checkpoint when --save is set."""
+    """Train as `config` says. `grad_hook(model, gradients)`, if given, is called every step after
+    the gradients' reduction, before clipping: `gradients()` gives each of the rank's parameters'
+    reduced gradient by global name (every rank must call it; tests compare them across layouts).
+    A stop request (stopping.py) ends the run early, after the iteration all ranks agree on, with a
+    checkpoint when --save is set."""
     config = resolve_device_defaults(config, device.type)
     validate_world(config, dist.get_world_size(), local_world_size())
     t = config.train
@@ -155,9 +176,13 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
                                            warn=log if rank0 else lambda message: None)
     torch.manual_seed(t.seed)
     model = build_model(config, topo, device)
-    pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
+    optimizer = build_model_optimizer(config, model, topo)
+    # After the optimizer: the pipeline passes activations in the model's (possibly BF16) dtype.
+    pipeline = build_pipeline(config, topo, model, device, optimizer) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
-    optimizer = build_optimizer(list(model.named_parameters()), o)
+    if isinstance(optimizer, DistributedOptimizer) and rank0:
+        log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
+            f"{optimizer_state_bytes(optimizer)} bytes")
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and rank0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
@@ -215,5 +240,5 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
     if result.stop_reason and rank0:
         log(f" exiting program at iteration {state.iteration}: {result.stop_reason}; "
             + (f"checkpoint saved in {t.save}" if t.save else "nothing saved (no --save)"))
-    result.model, result.final_state = model, state
+    result.model, result.optimizer, result.final_state = model, optimizer, state
     return result

@@ -24,6 +24,7 @@ class IntervalLog:
         self.seconds = self.lm_loss = self.aux_loss = 0.0
         self.mtp_losses: list[float] = []
         self.load_ratio = self.nodes_mean = 0.0
+        self.inter_node_rows = self.intra_node_rows = 0.0
         self.nodes_max = 0
 
     def add(self, result: StepResult, seconds: float) -> None:
@@ -40,6 +41,8 @@ class IntervalLog:
         self.load_ratio = max(self.load_ratio, result.routing.max_over_mean_load)
         self.nodes_mean += result.routing.nodes_per_token_mean
         self.nodes_max = max(self.nodes_max, result.routing.nodes_per_token_max)
+        self.inter_node_rows += result.routing.inter_node_rows_per_token
+        self.intra_node_rows += result.routing.intra_node_rows_per_token
         self.grad_norm = result.grad_norm
 
 
@@ -59,7 +62,9 @@ def format_iteration(iteration: int, train_iters: int, consumed: int, lr: float,
         if is_moe:
             parts += [f"load_balancing_loss: {log.aux_loss / counted:.6E}",
                       f"moe max/mean expert load: {log.load_ratio:.3f}",
-                      f"moe nodes per token: mean {log.nodes_mean / counted:.2f} max {log.nodes_max}"]
+                      f"moe nodes per token: mean {log.nodes_mean / counted:.2f} max {log.nodes_max}",
+                      f"moe inter-node rows per token: {log.inter_node_rows / counted:.3f}",
+                      f"moe intra-node rows per token: {log.intra_node_rows / counted:.3f}"]
         parts.append(f"grad norm: {log.grad_norm:.3f}")
     parts += [f"number of skipped iterations: {log.skipped:3d}", f"number of nan iterations: {log.nan:3d}"]
     return " | ".join(parts) + " |"
