@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.parallel.context import BuildContext
+from megadual.parallel.linear import linear
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import build_stage_model, embedding_twin_rank
 from tests.test_model import CFG
@@ -102,3 +104,17 @@ def test_mtp_sits_with_the_head_and_embeds_with_an_embedding_of_its_rank(schedul
             embedders = [chunk for chunk in model.chunks if chunk.stage.has_embedding]
             for head in heads:  # the MTP embeds with the embedding of the rank's first stage
                 assert head._mtp_embed.__self__ is embedders[0] and not hasattr(head, "embedding")
+
+
+def test_every_mtp_linear_runs_through_the_layers_gemm():
+    """So FP8 (--fp8-format) covers the MTP modules' projections and experts as the main layers'."""
+    seen = set()
+
+    def gemm(x, weight, wgrad_store=None):
+        seen.add(id(weight))
+        return linear(x, weight, wgrad_store)
+
+    model = build_chunk(MTP, full_model_stage(MTP), seed=2, ctx=BuildContext(gemm=gemm))
+    model(*sample(7))
+    unseen = [name for name, p in model.mtp.named_parameters() if id(p) not in seen]
+    assert all("norm" in name or "router" in name for name in unseen), unseen

@@ -1,17 +1,20 @@
 """Multi-token prediction across real processes gives the one-process run, under every schedule.
 
-D = 1 and D = 2 under TP2+SP x EP2 (x DP2), PP2 DualPipe x EP2 (x DP2), PP4 DualPipeV and PP2 1F1B
-(x TP2+SP; the last stage's tied embedding), the W split on, checked by the layout checker
-(megadual/verify.py): every logged value of every step (the lm loss, each `mtp_k loss`, the
-validation losses with MTP's) and its grad norm, every first-step gradient, every parameter and
-buffer after the last step, and the copies of each piece equal across ranks (the tied embedding's
-included). A checkpoint saved under PP2 1F1B x TP2 resumes under PP4 DualPipeV.
+D = 1 and D = 2 under TP2+SP x EP2 (x DP2), PP2 DualPipe x EP2 (x DP2) and PP4 DualPipeV (with
+multi-head latent attention in two of them: without query compression under TP2+SP, with it
+under DualPipe), D = 2 under PP2 1F1B x TP2+SP (the last stage's tied embedding), the W split
+on, checked by the layout checker (megadual/verify.py) in one launch per world size: every
+logged value of every step (the lm loss, each `mtp_k loss`, the validation losses with MTP's)
+and its grad norm, every first-step gradient, every parameter and buffer after the last step,
+and the copies of each piece equal across ranks (the tied embedding's included). A checkpoint
+saved under PP2 1F1B x TP2 resumes under PP4 DualPipeV.
 """
 import pytest
 
 from megadual import verify
 from megadual.training.capture import relative_difference
 from tests.helpers import TINY_MOE
+from tests.test_mla_layouts import MLA
 
 # 6 layers: 1 per stage of PP4 DualPipeV with the end stages holding none (the embedding alone;
 # head and MTP alone). The learning rate decays over 3 iterations whatever --train-iters, so
@@ -20,18 +23,21 @@ ARGS = TINY_MOE + ["--num-layers", "6", "--micro-batch-size", "1", "--lr-decay-i
                    "--moe-router-bias-update-rate", "1e-2", "--eval-interval", "2", "--eval-iters", "1",
                    "--mtp-eval-loss"]
 DUALPIPEV = "pp4:dualpipev,--decoder-first-pipeline-num-layers=0,--decoder-last-pipeline-num-layers=0"
-LAYOUTS = {
-    "TP2-SPxEP2xDP2": "tp2,sp,ep2,dp2",
-    "PP2-dualpipexEP2xDP2": "pp2:dualpipe,ep2,dp2",
-    "PP4-dualpipev": DUALPIPEV,
-    "PP2-1f1bxTP2-SP": "pp2,tp2,sp",
+TP_SP, DUALPIPE = "tp2,sp,ep2,dp2", "pp2:dualpipe,ep2,dp2"
+SAVER = "D2-PP2-1f1bxTP2-SP"  # its run saves the checkpoint the resume test loads
+CASES = {  # name: (MTP depth, model flags, layout); each layout at both depths, MLA in some
+    "D1-MLA-TP2-SPxEP2xDP2": (1, MLA, TP_SP),
+    "D2-TP2-SPxEP2xDP2": (2, [], TP_SP),
+    "D1-PP2-dualpipexEP2xDP2": (1, [], DUALPIPE),
+    "D2-MLA-q-lora-PP2-dualpipexEP2xDP2": (2, MLA + ["--q-lora-rank", "24"], DUALPIPE),
+    "D1-PP4-dualpipev": (1, [], DUALPIPEV),
+    "D2-PP4-dualpipev": (2, [], DUALPIPEV),
+    SAVER: (2, [], "pp2,tp2,sp"),
 }
-DEPTHS = (1, 2)
-SAVER = "D2-PP2-1f1bxTP2-SP"
 
 
-def mtp(depth: int) -> list[str]:
-    return ARGS + ["--mtp-num-layers", str(depth)]
+def mtp(depth: int, model: list[str] = ()) -> list[str]:
+    return ARGS + list(model) + ["--mtp-num-layers", str(depth)]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +47,16 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outcomes(checkpoint):
-    """Every layout at both depths, 2 iterations; the PP2 1F1B x TP2 run at D=2 saves its state."""
-    cases = {f"D{depth}-{name}": (mtp(depth), layout) for depth in DEPTHS for name, layout in LAYOUTS.items()}
-    cases[SAVER] = (mtp(2), LAYOUTS["PP2-1f1bxTP2-SP"] + ",--save=" + checkpoint)
-    return verify.check({name: (flags + ["--train-iters", "2"], layout) for name, (flags, layout) in cases.items()})
+    """Every case, 2 iterations; the PP2 1F1B x TP2 run saves its state."""
+    saving = {SAVER: ",--save=" + checkpoint}
+    return verify.check({name: (mtp(depth, model) + ["--train-iters", "2"], layout + saving.get(name, ""))
+                         for name, (depth, model, layout) in CASES.items()})
 
 
-@pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_mtp_matches_one_process(outcomes, layout, depth):
-    outcome = outcomes[f"D{depth}-{layout}"]
-    report = outcome.report.format(f"D{depth}-{layout}")
+@pytest.mark.parametrize("case", CASES)
+def test_mtp_matches_one_process(outcomes, case):
+    outcome, depth = outcomes[case], CASES[case][0]
+    report = outcome.report.format(case)
     print(report)
     assert outcome.report.passed, report
     logged = outcome.reference.logged
@@ -62,7 +67,7 @@ def test_mtp_matches_one_process(outcomes, layout, depth):
 
 def test_mtp_checkpoint_resumes_under_another_layout(outcomes, checkpoint):
     """Saved by PP2 x TP2 1F1B (the last stage's tied embedding saved once), loaded by PP4 DualPipeV
-    for a third iteration: as PP4 DualPipeV (bit-exact to one process) training 3 at once."""
+    for a third iteration: as PP4 DualPipeV training 3 at once."""
     spec = verify.parse_layout(DUALPIPEV, ARGS)
     runs = verify.launch_all({
         "straight": (spec.world, mtp(2) + spec.flags + ["--train-iters", "3"]),
