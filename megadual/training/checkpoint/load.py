@@ -37,10 +37,8 @@ from megadual.training.checkpoint.layout import (
 )
 from megadual.training.checkpoint.state import (
     TrainState,
-    model_state,
-    optimizer_state,
-    restore_model_state,
-    restore_optimizer_state,
+    checkpoint_state,
+    restore_state,
 )
 
 
@@ -98,13 +96,9 @@ def restore(checkpoint: Checkpoint, model: StageModel, optimizer: torch.optim.Op
     older checkpoints are ignored."""
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
-    wanted = {"model": model_state(model)}
-    if load_optim:
-        wanted["optimizer"] = optimizer_state(model, optimizer)
+    wanted = checkpoint_state(model, optimizer, with_optimizer=load_optim)
     coord.everywhere(lambda: dcp.load(wanted, checkpoint_id=checkpoint.path, process_group=coord.group))
-    restore_model_state(model, wanted["model"])
-    if load_optim:
-        restore_optimizer_state(model, optimizer, wanted["optimizer"])
+    restore_state(model, optimizer, wanted)
     return TrainState() if t.finetune else checkpoint.train_state
 
 

@@ -44,7 +44,7 @@ from megadual.training.checkpoint.layout import (
     write_atomically,
     write_tracker,
 )
-from megadual.training.checkpoint.state import TrainState, model_state, optimizer_state
+from megadual.training.checkpoint.state import TrainState, checkpoint_state
 
 
 class SaveFailed(CheckpointError):
@@ -74,7 +74,7 @@ class Saver:
             leftovers = self.coord.on_rank0(lambda: self._prepare(staging))
             if leftovers:
                 self.log(f" removed what an interrupted save left in {self.root}: {', '.join(leftovers)}")
-            state_dict = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+            state_dict = checkpoint_state(model, optimizer)
             group = self._writer_group
             if self._background is None:
                 self.coord.everywhere(lambda: dcp.save(state_dict, checkpoint_id=staging, process_group=group))

@@ -2,11 +2,10 @@
 
 Tensors are keyed by global parameter name (experts by global expert index), and tensor-
 parallel shards are DTensors, pieces of the whole tensor, so a checkpoint written under one
-TP/EP/PP/DP layout loads under another. Each part has one function that gives its state dict
-for saving (and, filled by DCP, for loading) and one that restores it:
+TP/EP/PP/DP layout loads under another. Each part has one function that gives the state dicts
+for saving (and, filled by DCP, for loading) and one that restores them:
 
-    model_state / restore_model_state
-    optimizer_state / restore_optimizer_state     (the pair a distributed optimizer replaces)
+    checkpoint_state / restore_state   (the plain or the distributed optimizer)
 
 No RNG state is saved: dropout masks are a pure function of (seed, sample, position)
 (model/dropout.py) and nothing else draws random numbers after start-up.
@@ -27,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.dist_optimizer import DistributedOptimizer
 
 
 @dataclass
@@ -40,25 +40,34 @@ class TrainState:
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def model_state(model: StageModel) -> dict:
-    state = get_model_state_dict(model, options=OPTIONS)
-    _as_whole_tensors(model, state)
+def checkpoint_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
+                     with_optimizer: bool = True) -> dict:
+    """{"model": ..., "optimizer": ...} in the layout-free form, whichever optimizer: the distributed
+    one gives its FP32 masters as the weights and the same flat, whole state (gathered over DP)."""
+    model_sd = get_model_state_dict(model, options=OPTIONS)
+    if isinstance(optimizer, DistributedOptimizer):
+        weights, optim_sd = optimizer.state_dict_for_checkpoint()
+        model_sd.update(weights)
+    elif with_optimizer:
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=OPTIONS)
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optim_sd
+    for part in state.values():
+        _as_whole_tensors(model, part)
     return state
 
 
-def restore_model_state(model: StageModel, state: dict) -> None:
-    set_model_state_dict(model, _as_local_tensors(state), options=StateDictOptions(strict=True))
-
-
-def optimizer_state(model: StageModel, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state, one entry per (global parameter name, state), TP shards as DTensors."""
-    state = get_optimizer_state_dict(model, optimizer, options=OPTIONS)
-    _as_whole_tensors(model, state)
-    return state
-
-
-def restore_optimizer_state(model: StageModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optimizer, _as_local_tensors(state), options=OPTIONS)
+def restore_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, state: dict) -> None:
+    """Load what `checkpoint_state` described (and DCP filled): the model, and the optimizer when the
+    state has its part (the distributed optimizer takes its masters from the weights in any case)."""
+    model_sd = _as_local_tensors(state["model"])
+    optim_sd = _as_local_tensors(state["optimizer"]) if "optimizer" in state else None
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.load_checkpoint_state(model_sd, optim_sd)
+    elif optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=OPTIONS)
 
 
 def _as_whole_tensors(model: StageModel, state: dict) -> None:
