@@ -94,7 +94,7 @@ def test_every_process_group_waits_the_distributed_timeout(two_ranks):
     """A rank that stops leaves the others waiting in whichever collective comes next: every group
     (the world, and each one Topology builds) must give up after --distributed-timeout-minutes."""
     for *_, timeouts in two_ranks:
-        assert set(timeouts) == {"world", "dp", "dp_tp", "ep"}
+        assert {"world", "dp", "dp_tp", "ep"} <= set(timeouts)  # and the dispatch's node groups
         assert set(timeouts.values()) == {timedelta(seconds=30)}
 
 
