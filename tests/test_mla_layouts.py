@@ -24,7 +24,11 @@ LAYOUTS = {
     "PP2-dualpipexEP2xDP2": "pp2:dualpipe,ep2,dp2",
     "PP4-dualpipev": "pp4:dualpipev",
 }
-CASES = {f"{variant}-{layout}": (VARIANTS[variant], LAYOUTS[layout]) for variant in VARIANTS for layout in LAYOUTS}
+# Each variant under each kind of layout once (the MTP layout tests run MLA under these layouts too,
+# tests/test_parallel_mtp.py); both variants where TP splits the latents' projections, with and without SP.
+PAIRS = [("no-q-lora", "TP2-SPxEP2xDP2"), ("q-lora", "TP2xEP2xDP2"), ("no-q-lora", "PP2-dualpipexEP2xDP2"),
+         ("q-lora", "PP4-dualpipev")]
+CASES = {f"{variant}-{layout}": (VARIANTS[variant], LAYOUTS[layout]) for variant, layout in PAIRS}
 # MLA draws its attention-dropout masks by global head, as MHA does.
 CASES["q-lora-TP2-SPxEP2xDP2-dropout"] = (VARIANTS["q-lora"] + ["--attention-dropout", "0.2"], LAYOUTS["TP2-SPxEP2xDP2"])
 

@@ -87,10 +87,6 @@ def run_overlap_benchmark(*args: str) -> str:
                           timeout=300).stdout
 
 
-def test_overlap_benchmark_runs_and_both_ways_agree():
-    assert "same loss: True" in run_overlap_benchmark()
-
-
 def test_overlap_benchmark_runs_hierarchical_dispatch_on_given_links():
     out = run_overlap_benchmark("--ep", "4", "--ranks-per-node", "2", "--dispatcher", "hierarchical",
                                 "--emulate-links", "inter=20MB/s,10us;intra=120MB/s,2us", "--breakdown")
