@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from megadual.config_validate import (
     ATTENTION_VARIANT_FLAGS,
+    RECOMPUTE_MODULES,
     SCHEDULES,
     ConfigError,
     flag_name,
@@ -35,6 +36,7 @@ __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig
            "validate_parallel", "validate_world"]
 
 MOE, MLA, CHECKPOINTS = "mixture of experts", "multi-latent attention", "checkpointing"
+RECOMPUTE = "activation recomputation"
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
@@ -190,6 +192,16 @@ class TrainConfig:
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
     tensorboard_dir: str | None = option(None)
+    recompute_granularity: str | None = option(
+        None, "recompute activations in the backward: whole layers (full) or --recompute-modules (selective)",
+        choices=("full", "selective"), group=RECOMPUTE)
+    recompute_method: str | None = option(
+        None, "full: uniform (groups of --recompute-num-layers layers) or block (the first "
+              "--recompute-num-layers layers of each pipeline stage)", choices=("uniform", "block"), group=RECOMPUTE)
+    recompute_num_layers: int | None = option(None, "layers per group (uniform) or per stage (block)",
+                                              group=RECOMPUTE)
+    recompute_modules: tuple[str, ...] = option(("core_attn",), "what selective recomputation recomputes",
+                                                choices=RECOMPUTE_MODULES, group=RECOMPUTE)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,12 @@
-"""One decoder layer, written as explicit sub-steps a schedule can run one by one.
+"""One decoder layer, written as sub-steps a schedule can run one by one.
 
-attention (with its residual, the pre-MLP norm and routing) -> dispatch (launches the
-all-to-all, runs shared experts) -> experts (waits, computes, launches the combine)
--> combine (waits, adds the MLP residual). A dense layer runs its MLP in the experts
-step and passes through dispatch and combine.
+attention (with its residual and the pre-MLP norm) -> the MLP -> the MLP residual. An MoE
+layer's MLP pauses while each of its all-to-alls is in flight (`MoELayer.forward_steps`:
+routing and dispatch, experts and combine); a dense layer runs its MLP in one go. The
+modules the chunk's `recompute` selects (layernorm, mlp, moe; core_attn and the others
+inside the attention and the MoE layer) run as recomputed regions.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -15,18 +14,10 @@ from megadual.config import ModelConfig
 from megadual.model.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, HiddenDropout
 from megadual.model.layers import Attention, RMSNorm
 from megadual.model.mla import MultiLatentAttention
-from megadual.moe.layer import MoELayer, MoEState
+from megadual.moe.layer import MoELayer
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
-
-
-@dataclass
-class LayerState:
-    residual: torch.Tensor
-    samples: torch.Tensor | None  # the micro-batch's global sample indices, for dropout
-    mlp_input: torch.Tensor | None = None
-    moe: MoEState | None = None
-    mlp_output: torch.Tensor | None = None
+from megadual.parallel.recompute import NO_RECOMPUTE, run_steps
 
 
 class TransformerLayer(torch.nn.Module):
@@ -44,31 +35,22 @@ class TransformerLayer(torch.nn.Module):
             self.mlp = MoELayer(config, ctx)
         else:
             self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): layernorm, mlp, moe
 
-    def attention_step(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> LayerState:
-        attention = self.attention(self.input_norm(hidden), samples)
+    def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None):
+        """The layer as a generator that pauses while each expert all-to-all is in flight;
+        `samples` are the micro-batch's global sample indices (the dropout masks' key)."""
+        recompute = self.recompute
+        attention = self.attention(recompute.call("layernorm", self.input_norm, hidden), samples)
         residual = hidden + self.attention_dropout(attention, samples)
-        state = LayerState(residual, samples, mlp_input=self.pre_mlp_norm(residual))
+        mlp_input = recompute.call("layernorm", self.pre_mlp_norm, residual)
         if self.is_moe:
-            state.moe = self.mlp.route(state.mlp_input)
-        return state
-
-    def dispatch_step(self, state: LayerState) -> LayerState:
-        if self.is_moe:
-            self.mlp.dispatch_start(state.moe)
-        return state
-
-    def experts_step(self, state: LayerState) -> LayerState:
-        if self.is_moe:
-            self.mlp.experts_and_combine_start(state.moe)
+            out = yield from recompute.steps("moe", self.mlp.forward_steps, mlp_input,
+                                             recompute_context=self.mlp.router.stats_paused,
+                                             overlap=self.mlp.dispatcher.overlap)
         else:
-            state.mlp_output = self.mlp(state.mlp_input)
-        return state
-
-    def combine_step(self, state: LayerState) -> torch.Tensor:
-        out = self.mlp.combine_wait(state.moe) if self.is_moe else state.mlp_output
-        return state.residual + self.mlp_dropout(out, state.samples)
+            out = recompute.call("mlp", self.mlp, mlp_input)
+        return residual + self.mlp_dropout(out, samples)
 
     def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
-        state = self.attention_step(hidden, samples)
-        return self.combine_step(self.experts_step(self.dispatch_step(state)))
+        return run_steps(self.forward_steps(hidden, samples))

@@ -8,7 +8,9 @@ expert index), so initialization and checkpoints do not depend on the layout.
 from __future__ import annotations
 
 from collections.abc import Generator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -21,6 +23,7 @@ from megadual.moe.router import Router
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.params import ParamTable
+from megadual.parallel.recompute import Recompute, run_steps
 from megadual.parallel.rng import initialize_parameters
 from megadual.parallel.tensor import (
     ShardedLinear,
@@ -63,6 +66,16 @@ class GPTChunk(torch.nn.Module):
             # The head stays in full precision (as in DeepSeek-V3), whatever `gemm` is.
             self.output_layer = ShardedLinear(config.hidden_size, config.vocab_size, tp, 0,
                                               config.init_method_std)
+        self.overlap: comm.BackwardOverlap | None = None
+        self.recompute = Recompute(ctx.recompute.selective_modules)
+        for module in self.modules():
+            if hasattr(module, "recompute") and module is not self:
+                module.recompute = self.recompute
+        layers = list(self.layers.values())
+        full = ctx.recompute.full_layer_groups(len(layers))
+        # Consecutive runs of layers: each recomputed group alone, the layers between as one run.
+        bounds = sorted({0, len(layers), *(b for g in full for b in (g.start, g.stop))})
+        self.layer_groups = [(layers[a:b], range(a, b) in full) for a, b in zip(bounds, bounds[1:])]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids -> [seq(/TP under sequence parallel), batch, hidden]."""
@@ -83,25 +96,28 @@ class GPTChunk(torch.nn.Module):
         resume it from elsewhere - `pipeline/overlap.py` does so inside another
         micro-batch's backward - to fill the all-to-all's time with other compute.
         """
+        return (yield from self.recompute.observed(self._forward_steps(inputs, labels, samples)))
+
+    def _forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None, samples: torch.Tensor | None):
         hidden = self.embedding_dropout(self.embed(inputs), samples) if self.stage.has_embedding else inputs
-        for layer in self.layers.values():
-            state = layer.dispatch_step(layer.attention_step(hidden, samples))
-            if layer.is_moe:
-                yield  # dispatch in flight
-            state = layer.experts_step(state)
-            if layer.is_moe:
-                yield  # combine in flight
-            hidden = layer.combine_step(state)
+        for layers, recomputed in self.layer_groups:
+            if recomputed:  # --recompute-granularity full: only the group's input is kept
+                hidden = yield from self.recompute.region_steps(
+                    self._layers_steps, (hidden, samples, layers), partial(_routers_paused, layers),
+                    self.overlap)
+            else:
+                hidden = yield from self._layers_steps(hidden, samples, layers)
         return self.loss(hidden, labels) if self.stage.has_head else hidden
+
+    @staticmethod
+    def _layers_steps(hidden: torch.Tensor, samples: torch.Tensor | None, layers: list[TransformerLayer]):
+        for layer in layers:
+            hidden = yield from layer.forward_steps(hidden, samples)
+        return hidden
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
                 samples: torch.Tensor | None = None) -> torch.Tensor:
-        steps = self.forward_steps(inputs, labels, samples)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_steps(self.forward_steps(inputs, labels, samples))
 
     def param_table(self) -> ParamTable:
         return ParamTable.build(self, mirror=self.copy)
@@ -109,11 +125,21 @@ class GPTChunk(torch.nn.Module):
     def attach_schedule(self, store: WeightGradStore | None, overlap: comm.BackwardOverlap | None) -> None:
         """Route the weight gradients of every linear through `store` (the W split) and let
         `overlap` fill the backward's expert all-to-alls (the paired F&B chunk)."""
+        self.overlap, self.recompute.wgrad_store = overlap, store
         for module in self.modules():
             if isinstance(module, ShardedLinear | Router):
                 module.wgrad_store = store
             elif isinstance(module, MoELayer):
                 module.dispatcher.overlap = overlap
+
+
+def _routers_paused(layers: list[TransformerLayer]) -> ExitStack:
+    """The routers of `layers` not counting (while a full-layer region is recomputed)."""
+    stack = ExitStack()
+    for layer in layers:
+        if layer.is_moe:
+            stack.enter_context(layer.mlp.router.stats_paused())
+    return stack
 
 
 def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, ctx: BuildContext = ONE_PROCESS,

@@ -3,7 +3,8 @@
 route -> dispatch_start -> experts_and_combine_start -> combine_wait. Each step after
 the first begins by waiting for the all-to-all the previous one launched, so a
 schedule running the steps of two micro-batches alternately overlaps one's
-all-to-alls with the other's compute. `forward` runs them in order.
+all-to-alls with the other's compute: `forward_steps` runs them as a generator that
+pauses while each all-to-all is in flight, `forward` runs them in order.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from megadual.moe.router import Router, Routing
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
+from megadual.parallel.recompute import NO_RECOMPUTE, run_steps
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -72,6 +74,7 @@ class MoELayer(torch.nn.Module):
         # The lm loss of each micro-batch is divided by the number of micro-batches;
         # the balance loss's gradient must be scaled the same way.
         self.aux_loss_grad_scale = 1.0
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py)
 
     @property
     def _splits_sequence(self) -> bool:
@@ -90,7 +93,7 @@ class MoELayer(torch.nn.Module):
         r = state.routing
         state.pending_dispatch = self.dispatcher.dispatch_start(state.tokens, r.indices, r.gates)
         if self.shared is not None:
-            state.shared_output = self.shared(state.moe_input)
+            state.shared_output = self.recompute.call("shared_experts", self.shared, state.moe_input)
         return state
 
     def experts_and_combine_start(self, state: MoEState) -> MoEState:
@@ -108,5 +111,13 @@ class MoELayer(torch.nn.Module):
             out = out + state.shared_output
         return _AttachAuxLoss.apply(out, state.routing.aux_loss, self.aux_loss_grad_scale)
 
+    def forward_steps(self, x: torch.Tensor):
+        """The layer as a generator that pauses while the dispatch and the combine are in flight."""
+        state = self.dispatch_start(self.route(x))
+        yield
+        state = self.experts_and_combine_start(state)
+        yield
+        return self.combine_wait(state)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine_wait(self.experts_and_combine_start(self.dispatch_start(self.route(x))))
+        return run_steps(self.forward_steps(x))

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from megadual.parallel.linear import linear
+from megadual.parallel.recompute import RecomputePlan
 from megadual.parallel.tensor import NO_TP, TensorParallel
 
 
@@ -16,6 +17,7 @@ class BuildContext:
     num_nodes: int = 1  # nodes the EP group spans, for node-limited routing
     gemm: Callable = linear  # the linear GEMM: full precision, or fp8.linear.fp8_linear
     fp8_dispatch: bool = False  # tokens travel to their experts in E4M3
+    recompute: RecomputePlan = RecomputePlan()  # activations recomputed in the backward
 
 
 ONE_PROCESS = BuildContext()
