@@ -266,10 +266,11 @@ class _Region:
 
         def record(tensor: torch.Tensor) -> torch.Tensor:
             index, count[0] = count[0], count[0] + 1
+            kept = tensor.detach()  # the recomputation's graph never runs its backward: no cycle through it
             if index in self.dropped:
-                self.recomputed[index] = kept = tensor.detach()
+                self.recomputed[index] = kept
                 self._observe(kept)
-            return tensor
+            return kept
 
         inputs = [x.detach().requires_grad_(rg) if torch.is_tensor(x) else x
                   for x, rg in zip(self.inputs, self.requires_grad)]

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.loop import RunResult, pretrain
+from megadual.training.memory import MemoryReport
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Capture:
     first_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
     replica_spread: dict[str, float] = field(default_factory=dict)
+    memory: list[MemoryReport] = field(default_factory=list)  # every rank's, by rank
 
 
 def relative_difference(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
@@ -112,8 +114,9 @@ def capture_run(config: RunConfig, device: torch.device) -> Capture | None:
 
     result = pretrain(config, device, log=lambda line: None, grad_hook=grad_hook)
     final = _gather(_pieces(result.model, values=True))
+    memory = _gather([result.memory])
     if final is None:
         return None
     values, spread = assemble(final)
     grads = assemble(first_step["grads"])[0]
-    return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread)
+    return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, memory)

@@ -13,6 +13,7 @@ from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
+from megadual.parallel.recompute import RecomputePlan
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.driver import Pipeline
@@ -20,6 +21,7 @@ from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megadual.training.distributed import local_world_size
+from megadual.training.memory import MemoryMeasurement, MemoryReport
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
@@ -37,6 +39,7 @@ class RunResult:
     validation_losses: list[float] = field(default_factory=list)
     model: StageModel | None = None
     final_state: TrainState | None = None
+    memory: MemoryReport | None = None  # this rank's, measured in the run's first step
 
     @property
     def losses(self) -> list[float]:
@@ -63,9 +66,15 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
     return TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
 
 
+def recompute_plan(config: RunConfig) -> RecomputePlan:
+    t = config.train
+    return RecomputePlan(t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
+                         frozenset(t.recompute_modules))
+
+
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch)
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch, recompute_plan(config))
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
@@ -149,12 +158,14 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
     result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
     is_moe = config.model.num_experts > 0
+    memory = MemoryMeasurement(model, optimizer, device)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
         batches = next_batches(train_loader, n_micro)
-        step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
-                          device, t.bf16, grad_hook, pipeline)
+        with memory.first_step(state.iteration, log):  # then every rank logs its memory report
+            step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
+                              device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
@@ -188,7 +199,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
             break
     if t.save and not saved:
         save_checkpoint(t.save, model, optimizer, state, config)
-    result.model, result.final_state = model, state
+    result.model, result.final_state, result.memory = model, state, memory.report
     return result
 
 
