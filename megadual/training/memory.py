@@ -54,41 +54,34 @@ class ActivationTracker:
     """Counts the bytes held for the backward (a recompute.SavedTensorObserver).
 
     It is told of every tensor autograd saves in a chunk's forward outside recomputed regions,
-    every input a region keeps and every tensor a region recomputes (parallel/recompute.py). A
-    storage counts once, whole, from the first time a tensor on it is seen until every tensor
-    object seen on it is freed: a tensor saved by several ops, or several views of one storage,
-    count once; a tensor stays counted while anything holds it - autograd until its backward, a
-    deferred W the linear input it needs - and is let go the moment it is freed. FP8 caches count
+    every input a region keeps and every tensor a region recomputes (parallel/recompute.py). It
+    counts storages, each whole and once, from the first time a tensor on it is seen until the
+    storage itself is freed: a tensor saved by several ops, or several views of one storage,
+    count once, and a storage stays counted while anything holds it - autograd until its
+    backward, a deferred W the linear input it needs (autograd hands a backward a new tensor on
+    the saved storage, so liveness is the storage's, not the tensor object's). FP8 caches count
     as stored: one byte per element plus their scales. Saved weights (the parameters' storages)
     are no activations and are left out; autocast's BF16 copies of FP32 weights are counted.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor]):
         self.leave_out = {storage_of(p) for p in parameters}
-        self.live: dict[Storage, list[int]] = {}  # storage -> [tensor objects alive, bytes]
-        self.seen: set[int] = set()  # ids of the live tensor objects already counted
+        self.live: dict[Storage, int] = {}  # storage -> bytes
         self.current = self.peak = 0
 
     def saved(self, tensor: torch.Tensor) -> None:
-        key = storage_of(tensor)
-        if key in self.leave_out or id(tensor) in self.seen:
+        storage = tensor.untyped_storage()
+        key = str(tensor.device), storage.data_ptr()
+        if key in self.leave_out or key in self.live:
             return
-        self.seen.add(id(tensor))
-        entry = self.live.get(key)
-        if entry is None:
-            entry = self.live[key] = [0, tensor.untyped_storage().nbytes()]
-            self.current += entry[1]
-            self.peak = max(self.peak, self.current)
-        entry[0] += 1
-        weakref.finalize(tensor, self._freed, key, id(tensor))
+        self.live[key] = storage.nbytes()
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        # Storages keep their Python object while they live: this fires when the memory is freed.
+        weakref.finalize(storage, self._freed, key)
 
-    def _freed(self, key: Storage, tensor_id: int) -> None:
-        self.seen.discard(tensor_id)
-        entry = self.live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self.live[key]
-            self.current -= entry[1]
+    def _freed(self, key: Storage) -> None:
+        self.current -= self.live.pop(key)
 
 
 @dataclass(frozen=True)
