@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 from typing import Self
 
 from megadual.config import ModelConfig

@@ -1,184 +1,110 @@
 """python -m megadual.plan: the memory of every rank before launch, and the layouts that fit.
 
     python -m megadual.plan [pretrain_moe.py flags] --world-size N
-    python -m megadual.plan [model flags] --gpus N --gpu-memory-gib G [throughput and link flags]
+    python -m megadual.plan [model flags] --gpus N --gpu-memory-gib G [hardware flags]
 
 The first form predicts, per pipeline rank (every data/tensor/expert-parallel rank of a stage
 holds the same at balanced routing), what the memory report measures after the first
 iteration: parameters and gradients of the stages it holds (DualPipe: two copies), optimizer
 state with and without --use-distributed-optimizer, and the peak activations: the per-micro-
-batch activations of each stage (megadual/memory_model.py) walked through the rank's schedule.
-The second form searches layouts (layout_search.py).
+batch activations of each stage (megadual/memory_model.py) walked through the rank's schedule
+(megadual/rank_memory.py). The second form searches layouts (megadual/layout_search.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+import time
 
-from megadual.config import ModelConfig, RunConfig
+from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import ConfigError, num_microbatches, validate_world
-from megadual.memory_model import FP32, Activations, Shape, peak_bytes, stage_activations
-from megadual.model.gpt import StageSpec, full_model_stage
-from megadual.parallel.recompute import RecomputePlan
-from megadual.pipeline.schedules import build_schedule, pipeline_layout
-from megadual.pipeline.stage_model import stage_specs
+from megadual.layout_search import Hardware, search
+from megadual.rank_memory import RankMemory, distributed_optimizer, layout_of, predict, recompute_plan
 from pretrain_moe import load_config
 
 MB = 1024.0 * 1024.0
 
 
-@dataclass(frozen=True)
-class ParamCount:
-    elements: int = 0
-    tensors: int = 0
-    expert_elements: int = 0  # of `elements`, routed experts' (sharded over expert-DP, not DP)
-
-    def __add__(self, other: ParamCount) -> ParamCount:
-        return ParamCount(self.elements + other.elements, self.tensors + other.tensors,
-                          self.expert_elements + other.expert_elements)
-
-
-def _dense(*sizes: int) -> ParamCount:
-    return ParamCount(sum(sizes), len(sizes))
-
-
-def layer_parameters(c: ModelConfig, layer: int, tp: int, ep: int) -> ParamCount:
-    """One layer's parameters on one rank (TP shards, this EP rank's experts)."""
-    h = c.hidden_size
-    count = _dense(h, h)  # the two norms
-    if c.multi_latent_attention:
-        heads, qk = c.num_attention_heads // tp, c.qk_head_dim + c.qk_pos_emb_head_dim
-        query = (_dense(h * c.q_lora_rank, c.q_lora_rank, c.q_lora_rank * heads * qk) if c.q_lora_rank
-                 else _dense(h * heads * qk))
-        count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim), c.kv_lora_rank,
-                                c.kv_lora_rank * heads * (c.qk_head_dim + c.v_head_dim), heads * c.v_head_dim * h)
-    else:
-        d, heads, groups = c.head_dim, c.num_attention_heads // tp, c.num_query_groups // tp
-        count += _dense(h * heads * d, h * groups * d, h * groups * d, heads * d * h)
-    if not c.is_moe_layer(layer):
-        return count + _dense(*[h * c.ffn_hidden_size // tp] * 3)
-    count += _dense(c.num_experts * h)  # the router
-    if c.moe_shared_expert_intermediate_size:
-        count += _dense(*[h * c.moe_shared_expert_intermediate_size // tp] * 3)
-    experts = c.num_experts // ep
-    per_expert = 3 * h * c.moe_ffn_hidden_size
-    return count + ParamCount(experts * per_expert, 3 * experts, experts * per_expert)
-
-
-def stage_parameters(c: ModelConfig, stage: StageSpec, tp: int, ep: int) -> ParamCount:
-    count = ParamCount()
-    vocab_rows = c.vocab_size // tp
-    if stage.has_embedding:
-        count += _dense(vocab_rows * c.hidden_size)
-    for layer in range(stage.first_layer, stage.last_layer):
-        count += layer_parameters(c, layer, tp, ep)
-    if stage.has_head:
-        count += _dense(c.hidden_size, vocab_rows * c.hidden_size)
-    return count
-
-
-@dataclass(frozen=True)
-class RankMemory:
-    """Bytes one rank holds (the memory report's fields); optimizer state both ways."""
-    pp_rank: int
-    parameters: float
-    gradients: float
-    optimizer_state: float  # the plain AdamW's
-    optimizer_state_distributed: float  # --use-distributed-optimizer's
-    peak_activations: float
-    distributed_optimizer: bool = False
-
-    @property
-    def total(self) -> float:
-        state = self.optimizer_state_distributed if self.distributed_optimizer else self.optimizer_state
-        return self.parameters + self.gradients + state + self.peak_activations
-
-
-@dataclass(frozen=True)
-class Layout:
-    world: int
-    tp: int
-    pp: int
-    ep: int
-    schedule: str
-
-    @property
-    def dp(self) -> int:
-        return self.world // (self.tp * self.pp)
-
-
-def layout_of(config: RunConfig, world: int) -> Layout:
-    p = config.parallel
-    return Layout(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                  p.expert_model_parallel_size, p.pipeline_schedule)
-
-
-def recompute_plan(config: RunConfig) -> RecomputePlan:
-    t = config.train
-    return RecomputePlan(t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
-                         frozenset(t.recompute_modules))
-
-
-def rank_stages(config: RunConfig, layout: Layout, n_micro: int) -> list[list[StageSpec]]:
-    """The stages (chunks, in local chunk order) each pipeline rank holds."""
-    if layout.pp == 1:
-        return [[full_model_stage(config.model)]]
-    placement = pipeline_layout(layout.schedule, layout.pp, n_micro)
-    p = config.parallel
-    specs = stage_specs(config.model.num_layers, len(placement.paths[0]), p.decoder_first_pipeline_num_layers,
-                        p.decoder_last_pipeline_num_layers)
-    held = [[] for _ in range(layout.pp)]
-    for path in placement.paths:
-        for stage, (rank, chunk) in enumerate(path):
-            held[rank].append((chunk, specs[stage]))
-    return [[spec for _, spec in sorted(chunks, key=lambda item: item[0])] for chunks in held]
-
-
-def shape_of(config: RunConfig, layout: Layout) -> Shape:
-    gemm_bytes = 1 if config.fp8.fp8_format else 2 if config.train.bf16 else FP32
-    return Shape(config.model.seq_length, config.train.micro_batch_size, layout.tp,
-                 config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes)
-
-
-def predict(config: RunConfig, world: int) -> list[RankMemory]:
-    """Every pipeline rank's memory (see the module's doc)."""
+def format_ranks(config: RunConfig, world: int, ranks: list[RankMemory]) -> str:
     layout = layout_of(config, world)
-    n_micro = num_microbatches(config, layout.dp)
-    plan, shape, c = recompute_plan(config), shape_of(config, layout), config.model
-    stages = rank_stages(config, layout, n_micro)
-    schedules = (build_schedule(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
-                 if layout.pp > 1 else None)
-    distributed = distributed_optimizer(config)
-    weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
-    ranks = []
-    for pp_rank, chunks in enumerate(stages):
-        params = ParamCount()
-        for spec in chunks:
-            params += stage_parameters(c, spec, layout.tp, layout.ep)
-        acts = [stage_activations(c, shape, range(s.first_layer, s.last_layer), s.has_embedding, s.has_head, plan)
-                for s in chunks]
-        peak = peak_bytes(schedules[pp_rank], acts) if schedules else acts[0].kept + max(0.0, acts[0].transient)
-        ranks.append(RankMemory(pp_rank, params.elements * weight_bytes, params.elements * FP32,
-                                _adam_bytes(params), _distributed_adam_bytes(params, layout, weight_bytes), peak,
-                                distributed))
-    return ranks
+    t, unit = config.train, "GiB" if max(r.total for r in ranks) > 2 ** 30 else "MB"
+    scale = 2.0 ** 30 if unit == "GiB" else MB
+    plan = recompute_plan(config)
+    recompute = plan.granularity or "none"
+    if plan.granularity == "selective":
+        recompute += " (" + ", ".join(sorted(plan.modules)) + ")"
+    elif plan.granularity == "full":
+        recompute += f" ({plan.method}, {plan.num_layers} layers)"
+    lines = [(f"{world} ranks: TP{layout.tp} x PP{layout.pp} ({layout.schedule}) x DP{layout.dp}, EP{layout.ep}; "
+             f"{num_microbatches(config, layout.dp)} micro-batches of {t.micro_batch_size} x "
+             f"{config.model.seq_length} tokens; recomputation: {recompute}; "
+             f"{'bf16' if t.bf16 else 'fp32'}{', FP8' if config.fp8.fp8_format else ''}"),
+             (f"per rank ({unit})  parameters  gradients  optimizer state (plain / distributed)  peak activations"
+             f"  total ({'distributed' if distributed_optimizer(config) else 'plain'} optimizer)")]
+    for r in ranks:
+        lines.append(f"pipeline rank {r.pp_rank:<3} {r.parameters / scale:>11.3f} {r.gradients / scale:>10.3f} "
+                     f"{r.optimizer_state / scale:>16.3f} / {r.optimizer_state_distributed / scale:<19.3f} "
+                     f"{r.peak_activations / scale:>16.3f}  {r.total / scale:>8.3f}")
+    return "\n".join(lines)
 
 
-def distributed_optimizer(config: RunConfig) -> bool:
-    # --use-distributed-optimizer arrives with the distributed optimizer (branch i13-distopt).
-    return getattr(config.optim, "use_distributed_optimizer", False)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megadual.plan", allow_abbrev=False,
+                                     usage="%(prog)s [pretrain_moe.py flags] (--world-size N | --gpus N "
+                                           "--gpu-memory-gib G [hardware flags])",
+                                     description=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--world-size", type=int, help="predict each rank's memory for the flags' layout")
+    parser.add_argument("--gpus", type=int, help="list the layouts that fit this many GPUs")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    hw = Hardware()
+    parser.add_argument("--gpu-tflops", type=float, default=hw.tflops, help="achieved BF16 TFLOP/s per GPU")
+    parser.add_argument("--nvlink-gbps", type=float, default=hw.nvlink_gbps, help="GB/s per GPU within a node")
+    parser.add_argument("--ib-gbps", type=float, default=hw.ib_gbps, help="GB/s per GPU between nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=hw.gpus_per_node)
+    parser.add_argument("--memory-fraction", type=float, default=hw.memory_fraction,
+                        help="of the GPU memory a layout may fill (the rest: CUDA context, buffers, fragmentation)")
+    parser.add_argument("--top", type=int, default=10, help="layouts listed")
+    return parser
 
 
-def _adam_bytes(params: ParamCount) -> float:
-    """AdamW: two FP32 moments per element and a step count per tensor."""
-    return 2 * FP32 * params.elements + FP32 * params.tensors
+def _config(flags: list[str]) -> RunConfig:
+    if "--data-path" not in flags and "--mock-data" not in flags:
+        flags = [*flags, "--mock-data"]
+    return resolve_device_defaults(load_config(flags), "cuda" if "--bf16" in flags else "cpu")
 
 
-def _distributed_adam_bytes(params: ParamCount, layout: Layout, weight_bytes: int) -> float:
-    """ZeRO-1: moments (and FP32 masters beside BF16 weights) of this rank's 1/DP shard; experts'
-    over their expert-DP group (DP x TP / EP ranks)."""
-    per_element = 2 * FP32 + (FP32 if weight_bytes != FP32 else 0)
-    expert_dp = max(1, layout.dp * layout.tp // layout.ep)
-    dense = params.elements - params.expert_elements
-    return per_element * (dense / layout.dp + params.expert_elements / expert_dp)
+def main(argv: list[str] | None = None) -> int:
+    args, flags = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = _config(flags)
+        if args.gpus:
+            hw = Hardware(args.gpus_per_node, args.gpu_tflops, args.nvlink_gbps, args.ib_gbps, args.memory_fraction)
+            print(format_search(config, args.gpus, args.gpu_memory_gib, hw, args.top))
+            return 0
+        if not args.world_size:
+            raise ConfigError("give --world-size N (memory per rank) or --gpus N (the layouts that fit)")
+        validate_world(config, args.world_size, config.parallel.moe_ranks_per_node or args.world_size)
+        print(format_ranks(config, args.world_size, predict(config, args.world_size)))
+    except (ConfigError, ValueError) as error:
+        print(f"megadual.plan: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def format_search(config: RunConfig, gpus: int, memory_gib: float, hw: Hardware, top: int) -> str:
+    start = time.perf_counter()
+    fits, tried = search(config, gpus, memory_gib, hw)
+    m, t = config.model, config.train
+    tokens = t.global_batch_size * m.seq_length
+    lines = [(f"{gpus} GPUs of {memory_gib:g} GiB, global batch {t.global_batch_size} x {m.seq_length} tokens; "
+             f"{hw.describe()}"),
+             f"{len(fits)} of {tried} layouts fit ({time.perf_counter() - start:.1f} s); the fastest:",
+             f"{'layout':<70} {'max GiB':>8} {'step s':>8} {'tokens/s/GPU':>13}"]
+    for fit in fits[:top]:
+        lines.append(f"{fit.describe(gpus):<70} {fit.peak_bytes / 2 ** 30:>8.1f} {fit.step_seconds:>8.2f} "
+                     f"{tokens / fit.step_seconds / gpus:>13.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

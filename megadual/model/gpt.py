@@ -7,6 +7,7 @@ expert index), so initialization and checkpoints do not depend on the layout.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Generator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class GPTChunk(torch.nn.Module):
         full = ctx.recompute.full_layer_groups(len(layers))
         # Consecutive runs of layers: each recomputed group alone, the layers between as one run.
         bounds = sorted({0, len(layers), *(b for g in full for b in (g.start, g.stop))})
-        self.layer_groups = [(layers[a:b], range(a, b) in full) for a, b in zip(bounds, bounds[1:])]
+        self.layer_groups = [(layers[a:b], range(a, b) in full) for a, b in itertools.pairwise(bounds)]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids -> [seq(/TP under sequence parallel), batch, hidden]."""

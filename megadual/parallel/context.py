@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megadual.parallel.linear import linear
 from megadual.parallel.recompute import RecomputePlan
@@ -17,7 +17,7 @@ class BuildContext:
     num_nodes: int = 1  # nodes the EP group spans, for node-limited routing
     gemm: Callable = linear  # the linear GEMM: full precision, or fp8.linear.fp8_linear
     fp8_dispatch: bool = False  # tokens travel to their experts in E4M3
-    recompute: RecomputePlan = RecomputePlan()  # activations recomputed in the backward
+    recompute: RecomputePlan = field(default_factory=RecomputePlan)  # activations recomputed in the backward
 
 
 ONE_PROCESS = BuildContext()

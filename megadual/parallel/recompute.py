@@ -196,7 +196,7 @@ def _identity(x):
 
 class _Dropped:
     """What autograd keeps in place of a dropped tensor: the region and the tensor's place."""
-    __slots__ = ("region", "index")
+    __slots__ = ("index", "region")
 
     def __init__(self, region: _Region, index: int):
         self.region, self.index = region, index

@@ -1,0 +1,170 @@
+"""One rank's memory before launch: parameters, gradients and optimizer state of the stages it
+holds (DualPipe: both copies), and the peak activations of its schedule (memory_model.py).
+What `python -m megadual.plan --world-size N` prints and the memory report measures."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megadual.config import ModelConfig, RunConfig
+from megadual.config_validate import num_microbatches
+from megadual.memory_model import FP32, Shape, peak_bytes, stage_activations
+from megadual.model.gpt import StageSpec, full_model_stage
+from megadual.parallel.recompute import RecomputePlan
+from megadual.pipeline.schedules import build_schedule, pipeline_layout
+from megadual.pipeline.stage_model import stage_specs
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    elements: int = 0
+    tensors: int = 0
+    expert_elements: int = 0  # of `elements`, routed experts' (sharded over expert-DP, not DP)
+
+    def __add__(self, other: ParamCount) -> ParamCount:
+        return ParamCount(self.elements + other.elements, self.tensors + other.tensors,
+                          self.expert_elements + other.expert_elements)
+
+
+def _dense(*sizes: int) -> ParamCount:
+    return ParamCount(sum(sizes), len(sizes))
+
+
+def layer_parameters(c: ModelConfig, layer: int, tp: int, ep: int) -> ParamCount:
+    """One layer's parameters on one rank (TP shards, this EP rank's experts)."""
+    h = c.hidden_size
+    count = _dense(h, h)  # the two norms
+    if c.multi_latent_attention:
+        heads, qk = c.num_attention_heads // tp, c.qk_head_dim + c.qk_pos_emb_head_dim
+        query = (_dense(h * c.q_lora_rank, c.q_lora_rank, c.q_lora_rank * heads * qk) if c.q_lora_rank
+                 else _dense(h * heads * qk))
+        count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim), c.kv_lora_rank,
+                                c.kv_lora_rank * heads * (c.qk_head_dim + c.v_head_dim), heads * c.v_head_dim * h)
+    else:
+        d, heads, groups = c.head_dim, c.num_attention_heads // tp, c.num_query_groups // tp
+        count += _dense(h * heads * d, h * groups * d, h * groups * d, heads * d * h)
+    if not c.is_moe_layer(layer):
+        return count + _dense(*[h * c.ffn_hidden_size // tp] * 3)
+    count += _dense(c.num_experts * h)  # the router
+    if c.moe_shared_expert_intermediate_size:
+        count += _dense(*[h * c.moe_shared_expert_intermediate_size // tp] * 3)
+    experts = c.num_experts // ep
+    per_expert = 3 * h * c.moe_ffn_hidden_size
+    return count + ParamCount(experts * per_expert, 3 * experts, experts * per_expert)
+
+
+def stage_parameters(c: ModelConfig, stage: StageSpec, tp: int, ep: int) -> ParamCount:
+    count = ParamCount()
+    vocab_rows = c.vocab_size // tp
+    if stage.has_embedding:
+        count += _dense(vocab_rows * c.hidden_size)
+    for layer in range(stage.first_layer, stage.last_layer):
+        count += layer_parameters(c, layer, tp, ep)
+    if stage.has_head:
+        count += _dense(c.hidden_size, vocab_rows * c.hidden_size)
+    return count
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds (the memory report's fields); optimizer state both ways."""
+    pp_rank: int
+    parameters: float
+    gradients: float
+    optimizer_state: float  # the plain AdamW's
+    optimizer_state_distributed: float  # --use-distributed-optimizer's
+    peak_activations: float
+    distributed_optimizer: bool = False
+
+    @property
+    def total(self) -> float:
+        state = self.optimizer_state_distributed if self.distributed_optimizer else self.optimizer_state
+        return self.parameters + self.gradients + state + self.peak_activations
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    ep: int
+    schedule: str
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+
+def layout_of(config: RunConfig, world: int) -> Layout:
+    p = config.parallel
+    return Layout(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                  p.expert_model_parallel_size, p.pipeline_schedule)
+
+
+def recompute_plan(config: RunConfig) -> RecomputePlan:
+    t = config.train
+    return RecomputePlan(t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
+                         frozenset(t.recompute_modules))
+
+
+def rank_stages(config: RunConfig, layout: Layout, n_micro: int) -> list[list[StageSpec]]:
+    """The stages (chunks, in local chunk order) each pipeline rank holds."""
+    if layout.pp == 1:
+        return [[full_model_stage(config.model)]]
+    placement = pipeline_layout(layout.schedule, layout.pp, n_micro)
+    p = config.parallel
+    specs = stage_specs(config.model.num_layers, len(placement.paths[0]), p.decoder_first_pipeline_num_layers,
+                        p.decoder_last_pipeline_num_layers)
+    held = [[] for _ in range(layout.pp)]
+    for path in placement.paths:
+        for stage, (rank, chunk) in enumerate(path):
+            held[rank].append((chunk, specs[stage]))
+    return [[spec for _, spec in sorted(chunks, key=lambda item: item[0])] for chunks in held]
+
+
+def shape_of(config: RunConfig, layout: Layout) -> Shape:
+    gemm_bytes = 1 if config.fp8.fp8_format else 2 if config.train.bf16 else FP32
+    return Shape(config.model.seq_length, config.train.micro_batch_size, layout.tp,
+                 config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes)
+
+
+def predict(config: RunConfig, world: int) -> list[RankMemory]:
+    """Every pipeline rank's memory (see the module's doc)."""
+    layout = layout_of(config, world)
+    n_micro = num_microbatches(config, layout.dp)
+    plan, shape, c = recompute_plan(config), shape_of(config, layout), config.model
+    stages = rank_stages(config, layout, n_micro)
+    schedules = (build_schedule(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
+                 if layout.pp > 1 else None)
+    distributed = distributed_optimizer(config)
+    weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
+    ranks = []
+    for pp_rank, chunks in enumerate(stages):
+        params = ParamCount()
+        for spec in chunks:
+            params += stage_parameters(c, spec, layout.tp, layout.ep)
+        acts = [stage_activations(c, shape, range(s.first_layer, s.last_layer), s.has_embedding, s.has_head, plan)
+                for s in chunks]
+        peak = peak_bytes(schedules[pp_rank], acts) if schedules else acts[0].kept + max(0.0, acts[0].transient)
+        ranks.append(RankMemory(pp_rank, params.elements * weight_bytes, params.elements * FP32,
+                                _adam_bytes(params), _distributed_adam_bytes(params, layout, weight_bytes), peak,
+                                distributed))
+    return ranks
+
+
+def distributed_optimizer(config: RunConfig) -> bool:
+    # --use-distributed-optimizer arrives with the distributed optimizer (branch i13-distopt).
+    return getattr(config.optim, "use_distributed_optimizer", False)
+
+
+def _adam_bytes(params: ParamCount) -> float:
+    """AdamW: two FP32 moments per element and a step count per tensor."""
+    return 2 * FP32 * params.elements + FP32 * params.tensors
+
+
+def _distributed_adam_bytes(params: ParamCount, layout: Layout, weight_bytes: int) -> float:
+    """ZeRO-1: moments (and FP32 masters beside BF16 weights) of this rank's 1/DP shard; experts'
+    over their expert-DP group (DP x TP / EP ranks)."""
+    per_element = 2 * FP32 + (FP32 if weight_bytes != FP32 else 0)
+    expert_dp = max(1, layout.dp * layout.tp // layout.ep)
+    dense = params.elements - params.expert_elements
+    return per_element * (dense / layout.dp + params.expert_elements / expert_dp)
