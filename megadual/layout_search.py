@@ -63,6 +63,7 @@ class Hardware:
 class Fit:
     config: RunConfig
     recompute: str
+    distributed: bool
     memory: list[RankMemory]
     step_seconds: float
 
@@ -75,11 +76,7 @@ class Fit:
         dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
         return (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} {p.pipeline_schedule:<9} "
                 f"EP{p.expert_model_parallel_size:<3} DP{dp:<4} mb{t.micro_batch_size} {self.recompute:<18} "
-                f"{'ZeRO-1' if _distributed(self.config) else 'plain ':<6}")
-
-
-def _distributed(config: RunConfig) -> bool:
-    return getattr(config.optim, "use_distributed_optimizer", False)
+                f"{'ZeRO-1' if self.distributed else 'plain ':<6}")
 
 
 def end_stage_layers(num_layers: int, stages: int) -> tuple[int | None, int | None]:
@@ -113,25 +110,22 @@ def candidates(base: RunConfig, world: int, hw: Hardware):
                            decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
                            moe_ranks_per_node=hw.gpus_per_node)
         train = replace(base.train, micro_batch_size=mb, **RECOMPUTE_CHOICES[recompute])
-        optim = replace(base.optim, use_distributed_optimizer=True) if distributed else base.optim
-        if distributed and not hasattr(base.optim, "use_distributed_optimizer"):
-            continue  # the flag arrives with the distributed optimizer
-        config = replace(base, parallel=parallel, train=train, optim=optim)
+        config = replace(base, parallel=parallel, train=train)
         try:
             validate_world(config, world, hw.gpus_per_node)
         except ConfigError:
             continue
-        yield config, recompute
+        yield config, recompute, distributed
 
 
 def search(base: RunConfig, world: int, gpu_memory_gib: float, hw: Hardware) -> tuple[list[Fit], int]:
     """(the layouts that fit, fastest first; how many layouts were tried)."""
     fits, tried = [], 0
-    for config, recompute in candidates(base, world, hw):
+    for config, recompute, distributed in candidates(base, world, hw):
         tried += 1
-        memory = predict(config, world)
+        memory = predict(config, world, distributed)
         if max(rank.total for rank in memory) <= hw.memory_fraction * gpu_memory_gib * GIB:
-            fits.append(Fit(config, recompute, memory, step_seconds(config, world, hw, memory)))
+            fits.append(Fit(config, recompute, distributed, memory, step_seconds(config, world, hw, memory)))
     return sorted(fits, key=lambda fit: fit.step_seconds), tried
 
 
@@ -211,6 +205,6 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     else:
         makespan = simulate(_schedule(layout.schedule, layout.pp, n_micro),
                             PairedCosts(costs, message / (hw.ib_gbps * 1e9))).makespan
-    elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and _distributed(config) else 4)
+    elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and memory[0].distributed_optimizer else 4)
     sync = elements * (4 + 2) * (layout.dp - 1) / layout.dp / (hw.ib_gbps * 1e9)
     return makespan + sync

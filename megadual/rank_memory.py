@@ -127,15 +127,16 @@ def shape_of(config: RunConfig, layout: Layout) -> Shape:
                  config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes)
 
 
-def predict(config: RunConfig, world: int) -> list[RankMemory]:
-    """Every pipeline rank's memory (see the module's doc)."""
+def predict(config: RunConfig, world: int, distributed: bool | None = None) -> list[RankMemory]:
+    """Every pipeline rank's memory; `distributed`: with or without the distributed optimizer
+    (None: as the flags say)."""
     layout = layout_of(config, world)
     n_micro = num_microbatches(config, layout.dp)
     plan, shape, c = recompute_plan(config), shape_of(config, layout), config.model
     stages = rank_stages(config, layout, n_micro)
     schedules = (build_schedule(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
                  if layout.pp > 1 else None)
-    distributed = distributed_optimizer(config)
+    distributed = distributed_optimizer(config) if distributed is None else distributed
     weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
     ranks = []
     for pp_rank, chunks in enumerate(stages):
