@@ -14,8 +14,9 @@ from megadual.config import ConfigError, build_parser, parse_args, resolve_devic
 from megadual.data.indexed_dataset import DataFileError
 from megadual.data.tokenizer import build_tokenizer
 from megadual.training.checkpoint import CheckpointError
-from megadual.training.distributed import init_distributed
+from megadual.training.distributed import init_distributed, lost_rank_message
 from megadual.training.loop import NonFiniteLossError, pretrain
+from megadual.training.metrics import require_tensorboard
 
 
 def load_config(argv: list[str]):
@@ -30,27 +31,40 @@ def validate_launch(config) -> None:
     before any process group: a bad layout fails at once instead of in a rendezvous."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_world(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if config.train.tensorboard_dir:
+        require_tensorboard()
+
+
+def fail(message, status: int) -> int:
+    print(f"pretrain_moe.py: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 when the run trained to the end or stopped as asked (signal, time budget), 2 for bad
+    flags, 1 for bad data, checkpoints, divergence or a lost rank: each one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = load_config(argv)
         validate_launch(config)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"pretrain_moe.py: error: {e}", file=sys.stderr)
-        return 2
-    device = init_distributed()
-    config = resolve_device_defaults(config, device.type)
+        return fail(e, 2)
     try:
+        device = init_distributed(config.train.distributed_timeout_minutes)
+        config = resolve_device_defaults(config, device.type)
         if dist.get_rank() == 0:
             print(f" megadual: world size {dist.get_world_size()}, device {device}, config {config}", flush=True)
         pretrain(config, device, log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, DataFileError, CheckpointError, NonFiniteLossError) as e:
-        print(f"pretrain_moe.py: error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, 1)
+    except RuntimeError as e:
+        lost = lost_rank_message(e, config.train.distributed_timeout_minutes)
+        if lost is None:
+            raise
+        return fail(lost, 1)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

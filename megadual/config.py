@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import textwrap
 import types
 import typing
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from megadual.config_validate import (
     ATTENTION_VARIANT_FLAGS,
+    EXIT_SIGNALS,
     RECOMPUTE_MODULES,
     SCHEDULES,
     ConfigError,
@@ -188,6 +190,12 @@ class TrainConfig:
     save_interval: int = option(0, group=CHECKPOINTS)
     exit_interval: int = option(0, "stop (saving first, with --save) when the iteration is a multiple of this",
                                 group=CHECKPOINTS)
+    exit_signal_handler: bool = option(False, "on --exit-signal every rank finishes the iteration, the run saves "
+                                              "(with --save) and exits 0", group=CHECKPOINTS)
+    exit_signal: str = option("SIGTERM", "the signal --exit-signal-handler catches", choices=EXIT_SIGNALS,
+                              group=CHECKPOINTS)
+    exit_duration_in_mins: float | None = option(None, "save (with --save) and exit 0 once this many minutes of "
+                                                       "the run have passed", group=CHECKPOINTS)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
@@ -202,6 +210,8 @@ class TrainConfig:
                                               group=RECOMPUTE)
     recompute_modules: tuple[str, ...] = option(("core_attn",), "what selective recomputation recomputes",
                                                 choices=RECOMPUTE_MODULES, group=RECOMPUTE)
+    distributed_timeout_minutes: float = option(10.0, "a collective that waits longer (a rank stopped, hung or "
+                                                      "lost) ends the run with an error")
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,8 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a DeepSeek-V3-style MoE transformer.",
                                      allow_abbrev=False)
+    # argparse before Python 3.14 reads `--lr -1e-3` as two flags; values like -1e-3 are numbers
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     groups = {}
     for section, cls in sections():
         hints = typing.get_type_hints(cls)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from megadual.data.data_args import parse_data_path, parse_split
+
 if TYPE_CHECKING:
-    from megadual.config import ModelConfig, ParallelConfig, RunConfig
+    from megadual.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 
 SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling_factor")
@@ -17,6 +19,7 @@ YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "msc
 ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
 # Megatron-Core's --recompute-modules (what each means here: parallel/recompute.py's RecomputePlan).
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
 class ConfigError(ValueError):
@@ -58,7 +61,7 @@ def validate(c: RunConfig) -> None:
              f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
              f"({t.micro_batch_size})")
     _require(t.train_iters > 0, "--train-iters must be positive")
-    _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
+    _validate_optimizer(o)
     _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
              "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
     _require(t.log_interval > 0, "--log-interval must be positive")
@@ -66,6 +69,8 @@ def validate(c: RunConfig) -> None:
     _require(t.save_interval >= 0, "--save-interval must be >= 0")
     _require(not (t.save_interval and not t.save), "--save-interval needs --save")
     _require(bool(d.data_path) != d.mock_data, "give exactly one of --data-path and --mock-data")
+    _validate_data(d, t)
+    _validate_stopping(t)
     if d.tokenizer_type == "HuggingFaceTokenizer":
         _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
     _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
@@ -116,6 +121,36 @@ def _validate_mla(m: ModelConfig, p: ParallelConfig) -> None:
         _require(m.original_max_position_embeddings > 0, "--original-max-position-embeddings must be positive")
         _require(m.beta_fast > m.beta_slow > 0, f"--beta-fast ({m.beta_fast}) must exceed --beta-slow "
                                                 f"({m.beta_slow}), which must be positive")
+
+
+def _validate_optimizer(o: OptimConfig) -> None:
+    _require(o.lr >= 0, f"--lr must be >= 0, got {o.lr}")
+    _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
+    for name in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(o, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(o, name)}")
+    _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
+    _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _require(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+
+
+def _validate_data(d: DataConfig, t: TrainConfig) -> None:
+    """--split and --data-path weights, and a validation split for --eval-interval."""
+    try:
+        shares = parse_split(d.split)
+        if d.data_path:
+            parse_data_path(list(d.data_path))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(not (t.eval_interval and t.eval_iters) or shares[1] > 0,
+             f"--eval-interval {t.eval_interval} asks for evaluation but --split {d.split} gives the validation "
+             "split no share; give it one, or set --eval-interval 0")
+
+
+def _validate_stopping(t: TrainConfig) -> None:
+    _require(t.exit_duration_in_mins is None or t.exit_duration_in_mins > 0,
+             f"--exit-duration-in-mins must be positive, got {t.exit_duration_in_mins}")
+    _require(t.distributed_timeout_minutes > 0,
+             f"--distributed-timeout-minutes must be positive, got {t.distributed_timeout_minutes}")
 
 
 def _validate_parallel_sizes(p: ParallelConfig) -> None:

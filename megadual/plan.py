@@ -17,7 +17,7 @@ import sys
 import time
 
 from megadual.config import RunConfig, resolve_device_defaults
-from megadual.config_validate import ConfigError, num_microbatches, validate_world
+from megadual.config_validate import ConfigError, node_size, num_microbatches, validate_world
 from megadual.layout_search import Hardware, search
 from megadual.rank_memory import RankMemory, distributed_optimizer, layout_of, predict, recompute_plan
 from pretrain_moe import load_config
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.world_size:
             raise ConfigError("give --world-size N (memory per rank) or --gpus N (the layouts that fit)")
-        validate_world(config, args.world_size, config.parallel.moe_ranks_per_node or args.world_size)
+        validate_world(config, args.world_size, node_size(config, args.world_size))
         print(format_ranks(config, args.world_size, predict(config, args.world_size)))
     except (ConfigError, ValueError) as error:
         print(f"megadual.plan: error: {error}", file=sys.stderr)

@@ -86,8 +86,8 @@ MUTATIONS = [
         "sequence-parallel ranks draw the mask of the sequence's start"),
     Mutation(
         "dropout-local-heads", "megadual/model/layers.py",
-        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, self.tp.rank * self.heads)",
-        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, 0)",
+        "self.dropout, samples,\n                                self.tp.rank * self.heads)",
+        "self.dropout, samples,\n                                0)",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
         "the attention-dropout mask is keyed by the local head index"),
     Mutation(
@@ -153,6 +153,108 @@ MUTATIONS = [
         "    validate_attention_flags_given(m)\n", "",
         ("tests/test_config.py::test_mla_and_yarn_flags_are_refused_without_what_they_need",),
         "MLA flags given without --multi-latent-attention are ignored"),
+    Mutation(
+        'stop-not-agreed-across-ranks', 'megadual/training/stopping.py',
+        'dist.all_reduce(votes, op=dist.ReduceOp.MAX)',
+        'pass',
+        ('tests/test_stopping.py::test_a_signal_to_one_rank_stops_every_rank',),
+        'each rank decides alone whether to stop, so a signal that reached one rank stops only that one'),
+    Mutation(
+        'second-ctrl-c-caught-again', 'megadual/training/stopping.py',
+        '            signal.signal(signal.SIGINT, signal.SIG_DFL)\n',
+        '            pass\n',
+        ('tests/test_stopping.py::test_first_ctrl_c_stops_after_the_iteration_and_a_second_would_kill',),
+        'a second Ctrl-C is caught like the first instead of ending the process'),
+    Mutation(
+        'exit-duration-ignored', 'megadual/training/stopping.py',
+        'over_time = self.deadline is not None and time.monotonic() >= self.deadline',
+        'over_time = False',
+        ('tests/test_stopping.py::test_exit_duration_saves_and_stops',),
+        '--exit-duration-in-mins never stops the run'),
+    Mutation(
+        'stop-without-saving', 'megadual/training/loop.py',
+        '    if t.save and not saved:',
+        '    if t.save and not saved and not result.stop_reason:',
+        ('tests/test_stopping.py::test_exit_duration_saves_and_stops',),
+        'a run stopped early exits without saving'),
+    Mutation(
+        'world-without-distributed-timeout', 'megadual/training/distributed.py',
+        'dist.init_process_group(backend, timeout=timeout)',
+        'dist.init_process_group(backend)',
+        ('tests/test_stopping.py::test_every_process_group_waits_the_distributed_timeout',),
+        "the world group keeps gloo's 30-minute timeout: a stopped rank blocks the others in checkpoints and the stop agreement"),
+    Mutation(
+        'groups-without-distributed-timeout', 'megadual/parallel/topology.py',
+        'dist.new_group(ranks, timeout=timeout)',
+        'dist.new_group(ranks)',
+        ('tests/test_stopping.py::test_every_process_group_waits_the_distributed_timeout',),
+        "the DP/TP/EP/PP groups keep gloo's 30-minute timeout: a stopped rank blocks the others in training"),
+    Mutation(
+        'lost-rank-not-explained', 'pretrain_moe.py',
+        'lost = lost_rank_message(e, config.train.distributed_timeout_minutes)',
+        'lost = None',
+        ('tests/test_lost_ranks.py::test_stopped_rank_ends_the_run_after_the_distributed_timeout',),
+        "a collective timeout ends the run with gloo's raw traceback"),
+    Mutation(
+        'workers-outlive-their-agent', 'megadual/training/distributed.py',
+        '    exit_with_torchrun_agent()\n',
+        '',
+        ('tests/test_lost_ranks.py::test_workers_exit_when_their_torchrun_agent_is_killed',),
+        'workers of a killed torchrun agent train on (and save) by themselves'),
+    Mutation(
+        'token-ids-not-checked', 'megadual/data/builder.py',
+        '    check_token_ids(dataset, vocab_size)\n',
+        '',
+        ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
+        'token ids beyond the vocabulary reach the model'),
+    Mutation(
+        'token-id-cache-trusted-after-rewrite', 'megadual/data/token_ids.py',
+        'if cached["files"] == identity:',
+        'if cached:',
+        ('tests/test_data_indexed.py::test_token_ids_outside_the_vocabulary_are_refused_and_the_scan_is_cached',),
+        'the cached token-id range is used for a dataset rewritten since'),
+    Mutation(
+        'idx-pointer-stride-not-checked', 'megadual/data/indexed_dataset.py',
+        '            if len(wrong):',
+        '            if False:',
+        ('tests/test_data_indexed.py::test_dtype_that_disagrees_with_the_bin_is_refused',),
+        "an .idx whose pointers do not advance by its dtype's size is read"),
+    Mutation(
+        'bin-longer-than-idx-accepted', 'megadual/data/indexed_dataset.py',
+        '        if size > end:',
+        '        if False:',
+        ('tests/test_data_indexed.py::test_dtype_that_disagrees_with_the_bin_is_refused',),
+        'a .bin larger than its .idx describes (e.g. a uint16 file relabelled uint8) is read'),
+    Mutation(
+        'preprocess-failure-deletes-the-old-dataset', 'scripts/preprocess_data.py',
+        'os.remove(_temporary(path))',
+        'os.remove(path)',
+        ('tests/test_data_preprocess.py::test_a_failed_run_leaves_the_previous_dataset_and_names_the_bad_input',),
+        'a failed preprocess_data.py run removes the dataset that was there instead of its own temporary files'),
+    Mutation(
+        'empty-test-split-is-an-error', 'megadual/data/builder.py',
+        '    if split_number == 1:',
+        '    if split_number >= 1:',
+        ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
+        'the default --split 969,30,1 refuses a small corpus because of the unused test split'),
+    Mutation(
+        'negative-lr-read-as-a-flag', 'megadual/config.py',
+        '    parser._negative_number_matcher = re.compile(r"^-(\\d+\\.?\\d*|\\.\\d+)([eE][-+]?\\d+)?$")\n',
+        '',
+        ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
+        'argparse reads `--lr -1e-3` as two flags'),
+    Mutation(
+        'slurm-warning-not-passed-to-workers', 'scripts/pretrain_moe_slurm.sh',
+        '--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 ',
+        '',
+        ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
+        'torchrun is not told to pass SIGUSR1 on, dies of it, and its workers save nothing'),
+    Mutation(
+        'slurm-requeued-run-starts-fresh', 'scripts/pretrain_moe_slurm.sh',
+        'flags+=(--load "$save")',
+        ':',
+        ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
+        'the requeued job trains from scratch instead of resuming from --save'),
 ]
 
 

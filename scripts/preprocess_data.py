@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -83,14 +84,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def iter_records(inputs: list[str], input_format: str) -> Iterator[Record]:
+    """The documents of every input file in order; a file with none, or with bytes that are not
+    UTF-8, is an error naming it (and the line)."""
     for path in inputs:
-        with open(path, encoding="utf-8") as stream:
+        with open(path, "rb") as stream:
             if input_format == "text":
-                yield path, 0, stream.read()
-                continue
-            for line_number, line in enumerate(stream, start=1):
-                if line.strip():
-                    yield path, line_number, line
+                lines = [(1, stream.read())]
+            else:
+                lines = ((number, line) for number, line in enumerate(stream, start=1))
+            found = False
+            for line_number, data in lines:
+                if data.strip():
+                    found = True
+                    yield path, line_number, _decode(data, path, line_number)
+        if not found:
+            raise ValueError(f"--input {path}: no documents (the file is empty or blank)")
+
+
+def _decode(data: bytes, path: str, first_line: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({error.reason})") from None
 
 
 def record_texts(record: Record, input_format: str, keys: list[str]) -> dict[str, str]:
@@ -165,12 +181,45 @@ def encode_records(args: argparse.Namespace, encoder: Encoder) -> Iterator[tuple
 
 
 def write_datasets(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
-    """Tokenize every record into one dataset per key; returns {key: (documents, tokens)}."""
+    """Tokenize every record into one dataset per key; returns {key: (documents, tokens)}.
+
+    Both files of each dataset are written under temporary names and moved into place only
+    when everything succeeded, so a failed run leaves an existing dataset as it was."""
     encoder = Encoder(args)
     dtype = optimal_dtype(encoder.tokenizer.vocab_size)
     prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
-    builders = {key: IndexedDatasetBuilder(bin_path(prefix), dtype) for key, prefix in prefixes.items()}
-    tokens = dict.fromkeys(prefixes, 0)
+    builders = {key: IndexedDatasetBuilder(_temporary(bin_path(prefix)), dtype) for key, prefix in prefixes.items()}
+    try:
+        counts = _tokenize_into(builders, args, encoder)
+        for key, prefix in prefixes.items():
+            builders[key].finalize(_temporary(idx_path(prefix)))
+    except BaseException:
+        for prefix in prefixes.values():
+            for path in (bin_path(prefix), idx_path(prefix)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(_temporary(path))
+        raise
+    for prefix in prefixes.values():
+        _move_into_place(prefix)
+    return counts
+
+
+def _temporary(path: str) -> str:
+    return f"{path}.tmp"
+
+
+def _move_into_place(prefix: str) -> None:
+    """The old .idx goes first: a crash between the renames leaves a .bin without an .idx, which
+    a reader refuses, never a new .bin beside the old .idx, which would read as valid."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(idx_path(prefix))
+    os.replace(_temporary(bin_path(prefix)), bin_path(prefix))
+    os.replace(_temporary(idx_path(prefix)), idx_path(prefix))
+
+
+def _tokenize_into(builders: dict[str, IndexedDatasetBuilder], args: argparse.Namespace,
+                   encoder: Encoder) -> dict[str, tuple[int, int]]:
+    tokens = dict.fromkeys(builders, 0)
     started, total_bytes, documents = time.time(), 0, 0
     for documents_of_record, num_bytes in encode_records(args, encoder):
         for key, ids in documents_of_record.items():
@@ -182,9 +231,7 @@ def write_datasets(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
             elapsed = max(time.time() - started, 1e-9)
             print(f"processed {documents} documents ({documents / elapsed:.0f} docs/s, "
                   f"{total_bytes / elapsed / 1e6:.2f} MB/s)", file=sys.stderr)
-    for key, prefix in prefixes.items():
-        builders[key].finalize(idx_path(prefix))
-    return {key: (documents, tokens[key]) for key in prefixes}
+    return {key: (documents, tokens[key]) for key in builders}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,7 +76,10 @@ SlurmctldPort=$ctld_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$work/munge/munge.socket
+# cred_expire also delays a requeued job's restart (by cred_expire + 1 s; Slurm's default 120)
+AuthInfo=socket=$work/munge/munge.socket,cred_expire=5
+SchedulerParameters=sched_interval=1,bf_interval=1
+JobRequeue=1
 CredType=cred/munge
 StateSaveLocation=$work/state
 SlurmdSpoolDir=$work/spool/%n

@@ -1,11 +1,14 @@
 """Megatron .bin/.idx layout: exact bytes, reading, dtype choice, and clear errors on bad files."""
 
+import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megadual.data.indexed_dataset import DataFileError, IndexedDataset, IndexedDatasetBuilder, optimal_dtype
+from megadual.data.token_ids import cache_path, check_token_ids
 
 MAGIC = b"MMIDIDX\x00\x00"
 
@@ -104,3 +107,28 @@ def test_corrupt_idx_is_rejected_on_open(good_prefix, corrupt, problem):
     with pytest.raises(DataFileError, match=problem) as error:
         IndexedDataset(str(good_prefix))
     assert str(path) in str(error.value)
+
+
+def test_dtype_that_disagrees_with_the_bin_is_refused(good_prefix):
+    idx = good_prefix.with_suffix(".idx")
+    data = idx.read_bytes()
+    idx.write_bytes(data[:17] + bytes([1]) + data[18:])  # uint16 written, uint8 claimed
+    with pytest.raises(DataFileError, match="sequence 1 starts at byte 8, but with 1-byte uint8 tokens"):
+        IndexedDataset(str(good_prefix))
+    idx.write_bytes(data[:17] + bytes([4]) + data[18:])  # int32 claimed: the sequences overrun the .bin
+    with pytest.raises(DataFileError, match="sequence 1 starts at byte 8, but with 4-byte int32 tokens"):
+        IndexedDataset(str(good_prefix))
+    good_prefix.with_suffix(".bin").write_bytes(good_prefix.with_suffix(".bin").read_bytes() + b"\0\0")
+    idx.write_bytes(data)  # a .bin longer than its .idx says: not the pair it was written with
+    with pytest.raises(DataFileError, match="describes 6 tokens of uint16 .12 bytes. but .* holds 14 bytes"):
+        IndexedDataset(str(good_prefix))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_and_the_scan_is_cached(tmp_path):
+    prefix = tmp_path / "data"
+    write(prefix, [[1, 2, 3], [9]])
+    check_token_ids(IndexedDataset(str(prefix)), 10)
+    assert json.loads(Path(cache_path(str(prefix))).read_text())["range"] == [1, 9]
+    write(prefix, [[1, 2, 3], [9, 10]])  # rewritten: the cached range no longer describes it
+    with pytest.raises(DataFileError, match=r"data.bin: token id 10 is outside the vocabulary of 10"):
+        check_token_ids(IndexedDataset(str(prefix)), 10)

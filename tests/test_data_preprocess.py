@@ -67,3 +67,23 @@ def test_missing_json_key_is_reported_with_line_and_flag(tmp_path):
     )
     assert result.returncode != 0
     assert f"{corpus}:2" in result.stderr and "--json-keys" in result.stderr
+
+
+def test_a_failed_run_leaves_the_previous_dataset_and_names_the_bad_input(tmp_path):
+    def run(*inputs):
+        return subprocess.run([sys.executable, str(SCRIPT), "--input", *map(str, inputs), "--output-prefix",
+                               str(tmp_path / "out"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"],
+                              check=False, capture_output=True, text=True)
+
+    good, not_utf8, empty = tmp_path / "good.jsonl", tmp_path / "latin1.jsonl", tmp_path / "empty.jsonl"
+    good.write_text('{"text": "1 2"}\n{"text": "3"}\n')
+    not_utf8.write_bytes(b'{"text": "1"}\n\n{"text": "caf\xe9"}\n')
+    empty.write_text("\n")
+    assert run(good).returncode == 0
+    written = {path.name: path.read_bytes() for path in tmp_path.glob("out_*")}
+
+    failed = run(good, not_utf8)  # fails after the first file's documents were written
+    assert failed.returncode != 0 and f"{not_utf8}:3: not UTF-8" in failed.stderr
+    assert run(empty).stderr.strip() == f"preprocess_data.py: error: --input {empty}: no documents (the file is " \
+                                        "empty or blank)"
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("out_*")} == written  # no .tmp left either

@@ -1,14 +1,19 @@
 """pretrain_moe.py: fails fast with one message naming the flag or file at fault; runs under torchrun."""
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from megadual.config import parse_args
+from megadual.data.indexed_dataset import IndexedDatasetBuilder
 from megadual.training.distributed import free_port
-from tests.helpers import TINY_MOE
+from megadual.training.loop import pretrain
+from tests.helpers import TINY_MOE, single_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +62,81 @@ def test_torchrun_four_processes_tp2_ep4_matches_one_process():
     assert single.returncode == 0, single.stderr[-3000:]
     assert len(logged_losses(parallel.stdout)) == 3
     assert logged_losses(parallel.stdout) == pytest.approx(logged_losses(single.stdout), rel=1e-5)
+
+
+
+# Runs pretrain_moe.main once per case in one process (torch is imported once), keeping each
+# case's exit status and output apart; an exception escaping main is reported with its traceback.
+CASES_DRIVER = """
+import contextlib, io, json, os, sys, traceback
+import pretrain_moe
+sys.modules["tensorboard"] = None  # absent, even where it is installed
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            status = pretrain_moe.main(argv)
+        except BaseException:
+            status = "raised"
+            traceback.print_exc()
+    results[name] = [status, output.getvalue()]
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # the next case starts a world of its own
+print(json.dumps(results))
+"""
+
+
+def run_cases(cases: dict[str, list[str]]) -> dict[str, tuple[int | str, str]]:
+    out = subprocess.run([sys.executable, "-c", CASES_DRIVER, json.dumps(cases)], cwd=ROOT, check=False,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {name: tuple(result) for name, result in json.loads(out.stdout).items()}
+
+
+def write_dataset(prefix: Path, documents: int, tokens: list[int]) -> str:
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", np.uint16)
+    for _ in range(documents):
+        builder.add_document(tokens)
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each(tmp_path):
+    small = write_dataset(tmp_path / "small", 40, list(range(60)))  # 969,30,1 gives its test split no document
+    tiny = write_dataset(tmp_path / "tiny", 3, list(range(60)))
+    foreign = write_dataset(tmp_path / "foreign", 40, [5, 600, 7])  # ids of a larger vocabulary
+    relabelled = write_dataset(tmp_path / "relabelled", 40, list(range(60)))
+    idx = Path(f"{relabelled}.idx")
+    idx.write_bytes(idx.read_bytes()[:17] + bytes([1]) + idx.read_bytes()[18:])  # dtype uint16 (8) -> uint8 (1)
+    checkpoint = tmp_path / "checkpoint"
+    with single_process_group() as device:
+        pretrain(parse_args(TINY_MOE + ["--train-iters", "2", "--save", str(checkpoint)]), device, log=print)
+    meta = checkpoint / "iter_0000002" / "megadual_meta.json"
+    meta.write_text(meta.read_text()[:40])  # cut short
+    data = [a for a in TINY_MOE if a != "--mock-data"] + ["--train-iters", "2"]
+    bad = {
+        "vocabulary": (data + ["--data-path", foreign], f"{foreign}.bin: token id 600 is outside the vocabulary"),
+        "dtype": (data + ["--data-path", relabelled], f"{relabelled}.idx: sequence 1 starts at byte 120, but with "
+                                                      + "1-byte uint8 tokens"),
+        "no validation documents": (data + ["--data-path", tiny, "--split", "98,1,1", "--eval-interval", "1"],
+                                    "--split 98,1,1 gives the valid split no documents of"),
+        "no validation share": (TINY_MOE + ["--split", "100,0,0", "--eval-interval", "1"],
+                                "--eval-interval 1 asks for evaluation but --split 100,0,0 gives"),
+        "split": (TINY_MOE + ["--split", "9,x"], "--split '9,x': expected up to 3 comma-separated numbers"),
+        "weights": (data + ["--data-path", "0.5", small, "-1", tiny], "--data-path weights must be non-negative"),
+        "lr": (TINY_MOE + ["--lr", "-1e-3"], "--lr must be >= 0, got -0.001"),
+        "beta1": (TINY_MOE + ["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
+        "weight decay": (TINY_MOE + ["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+        "tensorboard": (TINY_MOE + ["--tensorboard-dir", str(tmp_path)], "--tensorboard-dir needs the tensorboard"),
+        "meta": (TINY_MOE + ["--load", str(checkpoint)], f"{meta} is corrupt, not JSON"),
+    }
+    results = run_cases({"small corpus": data + ["--data-path", small], **{k: args for k, (args, _) in bad.items()}})
+
+    status, output = results["small corpus"]
+    assert status == 0 and "WARNING: --split 969,30,1 gives the test split no documents of" in output, output
+    for name, (_, message) in bad.items():
+        status, output = results[name]
+        errors = [line for line in output.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert status in (1, 2) and len(errors) == 1 and message in errors[0], (name, output[-3000:])
+        assert "iteration" not in output, (name, output[-3000:])  # refused before training

@@ -41,6 +41,8 @@ DTYPE_CODES: dict[int, type[np.number]] = {
     8: np.uint16,
 }
 _CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
+_CHECK_CHUNK = 1 << 22  # sequences per step of the layout check, to bound its memory
+_MISMATCH = "the .idx's dtype does not match the .bin (relabelled?), or the two come from different runs"
 
 
 class DataFileError(ValueError):
@@ -154,17 +156,31 @@ class IndexedDataset:
             self._fail(self.idx_file, "negative sequence length or pointer: the file is corrupt")
 
     def _map_tokens(self) -> np.ndarray:
-        size = os.path.getsize(self.bin_file)
-        ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
-        needed = int(ends.max()) if len(ends) else 0
-        if size < needed:
-            self._fail(
-                self.bin_file,
-                f"truncated: {size} bytes but {self.idx_file} points to data up to byte {needed}",
-            )
+        size, end = os.path.getsize(self.bin_file), self._data_end()
+        if size < end:
+            self._fail(self.bin_file, f"truncated: {size} bytes but {self.idx_file} points to data up to byte {end}")
+        if size > end:
+            self._fail(self.idx_file, f"describes {end // self.dtype.itemsize} tokens of {self.dtype.name} "
+                                      f"({end} bytes) but {self.bin_file} holds {size} bytes: {_MISMATCH}")
         if size == 0:  # np.memmap cannot map an empty file
             return np.empty(0, dtype=np.uint8)
         return np.memmap(self.bin_file, dtype=np.uint8, mode="r")
+
+    def _data_end(self) -> int:
+        """Where the last sequence ends in ``.bin``, after checking that the sequences lie back to
+        back from byte 0 with this dtype's stride (as every Megatron writer puts them)."""
+        itemsize, end = self.dtype.itemsize, 0
+        for start in range(0, len(self), _CHECK_CHUNK):
+            sizes = self.sequence_lengths[start : start + _CHECK_CHUNK].astype(np.int64) * itemsize
+            expected = end + np.cumsum(sizes) - sizes
+            wrong = np.flatnonzero(self.sequence_pointers[start : start + _CHECK_CHUNK] != expected)
+            if len(wrong):
+                i = int(wrong[0])
+                self._fail(self.idx_file, f"sequence {start + i} starts at byte {self.sequence_pointers[start + i]}"
+                                          f", but with {itemsize}-byte {self.dtype.name} tokens the sequences "
+                                          f"before it end at byte {expected[i]}: {_MISMATCH}")
+            end = int(expected[-1] + sizes[-1])
+        return end
 
     @staticmethod
     def _fail(path: str, problem: str) -> NoReturn:
@@ -175,6 +191,10 @@ class IndexedDataset:
 
     def __getitem__(self, idx: int) -> np.ndarray:
         return self.get(idx)
+
+    def all_tokens(self) -> np.ndarray:
+        """Every token of ``.bin`` in file order (a memory-mapped view, nothing is read yet)."""
+        return self._tokens.view(self.dtype)
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``idx`` (to its end when length is None)."""

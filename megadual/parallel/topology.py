@@ -9,6 +9,7 @@ name; nothing else calls new_group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -62,7 +63,8 @@ class Layout:
 class Topology:
     """This rank's coordinates and process groups under a Layout."""
 
-    def __init__(self, layout: Layout, rank: int):
+    def __init__(self, layout: Layout, rank: int, timeout: timedelta | None = None):
+        """`timeout`: how long a collective of these groups waits (None: torch's default)."""
         layout.validate()
         self.layout, self.rank = layout, rank
         self.pp_rank, self.dp_rank, self.tp_rank = layout.coords(rank)
@@ -71,7 +73,7 @@ class Topology:
         distributed = dist.is_available() and dist.is_initialized()
         for name, lists in layout.group_members().items():
             for ranks in lists:
-                group = dist.new_group(ranks) if distributed and len(ranks) > 1 else None
+                group = dist.new_group(ranks, timeout=timeout) if distributed and len(ranks) > 1 else None
                 if rank in ranks:
                     self.groups[name], self.members[name] = group, ranks
 

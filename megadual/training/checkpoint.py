@@ -125,8 +125,11 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path) or not os.path.exists(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path} is not a complete megadual checkpoint (missing {META} or .metadata)")
-    with open(meta_path) as f:
-        return json.load(f)
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{meta_path} is corrupt, not JSON ({e})") from None
 
 
 def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,

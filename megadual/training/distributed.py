@@ -1,8 +1,12 @@
 """Process-group start-up: torchrun's environment, or a one-process world."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,12 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout_minutes: float | None = None) -> torch.device:
     """Join (or, run without torchrun, create) the process group; return this rank's device.
 
     Even a single process initializes torch.distributed, so one process and many run
-    the same code. NCCL on CUDA, gloo on CPU.
+    the same code. NCCL on CUDA, gloo on CPU. A collective that waits longer than
+    `timeout_minutes` (--distributed-timeout-minutes; None: torch's default) raises.
     """
+    exit_with_torchrun_agent()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -31,9 +37,54 @@ def init_distributed() -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, timeout=timeout)
     return device
 
 
 def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_torchrun_agent() -> None:
+    """Under torchrun on Linux, have the kernel SIGKILL this worker as soon as its agent dies.
+
+    torchrun starts every worker in a session of its own, so an agent killed with SIGKILL (or
+    by the OOM killer) takes nobody with it, and its workers would train on and write
+    checkpoints by themselves. PR_SET_PDEATHSIG is delivered by the kernel, at once, even
+    while this process is blocked in a collective or holds the GIL, which a thread polling
+    getppid() would not be; the kernel ties it to the thread that started us, and torchrun's
+    agent starts its workers from its main thread, which lives exactly as long as the agent.
+    Outside torchrun (a plain `python`, which may be meant to outlive its shell) nothing is set.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent == 1 or os.getppid() != parent:  # the agent died before the call: no signal will come
+        sys.exit("pretrain_moe.py: error: the torchrun agent that started this worker is gone")
+
+
+# What gloo says when a peer does not answer in time, or has gone (NCCL raises DistError).
+_LOST_PEER = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+def lost_rank_message(error: BaseException, timeout_minutes: float) -> str | None:
+    """One line for a collective that failed because another rank stopped, hung or died;
+    None for any other error."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not isinstance(error, dist.DistError) and not any(text in first_line for text in _LOST_PEER):
+        return None
+    if not dist.is_initialized():
+        return (f"rank {os.environ.get('RANK', '?')}: the process group did not start within "
+                f"--distributed-timeout-minutes ({timeout_minutes:g}): a rank did not join ({first_line})")
+    if "Timed out" in first_line or "timeout" in first_line.lower():
+        why = f"got no answer within --distributed-timeout-minutes ({timeout_minutes:g}): a rank is stopped or hung"
+    else:
+        why = "lost its connection to another rank, which failed or was killed"
+    return f"rank {dist.get_rank()}: a collective {why} ({first_line})"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from megadual.training.memory import MemoryMeasurement, MemoryReport
 from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
 from megadual.training.optimizer import build_optimizer, learning_rate
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
+from megadual.training.stopping import StopRequests
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,6 +42,7 @@ class RunResult:
     model: StageModel | None = None
     final_state: TrainState | None = None
     memory: MemoryReport | None = None  # this rank's, measured in the run's first step
+    stop_reason: str | None = None  # why it stopped before --train-iters (stopping.py), if it did
 
     @property
     def losses(self) -> list[float]:
@@ -51,7 +54,7 @@ def build_topology(config: RunConfig) -> Topology:
     p = config.parallel
     layout = Layout(dist.get_world_size(), p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                     p.expert_model_parallel_size, node_size(config, local_world_size()))
-    return Topology(layout, dist.get_rank())
+    return Topology(layout, dist.get_rank(), timedelta(minutes=config.train.distributed_timeout_minutes))
 
 
 def linear_gemm(config: RunConfig):
@@ -133,29 +136,38 @@ def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, 
 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
     """Train as `config` says. `grad_hook(model)`, if given, sees the reduced gradients of every
-    step before clipping (tests compare them across layouts)."""
+    step before clipping (tests compare them across layouts). A stop request (stopping.py) ends
+    the run early, after the iteration all ranks agree on, with a checkpoint when --save is set."""
     config = resolve_device_defaults(config, device.type)
     validate_world(config, dist.get_world_size(), local_world_size())
+    t = config.train
+    with StopRequests(t.exit_signal if t.exit_signal_handler else None, t.exit_duration_in_mins, device) as stop:
+        return _train(config, device, log, grad_hook, stop)
+
+
+def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRequests) -> RunResult:
     topo = build_topology(config)
     t, o = config.train, config.optim
     n_micro = num_microbatches(config, topo.layout.dp)
-    d = config.data
+    d, rank0 = config.data, dist.get_rank() == 0
     train_ds, valid_ds, _ = build_datasets(list(d.data_path), d.split, config.model.seq_length, t.seed,
-                                           samples_needed(config), d.mock_data, d.vocab_size)
+                                           samples_needed(config), d.mock_data, d.vocab_size,
+                                           warn=log if rank0 else lambda message: None)
     torch.manual_seed(t.seed)
     model = build_model(config, topo, device)
     pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
     optimizer = build_optimizer(list(model.named_parameters()), o)
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
-    if t.load and dist.get_rank() == 0:
+    if t.load and rank0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
     reads = pipeline is None or pipeline.reads_data  # other pipeline ranks take only the sample ids
     loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp,
                                                reads)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
-    writer = TensorBoard(t.tensorboard_dir) if dist.get_rank() == 0 else TensorBoard(None)
+    writer = TensorBoard(t.tensorboard_dir) if rank0 else TensorBoard(None)
+    save = lambda: save_checkpoint(t.save, model, optimizer, state, config)  # the one place that saves
     result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
     is_moe = config.model.num_experts > 0
     memory = MemoryMeasurement(model, optimizer, device)
@@ -177,7 +189,7 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
                 f"loss or gradient was not finite for {consecutive_bad} iterations in a row (last: lm loss "
                 f"{step.lm_loss}, grad norm {step.grad_norm}) at iteration {state.iteration}; stopping. "
                 f"Lower --lr or raise --max-consecutive-skipped-iters.")
-        if state.iteration % t.log_interval == 0 and dist.get_rank() == 0:
+        if state.iteration % t.log_interval == 0 and rank0:
             log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
                                  t.global_batch_size, t.global_batch_size * config.model.seq_length,
                                  interval, is_moe))
@@ -189,17 +201,19 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
             loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
             result.validation_losses.append(loss)
-            if dist.get_rank() == 0:
+            if rank0:
                 log(format_validation(state.iteration, loss))
                 writer.scalars(state.iteration, {"validation lm loss": loss})
         saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
         if saved:
-            save_checkpoint(t.save, model, optimizer, state, config)
-        if t.exit_interval and state.iteration % t.exit_interval == 0:
+            save()
+        result.stop_reason = stop.agreed_reason()
+        if result.stop_reason or (t.exit_interval and state.iteration % t.exit_interval == 0):
             break
     if t.save and not saved:
-        save_checkpoint(t.save, model, optimizer, state, config)
+        save()
+    if result.stop_reason and rank0:
+        log(f" exiting program at iteration {state.iteration}: {result.stop_reason}; "
+            + (f"checkpoint saved in {t.save}" if t.save else "nothing saved (no --save)"))
     result.model, result.final_state, result.memory = model, state, memory.report
     return result
-
-

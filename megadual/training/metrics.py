@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from megadual.config_validate import ConfigError
 from megadual.training.step import StepResult
 
 
@@ -67,11 +68,8 @@ class TensorBoard:
     def __init__(self, log_dir: str | None):
         self.writer = None
         if log_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package "
-                                   "(pip install tensorboard)") from e
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir)
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
@@ -79,3 +77,11 @@ class TensorBoard:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, iteration)
             self.writer.flush()
+
+
+def require_tensorboard() -> None:
+    """--tensorboard-dir needs the tensorboard package; the entry point asks before any work."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
