@@ -19,7 +19,8 @@ import time
 from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import ConfigError, node_size, num_microbatches, validate_world
 from megadual.layout_search import Hardware, search
-from megadual.rank_memory import RankMemory, distributed_optimizer, layout_of, predict, recompute_plan
+from megadual.parallel.recompute import RecomputePlan
+from megadual.rank_memory import RankMemory, distributed_optimizer, layout_of, predict
 from pretrain_moe import load_config
 
 MB = 1024.0 * 1024.0
@@ -29,7 +30,7 @@ def format_ranks(config: RunConfig, world: int, ranks: list[RankMemory]) -> str:
     layout = layout_of(config, world)
     t, unit = config.train, "GiB" if max(r.total for r in ranks) > 2 ** 30 else "MB"
     scale = 2.0 ** 30 if unit == "GiB" else MB
-    plan = recompute_plan(config)
+    plan = RecomputePlan.from_flags(config.train)
     recompute = plan.granularity or "none"
     if plan.granularity == "selective":
         recompute += " (" + ", ".join(sorted(plan.modules)) + ")"

@@ -100,12 +100,6 @@ def layout_of(config: RunConfig, world: int) -> Layout:
                   p.expert_model_parallel_size, p.pipeline_schedule)
 
 
-def recompute_plan(config: RunConfig) -> RecomputePlan:
-    t = config.train
-    return RecomputePlan(t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
-                         frozenset(t.recompute_modules))
-
-
 def rank_stages(config: RunConfig, layout: Layout, n_micro: int) -> list[list[StageSpec]]:
     """The stages (chunks, in local chunk order) each pipeline rank holds."""
     if layout.pp == 1:
@@ -132,7 +126,7 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None) -> l
     (None: as the flags say)."""
     layout = layout_of(config, world)
     n_micro = num_microbatches(config, layout.dp)
-    plan, shape, c = recompute_plan(config), shape_of(config, layout), config.model
+    plan, shape, c = RecomputePlan.from_flags(config.train), shape_of(config, layout), config.model
     stages = rank_stages(config, layout, n_micro)
     schedules = (build_schedule(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
                  if layout.pp > 1 else None)

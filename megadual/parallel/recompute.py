@@ -35,13 +35,16 @@ from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from megadual.config_validate import RECOMPUTE_MODULES
 from megadual.parallel.wgrad import WeightGradStore
+
+if TYPE_CHECKING:
+    from megadual.config import TrainConfig
 
 __all__ = ["NO_RECOMPUTE", "RECOMPUTE_MODULES", "Recompute", "RecomputePlan", "SavedTensorObserver", "run_steps"]
 
@@ -75,6 +78,12 @@ class RecomputePlan:
     method: str | None = None
     num_layers: int | None = None
     modules: frozenset[str] = frozenset({"core_attn"})
+
+    @classmethod
+    def from_flags(cls, train: TrainConfig) -> RecomputePlan:
+        """The plan the --recompute-* flags ask for."""
+        return cls(train.recompute_granularity, train.recompute_method, train.recompute_num_layers,
+                   frozenset(train.recompute_modules))
 
     @property
     def selective_modules(self) -> frozenset[str]:

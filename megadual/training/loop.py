@@ -69,15 +69,9 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
     return TensorParallel(topo.group("tp"), config.parallel.sequence_parallel and topo.layout.tp > 1)
 
 
-def recompute_plan(config: RunConfig) -> RecomputePlan:
-    t = config.train
-    return RecomputePlan(t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
-                         frozenset(t.recompute_modules))
-
-
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch, recompute_plan(config))
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch, RecomputePlan.from_flags(config.train))
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
