@@ -25,15 +25,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from functools import cache
 
 from megadual.config import ConfigError, ModelConfig, RunConfig, validate_world
 from megadual.config_validate import num_microbatches
 from megadual.memory_model import distinct_ranks_per_token
 from megadual.pipeline.actions import Action, Kind
-from megadual.pipeline.schedules import build_schedule
 from megadual.pipeline.simulate import simulate
-from megadual.rank_memory import RankMemory, layout_of, predict, rank_stages
+from megadual.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
 
 GIB = 1024 ** 3
 RECOMPUTE_CHOICES = {
@@ -148,11 +146,6 @@ def _layer_flops(m: ModelConfig, layer: int, seq: int) -> float:
     return 2 * (attention + mlp) + 2 * seq * heads * (qk + v) / 2
 
 
-@cache
-def _schedule(schedule: str, pp: int, n_micro: int) -> list:
-    return build_schedule(schedule, pp, n_micro, True)
-
-
 @dataclass(frozen=True)
 class ChunkCost:
     """Seconds of one micro-batch on one chunk: compute forward / backward (weights included) /
@@ -203,7 +196,7 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     if layout.pp == 1:
         makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + 2 * costs[0, 0].a2a)
     else:
-        makespan = simulate(_schedule(layout.schedule, layout.pp, n_micro),
+        makespan = simulate(schedule_actions(layout.schedule, layout.pp, n_micro, True),
                             PairedCosts(costs, message / (hw.ib_gbps * 1e9))).makespan
     elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and memory[0].distributed_optimizer else 4)
     sync = elements * (4 + 2) * (layout.dp - 1) / layout.dp / (hw.ib_gbps * 1e9)

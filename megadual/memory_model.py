@@ -28,8 +28,10 @@ gradients wait for a W (the W split) leaves the linears' inputs until that W.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Self
 
 from megadual.config import ModelConfig
@@ -130,6 +132,11 @@ def mlp_bytes(tokens: float, ffn: int, gemm_bytes: int) -> float:
 
 def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> Activations:
     """One micro-batch of one layer on one rank, selective recomputation applied, pieces in forward order."""
+    return dataclasses.replace(_layer_activations(c, s, c.is_moe_layer(layer), plan))
+
+
+@cache  # the planner's search asks for the same few layers thousands of times
+def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan) -> Activations:
     mods, t, h, g = plan.selective_modules, s.tokens, c.hidden_size, s.gemm_bytes
     local_t = t // s.tp if s.sequence_parallel else t
     norm, norm_gemm_in = norm_bytes(s, h)
@@ -148,7 +155,7 @@ def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan)
         acts.add(saved - lse, gemm_in)
         acts.add(lse, 0.0, "core_attn" in mods, recomputed_extra=out)
     acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept)
-    if not c.is_moe_layer(layer):
+    if not moe:
         ffn = c.ffn_hidden_size // s.tp
         acts.add(mlp_bytes(t, ffn, g), t * g * ffn, "mlp" in mods)
     else:
@@ -205,24 +212,36 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
     return acts
 
 
-def peak_bytes(actions: list[Action], chunk_bytes: list[Activations]) -> float:
-    """The most activation bytes alive at once on a rank running `actions`: each forward adds
-    its chunk's micro-batch, a backward frees it (a BI all but its GEMM inputs, which its W frees),
-    a paired F&B holds both while it runs; the backward's recomputed region comes on top."""
-    live = peak = 0.0
-    waiting: dict[int, list[float]] = {}  # chunk -> GEMM inputs of its BIs, oldest first (W pops in order)
+MemoryStep = tuple[int, int, bool, int]  # chunk of the forward, of the backward, BI (defers a W), W's; -1: none
+
+
+def memory_steps(actions: list[Action]) -> tuple[MemoryStep, ...]:
+    """The actions of a rank's schedule that change its activations, as `peak_bytes` walks them."""
+    steps = []
     for action in actions:
-        if action.forward_of:
-            live += chunk_bytes[action.chunk].kept
-        if action.backward_of:
-            chunk = action.backward_of[0]
-            acts = chunk_bytes[chunk]
+        forward, backward = action.forward_of, action.backward_of
+        step = (forward[0] if forward else -1, backward[0] if backward else -1, action.kind == Kind.BI,
+                action.chunk if action.kind == Kind.W else -1)
+        if step != (-1, -1, False, -1):
+            steps.append(step)
+    return tuple(steps)
+
+
+def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations]) -> float:
+    """The most activation bytes alive at once on a rank running `steps` (`memory_steps`): each
+    forward adds its chunk's micro-batch, a backward frees it (a BI all but its GEMM inputs, which
+    its W frees), a paired F&B holds both while it runs; the backward's recomputed region comes on top."""
+    live = peak = 0.0
+    for forward, backward, defers_w, w in steps:
+        if forward >= 0:
+            live += chunk_bytes[forward].kept
+        if backward >= 0:
+            acts = chunk_bytes[backward]
             peak = max(peak, live + max(0.0, acts.transient))
             live -= acts.kept
-            if action.kind == Kind.BI:
+            if defers_w:
                 live += acts.weight_inputs
-                waiting.setdefault(chunk, []).append(acts.weight_inputs)
-        if action.kind == Kind.W:
-            live -= waiting[action.chunk].pop(0)
+        if w >= 0:
+            live -= chunk_bytes[w].weight_inputs
         peak = max(peak, live)
     return peak

@@ -20,13 +20,15 @@ from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import ConfigError, node_size, num_microbatches, validate_world
 from megadual.layout_search import Hardware, search
 from megadual.parallel.recompute import RecomputePlan
-from megadual.rank_memory import RankMemory, distributed_optimizer, layout_of, predict
+from megadual.rank_memory import layout_of, predict
 from pretrain_moe import load_config
 
 MB = 1024.0 * 1024.0
 
 
-def format_ranks(config: RunConfig, world: int, ranks: list[RankMemory]) -> str:
+def format_ranks(config: RunConfig, world: int) -> str:
+    """Each pipeline rank's predicted memory, with the plain and with the distributed optimizer."""
+    ranks, sharded = predict(config, world, False), predict(config, world, True)
     layout = layout_of(config, world)
     t, unit = config.train, "GiB" if max(r.total for r in ranks) > 2 ** 30 else "MB"
     scale = 2.0 ** 30 if unit == "GiB" else MB
@@ -41,11 +43,11 @@ def format_ranks(config: RunConfig, world: int, ranks: list[RankMemory]) -> str:
              f"{config.model.seq_length} tokens; recomputation: {recompute}; "
              f"{'bf16' if t.bf16 else 'fp32'}{', FP8' if config.fp8.fp8_format else ''}"),
              (f"per rank ({unit})  parameters  gradients  optimizer state (plain / distributed)  peak activations"
-             f"  total ({'distributed' if distributed_optimizer(config) else 'plain'} optimizer)")]
-    for r in ranks:
+             "  total (plain / distributed)")]
+    for r, d in zip(ranks, sharded):
         lines.append(f"pipeline rank {r.pp_rank:<3} {r.parameters / scale:>11.3f} {r.gradients / scale:>10.3f} "
-                     f"{r.optimizer_state / scale:>16.3f} / {r.optimizer_state_distributed / scale:<19.3f} "
-                     f"{r.peak_activations / scale:>16.3f}  {r.total / scale:>8.3f}")
+                     f"{r.optimizer_state / scale:>16.3f} / {d.optimizer_state_distributed / scale:<19.3f} "
+                     f"{r.peak_activations / scale:>16.3f}  {r.total / scale:>8.3f} / {d.total / scale:.3f}")
     return "\n".join(lines)
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.world_size:
             raise ConfigError("give --world-size N (memory per rank) or --gpus N (the layouts that fit)")
         validate_world(config, args.world_size, node_size(config, args.world_size))
-        print(format_ranks(config, args.world_size, predict(config, args.world_size)))
+        print(format_ranks(config, args.world_size))
     except (ConfigError, ValueError) as error:
         print(f"megadual.plan: error: {error}", file=sys.stderr)
         return 2

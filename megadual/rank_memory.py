@@ -4,12 +4,14 @@ What `python -m megadual.plan --world-size N` prints and the memory report measu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from megadual.config import ModelConfig, RunConfig
 from megadual.config_validate import num_microbatches
-from megadual.memory_model import FP32, Shape, peak_bytes, stage_activations
+from megadual.memory_model import FP32, MemoryStep, Shape, memory_steps, peak_bytes, stage_activations
 from megadual.model.gpt import StageSpec, full_model_stage
 from megadual.parallel.recompute import RecomputePlan
+from megadual.pipeline.actions import Action
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.stage_model import stage_specs
 
@@ -31,6 +33,11 @@ def _dense(*sizes: int) -> ParamCount:
 
 def layer_parameters(c: ModelConfig, layer: int, tp: int, ep: int) -> ParamCount:
     """One layer's parameters on one rank (TP shards, this EP rank's experts)."""
+    return _layer_parameters(c, c.is_moe_layer(layer), tp, ep)
+
+
+@cache  # the planner's search asks for the same few layers thousands of times
+def _layer_parameters(c: ModelConfig, moe: bool, tp: int, ep: int) -> ParamCount:
     h = c.hidden_size
     count = _dense(h, h)  # the two norms
     if c.multi_latent_attention:
@@ -42,7 +49,7 @@ def layer_parameters(c: ModelConfig, layer: int, tp: int, ep: int) -> ParamCount
     else:
         d, heads, groups = c.head_dim, c.num_attention_heads // tp, c.num_query_groups // tp
         count += _dense(h * heads * d, h * groups * d, h * groups * d, heads * d * h)
-    if not c.is_moe_layer(layer):
+    if not moe:
         return count + _dense(*[h * c.ffn_hidden_size // tp] * 3)
     count += _dense(c.num_experts * h)  # the router
     if c.moe_shared_expert_intermediate_size:
@@ -128,7 +135,7 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None) -> l
     n_micro = num_microbatches(config, layout.dp)
     plan, shape, c = RecomputePlan.from_flags(config.train), shape_of(config, layout), config.model
     stages = rank_stages(config, layout, n_micro)
-    schedules = (build_schedule(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
+    schedules = (schedule_steps(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
                  if layout.pp > 1 else None)
     distributed = distributed_optimizer(config) if distributed is None else distributed
     weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
@@ -144,6 +151,18 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None) -> l
                                 _adam_bytes(params), _distributed_adam_bytes(params, layout, weight_bytes), peak,
                                 distributed))
     return ranks
+
+
+@cache
+def schedule_actions(schedule: str, pp: int, n_micro: int, split_backward: bool) -> list[list[Action]]:
+    """build_schedule's, built once (the planner's search asks for each many times; read only)."""
+    return build_schedule(schedule, pp, n_micro, split_backward)
+
+
+@cache
+def schedule_steps(schedule: str, pp: int, n_micro: int, split_backward: bool) -> list[tuple[MemoryStep, ...]]:
+    """Each rank's memory_steps of the schedule."""
+    return [memory_steps(actions) for actions in schedule_actions(schedule, pp, n_micro, split_backward)]
 
 
 def distributed_optimizer(config: RunConfig) -> bool:

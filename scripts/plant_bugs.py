@@ -255,6 +255,42 @@ MUTATIONS = [
         ':',
         ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
         'the requeued job trains from scratch instead of resuming from --save'),
+    Mutation(
+        "recompute-router-stats-twice", "megadual/model/block.py",
+        "recompute_context=self.mlp.router.stats_paused,",
+        "recompute_context=torch.enable_grad,",
+        ("tests/test_recompute.py::test_recomputation_changes_nothing[MHA]",),
+        "a recomputed MoE forward counts its tokens in the router statistics a second time"),
+    Mutation(
+        "recompute-wgrad-deferrable-now", "megadual/parallel/recompute.py",
+        "        if store is not None:\n            recompute_context = _also(",
+        "        if False:\n            recompute_context = _also(",
+        ("tests/test_recompute.py::test_recomputation_changes_nothing[MHA]",),
+        "a recomputation builds its linears for the W split as the current forward does, not as its own forward did"),
+    Mutation(
+        "activations-never-freed", "megadual/training/memory.py",
+        "        self.current -= self.live.pop(key)",
+        "        self.live.pop(key)",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b]",),
+        "the memory report counts an activation as held after it is freed"),
+    Mutation(
+        "region-inputs-not-counted", "megadual/parallel/recompute.py",
+        "        for x in self.inputs:\n            if torch.is_tensor(x):\n                self._observe(x)",
+        "        for x in self.inputs:\n            if torch.is_tensor(x):\n                pass",
+        ("tests/test_memory_layouts.py::test_recomputation_lowers_the_peak_by_what_the_planner_says",),
+        "the memory report leaves out the inputs a recomputed region keeps"),
+    Mutation(
+        "planner-w-inputs-free-at-backward", "megadual/memory_model.py",
+        "            if defers_w:\n                live += acts.weight_inputs",
+        "            if defers_w:\n                live += 0.0",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev-selective]",),
+        "the planner frees a deferred W's GEMM inputs at the input-gradient backward"),
+    Mutation(
+        "planner-dualpipe-one-copy", "megadual/rank_memory.py",
+        "        held[rank].append((chunk, specs[stage]))",
+        "        held[rank].append((chunk, specs[stage])) if chunk == 0 else None",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-dualpipexEP2]",),
+        "the planner counts one copy of a DualPipe rank's two stages"),
 ]
 
 
