@@ -10,7 +10,8 @@ memory (megadual/plan.py) is at most --memory-fraction of the GPU's.
 The step time is the schedule simulator's makespan (pipeline/simulate.py) over per-stage costs
 from these stated assumptions (flags, defaults for H800/H100-class GPUs):
 - compute: forward 2 FLOPs per active parameter and token plus causal attention, backward twice
-  that (input and weight halves equal), at --gpu-tflops achieved per GPU;
+  that (input and weight halves equal), at --gpu-tflops achieved per GPU; full recomputation
+  adds a forward to each backward, selective recomputation is counted free;
 - expert all-to-all: each token's hidden state (BF16) to every remote EP rank holding one of
   its experts and back, forward and backward, over InfiniBand (--ib-gbps per GPU) once the EP
   group spans nodes, else NVLink (--nvlink-gbps); exposed under 1F1B, hidden behind the other
@@ -25,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from functools import cache
 
 from megadual.config import ConfigError, ModelConfig, RunConfig, validate_world
 from megadual.config_validate import num_microbatches
@@ -172,6 +174,11 @@ class PairedCosts:
                 Kind.W: own.w}[action.kind]
 
 
+@cache  # layouts that differ only in what costs nothing here (the optimizer, selective recomputation) share it
+def _makespan(schedule: str, pp: int, n_micro: int, costs: tuple, latency: float) -> float:
+    return simulate(schedule_actions(schedule, pp, n_micro, True), PairedCosts(dict(costs), latency)).makespan
+
+
 def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankMemory]) -> float:
     """The estimated time of one step (see the module's doc)."""
     m, t, layout = config.model, config.train, layout_of(config, world)
@@ -196,8 +203,7 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     if layout.pp == 1:
         makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + 2 * costs[0, 0].a2a)
     else:
-        makespan = simulate(schedule_actions(layout.schedule, layout.pp, n_micro, True),
-                            PairedCosts(costs, message / (hw.ib_gbps * 1e9))).makespan
+        makespan = _makespan(layout.schedule, layout.pp, n_micro, tuple(costs.items()), message / (hw.ib_gbps * 1e9))
     elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and memory[0].distributed_optimizer else 4)
     sync = elements * (4 + 2) * (layout.dp - 1) / layout.dp / (hw.ib_gbps * 1e9)
     return makespan + sync

@@ -67,22 +67,27 @@ class Activations:
     """Bytes one micro-batch leaves on one stage: `kept` until its backward, `weight_inputs` of those
     kept until its W when the backward defers weight gradients, and `transient`: how far its
     backward rises above `kept` when it recomputes a region (the region's activations, less what
-    the backward of the pieces after it has freed by then)."""
+    the backward of the pieces after it has freed by then), and `transient_deferring` the same
+    for a backward that defers its weight gradients (the pieces after the region leave their
+    GEMM inputs to the W)."""
     kept: float = 0.0
     weight_inputs: float = 0.0
     transient: float = -math.inf
+    transient_deferring: float = -math.inf
 
     def add(self, saved: float, gemm_inputs: float = 0.0, recomputed: bool = False, kept_inputs: float = 0.0,
             recomputed_extra: float = 0.0) -> None:
         """The next piece in forward order: it saves `saved` bytes, `gemm_inputs` of them GEMM
         inputs; recomputed, only `kept_inputs` stay, and its backward recomputes the rest and
         `recomputed_extra` (copies of tensors still held outside the region)."""
-        self += Activations(kept_inputs if recomputed else saved, gemm_inputs,
-                            saved - kept_inputs + recomputed_extra if recomputed else -math.inf)
+        transient = saved - kept_inputs + recomputed_extra if recomputed else -math.inf
+        self += Activations(kept_inputs if recomputed else saved, gemm_inputs, transient, transient)
 
     def __iadd__(self, later: Activations) -> Self:
         """`later` comes after these in the forward, so its backward runs first."""
         self.transient = max(self.transient - later.kept, later.transient)
+        self.transient_deferring = max(self.transient_deferring - later.kept + later.weight_inputs,
+                                       later.transient_deferring)
         self.kept += later.kept
         self.weight_inputs += later.weight_inputs
         return self
@@ -237,7 +242,7 @@ def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations]) ->
             live += chunk_bytes[forward].kept
         if backward >= 0:
             acts = chunk_bytes[backward]
-            peak = max(peak, live + max(0.0, acts.transient))
+            peak = max(peak, live + max(0.0, acts.transient_deferring if defers_w else acts.transient))
             live -= acts.kept
             if defers_w:
                 live += acts.weight_inputs
