@@ -123,8 +123,11 @@ def search(base: RunConfig, world: int, gpu_memory_gib: float, hw: Hardware) -> 
     fits, tried = [], 0
     for config, recompute, distributed in candidates(base, world, hw):
         tried += 1
+        budget = hw.memory_fraction * gpu_memory_gib * GIB
+        if max(rank.total for rank in predict(config, world, distributed, activations=False)) > budget:
+            continue
         memory = predict(config, world, distributed)
-        if max(rank.total for rank in memory) <= hw.memory_fraction * gpu_memory_gib * GIB:
+        if max(rank.total for rank in memory) <= budget:
             fits.append(Fit(config, recompute, distributed, memory, step_seconds(config, world, hw, memory)))
     return sorted(fits, key=lambda fit: fit.step_seconds), tried
 

@@ -128,15 +128,17 @@ def shape_of(config: RunConfig, layout: Layout) -> Shape:
                  config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes)
 
 
-def predict(config: RunConfig, world: int, distributed: bool | None = None) -> list[RankMemory]:
+def predict(config: RunConfig, world: int, distributed: bool | None = None,
+            activations: bool = True) -> list[RankMemory]:
     """Every pipeline rank's memory; `distributed`: with or without the distributed optimizer
-    (None: as the flags say)."""
+    (None: as the flags say); without `activations` the peak activations are left at 0 (a
+    quick first cut for the search)."""
     layout = layout_of(config, world)
     n_micro = num_microbatches(config, layout.dp)
     plan, shape, c = RecomputePlan.from_flags(config.train), shape_of(config, layout), config.model
     stages = rank_stages(config, layout, n_micro)
     schedules = (schedule_steps(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
-                 if layout.pp > 1 else None)
+                 if layout.pp > 1 and activations else None)
     distributed = distributed_optimizer(config) if distributed is None else distributed
     weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
     ranks = []
@@ -144,13 +146,19 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None) -> l
         params = ParamCount()
         for spec in chunks:
             params += stage_parameters(c, spec, layout.tp, layout.ep)
-        acts = [stage_activations(c, shape, range(s.first_layer, s.last_layer), s.has_embedding, s.has_head, plan)
-                for s in chunks]
-        peak = peak_bytes(schedules[pp_rank], acts) if schedules else acts[0].kept + max(0.0, acts[0].transient)
+        peak = _peak_activations(c, shape, plan, chunks, schedules[pp_rank] if schedules else None) \
+            if activations else 0.0
         ranks.append(RankMemory(pp_rank, params.elements * weight_bytes, params.elements * FP32,
                                 _adam_bytes(params), _distributed_adam_bytes(params, layout, weight_bytes), peak,
                                 distributed))
     return ranks
+
+
+def _peak_activations(c: ModelConfig, shape: Shape, plan: RecomputePlan, chunks: list[StageSpec],
+                      steps: tuple[MemoryStep, ...] | None) -> float:
+    acts = [stage_activations(c, shape, range(s.first_layer, s.last_layer), s.has_embedding, s.has_head, plan)
+            for s in chunks]
+    return peak_bytes(steps, acts) if steps is not None else acts[0].kept + max(0.0, acts[0].transient)
 
 
 @cache
