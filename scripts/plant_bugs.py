@@ -274,11 +274,11 @@ MUTATIONS = [
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b]",),
         "the memory report counts an activation as held after it is freed"),
     Mutation(
-        "region-inputs-not-counted", "megadual/parallel/recompute.py",
-        "        for x in self.inputs:\n            if torch.is_tensor(x):\n                self._observe(x)",
-        "        for x in self.inputs:\n            if torch.is_tensor(x):\n                pass",
-        ("tests/test_memory_layouts.py::test_recomputation_lowers_the_peak_by_what_the_planner_says",),
-        "the memory report leaves out the inputs a recomputed region keeps"),
+        "recomputed-not-counted", "megadual/parallel/recompute.py",
+        "                self.recomputed[index] = kept\n                self._observe(kept)",
+        "                self.recomputed[index] = kept",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[one process, full recomputation]",),
+        "the memory report leaves out what a backward recomputes"),
     Mutation(
         "planner-w-inputs-free-at-backward", "megadual/memory_model.py",
         "            if defers_w:\n                live += acts.weight_inputs",
