@@ -283,7 +283,7 @@ MUTATIONS = [
         "planner-w-inputs-free-at-backward", "megadual/memory_model.py",
         "            if defers_w:\n                live += acts.weight_inputs",
         "            if defers_w:\n                live += 0.0",
-        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev-selective]",),
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-full-block]",),
         "the planner frees a deferred W's GEMM inputs at the input-gradient backward"),
     Mutation(
         "planner-dualpipe-one-copy", "megadual/rank_memory.py",
