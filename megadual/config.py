@@ -24,6 +24,7 @@ from megadual.config_validate import (
     SCHEDULES,
     ConfigError,
     flag_name,
+    grouped_gemm_fits,
     pipeline_stage_layers,
     validate,
     validate_attention_flags_given,
@@ -34,10 +35,11 @@ from megadual.config_validate import (
 # The checks most callers want are re-exported; the others are in config_validate.
 __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
            "TrainConfig", "build_parser", "flags_markdown", "model_config_differences", "padded_vocab_size",
-           "parse_args", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults", "validate",
-           "validate_parallel", "validate_world"]
+           "parse_args", "parse_model_flags", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults",
+           "validate", "validate_parallel", "validate_world"]
 
-MOE, MLA, CHECKPOINTS = "mixture of experts", "multi-latent attention", "checkpointing"
+MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
+                              "checkpointing")
 RECOMPUTE = "activation recomputation"
 
 
@@ -112,6 +114,10 @@ class ModelConfig:
                                 "--mscale-all-dim)", group=MLA, unset="{default}")
     mscale_all_dim: float = option(0.0, "YaRN: the softmax scale is multiplied by mscale(factor, this)^2",
                                    group=MLA, unset="{default}")
+    mtp_num_layers: int = option(0, "D: multi-token prediction modules after the last layer, module k "
+                                    "predicting the token k+1 ahead; 0: none", group=MTP)
+    mtp_loss_scaling_factor: float = option(0.1, "the MTP loss (mean over the D depths) is scaled by this and "
+                                                 "added to the training loss", group=MTP)
 
     @property
     def head_dim(self) -> int:
@@ -127,8 +133,17 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = option(1)
     expert_model_parallel_size: int = option(1)
     sequence_parallel: bool = option(False)
+    moe_grouped_gemm: bool | None = option(
+        None, "routed experts of a rank as one grouped GEMM (torch._grouped_mm) instead of one GEMM per expert; "
+              "FP8 experts keep one blockwise GEMM per expert", group=MOE,
+        unset="on with CUDA in bf16 where --hidden-size and --moe-ffn-hidden-size are multiples of 8, else off")
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
                                         "LOCAL_WORLD_SIZE")
+    moe_token_dispatcher_type: str = option(
+        "hierarchical", "hierarchical: each token crosses to each node once, then is forwarded inside the node "
+                        "(the same as alltoall on one node or with one EP rank per node); alltoall: one "
+                        "all-to-all over the EP group",
+        choices=("alltoall", "hierarchical"), group=MOE)
     pipeline_schedule: str = option("1f1b", choices=SCHEDULES)
     pipeline_split_backward: bool = option(True, "zero-bubble W split: backwards compute input gradients "
                                                  "first, weight gradients later where the schedule puts W actions")
@@ -153,6 +168,11 @@ class OptimConfig:
     adam_beta2: float = option(0.95)
     adam_eps: float = option(1e-8)
     clip_grad: float = option(1.0)
+    use_distributed_optimizer: bool = option(False, "ZeRO-1: shard the FP32 master weights and Adam moments over "
+                                                    "each parameter's data-parallel ranks; with --bf16 the model "
+                                                    "holds BF16 weights")
+    ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
+                                               "default max(40M, 1M x data-parallel size), as Megatron's")
     moe_router_bias_update_rate: float = option(1e-3, group=MOE)
 
 
@@ -183,8 +203,11 @@ class TrainConfig:
     seed: int = option(1234)
     bf16: bool | None = option(None, "bf16 autocast", unset="on with CUDA, off on CPU")
     log_interval: int = option(10)
+    log_throughput: bool = option(False, "model TFLOP/s per rank in the log line, from the FLOPs the config "
+                                         "implies (model/flops.py)")
     eval_interval: int = option(0, "0: no evaluation")
     eval_iters: int = option(10)
+    mtp_eval_loss: bool = option(False, "evaluation also computes the MTP losses and logs them", group=MTP)
     save: str | None = option(None, group=CHECKPOINTS)
     load: str | None = option(None, group=CHECKPOINTS)
     save_interval: int = option(0, group=CHECKPOINTS)
@@ -237,7 +260,8 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a DeepSeek-V3-style MoE transformer.",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = flag_file_line
     # argparse before Python 3.14 reads `--lr -1e-3` as two flags; values like -1e-3 are numbers
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     groups = {}
@@ -251,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
             groups[title].add_argument(flag_name(f.name), *spec["aliases"], dest=f.name, help=_help(f),
                                        **_argparse_kind(f, hints[f.name]))
     return parser
+
+
+def flag_file_line(line: str) -> list[str]:
+    """A line of an @file of flags: `--flag value ...` split on spaces; `#` starts a comment."""
+    return line.split("#", 1)[0].split()
 
 
 def _argparse_kind(f: dataclasses.Field, hint) -> dict:
@@ -286,6 +315,13 @@ def parse_args(argv: list[str] | None = None, tokenizer_vocab_size: int | None =
     config = resolve_derived(parsed, tokenizer_vocab_size)
     validate(config)
     return config
+
+
+def parse_model_flags(argv: list[str]) -> RunConfig:
+    """parse_args for tools that read no data (conversion, parameter counts): --mock-data stands
+    in for the data flags unless one is given."""
+    given = {"--data-path", "--mock-data"} & set(argv)
+    return parse_args(argv if given else ["--mock-data", *argv])
 
 
 def _section_as_parsed(cls: type, flags: dict):
@@ -324,10 +360,13 @@ def padded_vocab_size(data: DataConfig, tp: int) -> int:
 
 def resolve_device_defaults(config: RunConfig, device_type: str) -> RunConfig:
     """Settle the defaults that depend on the device: --bf16 left out is on with CUDA, off
-    elsewhere. An explicit --bf16 / --no-bf16 stays; a resolved config comes back unchanged."""
-    if config.train.bf16 is not None:
-        return config
-    return replace(config, train=replace(config.train, bf16=device_type == "cuda"))
+    elsewhere; --moe-grouped-gemm left out is on with CUDA in bf16 where the sizes fit it (CUDA's
+    grouped kernels are bf16's; on CPU the per-expert loop measured as fast: docs/benchmarks.md). What was given stays; a resolved
+    config comes back unchanged."""
+    t, p, m, cuda = config.train, config.parallel, config.model, device_type == "cuda"
+    bf16 = cuda if t.bf16 is None else t.bf16
+    grouped = cuda and bf16 and grouped_gemm_fits(m) if p.moe_grouped_gemm is None else p.moe_grouped_gemm
+    return replace(config, train=replace(t, bf16=bf16), parallel=replace(p, moe_grouped_gemm=grouped))
 
 
 def flags_markdown() -> str:

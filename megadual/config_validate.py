@@ -54,6 +54,10 @@ def validate(c: RunConfig) -> None:
         _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
+        _require(not c.parallel.moe_grouped_gemm or grouped_gemm_fits(m),
+                 f"--moe-grouped-gemm needs --hidden-size ({m.hidden_size}) and --moe-ffn-hidden-size "
+                 f"({m.moe_ffn_hidden_size}) to be multiples of 8")
+    _validate_mtp(m, t)
     _validate_parallel_sizes(c.parallel)
     _validate_pipeline_layers(m, c.parallel)
     _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -62,6 +66,11 @@ def validate(c: RunConfig) -> None:
              f"({t.micro_batch_size})")
     _require(t.train_iters > 0, "--train-iters must be positive")
     _validate_optimizer(o)
+    _require(not (o.use_distributed_optimizer and m.mtp_num_layers and c.parallel.pipeline_model_parallel_size > 1
+                  and c.parallel.pipeline_schedule not in ("dualpipe", "dualpipev")),
+             "--use-distributed-optimizer with --mtp-num-layers needs --pipeline-schedule dualpipe or dualpipev "
+             "when --pipeline-model-parallel-size > 1: the MTP modules' tied copy of the embedding on the last "
+             "stage is not sharded yet")
     _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
              "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
     _require(t.log_interval > 0, "--log-interval must be positive")
@@ -131,6 +140,8 @@ def _validate_optimizer(o: OptimConfig) -> None:
     _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
     _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
     _require(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+    _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,
+             f"--ddp-bucket-size must be positive, got {o.ddp_bucket_size}")
 
 
 def _validate_data(d: DataConfig, t: TrainConfig) -> None:
@@ -185,6 +196,18 @@ def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = 
              f"--num-layers ({num_layers}){overrides} must split evenly over the {middle or num_stages} "
              f"pipeline stages {context}".rstrip())
     return [fixed.get(stage, rest // middle if middle else 0) for stage in range(num_stages)]
+
+
+def _validate_mtp(m: ModelConfig, t: TrainConfig) -> None:
+    _require(0 <= m.mtp_num_layers < m.seq_length,
+             f"--mtp-num-layers ({m.mtp_num_layers}) must be in [0, --seq-length ({m.seq_length})): depth k "
+             f"predicts the token k+1 ahead")
+    _require(m.mtp_num_layers > 0 or not t.mtp_eval_loss, "--mtp-eval-loss needs --mtp-num-layers > 0")
+
+
+def grouped_gemm_fits(m: ModelConfig) -> bool:
+    """torch._grouped_mm wants row strides of 16 bytes' multiples: features a multiple of 8 in bf16."""
+    return m.hidden_size % 8 == 0 and m.moe_ffn_hidden_size % 8 == 0
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -12,11 +12,13 @@ layer type, as the tensors our layers save for the backward (fp32 unless said ot
     dense MLP / expert   gate, up, silu(gate), and the down projection's input
     router               scores, their sum, the top-k ids (int64) and gates; per sequence the balance loss's
     dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here mask;
-                         the rows coming back
+                         the rows coming back (none without expert parallelism: no dispatcher)
     routed experts       per (token, expert) pair the expert's input and output, its gate, the
                          pair's row and slot (int64), and the expert MLP's own
     head and loss        the final norm, the fp32 softmax over the vocabulary, the labels
     embedding            the token ids (int64)
+    MTP module (each)    the token ids, enorm and hnorm, eh_proj's input, its layer, its norm and the
+                         head and loss again
 
 How many (token, expert) pairs and rows an EP rank sees depends on the routing; the count here
 is the expected one at balanced load: T x top-k pairs per rank, where T is the tokens a rank
@@ -174,7 +176,7 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     rows = t * distinct_ranks_per_token(c, s.ep)
     pairs, f = t * k, c.moe_ffn_hidden_size
     router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
-    dispatch = rows * (2 * INT64 + k) + rows * FP32 * h
+    dispatch = rows * (2 * INT64 + k) + rows * FP32 * h if s.ep > 1 else 0.0  # EP1: no dispatcher
     expert_mlp = pairs * g * 4 * f
     experts = pairs * (2 * INT64 + FP32 * (1 + 2 * h) + g * h) + expert_mlp
     shared_ffn = c.moe_shared_expert_intermediate_size // s.tp
@@ -212,8 +214,28 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
         acts.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h)
         position = group.stop
     if head:
-        saved, gemm_in = norm_bytes(s, h)
-        acts.add(saved + t * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in)
+        acts.add(*head_bytes(c, s))
+        for depth in range(c.mtp_num_layers):
+            acts += mtp_activations(c, s, depth, plan)
+    return acts
+
+
+def head_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
+    """(saved, GEMM inputs) of the final norm, the head and the loss."""
+    saved, gemm_in = norm_bytes(s, c.hidden_size)
+    return saved + s.tokens * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in
+
+
+def mtp_activations(c: ModelConfig, s: Shape, depth: int, plan: RecomputePlan) -> Activations:
+    """One MTP module (model/mtp.py) after the head: the embedded token ids, enorm and hnorm, eh_proj's
+    input [2h], its transformer layer (selective recomputation applied), its norm, the shared head."""
+    t, h = s.tokens, c.hidden_size
+    local_t = t // s.tp if s.sequence_parallel else t
+    norms = 2 * local_t * FP32 * (2 * h + 1)
+    acts = Activations()
+    acts.add(t * INT64 + norms + local_t * s.gemm_bytes * 2 * h, local_t * s.gemm_bytes * 2 * h)
+    acts += layer_activations(c, s, c.num_layers + depth, plan)
+    acts.add(*head_bytes(c, s))
     return acts
 
 
@@ -232,13 +254,18 @@ def memory_steps(actions: list[Action]) -> tuple[MemoryStep, ...]:
     return tuple(steps)
 
 
-def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations]) -> float:
+def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
+               exchanges: list[bool] | None = None) -> float:
     """The most activation bytes alive at once on a rank running `steps` (`memory_steps`): each
     forward adds its chunk's micro-batch, a backward frees it (a BI all but its GEMM inputs, which
-    its W frees), a paired F&B holds both while it runs; the backward's recomputed region comes on top."""
+    its W frees); the backward's recomputed region comes on top. A paired F&B holds both while it
+    runs when the backward's chunk has expert all-to-alls (`exchanges`, by chunk; default: all
+    have), whose waits run the forward (pipeline/overlap.py); without any, the forward runs after
+    the backward."""
     live = peak = 0.0
     for forward, backward, defers_w, w in steps:
-        if forward >= 0:
+        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]
+        if forward >= 0 and not forward_after:
             live += chunk_bytes[forward].kept
         if backward >= 0:
             acts = chunk_bytes[backward]
@@ -246,6 +273,8 @@ def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations]) ->
             live -= acts.kept
             if defers_w:
                 live += acts.weight_inputs
+        if forward_after:
+            live += chunk_bytes[forward].kept
         if w >= 0:
             live -= chunk_bytes[w].weight_inputs
         peak = max(peak, live)

@@ -14,6 +14,7 @@ from megadual.parallel.recompute import RecomputePlan
 from megadual.pipeline.actions import Action
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.stage_model import stage_specs
+from megadual.training.dist_optimizer import default_bucket_numel
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ def stage_parameters(c: ModelConfig, stage: StageSpec, tp: int, ep: int) -> Para
         count += layer_parameters(c, layer, tp, ep)
     if stage.has_head:
         count += _dense(c.hidden_size, vocab_rows * c.hidden_size)
+        h = c.hidden_size
+        for depth in range(c.mtp_num_layers):  # enorm, hnorm, eh_proj (whole on every TP rank), final norm
+            count += _dense(h, h, 2 * h * h, h) + layer_parameters(c, c.num_layers + depth, tp, ep)
     return count
 
 
@@ -83,9 +87,13 @@ class RankMemory:
     distributed_optimizer: bool = False
 
     @property
+    def optimizer_state_held(self) -> float:
+        """The state of the optimizer the rank runs (`distributed_optimizer`'s)."""
+        return self.optimizer_state_distributed if self.distributed_optimizer else self.optimizer_state
+
+    @property
     def total(self) -> float:
-        state = self.optimizer_state_distributed if self.distributed_optimizer else self.optimizer_state
-        return self.parameters + self.gradients + state + self.peak_activations
+        return self.parameters + self.gradients + self.optimizer_state_held + self.peak_activations
 
 
 @dataclass(frozen=True)
@@ -139,18 +147,20 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None,
     stages = rank_stages(config, layout, n_micro)
     schedules = (schedule_steps(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
                  if layout.pp > 1 and activations else None)
-    distributed = distributed_optimizer(config) if distributed is None else distributed
+    distributed = config.optim.use_distributed_optimizer if distributed is None else distributed
     weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
     ranks = []
     for pp_rank, chunks in enumerate(stages):
         params = ParamCount()
         for spec in chunks:
             params += stage_parameters(c, spec, layout.tp, layout.ep)
+        if c.mtp_num_layers and any(s.has_head for s in chunks) and not any(s.has_embedding for s in chunks):
+            params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding (1F1B, PP > 1)
         peak = _peak_activations(c, shape, plan, chunks, schedules[pp_rank] if schedules else None) \
             if activations else 0.0
+        sharded = _distributed_adam_bytes(params, layout, weight_bytes, config.optim.ddp_bucket_size)
         ranks.append(RankMemory(pp_rank, params.elements * weight_bytes, params.elements * FP32,
-                                _adam_bytes(params), _distributed_adam_bytes(params, layout, weight_bytes), peak,
-                                distributed))
+                                _adam_bytes(params), sharded, peak, distributed))
     return ranks
 
 
@@ -158,7 +168,15 @@ def _peak_activations(c: ModelConfig, shape: Shape, plan: RecomputePlan, chunks:
                       steps: tuple[MemoryStep, ...] | None) -> float:
     acts = [stage_activations(c, shape, range(s.first_layer, s.last_layer), s.has_embedding, s.has_head, plan)
             for s in chunks]
-    return peak_bytes(steps, acts) if steps is not None else acts[0].kept + max(0.0, acts[0].transient)
+    if steps is None:
+        return acts[0].kept + max(0.0, acts[0].transient)
+    return peak_bytes(steps, acts, [shape.ep > 1 and _has_moe_layer(c, s) for s in chunks])
+
+
+def _has_moe_layer(c: ModelConfig, stage: StageSpec) -> bool:
+    """Whether the stage's layers (its MTP layers included) include an MoE layer."""
+    mtp = range(c.num_layers, c.num_layers + c.mtp_num_layers) if stage.has_head else range(0)
+    return any(c.is_moe_layer(layer) for layer in (*range(stage.first_layer, stage.last_layer), *mtp))
 
 
 @cache
@@ -173,20 +191,20 @@ def schedule_steps(schedule: str, pp: int, n_micro: int, split_backward: bool) -
     return [memory_steps(actions) for actions in schedule_actions(schedule, pp, n_micro, split_backward)]
 
 
-def distributed_optimizer(config: RunConfig) -> bool:
-    # --use-distributed-optimizer arrives with the distributed optimizer (branch i13-distopt).
-    return getattr(config.optim, "use_distributed_optimizer", False)
-
-
 def _adam_bytes(params: ParamCount) -> float:
     """AdamW: two FP32 moments per element and a step count per tensor."""
     return 2 * FP32 * params.elements + FP32 * params.tensors
 
 
-def _distributed_adam_bytes(params: ParamCount, layout: Layout, weight_bytes: int) -> float:
-    """ZeRO-1: moments (and FP32 masters beside BF16 weights) of this rank's 1/DP shard; experts'
-    over their expert-DP group (DP x TP / EP ranks)."""
+def _distributed_adam_bytes(params: ParamCount, layout: Layout, weight_bytes: int, bucket_numel: int | None) -> float:
+    """ZeRO-1: moments (and FP32 masters beside BF16 weights) of this rank's 1/DP shard, padded
+    as the buckets pad it, and a step count per bucket; experts' over their expert-DP group
+    (DP x TP / EP ranks). Each group's parameters are taken as filling its buckets in turn."""
     per_element = 2 * FP32 + (FP32 if weight_bytes != FP32 else 0)
+    bucket_numel = bucket_numel or default_bucket_numel(layout.dp)
     expert_dp = max(1, layout.dp * layout.tp // layout.ep)
-    dense = params.elements - params.expert_elements
-    return per_element * (dense / layout.dp + params.expert_elements / expert_dp)
+    total = 0.0
+    for elements, group in ((params.elements - params.expert_elements, layout.dp), (params.expert_elements, expert_dp)):
+        buckets = -(-elements // bucket_numel)
+        total += per_element * -(-elements // group) + FP32 * buckets
+    return total

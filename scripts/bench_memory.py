@@ -47,7 +47,7 @@ def main() -> None:
             report = max((r for r, _ in pairs), key=lambda r: r.peak_activations)
             rank = pairs[0][1]
             same = all((r.parameters, r.gradients, r.optimizer_state) == (rank.parameters, rank.gradients,
-                                                                           rank.optimizer_state) for r, _ in pairs)
+                                                                           rank.optimizer_state_held) for r, _ in pairs)
             print(f"| {name} | {pp_rank} | {report.parameters / MB:.3f} | {report.gradients / MB:.3f} | "
                   f"{report.optimizer_state / MB:.3f}{'' if same else ' (predicted differs)'} | "
                   f"{report.peak_activations / MB:.3f} | {rank.peak_activations / MB:.3f} | "

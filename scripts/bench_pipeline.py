@@ -22,6 +22,19 @@ torch's stages are the same GPTChunk modules with the same weights. They have no
 weight-gradient store attached, so their linears are plain F.linear, which torch's
 split of B into input and weight halves (by walking the autograd graph) needs: it
 cannot split a custom autograd Function such as the one our W split uses.
+
+With experts (`--num-experts`) and expert parallelism (`--ep`, PP x EP processes, EP folded
+into data parallelism), `--emulate-links` runs every step on an emulated network
+(megadual/parallel/emulate.py; `--ranks-per-node` ranks per emulated node): the expert
+all-to-alls and the pipeline's messages finish no earlier than the links allow. The rows
+then are ours only, "DualPipe, no overlap" runs each paired F&B as its forward then its
+backward, and "DualPipe, hierarchical" uses --moe-token-dispatcher-type hierarchical. Each
+row also gives the inter-node bytes of a step (all ranks), and the simulator adds to each
+chunk's costs its all-to-alls' time on the same links (from the bytes they sent when its
+costs were measured) and, to each message, its time on the link between the stages.
+
+    python scripts/bench_pipeline.py --ep 2 --ranks-per-node 1 --num-experts 8 \\
+        --emulate-links "inter=...;intra=..."          # DualPipe vs 1F1B vs no overlap, 4 processes
 """
 from __future__ import annotations
 
@@ -31,6 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +54,18 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline_report import format_report, slowest_per_stage, stage_costs, summarize
+
 from megadual.config import ModelConfig
-from megadual.model.gpt import StageSpec, build_chunk
+from megadual.model.gpt import StageLoss, StageSpec, build_chunk
+from megadual.parallel.context import BuildContext
+from megadual.parallel.emulate import LinkModel, Record, emulated_links
+from megadual.parallel.topology import Layout as Grid
+from megadual.parallel.topology import Topology
 from megadual.parallel.wgrad import WeightGradStore
-from megadual.pipeline.actions import Layout
+from megadual.pipeline.actions import Action, Kind
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
-from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
 from megadual.pipeline.stage_model import build_stage_model, stage_specs
 from megadual.training.distributed import free_port
 
@@ -62,10 +81,21 @@ class Bench:
     warmup: int
     rounds: int
     cost_reps: int
+    ep: int = 1
+    ranks_per_node: int = 0  # 0: one node
+    links: LinkModel | None = None  # None: no emulation
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.ep
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.world, pp=self.pp, ep=self.ep, ranks_per_node=self.ranks_per_node)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.microbatches * self.micro_batch_size * self.model.seq_length
+        return self.microbatches * self.micro_batch_size * self.model.seq_length * self.ep
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,8 @@ class Variant:
     shape: str  # our schedule of the same shape: what the simulator predicts from
     split_backward: bool  # whether the shape has W actions
     recv_lookahead: int | None = None  # ours only: PipelineRuntime's (None: the backend's default)
+    pairs_overlap: bool = True  # False: each F&B runs as its F, then its B
+    dispatcher: str = "alltoall"  # --moe-token-dispatcher-type
 
 
 VARIANTS = (
@@ -84,12 +116,40 @@ VARIANTS = (
     Variant("torch Schedule1F1B", "torch", "1f1b", False),
     Variant("ours 1F1B + W split (ZB-H1)", "ours", "1f1b", True),
     Variant("ours DualPipe", "ours", "dualpipe", True),
+    Variant("ours DualPipe, no overlap", "ours", "dualpipe", True, pairs_overlap=False),
+    Variant("ours DualPipe, hierarchical", "ours", "dualpipe", True, dispatcher="hierarchical"),
     Variant("ours DualPipeV", "ours", "dualpipev", True),
     Variant("ours DualPipeV, recv in place", "ours", "dualpipev", True, recv_lookahead=0),
     Variant("torch ScheduleDualPipeV", "torch", "dualpipev", True),
 )
-RATIOS = (("ours 1F1B", "torch Schedule1F1B"), ("ours DualPipeV", "torch ScheduleDualPipeV"),
-          ("ours DualPipeV", "ours DualPipeV, recv in place"))
+
+
+def runs_here(variant: Variant, bench: Bench) -> bool:
+    """torch's rows run without expert parallelism only; the hierarchical row where it differs
+    from the flat one (an EP group over several nodes of several ranks)."""
+    if variant.impl == "torch":
+        return bench.ep == 1
+    if variant.dispatcher == "hierarchical":
+        per_node = bench.ep // bench.grid.nodes_per_ep_group
+        return bench.grid.nodes_per_ep_group > 1 and per_node > 1
+    return True
+
+
+def build_context(bench: Bench, topo: Topology, dispatcher: str) -> BuildContext:
+    return BuildContext(ep_group=topo.group("ep"), num_nodes=bench.grid.nodes_per_ep_group,
+                        ep_node_groups=topo.ep_node_groups() if dispatcher == "hierarchical" else None)
+
+
+def without_pairs(actions: list[Action]) -> list[Action]:
+    """Each paired F&B as its forward, then its (full) backward."""
+    return [part for a in actions
+            for part in ((Action(Kind.F, a.chunk, a.mb), Action(Kind.B, a.b_chunk, a.b_mb))
+                         if a.kind == Kind.FB else (a,))]
+
+
+def schedule(variant: Variant, bench: Bench) -> list[list[Action]]:
+    lists = build_schedule(variant.shape, bench.pp, bench.microbatches, variant.split_backward)
+    return lists if variant.pairs_overlap else [without_pairs(actions) for actions in lists]
 
 
 def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
@@ -97,9 +157,9 @@ def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
     return stage_specs(num_layers, 2 * pp if shape == "dualpipev" else pp)
 
 
-def make_batch(bench: Bench) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and labels, [micro-batches * micro-batch size, seq], the same on every rank."""
-    generator = torch.Generator().manual_seed(SEED)
+def make_batch(bench: Bench, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and labels, [micro-batches * micro-batch size, seq], the same on every rank of a pipeline."""
+    generator = torch.Generator().manual_seed(SEED + dp_rank)
     shape = (bench.microbatches * bench.micro_batch_size, bench.model.seq_length)
     tokens = torch.randint(bench.model.vocab_size, shape, generator=generator)
     return tokens, torch.roll(tokens, -1, dims=1)
@@ -125,10 +185,13 @@ class BusyClock:
 # Chunk costs for the simulator, measured on the chunks directly (no pipeline)
 
 
-def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, reps: int) -> dict[str, float]:
+def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, float]:
     """Median seconds of forward, full backward, input-only backward (BI) and W of one chunk on one
-    micro-batch, with our W split: a WeightGradStore attached to every linear."""
-    chunk = build_chunk(config, spec, SEED)
+    micro-batch, with our W split: a WeightGradStore attached to every linear. With emulated links,
+    also what its forward's and backward's all-to-alls take on them (comm_f, comm_b), from the
+    bytes they sent (the compute costs are measured without emulation)."""
+    config, micro_batch_size, reps = bench.model, bench.micro_batch_size, bench.cost_reps
+    chunk = build_chunk(config, spec, SEED, ctx)
     store = WeightGradStore()
     chunk.attach_schedule(store, None)
     seq, h = config.seq_length, config.hidden_size
@@ -145,7 +208,8 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
 
     def forward(deferrable: bool = False) -> torch.Tensor:
         with store.deferrable_forward(deferrable):
-            return chunk(tokens if spec.has_embedding else hidden, tokens)
+            out = chunk(tokens if spec.has_embedding else hidden, tokens)
+        return out.loss if spec.has_head else out
 
     def split_backward(out: torch.Tensor) -> None:
         with store.split_backward():
@@ -156,37 +220,49 @@ def chunk_costs(config: ModelConfig, spec: StageSpec, micro_batch_size: int, rep
         timed("b", torch.Tensor.backward, out, grad)
         timed("bi", split_backward, forward(deferrable=True))
         timed("w", store.pop)
-    return {key: statistics.median(values[1:]) for key, values in times.items()}
-
-
-def rank_costs(bench: Bench, shapes: list[str], rank: int) -> dict[str, dict[int, dict[str, float]]]:
-    """Per schedule shape, the costs of this rank's share of the shape's stage chunks, by stage
-    index. All ranks measure at once, so the costs are those of a machine as loaded as during
-    the steps."""
-    costs = {}
-    for shape in shapes:
-        specs = shape_specs(shape, bench.model.num_layers, bench.pp)
-        costs[shape] = {index: chunk_costs(bench.model, specs[index], bench.micro_batch_size, bench.cost_reps)
-                        for index in range(rank, len(specs), bench.pp)}
+    costs = {key: statistics.median(values[1:]) for key, values in times.items()}
+    if bench.links is not None:
+        with emulated_links(LinkModel(), bench.grid.node_size) as sent_forward:
+            out = forward()
+        with emulated_links(LinkModel(), bench.grid.node_size) as sent_backward:
+            out.backward(grad)
+        costs["comm_f"] = sum(map(bench.links.free_seconds, sent_forward.records))
+        costs["comm_b"] = sum(map(bench.links.free_seconds, sent_backward.records))
     return costs
 
 
-def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float) -> StageCosts:
-    """Each chunk of the layout costs what its stage measured (DualPipe's two directions are cut alike)."""
-    chunks = {}
-    for path in layout.paths:
-        for stage, place in enumerate(path):
-            c = per_stage[stage]
-            chunks[place] = SimCosts(f=c["f"], b=c["b"], w=c["w"], bi=c["bi"])
-    return StageCosts(chunks, latency)
+def rank_costs(bench: Bench, variants: tuple[Variant, ...], topo: Topology) -> dict[tuple, dict]:
+    """Per schedule shape and dispatcher, the costs of this rank's share of the shape's stage chunks,
+    by stage index. All ranks measure at once (an EP group's ranks the same chunk), so the costs are
+    those of a machine as loaded as during the steps."""
+    costs = {}
+    for shape, dispatcher in dict.fromkeys((v.shape, v.dispatcher) for v in variants):
+        specs = shape_specs(shape, bench.model.num_layers, bench.pp)
+        ctx = build_context(bench, topo, dispatcher)
+        costs[shape, dispatcher] = {index: chunk_costs(bench, specs[index], ctx)
+                                    for index in range(topo.pp_rank, len(specs), bench.pp)}
+    return costs
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.distributed.pipelining
 
 
+class _TensorOutput(torch.nn.Module):
+    """A GPTChunk whose last stage returns its loss tensor instead of a StageLoss: torch's stages
+    pass tensors only."""
+
+    def __init__(self, chunk: torch.nn.Module):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.chunk(inputs, labels)
+        return out.loss if isinstance(out, StageLoss) else out
+
+
 def _loss_is_output(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """GPTChunk's last stage returns the loss itself (labels come in as a keyword argument)."""
+    """The last stage returns the loss itself (labels come in as a keyword argument)."""
     return loss
 
 
@@ -202,7 +278,7 @@ class TorchRunner:
         self.clock = BusyClock()
         stages = []
         for index in indices:
-            module = build_chunk(bench.model, specs[index], SEED)
+            module = _TensorOutput(build_chunk(bench.model, specs[index], SEED))
             stage = PipelineStage(module, index, len(specs), torch.device("cpu"))
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 setattr(stage, name, self.clock.timed(getattr(stage, name)))
@@ -223,12 +299,14 @@ class TorchRunner:
 class OurRunner:
     """Our runtime on our action lists; busy time is the sum of its traced compute actions."""
 
-    def __init__(self, variant: Variant, bench: Bench, rank: int):
+    def __init__(self, variant: Variant, bench: Bench, topo: Topology):
         layout = pipeline_layout(variant.shape, bench.pp, bench.microbatches)
-        actions = build_schedule(variant.shape, bench.pp, bench.microbatches, variant.split_backward)[rank]
-        self.modules = build_stage_model(bench.model, layout, rank, SEED).chunks
+        actions = schedule(variant, bench)[topo.pp_rank]
+        ctx = build_context(bench, topo, variant.dispatcher)
+        self.modules = build_stage_model(bench.model, layout, topo.pp_rank, SEED, ctx).chunks
         m = bench.model
-        self.runtime = PipelineRuntime(actions, layout, self.modules, rank, range(bench.pp),
+        self.runtime = PipelineRuntime(actions, layout, self.modules, topo.pp_rank, topo.members["pp"],
+                                       topo.group("pp"),
                                        activation_shape=(m.seq_length, bench.micro_batch_size, m.hidden_size),
                                        trace=True, recv_lookahead=variant.recv_lookahead)
         self.mbs = bench.micro_batch_size
@@ -244,148 +322,100 @@ class OurRunner:
 # The per-rank worker
 
 
-def p2p_latency(bench: Bench, rank: int, reps: int = 20) -> float:
-    """One-way time of one activation message between ranks 0 and 1 (ping-pong / 2)."""
+def p2p_latency(bench: Bench, topo: Topology, reps: int = 20) -> float:
+    """One-way time of one activation message between pipeline ranks 0 and 1 (ping-pong / 2), plus
+    its modelled time on the emulated link between their nodes."""
     buffer = torch.zeros(bench.model.seq_length, bench.micro_batch_size, bench.model.hidden_size)
+    first, second = topo.members["pp"][:2]
     dist.barrier()
     start = time.perf_counter()
     for _ in range(reps):
-        if rank == 0:
-            dist.send(buffer, 1)
-            dist.recv(buffer, 1)
-        elif rank == 1:
-            dist.recv(buffer, 0)
-            dist.send(buffer, 0)
+        if topo.rank == first:
+            dist.send(buffer, second)
+            dist.recv(buffer, second)
+        elif topo.rank == second:
+            dist.recv(buffer, first)
+            dist.send(buffer, first)
     elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
     dist.broadcast(elapsed, 0)
-    return elapsed.item() / (2 * reps)
+    latency = elapsed.item() / (2 * reps)
+    if bench.links is not None:
+        num_bytes = buffer.numel() * buffer.element_size()
+        inter = first // bench.grid.node_size != second // bench.grid.node_size
+        latency += bench.links.free_seconds(Record("send", num_bytes if inter else 0, 0 if inter else num_bytes, 0))
+    return latency
 
 
-def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor,
-               labels: torch.Tensor) -> tuple[float, float]:
-    """(makespan over all ranks, this rank's busy seconds) of one step; gradients zeroed first."""
+def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: torch.Tensor,
+               bench: Bench) -> tuple[float, float, float]:
+    """(makespan over all ranks, this rank's busy seconds, inter-node bytes of all ranks) of one step,
+    on the emulated links if any; gradients zeroed first."""
     for module in runner.modules:
         module.zero_grad(set_to_none=True)
+    links = emulated_links(bench.links, bench.grid.node_size) if bench.links else nullcontext()
     dist.barrier()
     start = time.perf_counter()
-    busy = runner.step(tokens, labels)
+    with links as emulator:
+        busy = runner.step(tokens, labels)
     elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return elapsed.item(), busy
+    sent = torch.tensor(float(sum(r.bytes_inter for r in emulator.records)) if emulator else 0.0)
+    dist.all_reduce(sent)
+    return elapsed.item(), busy, sent.item()
 
 
 def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=bench.pp)
+    dist.init_process_group("gloo", rank=rank, world_size=bench.world)
     try:
-        tokens, labels = make_batch(bench)
-        costs = rank_costs(bench, list(dict.fromkeys(v.shape for v in variants)), rank)
-        runners = [(OurRunner if v.impl == "ours" else TorchRunner)(v, bench, rank) for v in variants]
-        latency = p2p_latency(bench, rank)
+        topo = Topology(bench.grid, rank)
+        tokens, labels = make_batch(bench, topo.dp_rank)
+        costs = rank_costs(bench, variants, topo)
+        runners = [OurRunner(v, bench, topo) if v.impl == "ours" else TorchRunner(v, bench, rank) for v in variants]
+        latency = p2p_latency(bench, topo)
         for runner in runners:
             for _ in range(bench.warmup):
-                timed_step(runner, tokens, labels)
-        samples: list[list[tuple[float, float]]] = [[] for _ in variants]
+                timed_step(runner, tokens, labels, bench)
+        samples: list[list[tuple[float, float, float]]] = [[] for _ in variants]
         for round_ in range(bench.rounds):
             order = list(zip(runners, samples))
             for runner, out in order if round_ % 2 == 0 else reversed(order):
-                out.append(timed_step(runner, tokens, labels))
-        gathered = [None] * bench.pp
-        dist.all_gather_object(gathered, (costs, samples))
+                out.append(timed_step(runner, tokens, labels, bench))
+        gathered = [None] * bench.world
+        dist.all_gather_object(gathered, (topo.pp_rank, topo.dp_rank, costs, samples))
         if rank == 0:
             queue.put((latency, gathered))
     finally:
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Report
-
-
-@dataclass(frozen=True)
-class Row:
-    variant: Variant
-    makespans: list[float]  # seconds, per round
-    makespan: float  # seconds, median over rounds
-    busy: list[float]  # compute seconds per rank, median over rounds
-    bubble: list[float]  # seconds per rank, median over rounds
-    predicted_makespan: float
-    predicted_bubble: list[float]
-
-
-def summarize(variant: Variant, per_rank: list[list[tuple[float, float]]],
-              per_stage: dict[int, dict[str, float]], latency: float, pp: int, microbatches: int) -> Row:
-    rounds = range(len(per_rank[0]))
-    makespans = [per_rank[0][i][0] for i in rounds]
-    busy = [statistics.median(per_rank[r][i][1] for i in rounds) for r in range(pp)]
-    bubbles = [statistics.median(per_rank[r][i][0] - per_rank[r][i][1] for i in rounds) for r in range(pp)]
-    schedules = build_schedule(variant.shape, pp, microbatches, variant.split_backward)
-    costs = stage_costs(pipeline_layout(variant.shape, pp, microbatches), per_stage, latency)
-    # Neither runtime waits for its sends to be received before computing on.
-    predicted = simulate(schedules, costs, rendezvous=False)
-    return Row(variant, makespans, statistics.median(makespans), busy, bubbles, predicted.makespan,
-               predicted.bubble)
-
-
-def format_report(bench: Bench, rows: list[Row], costs: dict[str, dict[int, dict[str, float]]], latency: float,
-                  load: tuple[float, float]) -> str:
-    m = bench.model
-    ms = 1e3
-    lines = [
-        (f"PP={bench.pp}, {bench.microbatches} micro-batches of {bench.micro_batch_size} x {m.seq_length} "
-         f"tokens ({bench.tokens_per_step} tokens/step), dense GPT: {m.num_layers} layers, hidden "
-         f"{m.hidden_size}, FFN {m.ffn_hidden_size}, {m.num_attention_heads} heads, vocab {m.vocab_size}; "
-         f"1 thread per rank, gloo; median of {bench.rounds} rounds after {bench.warmup} warm-up"),
-        (f"p2p latency (one activation message, ranks 0-1): {latency * ms:.2f} ms; machine load average "
-         f"(1 min) {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores"),
-    ]
-    for shape, per_stage in costs.items():
-        stages = [per_stage[i] for i in sorted(per_stage)]
-        lines.append(f"chunk costs, {shape} stages 0-{len(stages) - 1} (ms): " + " | ".join(
-            f"{key.upper()} " + " ".join(f"{c[key] * ms:.1f}" for c in stages) for key in ("f", "b", "bi", "w")))
-
-    def per_rank(values: list[float]) -> str:
-        return " ".join(f"{v * ms:6.0f}" for v in values)
-
-    header = (f"{'schedule':<30}{'tokens/s':>9}{'step ms':>9}{'sim':>6} | busy ms per rank | "
-              "bubble ms per rank: measured / sim")
-    lines += ["", header, "-" * len(header)]
-    for row in rows:
-        lines.append(f"{row.variant.label:<30}{bench.tokens_per_step / row.makespan:>9.0f}"
-                     f"{row.makespan * ms:>9.0f}{row.predicted_makespan * ms:>6.0f} | {per_rank(row.busy)} | "
-                     f"{per_rank(row.bubble)} / {per_rank(row.predicted_bubble)}")
-    by_label = {row.variant.label: row for row in rows}
-    lines.append("")
-    for ours, theirs in RATIOS:
-        if ours in by_label and theirs in by_label:
-            ratio = by_label[theirs].makespan / by_label[ours].makespan
-            # Rounds step both back to back, so a round's ratio cancels slow swings of machine speed.
-            paired = sorted(t / o for o, t in zip(by_label[ours].makespans, by_label[theirs].makespans))
-            quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
-            lines.append(f"tokens/s ratio {ours} / {theirs}: {ratio:.3f} (medians); per round: median "
-                         f"{statistics.median(paired):.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
-                         f"{sum(r >= 1 for r in paired)} of {len(paired)} rounds >= 1")
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pp", type=int, default=2, help="pipeline ranks (processes)")
+    parser.add_argument("--pp", type=int, default=2, help="pipeline ranks")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per stage (PP x EP processes)")
+    parser.add_argument("--ranks-per-node", type=int, default=0, help="ranks per emulated node (0: one node)")
+    parser.add_argument("--emulate-links", default=None, metavar="SPEC",
+                        help="emulated network, e.g. 'inter=25GB/s,10us;intra=150GB/s,2us' (default: none)")
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--ffn-hidden-size", type=int, default=688)
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--num-experts", type=int, default=0, help="0: a dense GPT")
+    parser.add_argument("--moe-ffn-hidden-size", type=int, default=256)
+    parser.add_argument("--moe-router-topk", type=int, default=4)
+    parser.add_argument("--moe-shared-expert-intermediate-size", type=int, default=256)
+    parser.add_argument("--moe-first-k-dense", type=int, default=0)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--num-microbatches", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per schedule, interleaved")
     parser.add_argument("--cost-reps", type=int, default=5, help="repetitions per measured chunk cost")
-    parser.add_argument("--schedules", nargs="+", default=[v.label for v in VARIANTS],
-                        choices=[v.label for v in VARIANTS], metavar="LABEL",
-                        help=f"rows to run, from: {'; '.join(v.label for v in VARIANTS)}")
+    parser.add_argument("--schedules", nargs="+", default=None, choices=[v.label for v in VARIANTS],
+                        metavar="LABEL", help=f"rows to run (default: those the layout runs), from: "
+                                              f"{'; '.join(v.label for v in VARIANTS)}")
     return parser.parse_args(argv)
 
 
@@ -394,26 +424,35 @@ def main(argv: list[str] | None = None) -> None:
     model = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
                         ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
                         num_query_groups=args.num_attention_heads, seq_length=args.seq_length,
-                        vocab_size=args.vocab_size)
+                        vocab_size=args.vocab_size, num_experts=args.num_experts,
+                        moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_router_topk=args.moe_router_topk,
+                        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+                        moe_first_k_dense=args.moe_first_k_dense)
+    links = None if args.emulate_links is None else LinkModel.parse(args.emulate_links)
     bench = Bench(model, args.pp, args.num_microbatches, args.micro_batch_size, args.warmup, args.rounds,
-                  args.cost_reps)
-    variants = tuple(v for v in VARIANTS if v.label in args.schedules)
+                  args.cost_reps, args.ep, args.ranks_per_node, links)
+    bench.grid.validate()
+    variants = tuple(v for v in VARIANTS if (v.label in args.schedules if args.schedules else runs_here(v, bench)))
     for v in variants:
+        if not runs_here(v, bench):
+            raise SystemExit(f"{v.label} does not run with --ep {bench.ep} --ranks-per-node {bench.ranks_per_node}")
         build_schedule(v.shape, bench.pp, bench.microbatches, v.split_backward)  # validates the sizes
         shape_specs(v.shape, model.num_layers, bench.pp)
 
     load_before = os.getloadavg()[0]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(bench, variants, free_port(), queue), nprocs=bench.pp,
+    mp.start_processes(worker, args=(bench, variants, free_port(), queue), nprocs=bench.world,
                        start_method="spawn")
     latency, gathered = queue.get()
-    costs = {shape: {stage: c for measured, _ in gathered for stage, c in measured[shape].items()}
-             for shape in gathered[0][0]}
-    rows = [summarize(v, [samples[i] for _, samples in gathered], costs[v.shape], latency, bench.pp,
-                      bench.microbatches)
+    costs = {key: slowest_per_stage([measured[key] for _, _, measured, _ in gathered]) for key in gathered[0][2]}
+    first_pipeline = sorted((pp_rank, samples) for pp_rank, dp_rank, _, samples in gathered if dp_rank == 0)
+    rows = [summarize(v, [samples[i] for _, samples in first_pipeline], schedule(v, bench),
+                      stage_costs(pipeline_layout(v.shape, bench.pp, bench.microbatches), costs[v.shape, v.dispatcher],
+                                  latency))
             for i, v in enumerate(variants)]
     print(format_report(bench, rows, costs, latency, (load_before, os.getloadavg()[0])))
+
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def train(argv: list[str], mode: str, device: torch.device) -> Run:
     validation: list[float] = []
 
     def log(line: str) -> None:
+        if "throughput per GPU" in line:  # --log-throughput: the run's one iteration line
+            print(f"{mode:>6}:{line}", flush=True)
         if "validation loss" in line:
             validation.append(float(line.split("lm loss value:")[1].split("|")[0]))
 
@@ -146,6 +148,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--multi-latent-attention", action="store_true", help="MLA instead of MHA (see model_args)")
     p.add_argument("--noise-floor", action="store_true", help="also run the nudged FP32 control")
+    p.add_argument("--log-throughput", action="store_true",
+                   help="print each run's iteration line with its TFLOP/s per GPU (averaged over all steps)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; 1 is as fast here and not slowed by busy cores")
     a = p.parse_args()
@@ -154,7 +158,7 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     argv = model_args(a.steps, a.hidden_size, a.num_layers, a.seq_length, a.data_prefix, a.tokenizer, a.seed,
-                      a.multi_latent_attention)
+                      a.multi_latent_attention) + (["--log-throughput"] if a.log_throughput else [])
     print(f"{a.steps} steps, hidden {a.hidden_size}, {a.num_layers} layers, seq {a.seq_length}, "
           f"{'MLA' if a.multi_latent_attention else 'MHA'}, "
           f"data {a.data_prefix or 'mock'}, seed {a.seed}, {torch.get_num_threads()} threads", flush=True)

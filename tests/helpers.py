@@ -16,13 +16,23 @@ TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden
             "--lr-warmup-iters", "2", "--log-interval", "1000", "--moe-aux-loss-coeff", "1e-2"]
 
 
+def device_under_test() -> torch.device:
+    """MEGADUAL_TEST_DEVICE (default cpu): scripts/gpu_check.sh runs the single-process tests on cuda."""
+    return torch.device(os.environ.get("MEGADUAL_TEST_DEVICE", "cpu"))
+
+
 class single_process_group:
-    """A one-rank gloo world for in-process tests."""
+    """A one-rank world for in-process tests (gloo; NCCL too for a CUDA `device`), on
+    `device` (default: device_under_test())."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or device_under_test()
 
     def __enter__(self):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-        return torch.device("cpu")
+        return self.device
 
     def __exit__(self, *exc):
         dist.destroy_process_group()

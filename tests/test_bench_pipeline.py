@@ -17,3 +17,17 @@ def test_bench_pipeline_tiny(tmp_path):
                 "ours DualPipeV", "torch ScheduleDualPipeV"):
         assert f"\n{row}" in result.stdout, result.stdout
     assert "tokens/s ratio ours DualPipeV / torch ScheduleDualPipeV: " in result.stdout, result.stdout
+
+
+def test_bench_pipeline_expert_parallel_on_emulated_links(tmp_path):
+    rows = ["ours 1F1B", "ours DualPipe", "ours DualPipe, no overlap"]
+    moe = ["--ep", "2", "--ranks-per-node", "1", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+           "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "32",
+           "--emulate-links", "inter=20MB/s,10us", "--schedules", *rows]
+    result = subprocess.run([sys.executable, str(SCRIPT), *TINY, *moe], cwd=tmp_path, check=False,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "COMM_F" in result.stdout and "emulated links: inter=0.02GB/s" in result.stdout, result.stdout
+    for row in rows:
+        assert f"\n{row} " in result.stdout, result.stdout
+    assert "tokens/s ratio ours DualPipe / ours DualPipe, no overlap: " in result.stdout, result.stdout

@@ -27,12 +27,15 @@ def error_for(*extra: str) -> str:
     (["--save-interval", "5"], "--save-interval"),
     (["--moe-fp8-dispatch"], "--moe-fp8-dispatch"),
     (["--lr-warmup-iters", "500", "--train-iters", "10"], "--lr-warmup-iters"),
+    (["--use-distributed-optimizer", "--ddp-bucket-size", "0"], "--ddp-bucket-size"),
     (["--multi-latent-attention", "--group-query-attention"], "--group-query-attention"),
     (["--multi-latent-attention", "--qk-pos-emb-head-dim", "7"], "--qk-pos-emb-head-dim"),
     (["--multi-latent-attention", "--q-lora-rank", "-1"], "--q-lora-rank"),
     (["--multi-latent-attention", "--v-head-dim", "0"], "--v-head-dim"),
     (["--multi-latent-attention", "--rope-scaling-factor", "0.5"], "--rope-scaling-factor"),
     (["--multi-latent-attention", "--rope-scaling-factor", "4", "--beta-fast", "1"], "--beta-fast"),
+    (["--mtp-num-layers", "32"], "--mtp-num-layers"),  # --seq-length 32: no position has a target
+    (["--mtp-eval-loss"], "--mtp-eval-loss"),
 ])
 def test_invalid_combination_names_flag(extra, flag):
     assert flag in error_for(*extra)

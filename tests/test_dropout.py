@@ -59,7 +59,7 @@ TOKENS, SAMPLES = torch.randint(0, 128, (2, 16), generator=torch.Generator().man
 def chunk_loss(hidden: float, attention: float, training: bool = True, samples=SAMPLES) -> torch.Tensor:
     config = ModelConfig(**{**CFG.__dict__, "hidden_dropout": hidden, "attention_dropout": attention})
     chunk = build_chunk(config, full_model_stage(config), seed=3).train(training)
-    return chunk(TOKENS, TOKENS, samples).detach()
+    return chunk(TOKENS, TOKENS, samples).loss.detach()
 
 
 def test_a_forward_run_twice_draws_the_same_masks():

@@ -83,12 +83,12 @@ def test_attention_is_causal():
 def test_weight_gradient_split_gives_identical_gradients():
     tokens, labels = batch()
     plain = build_chunk(CFG, full_model_stage(CFG), seed=1)
-    plain(tokens, labels).backward()
+    plain(tokens, labels).loss.backward()
     split = build_chunk(CFG, full_model_stage(CFG), seed=1)
     store = WeightGradStore()
     split.attach_schedule(store, None)
     with store.deferrable_forward():
-        loss = split(tokens, labels)
+        loss = split(tokens, labels).loss
     with store.split_backward():
         loss.backward()
     deferred = [n for n, p in split.named_parameters() if p.grad is None]
@@ -101,11 +101,11 @@ def test_weight_gradient_split_gives_identical_gradients():
 
 def test_fp8_dispatch_delivers_dequantized_tokens_and_full_precision_grads():
     from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
-    from megadual.moe.dispatcher import TokenDispatcher
+    from megadual.moe.dispatcher import Hop
     x = torch.randn(10, 256, requires_grad=True)
     idx = torch.randint(0, 8, (10, 2))
-    dispatcher = TokenDispatcher(8, fp8_dispatch=True)
-    d = dispatcher.dispatch_wait(dispatcher.dispatch_start(x, idx, torch.ones(10, 2)))
+    hop = Hop(None, 8, [0], fp8=True)
+    d = hop.wait(hop.start(x, idx, torch.ones(10, 2), overlap=None))
     want = dequantize_from_dispatch(*quantize_for_dispatch(x.detach()[d.token_of_row]), torch.float32)
     assert torch.equal(d.tokens, want) and not torch.equal(d.tokens, x.detach()[d.token_of_row])
     d.tokens.sum().backward()

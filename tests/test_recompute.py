@@ -1,5 +1,6 @@
 """Activation recomputation gives the same run, bit for bit: losses, every gradient, the routers'
-statistics, with dropout, under the W split and inside a paired forward/backward chunk."""
+statistics, with dropout, under the W split and inside a paired forward/backward chunk; the MLA
+case with an MTP layer and the grouped-GEMM experts."""
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -16,7 +17,7 @@ from tests.test_model import CFG, batch
 
 DROPOUT = replace(CFG, hidden_dropout=0.1, attention_dropout=0.1)
 MLA = replace(DROPOUT, multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8,
-              qk_pos_emb_head_dim=4, v_head_dim=8)
+              qk_pos_emb_head_dim=4, v_head_dim=8, mtp_num_layers=1)
 ALL_MODULES = frozenset({"core_attn", "layernorm", "mlp", "moe", "shared_experts", "moe_act"})
 PLANS = {  # MHA
     "selective-default": RecomputePlan("selective"),
@@ -31,18 +32,18 @@ MLA_PLANS = {
 }
 
 
-def train_pair(config, plan):
+def train_pair(config, plan, grouped_gemm):
     """Micro-batch B forward (weights deferrable), then B's backward paired with A's forward (the
     F&B chunk), then A's backward with its weight gradients deferred to a W."""
-    chunk = build_chunk(config, full_model_stage(config), seed=5, ctx=BuildContext(recompute=plan))
+    chunk = build_chunk(config, full_model_stage(config), seed=5, ctx=BuildContext(recompute=plan, grouped_gemm=grouped_gemm))
     store, overlap = WeightGradStore(), BackwardOverlap()
     chunk.attach_schedule(store, overlap)
     (tokens_a, labels_a), (tokens_b, labels_b) = batch(1), batch(2)
     samples_a, samples_b = torch.tensor([0, 1]), torch.tensor([2, 3])
     with store.deferrable_forward():
-        loss_b = chunk(tokens_b, labels_b, samples_b)
+        loss_b = chunk(tokens_b, labels_b, samples_b).loss
     loss_a = overlapped_forward_backward(chunk.forward_steps(tokens_a, labels_a, samples_a), loss_b.backward,
-                                         nullcontext, overlap)
+                                         nullcontext, overlap).loss
     with store.deferrable_forward(False), store.split_backward():
         loss_a.backward()
     store.pop()
@@ -51,12 +52,13 @@ def train_pair(config, plan):
     return [loss_a.detach(), loss_b.detach()], grads, routers
 
 
-@pytest.mark.parametrize("config, plans", [(DROPOUT, PLANS), (MLA, MLA_PLANS)], ids=["MHA", "MLA"])
-def test_recomputation_changes_nothing(config, plans):
+@pytest.mark.parametrize("config, plans, grouped_gemm", [(DROPOUT, PLANS, False), (MLA, MLA_PLANS, True)],
+                         ids=["MHA", "MLA"])
+def test_recomputation_changes_nothing(config, plans, grouped_gemm):
     """(The layouts: tests/test_memory_layouts.py; full block recomputation under PP4 DualPipeV.)"""
-    losses, grads, routers = train_pair(config, RecomputePlan())
+    losses, grads, routers = train_pair(config, RecomputePlan(), grouped_gemm)
     for name, plan in plans.items():
-        got_losses, got_grads, got_routers = train_pair(config, plan)
+        got_losses, got_grads, got_routers = train_pair(config, plan, grouped_gemm)
         assert all(torch.equal(a, b) for a, b in zip(got_losses, losses)), name
         assert all(torch.equal(a, b) for a, b in zip(got_routers, routers)), name
         for param, grad in grads.items():

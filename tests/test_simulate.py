@@ -141,3 +141,14 @@ def test_stage_costs_time_each_chunk_by_its_own_costs():
     result = simulate(build_schedule("dualpipev", 1, 4, split_backward=False),
                       StageCosts({(0, 0): fast, (0, 1): SimCosts(f=3, b=5, w=1)}))
     assert result.busy == [4 * (1 + 3) + 4 * (2 + 5)]
+
+
+def test_communication_is_exposed_alone_and_hidden_in_a_paired_chunk():
+    costs = SimCosts(f=10, b=20, w=5, comm_f=4, comm_b=6)
+    durations = {kind: costs.duration(Action(kind, 0, 0, b_chunk=0, b_mb=1))
+                 for kind in (Kind.F, Kind.B, Kind.BI, Kind.W, Kind.FB)}
+    assert durations == {Kind.F: 14, Kind.B: 26, Kind.BI: 21, Kind.W: 5, Kind.FB: 30}  # FB: compute covers
+    slow_links = SimCosts(f=10, b=20, w=5, comm_f=20, comm_b=25)
+    assert slow_links.duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 45  # FB: the links bound it
+    stages = StageCosts({(0, 0): costs, (0, 1): slow_links})
+    assert stages.duration(Action(Kind.FB, 0, 0, b_chunk=1, b_mb=1), 0) == max(10 + 20, 4 + 25)

@@ -45,7 +45,7 @@ def test_exit_duration_saves_and_stops(tmp_path):
 def test_first_ctrl_c_stops_after_the_iteration_and_a_second_would_kill(tmp_path):
     steps, after_ctrl_c = [], []
 
-    def press_ctrl_c_in_step_2(model):
+    def press_ctrl_c_in_step_2(model, gradients):
         steps.append(model)
         if len(steps) == 2:
             os.kill(os.getpid(), signal.SIGINT)

@@ -36,6 +36,8 @@ def test_tolerance_classes():
     combined = tolerance("pp2:dualpipe,tp2,dp2")
     assert combined.name == "DP+TP+DualPipe"
     assert combined.grads == sum(verify.TOLERANCES[k].grads for k in ("DP", "TP", "DualPipe"))
+    with_mtp = lambda text: verify.parse_layout(text, TINY_MOE + ["--mtp-num-layers", "1"]).tolerance
+    assert with_mtp("pp4:dualpipev").name == "DualPipe" and with_mtp("tp2").name == "TP"
 
 
 def test_command_passes_an_equal_layout_and_fails_a_different_one_naming_the_tensor(capsys):

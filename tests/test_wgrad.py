@@ -21,7 +21,36 @@ def test_split_backward_defers_weight_grad_until_pop():
     assert w.grad is None and len(store) == 1
     store.pop()
     assert torch.allclose(w.grad, want_w, rtol=1e-6, atol=1e-6)
+    assert w.grad.grad_fn is None  # no graph keeping the W GEMM's operands alive until the step
     assert len(store) == 0
+
+
+def test_store_puts_deferred_gradients_where_it_is_told():
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    received = []
+    store = WeightGradStore(lambda param, grad: received.append((param, grad)))
+    with store.deferrable_forward():
+        y = linear(torch.randn(2, 8), w, store)
+    with store.split_backward():
+        y.sum().backward()
+    store.pop()
+    assert w.grad is None and len(received) == 1 and received[0][0] is w
+
+
+def test_gemm_runs_in_the_input_dtype_outside_autocast():
+    """The router's FP32 gate on BF16 weights: the gradient reaches the weight in its own dtype."""
+    w = torch.nn.Parameter(torch.randn(4, 8, dtype=torch.bfloat16))
+    x = torch.randn(2, 8)
+    for deferrable in (False, True):
+        w.grad, store = None, WeightGradStore()
+        with store.deferrable_forward(deferrable):
+            y = linear(x, w, store)
+        assert y.dtype == torch.float32
+        with store.split_backward():
+            y.sum().backward()
+        if deferrable:
+            store.pop()
+        assert w.grad.dtype == torch.bfloat16
 
 
 def test_deferrable_forward_whose_backward_is_not_split_computes_weight_grad_at_once():

@@ -2,11 +2,13 @@
 
 attention (with its residual and the pre-MLP norm) -> the MLP -> the MLP residual. An MoE
 layer's MLP pauses while each of its all-to-alls is in flight (`MoELayer.forward_steps`:
-routing and dispatch, experts and combine); a dense layer runs its MLP in one go. The
+routing, dispatch, experts, combine); a dense layer runs its MLP in one go. The
 modules the chunk's `recompute` selects (layernorm, mlp, moe; core_attn and the others
 inside the attention and the MoE layer) run as recomputed regions.
 """
 from __future__ import annotations
+
+from collections.abc import Generator
 
 import torch
 
@@ -37,7 +39,8 @@ class TransformerLayer(torch.nn.Module):
             self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
         self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): layernorm, mlp, moe
 
-    def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None):
+    def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None
+                      ) -> Generator[None, None, torch.Tensor]:
         """The layer as a generator that pauses while each expert all-to-all is in flight;
         `samples` are the micro-batch's global sample indices (the dropout masks' key)."""
         recompute = self.recompute

@@ -1,14 +1,18 @@
 """The decoder as pipeline stage chunks, cut by global layer index.
 
 A chunk holds layers [first, last) and, when it is the first stage, the embedding,
-when it is the last, the final norm, output head and loss. Parameter names are the
-global names of the full model (layers keyed by global index, experts by global
-expert index), so initialization and checkpoints do not depend on the layout.
+when it is the last, the final norm, output head, loss and the multi-token prediction
+modules (model/mtp.py). Parameter names are the global names of the full model (layers
+keyed by global index, experts by global expert index, MTP modules as `mtp.<k>`), so
+initialization and checkpoints do not depend on the layout.
+
+A last stage returns a `StageLoss`: the loss its backward starts from, and the parts to
+report by their log names (`lm loss`, `mtp_1 loss`, ...).
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +23,7 @@ from megadual.config import ModelConfig
 from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
+from megadual.model.mtp import MultiTokenPrediction, mtp_loss_names
 from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
 from megadual.parallel import comm
@@ -33,6 +38,25 @@ from megadual.parallel.tensor import (
     vocab_parallel_cross_entropy,
 )
 from megadual.parallel.wgrad import WeightGradStore
+
+LM_LOSS = "lm loss"
+
+
+def loss_names(config: ModelConfig) -> list[str]:
+    """What a last stage can report, in a fixed order: the lm loss, then each MTP depth's."""
+    return [LM_LOSS, *mtp_loss_names(config.mtp_num_layers)]
+
+
+@dataclass
+class StageLoss:
+    """What a last stage's forward returns. `loss`: the scalar the backward starts from (the lm
+    loss plus the scaled MTP loss); `reported`: its parts by log name, detached and unscaled."""
+    loss: torch.Tensor
+    reported: dict[str, torch.Tensor]
+
+    def add_to(self, totals: dict[str, torch.Tensor]) -> None:
+        for name, value in self.reported.items():
+            totals[name] = totals[name] + value.float() if name in totals else value.float()
 
 
 @dataclass(frozen=True)
@@ -49,16 +73,22 @@ def full_model_stage(config: ModelConfig) -> StageSpec:
 
 class GPTChunk(torch.nn.Module):
     """Layers [first, last) of the model; `copy` marks DualPipe's second copy of a stage; `seed`
-    keys the dropout masks."""
+    keys the dropout masks.
+
+    A last stage with MTP embeds with `mtp_embed` when given (the embedding of another chunk on
+    this rank: DualPipe's other copy, DualPipeV's first stage), else with its own embedding: the
+    first stage's when it is one, else a tied copy of it (1F1B with PP > 1), whose gradient the
+    pipeline sums with the first stage's. MTP losses are computed in training and, with
+    `mtp_in_evaluation`, in evaluation (module.eval()) too."""
 
     def __init__(self, config: ModelConfig, stage: StageSpec, ctx: BuildContext = ONE_PROCESS, copy: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, mtp_embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         tp = ctx.tp
         self.config, self.stage, self.tp, self.copy = config, stage, tp, copy
+        self.mtp, self.mtp_in_evaluation, self._tied = None, False, ()
         if stage.has_embedding:
-            self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp,
-                                                    config.init_method_std)
+            self.embedding = self._new_embedding()
             self.embedding_dropout = HiddenDropout(config.hidden_dropout, seed, EMBEDDING, 0, tp)
         self.layers = torch.nn.ModuleDict({
             str(i): TransformerLayer(config, i, ctx, seed) for i in range(stage.first_layer, stage.last_layer)})
@@ -67,7 +97,14 @@ class GPTChunk(torch.nn.Module):
             # The head stays in full precision (as in DeepSeek-V3), whatever `gemm` is.
             self.output_layer = ShardedLinear(config.hidden_size, config.vocab_size, tp, 0,
                                               config.init_method_std)
+            if config.mtp_num_layers:
+                self.mtp = MultiTokenPrediction(config, ctx, seed)
+                if mtp_embed is None and not stage.has_embedding:
+                    self.embedding, self._tied = self._new_embedding(), ("embedding",)
+                self._mtp_embed = mtp_embed  # None: self.embed
         self.overlap: comm.BackwardOverlap | None = None
+        # The MTP layers' selective modules are recomputed too; full recomputation covers the
+        # chunk's decoder layers only.
         self.recompute = Recompute(ctx.recompute.selective_modules)
         for module in self.modules():
             if hasattr(module, "recompute") and module is not self:
@@ -78,24 +115,42 @@ class GPTChunk(torch.nn.Module):
         bounds = sorted({0, len(layers), *(b for g in full for b in (g.start, g.stop))})
         self.layer_groups = [(layers[a:b], range(a, b) in full) for a, b in itertools.pairwise(bounds)]
 
+    def _new_embedding(self) -> VocabParallelEmbedding:
+        c = self.config
+        return VocabParallelEmbedding(c.vocab_size, c.hidden_size, self.tp, c.init_method_std)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids -> [seq(/TP under sequence parallel), batch, hidden]."""
         return self.embedding(tokens.t().contiguous())
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy over the micro-batch's tokens."""
-        hidden = enter_tp_region(self.final_norm(hidden), self.tp)
-        logits = self.output_layer(hidden)
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp).mean()
+    def token_losses(self, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The head's cross entropy [seq, batch] of normed hidden states against targets [batch, seq]."""
+        logits = self.output_layer(enter_tp_region(normed, self.tp))
+        return vocab_parallel_cross_entropy(logits, targets.t(), self.tp)
+
+    def _loss_steps(self, hidden: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor | None
+                    ) -> Generator[None, None, StageLoss]:
+        normed = self.final_norm(hidden)
+        lm_loss = self.token_losses(normed, labels).mean()
+        reported = {LM_LOSS: lm_loss.detach()}
+        if self.mtp is None or not (self.training or self.mtp_in_evaluation):
+            return StageLoss(lm_loss, reported)
+        embed = self._mtp_embed or self.embed
+        depths = yield from self.mtp.losses_steps(normed, labels, samples, embed, self.token_losses)
+        reported.update(zip(mtp_loss_names(len(depths)), (d.detach() for d in depths)))
+        scale = self.config.mtp_loss_scaling_factor / len(depths)
+        return StageLoss(lm_loss + scale * sum(depths), reported)
 
     def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-                      samples: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
-        """The forward as a generator that pauses while each expert all-to-all is in flight.
-        `samples` are the micro-batch's global sample indices (the dropout masks' key).
+                      samples: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor | StageLoss]:
+        """The forward as a generator that pauses while each expert all-to-all is in flight (the
+        MTP layers' too). `samples` are the micro-batch's global sample indices (the dropout
+        masks' key).
 
-        Its return value (StopIteration.value) is what `forward` returns. A schedule can
-        resume it from elsewhere - `pipeline/overlap.py` does so inside another
-        micro-batch's backward - to fill the all-to-all's time with other compute.
+        Its return value (StopIteration.value) is what `forward` returns: the hidden states, or
+        on the last stage a StageLoss. A schedule can resume it from elsewhere -
+        `pipeline/overlap.py` does so inside another micro-batch's backward - to fill the
+        all-to-all's time with other compute.
         """
         return (yield from self.recompute.observed(self._forward_steps(inputs, labels, samples)))
 
@@ -108,7 +163,9 @@ class GPTChunk(torch.nn.Module):
                     self.overlap)
             else:
                 hidden = yield from self._layers_steps(hidden, samples, layers)
-        return self.loss(hidden, labels) if self.stage.has_head else hidden
+        if not self.stage.has_head:
+            return hidden
+        return (yield from self._loss_steps(hidden, labels, samples))
 
     @staticmethod
     def _layers_steps(hidden: torch.Tensor, samples: torch.Tensor | None, layers: list[TransformerLayer]):
@@ -117,11 +174,11 @@ class GPTChunk(torch.nn.Module):
         return hidden
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-                samples: torch.Tensor | None = None) -> torch.Tensor:
+                samples: torch.Tensor | None = None) -> torch.Tensor | StageLoss:
         return run_steps(self.forward_steps(inputs, labels, samples))
 
     def param_table(self) -> ParamTable:
-        return ParamTable.build(self, mirror=self.copy)
+        return ParamTable.build(self, mirror=self.copy, tied=self._tied)
 
     def attach_schedule(self, store: WeightGradStore | None, overlap: comm.BackwardOverlap | None) -> None:
         """Route the weight gradients of every linear through `store` (the W split) and let
@@ -144,7 +201,7 @@ def _routers_paused(layers: list[TransformerLayer]) -> ExitStack:
 
 
 def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, ctx: BuildContext = ONE_PROCESS,
-                copy: bool = False) -> GPTChunk:
-    chunk = GPTChunk(config, stage, ctx, copy, seed)
+                copy: bool = False, mtp_embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GPTChunk:
+    chunk = GPTChunk(config, stage, ctx, copy, seed, mtp_embed)
     initialize_parameters(chunk.param_table(), seed)
     return chunk

@@ -35,7 +35,12 @@ its qk_rope_head_dim; HF's qk_head_dim is their sum. (*) RoPE channel order: HF 
 `rope_interleave`, its default for V3) and DeepSeek rotate the pairs (2i, 2i+1) of the RoPE
 channels, we rotate (i, i + d/2). Reordering the RoPE rows of those projections evens-then-odds
 (`interleaved_to_half_split`, and back with `half_split_to_interleaved`) makes the two compute
-the same attention: q . k is the same sum over the channels, in another order.
+the same attention: q . k is the same sum over the channels, in another order. megadual/hf/names.py
+applies them on conversion (without `rope_interleave` HF rotates halves too, and nothing moves).
+
+Latent norm eps: HF builds q_a_layernorm and kv_a_layernorm with eps 1e-6 whatever the config's
+rms_norm_eps; we use --norm-epsilon for every norm, so the two agree only at --norm-epsilon 1e-6
+(DeepSeek-V3's value), and conversion refuses another without --force (megadual/hf/config_map.py).
 """
 from __future__ import annotations
 

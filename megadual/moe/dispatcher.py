@@ -1,21 +1,32 @@
-"""Token dispatch and combine between routing and the experts, over the EP group.
+"""Token dispatch and combine between routing and the experts: the flat all-to-all over the EP group.
 
-A token travels once to every EP rank that holds at least one of its experts (not
-once per expert); it carries, for that rank, which of the rank's experts it chose
-and with what gate. The receiving rank sums the gated expert outputs of the token
-before sending one row back, so combine is a plain sum over ranks.
+A token travels once to every EP rank that holds at least one of its experts (not once
+per expert); it carries, for that rank, which of the rank's experts it chose and with
+what gate. The receiving rank sums the gated expert outputs of the token before sending
+one row back, so combine is a plain sum over ranks.
 
-Dispatch and combine are each a start (counts exchanged, all-to-alls launched) and
-a wait, so a schedule can compute something else while the tokens are in flight.
+`Hop` is one such all-to-all over one group, and what the node-hierarchical dispatcher
+(hierarchical.py) chains twice: routing rows by destination (`plan_rows`), the counts
+exchange, the async exchange (start/wait) and the return summed per source row.
+
+A dispatcher's `routed_steps` is the routed path of one MoE layer as a generator that
+pauses while an all-to-all is in flight, so a schedule can cover it with other compute
+(`pipeline/overlap.py`); `alongside` (the shared experts) runs where it covers this
+micro-batch's own dispatch, and the generator returns the routed output with its result.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
+from megadual.moe.router import RoutingStats
 from megadual.parallel import comm
+
+Experts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Fp8Codec(comm.Codec):
@@ -34,71 +45,151 @@ class Fp8Codec(comm.Codec):
 
 
 @dataclass
+class RowPlan:
+    """The rows to send: one per (source row, destination holding any of its experts), by destination."""
+    source: torch.Tensor  # [rows] the source row each sent row copies
+    experts: torch.Tensor  # [rows, topk] expert index at the destination; -1 where the slot goes elsewhere
+    gates: torch.Tensor  # [rows, topk] the slot's gate; 0 where it goes elsewhere
+    send_counts: list[int]  # rows per destination
+
+
+def plan_rows(experts: torch.Tensor, gates: torch.Tensor, experts_per_dest: int, num_dest: int) -> RowPlan:
+    """Route rows whose slots name experts (-1: no expert here) to the destinations holding them,
+    destination d holding experts [d * experts_per_dest, (d + 1) * experts_per_dest)."""
+    dest = experts.div(experts_per_dest, rounding_mode="floor")
+    goes_to = torch.zeros(experts.shape[0], num_dest + 1, dtype=torch.bool, device=experts.device)
+    goes_to.scatter_(1, torch.where(experts >= 0, dest, num_dest), True)
+    goes_to = goes_to[:, :num_dest]
+    dest_of_row, source = goes_to.t().nonzero(as_tuple=True)  # sorted by destination
+    on_dest = dest[source] == dest_of_row[:, None]
+    local = (experts[source] - dest_of_row[:, None] * experts_per_dest).masked_fill(~on_dest, -1)
+    return RowPlan(source, local, gates[source] * on_dest, goes_to.sum(0).tolist())
+
+
+@dataclass
 class Dispatched:
     tokens: torch.Tensor  # [rows, hidden] received rows
     local_experts: torch.Tensor  # [rows, topk] this rank's expert index, -1 where not here
     gates: torch.Tensor  # [rows, topk] gate of that expert, 0 where not here
-    token_of_row: torch.Tensor  # [sent rows] source token of each sent row (for combine)
+    token_of_row: torch.Tensor  # [sent rows] source row of each sent row (for the return)
     send_counts: list[int]
+    recv_counts: list[int]
+    num_tokens: int  # source rows
+    origin: torch.Tensor | None = None  # [rows] the `origin` tag each received row was sent with
+
+
+@dataclass
+class InFlight:
+    exchange: comm.Exchange
+    plan: RowPlan
     recv_counts: list[int]
     num_tokens: int
 
 
 @dataclass
-class PendingDispatch:
-    exchanges: tuple[comm.Exchange, comm.Exchange, comm.Exchange]  # tokens, local experts, gates
-    token_of_row: torch.Tensor
-    send_counts: list[int]
-    recv_counts: list[int]
-    num_tokens: int
-
-
-@dataclass
-class PendingCombine:
+class Returning:
     exchange: comm.Exchange
     dispatched: Dispatched
 
 
+def count_traffic(send_counts: Sequence[int], nodes: Sequence[int], index: int) -> tuple[int, int]:
+    """(inter-node, intra-node) rows of a send by group member `index`, `nodes[q]` being the node of
+    member q: rows to another node, and rows to another rank of this node (rows to itself cross
+    no link and count as neither)."""
+    own = nodes[index]
+    inter = sum(n for n, node in zip(send_counts, nodes) if node != own)
+    intra = sum(n for q, (n, node) in enumerate(zip(send_counts, nodes)) if node == own and q != index)
+    return inter, intra
+
+
+class Hop:
+    """One all-to-all over `group`: rows to the members holding their experts, results back.
+    `nodes[q]` is the node of group member q, for counting the traffic."""
+
+    def __init__(self, group, experts_per_rank: int, nodes: Sequence[int], fp8: bool):
+        self.group, self.experts_per_rank, self.nodes = group, experts_per_rank, list(nodes)
+        self.size, self.index = comm.group_size(group), comm.group_rank(group)
+        self.codec = Fp8Codec() if fp8 else None
+
+    def start(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
+              overlap: comm.BackwardOverlap | None, stats: RoutingStats | None = None,
+              origin: torch.Tensor | None = None) -> InFlight:
+        """Launch the rows; `origin`, an integer tag per source row, travels with them."""
+        plan = plan_rows(experts, gates, self.experts_per_rank, self.size)
+        if stats is not None:
+            stats.record_dispatch(*count_traffic(plan.send_counts, self.nodes, self.index))
+        recv_counts = comm.exchange_counts(torch.tensor(plan.send_counts), self.group).tolist()
+        exchange = comm.Exchange(self.group, recv_counts, plan.send_counts, (self.codec,), overlap)
+        tags = () if origin is None else (origin[plan.source],)
+        return InFlight(exchange.start(tokens[plan.source], plan.experts, plan.gates, *tags), plan, recv_counts,
+                        tokens.shape[0])
+
+    def wait(self, sent: InFlight) -> Dispatched:
+        tokens, experts, gates, *origin = sent.exchange.wait()
+        return Dispatched(tokens, experts, gates, sent.plan.source, sent.plan.send_counts, sent.recv_counts,
+                          sent.num_tokens, *origin)
+
+    def return_start(self, rows: torch.Tensor, d: Dispatched, overlap: comm.BackwardOverlap | None) -> Returning:
+        return Returning(comm.Exchange(self.group, d.send_counts, d.recv_counts, (), overlap).start(rows), d)
+
+    def return_wait(self, returning: Returning) -> torch.Tensor:
+        """Each source row's returned rows, summed."""
+        (back,), d = returning.exchange.wait(), returning.dispatched
+        return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)
+
+
 class TokenDispatcher:
-    def __init__(self, num_experts: int, ep_group=None, fp8_dispatch: bool = False):
-        self.fp8_dispatch = fp8_dispatch
-        self.group = ep_group
-        self.ep_size = comm.group_size(ep_group)
-        self.experts_per_rank = num_experts // self.ep_size
+    """--moe-token-dispatcher-type alltoall: one all-to-all over the EP group, which spans `num_nodes`."""
+
+    def __init__(self, num_experts: int, ep_group=None, num_nodes: int = 1, fp8_dispatch: bool = False):
+        ep_size = comm.group_size(ep_group)
+        ranks_per_node = max(1, ep_size // num_nodes)
+        self.hop = Hop(ep_group, num_experts // ep_size, [q // ranks_per_node for q in range(ep_size)],
+                       fp8_dispatch)
         # Set by a pipeline runtime that fills the backward's all-to-alls with other work.
         self.overlap: comm.BackwardOverlap | None = None
 
-    def _exchange(self, output_splits: list[int], input_splits: list[int],
-                  codec: comm.Codec | None = None) -> comm.Exchange:
-        return comm.Exchange(self.group, output_splits, input_splits, codec, self.overlap)
+    def routed_steps(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts: Experts,
+                     alongside: Callable[[], Any], stats: RoutingStats | None = None
+                     ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
+        """dispatch | experts | combine, pausing while each all-to-all is in flight; `alongside`
+        covers the dispatch."""
+        sent = self.hop.start(tokens, indices, gates, self.overlap, stats)
+        beside = alongside()
+        yield
+        d = self.hop.wait(sent)
+        returning = self.hop.return_start(experts(d.tokens, d.local_experts, d.gates), d, self.overlap)
+        yield
+        return self.hop.return_wait(returning), beside
 
-    def dispatch_start(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> PendingDispatch:
-        num_tokens = tokens.shape[0]
-        dest = indices // self.experts_per_rank  # [tokens, topk]
-        goes_to = torch.zeros(num_tokens, self.ep_size, dtype=torch.bool, device=tokens.device)
-        goes_to.scatter_(1, dest, True)
-        rank_of_row, token_of_row = goes_to.t().nonzero(as_tuple=True)  # rows sorted by destination
-        on_rank = dest[token_of_row] == rank_of_row[:, None]
-        local = indices[token_of_row] - rank_of_row[:, None] * self.experts_per_rank
-        local = local.masked_fill(~on_rank, -1)
-        row_gates = gates[token_of_row] * on_rank
-        send = goes_to.sum(0)
-        send_counts = send.tolist()
-        recv_counts = comm.exchange_counts(send, self.group).tolist()
-        codec = Fp8Codec() if self.fp8_dispatch else comm.Codec()
-        exchanges = (self._exchange(recv_counts, send_counts, codec).start(tokens[token_of_row]),
-                     self._exchange(recv_counts, send_counts).start(local),
-                     self._exchange(recv_counts, send_counts).start(row_gates))
-        return PendingDispatch(exchanges, token_of_row, send_counts, recv_counts, num_tokens)
 
-    def dispatch_wait(self, pending: PendingDispatch) -> Dispatched:
-        tokens, local, gates = (e.wait() for e in pending.exchanges)
-        return Dispatched(tokens, local, gates, pending.token_of_row, pending.send_counts,
-                          pending.recv_counts, pending.num_tokens)
+class _AsDispatched(torch.autograd.Function):
+    """Tokens rounded as the FP8 dispatch delivers them; the gradient passes unchanged, as it does
+    through the all-to-all."""
 
-    def combine_start(self, expert_out: torch.Tensor, d: Dispatched) -> PendingCombine:
-        return PendingCombine(self._exchange(d.send_counts, d.recv_counts).start(expert_out), d)
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, codec: comm.Codec) -> torch.Tensor:
+        return codec.decode(codec.encode(tokens), tokens.dtype)
 
-    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        back, d = pending.exchange.wait(), pending.dispatched
-        return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class LocalDispatcher:
+    """Without expert parallelism every expert is on this rank: the routed path is the experts
+    alone, with no row plan, exchange or summed return (which at one rank copy the rows, and
+    add them to zeros). Equal to the flat path at one rank, FP8 dispatch's rounding included."""
+
+    def __init__(self, fp8_dispatch: bool = False):
+        self.codec = Fp8Codec() if fp8_dispatch else None
+        self.overlap: comm.BackwardOverlap | None = None  # no all-to-all to fill
+
+    def routed_steps(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts: Experts,
+                     alongside: Callable[[], Any], stats: RoutingStats | None = None
+                     ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
+        """The experts, then `alongside`, with no pause (nothing is in flight)."""
+        if self.codec is not None:
+            tokens = _AsDispatched.apply(tokens, self.codec)
+        return experts(tokens, indices, gates), alongside()
+        yield  # a generator, like the other dispatchers' routed paths

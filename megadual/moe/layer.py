@@ -1,21 +1,24 @@
-"""The MoE layer: shared experts plus routed experts, as sub-steps around two all-to-alls.
+"""The MoE layer: shared experts plus routed experts, as sub-steps around the all-to-alls.
 
-route -> dispatch_start -> experts_and_combine_start -> combine_wait. Each step after
-the first begins by waiting for the all-to-all the previous one launched, so a
-schedule running the steps of two micro-batches alternately overlaps one's
-all-to-alls with the other's compute: `forward_steps` runs them as a generator that
-pauses while each all-to-all is in flight, `forward` runs them in order.
+`forward_steps` routes, then runs the dispatcher's routed path (dispatch, experts,
+combine), pausing while each all-to-all is in flight; each step after a pause begins by
+waiting for the all-to-all the previous one launched, so a schedule running the steps of
+two micro-batches alternately overlaps one's all-to-alls with the other's compute.
+`forward` runs them in order. The dispatcher is the flat all-to-all, the node-hierarchical
+one when the build context carries node groups, or, without expert parallelism, none: the
+experts run on the routed tokens as they are.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Generator
 
 import torch
 
 from megadual.config import ModelConfig
-from megadual.moe.dispatcher import PendingCombine, PendingDispatch, TokenDispatcher
+from megadual.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from megadual.moe.experts import RoutedExperts
-from megadual.moe.router import Router, Routing
+from megadual.moe.hierarchical import HierarchicalDispatcher
+from megadual.moe.router import Router
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
@@ -39,17 +42,6 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, grad.new_full((), ctx.grad_scale), None
 
 
-@dataclass
-class MoEState:
-    moe_input: torch.Tensor  # the layer input as the TP region sees it (for the shared experts)
-    routed_shape: torch.Size | None = None
-    tokens: torch.Tensor | None = None  # [routed tokens, hidden]
-    routing: Routing | None = None
-    pending_dispatch: PendingDispatch | None = None
-    shared_output: torch.Tensor | None = None
-    pending_combine: PendingCombine | None = None
-
-
 class MoELayer(torch.nn.Module):
     """Shared and routed experts, as sub-steps: route, dispatch (start/wait), experts, combine.
 
@@ -66,8 +58,13 @@ class MoELayer(torch.nn.Module):
         self.tp = ctx.tp
         # --moe-router-num-groups stands in for nodes (virtual nodes on one machine).
         self.router = Router(config, config.moe_router_num_groups or ctx.num_nodes, ctx.tp.group)
-        self.dispatcher = TokenDispatcher(config.num_experts, ctx.ep_group, ctx.fp8_dispatch)
-        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm)
+        if ep_size == 1:
+            self.dispatcher = LocalDispatcher(ctx.fp8_dispatch)
+        elif ctx.ep_node_groups is None:
+            self.dispatcher = TokenDispatcher(config.num_experts, ctx.ep_group, ctx.num_nodes, ctx.fp8_dispatch)
+        else:
+            self.dispatcher = HierarchicalDispatcher(config.num_experts, *ctx.ep_node_groups, ctx.fp8_dispatch)
+        self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm, ctx.grouped_gemm)
         self.shared = None
         if config.moe_shared_expert_intermediate_size:
             self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, ctx.tp, ctx.gemm)
@@ -80,44 +77,22 @@ class MoELayer(torch.nn.Module):
     def _splits_sequence(self) -> bool:
         return self.tp.size > 1 and not self.tp.sequence_parallel
 
-    def route(self, x: torch.Tensor) -> MoEState:
-        state = MoEState(x)
+    def forward_steps(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """The layer as a generator that pauses while each all-to-all is in flight (see the dispatchers)."""
         routed = comm.split_sequence(x, self.tp.group) if self._splits_sequence else x
-        state.routed_shape = routed.shape
-        state.tokens = routed.reshape(-1, routed.shape[-1])
-        state.routing = self.router(state.tokens, num_sequences=routed.shape[1])
-        return state
-
-    def dispatch_start(self, state: MoEState) -> MoEState:
-        """Launch the dispatch all-to-all, then run the shared experts while the tokens travel."""
-        r = state.routing
-        state.pending_dispatch = self.dispatcher.dispatch_start(state.tokens, r.indices, r.gates)
-        if self.shared is not None:
-            state.shared_output = self.recompute.call("shared_experts", self.shared, state.moe_input)
-        return state
-
-    def experts_and_combine_start(self, state: MoEState) -> MoEState:
-        """Wait for the dispatched tokens, run the local experts, launch the combine all-to-all."""
-        d = self.dispatcher.dispatch_wait(state.pending_dispatch)
-        out = self.experts(d.tokens, d.local_experts, d.gates)
-        state.pending_combine = self.dispatcher.combine_start(out, d)
-        return state
-
-    def combine_wait(self, state: MoEState) -> torch.Tensor:
-        out = self.dispatcher.combine_wait(state.pending_combine).view(state.routed_shape)
+        tokens = routed.reshape(-1, routed.shape[-1])
+        routing = self.router(tokens, num_sequences=routed.shape[1])
+        shared = ((lambda: self.recompute.call("shared_experts", self.shared, x)) if self.shared is not None
+                  else (lambda: None))
+        out, shared_out = yield from self.dispatcher.routed_steps(tokens, routing.indices, routing.gates,
+                                                                  self.experts, shared, self.router.stats)
+        out = out.view(routed.shape)
         if self._splits_sequence:
             out = comm.gather_split_sequence(out, self.tp.group)
-        if state.shared_output is not None:
-            out = out + state.shared_output
-        return _AttachAuxLoss.apply(out, state.routing.aux_loss, self.aux_loss_grad_scale)
-
-    def forward_steps(self, x: torch.Tensor):
-        """The layer as a generator that pauses while the dispatch and the combine are in flight."""
-        state = self.dispatch_start(self.route(x))
-        yield
-        state = self.experts_and_combine_start(state)
-        yield
-        return self.combine_wait(state)
+        if shared_out is not None:
+            out = out + shared_out
+        return _AttachAuxLoss.apply(out, routing.aux_loss, self.aux_loss_grad_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_steps(self.forward_steps(x))
+

@@ -78,6 +78,8 @@ class RoutingStats:
         self.tokens = 0
         self.node_count_sum = 0
         self.node_count_max = 0
+        self.inter_node_rows = 0  # dispatch rows sent to ranks on other nodes
+        self.intra_node_rows = 0  # dispatch rows sent to other ranks of this node
 
     def record(self, indices: torch.Tensor, aux_loss: torch.Tensor, node_counts: torch.Tensor) -> None:
         self.tokens_per_expert += torch.bincount(
@@ -87,6 +89,11 @@ class RoutingStats:
         self.tokens += indices.shape[0]
         self.node_count_sum += int(node_counts.sum())
         self.node_count_max = max(self.node_count_max, int(node_counts.max()))
+
+    def record_dispatch(self, inter_node_rows: int, intra_node_rows: int) -> None:
+        """Rows one dispatch all-to-all sends, counted from its send counts (moe/dispatcher.py's Hop)."""
+        self.inter_node_rows += inter_node_rows
+        self.intra_node_rows += intra_node_rows
 
 
 class Router(torch.nn.Module):
@@ -104,7 +111,7 @@ class Router(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, num_sequences: int) -> Routing:
         c = self.config
-        with torch.autocast(tokens.device.type, enabled=False):
+        with torch.autocast(tokens.device.type, enabled=False):  # the gate in FP32, even from BF16 weights
             logits = linear(tokens.float(), self.weight, self.wgrad_store)
         if c.moe_router_score_function == "sigmoid":
             scores = torch.sigmoid(logits)

@@ -6,7 +6,7 @@ parallel activations are split along dim 0 (the sequence dim of [s, b, h]).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -147,6 +147,9 @@ class BackwardOverlap:
 
     def __init__(self) -> None:
         self._work: Callable[[], None] | None = None
+        # Whether the paired forward takes its first step before the backward starts; set by a
+        # dispatcher whose layer steps alternate long and short computes (moe/hierarchical.py).
+        self.forward_first = False
 
     @contextmanager
     def filling(self, work: Callable[[], None]):
@@ -163,32 +166,38 @@ class BackwardOverlap:
 
 
 class Exchange:
-    """An uneven all-to-all along dim 0 whose forward and backward each run as launch, then finish.
+    """An uneven all-to-all along dim 0 of tensors with the same rows, whose forward and backward
+    each run as launch, then finish.
 
-    Forward: `start(x)` encodes x and launches the async all-to-all; `wait()` finishes
-    it and returns the decoded rows. Backward, the other way round: the gradient of the
-    `wait` output launches the reverse all-to-all (in full precision) and the gradient
-    of the `start` input waits for it. Whatever runs between the two halves - in the
-    forward or in the backward - overlaps with the communication.
+    Forward: `start(*tensors)` encodes each tensor with its codec (`codecs[i]`, plain when
+    absent) and launches the async all-to-alls; `wait()` finishes them and returns the decoded
+    tensors, as a tuple. Backward, the other way round: the gradients of the floating-point
+    outputs launch the reverse all-to-alls together (in full precision), and the gradients of
+    the `start` inputs wait for them. Whatever runs between the two halves - in the forward or
+    in the backward - overlaps with the communication. With an `overlap`, the backward's launch
+    runs its work once (`BackwardOverlap.launched`), however many tensors travel.
     """
 
-    def __init__(self, group, output_splits: list[int], input_splits: list[int], codec: Codec | None = None,
-                 overlap: BackwardOverlap | None = None):
-        self.group, self.codec, self.overlap = group, codec or Codec(), overlap
+    def __init__(self, group, output_splits: list[int], input_splits: list[int],
+                 codecs: Sequence[Codec | None] = (), overlap: BackwardOverlap | None = None):
+        self.group, self.codecs, self.overlap = group, list(codecs), overlap
         self.output_splits, self.input_splits = output_splits, input_splits
         self._pending = self._grad_pending = None
         self._link = None
 
-    def start(self, x: torch.Tensor) -> Exchange:
-        self._link = _LaunchExchange.apply(x, self)
+    def start(self, *tensors: torch.Tensor) -> Exchange:
+        self._link = _LaunchExchange.apply(self, *tensors)
         return self
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> tuple[torch.Tensor, ...]:
         # Dropping the link breaks the cycle exchange -> link -> its autograd node -> exchange,
         # which would otherwise keep the group's work alive until a garbage collection; one
         # at interpreter exit, after the group is destroyed, aborts the process inside gloo.
         link, self._link = self._link, None
         return _FinishExchange.apply(link, self)
+
+    def _codec(self, i: int) -> Codec:
+        return (self.codecs[i] if i < len(self.codecs) else None) or _PLAIN
 
     def _launch(self, parts: list[torch.Tensor], output_splits: list[int], input_splits: list[int]):
         if group_size(self.group) == 1:
@@ -201,52 +210,72 @@ class Exchange:
             outs.append(out)
         return outs, works
 
-    def _launch_forward(self, x: torch.Tensor) -> None:
-        self._dtype = x.dtype
-        self._pending = self._launch(self.codec.encode(x), self.output_splits, self.input_splits)
+    def _launch_forward(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self._dtypes = [x.dtype for x in tensors]
+        encoded = [self._codec(i).encode(x) for i, x in enumerate(tensors)]
+        self._sizes = [len(parts) for parts in encoded]
+        parts, works = self._launch([p for parts in encoded for p in parts], self.output_splits, self.input_splits)
+        self._pending = (parts, works)
 
-    def _finish_forward(self) -> torch.Tensor:
+    def _finish_forward(self) -> tuple[torch.Tensor, ...]:
         parts, works = self._pending
         for work in works:
             work.wait()
         self._pending = None
-        return self.codec.decode(parts, self._dtype)
+        outputs, at = [], 0
+        for i, (size, dtype) in enumerate(zip(self._sizes, self._dtypes)):
+            outputs.append(self._codec(i).decode(parts[at:at + size], dtype))
+            at += size
+        return tuple(outputs)
 
-    def _launch_backward(self, grad: torch.Tensor) -> None:
-        self._grad_pending = self._launch([grad], self.input_splits, self.output_splits)
+    def _launch_backward(self, grads: list[torch.Tensor]) -> None:
+        self._grad_pending = self._launch(grads, self.input_splits, self.output_splits)
         if self.overlap is not None:
             self.overlap.launched()
 
-    def _finish_backward(self) -> torch.Tensor:
-        (grad,), works = self._grad_pending
+    def _finish_backward(self) -> list[torch.Tensor]:
+        grads, works = self._grad_pending
         for work in works:
             work.wait()
         self._grad_pending = None
-        return grad
+        return grads
+
+
+_PLAIN = Codec()
+
+
+def _differentiable(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
 
 
 class _LaunchExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, exchange):
+    def forward(ctx, exchange, *tensors):
         ctx.exchange = exchange
-        exchange._launch_forward(x)
-        return x.new_empty(0)  # carries the autograd edge from `start` to `wait`
+        ctx.differentiable = [_differentiable(x.dtype) for x in tensors]
+        exchange._launch_forward(tensors)
+        return tensors[0].new_empty(0)  # carries the autograd edge from `start` to `wait`
 
     @staticmethod
     def backward(ctx, _):
-        return ctx.exchange._finish_backward(), None
+        grads = iter(ctx.exchange._finish_backward())
+        return None, *(next(grads) if differentiable else None for differentiable in ctx.differentiable)
 
 
 class _FinishExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, link, exchange):
         ctx.exchange = exchange
-        return exchange._finish_forward()
+        outputs = exchange._finish_forward()
+        ctx.differentiable = [_differentiable(x.dtype) for x in outputs]
+        ctx.mark_non_differentiable(*(x for x, d in zip(outputs, ctx.differentiable) if not d))
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad):
-        ctx.exchange._launch_backward(grad)
-        return grad.new_empty(0), None
+    def backward(ctx, *grads):
+        grads = [g for g, d in zip(grads, ctx.differentiable) if d]
+        ctx.exchange._launch_backward(grads)
+        return grads[0].new_empty(0), None
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:

@@ -14,10 +14,13 @@ class BuildContext:
     """The default builds the one-process, full-precision model."""
     tp: TensorParallel = NO_TP
     ep_group: object = None  # the expert-parallel group; None: every expert on this rank
-    num_nodes: int = 1  # nodes the EP group spans, for node-limited routing
+    num_nodes: int = 1  # nodes the EP group spans, for node-limited routing and the dispatch's traffic count
     gemm: Callable = linear  # the linear GEMM: full precision, or fp8.linear.fp8_linear
     fp8_dispatch: bool = False  # tokens travel to their experts in E4M3
     recompute: RecomputePlan = field(default_factory=RecomputePlan)  # activations recomputed in the backward
+    # (inter-node, intra-node) groups of a node-hierarchical dispatch; None: the flat all-to-all
+    ep_node_groups: tuple[object, object] | None = None
+    grouped_gemm: bool = False  # routed experts as one grouped GEMM (moe/grouped_gemm.py)
 
 
 ONE_PROCESS = BuildContext()

@@ -14,20 +14,12 @@ import torch.nn.functional as F
 from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 
-def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add a deferred gradient into `param.grad`, as autograd would have."""
-    if param.grad is None:
-        param.grad = grad.to(param.dtype)
-    else:
-        param.grad.add_(grad)
-
-
 def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], torch.Tensor],
                                 store: WeightGradStore | None) -> torch.Tensor | None:
     """The weight gradient for autograd to accumulate, or None when a deferring `store` takes the work."""
     if store is None or not store.deferring:
         return weight_grad()
-    store.put(lambda: accumulate_grad(weight, weight_grad()))
+    store.put(lambda: store.accumulate(weight, weight_grad()))
     return None
 
 
@@ -38,14 +30,14 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 
 class _Linear(torch.autograd.Function):
     """Autocast is applied here by hand: the backward runs outside autocast, so it keeps
-    the forward's GEMM operands (x in the GEMM dtype) to multiply the gradient with."""
+    the forward's GEMM operands (x in the GEMM dtype) to multiply the gradient with.
+    Outside autocast the GEMM runs in x's dtype (the router's FP32 gate on BF16 weights)."""
 
     @staticmethod
     def forward(ctx, x, weight, wgrad_store):
-        gemm_weight = weight
         if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, gemm_weight = x.to(dtype), weight.to(dtype)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        gemm_weight = weight.to(x.dtype)
         ctx.save_for_backward(x, weight)
         ctx.wgrad_store = wgrad_store
         return F.linear(x, gemm_weight)
@@ -68,5 +60,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     store takes this forward (`WeightGradStore.deferrable_forward`)."""
     store = store_for_forward(wgrad_store)
     if store is None:
-        return F.linear(x, weight)
+        return F.linear(x, weight if torch.is_autocast_enabled(x.device.type) else weight.to(x.dtype))
     return _Linear.apply(x, weight, store)

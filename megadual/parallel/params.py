@@ -39,6 +39,7 @@ class ParamRecord:
     param: torch.nn.Parameter
     spec: ParamSpec
     mirror: bool = False  # DualPipe's second copy of a stage (its twin lives on the mirrored rank)
+    tied: bool = False  # a tied copy of a parameter another pipeline rank owns (see ParamTable.build)
 
     @property
     def full_shape(self) -> list[int]:
@@ -51,6 +52,12 @@ class ParamRecord:
         """This rank's piece of the whole tensor `full`."""
         tp = self.spec.tp
         return full if tp is None else full.chunk(tp.size, tp.dim)[tp.rank]
+
+    @property
+    def duplicate(self) -> bool:
+        """Another rank holds this parameter too and counts it (norm) and saves it (checkpoints);
+        after the pipeline sums the copies' gradients, this copy's gradient equals the other's."""
+        return self.mirror or self.tied
 
     @property
     def replicated_over_tp(self) -> bool:
@@ -73,13 +80,17 @@ class ParamTable:
         self._by_param = {id(r.param): r for r in records}
 
     @classmethod
-    def build(cls, module: torch.nn.Module, mirror: bool = False) -> ParamTable:
-        """Read each parameter's spec from the module that owns it; `mirror` marks a second copy."""
+    def build(cls, module: torch.nn.Module, mirror: bool = False, tied: tuple[str, ...] = ()) -> ParamTable:
+        """Read each parameter's spec from the module that owns it; `mirror` marks a second copy.
+        `tied` names submodules that are tied copies of modules another pipeline rank owns (the
+        last stage's embedding shared with the first under 1F1B): their gradients are summed with
+        the owner's, so the copies stay equal."""
         records = []
         for module_name, owner in module.named_modules():
             for local_name, param in owner.named_parameters(recurse=False):
                 name = f"{module_name}.{local_name}" if module_name else local_name
-                records.append(ParamRecord(name, param, _declared_spec(owner, local_name, name), mirror))
+                records.append(ParamRecord(name, param, _declared_spec(owner, local_name, name), mirror,
+                                           tied=module_name in tied))
         return cls(records)
 
     @classmethod

@@ -61,7 +61,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def stream_key(seed: int, *ids: int) -> int:
     """The key of one random stream, e.g. (seed, layer, site)."""
-    key = torch.tensor(_int64(seed))
+    key = torch.tensor(_int64(seed), device="cpu")  # a number, even while a model is built on the meta device
     for i in ids:
         key = _mix(key + _int64(_GAMMA * (i + 1)))
     return int(key)

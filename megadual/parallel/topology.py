@@ -3,8 +3,10 @@
 Rank order (fastest first): TP, DP, PP, as in Megatron-LM, so TP groups are on one
 node. Within one pipeline stage the DP*TP ranks, numbered dp_rank*TP + tp_rank,
 are cut into EP groups of consecutive ranks; ranks holding the same experts form
-an expert-data-parallel group. Every group is built here, once, and looked up by
-name; nothing else calls new_group.
+an expert-data-parallel group. An EP group spanning several nodes is cut two ways
+for the node-hierarchical dispatch: `ep_inter`, the ranks with one in-node index (one
+per node, by node), and `ep_intra`, the ranks of one node (by in-node index). Every
+group is built here, once, and looked up by name; nothing else calls new_group.
 """
 from __future__ import annotations
 
@@ -57,7 +59,11 @@ class Layout:
         edp = [[p * stage + e * self.ep + j for e in range(stage // self.ep)]
                for p in range(self.pp) for j in range(self.ep)]
         dp_tp = [[p * stage + i for i in range(stage)] for p in range(self.pp)]
-        return {"tp": tp, "dp": dp, "pp": pp, "ep": ep, "edp": edp, "dp_tp": dp_tp}
+        per_node = self.ep // self.nodes_per_ep_group
+        ep_inter = [group[i::per_node] for group in ep for i in range(per_node)]
+        ep_intra = [group[i:i + per_node] for group in ep for i in range(0, self.ep, per_node)]
+        return {"tp": tp, "dp": dp, "pp": pp, "ep": ep, "edp": edp, "dp_tp": dp_tp, "ep_inter": ep_inter,
+                "ep_intra": ep_intra}
 
 
 class Topology:
@@ -80,6 +86,13 @@ class Topology:
     def group(self, name: str):
         """The named group of this rank (None when it has one member)."""
         return self.groups[name]
+
+    def ep_node_groups(self) -> tuple[object, object] | None:
+        """(ep_inter, ep_intra) when the EP group spans several nodes with several ranks on each:
+        the groups of the node-hierarchical dispatch; otherwise None, as it would be the flat one."""
+        if len(self.members["ep_inter"]) > 1 and len(self.members["ep_intra"]) > 1:
+            return self.group("ep_inter"), self.group("ep_intra")
+        return None
 
     @property
     def ep_rank(self) -> int:

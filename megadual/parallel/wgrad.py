@@ -8,7 +8,9 @@ the input gradients exist. The schedule later runs one W action per deferred
 backward with `pop`, in the order the backwards ran.
 
 The store is an explicit object owned by whoever runs the schedule (one per model
-chunk); layers capture it at forward time, so it works wherever autograd runs the
+chunk), which also says where a deferred gradient goes (`accumulate`: into `param.grad`, as
+autograd would put it, unless the optimizer keeps its own gradient buffers); layers capture
+it at forward time, so it works wherever autograd runs the
 backward (on CUDA that is a device thread, not the caller's). Only forwards run inside
 `deferrable_forward` build the autograd node that can defer; the others use the plain
 GEMM and autograd's own backward, which costs less per call, and their weight gradients
@@ -21,9 +23,20 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import torch
+
+
+def add_to_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add a weight gradient into `param.grad`, as autograd accumulates one."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
 
 class WeightGradStore:
-    def __init__(self) -> None:
+    def __init__(self, accumulate: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad) -> None:
+        self.accumulate = accumulate
         self.forward_deferrable = False
         self.deferring = False
         self._open: list[Callable[[], None]] = []
@@ -55,12 +68,15 @@ class WeightGradStore:
             self._ready.append(self._open)
             self._open = []
 
+    @torch.no_grad()  # a gradient needs no graph (one would keep its GEMM's operands alive)
     def pop(self) -> None:
         """Run the oldest queued W (all weight-gradient work of one split backward)."""
         if not self._ready:
             raise RuntimeError("W action with no deferred weight gradients: schedule is inconsistent")
-        for compute in self._ready.popleft():
-            compute()
+        # As inside a backward: no graph, which would keep the saved activations alive in .grad.
+        with torch.no_grad():
+            for compute in self._ready.popleft():
+                compute()
 
     def __len__(self) -> int:
         return len(self._ready)

@@ -1,8 +1,9 @@
 """Pipeline parallelism for the training loop: one rank's stage model and its schedules.
 
 `Pipeline` runs a training step's micro-batches through the schedule's runtime and makes
-the mean loss known to every rank of the pipeline; evaluates forward-only; and sums the
-gradients (and router statistics) of DualPipe's mirrored parameter copies.
+the mean losses known to every rank of the pipeline; evaluates forward-only; and sums the
+gradients of parameters held on two ranks: DualPipe's mirrored copies (and their router
+statistics), and the embedding the last stage ties to the first for multi-token prediction.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from megadual.model.gpt import loss_names
 from megadual.parallel import comm
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
-from megadual.pipeline.stage_model import StageModel, mirror_rank
+from megadual.pipeline.stage_model import StageModel, embedding_twin_rank, mirror_rank
 
 
 def forward_only_schedule(layout: Layout, pp_size: int) -> list[list[Action]]:
@@ -44,13 +47,15 @@ def forward_only_schedule(layout: Layout, pp_size: int) -> list[list[Action]]:
 
 class Pipeline:
     """One rank of a pipeline: `model` holds its chunks; `group`/`group_ranks` are the
-    pipeline's process group and its global ranks by pipeline rank."""
+    pipeline's process group and its global ranks by pipeline rank; `accumulate_grad` takes
+    the deferred weight gradients (runtime.py)."""
 
     def __init__(self, model: StageModel, schedule: str, split_backward: bool, num_microbatches: int,
                  pp_rank: int, group, group_ranks: Sequence[int], activation_shape: Sequence[int],
-                 device: torch.device, autocast: Callable):
+                 device: torch.device, autocast: Callable,
+                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad):
         pp_size = len(group_ranks)
-        self.model, self.group, self.group_ranks = model, group, list(group_ranks)
+        self.model, self.group, self.group_ranks, self.device = model, group, list(group_ranks), device
         layout = pipeline_layout(schedule, pp_size, num_microbatches)
         # One copy of the model suffices to evaluate: the first path.
         eval_layout = Layout(layout.paths[:1], (range(num_microbatches),))
@@ -58,44 +63,62 @@ class Pipeline:
                   "activation_shape": activation_shape, "dtype": next(model.parameters()).dtype,
                   "device": device, "autocast": autocast}
         actions = build_schedule(schedule, pp_size, num_microbatches, split_backward)[pp_rank]
-        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common)
+        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common,
+                                             accumulate_grad=accumulate_grad)
         self.eval_runtime = PipelineRuntime(forward_only_schedule(eval_layout, pp_size)[pp_rank], eval_layout,
                                             model.chunks, **common)
         mirror = mirror_rank(layout, pp_rank)
         self.mirror = None if mirror is None else self.group_ranks[mirror]
+        twin = embedding_twin_rank(layout, pp_rank) if model.config.mtp_num_layers else None
+        self.embedding_twin = None if twin is None else self.group_ranks[twin]
         ends = [layout.is_first_stage(pp_rank, c) or layout.is_last_stage(pp_rank, c)
                 for c in range(len(model.chunks))]
         self.reads_data = any(ends)
         # NCCL wants every rank of a group in the group's first collective; the p2p batches have only some.
         dist.barrier(group=group)
 
-    def forward_backward(self, microbatches: Sequence[dict | None]) -> torch.Tensor:
-        """The step's forwards and backwards; the mean loss over micro-batches, on every pipeline rank."""
+    def forward_backward(self, microbatches: Sequence[dict | None]) -> dict[str, torch.Tensor]:
+        """The step's forwards and backwards; the mean losses over micro-batches by log name
+        (gpt.loss_names), on every pipeline rank."""
         return self._sum_over_pipeline(self.train_runtime.run(microbatches))
 
     @torch.no_grad()
-    def evaluate(self, microbatches: Sequence[dict | None]) -> torch.Tensor:
+    def evaluate(self, microbatches: Sequence[dict | None]) -> dict[str, torch.Tensor]:
+        """Forward-only through one copy; the losses as forward_backward's (MTP's zero unless evaluated)."""
         return self._sum_over_pipeline(self.eval_runtime.run(microbatches))
 
-    def _sum_over_pipeline(self, loss: torch.Tensor) -> torch.Tensor:
-        # Only ranks holding a last stage contribute; the others hold zero.
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=self.group)
-        return loss
+    def _sum_over_pipeline(self, reported: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Only ranks holding a last stage contribute; the others hold zeros.
+        names = loss_names(self.model.config)
+        zero = torch.zeros((), device=self.device)
+        values = torch.stack([reported.get(name, zero).detach().float() for name in names])
+        dist.all_reduce(values, group=self.group)
+        return dict(zip(names, values))
 
-    def from_mirror(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mirrored rank's tensor of the same shape, exchanged for this rank's."""
+    def _exchange(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
+        """Global rank `peer`'s tensor of the same shape, exchanged for this rank's."""
         theirs = torch.empty_like(tensor)
-        ops = [dist.P2POp(dist.isend, tensor.contiguous(), self.mirror, self.group),
-               dist.P2POp(dist.irecv, theirs, self.mirror, self.group)]
+        ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, self.group),
+               dist.P2POp(dist.irecv, theirs, peer, self.group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         return theirs
 
-    def sum_mirrored_gradients(self) -> None:
-        """Add the mirrored copy's gradients: the same global names in the same order on both ranks,
-        so both compute the same sum."""
-        if self.mirror is None:
-            return
-        comm.coalesced([p.grad for _, p in sorted(self.model.named_parameters())],
-                       lambda flat: flat + self.from_mirror(flat))
+    def from_mirror(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mirrored rank's tensor of the same shape, exchanged for this rank's."""
+        return self._exchange(tensor, self.mirror)
+
+    def sum_shared_gradients(self) -> None:
+        """Add the gradients of this rank's parameters held on another rank too: the tied
+        embedding's twin (1F1B with MTP), then the mirrored copy's (DualPipe), in the same
+        order on both ranks of a pair, so both compute the same sum and the copies stay equal."""
+        if self.embedding_twin is not None:
+            grad = self.model.embedding.weight.grad
+            grad += self._exchange(grad, self.embedding_twin)
+        self.sum_with_mirror([p.grad for _, p in sorted(self.model.named_parameters())])
+
+    def sum_with_mirror(self, tensors: list[torch.Tensor]) -> None:
+        """Add to `tensors` the mirrored rank's, which it lists in the same order and shapes
+        (nothing without a mirrored rank)."""
+        if self.mirror is not None:
+            comm.coalesced(tensors, lambda flat: flat + self.from_mirror(flat))

@@ -9,9 +9,13 @@ by launching its own all-to-all, which the backward's next compute then covers:
     backward: ... compute | a2a launched ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~| wait, compute ...
     forward:                  | wait, compute, a2a launched ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~|
 
-Forward steps still left when the backward ends run afterwards. The forward's
-steps run under `step_context` (autocast and grad mode as the caller's forward
-would have them; inside a backward, grad mode is off by default).
+With `overlap.forward_first` the forward takes its first step before the backward starts,
+shifting that pairing by one step. The node-hierarchical dispatch asks for it: its layer
+steps alternate long and short computes, and this phase puts each side's long ones against
+the other's inter-node all-to-alls (moe/hierarchical.py). Forward steps still left when
+the backward ends run afterwards. The forward's steps run under `step_context` (autocast
+and grad mode as the caller's forward would have them; inside a backward, grad mode is
+off by default).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ def overlapped_forward_backward(forward_steps: Generator[None, None, torch.Tenso
             except StopIteration as done:
                 output.append(done.value)
 
+    if overlap.forward_first:
+        advance()
     with overlap.filling(advance):
         backward()
     while not output:

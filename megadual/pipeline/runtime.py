@@ -5,21 +5,25 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
     runtime = PipelineRuntime(actions, layout, chunks, pp_rank, group_ranks, group=None,
                               activation_shape=(seq, micro_batch, hidden), dtype=torch.float32,
                               device=None (cpu), autocast=contextlib.nullcontext, trace=False,
-                              recv_lookahead=None)
-    loss = runtime.run(microbatches)    # scalar tensor, see below
+                              recv_lookahead=None, accumulate_grad=add_to_grad)
+    losses = runtime.run(microbatches)  # {log name: mean over micro-batches}, see below
     runtime.trace                       # Trace of the last run when trace=True, else None
 
 - `actions`: this rank's list from `build_schedule(...)[pp_rank]`; `layout`: the matching
   `pipeline_layout(...)`. `chunks[c]` is the module of local chunk c, called as
   `chunks[c](inputs, labels, samples)`: `inputs` are the token ids [micro_batch, seq] on a first
   stage and the received hidden states otherwise; `labels` are given on a last stage only,
-  where the module returns the scalar loss (mean over tokens), elsewhere None; `samples` are
-  the micro-batch's "sample_ids" (None when absent); FB actions
-  also use `chunks[c].forward_steps(inputs, labels, samples)`, the same forward as a generator that
+  elsewhere None; `samples` are the micro-batch's "sample_ids" (None when absent). A last stage
+  returns its loss as an object with `.loss`, the scalar its backward starts from, and
+  `.add_to(totals)`, which adds the values it reports to the dict `totals` by name
+  (gpt.StageLoss: "lm loss", "mtp_1 loss", ...). FB actions also use
+  `chunks[c].forward_steps(inputs, labels, samples)`, the same forward as a generator that
   pauses at each expert all-to-all. A GPTChunk is such a module;
   `stage_model.build_stage_model(model_config, layout, pp_rank, seed).chunks` builds a rank's.
   A runtime whose actions include backwards gives each chunk its own WeightGradStore (the W
   split) and BackwardOverlap (the F&B pairing) with `chunks[c].attach_schedule(store, overlap)`.
+  `accumulate_grad(param, grad)` is where the stores put deferred weight gradients: by default
+  added into `param.grad`, with the distributed optimizer into its FP32 buckets.
 - `group_ranks[p]` is the global rank of pipeline rank p in the process group `group`
   (None: the default group) over which activations and gradients travel.
 - `activation_shape`/`dtype`: every tensor passed between stages has this shape and dtype,
@@ -30,11 +34,12 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
 - `microbatches[m]`: dict with "tokens" and "labels" [micro_batch, seq] of micro-batch m, for
   every m of the layout, and its "sample_ids" [micro_batch] (the dropout masks' key); a rank
   holding no first or last stage needs only the sample ids (or None without dropout).
-- `run` returns the sum of the losses of the micro-batches whose last stage is on this rank,
-  divided by the number of micro-batches M; the backward starts from loss / M, so the
-  gradients are those of the mean loss. Summing `run`'s results over the pipeline gives the
-  mean loss. An action list with no backward runs forward-only (evaluation): nothing is
-  kept for a backward, and the caller wraps `run` in torch.no_grad().
+- `run` returns, by name, the sums of the reported losses of the micro-batches whose last
+  stage is on this rank, divided by the number of micro-batches M (empty on a rank holding
+  no last stage); each backward starts from `.loss` / M, so the gradients are those of the
+  mean loss. Summing `run`'s results over the pipeline gives the mean losses. An action list
+  with no backward runs forward-only (evaluation): nothing is kept for a backward, and the
+  caller wraps `run` in torch.no_grad().
 
 Actions: F runs a forward; B a full backward; BI a backward whose weight gradients the
 chunk's store defers; W runs the oldest deferred weight gradients of the chunk; FB a paired
@@ -65,7 +70,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.parallel import comm
-from megadual.parallel.wgrad import WeightGradStore
+from megadual.parallel.wgrad import WeightGradStore, add_to_grad
 from megadual.pipeline.actions import BACKWARD_KINDS, Action, Kind, Layout
 from megadual.pipeline.overlap import overlapped_forward_backward
 from megadual.pipeline.p2p import Mailbox
@@ -90,7 +95,8 @@ class PipelineRuntime:
     def __init__(self, actions: list[Action], layout: Layout, chunks: Sequence[torch.nn.Module], pp_rank: int,
                  group_ranks: Sequence[int], group=None, activation_shape: Sequence[int] = (),
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-                 autocast: Callable = nullcontext, trace: bool = False, recv_lookahead: int | None = None):
+                 autocast: Callable = nullcontext, trace: bool = False, recv_lookahead: int | None = None,
+                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad):
         waits_per_op = dist.is_initialized() and dist.get_backend(group) == "gloo"
         if recv_lookahead is None:
             recv_lookahead = int(waits_per_op)
@@ -104,7 +110,7 @@ class PipelineRuntime:
         self.training = any(a.backward_of is not None for a in actions)
         self.mailbox = Mailbox(group_ranks, group, activation_shape, dtype, self.device, waits_per_op,
                                self.training)
-        self.stores = [WeightGradStore() for _ in self.chunks]
+        self.stores = [WeightGradStore(accumulate_grad) for _ in self.chunks]
         self.overlaps = [comm.BackwardOverlap() for _ in self.chunks]
         self._split_later = {a.backward_of for a in actions if a.kind == Kind.BI}
         if self.training:  # a forward-only runtime on the same chunks leaves the training ones in place
@@ -112,14 +118,14 @@ class PipelineRuntime:
                 chunk.attach_schedule(store, overlap)
         self.trace: Trace | None = None
 
-    def run(self, microbatches: Sequence[dict | None]) -> torch.Tensor:
+    def run(self, microbatches: Sequence[dict | None]) -> dict[str, torch.Tensor]:
         if len(microbatches) != self.num_microbatches:
             raise ValueError(f"the schedule runs {self.num_microbatches} micro-batches, "
                              f"got {len(microbatches)}")
         self._microbatches = microbatches
         self.mailbox.reset()
         self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
-        self._loss = torch.zeros((), device=self.device)
+        self._reported: dict[str, torch.Tensor] = {}
         self.trace = Trace() if self.tracing else None
         i = 0
         while i < len(self.actions):
@@ -137,7 +143,7 @@ class PipelineRuntime:
         self.mailbox.finish_sends()
         self._check_drained()
         self._microbatches = None
-        return self._loss / self.num_microbatches
+        return {name: total / self.num_microbatches for name, total in self._reported.items()}
 
     def _timed(self, label: str, fn: Callable, arg) -> None:
         start = time.perf_counter()
@@ -178,12 +184,12 @@ class PipelineRuntime:
         labels = batch["labels"].to(self.device) if self.layout.is_last_stage(self.rank, chunk) else None
         return inputs, labels, None if batch is None else batch.get("sample_ids")
 
-    def _forward_done(self, chunk: int, mb: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
+    def _forward_done(self, chunk: int, mb: int, inputs: torch.Tensor, output) -> None:
         """Count the loss or pass the output on; keep what the backward needs."""
         last = self.layout.is_last_stage(self.rank, chunk)
         if last:
-            self._loss += output.detach().float()
-            output = output / self.num_microbatches
+            output.add_to(self._reported)
+            output = output.loss / self.num_microbatches
         if self.training:
             first = self.layout.is_first_stage(self.rank, chunk)
             self._saved[(chunk, mb)] = (None if first else inputs, output)

@@ -36,28 +36,40 @@ class DeadlockError(RuntimeError):
 
 @dataclass(frozen=True)
 class SimCosts:
+    """Compute costs of one chunk on one micro-batch, and what its expert all-to-alls take on
+    the links (`comm_f` in a forward, `comm_b` in a backward) when nothing hides them. F, B
+    and BI expose their communication; a paired F&B hides each side's behind the other's
+    compute, so it takes the longer of the two (`paired`)."""
     f: float = 1.0
     b: float = 2.0  # full backward: input and weight gradients
     w: float = 1.0
     bi: float | None = None  # backward for input only; default b - w
-    fb: float | None = None  # paired forward and backward; default f + b
+    fb: float | None = None  # paired forward and backward; default `paired(self, self)`
     latency: float = 0.0  # one p2p message
+    comm_f: float = 0.0
+    comm_b: float = 0.0
 
     def duration(self, action: Action, rank: int = 0) -> float:
         return {
-            Kind.F: self.f,
-            Kind.B: self.b,
+            Kind.F: self.f + self.comm_f,
+            Kind.B: self.b + self.comm_b,
             Kind.W: self.w,
-            Kind.BI: self.b - self.w if self.bi is None else self.bi,
-            Kind.FB: self.f + self.b if self.fb is None else self.fb,
+            Kind.BI: (self.b - self.w if self.bi is None else self.bi) + self.comm_b,
+            Kind.FB: paired(self, self) if self.fb is None else self.fb,
         }[action.kind]
+
+
+def paired(forward: SimCosts, backward: SimCosts) -> float:
+    """A paired F&B of `forward`'s forward and `backward`'s full backward: compute and communication
+    overlap, so the longer of the two."""
+    return max(forward.f + backward.b, forward.comm_f + backward.comm_b)
 
 
 @dataclass(frozen=True)
 class StageCosts:
     """Costs that differ between chunks, such as those measured on each stage:
     `chunks[rank, chunk]` for every chunk of the schedule; one p2p `latency` for all.
-    A paired F&B costs its forward chunk's F plus its backward chunk's B."""
+    A paired F&B pairs its forward chunk's forward with its backward chunk's backward."""
 
     chunks: Mapping[tuple[int, int], SimCosts]
     latency: float = 0.0
@@ -65,7 +77,7 @@ class StageCosts:
     def duration(self, action: Action, rank: int) -> float:
         own = self.chunks[rank, action.chunk]
         if action.kind == Kind.FB:
-            return own.f + self.chunks[rank, action.b_chunk].b
+            return paired(own, self.chunks[rank, action.b_chunk])
         return own.duration(action)
 
 

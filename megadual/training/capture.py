@@ -18,8 +18,10 @@ import torch.distributed as dist
 
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.dist_optimizer import optimizer_state_bytes
 from megadual.training.loop import RunResult, pretrain
 from megadual.training.memory import MemoryReport
+from megadual.training.metrics import mtp_fields
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,17 @@ class Piece:
 class Capture:
     """One run as rank 0 saw it. `logged`: every logged value per step (and validation loss per
     evaluation) by its log-line name; `replica_spread`: per name, the largest relative
-    difference between two copies of one piece after the last step."""
+    difference between two copies of one piece after the last step; `optimizer_state_bytes`:
+    what each rank's optimizer holds (dist_optimizer.optimizer_state_bytes); `traffic`: the
+    dispatch rows per token each step sent across and inside nodes (layout-dependent, so not
+    compared with one process)."""
     logged: dict[str, list[float]] = field(default_factory=dict)
     grad_norms: list[float] = field(default_factory=list)
     first_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
     replica_spread: dict[str, float] = field(default_factory=dict)
+    optimizer_state_bytes: list[int] = field(default_factory=list)  # by rank
+    traffic: dict[str, list[float]] = field(default_factory=dict)
     memory: list[MemoryReport] = field(default_factory=list)  # every rank's, by rank
 
 
@@ -55,11 +62,12 @@ def relative_difference(value: torch.Tensor | float, reference: torch.Tensor | f
     return float((value - reference).norm()) / scale if scale > 0 else math.inf
 
 
-def _pieces(model: StageModel, values: bool) -> list[Piece]:
-    """This rank's pieces: parameter values and buffers (`values`), else parameter gradients."""
+def _pieces(model: StageModel, grads: dict[str, torch.Tensor] | None = None) -> list[Piece]:
+    """This rank's pieces: parameter values and buffers, or given `grads` (by name), the gradients."""
+    values = grads is None
     pieces = []
     for r in model.param_table:
-        tensor = r.param if values else r.param.grad
+        tensor = r.param if values else grads[r.name]
         tp = r.spec.tp
         shard = {} if tp is None else {"tp_dim": tp.dim, "tp_rank": tp.rank, "tp_size": tp.size}
         pieces.append(Piece(r.name, tensor.detach().cpu().clone(), mirror=r.mirror, **shard))
@@ -69,8 +77,8 @@ def _pieces(model: StageModel, values: bool) -> list[Piece]:
     return pieces
 
 
-def _gather(pieces: list[Piece]) -> list[Piece] | None:
-    """Every rank's pieces on rank 0, in rank order (None elsewhere)."""
+def _gather(pieces: list) -> list | None:
+    """Every rank's pieces (or other items) on rank 0, in rank order (None elsewhere)."""
     everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(pieces, everyone, dst=0)
     return None if everyone is None else [p for rank_pieces in everyone for p in rank_pieces]
@@ -96,27 +104,41 @@ def assemble(pieces: list[Piece]) -> tuple[dict[str, torch.Tensor], dict[str, fl
 
 def _logged(result: RunResult) -> dict[str, list[float]]:
     steps = result.steps
-    return {"lm loss": [s.lm_loss for s in steps],
-            "load_balancing_loss": [s.routing.aux_loss for s in steps],
-            "moe max/mean expert load": [s.routing.max_over_mean_load for s in steps],
-            "moe nodes per token mean": [s.routing.nodes_per_token_mean for s in steps],
-            "moe nodes per token max": [float(s.routing.nodes_per_token_max) for s in steps],
-            "validation lm loss": result.validation_losses}
+    logged = {"lm loss": [s.lm_loss for s in steps],
+              "load_balancing_loss": [s.routing.aux_loss for s in steps],
+              "moe max/mean expert load": [s.routing.max_over_mean_load for s in steps],
+              "moe nodes per token mean": [s.routing.nodes_per_token_mean for s in steps],
+              "moe nodes per token max": [float(s.routing.nodes_per_token_max) for s in steps]}
+    for step in steps:
+        for name, loss in mtp_fields(step.mtp_losses).items():
+            logged.setdefault(name, []).append(loss)
+    logged["validation lm loss"] = []  # present without evaluation too
+    for losses in result.validation_losses:
+        for name, loss in losses.items():
+            logged.setdefault(f"validation {name}", []).append(loss)
+    return logged
+
+
+def _traffic(result: RunResult) -> dict[str, list[float]]:
+    return {"moe inter-node rows per token": [s.routing.inter_node_rows_per_token for s in result.steps],
+            "moe intra-node rows per token": [s.routing.intra_node_rows_per_token for s in result.steps]}
 
 
 def capture_run(config: RunConfig, device: torch.device) -> Capture | None:
     """Train as `config` says (quietly) and return what rank 0 gathered; None on other ranks."""
     first_step: dict[str, list[Piece] | None] = {}
 
-    def grad_hook(model: StageModel) -> None:
+    def grad_hook(model: StageModel, gradients) -> None:
         if not first_step:
-            first_step["grads"] = _gather(_pieces(model, values=False))
+            first_step["grads"] = _gather(_pieces(model, gradients()))
 
     result = pretrain(config, device, log=lambda line: None, grad_hook=grad_hook)
-    final = _gather(_pieces(result.model, values=True))
+    final = _gather(_pieces(result.model))
     memory = _gather([result.memory])
+    state_bytes = _gather([optimizer_state_bytes(result.optimizer)])
     if final is None:
         return None
     values, spread = assemble(final)
     grads = assemble(first_step["grads"])[0]
-    return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, memory)
+    return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, state_bytes,
+                   _traffic(result), memory)

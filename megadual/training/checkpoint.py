@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -33,6 +34,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from megadual.config import RunConfig, model_config_differences
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.dist_optimizer import DistributedOptimizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megadual_meta.json"
@@ -78,11 +80,31 @@ def _as_local_tensors(state_dict: dict) -> dict:
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
 
 
-def save_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,
+def _state_dicts(model: StageModel, optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts in the checkpoint's form, whichever optimizer:
+    the distributed one gives the FP32 weights (its masters) and the same flat, whole state."""
+    if not isinstance(optimizer, DistributedOptimizer):
+        return get_state_dict(model, optimizer, options=OPTIONS)
+    weights, optim_sd = optimizer.state_dict_for_checkpoint()
+    return {**get_model_state_dict(model), **weights}, optim_sd
+
+
+def _restore(model: StageModel, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+    """Load the model, and the optimizer too unless `optim_sd` is None (its masters in any case)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+        optimizer.load_checkpoint_state(model_sd, optim_sd)
+    elif optim_sd is not None:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIONS)
+    else:
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+
+
+def save_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
                     state: TrainState, config: RunConfig) -> str:
     rank = dist.get_rank()
     path = iteration_dir(root, state.iteration)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     _as_whole_tensors(model, model_sd, optim_sd)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
     if rank == 0:
@@ -132,7 +154,7 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"{meta_path} is corrupt, not JSON ({e})") from None
 
 
-def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer,
+def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
                     config: RunConfig) -> TrainState | None:
     """Restore the latest checkpoint under `root` (--load); None when there is none."""
     iteration = latest_iteration(root)
@@ -146,18 +168,14 @@ def load_checkpoint(root: str, model: StageModel, optimizer: torch.optim.Optimiz
                               + "\n  ".join(differences))
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     _as_whole_tensors(model, model_sd, optim_sd)
     wanted = {"model": model_sd}
     if load_optim:
         wanted["optimizer"] = optim_sd
     dcp.load(wanted, checkpoint_id=path)
-    model_sd = _as_local_tensors(wanted["model"])
-    if load_optim:
-        set_state_dict(model, optimizer, model_state_dict=model_sd,
-                       optim_state_dict=_as_local_tensors(wanted["optimizer"]), options=OPTIONS)
-    else:
-        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+    _restore(model, optimizer, _as_local_tensors(wanted["model"]),
+             _as_local_tensors(wanted["optimizer"]) if load_optim else None)
     if t.finetune:
         return TrainState()
     return TrainState(**meta["train_state"])

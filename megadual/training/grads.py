@@ -5,10 +5,15 @@ Dense parameters are averaged over DP. Expert parameters are summed over the
 expert-data-parallel group (ranks holding the same experts) and divided by DP,
 since their gradients already gather tokens of the whole EP group. Parameters that
 see only part of the sequence under sequence parallelism (norms, router) are first
-summed over TP. DualPipe's two copies of a stage are summed by the pipeline
-(pipeline/driver.py) after this reduction.
+summed over TP. Parameters held on two pipeline ranks (DualPipe's two copies of a stage,
+the embedding tied to the last stage for MTP) are summed by the pipeline
+(pipeline/driver.py) after this reduction. The distributed optimizer (dist_optimizer.py)
+reduce-scatters instead of all-reducing; both hand the norm and clipping a `ReducedGradients`.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,35 +42,57 @@ def ensure_grads(table: ParamTable) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def reduce_gradients(table: ParamTable, topo: Topology) -> None:
+def sum_partial_over_tp(grads: list[torch.Tensor], topo: Topology) -> None:
+    """Sum over TP the gradients of parameters that saw only part of the sequence there."""
+    _all_reduce_coalesced(grads, topo.group("tp"))
+
+
+@dataclass
+class ReducedGradients:
+    """The gradient a rank holds after the reduction: `tensors` all of it (what clipping scales),
+    `counted` the distinct pieces this rank adds to the global norm; `whole()` each of the rank's
+    parameters' reduced gradient by global name, whole even where the rank holds a shard (for
+    checks: under the distributed optimizer it gathers, so every rank must call it)."""
+    tensors: list[torch.Tensor]
+    counted: list[torch.Tensor]
+    whole: Callable[[], dict[str, torch.Tensor]]
+
+    def norm(self) -> float:
+        """L2 norm of the full model's gradient, each distinct piece counted once over all ranks."""
+        total = torch.zeros((), dtype=torch.float64)
+        for grad in self.counted:
+            total += grad.detach().double().pow(2).sum().cpu()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return float(total.sqrt())
+
+    def clip(self, norm: float, max_norm: float) -> None:
+        if max_norm > 0 and norm > max_norm:
+            for grad in self.tensors:
+                grad.mul_(max_norm / (norm + 1e-6))
+
+
+def reduce_gradients(table: ParamTable, topo: Topology) -> ReducedGradients:
+    """All-reduce every gradient over its replicas (the plain optimizer's reduction)."""
     ensure_grads(table)
     dp = topo.layout.dp
-    _all_reduce_coalesced([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo.group("tp"))
+    sum_partial_over_tp([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo)
     _all_reduce_coalesced([r.param.grad for r in table if not r.spec.expert], topo.group("dp"), 1.0 / dp)
     _all_reduce_coalesced([r.param.grad for r in table if r.spec.expert], topo.group("edp"), 1.0 / dp)
+    return ReducedGradients([r.param.grad for r in table],
+                            [r.param.grad for r in table if counted_in_norm(r, topo, sharded_over_dp=False)],
+                            lambda: {r.name: r.param.grad for r in table})
 
 
-def _counted_here(record: ParamRecord, topo: Topology) -> bool:
-    """Whether this rank adds the parameter's gradient to the norm: each distinct piece once."""
-    if record.mirror:
-        return False  # DualPipe's second copy of a stage: its gradient equals the first copy's
+def counted_in_norm(record: ParamRecord, topo: Topology, sharded_over_dp: bool) -> bool:
+    """Whether this rank adds its gradient (or, `sharded_over_dp`, its shard of it) to the norm:
+    each distinct piece once."""
+    if record.duplicate:
+        return False  # DualPipe's second copy, or a tied copy: its gradient equals the counted copy's
+    if record.replicated_over_tp and topo.tp_rank:
+        return False
+    if sharded_over_dp:
+        return True  # every data-parallel rank holds a different piece
     if record.spec.expert:
         return topo.members["edp"].index(topo.rank) == 0
-    return topo.dp_rank == 0 and not (record.replicated_over_tp and topo.tp_rank)
-
-
-def global_grad_norm(table: ParamTable, topo: Topology) -> float:
-    """L2 norm of the full model's gradient, each distinct parameter counted once."""
-    total = torch.zeros((), dtype=torch.float64)
-    for record in table:
-        if _counted_here(record, topo):
-            total += record.param.grad.detach().double().pow(2).sum().cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
-    return float(total.sqrt())
-
-
-def clip_gradients(table: ParamTable, norm: float, max_norm: float) -> None:
-    if max_norm > 0 and norm > max_norm:
-        for p in table.params():
-            p.grad.mul_(max_norm / (norm + 1e-6))
+    return topo.dp_rank == 0

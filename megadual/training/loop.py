@@ -12,18 +12,28 @@ from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.data.builder import build_datasets
 from megadual.data.sampler import build_loader
+from megadual.model.flops import training_flops_per_iteration
+from megadual.model.gpt import LM_LOSS, loss_names
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.recompute import RecomputePlan
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
 from megadual.training.memory import MemoryMeasurement, MemoryReport
-from megadual.training.metrics import IntervalLog, TensorBoard, format_iteration, format_validation
+from megadual.training.metrics import (
+    IntervalLog,
+    TensorBoard,
+    format_iteration,
+    format_validation,
+    mtp_fields,
+)
 from megadual.training.optimizer import build_optimizer, learning_rate
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 from megadual.training.stopping import StopRequests
@@ -36,10 +46,11 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class RunResult:
     """What a run did, for callers and tests: every step it trained, every validation loss, and
-    the model and state it ended with."""
+    the model, optimizer and state it ended with."""
     steps: list[StepResult] = field(default_factory=list)
-    validation_losses: list[float] = field(default_factory=list)
+    validation_losses: list[dict[str, float]] = field(default_factory=list)  # by log name, per evaluation
     model: StageModel | None = None
+    optimizer: torch.optim.Optimizer | DistributedOptimizer | None = None
     final_state: TrainState | None = None
     memory: MemoryReport | None = None  # this rank's, measured in the run's first step
     stop_reason: str | None = None  # why it stopped before --train-iters (stopping.py), if it did
@@ -70,8 +81,11 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
 
 
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
+    hierarchical = config.parallel.moe_token_dispatcher_type == "hierarchical"
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch, RecomputePlan.from_flags(config.train))
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch, RecomputePlan.from_flags(config.train),
+                        ep_node_groups=topo.ep_node_groups() if hierarchical else None,
+                        grouped_gemm=config.parallel.moe_grouped_gemm)
 
 
 def build_model(config: RunConfig, topo: Topology, device: torch.device) -> StageModel:
@@ -88,14 +102,28 @@ def build_model(config: RunConfig, topo: Topology, device: torch.device) -> Stag
     return model.to(device)
 
 
-def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device) -> Pipeline:
+def build_model_optimizer(config: RunConfig, model: StageModel,
+                          topo: Topology) -> torch.optim.Optimizer | DistributedOptimizer:
+    """The plain AdamW, or with --use-distributed-optimizer the sharded one, which under --bf16
+    also turns the model's weights into BF16 (its FP32 masters taken first)."""
+    o = config.optim
+    if not o.use_distributed_optimizer:
+        return build_optimizer(list(model.named_parameters()), o)
+    dtype = torch.bfloat16 if config.train.bf16 else torch.float32
+    return DistributedOptimizer(model.param_table, topo, o, dtype, o.ddp_bucket_size)
+
+
+def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device: torch.device,
+                   optimizer: torch.optim.Optimizer | DistributedOptimizer) -> Pipeline:
     m, p, tp = config.model, config.parallel, tensor_parallel(config, topo)
     seq = m.seq_length // tp.size if tp.sequence_parallel else m.seq_length
     n_micro = num_microbatches(config, topo.layout.dp)
     return Pipeline(model, p.pipeline_schedule, p.pipeline_split_backward, n_micro, topo.pp_rank,
                     topo.group("pp"), topo.members["pp"],
                     activation_shape=(seq, config.train.micro_batch_size, m.hidden_size), device=device,
-                    autocast=lambda: autocast_context(device, config.train.bf16))
+                    autocast=lambda: autocast_context(device, config.train.bf16),
+                    accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)
+                    else add_to_grad)
 
 
 def samples_needed(config: RunConfig) -> tuple[int, int, int]:
@@ -111,27 +139,31 @@ def next_batches(loader, count: int) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, device, bf16: bool,
-             pipeline: Pipeline | None = None) -> float:
+             pipeline: Pipeline | None = None, mtp: bool = False) -> dict[str, float]:
+    """The mean validation losses by log name: the lm loss, and with `mtp` each MTP depth's."""
     if pipeline is not None:
-        mean_loss = pipeline.evaluate
+        mean_losses = pipeline.evaluate
     else:
-        mean_loss = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
-    total = torch.zeros((), dtype=torch.float64)
-    model.eval()  # no dropout
-    for _ in range(iters):
-        total += mean_loss(next_batches(loader, count)).double().cpu() * count
-    model.train()
+        mean_losses = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
+    names = loss_names(model.config) if mtp else [LM_LOSS]
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    with model.evaluating(mtp):  # no dropout
+        for _ in range(iters):
+            losses = mean_losses(next_batches(loader, count))
+            totals += torch.stack([losses[name] for name in names]).double().cpu() * count
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
-        dist.all_reduce(total, group=topo.group("dp"))
-    return float(total) / (count * iters * topo.layout.dp)
+        dist.all_reduce(totals, group=topo.group("dp"))
+    return dict(zip(names, (totals / (count * iters * topo.layout.dp)).tolist()))
 
 
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
-    """Train as `config` says. `grad_hook(model)`, if given, sees the reduced gradients of every
-    step before clipping (tests compare them across layouts). A stop request (stopping.py) ends
-    the run early, after the iteration all ranks agree on, with a checkpoint when --save is set."""
+    """Train as `config` says. `grad_hook(model, gradients)`, if given, is called every step after
+    the gradients' reduction, before clipping: `gradients()` gives each of the rank's parameters'
+    reduced gradient by global name (every rank must call it; tests compare them across layouts).
+    A stop request (stopping.py) ends the run early, after the iteration all ranks agree on, with a
+    checkpoint when --save is set."""
     config = resolve_device_defaults(config, device.type)
     validate_world(config, dist.get_world_size(), local_world_size())
     t = config.train
@@ -149,9 +181,13 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
                                            warn=log if rank0 else lambda message: None)
     torch.manual_seed(t.seed)
     model = build_model(config, topo, device)
-    pipeline = build_pipeline(config, topo, model, device) if topo.layout.pp > 1 else None
+    optimizer = build_model_optimizer(config, model, topo)
+    # After the optimizer: the pipeline passes activations in the model's (possibly BF16) dtype.
+    pipeline = build_pipeline(config, topo, model, device, optimizer) if topo.layout.pp > 1 else None
     model.set_aux_loss_grad_scale(1.0 / n_micro)
-    optimizer = build_optimizer(list(model.named_parameters()), o)
+    if isinstance(optimizer, DistributedOptimizer) and rank0:
+        log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
+            f"{optimizer_state_bytes(optimizer)} bytes")
     state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
     if t.load and rank0:
         log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
@@ -165,6 +201,8 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
     result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
     is_moe = config.model.num_experts > 0
     memory = MemoryMeasurement(model, optimizer, device)
+    flops_per_rank = (training_flops_per_iteration(config.model, t.global_batch_size) / dist.get_world_size()
+                      if t.log_throughput else None)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
@@ -186,18 +224,20 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
         if state.iteration % t.log_interval == 0 and rank0:
             log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
                                  t.global_batch_size, t.global_batch_size * config.model.seq_length,
-                                 interval, is_moe))
+                                 interval, is_moe, flops_per_rank))
             if not step.skipped:
                 writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
                                                  "grad norm": step.grad_norm,
-                                                 "load_balancing_loss": step.routing.aux_loss})
+                                                 "load_balancing_loss": step.routing.aux_loss,
+                                                 **mtp_fields(step.mtp_losses)})
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
-            loss = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline)
-            result.validation_losses.append(loss)
+            losses = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline,
+                              mtp=t.mtp_eval_loss)
+            result.validation_losses.append(losses)
             if rank0:
-                log(format_validation(state.iteration, loss))
-                writer.scalars(state.iteration, {"validation lm loss": loss})
+                log(format_validation(state.iteration, losses))
+                writer.scalars(state.iteration, {f"validation {name}": v for name, v in losses.items()})
         saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
         if saved:
             save()
@@ -209,5 +249,5 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
     if result.stop_reason and rank0:
         log(f" exiting program at iteration {state.iteration}: {result.stop_reason}; "
             + (f"checkpoint saved in {t.save}" if t.save else "nothing saved (no --save)"))
-    result.model, result.final_state, result.memory = model, state, memory.report
+    result.model, result.optimizer, result.final_state, result.memory = model, optimizer, state, memory.report
     return result

@@ -10,8 +10,9 @@ extended with what the run holds by kind:
 - gradients: the gradient storages of the step: each parameter's `.grad` just before the
   optimizer steps, and the gradient buffers an optimizer keeps itself (tensors it holds under
   a name with "grad" in it).
-- optimizer state: every other tensor the optimizer holds (whatever its class: found by walking
-  its attributes and containers), its parameters' storages left out; e.g. AdamW's moments.
+- optimizer state: `dist_optimizer.optimizer_state_bytes` - the storages under the optimizer's
+  state tensors: AdamW's moments and step counts, the distributed optimizer's shards of them and
+  its FP32 masters beside BF16 weights.
 - peak activations: the most bytes of tensors held for the backward at any one time of the
   step, counted exactly by `ActivationTracker`.
 - allocated / max allocated / reserved / max reserved: on CUDA torch.cuda's allocator figures
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.dist_optimizer import optimizer_state_bytes
 
 MB = 1024.0 * 1024.0
 Storage = tuple[str, int]
@@ -126,15 +128,11 @@ def _tensors_held(obj, name: str = "", seen: set[int] | None = None) -> Iterator
             yield from _tensors_held(value, f"{name}.{key}", seen)
 
 
-def optimizer_bytes(optimizer, parameters: list[torch.Tensor]) -> tuple[int, int]:
-    """(gradient buffers, state) bytes the optimizer holds: tensors under a "grad" name are
-    gradients; the parameters' own storages are neither."""
-    params = {storage_of(p) for p in parameters}
-    held = list(_tensors_held(optimizer))
-    grads = [t for path, t in held if "grad" in path]
-    grad_storages = {storage_of(t) for t in grads}
-    state = [t for path, t in held if "grad" not in path]
-    return storage_bytes(grads, params), storage_bytes(state, params | grad_storages)
+def gradient_buffer_bytes(optimizer, parameters: list[torch.Tensor]) -> int:
+    """Bytes of the gradient buffers the optimizer holds itself (the tensors it holds under a
+    "grad" name, e.g. the distributed optimizer's buckets), the parameters' storages left out."""
+    grads = [t for path, t in _tensors_held(optimizer) if "grad" in path]
+    return storage_bytes(grads, {storage_of(p) for p in parameters})
 
 
 def _cuda_figures(device: torch.device) -> tuple[int, int, int, int] | None:
@@ -173,9 +171,8 @@ class MemoryMeasurement:
                 chunk.recompute.observer = None
             if hook is not None:
                 hook.remove()
-        grad_buffers, state = optimizer_bytes(self.optimizer, params)
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.report = MemoryReport(rank, iteration + 1, storage_bytes(params),
-                                   storage_bytes(grads) + grad_buffers, state, tracker.peak,
-                                   _cuda_figures(self.device))
+                                   storage_bytes(grads) + gradient_buffer_bytes(self.optimizer, params),
+                                   optimizer_state_bytes(self.optimizer), tracker.peak, _cuda_figures(self.device))
         log(self.report.format())

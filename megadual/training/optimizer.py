@@ -8,14 +8,25 @@ import torch
 from megadual.config import OptimConfig
 
 
-def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
+def decayed(param: torch.Tensor) -> bool:
     """Weight decay on matrices only; norms (1-D) are not decayed."""
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    return param.dim() >= 2
+
+
+def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: the decayed parameters, then the others."""
+    groups = [{"params": [p for _, p in params if decayed(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in params if not decayed(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             foreach=False)
+                             foreach=True)
+
+
+def adamw_group_settings(cfg: OptimConfig) -> tuple[dict, dict]:
+    """The settings `build_optimizer`'s AdamW records for its decayed and its undecayed group, every
+    key as torch keeps it (so a checkpoint can carry them without the optimizer)."""
+    placeholders = [("matrix", torch.nn.Parameter(torch.empty(0, 0))), ("vector", torch.nn.Parameter(torch.empty(0)))]
+    decay, no_decay = build_optimizer(placeholders, cfg).param_groups
+    return tuple({k: v for k, v in group.items() if k != "params"} for group in (decay, no_decay))
 
 
 def learning_rate(iteration: int, cfg: OptimConfig, train_iters: int) -> float:

@@ -1,0 +1,180 @@
+"""The two conversions, in one process without a process group.
+
+export_checkpoint: a megadual checkpoint (the tracked iteration of --save's folder) -> a Hugging
+Face folder: config.json, sharded model-*.safetensors and their index. The vocabulary padding
+(--make-vocab-size-divisible-by) is cut off: the embedding and head keep the tokenizer's rows.
+
+import_checkpoint: a Hugging Face `DeepseekV3ForCausalLM` folder -> CKPT_DIR/iter_0000000/ and its
+tracker, in the layout training writes (model tensors by global name, whole; no optimizer), which
+`pretrain_moe.py --load CKPT_DIR --finetune` loads under any parallel layout. The architecture
+flags come from config.json; the other flags given to the conversion (sequence length,
+--make-vocab-size-divisible-by, TP, balancing, ...) shape the saved config as they would a run.
+Both are written to CKPT_DIR/hf_model.args, one flag per line, for the training command
+(`pretrain_moe.py @CKPT_DIR/hf_model.args ...`; flags after it override it).
+The padded vocabulary rows start at zero.
+
+Both refuse, unless `force`, a model Hugging Face would run differently (config_map).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_model_flags
+from megadual.hf.config_map import UnsupportedModel, architecture_flags, behaviour_differences, hf_config
+from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
+from megadual.hf.safetensors_io import HFWeights, write_sharded
+from megadual.model.size import meta_model
+from megadual.training.checkpoint import META, TRACKER, TrainState, iteration_dir, latest_iteration, read_meta
+
+VOCAB_ROWS = ("embedding.weight", "output_layer.weight")
+FLAGS_FILE = "hf_model.args"
+
+
+def model_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Every tensor of the one-process model by global name."""
+    return {name: tensor.shape for name, tensor in meta_model(config).state_dict().items()}
+
+
+def _check_behaviour(m: ModelConfig, force: bool, warn: Callable[[str], None]) -> None:
+    differences = behaviour_differences(m)
+    if differences and not force:
+        raise UnsupportedModel("Hugging Face would compute this model differently (--force converts anyway):\n  "
+                               + "\n  ".join(differences))
+    for difference in differences:
+        warn(f"warning: {difference}")
+
+
+@contextmanager
+def _without_process_group():
+    """DCP in one process, without its warning that this is one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
+
+
+def read_checkpoint(root: str) -> tuple[dict, ModelConfig, dict[str, torch.Tensor]]:
+    """(the saved run's config as a dict, its ModelConfig, every model tensor whole) of the tracked
+    iteration under `root`."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"{root} has no {TRACKER}")
+    path = iteration_dir(root, iteration)
+    run = read_meta(path)["config"]
+    model = ModelConfig(**run["model"])
+    state = {name: torch.empty(shape) for name, shape in model_shapes(model).items()}
+    with _without_process_group():
+        dcp.load({"model": state}, checkpoint_id=path)
+    return run, model, state
+
+
+def export_checkpoint(root: str, out_dir: str, force: bool = False, max_shard_bytes: int = 5 << 30,
+                      warn: Callable[[str], None] = print) -> list[str]:
+    """Write the HF folder of the checkpoint under `root`; returns the shard file names."""
+    run, m, state = read_checkpoint(root)
+    vocab = run["data"]["vocab_size"]
+    config = hf_config(m, vocab)
+    _check_behaviour(m, force, warn)
+    tensors = {}
+    for name, tensor in state.items():
+        tensors[hf_name(name, m.num_layers)] = to_hf_rows(name, tensor, m)[:vocab] if name in VOCAB_ROWS \
+            else to_hf_rows(name, tensor, m)
+    for copy, source in mtp_copies(m.num_layers, m.mtp_num_layers).items():
+        tensors[copy] = tensors[hf_name(source, m.num_layers)].clone()
+    files = write_sharded(tensors, out_dir, max_shard_bytes)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return files
+
+
+def _mtp_layers(names, num_layers: int) -> int:
+    indices = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+    return len({i for i in indices if i >= num_layers})
+
+
+def agreeing_config(architecture: list[str], flags: list[str]) -> RunConfig:
+    """The run config of `flags` with the architecture flags; ConfigError listing every
+    architecture flag of `flags` that disagrees with config.json."""
+    config = parse_model_flags(flags + architecture)
+    differences = model_config_differences(dataclasses.asdict(config.model),
+                                           parse_model_flags(architecture + flags).model)
+    if differences:
+        raise ConfigError("flags disagree with the Hugging Face config.json (the 'checkpoint' side):\n  "
+                          + "\n  ".join(differences))
+    return config
+
+
+def _tensor_in(weights: HFWeights, name: str, ours: str, m: ModelConfig, interleaved: bool,
+               shape: torch.Size) -> torch.Tensor:
+    tensor = from_hf_rows(ours, weights.get(name).float(), m, interleaved)
+    if ours in VOCAB_ROWS and tensor.shape[0] < shape[0]:  # pad the vocabulary as the run does
+        tensor = torch.cat([tensor, tensor.new_zeros(shape[0] - tensor.shape[0], *tensor.shape[1:])])
+    if tensor.shape != shape:
+        raise UnsupportedModel(f"{name}: shape {list(tensor.shape)}, megadual's {ours} is {list(shape)}")
+    return tensor
+
+
+def read_hf(hf_dir: str, flags: list[str], force: bool = False,
+            warn: Callable[[str], None] = print) -> tuple[RunConfig, list[str], dict[str, torch.Tensor]]:
+    """(run config, architecture flags, our tensors by global name) of a Hugging Face folder."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    weights = HFWeights(hf_dir)
+    num_layers = hf["num_hidden_layers"]
+    architecture = architecture_flags(hf, _mtp_layers(weights.names(), num_layers))
+    config = agreeing_config(architecture, flags)
+    m = config.model
+    _check_behaviour(m, force, warn)
+    shapes, state, copies = model_shapes(m), {}, {}
+    for name in weights.names():
+        try:
+            ours = our_name(name, num_layers)
+        except KeyError as unknown:
+            raise UnsupportedModel(f"{hf_dir}: {unknown.args[0]}") from None
+        if ours is None:
+            copies[name] = mtp_copy_of(name)
+        else:
+            state[ours] = _tensor_in(weights, name, ours, m, hf.get("rope_interleave", True), shapes[ours])
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise UnsupportedModel(f"{hf_dir} lacks tensors megadual needs: {', '.join(missing[:8])}"
+                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    for name, ours in copies.items():
+        if not torch.equal(weights.get(name).float(), state[ours][:hf["vocab_size"]]):
+            raise UnsupportedModel(f"{name} differs from the main model's; megadual's MTP shares {ours}")
+    return config, architecture, state
+
+
+def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = False,
+                      warn: Callable[[str], None] = print) -> str:
+    """Write `root`/iter_0000000 from the HF folder; returns that folder."""
+    config, architecture, state = read_hf(hf_dir, flags, force, warn)
+    path = iteration_dir(root, 0)
+    with _without_process_group():
+        dcp.save({"model": state}, checkpoint_id=path)
+    meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1}
+    with open(os.path.join(path, META), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(root, FLAGS_FILE), "w") as f:
+        f.write("\n".join(_flag_lines(flags + architecture)) + "\n")
+    with open(os.path.join(root, TRACKER), "w") as f:
+        f.write("0")
+    return path
+
+
+def _flag_lines(flags: list[str]) -> list[str]:
+    """Each flag with its values on one line (an @file on its own)."""
+    lines = []
+    for item in flags:
+        if item.startswith(("--", "@")) or not lines:
+            lines.append(item)
+        else:
+            lines[-1] += f" {item}"
+    return lines

@@ -1,0 +1,64 @@
+"""Hugging Face's sharded safetensors layout: model-0000i-of-0000n.safetensors and
+model.safetensors.index.json (`weight_map`: tensor name -> file), or one model.safetensors."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def _shards(names: list[str], tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards, size = [[]], 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
+    """Write `tensors` in shards of at most `max_shard_bytes` (a bigger tensor gets a shard of its
+    own) with the index; returns the shard file names."""
+    os.makedirs(out_dir, exist_ok=True)
+    shards = _shards(sorted(tensors), tensors, max_shard_bytes)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, names in zip(files, shards):
+        save_file({n: tensors[n].contiguous() for n in names}, os.path.join(out_dir, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(out_dir, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return files
+
+
+class HFWeights:
+    """The tensors of a Hugging Face model folder, read one at a time."""
+
+    def __init__(self, folder: str):
+        index = os.path.join(folder, INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                self._file_of = {n: os.path.join(folder, file) for n, file in json.load(f)["weight_map"].items()}
+        elif os.path.exists(os.path.join(folder, SINGLE)):
+            with safe_open(os.path.join(folder, SINGLE), "pt") as f:
+                self._file_of = dict.fromkeys(f.keys(), os.path.join(folder, SINGLE))
+        else:
+            raise FileNotFoundError(f"{folder} has neither {INDEX} nor {SINGLE}")
+
+    def names(self) -> Iterable[str]:
+        return self._file_of.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self._file_of[name], "pt") as f:
+            return f.get_tensor(name)

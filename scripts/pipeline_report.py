@@ -1,0 +1,129 @@
+"""The report of scripts/bench_pipeline.py: rows of measured steps next to the simulator's prediction."""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from megadual.pipeline.actions import Action, Layout
+from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
+
+if TYPE_CHECKING:
+    from bench_pipeline import Bench, Variant
+
+RATIOS = (("ours 1F1B", "torch Schedule1F1B"), ("ours DualPipeV", "torch ScheduleDualPipeV"),
+          ("ours DualPipeV", "ours DualPipeV, recv in place"), ("ours DualPipe", "ours 1F1B"),
+          ("ours DualPipe", "ours DualPipe, no overlap"), ("ours DualPipe, hierarchical", "ours DualPipe"))
+
+
+def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float) -> StageCosts:
+    """Each chunk of the layout costs what its stage measured (DualPipe's two directions are cut alike)."""
+    chunks = {}
+    for path in layout.paths:
+        for stage, place in enumerate(path):
+            c = per_stage[stage]
+            chunks[place] = SimCosts(f=c["f"], b=c["b"], w=c["w"], bi=c["bi"], comm_f=c.get("comm_f", 0.0),
+                                     comm_b=c.get("comm_b", 0.0))
+    return StageCosts(chunks, latency)
+
+
+def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """Each stage's costs as the slowest of its ranks measured them (an EP group waits for its slowest)."""
+    stages: dict[int, dict[str, float]] = {}
+    for per_stage in measured:
+        for stage, costs in per_stage.items():
+            stages[stage] = {k: max(v, stages.get(stage, {}).get(k, 0.0)) for k, v in costs.items()}
+    return stages
+
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: Variant
+    makespans: list[float]  # seconds, per round
+    makespan: float  # seconds, median over rounds
+    busy: list[float]  # compute seconds per pipeline rank, median over rounds
+    bubble: list[float]  # seconds per pipeline rank, median over rounds
+    inter_bytes: float  # inter-node bytes of a step, all ranks, median over rounds
+    predicted_makespan: float
+    predicted_bubble: list[float]
+
+
+def summarize(variant: Variant, per_rank: list[list[tuple[float, float, float]]], schedules: list[list[Action]],
+              costs: StageCosts) -> Row:
+    """`per_rank[p]`: the samples of pipeline rank p (of the first pipeline); `schedules` and `costs`:
+    what the simulator predicts from."""
+    rounds = range(len(per_rank[0]))
+    makespans = [per_rank[0][i][0] for i in rounds]
+    busy = [statistics.median(samples[i][1] for i in rounds) for samples in per_rank]
+    bubbles = [statistics.median(samples[i][0] - samples[i][1] for i in rounds) for samples in per_rank]
+    # Neither runtime waits for its sends to be received before computing on.
+    predicted = simulate(schedules, costs, rendezvous=False)
+    return Row(variant, makespans, statistics.median(makespans), busy, bubbles,
+               statistics.median(per_rank[0][i][2] for i in rounds), predicted.makespan, predicted.bubble)
+
+
+def describe(bench: Bench) -> str:
+    m = bench.model
+    layers = f"{m.num_layers} layers, hidden {m.hidden_size}, FFN {m.ffn_hidden_size}, {m.num_attention_heads} heads"
+    if not m.num_experts:
+        return f"dense GPT: {layers}, vocab {m.vocab_size}"
+    nodes = bench.grid.nodes_per_ep_group
+    return (f"MoE GPT: {layers}, vocab {m.vocab_size}; layers from {m.moe_first_k_dense} on: {m.num_experts} "
+            f"experts (FFN {m.moe_ffn_hidden_size}, top-{m.moe_router_topk}), shared expert FFN "
+            f"{m.moe_shared_expert_intermediate_size}; EP={bench.ep} over {nodes} node{'s' * (nodes > 1)}")
+
+
+def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, dict[str, float]]], latency: float,
+                  load: tuple[float, float]) -> str:
+    m = bench.model
+    ms = 1e3
+    lines = [
+        (f"PP={bench.pp}, {bench.microbatches} micro-batches of {bench.micro_batch_size} x {m.seq_length} "
+         f"tokens ({bench.tokens_per_step} tokens/step), {describe(bench)}; "
+         f"1 thread per rank, gloo; median of {bench.rounds} rounds after {bench.warmup} warm-up"),
+        (f"p2p latency (one activation message, pipeline ranks 0-1): {latency * ms:.2f} ms; machine load average "
+         f"(1 min) {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores"),
+    ]
+    if bench.links is not None:
+        lines.append(f"emulated links: {bench.links}, {bench.grid.node_size} rank(s) per node")
+    for (shape, dispatcher), per_stage in costs.items():
+        stages = [per_stage[i] for i in sorted(per_stage)]
+        keys = [key for key in ("f", "b", "bi", "w", "comm_f", "comm_b") if key in stages[0]]
+        name = shape if dispatcher == "alltoall" else f"{shape} {dispatcher}"
+        lines.append(f"chunk costs, {name} stages 0-{len(stages) - 1} (ms): " + " | ".join(
+            f"{key.upper()} " + " ".join(f"{c[key] * ms:.1f}" for c in stages) for key in keys))
+
+    def per_rank(values: list[float]) -> str:
+        return " ".join(f"{v * ms:6.0f}" for v in values)
+
+    header = (f"{'schedule':<30}{'tokens/s':>9}{'step ms':>9}{'sim':>6}{'inter MB':>9} | busy ms per rank | "
+              "bubble ms per rank: measured / sim")
+    lines += ["", header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row.variant.label:<30}{bench.tokens_per_step / row.makespan:>9.0f}"
+                     f"{row.makespan * ms:>9.0f}{row.predicted_makespan * ms:>6.0f}{row.inter_bytes / 1e6:>9.1f} | "
+                     f"{per_rank(row.busy)} | {per_rank(row.bubble)} / {per_rank(row.predicted_bubble)}")
+    lines.append("")
+    lines += ratio_lines({row.variant.label: row for row in rows})
+    return "\n".join(lines)
+
+
+def ratio_lines(by_label: dict[str, Row]) -> list[str]:
+    lines = []
+    for ours, theirs in RATIOS:
+        if ours in by_label and theirs in by_label:
+            ratio = by_label[theirs].makespan / by_label[ours].makespan
+            # Rounds step both back to back, so a round's ratio cancels slow swings of machine speed.
+            paired = sorted(t / o for o, t in zip(by_label[ours].makespans, by_label[theirs].makespans))
+            quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+            lines.append(f"tokens/s ratio {ours} / {theirs}: {ratio:.3f} (medians); per round: median "
+                         f"{statistics.median(paired):.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+                         f"{sum(r >= 1 for r in paired)} of {len(paired)} rounds >= 1")
+            if by_label[ours].variant.dispatcher != by_label[theirs].variant.dispatcher:
+                lines.append(f"inter-node bytes ratio {ours} / {theirs}: "
+                             f"{by_label[ours].inter_bytes / by_label[theirs].inter_bytes:.3f}")
+    return lines
+
+

@@ -1,0 +1,17 @@
+"""The fused cross entropy used without TP against the written-out vocabulary-parallel one."""
+import torch
+
+from megadual.parallel.tensor import NO_TP, sharded_cross_entropy, vocab_parallel_cross_entropy
+
+
+def test_fused_cross_entropy_equals_the_written_out_one():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(32, 4, 512, generator=g) * 3).requires_grad_()
+    target = torch.randint(0, 512, (4, 32), generator=g).t()  # [s, b] as the head sees it: not contiguous
+    fused = vocab_parallel_cross_entropy(logits, target, NO_TP)
+    written_out = sharded_cross_entropy(logits, target, None)
+    grad_fused, = torch.autograd.grad(fused.mean(), logits)
+    grad_written_out, = torch.autograd.grad(written_out.mean(), logits)
+    # measured over three seeds: losses (about 7) differ by at most 9.5e-7, gradients by 3.3e-9
+    torch.testing.assert_close(fused, written_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_fused, grad_written_out, rtol=0, atol=3e-8)
