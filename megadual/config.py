@@ -213,6 +213,12 @@ class TrainConfig:
     save_interval: int = option(0, group=CHECKPOINTS)
     exit_interval: int = option(0, "stop (saving first, with --save) when the iteration is a multiple of this",
                                 group=CHECKPOINTS)
+    keep_last_n_checkpoints: int = option(0, "keep only the newest N checkpoints in --save, removing older ones "
+                                             "once a newer one verified; 0: keep all", group=CHECKPOINTS)
+    async_save: bool = option(False, "write checkpoints in the background while training goes on",
+                              group=CHECKPOINTS)
+    save_failures_continue: bool = option(False, "a save that fails is logged and training goes on (default: "
+                                                 "the run stops)", group=CHECKPOINTS)
     exit_signal_handler: bool = option(False, "on --exit-signal every rank finishes the iteration, the run saves "
                                               "(with --save) and exits 0", group=CHECKPOINTS)
     exit_signal: str = option("SIGTERM", "the signal --exit-signal-handler catches", choices=EXIT_SIGNALS,

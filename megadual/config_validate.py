@@ -77,6 +77,9 @@ def validate(c: RunConfig) -> None:
     _require(t.eval_interval >= 0 and t.eval_iters >= 0, "--eval-interval and --eval-iters must be >= 0")
     _require(t.save_interval >= 0, "--save-interval must be >= 0")
     _require(not (t.save_interval and not t.save), "--save-interval needs --save")
+    _require(t.keep_last_n_checkpoints >= 0, "--keep-last-n-checkpoints must be >= 0")
+    for name in ("keep_last_n_checkpoints", "async_save", "save_failures_continue"):
+        _require(not getattr(t, name) or t.save is not None, f"{flag_name(name)} needs --save")
     _require(bool(d.data_path) != d.mock_data, "give exactly one of --data-path and --mock-data")
     _validate_data(d, t)
     _validate_stopping(t)

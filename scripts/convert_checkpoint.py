@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megadual.config import ConfigError
 from megadual.hf.config_map import UnsupportedModel
 from megadual.hf.convert import export_checkpoint, import_checkpoint
+from megadual.training.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             path = import_checkpoint(*args.from_hf, flags=run_flags, force=args.force)
             print(f"wrote {path}; train with: pretrain_moe.py @{args.from_hf[1]}/hf_model.args "
                   f"--load {args.from_hf[1]} --finetune ...")
-    except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
+    except (ConfigError, UnsupportedModel, CheckpointError, FileNotFoundError) as e:
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
     return 0

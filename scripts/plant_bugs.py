@@ -302,8 +302,8 @@ MUTATIONS = [
         '--exit-duration-in-mins never stops the run'),
     Mutation(
         'stop-without-saving', 'megadual/training/loop.py',
-        '    if t.save and not saved:',
-        '    if t.save and not saved and not result.stop_reason:',
+        '    saved = checkpoints.finish(state)',
+        '    saved = result.stop_reason is None and checkpoints.finish(state)',
         ('tests/test_stopping.py::test_exit_duration_saves_and_stops',),
         'a run stopped early exits without saving'),
     Mutation(
@@ -438,6 +438,87 @@ MUTATIONS = [
         "        total += per_element * -(-elements // group)",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[DP2xEP2-distributed-optimizer]",),
         "the planner's distributed-optimizer state leaves out each bucket's step count"),
+    Mutation(
+        'ckpt-fresh-start-over-save', 'megadual/training/checkpoint/load.py',
+        '    if t.save and holds_checkpoints(t.save):',
+        '    if False:',
+        ('tests/test_checkpoint_load.py::test_a_load_that_cannot_be_meant_is_refused[no --load, --save has checkpoints]',
+         'tests/test_checkpoint_load.py::test_a_load_that_cannot_be_meant_is_refused[typo, --save has checkpoints]'),
+        'a missing or mistyped --load trains from scratch over the checkpoints in --save'),
+    Mutation(
+        'ckpt-load-iter-folder-ignored', 'megadual/training/checkpoint/load.py',
+        '    if iteration_of(load) is not None:',
+        '    if False:',
+        ('tests/test_checkpoint_load.py::test_load_naming_an_iteration_folder_loads_that_folder',),
+        '--load naming an iter_NNNNNNN folder is not loaded as that folder'),
+    Mutation(
+        'ckpt-empty-load-refused', 'megadual/training/checkpoint/load.py',
+        '    if not t.load or why == "is empty":',
+        '    if not t.load:',
+        ('tests/test_checkpoint_load.py::test_nothing_to_load_starts_from_scratch_and_says_so[empty directory]',),
+        'an empty --load directory is refused instead of a logged fresh start'),
+    Mutation(
+        'ckpt-retrain-below-loaded-iteration', 'megadual/training/checkpoint/manager.py',
+        'self.found.train_state.iteration < train_iters:',
+        'self.found.train_state.iteration < train_iters + 1000:',
+        ('tests/test_checkpoint_load.py::test_train_iters_at_or_below_the_checkpoint_exits_writing_nothing',),
+        '--train-iters at or below the loaded iteration builds the run instead of exiting at once, saying so'),
+    Mutation(
+        'ckpt-tracker-before-folder', 'megadual/training/checkpoint/save.py',
+        '        os.rename(staging, final)\n',
+        '        write_tracker(self.root, iteration)\n        os.rename(staging, final)\n',
+        ('tests/test_checkpoint_save.py::test_every_moment_of_a_save_leaves_a_loadable_checkpoint',),
+        'the tracker moves before the new folder is in place, so a kill between leaves it naming no checkpoint'),
+    Mutation(
+        'ckpt-second-writer-allowed', 'megadual/training/checkpoint/lock.py',
+        '            if _create_exclusively(path, me):',
+        '            if _create_exclusively(path, me) or True:',
+        ('tests/test_checkpoint_lock.py::test_a_second_trainer_is_refused_at_start_up',),
+        'a second trainer on the same --save is not refused'),
+    Mutation(
+        'ckpt-save-checked-only-when-saving', 'megadual/training/checkpoint/manager.py',
+        '                took_over = self.coord.on_rank0(self._take_lock)',
+        '                took_over = None',
+        (('tests/test_checkpoint_lock.py::test_a_save_directory_that_cannot_be_written_is_refused_at_start_up'
+          '[file in the path]'),),
+        'an unwritable --save is found only when the first save fails, after training (and no lock is taken)'),
+    Mutation(
+        'ckpt-checksum-not-compared', 'megadual/training/checkpoint/integrity.py',
+        '    if crc != expected["crc32"]:',
+        '    if False:',
+        ('tests/test_checkpoint_integrity.py::test_every_flipped_run_of_bytes_is_found',
+         'tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous'),
+        'flipped bytes in a checkpoint file load silently (sizes still checked)'),
+    Mutation(
+        'ckpt-no-fallback-past-corrupt', 'megadual/training/checkpoint/load.py',
+        '        if found.named:',
+        '        if True:',
+        ('tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous',),
+        '--load of a directory whose newest checkpoint is corrupt fails instead of taking the newest that verifies'),
+    Mutation(
+        'ckpt-failed-save-ignored', 'megadual/training/checkpoint/manager.py',
+        '        if not self.config.train.save_failures_continue:',
+        '        if False:',
+        ('tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous',),
+        'a failed save is only logged and training goes on without --save-failures-continue'),
+    Mutation(
+        'ckpt-save-after-skipped-step', 'megadual/training/checkpoint/manager.py',
+        '        if skipped:',
+        '        if False:',
+        ('tests/test_checkpoint_save.py::test_no_checkpoint_from_a_skipped_step',),
+        'a save falling due on a skipped (non-finite) step is written, so the tracker may name diverged weights'),
+    Mutation(
+        'ckpt-retention-before-verify', 'megadual/training/checkpoint/save.py',
+        '        if problem is not None:',
+        '        if False:',
+        ('tests/test_checkpoint_save.py::test_keep_last_n_removes_older_checkpoints_only_after_a_newer_one_verified',),
+        '--keep-last-n-checkpoints removes older folders although the new one does not verify'),
+    Mutation(
+        'ckpt-async-published-before-written', 'megadual/training/checkpoint/save.py',
+        'lambda: self.coord.everywhere(upload.result))',
+        'lambda: None)',
+        ('tests/test_checkpoint_save.py::test_an_async_save_holds_its_own_iteration_while_training_goes_on',),
+        '--async-save checksums, renames and moves the tracker without waiting for the background write'),
     Mutation(
         "combine-keeps-one-row", "megadual/moe/dispatcher.py",
         "return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)",

@@ -6,10 +6,12 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from megadual.config import RunConfig, parse_args, validate_world
 from megadual.pipeline.stage_model import StageModel
-from megadual.training.checkpoint import load_checkpoint
+from megadual.training.checkpoint.offline import tracked_checkpoint
+from megadual.training.checkpoint.state import checkpoint_state, restore_state
 from megadual.training.distributed import local_world_size
 from megadual.training.loop import build_model, build_topology
 
@@ -52,7 +54,11 @@ def loaded_logits(flags: list[str], ckpt: str, tokens: torch.Tensor) -> torch.Te
     validate_world(config, dist.get_world_size(), local_world_size())
     topo = build_topology(config)
     model = build_model(config, topo, torch.device("cpu")).eval()
-    load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), config)
+    folder, _ = tracked_checkpoint(ckpt)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = checkpoint_state(model, optimizer, with_optimizer=False)
+    dcp.load(state, checkpoint_id=folder)
+    restore_state(model, optimizer, state)
     return stage_logits(model, tokens, topo)
 
 

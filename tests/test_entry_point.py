@@ -129,7 +129,7 @@ def test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each(tmp_path):
         "beta1": (TINY_MOE + ["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
         "weight decay": (TINY_MOE + ["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
         "tensorboard": (TINY_MOE + ["--tensorboard-dir", str(tmp_path)], "--tensorboard-dir needs the tensorboard"),
-        "meta": (TINY_MOE + ["--load", str(checkpoint)], f"{meta} is corrupt, not JSON"),
+        "meta": (TINY_MOE + ["--load", str(checkpoint)], "iter_0000002: megadual_meta.json is truncated"),
     }
     results = run_cases({"small corpus": data + ["--data-path", small], **{k: args for k, (args, _) in bad.items()}})
 

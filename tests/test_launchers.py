@@ -98,7 +98,7 @@ def test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly(slurm_clust
     stopped = int(re.search(r" exiting program at iteration (\d+): received SIGUSR1; checkpoint saved", output)[1])
     assert 1 <= stopped < ITERS, output
     for line in ("requeued; the next run resumes from", f"run 2, resuming from --save {job.save}",
-                 f" loaded checkpoint from {job.save} at iteration {stopped}"):
+                 f" successfully loaded checkpoint from {job.save}/iter_{stopped:07d} at iteration {stopped}"):
         assert line in output, output
     unsignalled_job.wait()
     assert logged_iterations(output) == list(range(1, ITERS + 1)), output

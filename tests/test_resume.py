@@ -8,6 +8,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_s
 
 from megadual.config import parse_args
 from megadual.training.checkpoint import CheckpointError, iteration_dir
+from megadual.training.checkpoint.integrity import checksums, write_manifest
+from megadual.training.checkpoint.layout import MANIFEST
 from megadual.training.loop import pretrain
 from tests.helpers import TINY_MOE, single_process_group
 
@@ -43,6 +45,8 @@ def test_checkpoint_with_rng_states_of_older_versions_loads(tmp_path):
     for shard in [*path.glob("*.distcp"), path / ".metadata"]:
         shard.unlink()
     torch_save_to_dcp(state, path)
+    files = sorted(name for name in os.listdir(path) if name != MANIFEST)
+    write_manifest(str(path), checksums(str(path), files))  # the rewritten files checksummed anew
     resumed = run(["--train-iters", "3", "--load", str(tmp_path)])
     assert resumed.losses == run(["--train-iters", "3"]).losses[2:]
 

@@ -17,10 +17,11 @@ def straight():
     return losses("")
 
 
-@pytest.mark.parametrize("saved, resumed", [("tp2,sp,ep2,dp2", ""), ("", "tp2"), ("ep2", "tp2")],
-                         ids=["TP2xEP2xDP2->1", "1->TP2", "EP2->TP2"])
-def test_resume_under_another_layout(tmp_path, straight, saved, resumed):
-    first = losses(saved, "--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3")
+@pytest.mark.parametrize("saved, saved_flags, resumed", [("tp2,sp,ep2,dp2", ["--async-save"], ""), ("", [], "tp2"),
+                                                         ("ep2", [], "tp2")],
+                         ids=["TP2xEP2xDP2-async->1", "1->TP2", "EP2->TP2"])
+def test_resume_under_another_layout(tmp_path, straight, saved, saved_flags, resumed):
+    first = losses(saved, *saved_flags, "--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3")
     rest = losses(resumed, "--load", str(tmp_path))
     limit = max(verify.parse_layout(layout, ARGS).tolerance.logged for layout in (saved, resumed))
     assert first == pytest.approx(straight[:3], rel=limit, abs=0)

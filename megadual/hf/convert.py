@@ -32,7 +32,8 @@ from megadual.hf.config_map import UnsupportedModel, architecture_flags, behavio
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import HFWeights, write_sharded
 from megadual.model.size import meta_model
-from megadual.training.checkpoint import META, TRACKER, TrainState, iteration_dir, latest_iteration, read_meta
+from megadual.training.checkpoint import META, TrainState
+from megadual.training.checkpoint.offline import publish_checkpoint, tracked_checkpoint
 
 VOCAB_ROWS = ("embedding.weight", "output_layer.weight")
 FLAGS_FILE = "hf_model.args"
@@ -63,11 +64,8 @@ def _without_process_group():
 def read_checkpoint(root: str) -> tuple[dict, ModelConfig, dict[str, torch.Tensor]]:
     """(the saved run's config as a dict, its ModelConfig, every model tensor whole) of the tracked
     iteration under `root`."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise FileNotFoundError(f"{root} has no {TRACKER}")
-    path = iteration_dir(root, iteration)
-    run = read_meta(path)["config"]
+    path, meta = tracked_checkpoint(root)
+    run = meta["config"]
     model = ModelConfig(**run["model"])
     state = {name: torch.empty(shape) for name, shape in model_shapes(model).items()}
     with _without_process_group():
@@ -156,17 +154,18 @@ def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = Fa
                       warn: Callable[[str], None] = print) -> str:
     """Write `root`/iter_0000000 from the HF folder; returns that folder."""
     config, architecture, state = read_hf(hf_dir, flags, force, warn)
-    path = iteration_dir(root, 0)
-    with _without_process_group():
-        dcp.save({"model": state}, checkpoint_id=path)
     meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1}
-    with open(os.path.join(path, META), "w") as f:
-        json.dump(meta, f, indent=1)
+
+    def write(folder: str) -> None:
+        with _without_process_group():
+            dcp.save({"model": state}, checkpoint_id=folder)
+        with open(os.path.join(folder, META), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, FLAGS_FILE), "w") as f:
         f.write("\n".join(_flag_lines(flags + architecture)) + "\n")
-    with open(os.path.join(root, TRACKER), "w") as f:
-        f.write("0")
-    return path
+    return publish_checkpoint(root, 0, write)
 
 
 def _flag_lines(flags: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
-from megadual.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from megadual.training.checkpoint import CheckpointManager, TrainState
 from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
 from megadual.training.memory import MemoryMeasurement, MemoryReport
@@ -168,11 +168,17 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     validate_world(config, dist.get_world_size(), local_world_size())
     t = config.train
     with StopRequests(t.exit_signal if t.exit_signal_handler else None, t.exit_duration_in_mins, device) as stop:
-        return _train(config, device, log, grad_hook, stop)
+        topo = build_topology(config)
+        with CheckpointManager(config, log) as checkpoints:  # --save locked, --load found, before anything is built
+            done = checkpoints.already_trained(t.train_iters)
+            if done is not None:
+                return RunResult(final_state=done)
+            return train(config, topo, device, log, grad_hook, checkpoints, stop)
 
 
-def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRequests) -> RunResult:
-    topo = build_topology(config)
+def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hook,
+          checkpoints: CheckpointManager, stop: StopRequests) -> RunResult:
+    """Build the data, model and optimizer, restore the checkpoint found, and run the iterations."""
     t, o = config.train, config.optim
     n_micro = num_microbatches(config, topo.layout.dp)
     d, rank0 = config.data, dist.get_rank() == 0
@@ -188,17 +194,14 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
     if isinstance(optimizer, DistributedOptimizer) and rank0:
         log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
             f"{optimizer_state_bytes(optimizer)} bytes")
-    state = (load_checkpoint(t.load, model, optimizer, config) if t.load else None) or TrainState()
-    if t.load and rank0:
-        log(f" loaded checkpoint from {t.load} at iteration {state.iteration}")
+    state = checkpoints.restore(model, optimizer)
     reads = pipeline is None or pipeline.reads_data  # other pipeline ranks take only the sample ids
     loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp,
                                                reads)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
     writer = TensorBoard(t.tensorboard_dir) if rank0 else TensorBoard(None)
-    save = lambda: save_checkpoint(t.save, model, optimizer, state, config)  # the one place that saves
-    result, interval, consecutive_bad, saved = RunResult(), IntervalLog(), 0, False
+    result, interval, consecutive_bad = RunResult(), IntervalLog(), 0
     is_moe = config.model.num_experts > 0
     memory = MemoryMeasurement(model, optimizer, device)
     flops_per_rank = (training_flops_per_iteration(config.model, t.global_batch_size) / dist.get_world_size()
@@ -238,16 +241,13 @@ def _train(config: RunConfig, device: torch.device, log, grad_hook, stop: StopRe
             if rank0:
                 log(format_validation(state.iteration, losses))
                 writer.scalars(state.iteration, {f"validation {name}": v for name, v in losses.items()})
-        saved = bool(t.save and t.save_interval and state.iteration % t.save_interval == 0)
-        if saved:
-            save()
+        checkpoints.after_step(state, step.skipped)
         result.stop_reason = stop.agreed_reason()
         if result.stop_reason or (t.exit_interval and state.iteration % t.exit_interval == 0):
             break
-    if t.save and not saved:
-        save()
+    saved = checkpoints.finish(state)  # the last save, and any background save, published
     if result.stop_reason and rank0:
         log(f" exiting program at iteration {state.iteration}: {result.stop_reason}; "
-            + (f"checkpoint saved in {t.save}" if t.save else "nothing saved (no --save)"))
+            + (f"checkpoint saved in {t.save}" if saved else "nothing saved" + ("" if t.save else " (no --save)")))
     result.model, result.optimizer, result.final_state, result.memory = model, optimizer, state, memory.report
     return result

@@ -1,0 +1,75 @@
+"""Ranks agreeing on the outcome of each checkpoint step, over the checkpoint's own gloo group.
+
+A failure on one rank (a full disk, a missing file) must stop every rank at the same step,
+or the others wait forever in the next collective: each step runs under `everywhere` or
+`on_rank0`, which gather every rank's outcome and raise the first failure on all of them.
+The group is the checkpoint's own so that a background save's collectives never interleave
+with training's on the default group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megadual.training.checkpoint.layout import CheckpointError
+
+# What a checkpoint step may meet that is no bug: the file system's errors, and DCP's (which
+# gathers every rank's error into a CheckpointException, a BaseException).
+EXPECTED = (OSError, CheckpointError, CheckpointException)
+
+
+def describe(error: BaseException) -> str:
+    """One line in plain words: `No space left on device`, `Permission denied (/ckpt/iter_0000100)`."""
+    if isinstance(error, CheckpointException):
+        rank, (inner, _) = next(iter(error.failures.items()))
+        return f"rank {rank}: {describe(inner)}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    return str(error)
+
+
+class Coordination:
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    @classmethod
+    def new(cls) -> Coordination:
+        """A gloo group over every rank (every rank must call this, at the same point)."""
+        return cls(dist.new_group(backend="gloo"))
+
+    def gather(self, value) -> list:
+        """Every rank's (picklable) `value`, in rank order, on every rank."""
+        values = [None] * self.size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def max(self, value: int) -> int:
+        found = torch.tensor(value)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.group)
+        return int(found)
+
+    def everywhere(self, step):
+        """`step()` on every rank; its value here. A failure on any rank raises CheckpointError on all."""
+        return self._agreed(step, share=False)
+
+    def on_rank0(self, step):
+        """`step()` on rank 0 only; its value on every rank. A failure raises CheckpointError on all."""
+        return self._agreed(step if self.rank == 0 else lambda: None, share=True)
+
+    def _agreed(self, step, share: bool):
+        value, error = None, None
+        try:
+            value = step()
+        except EXPECTED as e:
+            error = describe(e)
+        except Exception as e:  # a bug: raise it here, and let the other ranks stop too
+            self.gather((None, f"rank {self.rank}: {type(e).__name__}: {e}"))
+            raise
+        outcomes = self.gather((value if share else None, error))
+        failed = next((error for _, error in outcomes if error), None)
+        if failed:
+            raise CheckpointError(failed)
+        return outcomes[0][0] if share else value

@@ -1,0 +1,50 @@
+"""One-process access to checkpoint folders for offline tools (the Hugging Face converter): the
+folder layout, manifest and tracker that training writes, and the verification it does on load."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+from megadual.training.checkpoint.integrity import checksums, problem_with, read_manifest, write_manifest
+from megadual.training.checkpoint.layout import (
+    META,
+    TRACKER,
+    CheckpointError,
+    fsync_dir,
+    iteration_dir,
+    read_tracker,
+    staging_dir,
+    write_tracker,
+)
+
+
+def tracked_checkpoint(root: str) -> tuple[str, dict]:
+    """(folder, its megadual_meta.json) of the iteration the tracker under `root` names, every file
+    verified against the folder's manifest."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(f"{root} has no {TRACKER}")
+    folder = iteration_dir(root, iteration)
+    for name, expected in read_manifest(folder).items():
+        problem = problem_with(folder, name, expected)
+        if problem is not None:
+            raise CheckpointError(f"{folder}: {problem}")
+    with open(os.path.join(folder, META)) as f:
+        return folder, json.load(f)
+
+
+def publish_checkpoint(root: str, iteration: int, write: Callable[[str], None]) -> str:
+    """Write `root`/iter_N as a training save does: `write(folder)` fills a temporary folder, whose
+    files are checksummed into its manifest before it is renamed into place and the tracker moves."""
+    final = iteration_dir(root, iteration)
+    if os.path.exists(final):
+        raise CheckpointError(f"{final} exists; checkpoints are never overwritten")
+    staging = staging_dir(root, iteration)
+    os.makedirs(staging)
+    write(staging)
+    write_manifest(staging, checksums(staging, sorted(os.listdir(staging))))
+    os.rename(staging, final)
+    fsync_dir(root)
+    write_tracker(root, iteration)
+    return final

@@ -1,0 +1,89 @@
+"""What a checkpoint holds, as state dicts that load under any parallel layout.
+
+Tensors are keyed by global parameter name (experts by global expert index), and tensor-
+parallel shards are DTensors, pieces of the whole tensor, so a checkpoint written under one
+TP/EP/PP/DP layout loads under another. Each part has one function that gives the state dicts
+for saving (and, filled by DCP, for loading) and one that restores them:
+
+    checkpoint_state / restore_state   (the plain or the distributed optimizer)
+
+No RNG state is saved: dropout masks are a pure function of (seed, sample, position)
+(model/dropout.py) and nothing else draws random numbers after start-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from megadual.pipeline.stage_model import StageModel
+from megadual.training.dist_optimizer import DistributedOptimizer
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+
+
+# Optimizer state flattened to one key per (parameter, state): a layout-independent key set.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def checkpoint_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
+                     with_optimizer: bool = True) -> dict:
+    """{"model": ..., "optimizer": ...} in the layout-free form, whichever optimizer: the distributed
+    one gives its FP32 masters as the weights and the same flat, whole state (gathered over DP)."""
+    model_sd = get_model_state_dict(model, options=OPTIONS)
+    if isinstance(optimizer, DistributedOptimizer):
+        weights, optim_sd = optimizer.state_dict_for_checkpoint()
+        model_sd.update(weights)
+    elif with_optimizer:
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=OPTIONS)
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optim_sd
+    for part in state.values():
+        _as_whole_tensors(model, part)
+    return state
+
+
+def restore_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, state: dict) -> None:
+    """Load what `checkpoint_state` described (and DCP filled): the model, and the optimizer when the
+    state has its part (the distributed optimizer takes its masters from the weights in any case)."""
+    model_sd = _as_local_tensors(state["model"])
+    optim_sd = _as_local_tensors(state["optimizer"]) if "optimizer" in state else None
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.load_checkpoint_state(model_sd, optim_sd)
+    elif optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=OPTIONS)
+
+
+def _as_whole_tensors(model: StageModel, state: dict) -> None:
+    """Replace each TP shard (and its optimizer states) in a flat state dict by a DTensor."""
+    meshes: dict[int, DeviceMesh] = {}
+    records = {r.name: r for r in model.param_table}
+    for key, value in state.items():
+        owner = key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
+        record = records.get(owner)
+        if record is None or record.spec.tp is None or not isinstance(value, torch.Tensor) \
+                or value.shape != record.param.shape:  # e.g. Adam's scalar step
+            continue
+        tp = record.spec.tp
+        mesh = meshes.setdefault(id(tp.group), DeviceMesh.from_group(tp.group, record.param.device.type))
+        state[key] = DTensor.from_local(value, mesh, [Shard(tp.dim)], run_check=False)
+
+
+def _as_local_tensors(state: dict) -> dict:
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
