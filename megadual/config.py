@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from megadual.config_validate import (
     ATTENTION_VARIANT_FLAGS,
     EXIT_SIGNALS,
+    RECOMPUTE_MODULES,
     SCHEDULES,
     ConfigError,
     flag_name,
@@ -39,6 +40,7 @@ __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig
 
 MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
                               "checkpointing")
+RECOMPUTE = "activation recomputation"
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
@@ -227,6 +229,16 @@ class TrainConfig:
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
     tensorboard_dir: str | None = option(None)
+    recompute_granularity: str | None = option(
+        None, "recompute activations in the backward: whole layers (full) or --recompute-modules (selective)",
+        choices=("full", "selective"), group=RECOMPUTE)
+    recompute_method: str | None = option(
+        None, "full: uniform (groups of --recompute-num-layers layers) or block (the first "
+              "--recompute-num-layers layers of each pipeline stage)", choices=("uniform", "block"), group=RECOMPUTE)
+    recompute_num_layers: int | None = option(None, "layers per group (uniform) or per stage (block)",
+                                              group=RECOMPUTE)
+    recompute_modules: tuple[str, ...] = option(("core_attn",), "what selective recomputation recomputes",
+                                                choices=RECOMPUTE_MODULES, group=RECOMPUTE)
     distributed_timeout_minutes: float = option(10.0, "a collective that waits longer (a rank stopped, hung or "
                                                       "lost) ends the run with an error")
 

@@ -17,6 +17,8 @@ SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling_factor")
 YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
+# Megatron-Core's --recompute-modules (what each means here: parallel/recompute.py's RecomputePlan).
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
@@ -85,6 +87,25 @@ def validate(c: RunConfig) -> None:
         _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
     _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
              "--moe-fp8-dispatch needs --fp8-format e4m3")
+    _validate_recompute(t, m)
+
+
+def _validate_recompute(t, m: ModelConfig) -> None:
+    """Megatron's rules: full needs a method and a layer count, selective takes neither."""
+    granularity = t.recompute_granularity
+    if granularity == "full":
+        _require(t.recompute_method is not None, "--recompute-granularity full needs --recompute-method "
+                                                 "(uniform or block)")
+        _require(t.recompute_num_layers is not None and t.recompute_num_layers >= 1,
+                 "--recompute-granularity full needs --recompute-num-layers >= 1")
+    else:
+        for name in ("recompute_method", "recompute_num_layers"):
+            _require(getattr(t, name) is None, f"{flag_name(name)} applies to --recompute-granularity full only")
+    if granularity != "selective":
+        _require(tuple(t.recompute_modules) == ("core_attn",),
+                 "--recompute-modules needs --recompute-granularity selective")
+    _require("mla_up_proj" not in t.recompute_modules or m.multi_latent_attention,
+             "--recompute-modules mla_up_proj needs --multi-latent-attention")
 
 
 def validate_attention_flags_given(parsed: ModelConfig) -> None:

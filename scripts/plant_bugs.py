@@ -152,8 +152,8 @@ MUTATIONS = [
         "sequence-parallel ranks draw the mask of the sequence's start"),
     Mutation(
         "dropout-local-heads", "megadual/model/layers.py",
-        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, self.tp.rank * self.heads)",
-        "causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, 0)",
+        "self.dropout, samples,\n                                self.tp.rank * self.heads)",
+        "self.dropout, samples,\n                                0)",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
         "the attention-dropout mask is keyed by the local head index"),
     Mutation(
@@ -385,6 +385,60 @@ MUTATIONS = [
         ('tests/test_launchers.py::test_slurm_time_limit_warning_saves_requeues_and_resumes_exactly',),
         'the requeued job trains from scratch instead of resuming from --save'),
     Mutation(
+        "recompute-router-stats-twice", "megadual/model/block.py",
+        "recompute_context=self.mlp.router.stats_paused,",
+        "recompute_context=torch.enable_grad,",
+        ("tests/test_recompute.py::test_recomputation_changes_nothing[MHA]",),
+        "a recomputed MoE forward counts its tokens in the router statistics a second time"),
+    Mutation(
+        "recompute-wgrad-deferrable-now", "megadual/parallel/recompute.py",
+        "        if store is not None:\n            recompute_context = _also(",
+        "        if False:\n            recompute_context = _also(",
+        ("tests/test_recompute.py::test_recomputation_changes_nothing[MHA]",),
+        "a recomputation builds its linears for the W split as the current forward does, not as its own forward did"),
+    Mutation(
+        "activations-never-freed", "megadual/training/memory.py",
+        "        self.current -= self.live.pop(key)",
+        "        self.live.pop(key)",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b]",),
+        "the memory report counts an activation as held after it is freed"),
+    Mutation(
+        "recomputed-not-counted", "megadual/parallel/recompute.py",
+        "                self.recomputed[index] = kept\n                self._observe(kept)",
+        "                self.recomputed[index] = kept",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[one process, full recomputation]",),
+        "the memory report leaves out what a backward recomputes"),
+    Mutation(
+        "planner-w-inputs-free-at-backward", "megadual/memory_model.py",
+        "            if defers_w:\n                live += acts.weight_inputs",
+        "            if defers_w:\n                live += 0.0",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-full-block]",),
+        "the planner frees a deferred W's GEMM inputs at the input-gradient backward"),
+    Mutation(
+        "planner-dualpipe-one-copy", "megadual/rank_memory.py",
+        "        held[rank].append((chunk, specs[stage]))",
+        "        held[rank].append((chunk, specs[stage])) if chunk == 0 else None",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-dualpipexEP2]",),
+        "the planner counts one copy of a DualPipe rank's two stages"),
+    Mutation(
+        "planner-mtp-tied-embedding-missed", "megadual/rank_memory.py",
+        "            params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding",
+        "            params += _dense()  # MTP's tied embedding",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-MTP2]",),
+        "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
+    Mutation(
+        "planner-paired-forward-always-first", "megadual/memory_model.py",
+        "        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]",
+        "        forward_after = False",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",),
+        "the planner holds a paired F&B's forward beside its backward when no all-to-all runs it early"),
+    Mutation(
+        "planner-zero1-step-counts-missed", "megadual/rank_memory.py",
+        "        total += per_element * -(-elements // group) + FP32 * buckets",
+        "        total += per_element * -(-elements // group)",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[DP2xEP2-distributed-optimizer]",),
+        "the planner's distributed-optimizer state leaves out each bucket's step count"),
+    Mutation(
         'ckpt-fresh-start-over-save', 'megadual/training/checkpoint/load.py',
         '    if t.save and holds_checkpoints(t.save):',
         '    if False:',
@@ -517,6 +571,7 @@ MUTATIONS = [
         ("tests/test_cross_entropy.py::test_fused_cross_entropy_equals_the_written_out_one",),
         "the fused cross entropy (no TP) returns the token losses in another order"),
 ]
+
 
 class MutationError(ValueError):
     pass

@@ -38,16 +38,17 @@ class _Fp8Linear(torch.autograd.Function):
         y = fp8_gemm(quantize_tiles(x2), quantize_blocks(weight))
         if ctx.needs_input_grad[1]:
             x_by_tokens = quantize_tiles_transposed(x2)
-            ctx.save_for_backward(x_by_tokens.data, x_by_tokens.scale, weight)
+            ctx.save_for_backward(x_by_tokens.data, x_by_tokens.scale)
         else:
-            ctx.save_for_backward(None, None, weight)
+            ctx.save_for_backward(None, None)
+        ctx.weight = weight  # the parameter itself: see weight_grad_now_or_deferred
         ctx.wgrad_store = store_for_forward(wgrad_store)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_data, x_scale, weight = ctx.saved_tensors
+        (x_data, x_scale), weight = ctx.saved_tensors, ctx.weight
         dy = flat(grad_out)
         grad_x = None
         if ctx.needs_input_grad[0]:

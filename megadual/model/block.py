@@ -2,7 +2,9 @@
 
 attention (with its residual and the pre-MLP norm) -> the MLP -> the MLP residual. An MoE
 layer's MLP pauses while each of its all-to-alls is in flight (`MoELayer.forward_steps`:
-routing, dispatch, experts, combine); a dense layer runs its MLP in one go.
+routing, dispatch, experts, combine); a dense layer runs its MLP in one go. The
+modules the chunk's `recompute` selects (layernorm, mlp, moe; core_attn and the others
+inside the attention and the MoE layer) run as recomputed regions.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from megadual.config import ModelConfig
 from megadual.model.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, HiddenDropout
 from megadual.model.layers import Attention, RMSNorm
 from megadual.model.mla import MultiLatentAttention
-from megadual.moe.layer import MoELayer, run_steps
+from megadual.moe.layer import MoELayer
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
+from megadual.parallel.recompute import NO_RECOMPUTE, run_steps
 
 
 class TransformerLayer(torch.nn.Module):
@@ -34,14 +37,22 @@ class TransformerLayer(torch.nn.Module):
             self.mlp = MoELayer(config, ctx)
         else:
             self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): layernorm, mlp, moe
 
     def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None
                       ) -> Generator[None, None, torch.Tensor]:
-        """The layer as a generator that pauses while each expert all-to-all is in flight.
+        """The layer as a generator that pauses while each expert all-to-all is in flight;
         `samples` are the micro-batch's global sample indices (the dropout masks' key)."""
-        residual = hidden + self.attention_dropout(self.attention(self.input_norm(hidden), samples), samples)
-        mlp_input = self.pre_mlp_norm(residual)
-        out = (yield from self.mlp.forward_steps(mlp_input)) if self.is_moe else self.mlp(mlp_input)
+        recompute = self.recompute
+        attention = self.attention(recompute.call("layernorm", self.input_norm, hidden), samples)
+        residual = hidden + self.attention_dropout(attention, samples)
+        mlp_input = recompute.call("layernorm", self.pre_mlp_norm, residual)
+        if self.is_moe:
+            out = yield from recompute.steps("moe", self.mlp.forward_steps, mlp_input,
+                                             recompute_context=self.mlp.router.stats_paused,
+                                             overlap=self.mlp.dispatcher.overlap)
+        else:
+            out = recompute.call("mlp", self.mlp, mlp_input)
         return residual + self.mlp_dropout(out, samples)
 
     def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,8 +11,11 @@ report by their log names (`lm loss`, `mtp_1 loss`, ...).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Generator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -21,11 +24,12 @@ from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
 from megadual.model.mtp import MultiTokenPrediction, mtp_loss_names
-from megadual.moe.layer import MoELayer, run_steps
+from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.params import ParamTable
+from megadual.parallel.recompute import Recompute, run_steps
 from megadual.parallel.rng import initialize_parameters
 from megadual.parallel.tensor import (
     ShardedLinear,
@@ -98,6 +102,18 @@ class GPTChunk(torch.nn.Module):
                 if mtp_embed is None and not stage.has_embedding:
                     self.embedding, self._tied = self._new_embedding(), ("embedding",)
                 self._mtp_embed = mtp_embed  # None: self.embed
+        self.overlap: comm.BackwardOverlap | None = None
+        # The MTP layers' selective modules are recomputed too; full recomputation covers the
+        # chunk's decoder layers only.
+        self.recompute = Recompute(ctx.recompute.selective_modules)
+        for module in self.modules():
+            if hasattr(module, "recompute") and module is not self:
+                module.recompute = self.recompute
+        layers = list(self.layers.values())
+        full = ctx.recompute.full_layer_groups(len(layers))
+        # Consecutive runs of layers: each recomputed group alone, the layers between as one run.
+        bounds = sorted({0, len(layers), *(b for g in full for b in (g.start, g.stop))})
+        self.layer_groups = [(layers[a:b], range(a, b) in full) for a, b in itertools.pairwise(bounds)]
 
     def _new_embedding(self) -> VocabParallelEmbedding:
         c = self.config
@@ -136,12 +152,26 @@ class GPTChunk(torch.nn.Module):
         `pipeline/overlap.py` does so inside another micro-batch's backward - to fill the
         all-to-all's time with other compute.
         """
+        return (yield from self.recompute.observed(self._forward_steps(inputs, labels, samples)))
+
+    def _forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None, samples: torch.Tensor | None):
         hidden = self.embedding_dropout(self.embed(inputs), samples) if self.stage.has_embedding else inputs
-        for layer in self.layers.values():
-            hidden = yield from layer.forward_steps(hidden, samples)
+        for layers, recomputed in self.layer_groups:
+            if recomputed:  # --recompute-granularity full: only the group's input is kept
+                hidden = yield from self.recompute.region_steps(
+                    self._layers_steps, (hidden, samples, layers), partial(_routers_paused, layers),
+                    self.overlap)
+            else:
+                hidden = yield from self._layers_steps(hidden, samples, layers)
         if not self.stage.has_head:
             return hidden
         return (yield from self._loss_steps(hidden, labels, samples))
+
+    @staticmethod
+    def _layers_steps(hidden: torch.Tensor, samples: torch.Tensor | None, layers: list[TransformerLayer]):
+        for layer in layers:
+            hidden = yield from layer.forward_steps(hidden, samples)
+        return hidden
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
                 samples: torch.Tensor | None = None) -> torch.Tensor | StageLoss:
@@ -153,11 +183,21 @@ class GPTChunk(torch.nn.Module):
     def attach_schedule(self, store: WeightGradStore | None, overlap: comm.BackwardOverlap | None) -> None:
         """Route the weight gradients of every linear through `store` (the W split) and let
         `overlap` fill the backward's expert all-to-alls (the paired F&B chunk)."""
+        self.overlap, self.recompute.wgrad_store = overlap, store
         for module in self.modules():
             if isinstance(module, ShardedLinear | Router):
                 module.wgrad_store = store
             elif isinstance(module, MoELayer):
                 module.dispatcher.overlap = overlap
+
+
+def _routers_paused(layers: list[TransformerLayer]) -> ExitStack:
+    """The routers of `layers` not counting (while a full-layer region is recomputed)."""
+    stack = ExitStack()
+    for layer in layers:
+        if layer.is_moe:
+            stack.enter_context(layer.mlp.router.stats_paused())
+    return stack
 
 
 def build_chunk(config: ModelConfig, stage: StageSpec, seed: int, ctx: BuildContext = ONE_PROCESS,

@@ -15,6 +15,7 @@ from megadual.model.dropout import ATTENTION_PROBS, AttentionDropout
 from megadual.parallel.linear import linear
 from megadual.parallel.mlp import output_std
 from megadual.parallel.params import ParamSpec
+from megadual.parallel.recompute import NO_RECOMPUTE
 from megadual.parallel.tensor import ShardedLinear, TensorParallel, enter_tp_region, leave_tp_region
 
 
@@ -71,6 +72,7 @@ class Attention(torch.nn.Module):
         self.proj = ShardedLinear(config.num_attention_heads * hd, config.hidden_size, tp, 1,
                                   output_std(config), gemm)
         self.dropout = AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, layer_index)
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): core_attn
 
     def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
         """`samples`: the micro-batch's global sample indices, for attention dropout."""
@@ -83,9 +85,13 @@ class Attention(torch.nn.Module):
         cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base), x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
-        out = causal_attention(q, k, v, hd ** -0.5, self.dropout, samples, self.tp.rank * self.heads)
+        out = self.recompute.call("core_attn", self._core, q, k, v, samples)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * hd)
         return leave_tp_region(self.proj(out), self.tp)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+        return causal_attention(q, k, v, self.config.head_dim ** -0.5, self.dropout, samples,
+                                self.tp.rank * self.heads)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: AttentionDropout,

@@ -55,6 +55,7 @@ from megadual.model.layers import RMSNorm, apply_rotary, causal_attention, rotar
 from megadual.model.yarn import mla_rope_frequencies, rope_magnitude, yarn_mscale
 from megadual.parallel.linear import linear
 from megadual.parallel.mlp import output_std
+from megadual.parallel.recompute import NO_RECOMPUTE
 from megadual.parallel.tensor import ShardedLinear, TensorParallel, enter_tp_region, leave_tp_region
 
 
@@ -99,6 +100,7 @@ class MultiLatentAttention(torch.nn.Module):
         self.softmax_scale = mla_softmax_scale(config)
         self.rope_frequencies, self.rope_magnitude = mla_rope_frequencies(config), rope_magnitude(config)
         self.dropout = AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, layer_index)
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): core_attn, mla_up_proj
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """[query input; c_KV; k_R before RoPE] of this rank's tokens, the query input being
@@ -109,19 +111,32 @@ class MultiLatentAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
         """`samples`: the micro-batch's global sample indices, for attention dropout."""
-        c = self.config
         latents = enter_tp_region(self.latents(x), self.tp)
+        recompute = self.recompute
+        if {"mla_up_proj", "core_attn"} <= recompute.modules:  # one region: q, k and v are not kept
+            out = recompute.call("mla_up_proj", lambda lat, ids: self._core(*self._up_project(lat), ids),
+                                 latents, samples)
+        else:
+            q, k, v = recompute.call("mla_up_proj", self._up_project, latents)
+            out = recompute.call("core_attn", self._core, q, k, v, samples)
+        s, b = latents.shape[:2]
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.config.v_head_dim)
+        return leave_tp_region(self.proj(out), self.tp)
+
+    def _up_project(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The latents [s, b, q input + c_KV + k_R] -> q, k, v [b, heads, s, dim], RoPE applied."""
+        c = self.config
         s, b, _ = latents.shape
         query_input, c_kv, k_rope = latents.split(
             [self.q_lora_rank or c.hidden_size, c.kv_lora_rank, c.qk_pos_emb_head_dim], -1)
         q = (self.q_up if self.q_lora_rank else self.q)(query_input).view(s, b, self.heads, -1)
         q_nope, q_rope = q.split([c.qk_head_dim, c.qk_pos_emb_head_dim], -1)
         k_nope, v = self.kv_up(c_kv).view(s, b, self.heads, -1).split([c.qk_head_dim, c.v_head_dim], -1)
-        cos, sin = rotary_tables(s, self.rope_frequencies, x.device, self.rope_magnitude)
+        cos, sin = rotary_tables(s, self.rope_frequencies, latents.device, self.rope_magnitude)
         k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).expand(s, b, self.heads, -1)
         q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], -1)
         k = torch.cat([k_nope, k_rope], -1)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, dim]
-        out = causal_attention(q, k, v, self.softmax_scale, self.dropout, samples, self.tp.rank * self.heads)
-        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * c.v_head_dim)
-        return leave_tp_region(self.proj(out), self.tp)
+        return tuple(t.permute(1, 2, 0, 3) for t in (q, k, v))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+        return causal_attention(q, k, v, self.softmax_scale, self.dropout, samples, self.tp.rank * self.heads)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from megadual.config import ModelConfig
 from megadual.moe.grouped_gemm import grouped_linear
 from megadual.parallel.linear import linear
-from megadual.parallel.mlp import SwiGLUMLP
+from megadual.parallel.mlp import SwiGLUMLP, swiglu
+from megadual.parallel.recompute import NO_RECOMPUTE
 
 
 class RoutedExperts(torch.nn.Module):
@@ -25,6 +25,7 @@ class RoutedExperts(torch.nn.Module):
         self.local = torch.nn.ModuleDict({
             str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, gemm=gemm, expert=True)
             for i in range(num_local)})
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): the grouped path's moe_act
 
     def forward(self, tokens: torch.Tensor, local_experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sum over each row's chosen local experts of gate * expert(row)."""
@@ -48,4 +49,5 @@ class RoutedExperts(torch.nn.Module):
             linears = [getattr(expert, name) for expert in experts]
             return grouped_linear(x, counts, [lin.weight for lin in linears], linears[0].wgrad_store)
 
-        return project(F.silu(project(sorted_tokens, "gate")) * project(sorted_tokens, "up"), "down")
+        gate, up = project(sorted_tokens, "gate"), project(sorted_tokens, "up")
+        return project(self.recompute.call("moe_act", swiglu, gate, up), "down")

@@ -22,6 +22,7 @@ from megadual.moe.router import Router
 from megadual.parallel import comm
 from megadual.parallel.context import ONE_PROCESS, BuildContext
 from megadual.parallel.mlp import SwiGLUMLP
+from megadual.parallel.recompute import NO_RECOMPUTE, run_steps
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -70,6 +71,7 @@ class MoELayer(torch.nn.Module):
         # The lm loss of each micro-batch is divided by the number of micro-batches;
         # the balance loss's gradient must be scaled the same way.
         self.aux_loss_grad_scale = 1.0
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py)
 
     @property
     def _splits_sequence(self) -> bool:
@@ -80,7 +82,8 @@ class MoELayer(torch.nn.Module):
         routed = comm.split_sequence(x, self.tp.group) if self._splits_sequence else x
         tokens = routed.reshape(-1, routed.shape[-1])
         routing = self.router(tokens, num_sequences=routed.shape[1])
-        shared = (lambda: self.shared(x)) if self.shared is not None else (lambda: None)
+        shared = ((lambda: self.recompute.call("shared_experts", self.shared, x)) if self.shared is not None
+                  else (lambda: None))
         out, shared_out = yield from self.dispatcher.routed_steps(tokens, routing.indices, routing.gates,
                                                                   self.experts, shared, self.router.stats)
         out = out.view(routed.shape)
@@ -93,11 +96,3 @@ class MoELayer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_steps(self.forward_steps(x))
 
-
-def run_steps(steps: Generator[None, None, torch.Tensor]) -> torch.Tensor:
-    """Run a sub-step generator to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value

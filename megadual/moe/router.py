@@ -6,6 +6,7 @@ bias update) is computed from the final routing, after the node limit.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,15 @@ class Router(torch.nn.Module):
         groups = num_sequences if c.moe_router_load_balancing_type == "seq_aux_loss" else 1
         loss = balance_loss(normalized, indices, groups, c.num_experts, c.moe_router_topk, self.tp_group)
         return loss * c.moe_aux_loss_coeff
+
+    @contextmanager
+    def stats_paused(self):
+        """Routing inside this block is not counted (a recomputed forward routes a second time)."""
+        stats, self.stats = self.stats, RoutingStats(self.config.num_experts)
+        try:
+            yield
+        finally:
+            self.stats = stats
 
     def take_stats(self) -> RoutingStats:
         stats, self.stats = self.stats, RoutingStats(self.config.num_experts)

@@ -16,7 +16,10 @@ from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], torch.Tensor],
                                 store: WeightGradStore | None) -> torch.Tensor | None:
-    """The weight gradient for autograd to accumulate, or None when a deferring `store` takes the work."""
+    """The weight gradient for autograd to accumulate, or None when a deferring `store` takes the work.
+    `weight` must be the parameter object itself, not autograd's saved copy of it (under saved-tensor
+    hooks it can be another object), since a store may accumulate into it by identity (the
+    distributed optimizer's buckets)."""
     if store is None or not store.deferring:
         return weight_grad()
     store.put(lambda: store.accumulate(weight, weight_grad()))
@@ -38,13 +41,14 @@ class _Linear(torch.autograd.Function):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         gemm_weight = weight.to(x.dtype)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x)
+        ctx.weight = weight  # the parameter itself: see weight_grad_now_or_deferred
         ctx.wgrad_store = wgrad_store
         return F.linear(x, gemm_weight)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, ctx.weight
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_out.matmul(weight.to(x.dtype))
 

@@ -9,12 +9,17 @@ import torch.nn.functional as F
 
 from megadual.config import ModelConfig
 from megadual.parallel.linear import linear
+from megadual.parallel.recompute import NO_RECOMPUTE
 from megadual.parallel.tensor import NO_TP, ShardedLinear, TensorParallel, enter_tp_region, leave_tp_region
 
 
 def output_std(config: ModelConfig) -> float:
     """Megatron scales the init of layers that write into the residual by 1/sqrt(2L)."""
     return config.init_method_std / math.sqrt(2.0 * config.num_layers)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class SwiGLUMLP(torch.nn.Module):
@@ -32,9 +37,12 @@ class SwiGLUMLP(torch.nn.Module):
         self.gate = ShardedLinear(h, ffn_hidden_size, tp, 0, std, gemm, expert)
         self.up = ShardedLinear(h, ffn_hidden_size, tp, 0, std, gemm, expert)
         self.down = ShardedLinear(ffn_hidden_size, h, tp, 1, output_std(config), gemm, expert)
+        self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py); a routed expert's recomputes moe_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_tp_region:
             x = enter_tp_region(x, self.tp)
-        out = self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate(x), self.up(x)
+        hidden = swiglu(gate, up) if self.in_tp_region else self.recompute.call("moe_act", swiglu, gate, up)
+        out = self.down(hidden)
         return leave_tp_region(out, self.tp) if self.in_tp_region else out

@@ -20,6 +20,7 @@ from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.dist_optimizer import optimizer_state_bytes
 from megadual.training.loop import RunResult, pretrain
+from megadual.training.memory import MemoryReport
 from megadual.training.metrics import mtp_fields
 
 
@@ -48,6 +49,7 @@ class Capture:
     replica_spread: dict[str, float] = field(default_factory=dict)
     optimizer_state_bytes: list[int] = field(default_factory=list)  # by rank
     traffic: dict[str, list[float]] = field(default_factory=dict)
+    memory: list[MemoryReport] = field(default_factory=list)  # every rank's, by rank
 
 
 def relative_difference(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
@@ -132,10 +134,11 @@ def capture_run(config: RunConfig, device: torch.device) -> Capture | None:
 
     result = pretrain(config, device, log=lambda line: None, grad_hook=grad_hook)
     final = _gather(_pieces(result.model))
+    memory = _gather([result.memory])
     state_bytes = _gather([optimizer_state_bytes(result.optimizer)])
     if final is None:
         return None
     values, spread = assemble(final)
     grads = assemble(first_step["grads"])[0]
     return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, state_bytes,
-                   _traffic(result))
+                   _traffic(result), memory)

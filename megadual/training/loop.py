@@ -16,6 +16,7 @@ from megadual.model.flops import training_flops_per_iteration
 from megadual.model.gpt import LM_LOSS, loss_names
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
+from megadual.parallel.recompute import RecomputePlan
 from megadual.parallel.tensor import TensorParallel
 from megadual.parallel.topology import Layout, Topology
 from megadual.parallel.wgrad import add_to_grad
@@ -25,6 +26,7 @@ from megadual.pipeline.stage_model import StageModel, build_full_model, build_st
 from megadual.training.checkpoint import CheckpointManager, TrainState
 from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
+from megadual.training.memory import MemoryMeasurement, MemoryReport
 from megadual.training.metrics import (
     IntervalLog,
     TensorBoard,
@@ -50,6 +52,7 @@ class RunResult:
     model: StageModel | None = None
     optimizer: torch.optim.Optimizer | DistributedOptimizer | None = None
     final_state: TrainState | None = None
+    memory: MemoryReport | None = None  # this rank's, measured in the run's first step
     stop_reason: str | None = None  # why it stopped before --train-iters (stopping.py), if it did
 
     @property
@@ -80,7 +83,7 @@ def tensor_parallel(config: RunConfig, topo: Topology) -> TensorParallel:
 def build_context(config: RunConfig, topo: Topology) -> BuildContext:
     hierarchical = config.parallel.moe_token_dispatcher_type == "hierarchical"
     return BuildContext(tensor_parallel(config, topo), topo.group("ep"), topo.layout.nodes_per_ep_group,
-                        linear_gemm(config), config.fp8.moe_fp8_dispatch,
+                        linear_gemm(config), config.fp8.moe_fp8_dispatch, RecomputePlan.from_flags(config.train),
                         ep_node_groups=topo.ep_node_groups() if hierarchical else None,
                         grouped_gemm=config.parallel.moe_grouped_gemm)
 
@@ -200,14 +203,16 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
     writer = TensorBoard(t.tensorboard_dir) if rank0 else TensorBoard(None)
     result, interval, consecutive_bad = RunResult(), IntervalLog(), 0
     is_moe = config.model.num_experts > 0
+    memory = MemoryMeasurement(model, optimizer, device)
     flops_per_rank = (training_flops_per_iteration(config.model, t.global_batch_size) / dist.get_world_size()
                       if t.log_throughput else None)
     while state.iteration < t.train_iters:
         lr = learning_rate(state.iteration, o, t.train_iters)
         start = time.perf_counter()
         batches = next_batches(train_loader, n_micro)
-        step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
-                          device, t.bf16, grad_hook, pipeline)
+        with memory.first_step(state.iteration, log):  # then every rank logs its memory report
+            step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
+                              device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
@@ -244,5 +249,5 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
     if result.stop_reason and rank0:
         log(f" exiting program at iteration {state.iteration}: {result.stop_reason}; "
             + (f"checkpoint saved in {t.save}" if saved else "nothing saved" + ("" if t.save else " (no --save)")))
-    result.model, result.optimizer, result.final_state = model, optimizer, state
+    result.model, result.optimizer, result.final_state, result.memory = model, optimizer, state, memory.report
     return result

@@ -1,0 +1,212 @@
+"""The layouts that fit N GPUs of G GiB, ranked by a step-time estimate (python -m megadual.plan --gpus).
+
+Searched: TP in {1, 2, 4, 8}, PP in {1, 2, 4, 8, 16, 32}, the three schedules, EP in the powers
+of two up to the experts, micro-batch 1 or 2, recomputation none / selective (core_attn) /
+selective (DeepSeek-V3's: layernorm, mla_up_proj with core_attn) / full (every layer), and the
+distributed optimizer off or on; the end stages take the layers an even split leaves over
+(Megatron's --decoder-first/last-pipeline-num-layers). A layout fits when every rank's predicted
+memory (megadual/plan.py) is at most --memory-fraction of the GPU's.
+
+The step time is the schedule simulator's makespan (pipeline/simulate.py) over per-stage costs
+from these stated assumptions (flags, defaults for H800/H100-class GPUs):
+- compute: forward 2 FLOPs per active parameter and token plus causal attention, backward twice
+  that (input and weight halves equal), at --gpu-tflops achieved per GPU; full recomputation
+  adds a forward to each backward, selective recomputation is counted free;
+- expert all-to-all: each token's hidden state (BF16) to every remote EP rank holding one of
+  its experts and back, forward and backward, over InfiniBand (--ib-gbps per GPU) once the EP
+  group spans nodes, else NVLink (--nvlink-gbps); exposed under 1F1B, hidden behind the other
+  micro-batch's compute in DualPipe's paired chunks as far as that compute lasts;
+- TP: two all-reduces of the hidden state per layer each way, over NVLink, exposed;
+- pipeline p2p: one activation message per micro-batch and stage boundary over InfiniBand;
+- data parallelism: one reduce-scatter of FP32 gradients and one all-gather of the weights per
+  step over InfiniBand, not overlapped.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from functools import cache
+
+from megadual.config import ConfigError, ModelConfig, RunConfig, validate_world
+from megadual.config_validate import num_microbatches
+from megadual.memory_model import distinct_ranks_per_token
+from megadual.pipeline.actions import Action, Kind
+from megadual.pipeline.simulate import simulate
+from megadual.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
+
+GIB = 1024 ** 3
+RECOMPUTE_CHOICES = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "selective+norm+mla": {"recompute_granularity": "selective",
+                           "recompute_modules": ("layernorm", "mla_up_proj", "core_attn")},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus_per_node: int = 8
+    tflops: float = 400.0  # achieved BF16 per GPU (H800 / H100 peak dense: 989)
+    nvlink_gbps: float = 160.0  # GB/s per GPU within a node
+    ib_gbps: float = 50.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand)
+    memory_fraction: float = 0.9  # of the GPU's memory a layout may use
+
+    def describe(self) -> str:
+        return (f"assumed: {self.tflops:g} TFLOP/s achieved per GPU, NVLink {self.nvlink_gbps:g} GB/s, "
+                f"InfiniBand {self.ib_gbps:g} GB/s per GPU, {self.gpus_per_node} GPUs per node, "
+                f"{self.memory_fraction:.0%} of the memory usable")
+
+
+@dataclass(frozen=True)
+class Fit:
+    config: RunConfig
+    recompute: str
+    distributed: bool
+    memory: list[RankMemory]
+    step_seconds: float
+
+    @property
+    def peak_bytes(self) -> float:
+        return max(rank.total for rank in self.memory)
+
+    def describe(self, world: int) -> str:
+        p, t = self.config.parallel, self.config.train
+        dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        return (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} {p.pipeline_schedule:<9} "
+                f"EP{p.expert_model_parallel_size:<3} DP{dp:<4} mb{t.micro_batch_size} {self.recompute:<18} "
+                f"{'ZeRO-1' if self.distributed else 'plain ':<6}")
+
+
+def end_stage_layers(num_layers: int, stages: int) -> tuple[int | None, int | None]:
+    """(first, last) stage layer counts that make `num_layers` split over `stages` (None, None: evenly)."""
+    if num_layers % stages == 0:
+        return None, None
+    middle = -(-num_layers // stages)
+    rest = num_layers - middle * (stages - 2)
+    if rest < 0:
+        raise ConfigError(f"{num_layers} layers do not split over {stages} stages")
+    return rest // 2, rest - rest // 2
+
+
+def candidates(base: RunConfig, world: int, hw: Hardware):
+    m = base.model
+    eps = [e for e in (2 ** i for i in range(int(math.log2(max(1, m.num_experts))) + 1)) if e <= world] or [1]
+    for tp, pp, schedule, ep, mb, recompute, distributed in itertools.product(
+            (1, 2, 4, 8), (1, 2, 4, 8, 16, 32), ("1f1b", "dualpipe", "dualpipev"), eps, (1, 2),
+            RECOMPUTE_CHOICES, (False, True)):
+        if (pp == 1 and schedule != "1f1b") or tp > hw.gpus_per_node or world % (tp * pp):
+            continue
+        if "mla" in recompute and not m.multi_latent_attention:
+            continue
+        stages = 2 * pp if schedule == "dualpipev" else pp
+        try:
+            first, last = end_stage_layers(m.num_layers, stages) if pp > 1 else (None, None)
+        except ConfigError:
+            continue
+        parallel = replace(base.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                           pipeline_schedule=schedule, expert_model_parallel_size=ep,
+                           decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
+                           moe_ranks_per_node=hw.gpus_per_node)
+        train = replace(base.train, micro_batch_size=mb, **RECOMPUTE_CHOICES[recompute])
+        config = replace(base, parallel=parallel, train=train)
+        try:
+            validate_world(config, world, hw.gpus_per_node)
+        except ConfigError:
+            continue
+        yield config, recompute, distributed
+
+
+def search(base: RunConfig, world: int, gpu_memory_gib: float, hw: Hardware) -> tuple[list[Fit], int]:
+    """(the layouts that fit, fastest first; how many layouts were tried)."""
+    fits, tried = [], 0
+    for config, recompute, distributed in candidates(base, world, hw):
+        tried += 1
+        budget = hw.memory_fraction * gpu_memory_gib * GIB
+        if max(rank.total for rank in predict(config, world, distributed, activations=False)) > budget:
+            continue
+        memory = predict(config, world, distributed)
+        if max(rank.total for rank in memory) <= budget:
+            fits.append(Fit(config, recompute, distributed, memory, step_seconds(config, world, hw, memory)))
+    return sorted(fits, key=lambda fit: fit.step_seconds), tried
+
+
+def _layer_flops(m: ModelConfig, layer: int, seq: int) -> float:
+    """Forward FLOPs per token of one layer: 2 per active weight, plus causal attention."""
+    h, heads = m.hidden_size, m.num_attention_heads
+    if m.multi_latent_attention:
+        qk, v = m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim
+        q = h * m.q_lora_rank + m.q_lora_rank * heads * qk if m.q_lora_rank else h * heads * qk
+        attention = q + h * (m.kv_lora_rank + m.qk_pos_emb_head_dim) + m.kv_lora_rank * heads * (
+            m.qk_head_dim + v) + heads * v * h
+    else:
+        qk = v = m.head_dim
+        attention = h * heads * m.head_dim * 2 + 2 * h * m.num_query_groups * m.head_dim
+    if m.is_moe_layer(layer):
+        mlp = m.num_experts * h + 3 * h * (m.moe_shared_expert_intermediate_size
+                                           + m.moe_router_topk * m.moe_ffn_hidden_size)
+    else:
+        mlp = 3 * h * m.ffn_hidden_size
+    return 2 * (attention + mlp) + 2 * seq * heads * (qk + v) / 2
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """Seconds of one micro-batch on one chunk: compute forward / backward (weights included) /
+    weight half, and its expert all-to-alls in each direction."""
+    f: float
+    b: float
+    w: float
+    a2a: float
+
+
+@dataclass(frozen=True)
+class PairedCosts:
+    """simulate()'s cost model with the all-to-alls exposed by F, B, BI and hidden in a paired F&B
+    as far as the pair's compute lasts."""
+    chunks: dict[tuple[int, int], ChunkCost]
+    latency: float
+
+    def duration(self, action: Action, rank: int) -> float:
+        own = self.chunks[rank, action.chunk]
+        if action.kind == Kind.FB:
+            other = self.chunks[rank, action.b_chunk]
+            return max(own.f + other.b, own.a2a + other.a2a)
+        return {Kind.F: own.f + own.a2a, Kind.B: own.b + own.a2a, Kind.BI: own.b - own.w + own.a2a,
+                Kind.W: own.w}[action.kind]
+
+
+@cache  # layouts that differ only in what costs nothing here (the optimizer, selective recomputation) share it
+def _makespan(schedule: str, pp: int, n_micro: int, costs: tuple, latency: float) -> float:
+    return simulate(schedule_actions(schedule, pp, n_micro, True), PairedCosts(dict(costs), latency)).makespan
+
+
+def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankMemory]) -> float:
+    """The estimated time of one step (see the module's doc)."""
+    m, t, layout = config.model, config.train, layout_of(config, world)
+    tokens = m.seq_length * t.micro_batch_size
+    n_micro = num_microbatches(config, layout.dp)
+    spans_nodes = layout.ep * layout.tp > hw.gpus_per_node
+    a2a_bandwidth = (hw.ib_gbps if spans_nodes else hw.nvlink_gbps) * 1e9
+    message = tokens * m.hidden_size * 2  # BF16
+    remote = distinct_ranks_per_token(m, layout.ep) * (1 - 1 / layout.ep) if m.num_experts else 0.0
+    recomputed = 1.0 if t.recompute_granularity == "full" else 0.0
+    costs = {}
+    for rank, chunks in enumerate(rank_stages(config, layout, n_micro)):
+        for chunk, spec in enumerate(chunks):
+            layers = range(spec.first_layer, spec.last_layer)
+            flops = tokens * sum(_layer_flops(m, i, m.seq_length) for i in layers) / layout.tp
+            if spec.has_head:
+                flops += tokens * 2 * m.hidden_size * m.vocab_size / layout.tp
+            f = flops / (hw.tflops * 1e12)
+            tp = len(layers) * 2 * message * (layout.tp - 1) / layout.tp / (hw.nvlink_gbps * 1e9)
+            a2a = sum(m.is_moe_layer(i) for i in layers) * 2 * message / layout.tp * remote / a2a_bandwidth
+            costs[rank, chunk] = ChunkCost(f + tp, 2 * f + recomputed * f + tp, f, a2a)
+    if layout.pp == 1:
+        makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + 2 * costs[0, 0].a2a)
+    else:
+        makespan = _makespan(layout.schedule, layout.pp, n_micro, tuple(costs.items()), message / (hw.ib_gbps * 1e9))
+    elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and memory[0].distributed_optimizer else 4)
+    sync = elements * (4 + 2) * (layout.dp - 1) / layout.dp / (hw.ib_gbps * 1e9)
+    return makespan + sync
