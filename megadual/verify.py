@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.config import build_parser as pretrain_parser
+from megadual.config_validate import validate_world
 from megadual.parallel.topology import Layout
 from megadual.training.capture import Capture, capture_run, relative_difference
 from megadual.training.distributed import init_distributed
@@ -294,8 +295,8 @@ def check(cases: dict[str, tuple[list[str], str]]) -> dict[str, Outcome]:
     reference_args = {name: cases[name][0] + list(spec.reference_flags) for name, spec in specs.items()}
     reference_of = {name: "reference " + json.dumps(args) for name, args in reference_args.items()}
     runs.update({reference_of[name]: (1, args) for name, args in reference_args.items()})
-    for _, args in runs.values():
-        load_config(args)  # a flag wrong whatever the layout fails here, before any launch
+    for world, args in runs.values():  # a wrong flag or layout fails here, before any launch
+        validate_world(load_config(args), world, world)
     captures = launch_all(runs)
     return {name: Outcome(spec, captures[name], captures[reference_of[name]],
                           compare(captures[name], captures[reference_of[name]], spec.tolerance))

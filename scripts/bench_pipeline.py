@@ -14,9 +14,12 @@ Per schedule it prints tokens/s, each rank's busy time (forward, backward and W 
 timed around each) and bubble: the step's makespan (after a barrier, until the last
 rank is done) minus that rank's busy time. Next to them, what the simulator
 (megadual.pipeline.simulate) predicts for the same schedule shape from the F, B, BI
-and W costs of each stage chunk (measured on each chunk directly, all ranks at once
-before the steps) and the p2p latency measured between ranks 0 and 1. The machine's load average is printed too: on a shared machine other
-work inflates every figure.
+and W costs of each stage chunk and the p2p latency measured between ranks 0 and 1:
+"sim" from the costs of each chunk measured alone before the steps, one stage at a time
+(what a rank with a core, or a GPU, of its own takes), "sim*" from the compute each of
+our actions took in the steps (scripts/pipeline_costs.py). They differ where more ranks
+than cores compute at once. The machine's load average is printed too: on a shared
+machine other work inflates every figure.
 
 torch's stages are the same GPTChunk modules with the same weights. They have no
 weight-gradient store attached, so their linears are plain F.linear, which torch's
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -54,22 +56,27 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_report import format_report, slowest_per_stage, stage_costs, summarize
+from pipeline_costs import SEED, rank_costs, shape_specs, step_compute
+from pipeline_report import (
+    Sample,
+    format_report,
+    slowest_per_stage,
+    stage_costs,
+    step_compute_per_rank,
+    summarize,
+)
 
 from megadual.config import ModelConfig
-from megadual.model.gpt import StageLoss, StageSpec, build_chunk
+from megadual.model.gpt import StageLoss, build_chunk
 from megadual.parallel.context import BuildContext
 from megadual.parallel.emulate import LinkModel, Record, emulated_links
 from megadual.parallel.topology import Layout as Grid
 from megadual.parallel.topology import Topology
-from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Action, Kind
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
-from megadual.pipeline.stage_model import build_stage_model, stage_specs
+from megadual.pipeline.stage_model import build_stage_model
 from megadual.training.distributed import free_port
-
-SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -152,11 +159,6 @@ def schedule(variant: Variant, bench: Bench) -> list[list[Action]]:
     return lists if variant.pairs_overlap else [without_pairs(actions) for actions in lists]
 
 
-def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
-    """The distinct stage chunks of a schedule shape (DualPipe's two directions cut alike)."""
-    return stage_specs(num_layers, 2 * pp if shape == "dualpipev" else pp)
-
-
 def make_batch(bench: Bench, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and labels, [micro-batches * micro-batch size, seq], the same on every rank of a pipeline."""
     generator = torch.Generator().manual_seed(SEED + dp_rank)
@@ -179,69 +181,6 @@ class BusyClock:
             finally:
                 self.seconds += time.perf_counter() - start
         return wrapper
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunk costs for the simulator, measured on the chunks directly (no pipeline)
-
-
-def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, float]:
-    """Median seconds of forward, full backward, input-only backward (BI) and W of one chunk on one
-    micro-batch, with our W split: a WeightGradStore attached to every linear. With emulated links,
-    also what its forward's and backward's all-to-alls take on them (comm_f, comm_b), from the
-    bytes they sent (the compute costs are measured without emulation)."""
-    config, micro_batch_size, reps = bench.model, bench.micro_batch_size, bench.cost_reps
-    chunk = build_chunk(config, spec, SEED, ctx)
-    store = WeightGradStore()
-    chunk.attach_schedule(store, None)
-    seq, h = config.seq_length, config.hidden_size
-    tokens = torch.randint(config.vocab_size, (micro_batch_size, seq))
-    hidden = torch.randn(seq, micro_batch_size, h, requires_grad=True)
-    grad = None if spec.has_head else torch.randn(seq, micro_batch_size, h)
-    times: dict[str, list[float]] = {"f": [], "b": [], "bi": [], "w": []}
-
-    def timed(key: str, fn: Callable, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        times[key].append(time.perf_counter() - start)
-        return result
-
-    def forward(deferrable: bool = False) -> torch.Tensor:
-        with store.deferrable_forward(deferrable):
-            out = chunk(tokens if spec.has_embedding else hidden, tokens)
-        return out.loss if spec.has_head else out
-
-    def split_backward(out: torch.Tensor) -> None:
-        with store.split_backward():
-            out.backward(grad)
-
-    for _ in range(reps + 1):  # the first round warms up
-        out = timed("f", forward)
-        timed("b", torch.Tensor.backward, out, grad)
-        timed("bi", split_backward, forward(deferrable=True))
-        timed("w", store.pop)
-    costs = {key: statistics.median(values[1:]) for key, values in times.items()}
-    if bench.links is not None:
-        with emulated_links(LinkModel(), bench.grid.node_size) as sent_forward:
-            out = forward()
-        with emulated_links(LinkModel(), bench.grid.node_size) as sent_backward:
-            out.backward(grad)
-        costs["comm_f"] = sum(map(bench.links.free_seconds, sent_forward.records))
-        costs["comm_b"] = sum(map(bench.links.free_seconds, sent_backward.records))
-    return costs
-
-
-def rank_costs(bench: Bench, variants: tuple[Variant, ...], topo: Topology) -> dict[tuple, dict]:
-    """Per schedule shape and dispatcher, the costs of this rank's share of the shape's stage chunks,
-    by stage index. All ranks measure at once (an EP group's ranks the same chunk), so the costs are
-    those of a machine as loaded as during the steps."""
-    costs = {}
-    for shape, dispatcher in dict.fromkeys((v.shape, v.dispatcher) for v in variants):
-        specs = shape_specs(shape, bench.model.num_layers, bench.pp)
-        ctx = build_context(bench, topo, dispatcher)
-        costs[shape, dispatcher] = {index: chunk_costs(bench, specs[index], ctx)
-                                    for index in range(topo.pp_rank, len(specs), bench.pp)}
-    return costs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,9 +286,8 @@ def p2p_latency(bench: Bench, topo: Topology, reps: int = 20) -> float:
 
 
 def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: torch.Tensor,
-               bench: Bench) -> tuple[float, float, float]:
-    """(makespan over all ranks, this rank's busy seconds, inter-node bytes of all ranks) of one step,
-    on the emulated links if any; gradients zeroed first."""
+               bench: Bench) -> Sample:
+    """One step, on the emulated links if any; gradients zeroed first."""
     for module in runner.modules:
         module.zero_grad(set_to_none=True)
     links = emulated_links(bench.links, bench.grid.node_size) if bench.links else nullcontext()
@@ -359,9 +297,11 @@ def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: to
         busy = runner.step(tokens, labels)
     elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    sent = torch.tensor(float(sum(r.bytes_inter for r in emulator.records)) if emulator else 0.0)
+    records = emulator.records if emulator else []
+    sent = torch.tensor(float(sum(r.bytes_inter for r in records)))
     dist.all_reduce(sent)
-    return elapsed.item(), busy, sent.item()
+    compute = step_compute(runner.runtime.trace.events, records) if isinstance(runner, OurRunner) else {}
+    return Sample(elapsed.item(), busy, sent.item(), compute)
 
 
 def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, queue) -> None:
@@ -371,13 +311,14 @@ def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, qu
     try:
         topo = Topology(bench.grid, rank)
         tokens, labels = make_batch(bench, topo.dp_rank)
-        costs = rank_costs(bench, variants, topo)
+        shapes = list(dict.fromkeys((v.shape, v.dispatcher) for v in variants))
+        costs = rank_costs(bench, shapes, topo.pp_rank, lambda dispatcher: build_context(bench, topo, dispatcher))
         runners = [OurRunner(v, bench, topo) if v.impl == "ours" else TorchRunner(v, bench, rank) for v in variants]
         latency = p2p_latency(bench, topo)
         for runner in runners:
             for _ in range(bench.warmup):
                 timed_step(runner, tokens, labels, bench)
-        samples: list[list[tuple[float, float, float]]] = [[] for _ in variants]
+        samples: list[list[Sample]] = [[] for _ in variants]
         for round_ in range(bench.rounds):
             order = list(zip(runners, samples))
             for runner, out in order if round_ % 2 == 0 else reversed(order):
@@ -446,13 +387,16 @@ def main(argv: list[str] | None = None) -> None:
                        start_method="spawn")
     latency, gathered = queue.get()
     costs = {key: slowest_per_stage([measured[key] for _, _, measured, _ in gathered]) for key in gathered[0][2]}
-    first_pipeline = sorted((pp_rank, samples) for pp_rank, dp_rank, _, samples in gathered if dp_rank == 0)
-    rows = [summarize(v, [samples[i] for _, samples in first_pipeline], schedule(v, bench),
-                      stage_costs(pipeline_layout(v.shape, bench.pp, bench.microbatches), costs[v.shape, v.dispatcher],
-                                  latency))
-            for i, v in enumerate(variants)]
+    first_pipeline = sorted(((pp_rank, samples) for pp_rank, dp_rank, _, samples in gathered if dp_rank == 0),
+                            key=lambda item: item[0])
+    rows = []
+    for i, v in enumerate(variants):
+        layout, alone = pipeline_layout(v.shape, bench.pp, bench.microbatches), costs[v.shape, v.dispatcher]
+        in_steps = step_compute_per_rank([(pp_rank, samples[i]) for pp_rank, _, _, samples in gathered])
+        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], schedule(v, bench),
+                              stage_costs(layout, alone, latency),
+                              in_steps and stage_costs(layout, alone, latency, in_steps), in_steps))
     print(format_report(bench, rows, costs, latency, (load_before, os.getloadavg()[0])))
-
 
 
 if __name__ == "__main__":

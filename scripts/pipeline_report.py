@@ -17,14 +17,26 @@ RATIOS = (("ours 1F1B", "torch Schedule1F1B"), ("ours DualPipeV", "torch Schedul
           ("ours DualPipe", "ours DualPipe, no overlap"), ("ours DualPipe, hierarchical", "ours DualPipe"))
 
 
-def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float) -> StageCosts:
-    """Each chunk of the layout costs what its stage measured (DualPipe's two directions are cut alike)."""
+@dataclass(frozen=True)
+class Sample:
+    """One timed step as one rank saw it."""
+    makespan: float  # seconds, over all ranks
+    busy: float  # this rank's compute seconds
+    inter_bytes: float  # all ranks
+    compute: dict[str, float]  # ours only: median compute seconds per action kind (pipeline_costs.step_compute)
+
+
+def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float,
+                per_rank: dict[int, dict[str, float]] | None = None) -> StageCosts:
+    """Each chunk of the layout costs what its stage measured alone (DualPipe's two directions are cut
+    alike), or, given `per_rank`, the compute its rank's actions took in the steps (the all-to-alls'
+    link costs stay those of its stage)."""
     chunks = {}
     for path in layout.paths:
-        for stage, place in enumerate(path):
-            c = per_stage[stage]
-            chunks[place] = SimCosts(f=c["f"], b=c["b"], w=c["w"], bi=c["bi"], comm_f=c.get("comm_f", 0.0),
-                                     comm_b=c.get("comm_b", 0.0))
+        for stage, (rank, chunk) in enumerate(path):
+            c = per_stage[stage] if per_rank is None else per_stage[stage] | per_rank[rank]
+            chunks[rank, chunk] = SimCosts(f=c["f"], b=c.get("b", 0.0), w=c.get("w", 0.0), bi=c.get("bi"),
+                                           fb=c.get("fb"), comm_f=c.get("comm_f", 0.0), comm_b=c.get("comm_b", 0.0))
     return StageCosts(chunks, latency)
 
 
@@ -37,6 +49,15 @@ def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, 
     return stages
 
 
+def step_compute_per_rank(samples: list[tuple[int, list[Sample]]]) -> dict[int, dict[str, float]] | None:
+    """Per pipeline rank, each action kind's compute in the steps: the median over rounds, the slowest
+    of the ranks at that pipeline position. None where the steps were not traced (torch's rows)."""
+    if not all(s.compute for _, rounds in samples for s in rounds):
+        return None
+    measured = [{pp_rank: {kind: statistics.median(s.compute[kind] for s in rounds) for kind in rounds[0].compute}}
+                for pp_rank, rounds in samples]
+    return slowest_per_stage(measured)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -48,20 +69,25 @@ class Row:
     inter_bytes: float  # inter-node bytes of a step, all ranks, median over rounds
     predicted_makespan: float
     predicted_bubble: list[float]
+    predicted_from_steps: float | None  # the makespan simulated from the compute the steps took
+    compute_in_steps: dict[int, dict[str, float]] | None  # per pipeline rank, per action kind: seconds
 
 
-def summarize(variant: Variant, per_rank: list[list[tuple[float, float, float]]], schedules: list[list[Action]],
-              costs: StageCosts) -> Row:
-    """`per_rank[p]`: the samples of pipeline rank p (of the first pipeline); `schedules` and `costs`:
-    what the simulator predicts from."""
+def summarize(variant: Variant, per_rank: list[list[Sample]], schedules: list[list[Action]],
+              costs: StageCosts, costs_in_steps: StageCosts | None,
+              compute_in_steps: dict[int, dict[str, float]] | None) -> Row:
+    """`per_rank[p]`: the samples of pipeline rank p (of the first pipeline); `schedules` and the
+    costs: what the simulator predicts from."""
     rounds = range(len(per_rank[0]))
-    makespans = [per_rank[0][i][0] for i in rounds]
-    busy = [statistics.median(samples[i][1] for i in rounds) for samples in per_rank]
-    bubbles = [statistics.median(samples[i][0] - samples[i][1] for i in rounds) for samples in per_rank]
+    makespans = [per_rank[0][i].makespan for i in rounds]
+    busy = [statistics.median(samples[i].busy for i in rounds) for samples in per_rank]
+    bubbles = [statistics.median(samples[i].makespan - samples[i].busy for i in rounds) for samples in per_rank]
     # Neither runtime waits for its sends to be received before computing on.
     predicted = simulate(schedules, costs, rendezvous=False)
+    from_steps = None if costs_in_steps is None else simulate(schedules, costs_in_steps, rendezvous=False).makespan
     return Row(variant, makespans, statistics.median(makespans), busy, bubbles,
-               statistics.median(per_rank[0][i][2] for i in rounds), predicted.makespan, predicted.bubble)
+               statistics.median(per_rank[0][i].inter_bytes for i in rounds), predicted.makespan, predicted.bubble,
+               from_steps, compute_in_steps)
 
 
 def describe(bench: Bench) -> str:
@@ -98,13 +124,23 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, di
     def per_rank(values: list[float]) -> str:
         return " ".join(f"{v * ms:6.0f}" for v in values)
 
-    header = (f"{'schedule':<30}{'tokens/s':>9}{'step ms':>9}{'sim':>6}{'inter MB':>9} | busy ms per rank | "
-              "bubble ms per rank: measured / sim")
+    header = (f"{'schedule':<30}{'tokens/s':>9}{'step ms':>9}{'sim':>6}{'sim*':>6}{'inter MB':>9} | "
+              "busy ms per rank | bubble ms per rank: measured / sim")
     lines += ["", header, "-" * len(header)]
     for row in rows:
+        from_steps = "-" if row.predicted_from_steps is None else f"{row.predicted_from_steps * ms:.0f}"
         lines.append(f"{row.variant.label:<30}{bench.tokens_per_step / row.makespan:>9.0f}"
-                     f"{row.makespan * ms:>9.0f}{row.predicted_makespan * ms:>6.0f}{row.inter_bytes / 1e6:>9.1f} | "
+                     f"{row.makespan * ms:>9.0f}{row.predicted_makespan * ms:>6.0f}{from_steps:>6}"
+                     f"{row.inter_bytes / 1e6:>9.1f} | "
                      f"{per_rank(row.busy)} | {per_rank(row.bubble)} / {per_rank(row.predicted_bubble)}")
+    lines.append("sim: from the chunk costs measured alone; sim*: from the compute each action took in the steps "
+                 "(waits on the emulated links taken out; scripts/pipeline_costs.py), per rank (ms):")
+    for row in rows:
+        if row.compute_in_steps:
+            ranks = [row.compute_in_steps[r] for r in sorted(row.compute_in_steps)]
+            lines.append(f"  {row.variant.label:<28}" + " | ".join(
+                f"{kind.upper()} " + " ".join(f"{c.get(kind, 0.0) * ms:.1f}" for c in ranks)
+                for kind in ("f", "b", "bi", "w", "fb") if kind in ranks[0]))
     lines.append("")
     lines += ratio_lines({row.variant.label: row for row in rows})
     return "\n".join(lines)

@@ -1,7 +1,10 @@
 """scripts/bench_pipeline.py runs end to end at the tiniest size (no timing is checked)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_pipeline.py"
 TINY = ["--pp", "2", "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
@@ -28,6 +31,21 @@ def test_bench_pipeline_expert_parallel_on_emulated_links(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "COMM_F" in result.stdout and "emulated links: inter=0.02GB/s" in result.stdout, result.stdout
-    for row in rows:
-        assert f"\n{row} " in result.stdout, result.stdout
+    for row in rows:  # its step time, then the simulator's from the costs alone and from the steps
+        assert re.search(rf"\n{row} +\d+ +\d+ +\d+ +\d+ ", result.stdout), result.stdout
     assert "tokens/s ratio ours DualPipe / ours DualPipe, no overlap: " in result.stdout, result.stdout
+
+
+def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from pipeline_costs import step_compute
+
+    from megadual.parallel.emulate import Record
+
+    events = [("F0.0", 0.0, 1.0), ("comm:SEND_F0.0>r1", 1.0, 1.5), ("F0.1", 2.0, 2.8), ("B0.0", 3.0, 5.0),
+              ("F0.2&B0.1", 5.0, 9.0), ("W0.0", 9.0, 9.5)]
+    records = [Record("all_to_all", 1, 0, 0.1, waited_at=0.5, blocked=0.25),  # in F0.0
+               Record("send", 1, 0, 1.0, waited_at=1.2, blocked=0.3),  # in a comm batch: not compute
+               Record("all_to_all", 1, 0, 3.1, waited_at=4.0, blocked=0.5),  # in B0.0
+               Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0)]  # in the pair
+    assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.0, "w": 0.5})

@@ -24,6 +24,7 @@ from megadual.hf.convert import (
     import_checkpoint,
     read_checkpoint,
 )
+from megadual.training.checkpoint import CheckpointError
 from megadual.training.distributed import free_port
 from megadual.training.loop import pretrain
 from tests.helpers import single_process_group
@@ -82,9 +83,11 @@ def test_hf_model_converts_in_with_its_logits_under_every_layout(tmp_path):
                        start_method="spawn")
     with single_process_group():
         logits = {"1": loaded_logits(flags, ckpt, tokens())}
-        finetuned = pretrain(parse_args(flags + ["--mock-data", "--load", ckpt, "--finetune", "--train-iters", "1",
-                                                 "--micro-batch-size", "2", "--global-batch-size", "2"]),
-                             torch.device("cpu"), log=lambda line: None)
+        train = flags + ["--mock-data", "--load", ckpt, "--train-iters", "1", "--micro-batch-size", "2",
+                         "--global-batch-size", "2"]
+        with pytest.raises(CheckpointError, match="holds model weights only.*give --finetune"):
+            pretrain(parse_args(train), torch.device("cpu"), log=lambda line: None)
+        finetuned = pretrain(parse_args(train + ["--finetune"]), torch.device("cpu"), log=lambda line: None)
     logits.update({name: torch.load(tmp_path / f"{name}.pt") for name in ("TP2xEP2", "PP2")})
     for name, value in logits.items():
         assert value.shape[-1] == 256

@@ -152,3 +152,6 @@ def test_communication_is_exposed_alone_and_hidden_in_a_paired_chunk():
     assert slow_links.duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 45  # FB: the links bound it
     stages = StageCosts({(0, 0): costs, (0, 1): slow_links})
     assert stages.duration(Action(Kind.FB, 0, 0, b_chunk=1, b_mb=1), 0) == max(10 + 20, 4 + 25)
+    # a pair's own compute, where measured, replaces F + B; the links still bound it
+    assert SimCosts(f=10, b=20, fb=50, comm_f=20, comm_b=25).duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 50
+    assert SimCosts(f=10, b=20, fb=40, comm_f=20, comm_b=25).duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 45

@@ -61,5 +61,5 @@ def test_command_refuses_a_bad_layout_or_flag_before_launching(capsys):
 
 
 def test_command_names_the_flag_a_layout_cannot_take(capsys):
-    assert verify.main(TINY_MOE + ["--layouts", "tp3", "--iters", "2"]) == 1
+    assert verify.main(TINY_MOE + ["--layouts", "tp3", "--iters", "2"]) == 2  # refused before any launch
     assert "--tensor-model-parallel-size (3)" in capsys.readouterr().err

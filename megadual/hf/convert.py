@@ -154,7 +154,8 @@ def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = Fa
                       warn: Callable[[str], None] = print) -> str:
     """Write `root`/iter_0000000 from the HF folder; returns that folder."""
     config, architecture, state = read_hf(hf_dir, flags, force, warn)
-    meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1}
+    meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1,
+            "weights_only": True}
 
     def write(folder: str) -> None:
         with _without_process_group():

@@ -88,6 +88,7 @@ class Record:
     launched: float
     deadline: float = 0.0
     blocked: float = 0.0  # seconds wait() spent (real wait plus sleep)
+    waited_at: float = 0.0  # when wait() was called
 
 
 @dataclass
@@ -135,7 +136,7 @@ class _EmulatedWork:
         self._works, self._record, self._deadline_of = works, record, deadline_of
 
     def wait(self, timeout=None) -> bool:
-        start = time.perf_counter()
+        start = self._record.waited_at = time.perf_counter()
         for work in self._works:
             if work is not None:
                 work.wait()

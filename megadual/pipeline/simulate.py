@@ -44,7 +44,7 @@ class SimCosts:
     b: float = 2.0  # full backward: input and weight gradients
     w: float = 1.0
     bi: float | None = None  # backward for input only; default b - w
-    fb: float | None = None  # paired forward and backward; default `paired(self, self)`
+    fb: float | None = None  # compute of a paired forward and backward; default f + b
     latency: float = 0.0  # one p2p message
     comm_f: float = 0.0
     comm_b: float = 0.0
@@ -55,14 +55,15 @@ class SimCosts:
             Kind.B: self.b + self.comm_b,
             Kind.W: self.w,
             Kind.BI: (self.b - self.w if self.bi is None else self.bi) + self.comm_b,
-            Kind.FB: paired(self, self) if self.fb is None else self.fb,
+            Kind.FB: paired(self, self),
         }[action.kind]
 
 
 def paired(forward: SimCosts, backward: SimCosts) -> float:
     """A paired F&B of `forward`'s forward and `backward`'s full backward: compute and communication
-    overlap, so the longer of the two."""
-    return max(forward.f + backward.b, forward.comm_f + backward.comm_b)
+    overlap, so the longer of the two. The pair's compute is `forward.fb` where given."""
+    compute = forward.f + backward.b if forward.fb is None else forward.fb
+    return max(compute, forward.comm_f + backward.comm_b)
 
 
 @dataclass(frozen=True)

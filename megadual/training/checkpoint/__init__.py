@@ -12,6 +12,9 @@ Modules, by job:
     save          temporary folder -> checksums -> rename -> tracker; async saves; retention
     load          --load resolved to a verified folder (with fallback), restored
     manager       CheckpointManager, what the training loop calls
+
+torch.distributed.checkpoint (and with it DTensor) is imported inside the functions that use it:
+importing it costs a process about a second, which every run that never saves or loads would pay.
 """
 from megadual.training.checkpoint.layout import META, TRACKER, CheckpointError, iteration_dir
 from megadual.training.checkpoint.manager import CheckpointManager

@@ -8,20 +8,28 @@ with training's on the default group.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 from megadual.training.checkpoint.layout import CheckpointError
 
-# What a checkpoint step may meet that is no bug: the file system's errors, and DCP's (which
-# gathers every rank's error into a CheckpointException, a BaseException).
-EXPECTED = (OSError, CheckpointError, CheckpointException)
+
+def expected(error: BaseException) -> bool:
+    """Whether a checkpoint step may meet `error` without a bug: the file system's errors, ours,
+    and DCP's (which gathers every rank's error into a CheckpointException, a BaseException)."""
+    return isinstance(error, (OSError, CheckpointError)) or _from_dcp(error)
+
+
+def _from_dcp(error: BaseException) -> bool:
+    api = sys.modules.get("torch.distributed.checkpoint.api")  # no DCP imported, no DCP error
+    return api is not None and isinstance(error, api.CheckpointException)
 
 
 def describe(error: BaseException) -> str:
     """One line in plain words: `No space left on device`, `Permission denied (/ckpt/iter_0000100)`."""
-    if isinstance(error, CheckpointException):
+    if _from_dcp(error):
         rank, (inner, _) = next(iter(error.failures.items()))
         return f"rank {rank}: {describe(inner)}"
     if isinstance(error, OSError) and error.strerror:
@@ -63,11 +71,12 @@ class Coordination:
         value, error = None, None
         try:
             value = step()
-        except EXPECTED as e:
+        except BaseException as e:
+            if not expected(e):
+                if isinstance(e, Exception):  # a bug: raise it here, and let the other ranks stop too
+                    self.gather((None, f"rank {self.rank}: {type(e).__name__}: {e}"))
+                raise
             error = describe(e)
-        except Exception as e:  # a bug: raise it here, and let the other ranks stop too
-            self.gather((None, f"rank {self.rank}: {type(e).__name__}: {e}"))
-            raise
         outcomes = self.gather((value if share else None, error))
         failed = next((error for _, error in outcomes if error), None)
         if failed:

@@ -13,7 +13,7 @@ import os
 import re
 import zlib
 
-from megadual.training.checkpoint.coordination import EXPECTED, Coordination, describe
+from megadual.training.checkpoint.coordination import Coordination, describe, expected
 from megadual.training.checkpoint.layout import MANIFEST, CheckpointError, write_atomically
 
 _CHUNK = 16 << 20
@@ -82,6 +82,8 @@ def verify(folder: str, coord: Coordination) -> str | None:
         manifest = read_manifest(folder)
         mine = sorted(manifest)[coord.rank::coord.size]
         problem = next(filter(None, (problem_with(folder, name, manifest[name]) for name in mine)), None)
-    except EXPECTED as e:
+    except BaseException as e:
+        if not expected(e):
+            raise
         problem = describe(e)
     return next(filter(None, coord.gather(problem)), None)

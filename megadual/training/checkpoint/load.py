@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from megadual.config import RunConfig, model_config_differences
 from megadual.pipeline.stage_model import StageModel
@@ -94,6 +93,8 @@ def restore(checkpoint: Checkpoint, model: StageModel, optimizer: torch.optim.Op
     """Load `checkpoint` into `model` and `optimizer` (as --finetune and --no-load-optim say); the
     training state to continue from. Only the keys asked for are read, so the `rng_rank*` entries of
     older checkpoints are ignored."""
+    import torch.distributed.checkpoint as dcp
+
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
     wanted = checkpoint_state(model, optimizer, with_optimizer=load_optim)
@@ -166,6 +167,11 @@ def _read_meta(folder: str) -> dict:
 
 
 def _checked(checkpoint: Checkpoint, config: RunConfig, log) -> Checkpoint:
+    t = config.train
+    if checkpoint.meta.get("weights_only") and not (t.finetune or t.no_load_optim):
+        raise CheckpointError(f"--load {checkpoint.path} holds model weights only, no optimizer state (it was "
+                              "converted with scripts/convert_checkpoint.py --from-hf): give --finetune to train "
+                              "from it")
     differences = model_config_differences(checkpoint.meta["config"]["model"], config.model)
     if differences:
         raise CheckpointError(f"--load {checkpoint.path}: the checkpoint's model differs from this run's:\n  "

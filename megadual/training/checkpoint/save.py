@@ -24,7 +24,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
@@ -74,6 +73,8 @@ class Saver:
             leftovers = self.coord.on_rank0(lambda: self._prepare(staging))
             if leftovers:
                 self.log(f" removed what an interrupted save left in {self.root}: {', '.join(leftovers)}")
+            import torch.distributed.checkpoint as dcp
+
             state_dict = checkpoint_state(model, optimizer)
             group = self._writer_group
             if self._background is None:

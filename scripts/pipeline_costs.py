@@ -1,0 +1,117 @@
+"""The costs scripts/bench_pipeline.py's simulator predicts from, taken two ways.
+
+Alone: each stage chunk's forward, backward, BI and W on one micro-batch, run directly (no
+pipeline), one pipeline stage at a time (an EP group's ranks together, the others waiting), so
+each is the cost of a rank that has a core to itself, as a rank with its own GPU would. With
+emulated links, also what the chunk's all-to-alls take on them, from the bytes they sent.
+
+In the step: each action's compute as our runtime traced it during a timed step, less the
+time it spent blocked on emulated all-to-alls. On a machine with fewer cores than ranks this
+includes what the other ranks' compute at the same moment takes from it, which the costs
+alone leave out.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from megadual.model.gpt import StageSpec, build_chunk
+from megadual.parallel.context import BuildContext
+from megadual.parallel.emulate import LinkModel, Record, emulated_links
+from megadual.parallel.wgrad import WeightGradStore
+from megadual.pipeline.actions import Kind
+from megadual.pipeline.stage_model import stage_specs
+
+if TYPE_CHECKING:
+    from bench_pipeline import Bench
+
+SEED = 1234
+# The runtime traces each action by its str(): F1.3, B0.2, BI0.2, W0.2, F0.1&B1.0.
+_KIND_OF_LABEL = (("&", Kind.FB), ("BI", Kind.BI), ("B", Kind.B), ("W", Kind.W), ("F", Kind.F))
+
+
+def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
+    """The distinct stage chunks of a schedule shape (DualPipe's two directions cut alike)."""
+    return stage_specs(num_layers, 2 * pp if shape == "dualpipev" else pp)
+
+
+def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, float]:
+    """Median seconds of forward, full backward, input-only backward (BI) and W of one chunk on one
+    micro-batch, with our W split: a WeightGradStore attached to every linear. With emulated links,
+    also what its forward's and backward's all-to-alls take on them (comm_f, comm_b), from the
+    bytes they sent (the compute costs are measured without emulation)."""
+    config, micro_batch_size, reps = bench.model, bench.micro_batch_size, bench.cost_reps
+    chunk = build_chunk(config, spec, SEED, ctx)
+    store = WeightGradStore()
+    chunk.attach_schedule(store, None)
+    seq, h = config.seq_length, config.hidden_size
+    tokens = torch.randint(config.vocab_size, (micro_batch_size, seq))
+    hidden = torch.randn(seq, micro_batch_size, h, requires_grad=True)
+    grad = None if spec.has_head else torch.randn(seq, micro_batch_size, h)
+    times: dict[str, list[float]] = {"f": [], "b": [], "bi": [], "w": []}
+
+    def timed(key: str, fn: Callable, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        times[key].append(time.perf_counter() - start)
+        return result
+
+    def forward(deferrable: bool = False) -> torch.Tensor:
+        with store.deferrable_forward(deferrable):
+            out = chunk(tokens if spec.has_embedding else hidden, tokens)
+        return out.loss if spec.has_head else out
+
+    def split_backward(out: torch.Tensor) -> None:
+        with store.split_backward():
+            out.backward(grad)
+
+    for _ in range(reps + 1):  # the first round warms up
+        out = timed("f", forward)
+        timed("b", torch.Tensor.backward, out, grad)
+        timed("bi", split_backward, forward(deferrable=True))
+        timed("w", store.pop)
+    costs = {key: statistics.median(values[1:]) for key, values in times.items()}
+    if bench.links is not None:
+        with emulated_links(LinkModel(), bench.grid.node_size) as sent_forward:
+            out = forward()
+        with emulated_links(LinkModel(), bench.grid.node_size) as sent_backward:
+            out.backward(grad)
+        costs["comm_f"] = sum(map(bench.links.free_seconds, sent_forward.records))
+        costs["comm_b"] = sum(map(bench.links.free_seconds, sent_backward.records))
+    return costs
+
+
+def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,
+               build_context: Callable[[str], BuildContext]) -> dict[tuple, dict]:
+    """Per (schedule shape, dispatcher), the costs alone of this rank's share of the shape's stage
+    chunks, by stage index, measured one pipeline rank at a time."""
+    costs = {}
+    for shape, dispatcher in shapes:
+        specs = shape_specs(shape, bench.model.num_layers, bench.pp)
+        ctx = build_context(dispatcher)
+        for turn in range(bench.pp):
+            dist.barrier()
+            if turn == pp_rank:
+                costs[shape, dispatcher] = {index: chunk_costs(bench, specs[index], ctx)
+                                            for index in range(pp_rank, len(specs), bench.pp)}
+        dist.barrier()
+    return costs
+
+
+def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
+    """Median compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
+    compute action's time less its waits on the emulated links."""
+    waits = [(r.waited_at, r.blocked) for r in records]
+    by_kind: dict[str, list[float]] = {}
+    for label, start, end in events:
+        if label.startswith("comm:"):
+            continue
+        kind = next(kind for marker, kind in _KIND_OF_LABEL if marker in label)
+        blocked = sum(seconds for at, seconds in waits if start <= at <= end)
+        by_kind.setdefault(kind.value.lower(), []).append(end - start - blocked)
+    return {kind: statistics.median(values) for kind, values in by_kind.items()}
