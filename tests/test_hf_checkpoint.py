@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megadual.config import ConfigError, ModelConfig, parse_args
+from megadual.hf import convert
 from megadual.hf.config_map import UnsupportedModel, behaviour_differences, hf_config
 from megadual.hf.convert import (
     FLAGS_FILE,
@@ -104,14 +105,21 @@ MLA_MTP = ["--mock-data", "--vocab-size", str(HF_VOCAB), "--num-layers", "2", "-
            "--lr", "1e-2", "--moe-router-bias-update-rate", "1e-2", "--log-interval", "1000"]
 
 
-def test_trained_checkpoint_converts_out_and_back_exactly(tmp_path):
+def test_trained_checkpoint_converts_out_and_back_exactly(tmp_path, monkeypatch):
     ckpt, hf_dir, back = (str(tmp_path / name) for name in ("ckpt", "hf", "back"))
     with single_process_group():
         pretrain(parse_args(MLA_MTP + ["--train-iters", "2", "--save", ckpt, "--save-interval", "2"]),
                  torch.device("cpu"), log=lambda line: None)
         ours = loaded_logits(MLA_MTP, ckpt, tokens())
+    read_bytes = []  # per read of the checkpoint during export: it holds one shard, not the model
+    read_tensors = convert.read_tensors
+    monkeypatch.setattr(convert, "read_tensors", lambda path, shapes: read_bytes.append(
+        sum(4 * shape.numel() for shape in shapes.values())) or read_tensors(path, shapes))
     files = export_checkpoint(ckpt, hf_dir, max_shard_bytes=64 << 10)
+    monkeypatch.undo()
     assert len(files) > 1 and os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
+    largest = max(4 * t.numel() for t in read_checkpoint(ckpt)[2].values())
+    assert len(read_bytes) == len(files) and max(read_bytes) <= max(64 << 10, largest) + largest
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir).float().eval()
     assert relative_error(hf_logits(model, tokens()), ours[..., :HF_VOCAB]) < LOGITS_RTOL
     import_checkpoint(hf_dir, back, MLA_MTP)

@@ -1,8 +1,10 @@
 """The two conversions, in one process without a process group.
 
 export_checkpoint: a megadual checkpoint (the tracked iteration of --save's folder) -> a Hugging
-Face folder: config.json, sharded model-*.safetensors and their index. The vocabulary padding
-(--make-vocab-size-divisible-by) is cut off: the embedding and head keep the tokenizer's rows.
+Face folder: config.json, sharded model-*.safetensors and their index. It reads the checkpoint one
+output shard at a time, so it needs memory for one shard (--max-shard-size-gb), not the model.
+The vocabulary padding (--make-vocab-size-divisible-by) is cut off: the embedding and head keep
+the tokenizer's rows.
 
 import_checkpoint: a Hugging Face `DeepseekV3ForCausalLM` folder -> CKPT_DIR/iter_0000000/ and its
 tracker, in the layout training writes (model tensors by global name, whole; no optimizer), which
@@ -61,32 +63,49 @@ def _without_process_group():
         yield
 
 
+def read_tensors(path: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The model tensors named in `shapes`, whole, from the checkpoint folder `path` (DCP reads
+    only those)."""
+    state = {name: torch.empty(shape) for name, shape in shapes.items()}
+    with _without_process_group():
+        dcp.load({"model": state}, checkpoint_id=path)
+    return state
+
+
 def read_checkpoint(root: str) -> tuple[dict, ModelConfig, dict[str, torch.Tensor]]:
     """(the saved run's config as a dict, its ModelConfig, every model tensor whole) of the tracked
     iteration under `root`."""
     path, meta = tracked_checkpoint(root)
     run = meta["config"]
     model = ModelConfig(**run["model"])
-    state = {name: torch.empty(shape) for name, shape in model_shapes(model).items()}
-    with _without_process_group():
-        dcp.load({"model": state}, checkpoint_id=path)
-    return run, model, state
+    return run, model, read_tensors(path, model_shapes(model))
 
 
 def export_checkpoint(root: str, out_dir: str, force: bool = False, max_shard_bytes: int = 5 << 30,
                       warn: Callable[[str], None] = print) -> list[str]:
-    """Write the HF folder of the checkpoint under `root`; returns the shard file names."""
-    run, m, state = read_checkpoint(root)
-    vocab = run["data"]["vocab_size"]
+    """Write the HF folder of the checkpoint under `root`, reading one shard's tensors at a time;
+    returns the shard file names."""
+    path, meta = tracked_checkpoint(root)
+    run = meta["config"]
+    m, vocab = ModelConfig(**run["model"]), run["data"]["vocab_size"]
     config = hf_config(m, vocab)
     _check_behaviour(m, force, warn)
-    tensors = {}
-    for name, tensor in state.items():
-        tensors[hf_name(name, m.num_layers)] = to_hf_rows(name, tensor, m)[:vocab] if name in VOCAB_ROWS \
-            else to_hf_rows(name, tensor, m)
-    for copy, source in mtp_copies(m.num_layers, m.mtp_num_layers).items():
-        tensors[copy] = tensors[hf_name(source, m.num_layers)].clone()
-    files = write_sharded(tensors, out_dir, max_shard_bytes)
+    shapes = model_shapes(m)
+    copies = mtp_copies(m.num_layers, m.mtp_num_layers)
+    source = {hf_name(name, m.num_layers): name for name in shapes} | copies
+
+    def exported_shape(hf: str) -> torch.Size:
+        shape = shapes[source[hf]]
+        return torch.Size([vocab, *shape[1:]]) if source[hf] in VOCAB_ROWS else shape
+
+    def read_shard(names: list[str]) -> dict[str, torch.Tensor]:
+        ours = read_tensors(path, {source[n]: shapes[source[n]] for n in names})
+        tensors = {n: to_hf_rows(source[n], ours[source[n]], m)[:exported_shape(n)[0]] for n in names}
+        # An MTP copy may share a shard with its source: safetensors wants its own storage.
+        return {n: t.clone() if n in copies else t for n, t in tensors.items()}
+
+    sizes = {n: exported_shape(n).numel() * 4 for n in source}  # FP32, as read_tensors reads
+    files = write_sharded(sizes, read_shard, out_dir, max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return files

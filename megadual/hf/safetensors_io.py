@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -14,10 +14,10 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def _shards(names: list[str], tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     shards, size = [[]], 0
-    for name in names:
-        nbytes = tensors[name].numel() * tensors[name].element_size()
+    for name in sorted(sizes):
+        nbytes = sizes[name]
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -26,17 +26,20 @@ def _shards(names: list[str], tensors: dict[str, torch.Tensor], max_bytes: int) 
     return shards
 
 
-def write_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
-    """Write `tensors` in shards of at most `max_shard_bytes` (a bigger tensor gets a shard of its
-    own) with the index; returns the shard file names."""
+def write_sharded(sizes: dict[str, int], read: Callable[[list[str]], dict[str, torch.Tensor]], out_dir: str,
+                  max_shard_bytes: int) -> list[str]:
+    """Write the tensors named in `sizes` (their bytes) in shards of at most `max_shard_bytes` (a
+    bigger tensor gets a shard of its own) with the index, each shard's tensors from one call of
+    `read(names)`; returns the shard file names."""
     os.makedirs(out_dir, exist_ok=True)
-    shards = _shards(sorted(tensors), tensors, max_shard_bytes)
+    shards = _shards(sizes, max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, names in zip(files, shards):
+        tensors = read(names)
         save_file({n: tensors[n].contiguous() for n in names}, os.path.join(out_dir, file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(sizes.values())
     with open(os.path.join(out_dir, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return files
