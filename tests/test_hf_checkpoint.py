@@ -6,8 +6,12 @@ transformers' logits under one process, TP2 x EP2 and PP2, and `--load --finetun
 Out: a megadual MLA + MTP checkpoint trained two steps gives transformers megadual's logits, and
 converting it back is bit-exact.
 """
+import gc
 import importlib.util
+import json
 import os
+import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,8 @@ from tests.helpers import single_process_group
 from tests.hf_logits import layout_worker, loaded_logits, relative_error
 
 transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
 _spec = importlib.util.spec_from_file_location(
     "convert_checkpoint", Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py")
 convert_checkpoint = importlib.util.module_from_spec(_spec)
@@ -75,10 +81,21 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, HF_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def test_hf_model_converts_in_with_its_logits_under_every_layout(tmp_path):
+def test_hf_model_converts_in_with_its_logits_under_every_layout(tmp_path, monkeypatch):
     hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
     reference = hf_logits(random_hf_model(hf_dir), tokens())
+    alive, most_alive, tensor_in = [], [], convert._tensor_in  # import holds a tensor or two at a time
+
+    def counted(*args):
+        gc.collect()
+        most_alive.append(sum(ref() is not None for ref in alive))
+        tensor = tensor_in(*args)
+        alive.append(weakref.ref(tensor.untyped_storage()))  # DCP keeps an alias, not the tensor
+        return tensor
+    monkeypatch.setattr(convert, "_tensor_in", counted)
     import_checkpoint(hf_dir, ckpt, ["--seq-length", str(SEQ)])
+    monkeypatch.undo()
+    assert len(most_alive) > 10 and max(most_alive) == 1  # when a tensor is read, only the last one written
     flags = [f"@{os.path.join(ckpt, FLAGS_FILE)}", "--seq-length", str(SEQ)]
     mp.start_processes(layout_worker, args=(2, free_port(), flags, ckpt, tokens(), str(tmp_path)), nprocs=2,
                        start_method="spawn")
@@ -129,6 +146,34 @@ def test_trained_checkpoint_converts_out_and_back_exactly(tmp_path, monkeypatch)
     for name, tensor in saved.items():
         rows = HF_VOCAB if name in VOCAB_ROWS else None  # the padding rows are not exported
         assert torch.equal(converted[name][:rows], tensor[:rows]), name
+    # import checks every name, shape and MTP copy before it writes anything
+    for name, change, error in (
+            ("model.layers.2.embed_tokens.weight", lambda t: t + 1, "differs from the main model's"),
+            ("model.layers.1.mlp.gate.weight", lambda t: t[:, :-1], r"shape \[8, 31\], megadual's"),
+            ("model.norm.weight", lambda t: None, "lacks tensors megadual needs: final_norm.weight")):
+        edited, written = hf_folder_with(hf_dir, str(tmp_path / name), name, change), tmp_path / f"{name}-in"
+        with pytest.raises(UnsupportedModel, match=error):
+            import_checkpoint(edited, str(written), MLA_MTP)
+        assert not (written / "iter_0000000").exists(), name
+
+
+def hf_folder_with(hf_dir: str, dest: str, name: str, change) -> str:
+    """A copy of the sharded HF folder with tensor `name` changed (removed where `change` gives None)."""
+    shutil.copytree(hf_dir, dest)
+    index_path = os.path.join(dest, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    shard = os.path.join(dest, index["weight_map"][name])
+    tensors = safetensors_torch.load_file(shard)
+    changed = change(tensors.pop(name))
+    if changed is None:
+        del index["weight_map"][name]
+        with open(index_path, "w") as f:
+            json.dump(index, f)
+    else:
+        tensors[name] = changed.contiguous()
+    safetensors_torch.save_file(tensors, shard)
+    return dest
 
 
 def test_conversion_refuses_what_hugging_face_would_compute_differently(tmp_path, capsys):

@@ -8,7 +8,8 @@ the tokenizer's rows.
 
 import_checkpoint: a Hugging Face `DeepseekV3ForCausalLM` folder -> CKPT_DIR/iter_0000000/ and its
 tracker, in the layout training writes (model tensors by global name, whole; no optimizer), which
-`pretrain_moe.py --load CKPT_DIR --finetune` loads under any parallel layout. The architecture
+`pretrain_moe.py --load CKPT_DIR --finetune` loads under any parallel layout. Each tensor is read
+from the safetensors when DCP writes it, so at most two tensors are in memory. The architecture
 flags come from config.json; the other flags given to the conversion (sequence length,
 --make-vocab-size-divisible-by, TP, balancing, ...) shape the saved config as they would a run.
 Both are written to CKPT_DIR/hf_model.args, one flag per line, for the training command
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_model_flags
 from megadual.hf.config_map import UnsupportedModel, architecture_flags, behaviour_differences, hf_config
@@ -133,14 +135,20 @@ def _tensor_in(weights: HFWeights, name: str, ours: str, m: ModelConfig, interle
     tensor = from_hf_rows(ours, weights.get(name).float(), m, interleaved)
     if ours in VOCAB_ROWS and tensor.shape[0] < shape[0]:  # pad the vocabulary as the run does
         tensor = torch.cat([tensor, tensor.new_zeros(shape[0] - tensor.shape[0], *tensor.shape[1:])])
-    if tensor.shape != shape:
-        raise UnsupportedModel(f"{name}: shape {list(tensor.shape)}, megadual's {ours} is {list(shape)}")
     return tensor
 
 
-def read_hf(hf_dir: str, flags: list[str], force: bool = False,
-            warn: Callable[[str], None] = print) -> tuple[RunConfig, list[str], dict[str, torch.Tensor]]:
-    """(run config, architecture flags, our tensors by global name) of a Hugging Face folder."""
+def _check_shape(weights: HFWeights, name: str, ours: str, shape: torch.Size) -> None:
+    theirs = weights.shape(name)
+    fits = theirs[1:] == shape[1:] and theirs[0] <= shape[0] if ours in VOCAB_ROWS else theirs == shape
+    if not fits:
+        raise UnsupportedModel(f"{name}: shape {list(theirs)}, megadual's {ours} is {list(shape)}")
+
+
+def read_hf(hf_dir: str, flags: list[str], force: bool = False, warn: Callable[[str], None] = print
+            ) -> tuple[RunConfig, list[str], Callable[[str], torch.Tensor]]:
+    """(run config, architecture flags, a function reading one of our tensors by global name) of a
+    Hugging Face folder, whose names, shapes and MTP copies are checked here."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
     weights = HFWeights(hf_dir)
@@ -149,7 +157,7 @@ def read_hf(hf_dir: str, flags: list[str], force: bool = False,
     config = agreeing_config(architecture, flags)
     m = config.model
     _check_behaviour(m, force, warn)
-    shapes, state, copies = model_shapes(m), {}, {}
+    shapes, source, copies = model_shapes(m), {}, {}
     for name in weights.names():
         try:
             ours = our_name(name, num_layers)
@@ -158,27 +166,43 @@ def read_hf(hf_dir: str, flags: list[str], force: bool = False,
         if ours is None:
             copies[name] = mtp_copy_of(name)
         else:
-            state[ours] = _tensor_in(weights, name, ours, m, hf.get("rope_interleave", True), shapes[ours])
-    missing = sorted(set(shapes) - set(state))
+            _check_shape(weights, name, ours, shapes[ours])
+            source[ours] = name
+    missing = sorted(set(shapes) - set(source))
     if missing:
         raise UnsupportedModel(f"{hf_dir} lacks tensors megadual needs: {', '.join(missing[:8])}"
                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     for name, ours in copies.items():
-        if not torch.equal(weights.get(name).float(), state[ours][:hf["vocab_size"]]):
+        if not torch.equal(weights.get(name), weights.get(source[ours])):
             raise UnsupportedModel(f"{name} differs from the main model's; megadual's MTP shares {ours}")
-    return config, architecture, state
+    interleaved = hf.get("rope_interleave", True)
+    return config, architecture, lambda ours: _tensor_in(weights, source[ours], ours, m, interleaved, shapes[ours])
+
+
+class _ReadingPlanner(DefaultSavePlanner):
+    """DCP's planner for a state dict of meta tensors: each tensor is read when DCP writes it."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self._read = read
+
+    def resolve_data(self, write_item):
+        return self._read(write_item.index.fqn.removeprefix("model."))
 
 
 def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = False,
                       warn: Callable[[str], None] = print) -> str:
     """Write `root`/iter_0000000 from the HF folder; returns that folder."""
-    config, architecture, state = read_hf(hf_dir, flags, force, warn)
+    config, architecture, read = read_hf(hf_dir, flags, force, warn)
     meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1,
             "weights_only": True}
+    placeholders = {name: torch.empty(shape, device="meta") for name, shape in model_shapes(config.model).items()}
 
     def write(folder: str) -> None:
         with _without_process_group():
-            dcp.save({"model": state}, checkpoint_id=folder)
+            # One file per tensor: DCP's writer keeps every tensor of a file until the file is done.
+            dcp.save({"model": placeholders}, storage_writer=dcp.FileSystemWriter(folder, single_file_per_rank=False),
+                     planner=_ReadingPlanner(read))
         with open(os.path.join(folder, META), "w") as f:
             json.dump(meta, f, indent=1)
 

@@ -65,3 +65,7 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self._file_of[name], "pt") as f:
             return f.get_tensor(name)
+
+    def shape(self, name: str) -> torch.Size:
+        with safe_open(self._file_of[name], "pt") as f:
+            return torch.Size(f.get_slice(name).get_shape())
