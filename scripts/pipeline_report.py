@@ -138,7 +138,7 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, di
     for row in rows:
         if row.compute_in_steps:
             ranks = [row.compute_in_steps[r] for r in sorted(row.compute_in_steps)]
-            lines.append(f"  {row.variant.label:<28}" + " | ".join(
+            lines.append(f"  {row.variant.label:<30}" + " | ".join(
                 f"{kind.upper()} " + " ".join(f"{c.get(kind, 0.0) * ms:.1f}" for c in ranks)
                 for kind in ("f", "b", "bi", "w", "fb") if kind in ranks[0]))
     lines.append("")
