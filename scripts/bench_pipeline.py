@@ -10,16 +10,12 @@ after round (in reverse order every other round), so a change in the machine's l
 hits them alike; each figure is the median over the timed rounds, and each ratio is
 also given per round, between the two steps of that round.
 
-Per schedule it prints tokens/s, each rank's busy time (forward, backward and W calls,
-timed around each) and bubble: the step's makespan (after a barrier, until the last
-rank is done) minus that rank's busy time. Next to them, what the simulator
-(megadual.pipeline.simulate) predicts for the same schedule shape from the F, B, BI
-and W costs of each stage chunk and the p2p latency measured between ranks 0 and 1:
-"sim" from the costs of each chunk measured alone before the steps, one stage at a time
-(what a rank with a core, or a GPU, of its own takes), "sim*" from the compute each of
-our actions took in the steps (scripts/pipeline_costs.py). They differ where more ranks
-than cores compute at once. The machine's load average is printed too: on a shared
-machine other work inflates every figure.
+Per schedule it prints tokens/s, each rank's busy time (forward, backward and W calls)
+and bubble (the step's makespan minus that busy time), next to what the simulator
+(megadual.pipeline.simulate) predicts from the p2p latency and the costs of each stage
+chunk, taken two ways (scripts/pipeline_costs.py): "sim" from each chunk measured alone,
+"sim*" from the compute our actions took in the steps. They differ where more ranks than
+cores compute at once. The load average is printed too: other work inflates every figure.
 
 torch's stages are the same GPTChunk modules with the same weights. They have no
 weight-gradient store attached, so their linears are plain F.linear, which torch's
@@ -32,9 +28,8 @@ into data parallelism), `--emulate-links` runs every step on an emulated network
 all-to-alls and the pipeline's messages finish no earlier than the links allow. The rows
 then are ours only, "DualPipe, no overlap" runs each paired F&B as its forward then its
 backward, and "DualPipe, hierarchical" uses --moe-token-dispatcher-type hierarchical. Each
-row also gives the inter-node bytes of a step (all ranks), and the simulator adds to each
-chunk's costs its all-to-alls' time on the same links (from the bytes they sent when its
-costs were measured) and, to each message, its time on the link between the stages.
+row also gives the inter-node bytes of a step (all ranks); the simulator adds the
+all-to-alls' and the messages' time on the same links.
 
     python scripts/bench_pipeline.py --ep 2 --ranks-per-node 1 --num-experts 8 \\
         --emulate-links "inter=...;intra=..."          # DualPipe vs 1F1B vs no overlap, 4 processes
