@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megadual.config import ConfigError, ModelConfig, parse_args
+from megadual.fp8.quant import quantize
 from megadual.hf import convert
 from megadual.hf.config_map import UnsupportedModel, behaviour_differences, hf_config
 from megadual.hf.convert import (
@@ -155,6 +156,41 @@ def test_trained_checkpoint_converts_out_and_back_exactly(tmp_path, monkeypatch)
         with pytest.raises(UnsupportedModel, match=error):
             import_checkpoint(edited, str(written), MLA_MTP)
         assert not (written / "iter_0000000").exists(), name
+
+
+def test_fp8_release_converts_in_as_its_dequantized_weights(tmp_path):
+    """DeepSeek's FP8 release format: E4M3 weights with one scale per block (DeepSeek's are 128 x 128;
+    16 x 8 here, so partial blocks occur and rows and columns differ) import as E4M3 x scale,
+    computed here block by block in float64."""
+    plain, fp8 = tmp_path / "plain", tmp_path / "fp8"
+    random_hf_model(str(plain))
+    quantized, dequantized, (rows, cols) = {}, {}, (16, 8)
+    for name, weight in safetensors_torch.load_file(plain / "model.safetensors").items():
+        if name.startswith("model.layers.") and weight.dim() == 2 and not name.endswith("mlp.gate.weight"):
+            q = quantize(weight, (rows, cols))
+            quantized[name], quantized[name + "_scale_inv"] = q.data, q.scale
+            reference = torch.empty(weight.shape, dtype=torch.float64)
+            for i in range(0, weight.shape[0], rows):
+                for j in range(0, weight.shape[1], cols):
+                    reference[i:i + rows, j:j + cols] = \
+                        q.data[i:i + rows, j:j + cols].double() * q.scale[i // rows, j // cols].item()
+            dequantized[name] = reference.float()
+        else:
+            quantized[name] = dequantized[name] = weight
+    config = json.loads((plain / "config.json").read_text())
+    for folder, tensors, extra in ((plain, dequantized, {}), (fp8, quantized, {"quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [rows, cols]}})):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config | extra))
+        safetensors_torch.save_file(tensors, folder / "model.safetensors")
+    flags = ["--seq-length", str(SEQ)]
+    import_checkpoint(str(plain), str(tmp_path / "plain-in"), flags)
+    import_checkpoint(str(fp8), str(tmp_path / "fp8-in"), flags)
+    (_, _, expected), (_, _, imported) = read_checkpoint(str(tmp_path / "plain-in")), read_checkpoint(str(tmp_path / "fp8-in"))
+    assert expected.keys() == imported.keys()
+    assert sum(name.endswith("_scale_inv") for name in quantized) > 10
+    for name, tensor in expected.items():
+        assert torch.equal(imported[name], tensor), name
 
 
 def hf_folder_with(hf_dir: str, dest: str, name: str, change) -> str:

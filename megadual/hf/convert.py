@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_model_flags
+from megadual.fp8.quant import WEIGHT_BLOCK
 from megadual.hf.config_map import UnsupportedModel, architecture_flags, behaviour_differences, hf_config
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import HFWeights, write_sharded
@@ -151,7 +152,7 @@ def read_hf(hf_dir: str, flags: list[str], force: bool = False, warn: Callable[[
     Hugging Face folder, whose names, shapes and MTP copies are checked here."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
-    weights = HFWeights(hf_dir)
+    weights = HFWeights(hf_dir, tuple(hf.get("quantization_config", {}).get("weight_block_size", WEIGHT_BLOCK)))
     num_layers = hf["num_hidden_layers"]
     architecture = architecture_flags(hf, _mtp_layers(weights.names(), num_layers))
     config = agreeing_config(architecture, flags)

@@ -1,5 +1,9 @@
 """Hugging Face's sharded safetensors layout: model-0000i-of-0000n.safetensors and
-model.safetensors.index.json (`weight_map`: tensor name -> file), or one model.safetensors."""
+model.safetensors.index.json (`weight_map`: tensor name -> file), or one model.safetensors.
+
+DeepSeek released V3 with FP8 weights: an E4M3 `X.weight` and an FP32 `X.weight_scale_inv`, one
+scale per block of config.json's `quantization_config.weight_block_size` (128 x 128), the weight
+being E4M3 x scale. `HFWeights` reads such a weight dequantized."""
 from __future__ import annotations
 
 import json
@@ -10,8 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megadual.fp8.quant import E4M3, WEIGHT_BLOCK, Fp8Tensor
+from megadual.hf.config_map import UnsupportedModel
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
 
 
 def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -46,9 +54,10 @@ def write_sharded(sizes: dict[str, int], read: Callable[[list[str]], dict[str, t
 
 
 class HFWeights:
-    """The tensors of a Hugging Face model folder, read one at a time."""
+    """The tensors of a Hugging Face model folder, read one at a time; an FP8 weight with its scales
+    is read as one FP32 tensor, and the scales are not listed."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, block: tuple[int, int] = WEIGHT_BLOCK):
         index = os.path.join(folder, INDEX)
         if os.path.exists(index):
             with open(index) as f:
@@ -58,11 +67,25 @@ class HFWeights:
                 self._file_of = dict.fromkeys(f.keys(), os.path.join(folder, SINGLE))
         else:
             raise FileNotFoundError(f"{folder} has neither {INDEX} nor {SINGLE}")
+        self._block = block
+        self._scaled = {n.removesuffix(SCALE_SUFFIX) for n in self._file_of if n.endswith(SCALE_SUFFIX)}
 
     def names(self) -> Iterable[str]:
-        return self._file_of.keys()
+        return [name for name in self._file_of if not name.endswith(SCALE_SUFFIX)]
 
     def get(self, name: str) -> torch.Tensor:
+        tensor = self._read(name)
+        if name not in self._scaled:
+            return tensor
+        scale = self._read(name + SCALE_SUFFIX)
+        blocks = [-(-size // block) for size, block in zip(tensor.shape, self._block)]
+        if tensor.dtype != E4M3 or tensor.dim() != 2 or list(scale.shape) != blocks:
+            raise UnsupportedModel(f"{name}: {tensor.dtype} {list(tensor.shape)} with {SCALE_SUFFIX} "
+                                   f"{list(scale.shape)}; expected E4M3 with {blocks} scales of "
+                                   f"{list(self._block)} blocks")
+        return Fp8Tensor(tensor, scale.float(), self._block).dequantize()
+
+    def _read(self, name: str) -> torch.Tensor:
         with safe_open(self._file_of[name], "pt") as f:
             return f.get_tensor(name)
 
