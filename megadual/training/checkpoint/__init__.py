@@ -13,11 +13,11 @@ Modules, by job:
     load          --load resolved to a verified folder (with fallback), restored
     manager       CheckpointManager, what the training loop calls
 
-torch.distributed.checkpoint (and with it DTensor) is imported inside the functions that use it:
-importing it costs a process about a second, which every run that never saves or loads would pay.
+torch.distributed.checkpoint (and with it DTensor), and so `state`, are imported only by the
+functions that save or restore: importing them costs a process about a second, which every run
+that never saves or loads would pay.
 """
-from megadual.training.checkpoint.layout import META, TRACKER, CheckpointError, iteration_dir
+from megadual.training.checkpoint.layout import META, TRACKER, CheckpointError, TrainState, iteration_dir
 from megadual.training.checkpoint.manager import CheckpointManager
-from megadual.training.checkpoint.state import TrainState
 
 __all__ = ["META", "TRACKER", "CheckpointError", "CheckpointManager", "TrainState", "iteration_dir"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megadual_meta.json"
@@ -21,6 +22,14 @@ MANIFEST = "megadual_manifest.json"
 LOCK = "megadual_save.lock"
 STAGING, REMOVING = ".saving_", ".removing_"
 _FOLDER = re.compile(r"iter_(\d{7,})")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the `train_state` entry of a checkpoint's META file."""
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
 
 
 class CheckpointError(RuntimeError):

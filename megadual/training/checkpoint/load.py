@@ -27,17 +27,13 @@ from megadual.training.checkpoint.layout import (
     META,
     TRACKER,
     CheckpointError,
+    TrainState,
     holds_checkpoints,
     is_working_file,
     iteration_dir,
     iteration_folders,
     iteration_of,
     read_tracker,
-)
-from megadual.training.checkpoint.state import (
-    TrainState,
-    checkpoint_state,
-    restore_state,
 )
 
 
@@ -94,6 +90,8 @@ def restore(checkpoint: Checkpoint, model: StageModel, optimizer: torch.optim.Op
     training state to continue from. Only the keys asked for are read, so the `rng_rank*` entries of
     older checkpoints are ignored."""
     import torch.distributed.checkpoint as dcp
+
+    from megadual.training.checkpoint.state import checkpoint_state, restore_state
 
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)

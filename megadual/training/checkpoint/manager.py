@@ -23,11 +23,10 @@ import torch
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
-from megadual.training.checkpoint.layout import CheckpointError
+from megadual.training.checkpoint.layout import CheckpointError, TrainState
 from megadual.training.checkpoint.load import Checkpoint, find_checkpoint, restore
 from megadual.training.checkpoint.lock import SaveLock
 from megadual.training.checkpoint.save import SaveFailed, Saver
-from megadual.training.checkpoint.state import TrainState
 
 
 class CheckpointManager:

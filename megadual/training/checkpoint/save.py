@@ -32,6 +32,7 @@ from megadual.training.checkpoint.integrity import checksums, files_written_by, 
 from megadual.training.checkpoint.layout import (
     META,
     CheckpointError,
+    TrainState,
     fsync_dir,
     iteration_dir,
     iteration_folders,
@@ -43,7 +44,6 @@ from megadual.training.checkpoint.layout import (
     write_atomically,
     write_tracker,
 )
-from megadual.training.checkpoint.state import TrainState, checkpoint_state
 
 
 class SaveFailed(CheckpointError):
@@ -74,6 +74,8 @@ class Saver:
             if leftovers:
                 self.log(f" removed what an interrupted save left in {self.root}: {', '.join(leftovers)}")
             import torch.distributed.checkpoint as dcp
+
+            from megadual.training.checkpoint.state import checkpoint_state
 
             state_dict = checkpoint_state(model, optimizer)
             group = self._writer_group

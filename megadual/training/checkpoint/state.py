@@ -12,34 +12,34 @@ No RNG state is saved: dropout masks are a pure function of (seed, sample, posit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.dist_optimizer import DistributedOptimizer
 
-
-@dataclass
-class TrainState:
-    iteration: int = 0
-    consumed_samples: int = 0
-    skipped_iterations: int = 0
+# Optimizer state flattened to one key per (parameter, state): a layout-independent key set.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
                      with_optimizer: bool = True) -> dict:
     """{"model": ..., "optimizer": ...} in the layout-free form, whichever optimizer: the distributed
     one gives its FP32 masters as the weights and the same flat, whole state (gathered over DP)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    model_sd = get_model_state_dict(model, options=_flat_options())
+    model_sd = get_model_state_dict(model, options=OPTIONS)
     if isinstance(optimizer, DistributedOptimizer):
         weights, optim_sd = optimizer.state_dict_for_checkpoint()
         model_sd.update(weights)
     elif with_optimizer:
-        optim_sd = get_optimizer_state_dict(model, optimizer, options=_flat_options())
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optim_sd
@@ -51,32 +51,17 @@ def checkpoint_state(model: StageModel, optimizer: torch.optim.Optimizer | Distr
 def restore_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, state: dict) -> None:
     """Load what `checkpoint_state` described (and DCP filled): the model, and the optimizer when the
     state has its part (the distributed optimizer takes its masters from the weights in any case)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     model_sd = _as_local_tensors(state["model"])
     optim_sd = _as_local_tensors(state["optimizer"]) if "optimizer" in state else None
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.load_checkpoint_state(model_sd, optim_sd)
     elif optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=_flat_options())
-
-
-def _flat_options():
-    """Optimizer state flattened to one key per (parameter, state): a layout-independent key set."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=OPTIONS)
 
 
 def _as_whole_tensors(model: StageModel, state: dict) -> None:
     """Replace each TP shard (and its optimizer states) in a flat state dict by a DTensor."""
-    from torch.distributed.tensor import DTensor, Shard
-
     meshes: dict[int, DeviceMesh] = {}
     records = {r.name: r for r in model.param_table}
     for key, value in state.items():
@@ -91,6 +76,4 @@ def _as_whole_tensors(model: StageModel, state: dict) -> None:
 
 
 def _as_local_tensors(state: dict) -> dict:
-    from torch.distributed.tensor import DTensor
-
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
