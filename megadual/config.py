@@ -21,6 +21,7 @@ from megadual.config_validate import (
     ATTENTION_VARIANT_FLAGS,
     EXIT_SIGNALS,
     RECOMPUTE_MODULES,
+    Range,
     SCHEDULES,
     ConfigError,
     flag_name,
@@ -28,6 +29,8 @@ from megadual.config_validate import (
     pipeline_stage_layers,
     validate,
     validate_attention_flags_given,
+    validate_flags_needing_others,
+    validate_ranges,
     validate_parallel,
     validate_world,
 )
@@ -44,11 +47,16 @@ RECOMPUTE = "activation recomputation"
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
-           group: str | None = None, unset: str | None = None):
+           group: str | None = None, unset: str | None = None, min: float | None = None,
+           positive: bool = False, below: float | None = None):
     """A field that is also the flag --field-name. `group`: its argparse group when not its
     section's. `unset`: a flag left out parses as None and becomes what this says
-    (`{default}`: the field default), filled in by resolve_derived or resolve_device_defaults."""
-    spec = {"help": help, "choices": choices, "aliases": aliases, "group": group, "unset": unset}
+    (`{default}`: the field default), filled in by resolve_derived or resolve_device_defaults.
+    The valid values of a number: `min` (at least), `positive` (above 0), `below` (less than);
+    validate checks them and -h shows them (config_validate.Range)."""
+    bounds = Range(low=0 if positive else min, low_open=positive, high=below)
+    spec = {"help": help, "choices": choices, "aliases": aliases, "group": group, "unset": unset,
+            "range": bounds if bounds.limits() else None}
     return field(default=default, metadata={"flag": spec})
 
 
@@ -59,65 +67,65 @@ def derived(default, why: str):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_layers: int = option(4, "transformer layers")
-    hidden_size: int = option(128)
+    num_layers: int = option(4, "transformer layers", positive=True)
+    hidden_size: int = option(128, positive=True)
     ffn_hidden_size: int = option(344, "dense MLP size",  # 344: the derived size for hidden size 128
-                                  unset="8/3 x --hidden-size, rounded up to a multiple of 8")
-    num_attention_heads: int = option(4)
+                                  unset="8/3 x --hidden-size, rounded up to a multiple of 8", positive=True)
+    num_attention_heads: int = option(4, positive=True)
     num_query_groups: int = option(4, "key/value heads; read only with --group-query-attention",
-                                   unset="--num-attention-heads")
-    seq_length: int = option(128)
+                                   unset="--num-attention-heads", positive=True)
+    seq_length: int = option(128, positive=True)
     vocab_size: int = derived(4096, "--vocab-size (or the tokenizer's) padded as the embedding is built")
-    norm_epsilon: float = option(1e-6)
-    rotary_base: float = option(10000.0)
-    init_method_std: float = option(0.02)
+    norm_epsilon: float = option(1e-6, positive=True)
+    rotary_base: float = option(10000.0, positive=True)
+    init_method_std: float = option(0.02, min=0)
     hidden_dropout: float = option(0.0, "dropout on the embedding and each attention / MLP output before its "
-                                        "residual add (DeepSeek-V3: 0)")
-    attention_dropout: float = option(0.0, "dropout on the attention probabilities (DeepSeek-V3: 0)")
-    num_experts: int = option(0, "routed experts per MoE layer; 0: dense", group=MOE)
-    moe_ffn_hidden_size: int = option(64, group=MOE)
-    moe_shared_expert_intermediate_size: int = option(0, group=MOE)
-    moe_first_k_dense: int = option(1, "the first K layers stay dense", group=MOE)
-    moe_router_topk: int = option(2, group=MOE)
-    moe_router_topk_scaling_factor: float = option(1.0, group=MOE)
+                                        "residual add (DeepSeek-V3: 0)", min=0, below=1)
+    attention_dropout: float = option(0.0, "dropout on the attention probabilities (DeepSeek-V3: 0)", min=0, below=1)
+    num_experts: int = option(0, "routed experts per MoE layer; 0: dense", group=MOE, min=0)
+    moe_ffn_hidden_size: int = option(64, group=MOE, positive=True)
+    moe_shared_expert_intermediate_size: int = option(0, group=MOE, min=0)
+    moe_first_k_dense: int = option(1, "the first K layers stay dense", group=MOE, min=0)
+    moe_router_topk: int = option(2, group=MOE, positive=True)
+    moe_router_topk_scaling_factor: float = option(1.0, group=MOE, positive=True)
     moe_router_score_function: str = option("sigmoid", choices=("sigmoid", "softmax"), group=MOE)
     moe_router_enable_expert_bias: bool = option(True, "aux-loss-free balancing", group=MOE)
     moe_router_load_balancing_type: str = option("seq_aux_loss", choices=("seq_aux_loss", "aux_loss", "none"),
                                                  group=MOE)
-    moe_aux_loss_coeff: float = option(1e-4, group=MOE)
+    moe_aux_loss_coeff: float = option(1e-4, group=MOE, min=0)
     moe_router_max_nodes: int = option(
         4, "M: each token's experts live on at most M nodes (node-limited routing)",
         aliases=("--moe-router-group-topk",), group=MOE,
-        unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group")
+        unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group", positive=True)
     moe_router_num_groups: int = option(0, "node groups for node-limited routing; 0: the real nodes of the "
-                                           "EP group, G > 0: G virtual nodes", group=MOE)
+                                           "EP group, G > 0: G virtual nodes", group=MOE, min=0)
     multi_latent_attention: bool = option(False, "DeepSeek's multi-head latent attention (MLA) instead of MHA/GQA",
                                           group=MLA)
     # The flags below are read only with --multi-latent-attention (the YaRN ones only with
     # --rope-scaling-factor > 1): left out, they parse as None and take their default.
     q_lora_rank: int = option(0, "query latent rank; 0: queries straight from the hidden state (Megatron's "
-                                 "None, as in DeepSeek-V2-Lite)", group=MLA, unset="{default}")
-    kv_lora_rank: int = option(32, "key/value latent rank", group=MLA, unset="{default}")
-    qk_head_dim: int = option(128, "query/key head dim without RoPE", group=MLA, unset="{default}")
+                                 "None, as in DeepSeek-V2-Lite)", group=MLA, unset="{default}", min=0)
+    kv_lora_rank: int = option(32, "key/value latent rank", group=MLA, unset="{default}", positive=True)
+    qk_head_dim: int = option(128, "query/key head dim without RoPE", group=MLA, unset="{default}", positive=True)
     qk_pos_emb_head_dim: int = option(64, "query/key RoPE head dim (one RoPE key per token, shared by the heads)",
-                                      group=MLA, unset="{default}")
-    v_head_dim: int = option(128, group=MLA, unset="{default}")
+                                      group=MLA, unset="{default}", positive=True)
+    v_head_dim: int = option(128, group=MLA, unset="{default}", positive=True)
     rope_scaling_factor: float = option(1.0, "YaRN: context extension factor; 1: plain RoPE",
-                                        aliases=("--rotary-scaling-factor",), group=MLA, unset="{default}")
+                                        aliases=("--rotary-scaling-factor",), group=MLA, unset="{default}", min=1)
     original_max_position_embeddings: int = option(4096, "YaRN: the context length RoPE was trained for",
-                                                   group=MLA, unset="{default}")
+                                                   group=MLA, unset="{default}", positive=True)
     beta_fast: float = option(32.0, "YaRN: channels turning more often than this over the original context "
-                                    "keep their frequency", group=MLA, unset="{default}")
+                                    "keep their frequency", group=MLA, unset="{default}", positive=True)
     beta_slow: float = option(1.0, "YaRN: channels turning less often than this are interpolated fully",
-                              group=MLA, unset="{default}")
+                              group=MLA, unset="{default}", positive=True)
     mscale: float = option(1.0, "YaRN: the RoPE magnitude is mscale(factor, this) / mscale(factor, "
-                                "--mscale-all-dim)", group=MLA, unset="{default}")
+                                "--mscale-all-dim)", group=MLA, unset="{default}", min=0)
     mscale_all_dim: float = option(0.0, "YaRN: the softmax scale is multiplied by mscale(factor, this)^2",
-                                   group=MLA, unset="{default}")
+                                   group=MLA, unset="{default}", min=0)
     mtp_num_layers: int = option(0, "D: multi-token prediction modules after the last layer, module k "
-                                    "predicting the token k+1 ahead; 0: none", group=MTP)
+                                    "predicting the token k+1 ahead; 0: none", group=MTP, min=0)
     mtp_loss_scaling_factor: float = option(0.1, "the MTP loss (mean over the D depths) is scaled by this and "
-                                                 "added to the training loss", group=MTP)
+                                                 "added to the training loss", group=MTP, min=0)
 
     @property
     def head_dim(self) -> int:
@@ -129,16 +137,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = option(1)
-    pipeline_model_parallel_size: int = option(1)
-    expert_model_parallel_size: int = option(1)
+    tensor_model_parallel_size: int = option(1, positive=True)
+    pipeline_model_parallel_size: int = option(1, positive=True)
+    expert_model_parallel_size: int = option(1, positive=True)
     sequence_parallel: bool = option(False)
     moe_grouped_gemm: bool | None = option(
         None, "routed experts of a rank as one grouped GEMM (torch._grouped_mm) instead of one GEMM per expert; "
               "FP8 experts keep one blockwise GEMM per expert", group=MOE,
         unset="on with CUDA in bf16 where --hidden-size and --moe-ffn-hidden-size are multiples of 8, else off")
     moe_ranks_per_node: int = option(0, "ranks per node for node-limited routing; 0: the launcher's "
-                                        "LOCAL_WORLD_SIZE")
+                                        "LOCAL_WORLD_SIZE", min=0)
     moe_token_dispatcher_type: str = option(
         "hierarchical", "hierarchical: each token crosses to each node once, then is forwarded inside the node "
                         "(the same as alltoall on one node or with one EP rank per node); alltoall: one "
@@ -148,9 +156,9 @@ class ParallelConfig:
     pipeline_split_backward: bool = option(True, "zero-bubble W split: backwards compute input gradients "
                                                  "first, weight gradients later where the schedule puts W actions")
     decoder_first_pipeline_num_layers: int | None = option(None, "layers of the first pipeline stage; the "
-                                                                 "others share the rest evenly")
+                                                                 "others share the rest evenly", min=0)
     decoder_last_pipeline_num_layers: int | None = option(None, "layers of the last pipeline stage; the "
-                                                                "others share the rest evenly")
+                                                                "others share the rest evenly", min=0)
     # Two model flags live here, not in ModelConfig, which checkpoints compare field by field.
     group_query_attention: bool = option(False, "use --num-query-groups (else one group per head)", group="model")
     moe_router_max_nodes_given: bool = derived(False, "--moe-router-max-nodes was given: it must fit the nodes")
@@ -158,22 +166,22 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = option(3e-4)
-    min_lr: float = option(3e-5)
-    lr_warmup_iters: int = option(0)
-    lr_decay_iters: int | None = option(None, "default: --train-iters")
+    lr: float = option(3e-4, min=0)
+    min_lr: float = option(3e-5, min=0)
+    lr_warmup_iters: int = option(0, min=0)
+    lr_decay_iters: int | None = option(None, "default: --train-iters", positive=True)
     lr_decay_style: str = option("cosine", choices=("constant", "linear", "cosine"))
-    weight_decay: float = option(0.1)
-    adam_beta1: float = option(0.9)
-    adam_beta2: float = option(0.95)
-    adam_eps: float = option(1e-8)
-    clip_grad: float = option(1.0)
+    weight_decay: float = option(0.1, min=0)
+    adam_beta1: float = option(0.9, min=0, below=1)
+    adam_beta2: float = option(0.95, min=0, below=1)
+    adam_eps: float = option(1e-8, positive=True)
+    clip_grad: float = option(1.0, min=0)
     use_distributed_optimizer: bool = option(False, "ZeRO-1: shard the FP32 master weights and Adam moments over "
                                                     "each parameter's data-parallel ranks; with --bf16 the model "
                                                     "holds BF16 weights")
     ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
-                                               "default max(40M, 1M x data-parallel size), as Megatron's")
-    moe_router_bias_update_rate: float = option(1e-3, group=MOE)
+                                               "default max(40M, 1M x data-parallel size), as Megatron's", positive=True)
+    moe_router_bias_update_rate: float = option(1e-3, group=MOE, min=0)
 
 
 @dataclass(frozen=True)
@@ -184,37 +192,38 @@ class DataConfig:
     tokenizer_type: str = option("NullTokenizer", choices=("HuggingFaceTokenizer", "NullTokenizer"))
     tokenizer_model: str | None = option(None)
     vocab_size: int | None = option(None, "the tokenizer's vocabulary before padding",
-                                    unset="the tokenizer's; required with NullTokenizer")
-    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple of this x TP", group="model")
+                                    unset="the tokenizer's; required with NullTokenizer", positive=True)
+    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple of this x TP", group="model", positive=True)
 
 
 @dataclass(frozen=True)
 class Fp8Config:
     fp8_format: str | None = option(None, "e4m3 runs the linear layers' GEMMs in FP8", choices=("e4m3",))
-    fp8_recipe: str = option("blockwise", "1x128 activation / 128x128 weight scaling", choices=("blockwise",))
+    fp8_recipe: str = option("blockwise", "1x128 activation / 128x128 weight scaling; read only with "
+                                          "--fp8-format", choices=("blockwise",), unset="{default}")
     moe_fp8_dispatch: bool = option(False, "send E4M3 tokens and scales through the dispatch all-to-all")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    micro_batch_size: int = option(2)
-    global_batch_size: int = option(8)
-    train_iters: int = option(100)
-    seed: int = option(1234)
+    micro_batch_size: int = option(2, positive=True)
+    global_batch_size: int = option(8, positive=True)
+    train_iters: int = option(100, positive=True)
+    seed: int = option(1234, min=0)
     bf16: bool | None = option(None, "bf16 autocast", unset="on with CUDA, off on CPU")
-    log_interval: int = option(10)
+    log_interval: int = option(10, positive=True)
     log_throughput: bool = option(False, "model TFLOP/s per rank in the log line, from the FLOPs the config "
                                          "implies (model/flops.py)")
-    eval_interval: int = option(0, "0: no evaluation")
-    eval_iters: int = option(10)
+    eval_interval: int = option(0, "0: no evaluation", min=0)
+    eval_iters: int = option(10, min=0)
     mtp_eval_loss: bool = option(False, "evaluation also computes the MTP losses and logs them", group=MTP)
     save: str | None = option(None, group=CHECKPOINTS)
     load: str | None = option(None, group=CHECKPOINTS)
-    save_interval: int = option(0, group=CHECKPOINTS)
+    save_interval: int = option(0, group=CHECKPOINTS, min=0)
     exit_interval: int = option(0, "stop (saving first, with --save) when the iteration is a multiple of this",
-                                group=CHECKPOINTS)
+                                group=CHECKPOINTS, min=0)
     keep_last_n_checkpoints: int = option(0, "keep only the newest N checkpoints in --save, removing older ones "
-                                             "once a newer one verified; 0: keep all", group=CHECKPOINTS)
+                                             "once a newer one verified; 0: keep all", group=CHECKPOINTS, min=0)
     async_save: bool = option(False, "write checkpoints in the background while training goes on",
                               group=CHECKPOINTS)
     save_failures_continue: bool = option(False, "a save that fails is logged and training goes on (default: "
@@ -222,12 +231,12 @@ class TrainConfig:
     exit_signal_handler: bool = option(False, "on --exit-signal every rank finishes the iteration, the run saves "
                                               "(with --save) and exits 0", group=CHECKPOINTS)
     exit_signal: str = option("SIGTERM", "the signal --exit-signal-handler catches", choices=EXIT_SIGNALS,
-                              group=CHECKPOINTS)
+                              group=CHECKPOINTS, unset="{default}")
     exit_duration_in_mins: float | None = option(None, "save (with --save) and exit 0 once this many minutes of "
-                                                       "the run have passed", group=CHECKPOINTS)
+                                                       "the run have passed", group=CHECKPOINTS, positive=True)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
-    max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
+    max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row", positive=True)
     tensorboard_dir: str | None = option(None)
     recompute_granularity: str | None = option(
         None, "recompute activations in the backward: whole layers (full) or --recompute-modules (selective)",
@@ -236,11 +245,11 @@ class TrainConfig:
         None, "full: uniform (groups of --recompute-num-layers layers) or block (the first "
               "--recompute-num-layers layers of each pipeline stage)", choices=("uniform", "block"), group=RECOMPUTE)
     recompute_num_layers: int | None = option(None, "layers per group (uniform) or per stage (block)",
-                                              group=RECOMPUTE)
+                                              group=RECOMPUTE, positive=True)
     recompute_modules: tuple[str, ...] = option(("core_attn",), "what selective recomputation recomputes",
                                                 choices=RECOMPUTE_MODULES, group=RECOMPUTE)
     distributed_timeout_minutes: float = option(10.0, "a collective that waits longer (a rank stopped, hung or "
-                                                      "lost) ends the run with an error")
+                                                      "lost) ends the run with an error", positive=True)
 
 
 @dataclass(frozen=True)
@@ -307,7 +316,9 @@ def _help(f: dataclasses.Field) -> str:
         default = spec["unset"].format(default=f.default)
     else:
         default = None if f.default is None or f.default is False or f.default == () else str(f.default)
-    return f"{spec['help']} (default: {default})".strip() if default else spec["help"]
+    notes = "; ".join(note for note in (default and f"default: {default}", spec["range"] and spec["range"].text())
+                      if note)
+    return f"{spec['help']} ({notes})".strip() if notes else spec["help"]
 
 
 def parse_args(argv: list[str] | None = None, tokenizer_vocab_size: int | None = None) -> RunConfig:
@@ -341,10 +352,11 @@ def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) 
     the dense FFN size, the query groups (one per head without --group-query-attention),
     --moe-router-max-nodes and whether it was given, the MLA and YaRN flags left out (those given
     must be read), and the vocabulary (the tokenizer's, and the model's padded one)."""
+    validate_ranges(parsed)
+    validate_flags_needing_others(parsed)
+    parsed = _left_out_at_default(parsed)
     m, p, d = parsed.model, parsed.parallel, parsed.data
-    data = replace(d, vocab_size=tokenizer_vocab_size or d.vocab_size)
-    if data.vocab_size is None:
-        raise ConfigError("--vocab-size is required with --tokenizer-type NullTokenizer")
+    data = replace(d, vocab_size=_vocabulary(d, tokenizer_vocab_size))
     ffn = -(-m.hidden_size * 8 // 3 // 8) * 8 if m.ffn_hidden_size is None else m.ffn_hidden_size
     gqa = p.group_query_attention and m.num_query_groups is not None
     given = m.moe_router_max_nodes is not None
@@ -354,6 +366,32 @@ def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) 
                     moe_router_max_nodes=m.moe_router_max_nodes if given else ModelConfig.moe_router_max_nodes,
                     vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size), **left_out)
     return replace(parsed, model=model, parallel=replace(p, moe_router_max_nodes_given=given), data=data)
+
+
+def _left_out_at_default(parsed: RunConfig) -> RunConfig:
+    """The flags of sections other than the model's that parse as None when left out
+    (`unset="{default}"`: given, they are checked against other flags) at their defaults."""
+    filled = {}
+    for section, cls in sections():
+        if cls is ModelConfig:
+            continue
+        values = getattr(parsed, section.name)
+        left_out = {f.name: f.default for f in flag_fields(cls)
+                    if f.metadata["flag"]["unset"] == "{default}" and getattr(values, f.name) is None}
+        filled[section.name] = replace(values, **left_out)
+    return replace(parsed, **filled)
+
+
+def _vocabulary(d: DataConfig, tokenizer_vocab_size: int | None) -> int:
+    """The unpadded vocabulary: the tokenizer's (a --vocab-size given must hold it), else --vocab-size."""
+    if tokenizer_vocab_size is not None and d.vocab_size is not None and d.tokenizer_type != "NullTokenizer":
+        if d.vocab_size < tokenizer_vocab_size:
+            raise ConfigError(f"--vocab-size ({d.vocab_size}) is below the vocabulary of --tokenizer-model "
+                              f"({tokenizer_vocab_size} ids): token ids would fall outside the embedding")
+    vocab_size = tokenizer_vocab_size or d.vocab_size
+    if vocab_size is None:
+        raise ConfigError("--vocab-size is required with --tokenizer-type NullTokenizer")
+    return vocab_size
 
 
 def padded_vocab_size(data: DataConfig, tp: int) -> int:

@@ -6,6 +6,8 @@ so the entry point runs them before any process group exists.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megadual.data.data_args import parse_data_path, parse_split
@@ -35,11 +37,42 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag, declared beside its field (config.option): at least
+    `low` (above it when `low_open`) and below `high`; None: no bound on that side."""
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+
+    def limits(self) -> bool:
+        return self.low is not None or self.high is not None
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value < self.high)
+
+    def text(self) -> str:
+        if self.high is not None:
+            return f"in [{self.low}, {self.high})" if self.low is not None else f"< {self.high}"
+        return "positive" if self.low_open and self.low == 0 else f"{'>' if self.low_open else '>='} {self.low}"
+
+
+def validate_ranges(c: RunConfig) -> None:
+    """Every flag against the range its field declares; a flag left out (None) is not checked."""
+    for section in dataclasses.fields(c):
+        values = getattr(c, section.name)
+        for f in dataclasses.fields(values):
+            bounds = f.metadata.get("flag", {}).get("range")
+            value = getattr(values, f.name)
+            _require(bounds is None or value is None or bounds.holds(value),
+                     f"{flag_name(f.name)} must be {bounds.text() if bounds else ''}, got {value}")
+
+
 def validate(c: RunConfig) -> None:
     """Checks that need no process group; layout checks against the world are in validate_world."""
     m, t, o, d = c.model, c.train, c.optim, c.data
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size"):
-        _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
+    validate_ranges(c)
     if m.multi_latent_attention:
         _validate_mla(m, c.parallel)
     else:
@@ -50,21 +83,16 @@ def validate(c: RunConfig) -> None:
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --num-query-groups "
              f"({m.num_query_groups})")
-    for name in ("hidden_dropout", "attention_dropout"):
-        _require(0 <= getattr(m, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(m, name)}")
     if m.num_experts:
         _validate_moe(m)
         _require(not c.parallel.moe_grouped_gemm or grouped_gemm_fits(m),
                  f"--moe-grouped-gemm needs --hidden-size ({m.hidden_size}) and --moe-ffn-hidden-size "
                  f"({m.moe_ffn_hidden_size}) to be multiples of 8")
     _validate_mtp(m, t)
-    _validate_parallel_sizes(c.parallel)
     _validate_pipeline_layers(m, c.parallel)
-    _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
              f"({t.micro_batch_size})")
-    _require(t.train_iters > 0, "--train-iters must be positive")
     _validate_optimizer(o)
     _require(not (o.use_distributed_optimizer and m.mtp_num_layers and c.parallel.pipeline_model_parallel_size > 1
                   and c.parallel.pipeline_schedule not in ("dualpipe", "dualpipev")),
@@ -73,18 +101,16 @@ def validate(c: RunConfig) -> None:
              "stage is not sharded yet")
     _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
              "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
-    _require(t.log_interval > 0, "--log-interval must be positive")
-    _require(t.eval_interval >= 0 and t.eval_iters >= 0, "--eval-interval and --eval-iters must be >= 0")
-    _require(t.save_interval >= 0, "--save-interval must be >= 0")
     _require(not (t.save_interval and not t.save), "--save-interval needs --save")
-    _require(t.keep_last_n_checkpoints >= 0, "--keep-last-n-checkpoints must be >= 0")
     for name in ("keep_last_n_checkpoints", "async_save", "save_failures_continue"):
         _require(not getattr(t, name) or t.save is not None, f"{flag_name(name)} needs --save")
     _require(bool(d.data_path) != d.mock_data, "give exactly one of --data-path and --mock-data")
     _validate_data(d, t)
-    _validate_stopping(t)
     if d.tokenizer_type == "HuggingFaceTokenizer":
         _require(d.tokenizer_model is not None, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
+    else:
+        _require(d.tokenizer_model is None, f"--tokenizer-model is read by HuggingFaceTokenizer only, not by "
+                                            f"--tokenizer-type {d.tokenizer_type}")
     _require(c.fp8.fp8_format is not None or not c.fp8.moe_fp8_dispatch,
              "--moe-fp8-dispatch needs --fp8-format e4m3")
     _validate_recompute(t, m)
@@ -101,6 +127,7 @@ def _validate_recompute(t, m: ModelConfig) -> None:
     else:
         for name in ("recompute_method", "recompute_num_layers"):
             _require(getattr(t, name) is None, f"{flag_name(name)} applies to --recompute-granularity full only")
+    _require(len(t.recompute_modules) > 0, "--recompute-modules needs at least one module")
     if granularity != "selective":
         _require(tuple(t.recompute_modules) == ("core_attn",),
                  "--recompute-modules needs --recompute-granularity selective")
@@ -120,31 +147,25 @@ def validate_attention_flags_given(parsed: ModelConfig) -> None:
         _require(getattr(parsed, name) is None or yarn, f"{flag_name(name)} needs --rope-scaling-factor above 1")
 
 
+def validate_flags_needing_others(parsed: RunConfig) -> None:
+    """Flags that do nothing without another, refused when given without it (None: left out)."""
+    _require(parsed.fp8.fp8_recipe is None or parsed.fp8.fp8_format is not None,
+             "--fp8-recipe needs --fp8-format (without it no GEMM runs in FP8)")
+    _require(parsed.train.exit_signal is None or parsed.train.exit_signal_handler,
+             "--exit-signal needs --exit-signal-handler (without it the signal is not caught)")
+
+
 def _validate_mla(m: ModelConfig, p: ParallelConfig) -> None:
     _require(not p.group_query_attention, "--group-query-attention does not apply with --multi-latent-attention "
                                           "(each head has its own keys and values, all from one latent)")
-    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
-        _require(getattr(m, name) > 0, f"{flag_name(name)} must be positive, got {getattr(m, name)}")
-    _require(m.q_lora_rank >= 0, f"--q-lora-rank must be >= 0 (0: no query compression), got {m.q_lora_rank}")
     _require(m.qk_pos_emb_head_dim % 2 == 0,
              f"--qk-pos-emb-head-dim ({m.qk_pos_emb_head_dim}) must be even for rotary embeddings")
-    _require(m.rope_scaling_factor >= 1.0, f"--rope-scaling-factor must be >= 1, got {m.rope_scaling_factor}")
     if m.rope_scaling_factor > 1.0:
-        _require(m.original_max_position_embeddings > 0, "--original-max-position-embeddings must be positive")
-        _require(m.beta_fast > m.beta_slow > 0, f"--beta-fast ({m.beta_fast}) must exceed --beta-slow "
-                                                f"({m.beta_slow}), which must be positive")
+        _require(m.beta_fast > m.beta_slow, f"--beta-fast ({m.beta_fast}) must exceed --beta-slow ({m.beta_slow})")
 
 
 def _validate_optimizer(o: OptimConfig) -> None:
-    _require(o.lr >= 0, f"--lr must be >= 0, got {o.lr}")
-    _require(o.lr >= o.min_lr >= 0, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
-    for name in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(o, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(o, name)}")
-    _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
-    _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
-    _require(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: no clipping), got {o.clip_grad}")
-    _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,
-             f"--ddp-bucket-size must be positive, got {o.ddp_bucket_size}")
+    _require(o.lr >= o.min_lr, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
 
 
 def _validate_data(d: DataConfig, t: TrainConfig) -> None:
@@ -155,22 +176,10 @@ def _validate_data(d: DataConfig, t: TrainConfig) -> None:
             parse_data_path(list(d.data_path))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _require(shares[0] > 0, f"--split {d.split} gives the training split no share")
     _require(not (t.eval_interval and t.eval_iters) or shares[1] > 0,
              f"--eval-interval {t.eval_interval} asks for evaluation but --split {d.split} gives the validation "
              "split no share; give it one, or set --eval-interval 0")
-
-
-def _validate_stopping(t: TrainConfig) -> None:
-    _require(t.exit_duration_in_mins is None or t.exit_duration_in_mins > 0,
-             f"--exit-duration-in-mins must be positive, got {t.exit_duration_in_mins}")
-    _require(t.distributed_timeout_minutes > 0,
-             f"--distributed-timeout-minutes must be positive, got {t.distributed_timeout_minutes}")
-
-
-def _validate_parallel_sizes(p: ParallelConfig) -> None:
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
-        _require(getattr(p, name) >= 1, f"{flag_name(name)} must be >= 1, got {getattr(p, name)}")
-    _require(p.moe_ranks_per_node >= 0, f"--moe-ranks-per-node must be >= 0, got {p.moe_ranks_per_node}")
 
 
 def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
@@ -202,8 +211,8 @@ def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = 
 
 
 def _validate_mtp(m: ModelConfig, t: TrainConfig) -> None:
-    _require(0 <= m.mtp_num_layers < m.seq_length,
-             f"--mtp-num-layers ({m.mtp_num_layers}) must be in [0, --seq-length ({m.seq_length})): depth k "
+    _require(m.mtp_num_layers < m.seq_length,
+             f"--mtp-num-layers ({m.mtp_num_layers}) must be below --seq-length ({m.seq_length}): depth k "
              f"predicts the token k+1 ahead")
     _require(m.mtp_num_layers > 0 or not t.mtp_eval_loss, "--mtp-eval-loss needs --mtp-num-layers > 0")
 
@@ -214,12 +223,10 @@ def grouped_gemm_fits(m: ModelConfig) -> bool:
 
 
 def _validate_moe(m: ModelConfig) -> None:
-    _require(m.moe_router_topk >= 1, "--moe-router-topk must be at least 1")
     _require(m.moe_router_topk <= m.num_experts,
              f"--moe-router-topk ({m.moe_router_topk}) exceeds --num-experts ({m.num_experts})")
     _require(0 <= m.moe_first_k_dense <= m.num_layers,
              f"--moe-first-k-dense ({m.moe_first_k_dense}) must be in [0, --num-layers]")
-    _require(m.moe_router_max_nodes >= 1, "--moe-router-max-nodes must be at least 1")
     if m.moe_router_num_groups:
         validate_node_limit(m, m.moe_router_num_groups, "--moe-router-num-groups")
 

@@ -132,3 +132,18 @@ def test_token_ids_outside_the_vocabulary_are_refused_and_the_scan_is_cached(tmp
     write(prefix, [[1, 2, 3], [9, 10]])  # rewritten: the cached range no longer describes it
     with pytest.raises(DataFileError, match=r"data.bin: token id 10 is outside the vocabulary of 10"):
         check_token_ids(IndexedDataset(str(prefix)), 10)
+
+
+@pytest.mark.parametrize("written, code, name", [(np.int32, 7, "float32"), (np.int64, 6, "float64")])
+def test_a_float_token_dtype_is_refused_naming_the_file(tmp_path, written, code, name):
+    """The same width relabelled: the layout agrees, so only the dtype's kind can tell (ids read as 0)."""
+    prefix = tmp_path / "floats"
+    write(prefix, [[1, 2, 3, 4], [5, 6]], written)
+    idx = prefix.with_suffix(".idx")
+    idx.write_bytes(idx.read_bytes()[:17] + bytes([code]) + idx.read_bytes()[18:])
+    with pytest.raises(DataFileError, match=f"dtype code {code} says {name} tokens, but token ids are integers"
+                       ) as error:
+        IndexedDataset(str(prefix))
+    assert str(idx) in str(error.value)
+    with pytest.raises(ValueError, match="unsupported token dtype"):
+        IndexedDatasetBuilder(str(tmp_path / "x.bin"), np.float32)

@@ -131,4 +131,9 @@ def _prefix_split(
     start, end = split_ranges(shares, len(source))[split_number]
     if start == end:
         raise _EmptySplit(prefix, len(source))
+    tokens = int(np.asarray(source.sequence_lengths[start:end], dtype=np.int64).sum())
+    if tokens <= seq_length:  # a sample is seq_length + 1 tokens (its labels run one further)
+        raise ConfigError(f"the {SPLIT_NAMES[split_number]} split of {prefix} holds {tokens} tokens "
+                          f"({end - start} documents), fewer than one sample of --seq-length {seq_length} + 1: "
+                          "add data or lower --seq-length")
     return GPTDataset(source, np.arange(start, end), num_samples, seq_length, seed)

@@ -68,7 +68,7 @@ class IndexedDatasetBuilder:
     """Writes one document (= one sequence) at a time to ``.bin``; ``finalize`` writes ``.idx``."""
 
     def __init__(self, bin_file: str, dtype: type[np.number] = np.int32) -> None:
-        if np.dtype(dtype) not in _CODE_OF_DTYPE:
+        if np.dtype(dtype) not in _CODE_OF_DTYPE or np.dtype(dtype).kind not in "iu":
             raise ValueError(f"unsupported token dtype {dtype}; choose one of {list(_CODE_OF_DTYPE)}")
         self.dtype = np.dtype(dtype)
         self._bin: BinaryIO = open(bin_file, "wb")  # noqa: SIM115 (closed by finalize)
@@ -138,6 +138,9 @@ class IndexedDataset:
                 f"needs {expected}: the file is truncated or corrupt",
             )
         self.dtype = np.dtype(DTYPE_CODES[code])
+        if self.dtype.kind not in "iu":
+            self._fail(self.idx_file, f"dtype code {code} says {self.dtype.name} tokens, but token ids are integers "
+                                      f"(codes {sorted(c for c, t in DTYPE_CODES.items() if np.dtype(t).kind in 'iu')})")
         lengths_end = HEADER_SIZE + 4 * count
         pointers_end = lengths_end + 8 * count
         self.sequence_lengths = index[HEADER_SIZE:lengths_end].view("<i4")
