@@ -109,6 +109,10 @@ def test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each(tmp_path):
     relabelled = write_dataset(tmp_path / "relabelled", 40, list(range(60)))
     idx = Path(f"{relabelled}.idx")
     idx.write_bytes(idx.read_bytes()[:17] + bytes([1]) + idx.read_bytes()[18:])  # dtype uint16 (8) -> uint8 (1)
+    short = write_dataset(tmp_path / "short", 2, list(range(10)))  # 20 tokens, a sample is 33
+    floats = write_dataset(tmp_path / "floats", 40, list(range(60)))
+    idx = Path(f"{floats}.idx")
+    idx.write_bytes(idx.read_bytes()[:17] + bytes([7]) + idx.read_bytes()[18:])  # 2-byte uint16 -> float32
     checkpoint = tmp_path / "checkpoint"
     with single_process_group() as device:
         pretrain(parse_args(TINY_MOE + ["--train-iters", "2", "--save", str(checkpoint)]), device, log=print)
@@ -129,6 +133,13 @@ def test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each(tmp_path):
         "beta1": (TINY_MOE + ["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
         "weight decay": (TINY_MOE + ["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
         "tensorboard": (TINY_MOE + ["--tensorboard-dir", str(tmp_path)], "--tensorboard-dir needs the tensorboard"),
+        "global batch": (TINY_MOE + ["--global-batch-size", "0"], "--global-batch-size must be positive, got 0"),
+        "query groups": (TINY_MOE + ["--group-query-attention", "--num-query-groups", "0"],
+                         "--num-query-groups must be positive, got 0"),
+        "tokenizer model": (TINY_MOE + ["--tokenizer-model", "tok.json"], "--tokenizer-model is read by"),
+        "short corpus": (data + ["--data-path", short, "--split", "1,0,0"],
+                         f"the train split of {short} holds 20 tokens (2 documents), fewer than one sample"),
+        "float tokens": (data + ["--data-path", floats], f"{floats}.idx: dtype code 7 says float32 tokens"),
         "meta": (TINY_MOE + ["--load", str(checkpoint)], "iter_0000002: megadual_meta.json is truncated"),
     }
     results = run_cases({"small corpus": data + ["--data-path", small], **{k: args for k, (args, _) in bad.items()}})
