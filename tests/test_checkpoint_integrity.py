@@ -74,13 +74,13 @@ def test_a_save_without_its_manifest_is_not_a_checkpoint(saved):
 
 def test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous(saved):
     """A real process: --load falls back past the corrupt iteration 4 and resumes from 2; its next
-    save fails (a file-size limit makes every shard write fail with EFBIG, as a full disk fails with
-    ENOSPC), says so in one line, keeps the tracker and stops."""
+    save fails (a file-size limit stops the shard's write, where the serializer reports only its own
+    internal failure), says so in words in one line, keeps the tracker and stops."""
     shard = saved / "iter_0000004" / SHARD
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    limit = 64 << 10  # above the tracker, lock and metadata files; below every shard
+    limit = 1 << 20  # above the tracker, lock and metadata files; below the shard (2.4 MB)
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -92,8 +92,25 @@ def test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous(save
     assert f" skipping checkpoint {saved}/iter_0000004: {SHARD} is corrupt (CRC-32 " in out.stdout
     assert f" successfully loaded checkpoint from {saved}/iter_0000002 at iteration 2" in out.stdout
     error = out.stderr.strip().splitlines()
-    assert error == [(f"pretrain_moe.py: error: saving checkpoint at iteration 3 to {saved} failed: rank 0: File too "
-                      f"large; the previous checkpoint (iteration 4) is kept. The run stops (--save-failures-continue "
+    assert error == [(f"pretrain_moe.py: error: saving checkpoint at iteration 3 to {saved} failed: file size limit "
+                      f"reached: a checkpoint file grew to the limit of {limit} bytes that `ulimit -f` (RLIMIT_FSIZE) "
+                      f"sets for this process; the previous checkpoint (iteration 4) is kept. The run stops (--save-failures-continue "
                       f"would keep training)")], out.stderr[-3000:]
     assert (saved / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert sorted(os.listdir(saved)) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+
+
+def test_a_full_disk_is_named_in_words(tmp_path):
+    """A save into a 1.2 MB tmpfs (needs root to mount): the serializer's own failure becomes "no space left"."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        message, _ = train_expecting_error(["--train-iters", "2", "--save", str(disk / "ckpt")], CheckpointError)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert message.startswith(f"saving checkpoint at iteration 2 to {disk}/ckpt failed: no space left on the "
+                              f"device holding {disk}/ckpt ("), message
+    assert "enforce fail" not in message

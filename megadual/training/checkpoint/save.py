@@ -44,6 +44,7 @@ from megadual.training.checkpoint.layout import (
     write_atomically,
     write_tracker,
 )
+from megadual.training.checkpoint.storage_limits import in_words
 
 
 class SaveFailed(CheckpointError):
@@ -140,6 +141,7 @@ class Saver:
 
     def _failed(self, iteration: int, staging: str, error: CheckpointError) -> SaveFailed:
         """Remove the partial folder; the error to raise, saying what is kept."""
+        problem = in_words(str(error), staging, self.root)
         if self.coord.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -148,7 +150,7 @@ class Saver:
             previous = None
         kept = f"the previous checkpoint (iteration {previous}) is kept" if previous is not None else \
             "no earlier checkpoint exists"
-        return SaveFailed(f"saving checkpoint at iteration {iteration} to {self.root} failed: {error}; {kept}")
+        return SaveFailed(f"saving checkpoint at iteration {iteration} to {self.root} failed: {problem}; {kept}")
 
     def _retain(self, iteration: int) -> None:
         """--keep-last-n-checkpoints: remove the folders before the newest N, once the new one verified."""
