@@ -236,6 +236,9 @@ class TrainConfig:
                                                        "the run have passed", group=CHECKPOINTS, positive=True)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
+    overwrite_checkpoints: bool = option(False, "let this run replace checkpoints in --save that another run wrote "
+                                                "or that are newer than the one it starts from (refused "
+                                                "otherwise)", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row", positive=True)
     tensorboard_dir: str | None = option(None)
     recompute_granularity: str | None = option(

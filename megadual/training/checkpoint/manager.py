@@ -26,6 +26,7 @@ from megadual.training.checkpoint.coordination import Coordination
 from megadual.training.checkpoint.layout import CheckpointError, TrainState
 from megadual.training.checkpoint.load import Checkpoint, find_checkpoint, restore
 from megadual.training.checkpoint.lock import SaveLock
+from megadual.training.checkpoint.ownership import claim_save
 from megadual.training.checkpoint.save import SaveFailed, Saver
 
 
@@ -45,8 +46,12 @@ class CheckpointManager:
                 took_over = self.coord.on_rank0(self._take_lock)
                 if took_over:
                     self.log(f" {took_over}")
-                self._saver = Saver(config, self.coord, self.log)
             self.found: Checkpoint | None = find_checkpoint(config, self.coord, self.log)
+            if save:
+                found = self.found
+                run_id = self.coord.on_rank0(lambda: claim_save(config, found and found.path, found and found.meta,
+                                                                self.log))
+                self._saver = Saver(config, self.coord, self.log, run_id)
         except BaseException:
             self.close()
             raise

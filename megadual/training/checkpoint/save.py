@@ -52,8 +52,10 @@ class SaveFailed(CheckpointError):
 
 
 class Saver:
-    def __init__(self, config: RunConfig, coord: Coordination, log):
+    def __init__(self, config: RunConfig, coord: Coordination, log, run_id: str):
+        """`run_id`: the run each META file names as its writer (ownership.py)."""
         t = config.train
+        self.run_id = run_id
         self.root, self.keep, self.config, self.coord, self.log = t.save, t.keep_last_n_checkpoints, config, coord, log
         self._background = ThreadPoolExecutor(1, thread_name_prefix="megadual-save") if t.async_save else None
         # DCP's background writer gets a group of its own: its collectives run while this thread agrees
@@ -68,7 +70,7 @@ class Saver:
         started, iteration = time.perf_counter(), state.iteration
         staging = staging_dir(self.root, iteration)
         meta = {"train_state": dataclasses.asdict(state), "config": dataclasses.asdict(self.config),
-                "world_size": dist.get_world_size()}
+                "world_size": dist.get_world_size(), "run_id": self.run_id}
         self.log(f" saving checkpoint at iteration {iteration:7d} to {self.root}")
         try:
             leftovers = self.coord.on_rank0(lambda: self._prepare(staging))
