@@ -588,4 +588,56 @@ MUTATIONS = [
         "reduction=\"none\").view(target.shape).flip(0)",
         ("tests/test_cross_entropy.py::test_fused_cross_entropy_equals_the_written_out_one",),
         "the fused cross entropy (no TP) returns the token losses in another order"),
+    # issue 21 (i21-input)
+    Mutation(
+        "flag-ranges-unchecked", "megadual/config_validate.py",
+        "            _require(bounds is None or value is None or bounds.holds(value),",
+        "            _require(True,",
+        ("tests/test_config_ranges.py::test_a_value_outside_its_range_is_refused_naming_the_flag[global_batch_size]",
+         "tests/test_config_ranges.py::test_each_rule_is_refused_with_one_line_naming_the_flag[query groups 0]"),
+        "values outside the range declared beside their field are accepted"),
+    Mutation(
+        "split-without-training-share", "megadual/config_validate.py",
+        '    _require(shares[0] > 0, f"--split {d.split} gives the training split no share")\n',
+        "",
+        ("tests/test_config_ranges.py::test_each_rule_is_refused_with_one_line_naming_the_flag[no training share]",),
+        "a --split giving the training split no share is accepted"),
+    Mutation(
+        "vocab-below-tokenizer", "megadual/config.py",
+        "        if d.vocab_size < tokenizer_vocab_size:",
+        "        if False:",
+        ("tests/test_config_ranges.py::test_a_vocab_size_below_the_tokenizers_is_refused",),
+        "a --vocab-size below the tokenizer's vocabulary is accepted"),
+    Mutation(
+        "corpus-shorter-than-a-sample", "megadual/data/builder.py",
+        "    if tokens <= seq_length:  # a sample is seq_length + 1 tokens",
+        "    if tokens < 0:  # a sample is seq_length + 1 tokens",
+        ("tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each",),
+        "a split holding fewer tokens than one sample trains on repeated epochs"),
+    Mutation(
+        "float-token-dtype-read", "megadual/data/indexed_dataset.py",
+        '        if self.dtype.kind not in "iu":\n',
+        "        if False:\n",
+        ("tests/test_data_indexed.py::test_a_float_token_dtype_is_refused_naming_the_file",),
+        "an .idx whose dtype code says float32/float64 is read (every token id 0)"),
+    Mutation(
+        "save-limits-not-in-words", "megadual/training/checkpoint/save.py",
+        "        problem = in_words(str(error), staging, self.root)\n",
+        "        problem = str(error)\n",
+        ("tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous",
+         "tests/test_checkpoint_integrity.py::test_a_full_disk_is_named_in_words"),
+        "a save stopped by the file size limit or a full disk reports the serializer's internal message"),
+    Mutation(
+        "another-runs-checkpoints-replaced", "megadual/training/checkpoint/ownership.py",
+        "if owner is not _UNREADABLE and (owner not in (None, run_id) or not resumes_save)]",
+        "if owner is not _UNREADABLE and owner in (None, run_id) and not resumes_save]",
+        ("tests/test_checkpoint_overwrite.py::test_finetune_into_the_save_it_loads_from_is_refused",
+         "tests/test_checkpoint_overwrite.py::test_load_a_save_b_holding_another_runs_checkpoints_is_refused"),
+        "a run replaces checkpoints another run wrote in its --save"),
+    Mutation(
+        "newer-own-checkpoints-replaced", "megadual/training/checkpoint/ownership.py",
+        "    resumes_save = resuming and _same_dir(t.load, t.save)\n",
+        "    resumes_save = resuming\n",
+        ("tests/test_checkpoint_overwrite.py::test_an_older_checkpoint_loaded_into_a_save_holding_newer_ones_is_refused",),
+        "an older checkpoint loaded into a --save holding newer ones of the same run replaces them"),
 ]
