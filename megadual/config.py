@@ -95,8 +95,8 @@ class ModelConfig:
     moe_aux_loss_coeff: float = option(1e-4, group=MOE, min=0)
     moe_router_max_nodes: int = option(
         4, "M: each token's experts live on at most M nodes (node-limited routing)",
-        aliases=("--moe-router-group-topk",), group=MOE,
-        unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group", positive=True)
+        aliases=("--moe-router-group-topk",), group=MOE, positive=True,
+        unset="{default}, which is no limit on fewer nodes; an M given must fit the nodes of an EP group")
     moe_router_num_groups: int = option(0, "node groups for node-limited routing; 0: the real nodes of the "
                                            "EP group, G > 0: G virtual nodes", group=MOE, min=0)
     multi_latent_attention: bool = option(False, "DeepSeek's multi-head latent attention (MLA) instead of MHA/GQA",
@@ -180,7 +180,8 @@ class OptimConfig:
                                                     "each parameter's data-parallel ranks; with --bf16 the model "
                                                     "holds BF16 weights")
     ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
-                                               "default max(40M, 1M x data-parallel size), as Megatron's", positive=True)
+                                               "default max(40M, 1M x data-parallel size), as Megatron's",
+                                     positive=True)
     moe_router_bias_update_rate: float = option(1e-3, group=MOE, min=0)
 
 
@@ -193,7 +194,12 @@ class DataConfig:
     tokenizer_model: str | None = option(None)
     vocab_size: int | None = option(None, "the tokenizer's vocabulary before padding",
                                     unset="the tokenizer's; required with NullTokenizer", positive=True)
-    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple of this x TP", group="model", positive=True)
+    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple of this x TP", group="model",
+                                               positive=True)
+    reset_position_ids: bool = option(False, "positions restart at 0 after each end-of-document token")
+    reset_attention_mask: bool = option(False, "tokens attend only within their own document")
+    eod_mask_loss: bool = option(False, "positions whose input is the end-of-document token do not count in the "
+                                        "loss")
 
 
 @dataclass(frozen=True)

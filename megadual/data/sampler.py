@@ -9,7 +9,7 @@ uninterrupted run would have seen. A trailing partial step is dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -65,12 +65,17 @@ class _WithSampleIds(Dataset):
 
 
 def build_loader(
-    dataset: Dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, read: bool = True
+    dataset: Dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, read: bool = True,
+    documents: Callable[[torch.Tensor], object] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Iterator of {"tokens": [mbs, seq], "labels": [mbs, seq], "sample_ids": [mbs]} for this DP rank:
     the sample ids are the samples' global indices (which key the dropout masks). With
-    `read=False` (a pipeline rank holding no first or last stage) only the sample ids."""
+    `read=False` (a pipeline rank holding no first or last stage) only the sample ids. With
+    `documents` (data/documents.py's boundaries_of) also "documents": documents(tokens)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     if not read:
         return ({"sample_ids": torch.tensor(ids)} for ids in sampler)
-    return iter(DataLoader(_WithSampleIds(dataset), batch_sampler=sampler, num_workers=0))
+    batches = iter(DataLoader(_WithSampleIds(dataset), batch_sampler=sampler, num_workers=0))
+    if documents is None:
+        return batches
+    return ({**batch, "documents": documents(batch["tokens"])} for batch in batches)

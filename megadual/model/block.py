@@ -13,6 +13,7 @@ from collections.abc import Generator
 import torch
 
 from megadual.config import ModelConfig
+from megadual.data.documents import Documents
 from megadual.model.dropout import ATTENTION_OUTPUT, MLP_OUTPUT, HiddenDropout
 from megadual.model.layers import Attention, RMSNorm
 from megadual.model.mla import MultiLatentAttention
@@ -39,12 +40,13 @@ class TransformerLayer(torch.nn.Module):
             self.mlp = SwiGLUMLP(config, config.ffn_hidden_size, ctx.tp, ctx.gemm)
         self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): layernorm, mlp, moe
 
-    def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None
-                      ) -> Generator[None, None, torch.Tensor]:
+    def forward_steps(self, hidden: torch.Tensor, samples: torch.Tensor | None = None,
+                      documents: Documents | None = None) -> Generator[None, None, torch.Tensor]:
         """The layer as a generator that pauses while each expert all-to-all is in flight;
-        `samples` are the micro-batch's global sample indices (the dropout masks' key)."""
+        `samples` are the micro-batch's global sample indices (the dropout masks' key), `documents`
+        its document boundaries for attention (None: one sequence)."""
         recompute = self.recompute
-        attention = self.attention(recompute.call("layernorm", self.input_norm, hidden), samples)
+        attention = self.attention(recompute.call("layernorm", self.input_norm, hidden), samples, documents)
         residual = hidden + self.attention_dropout(attention, samples)
         mlp_input = recompute.call("layernorm", self.pre_mlp_norm, residual)
         if self.is_moe:
@@ -55,5 +57,6 @@ class TransformerLayer(torch.nn.Module):
             out = recompute.call("mlp", self.mlp, mlp_input)
         return residual + self.mlp_dropout(out, samples)
 
-    def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
-        return run_steps(self.forward_steps(hidden, samples))
+    def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None,
+                documents: Documents | None = None) -> torch.Tensor:
+        return run_steps(self.forward_steps(hidden, samples, documents))

@@ -20,10 +20,11 @@ from functools import partial
 import torch
 
 from megadual.config import ModelConfig
+from megadual.data.documents import Documents
 from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
-from megadual.model.mtp import MultiTokenPrediction, mtp_loss_names
+from megadual.model.mtp import MultiTokenPrediction, masked_mean, mtp_loss_names
 from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
 from megadual.parallel import comm
@@ -128,54 +129,57 @@ class GPTChunk(torch.nn.Module):
         logits = self.output_layer(enter_tp_region(normed, self.tp))
         return vocab_parallel_cross_entropy(logits, targets.t(), self.tp)
 
-    def _loss_steps(self, hidden: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor | None
-                    ) -> Generator[None, None, StageLoss]:
+    def _loss_steps(self, hidden: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor | None,
+                    documents: Documents | None) -> Generator[None, None, StageLoss]:
         normed = self.final_norm(hidden)
-        lm_loss = self.token_losses(normed, labels).mean()
+        lm_loss = masked_mean(self.token_losses(normed, labels), documents and documents.loss_mask)
         reported = {LM_LOSS: lm_loss.detach()}
         if self.mtp is None or not (self.training or self.mtp_in_evaluation):
             return StageLoss(lm_loss, reported)
         embed = self._mtp_embed or self.embed
-        depths = yield from self.mtp.losses_steps(normed, labels, samples, embed, self.token_losses)
+        depths = yield from self.mtp.losses_steps(normed, labels, samples, embed, self.token_losses, documents)
         reported.update(zip(mtp_loss_names(len(depths)), (d.detach() for d in depths)))
         scale = self.config.mtp_loss_scaling_factor / len(depths)
         return StageLoss(lm_loss + scale * sum(depths), reported)
 
     def forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-                      samples: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor | StageLoss]:
+                      samples: torch.Tensor | None = None, documents: Documents | None = None
+                      ) -> Generator[None, None, torch.Tensor | StageLoss]:
         """The forward as a generator that pauses while each expert all-to-all is in flight (the
         MTP layers' too). `samples` are the micro-batch's global sample indices (the dropout
-        masks' key).
+        masks' key); `documents` its document boundaries (data/documents.py; None: none).
 
         Its return value (StopIteration.value) is what `forward` returns: the hidden states, or
         on the last stage a StageLoss. A schedule can resume it from elsewhere -
         `pipeline/overlap.py` does so inside another micro-batch's backward - to fill the
         all-to-all's time with other compute.
         """
-        return (yield from self.recompute.observed(self._forward_steps(inputs, labels, samples)))
+        return (yield from self.recompute.observed(self._forward_steps(inputs, labels, samples, documents)))
 
-    def _forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None, samples: torch.Tensor | None):
+    def _forward_steps(self, inputs: torch.Tensor, labels: torch.Tensor | None, samples: torch.Tensor | None,
+                       documents: Documents | None):
         hidden = self.embedding_dropout(self.embed(inputs), samples) if self.stage.has_embedding else inputs
         for layers, recomputed in self.layer_groups:
             if recomputed:  # --recompute-granularity full: only the group's input is kept
                 hidden = yield from self.recompute.region_steps(
-                    self._layers_steps, (hidden, samples, layers), partial(_routers_paused, layers),
+                    self._layers_steps, (hidden, samples, layers, documents), partial(_routers_paused, layers),
                     self.overlap)
             else:
-                hidden = yield from self._layers_steps(hidden, samples, layers)
+                hidden = yield from self._layers_steps(hidden, samples, layers, documents)
         if not self.stage.has_head:
             return hidden
-        return (yield from self._loss_steps(hidden, labels, samples))
+        return (yield from self._loss_steps(hidden, labels, samples, documents))
 
     @staticmethod
-    def _layers_steps(hidden: torch.Tensor, samples: torch.Tensor | None, layers: list[TransformerLayer]):
+    def _layers_steps(hidden: torch.Tensor, samples: torch.Tensor | None, layers: list[TransformerLayer],
+                      documents: Documents | None = None):
         for layer in layers:
-            hidden = yield from layer.forward_steps(hidden, samples)
+            hidden = yield from layer.forward_steps(hidden, samples, documents)
         return hidden
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-                samples: torch.Tensor | None = None) -> torch.Tensor | StageLoss:
-        return run_steps(self.forward_steps(inputs, labels, samples))
+                samples: torch.Tensor | None = None, documents: Documents | None = None) -> torch.Tensor | StageLoss:
+        return run_steps(self.forward_steps(inputs, labels, samples, documents))
 
     def param_table(self) -> ParamTable:
         return ParamTable.build(self, mirror=self.copy, tied=self._tied)

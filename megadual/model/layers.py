@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megadual.config import ModelConfig
+from megadual.data.documents import Documents
 from megadual.model.dropout import ATTENTION_PROBS, AttentionDropout
 from megadual.parallel.linear import linear
 from megadual.parallel.mlp import output_std
@@ -39,13 +40,15 @@ def rotary_frequencies(head_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
 
-def rotary_tables(seq_length: int, frequencies: torch.Tensor, device,
-                  magnitude: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [s, 1, 1, 2 x pairs] of every position's angles, times `magnitude` (YaRN's)."""
-    angles = torch.outer(torch.arange(seq_length, device=device, dtype=torch.float64), frequencies.to(device))
-    angles = torch.cat([angles, angles], dim=-1)  # [s, head_dim]
-    return ((angles.cos() * magnitude).float()[:, None, None, :],
-            (angles.sin() * magnitude).float()[:, None, None, :])
+def rotary_tables(seq_length: int, frequencies: torch.Tensor, device, magnitude: float = 1.0,
+                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [s, 1, 1, 2 x pairs] of every position's angles, times `magnitude` (YaRN's);
+    with `positions` [b, s] (--reset-position-ids), [s, b, 1, 2 x pairs] at those positions."""
+    if positions is None:
+        positions = torch.arange(seq_length, device=device)[None]
+    angles = positions.t().to(torch.float64)[..., None] * frequencies.to(device)  # [s, b or 1, pairs]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [s, b or 1, 1, head_dim]
+    return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,38 +77,45 @@ class Attention(torch.nn.Module):
         self.dropout = AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, layer_index)
         self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): core_attn
 
-    def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
-        """`samples`: the micro-batch's global sample indices, for attention dropout."""
+    def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None,
+                documents: Documents | None = None) -> torch.Tensor:
+        """`samples`: the micro-batch's global sample indices, for attention dropout; `documents`:
+        its document boundaries (positions and attention restart at each), None: one sequence."""
         x = enter_tp_region(x, self.tp)
         s, b, _ = x.shape
         hd = self.config.head_dim
         q = self.q(x).view(s, b, self.heads, hd)
         k = self.k(x).view(s, b, self.groups, hd)
         v = self.v(x).view(s, b, self.groups, hd)
-        cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base), x.device)
+        positions = documents and documents.position_ids
+        cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base), x.device, positions=positions)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
-        out = self.recompute.call("core_attn", self._core, q, k, v, samples)
+        allowed = documents and documents.attention_allowed()
+        out = self.recompute.call("core_attn", self._core, q, k, v, samples, allowed)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * hd)
         return leave_tp_region(self.proj(out), self.tp)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
         return causal_attention(q, k, v, self.config.head_dim ** -0.5, self.dropout, samples,
-                                self.tp.rank * self.heads)
+                                self.tp.rank * self.heads, allowed)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: AttentionDropout,
-                     samples: torch.Tensor | None, first_head: int) -> torch.Tensor:
+                     samples: torch.Tensor | None, first_head: int, allowed: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """softmax(q k^T * scale, causal) v over [b, heads, s, dim]; k and v may have fewer heads (GQA).
-    `first_head` is the global index of this rank's first head (the dropout mask is keyed by it)."""
+    `first_head` is the global index of this rank's first head (the dropout mask is keyed by it).
+    `allowed` [b, 1, s, s]: which keys each query may see, in place of causal (Documents)."""
     if not dropout.active:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
     # SDPA's own dropout draws from the global generator, whose state depends on the layout: the
     # probabilities are formed here and dropped with the layout-free mask.
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scores = q.matmul(k.transpose(-2, -1)).float() * scale
     s = scores.shape[-1]
-    future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+    hidden = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1) if allowed is None else ~allowed
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).to(v.dtype)
     return dropout(probs, samples, first_head).matmul(v)

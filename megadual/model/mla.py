@@ -50,6 +50,7 @@ from collections.abc import Callable
 import torch
 
 from megadual.config import ModelConfig
+from megadual.data.documents import Documents
 from megadual.model.dropout import ATTENTION_PROBS, AttentionDropout
 from megadual.model.layers import RMSNorm, apply_rotary, causal_attention, rotary_tables
 from megadual.model.yarn import mla_rope_frequencies, rope_magnitude, yarn_mscale
@@ -109,22 +110,28 @@ class MultiLatentAttention(torch.nn.Module):
         query_input = self.q_norm(self.q_down(x)) if self.q_lora_rank else x
         return torch.cat([query_input, self.kv_norm(c_kv), k_rope], -1)
 
-    def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
-        """`samples`: the micro-batch's global sample indices, for attention dropout."""
+    def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None,
+                documents: Documents | None = None) -> torch.Tensor:
+        """`samples`: the micro-batch's global sample indices, for attention dropout; `documents`:
+        its document boundaries (RoPE positions and attention restart at each), None: one sequence."""
         latents = enter_tp_region(self.latents(x), self.tp)
         recompute = self.recompute
+        positions = documents and documents.position_ids
+        allowed = documents and documents.attention_allowed()
         if {"mla_up_proj", "core_attn"} <= recompute.modules:  # one region: q, k and v are not kept
-            out = recompute.call("mla_up_proj", lambda lat, ids: self._core(*self._up_project(lat), ids),
-                                 latents, samples)
+            out = recompute.call("mla_up_proj", lambda lat, ids: self._core(*self._up_project(lat, positions), ids,
+                                                                            allowed), latents, samples)
         else:
-            q, k, v = recompute.call("mla_up_proj", self._up_project, latents)
-            out = recompute.call("core_attn", self._core, q, k, v, samples)
+            q, k, v = recompute.call("mla_up_proj", self._up_project, latents, positions)
+            out = recompute.call("core_attn", self._core, q, k, v, samples, allowed)
         s, b = latents.shape[:2]
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.config.v_head_dim)
         return leave_tp_region(self.proj(out), self.tp)
 
-    def _up_project(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The latents [s, b, q input + c_KV + k_R] -> q, k, v [b, heads, s, dim], RoPE applied."""
+    def _up_project(self, latents: torch.Tensor, positions: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The latents [s, b, q input + c_KV + k_R] -> q, k, v [b, heads, s, dim], RoPE applied
+        (at `positions` [b, s] when given)."""
         c = self.config
         s, b, _ = latents.shape
         query_input, c_kv, k_rope = latents.split(
@@ -132,11 +139,13 @@ class MultiLatentAttention(torch.nn.Module):
         q = (self.q_up if self.q_lora_rank else self.q)(query_input).view(s, b, self.heads, -1)
         q_nope, q_rope = q.split([c.qk_head_dim, c.qk_pos_emb_head_dim], -1)
         k_nope, v = self.kv_up(c_kv).view(s, b, self.heads, -1).split([c.qk_head_dim, c.v_head_dim], -1)
-        cos, sin = rotary_tables(s, self.rope_frequencies, latents.device, self.rope_magnitude)
+        cos, sin = rotary_tables(s, self.rope_frequencies, latents.device, self.rope_magnitude, positions)
         k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).expand(s, b, self.heads, -1)
         q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], -1)
         k = torch.cat([k_nope, k_rope], -1)
         return tuple(t.permute(1, 2, 0, 3) for t in (q, k, v))
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
-        return causal_attention(q, k, v, self.softmax_scale, self.dropout, samples, self.tp.rank * self.heads)
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
+        return causal_attention(q, k, v, self.softmax_scale, self.dropout, samples, self.tp.rank * self.heads,
+                                allowed)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from megadual.config import ModelConfig
+from megadual.data.documents import Documents
 from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
@@ -58,12 +59,12 @@ class MTPModule(torch.nn.Module):
         self.layer = TransformerLayer(config, layer_index, ctx, seed)
         self.final_norm = RMSNorm(h, eps, sp)
 
-    def forward_steps(self, hidden: torch.Tensor, embedded: torch.Tensor, samples: torch.Tensor | None
-                      ) -> Generator[None, None, torch.Tensor]:
+    def forward_steps(self, hidden: torch.Tensor, embedded: torch.Tensor, samples: torch.Tensor | None,
+                      documents: Documents | None = None) -> Generator[None, None, torch.Tensor]:
         """h^k from h^{k-1} and the embedded tokens, pausing at the layer's expert all-to-alls."""
         embedded = self.enorm(self.embedding_dropout(embedded, samples))
         projected = self.eh_proj(torch.cat([embedded, self.hnorm(hidden)], dim=-1))
-        return self.final_norm((yield from self.layer.forward_steps(projected, samples)))
+        return self.final_norm((yield from self.layer.forward_steps(projected, samples, documents)))
 
 
 class MultiTokenPrediction(torch.nn.ModuleList):
@@ -74,19 +75,30 @@ class MultiTokenPrediction(torch.nn.ModuleList):
 
     def losses_steps(self, hidden: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor | None,
                      embed: Callable[[torch.Tensor], torch.Tensor],
-                     token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                     ) -> Generator[None, None, list[torch.Tensor]]:
+                     token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     documents: Documents | None = None) -> Generator[None, None, list[torch.Tensor]]:
         """Each depth's loss, unscaled, pausing at the expert all-to-alls.
 
         `hidden`: the main model's normed output [seq(/TP), batch, hidden]; `labels` [batch, seq];
         `samples`: the micro-batch's global sample indices (dropout); `embed`: token ids
         [batch, seq] -> embeddings laid out as `hidden`; `token_losses`: (normed hidden, target
-        ids [batch, seq]) -> the head's per-token cross entropy [seq, batch]."""
+        ids [batch, seq]) -> the head's per-token cross entropy [seq, batch]; `documents`: the
+        attention's document boundaries, and under --eod-mask-loss depth k leaves out the
+        positions whose input k ahead is the end of a document (Megatron's rolled loss mask)."""
         seq = labels.shape[1]
         # Position i of `ahead[:, j:j + seq]` holds t_{i+j+1}, and 0 past the end of the sequence.
         ahead = F.pad(labels, (0, len(self)))
         losses = []
         for k, module in enumerate(self, start=1):
-            hidden = yield from module.forward_steps(hidden, embed(ahead[:, k - 1:k - 1 + seq]), samples)
-            losses.append(token_losses(hidden, ahead[:, k:k + seq])[:seq - k].mean())
+            hidden = yield from module.forward_steps(hidden, embed(ahead[:, k - 1:k - 1 + seq]), samples, documents)
+            mask = None if documents is None or documents.loss_mask is None else documents.loss_mask[:, k:]
+            losses.append(masked_mean(token_losses(hidden, ahead[:, k:k + seq])[:seq - k], mask))
         return losses
+
+
+def masked_mean(token_losses: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `token_losses` [seq, batch] over the positions `mask` [batch, seq] keeps (None: all)."""
+    if mask is None:
+        return token_losses.mean()
+    mask = mask.t().to(token_losses.dtype)
+    return (token_losses * mask).sum() / mask.sum().clamp(min=1)

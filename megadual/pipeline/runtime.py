@@ -13,11 +13,12 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
   `pipeline_layout(...)`. `chunks[c]` is the module of local chunk c, called as
   `chunks[c](inputs, labels, samples)`: `inputs` are the token ids [micro_batch, seq] on a first
   stage and the received hidden states otherwise; `labels` are given on a last stage only,
-  elsewhere None; `samples` are the micro-batch's "sample_ids" (None when absent). A last stage
+  elsewhere None; `samples` are the micro-batch's "sample_ids" (None when absent), and a fourth
+  argument its "documents" (data/documents.py; None when absent). A last stage
   returns its loss as an object with `.loss`, the scalar its backward starts from, and
   `.add_to(totals)`, which adds the values it reports to the dict `totals` by name
   (gpt.StageLoss: "lm loss", "mtp_1 loss", ...). FB actions also use
-  `chunks[c].forward_steps(inputs, labels, samples)`, the same forward as a generator that
+  `chunks[c].forward_steps(inputs, labels, samples, documents)`, the same forward as a generator that
   pauses at each expert all-to-all. A GPTChunk is such a module;
   `stage_model.build_stage_model(model_config, layout, pp_rank, seed).chunks` builds a rank's.
   A runtime whose actions include backwards gives each chunk its own WeightGradStore (the W
@@ -33,7 +34,8 @@ API (the training loop and scripts/bench_pipeline.py use it directly):
   full precision and every residual add promotes to it).
 - `microbatches[m]`: dict with "tokens" and "labels" [micro_batch, seq] of micro-batch m, for
   every m of the layout, and its "sample_ids" [micro_batch] (the dropout masks' key); a rank
-  holding no first or last stage needs only the sample ids (or None without dropout).
+  holding no first or last stage needs only the sample ids (or None without dropout) and the
+  "documents" when there are any.
 - `run` returns, by name, the sums of the reported losses of the micro-batches whose last
   stage is on this rank, divided by the number of micro-batches M (empty on a rank holding
   no last stage); each backward starts from `.loss` / M, so the gradients are those of the
@@ -164,9 +166,9 @@ class PipelineRuntime:
             raise ValueError(f"not a compute action: {action}")
 
     def forward(self, chunk: int, mb: int) -> None:
-        inputs, labels, samples = self._forward_inputs(chunk, mb)
+        inputs, labels, samples, documents = self._forward_inputs(chunk, mb)
         with self.autocast(), self._deferrable(chunk, mb):
-            output = self.chunks[chunk](inputs, labels, samples)
+            output = self.chunks[chunk](inputs, labels, samples, documents)
         self._forward_done(chunk, mb, inputs, output)
 
     def _deferrable(self, chunk: int, mb: int):
@@ -174,15 +176,19 @@ class PipelineRuntime:
         return self.stores[chunk].deferrable_forward((chunk, mb) in self._split_later)
 
     def _forward_inputs(self, chunk: int, mb: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                             torch.Tensor | None]:
-        """(token ids or received hidden states, labels on a last stage else None, sample ids)."""
+                                                             torch.Tensor | None, object | None]:
+        """(token ids or received hidden states, labels on a last stage else None, sample ids,
+        document boundaries or None)."""
         batch = self._microbatches[mb]
         if self.layout.is_first_stage(self.rank, chunk):
             inputs = batch["tokens"].to(self.device)
         else:
             inputs = self.mailbox.take((Kind.RECV_F, chunk, mb))
         labels = batch["labels"].to(self.device) if self.layout.is_last_stage(self.rank, chunk) else None
-        return inputs, labels, None if batch is None else batch.get("sample_ids")
+        if batch is None:
+            return inputs, labels, None, None
+        documents = batch.get("documents")
+        return inputs, labels, batch.get("sample_ids"), documents and documents.to(self.device)
 
     def _forward_done(self, chunk: int, mb: int, inputs: torch.Tensor, output) -> None:
         """Count the loss or pass the output on; keep what the backward needs."""
@@ -209,10 +215,10 @@ class PipelineRuntime:
         """The paired F&B action: the full backward of (b_chunk, b_mb) runs, and the forward of
         (chunk, mb) advances one step each time that backward launches an expert all-to-all
         (pipeline/overlap.py), so each one's all-to-alls travel while the other computes."""
-        inputs, labels, samples = self._forward_inputs(action.chunk, action.mb)
+        inputs, labels, samples, documents = self._forward_inputs(action.chunk, action.mb)
         with self._deferrable(action.chunk, action.mb):
             output = overlapped_forward_backward(
-                self.chunks[action.chunk].forward_steps(inputs, labels, samples),
+                self.chunks[action.chunk].forward_steps(inputs, labels, samples, documents),
                 lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast,
                 self.overlaps[action.b_chunk])
         self._forward_done(action.chunk, action.mb, inputs, output)

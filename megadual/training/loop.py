@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.data.builder import build_datasets
+from megadual.data.documents import boundaries_of
 from megadual.data.sampler import build_loader
 from megadual.model.flops import training_flops_per_iteration
 from megadual.model.gpt import LM_LOSS, loss_names
@@ -195,9 +196,11 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
         log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
             f"{optimizer_state_bytes(optimizer)} bytes")
     state = checkpoints.restore(model, optimizer)
-    reads = pipeline is None or pipeline.reads_data  # other pipeline ranks take only the sample ids
+    documents = boundaries_of(d)  # every stage's attention needs them, so every rank reads the tokens
+    # other pipeline ranks take only the sample ids
+    reads = pipeline is None or pipeline.reads_data or documents is not None
     loader = lambda ds, consumed: build_loader(ds, consumed, t.micro_batch_size, topo.dp_rank, topo.layout.dp,
-                                               reads)
+                                               reads, documents)
     train_loader = loader(train_ds, state.consumed_samples)
     valid_loader = loader(valid_ds, 0) if valid_ds is not None and t.eval_interval else None
     writer = TensorBoard(t.tensorboard_dir) if rank0 else TensorBoard(None)

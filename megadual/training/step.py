@@ -53,7 +53,9 @@ def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device,
     totals: dict[str, torch.Tensor] = {}
     for batch in batches:
         with autocast_context(device, bf16):
-            out = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"))
+            documents = batch.get("documents")
+            out = model(batch["tokens"].to(device), batch["labels"].to(device), batch.get("sample_ids"),
+                        documents and documents.to(device))
         if backward:
             (out.loss / len(batches)).backward()
         out.add_to(totals)
