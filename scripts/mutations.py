@@ -132,8 +132,8 @@ MUTATIONS = [
         "sequence-parallel ranks draw the mask of the sequence's start"),
     Mutation(
         "dropout-local-heads", "megadual/model/layers.py",
-        "self.dropout, samples,\n                                self.tp.rank * self.heads)",
-        "self.dropout, samples,\n                                0)",
+        "self.dropout, samples,\n                                self.tp.rank * self.heads, allowed)",
+        "self.dropout, samples,\n                                0, allowed)",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[TP2-SPxEP2xDP2-dropout]",),
         "the attention-dropout mask is keyed by the local head index"),
     Mutation(
@@ -640,4 +640,34 @@ MUTATIONS = [
         "    resumes_save = resuming\n",
         ("tests/test_checkpoint_overwrite.py::test_an_older_checkpoint_loaded_into_a_save_holding_newer_ones_is_refused",),
         "an older checkpoint loaded into a --save holding newer ones of the same run replaces them"),
+    Mutation(
+        "documents-attend-across", "megadual/model/layers.py",
+        "        allowed = documents and documents.attention_allowed()\n",
+        "        allowed = None\n",
+        ("tests/test_documents.py::test_a_packed_micro_batch_equals_its_documents_run_alone[GQA]",),
+        "--reset-attention-mask does not reach MHA/GQA attention: documents attend to each other"),
+    Mutation(
+        "mla-documents-attend-across", "megadual/model/mla.py",
+        "        allowed = documents and documents.attention_allowed()\n",
+        "        allowed = None\n",
+        ("tests/test_documents.py::test_a_packed_micro_batch_equals_its_documents_run_alone[MLA]",),
+        "--reset-attention-mask does not reach MLA's attention"),
+    Mutation(
+        "positions-not-reset", "megadual/model/layers.py",
+        "        positions = documents and documents.position_ids\n",
+        "        positions = None\n",
+        ("tests/test_documents.py::test_a_packed_micro_batch_equals_its_documents_run_alone[GQA]",),
+        "--reset-position-ids does not reach the rotary embedding"),
+    Mutation(
+        "eod-loss-counted", "megadual/model/gpt.py",
+        "masked_mean(self.token_losses(normed, labels), documents and documents.loss_mask)",
+        "masked_mean(self.token_losses(normed, labels), None)",
+        ("tests/test_documents.py::test_a_packed_micro_batch_equals_its_documents_run_alone[GQA]",),
+        "--eod-mask-loss is ignored: the position after each document's end counts in the loss"),
+    Mutation(
+        "middle-stage-without-documents", "megadual/training/loop.py",
+        "    reads = pipeline is None or pipeline.reads_data or documents is not None\n",
+        "    reads = pipeline is None or pipeline.reads_data\n",
+        ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP2xDP2-dualpipev-dropout]",),
+        "a pipeline rank holding only middle stages gets no document boundaries and attends across documents"),
 ]

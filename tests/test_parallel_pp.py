@@ -1,7 +1,8 @@
 """Pipeline parallelism across real processes gives the one-process run, checked by the layout checker.
 
 1F1B, DualPipe and DualPipeV at PP 4 and PP 2 x DP 2, the zero-bubble W split on and off, uneven
-end stages, PP2 DualPipe x TP2 x EP2, and dropout: the logged values (losses, routing statistics,
+end stages, PP2 DualPipe x TP2 x EP2, and dropout with document boundaries (--reset-position-ids,
+--reset-attention-mask, --eod-mask-loss: every stage's attention reads them): the logged values (losses, routing statistics,
 validation loss) and grad norm of every step, every parameter's first-step gradient (under DualPipe
 after the two copies of a stage are summed), every parameter and buffer after the last step, and
 the two DualPipe copies of each stage equal (megadual/verify.py).
@@ -15,6 +16,7 @@ from tests.helpers import TINY_MOE
 ARGS = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--train-iters", "3",
                    "--moe-router-bias-update-rate", "1e-2", "--eval-interval", "3", "--eval-iters", "1"]
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+DOCUMENTS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
 NO_SPLIT = ",--no-pipeline-split-backward"
 UNEVEN = "--decoder-first-pipeline-num-layers=0,--decoder-last-pipeline-num-layers=2"
 
@@ -31,9 +33,10 @@ CASES = {  # name: (flags, layout); PP 4 runs 8 micro-batches, PP 2 x DP 2 4 per
     # stages of 0, 1, 1, 1, 1, 1, 1, 2 layers
     "PP4-dualpipev-uneven": (ARGS, "pp4:dualpipev," + UNEVEN),
     "PP2-dualpipexTP2-SPxEP2": (ARGS, "pp2:dualpipe,tp2,sp,ep2"),
-    # rank 1 holds stages 1 and 2 of 4, reads no data, and still draws each sample's masks
-    "PP2xDP2-dualpipev-dropout": (ARGS + DROPOUT, "pp2:dualpipev,dp2"),
-    "PP2xDP2-dualpipe-dropout": (ARGS + DROPOUT, "pp2:dualpipe,dp2"),
+    # rank 1 holds stages 1 and 2 of 4 and still draws each sample's masks; it reads the tokens
+    # only for their document boundaries
+    "PP2xDP2-dualpipev-dropout": (ARGS + DROPOUT + DOCUMENTS, "pp2:dualpipev,dp2"),
+    "PP2xDP2-dualpipe-dropout": (ARGS + DROPOUT + DOCUMENTS, "pp2:dualpipe,dp2"),
 }
 
 
