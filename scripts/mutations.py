@@ -670,4 +670,10 @@ MUTATIONS = [
         "    reads = pipeline is None or pipeline.reads_data\n",
         ("tests/test_parallel_pp.py::test_pipeline_matches_one_process[PP2xDP2-dualpipev-dropout]",),
         "a pipeline rank holding only middle stages gets no document boundaries and attends across documents"),
+    Mutation(
+        "mtp-loss-mask-not-rolled", "megadual/model/mtp.py",
+        "documents.loss_mask[:, k:]",
+        "documents.loss_mask[:, :seq - k]",
+        ("tests/test_documents.py::test_each_mtp_depth_rolls_the_loss_mask_as_megatron",),
+        "under --eod-mask-loss each MTP depth masks the positions whose own input is eod, not the one k ahead"),
 ]

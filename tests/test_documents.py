@@ -10,6 +10,8 @@ import torch
 from megadual.config import DataConfig, ModelConfig
 from megadual.data.documents import documents_of
 from megadual.model.gpt import build_chunk, full_model_stage
+from megadual.model.mtp import MultiTokenPrediction
+from megadual.parallel.recompute import run_steps
 
 VOCAB, EOD, SEQ = 64, 63, 16
 ALL = DataConfig(vocab_size=VOCAB, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
@@ -104,3 +106,24 @@ def test_a_packed_micro_batch_equals_its_documents_run_alone(name):
     # documents see each other (no mask) it does: the positions reach the rotary embedding.
     positions_only = DataConfig(vocab_size=VOCAB, reset_position_ids=True)
     assert not close(packed(positions_only), packed(dataclasses.replace(positions_only, reset_position_ids=False)))
+
+
+def roll_left(t: torch.Tensor) -> torch.Tensor:
+    """Megatron's roll_tensor(t, shifts=-1): one to the left, 0 shifted in at the end."""
+    return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1)
+
+
+def test_each_mtp_depth_rolls_the_loss_mask_as_megatron():
+    """A stand-in loss that is each position's target id shows which targets each depth counts."""
+    config = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=32,
+                         vocab_size=VOCAB, mtp_num_layers=2, seq_length=SEQ)
+    samples = packed_samples(2, seed=3)
+    inputs, labels = samples[:, :-1], samples[:, 1:]
+    hidden = torch.zeros(SEQ, 2, 16)
+    losses = run_steps(MultiTokenPrediction(config).losses_steps(
+        hidden, labels, None, lambda ids: torch.zeros(SEQ, 2, 16), lambda _, targets: targets.t().double(),
+        documents_of(inputs, EOD, ALL)))
+    targets, mask = labels.double(), (inputs != EOD).double()
+    for depth, loss in enumerate(losses, start=1):
+        targets, mask = roll_left(targets), roll_left(mask)
+        assert loss.item() == pytest.approx(((targets * mask).sum() / mask.sum()).item(), rel=1e-12), depth
