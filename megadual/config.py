@@ -227,6 +227,9 @@ class TrainConfig:
                                                        "the run have passed", group=CHECKPOINTS)
     no_load_optim: bool = option(False, group=CHECKPOINTS)
     finetune: bool = option(False, "load the model only and start at iteration 0", group=CHECKPOINTS)
+    checkpoint_key_file: str | None = option(None, "sign each checkpoint's manifest with HMAC-SHA256 under this "
+                                                   "file's key and load only checkpoints it signed (default: "
+                                                   "$MEGADUAL_CHECKPOINT_KEY_FILE, else unsigned)", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row")
     tensorboard_dir: str | None = option(None)
     recompute_granularity: str | None = option(

@@ -37,7 +37,7 @@ from megadual.hf.config_map import UnsupportedModel, architecture_flags, behavio
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import HFWeights, write_sharded
 from megadual.model.size import meta_model
-from megadual.training.checkpoint import META, TrainState
+from megadual.training.checkpoint import META, TrainState, safe_pickle
 from megadual.training.checkpoint.offline import publish_checkpoint, tracked_checkpoint
 
 VOCAB_ROWS = ("embedding.weight", "output_layer.weight")
@@ -71,7 +71,7 @@ def read_tensors(path: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Te
     only those)."""
     state = {name: torch.empty(shape) for name, shape in shapes.items()}
     with _without_process_group():
-        dcp.load({"model": state}, checkpoint_id=path)
+        safe_pickle.load({"model": state}, path)
     return state
 
 

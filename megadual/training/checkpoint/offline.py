@@ -19,31 +19,36 @@ from megadual.training.checkpoint.layout import (
 )
 
 
-def tracked_checkpoint(root: str) -> tuple[str, dict]:
+def tracked_checkpoint(root: str, key: bytes | None = None) -> tuple[str, dict]:
     """(folder, its megadual_meta.json) of the iteration the tracker under `root` names, every file
-    verified against the folder's manifest."""
+    verified against the folder's manifest (signed with `key`, when given)."""
     iteration = read_tracker(root)
     if iteration is None:
         raise CheckpointError(f"{root} has no {TRACKER}")
     folder = iteration_dir(root, iteration)
-    for name, expected in read_manifest(folder).items():
-        problem = problem_with(folder, name, expected)
+    try:
+        manifest = read_manifest(folder, key)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    for name, expected in manifest.items():
+        problem = problem_with(folder, name, expected, key)
         if problem is not None:
             raise CheckpointError(f"{folder}: {problem}")
     with open(os.path.join(folder, META)) as f:
         return folder, json.load(f)
 
 
-def publish_checkpoint(root: str, iteration: int, write: Callable[[str], None]) -> str:
+def publish_checkpoint(root: str, iteration: int, write: Callable[[str], None], key: bytes | None = None) -> str:
     """Write `root`/iter_N as a training save does: `write(folder)` fills a temporary folder, whose
-    files are checksummed into its manifest before it is renamed into place and the tracker moves."""
+    files are checksummed into its manifest (signed with `key`, when given) before it is renamed into
+    place and the tracker moves."""
     final = iteration_dir(root, iteration)
     if os.path.exists(final):
         raise CheckpointError(f"{final} exists; checkpoints are never overwritten")
     staging = staging_dir(root, iteration)
     os.makedirs(staging)
     write(staging)
-    write_manifest(staging, checksums(staging, sorted(os.listdir(staging))))
+    write_manifest(staging, checksums(staging, sorted(os.listdir(staging)), key is not None), key)
     os.rename(staging, final)
     fsync_dir(root)
     write_tracker(root, iteration)

@@ -1,0 +1,156 @@
+"""Checkpoints from elsewhere: loading one runs no code from it, and with a key only checkpoints
+signed with that key load.
+
+A crafted checkpoint here is what a hostile colleague can make: a `.metadata` replaced by a pickle
+whose `__reduce__` runs a shell command, or a byte item (or tensor item) of a `.distcp` shard
+pointed at such a pickle, with the manifest's checksums recomputed so that the folder verifies.
+The command would create a marker file; every test checks that it does not exist afterwards."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megadual.training.checkpoint import CheckpointError, iteration_dir
+from megadual.training.checkpoint.integrity import KEY_ENV, checksums
+from tests.checkpoint_runs import train, train_expecting_error
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import convert_checkpoint  # noqa: E402
+
+SHARD = "__0_0.distcp"
+# An MoE model with MLA, which --to-hf converts.
+MODEL = ["--multi-latent-attention", "--q-lora-rank", "0", "--kv-lora-rank", "16", "--qk-head-dim", "8",
+         "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--num-experts", "4", "--moe-router-topk", "2",
+         "--moe-ffn-hidden-size", "16"]
+SAVE = ["--save-interval", "2", "--train-iters", "2"]
+
+
+def run(flags: list[str]):
+    return train(MODEL + flags)
+
+
+def refused(flags: list[str]) -> str:
+    return train_expecting_error(MODEL + flags, CheckpointError)[0]
+
+
+class Payload:
+    """Unpickled, runs `touch marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def recompute_manifest(folder: Path) -> None:
+    """The manifest's CRCs made to match the files again, its signature (if any) kept."""
+    manifest = json.loads((folder / "megadual_manifest.json").read_text())
+    manifest["files"] = checksums(str(folder), sorted(manifest["files"]), "signature" in manifest)
+    (folder / "megadual_manifest.json").write_text(json.dumps(manifest))
+
+
+def craft_metadata(folder: Path, marker: Path) -> None:
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    recompute_manifest(folder)
+
+
+def craft_item(folder: Path, marker: Path, fqn: str) -> None:
+    """Point the item `fqn` of the shard at a torch.save'd payload appended to it (the metadata is
+    DCP's own, rewritten with the new offset)."""
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # our own save: trusted
+    index = next(i for i in metadata.storage_data if i.fqn == fqn)
+    info = metadata.storage_data[index]
+    shard = folder / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        torch.save(Payload(marker), f)
+    info.offset, info.length = offset, shard.stat().st_size - offset
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    recompute_manifest(folder)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pristine") / "ckpt"
+    run(["--save", str(root)] + SAVE)
+    return root
+
+
+@pytest.fixture
+def saved(pristine, tmp_path) -> Path:
+    root = tmp_path / "ckpt"
+    shutil.copytree(pristine, root)
+    return root
+
+
+def one_line_naming(message: str, path: Path) -> bool:
+    return "\n" not in message and str(path) in message
+
+
+@pytest.mark.parametrize("how", ["--load", "--finetune", "--to-hf"])
+def test_a_crafted_metadata_is_refused_without_running_it(saved, tmp_path, capsys, how):
+    marker, folder = tmp_path / "pwned", Path(iteration_dir(str(saved), 2))
+    craft_metadata(folder, marker)
+    if how == "--to-hf":
+        assert convert_checkpoint.main(["--to-hf", str(saved), str(tmp_path / "hf")]) == 2
+        message = capsys.readouterr().err.strip()
+    else:
+        flags = ["--load", str(saved), "--train-iters", "3"] + (["--finetune"] if how == "--finetune" else [])
+        message = refused(flags)
+    assert one_line_naming(message, folder / ".metadata"), message
+    assert "posix.system" in message
+    assert not marker.exists(), "the crafted pickle ran"
+
+
+@pytest.mark.parametrize("fqn", ["optimizer.param_groups.embedding.weight.lr", "model.final_norm.weight"],
+                         ids=["byte item", "tensor item"])
+def test_a_crafted_shard_item_is_refused_without_running_it(saved, tmp_path, fqn):
+    marker, folder = tmp_path / "pwned", Path(iteration_dir(str(saved), 2))
+    craft_item(folder, marker, fqn)
+    message = refused(["--load", str(saved), "--train-iters", "3"])
+    assert one_line_naming(message, folder / SHARD), message
+    assert not marker.exists(), "the crafted pickle ran"
+
+
+def test_signed_checkpoints_load_only_with_their_key(tmp_path, monkeypatch):
+    """Signed at save (a sync and an async save), loaded with the key; refused with another key, unsigned,
+    or altered with its checksums recomputed; without a key the signed checkpoint loads as any other."""
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_text("a secret\n")
+    other.write_text("another secret\n")
+    root = tmp_path / "signed"
+    run(["--save", str(root), "--save-interval", "1", "--train-iters", "2", "--async-save",
+           "--checkpoint-key-file", str(key)])
+    newest = Path(iteration_dir(str(root), 2))
+    assert "signature" in (newest / "megadual_manifest.json").read_text()
+    logged = run(["--load", str(root), "--save", str(root), "--train-iters", "3", "--save-interval", "3",
+                    "--checkpoint-key-file", str(key)])
+    assert logged.has(f"loading checkpoint from {iteration_dir(str(root), 2)}")
+    monkeypatch.setenv(KEY_ENV, str(other))  # the environment variable names the key when the flag is not given
+    message = refused(["--load", str(newest), "--train-iters", "4"])
+    assert str(newest) in message and "not signed with this key" in message, message
+    monkeypatch.delenv(KEY_ENV)
+    assert run(["--load", str(newest), "--train-iters", "4"]).has("loading checkpoint")  # no key: unchecked
+
+    (newest / "megadual_meta.json").write_text((newest / "megadual_meta.json").read_text().replace(
+        '"skipped_iterations": 0', '"skipped_iterations": 1'))
+    recompute_manifest(newest)  # the CRCs match again, the signature does not
+    message = refused(["--load", str(newest), "--train-iters", "4", "--checkpoint-key-file",
+                                        str(key)])
+    assert str(newest) in message and "not signed with this key, or was altered" in message, message
+
+    unsigned = tmp_path / "unsigned"
+    run(["--save", str(unsigned)] + SAVE)
+    message = refused(["--load", str(unsigned), "--train-iters", "3", "--checkpoint-key-file",
+                                        str(key)])
+    assert "iter_0000002: its megadual_manifest.json is unsigned" in message and str(unsigned) in message, message
