@@ -13,7 +13,6 @@ without --load), and with --finetune, which needs a checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -24,7 +23,6 @@ from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
 from megadual.training.checkpoint.integrity import checkpoint_key, verify
 from megadual.training.checkpoint.layout import (
-    META,
     TRACKER,
     CheckpointError,
     TrainState,
@@ -35,6 +33,7 @@ from megadual.training.checkpoint.layout import (
     iteration_of,
     read_tracker,
 )
+from megadual.training.checkpoint.meta import read_meta
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def find_checkpoint(config: RunConfig, coord: Coordination, log) -> Checkpoint |
     for folder in found.folders:
         problem = verify(folder, coord, key)
         if problem is None:
-            return _checked(Checkpoint(folder, coord.on_rank0(lambda path=folder: _read_meta(path))), config, log)
+            return _checked(Checkpoint(folder, coord.on_rank0(lambda path=folder: read_meta(path))), config, log)
         if found.named:
             raise CheckpointError(f"--load {folder}: {problem}")
         log(f" skipping checkpoint {folder}: {problem}")
@@ -156,11 +155,6 @@ def _newest(root: str) -> str:
         return str(e)
     return f"the tracker names iteration {tracked}" if tracked is not None else \
         f"newest folder: {os.path.basename(iteration_dir(root, iteration_folders(root)[0]))}"
-
-
-def _read_meta(folder: str) -> dict:
-    with open(os.path.join(folder, META)) as f:
-        return json.load(f)
 
 
 def _checked(checkpoint: Checkpoint, config: RunConfig, log) -> Checkpoint:
