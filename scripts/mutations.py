@@ -490,7 +490,7 @@ MUTATIONS = [
         'an unwritable --save is found only when the first save fails, after training (and no lock is taken)'),
     Mutation(
         'ckpt-checksum-not-compared', 'megadual/training/checkpoint/integrity.py',
-        '    if crc != expected["crc32"]:',
+        '    if found["crc32"] != expected["crc32"]:',
         '    if False:',
         ('tests/test_checkpoint_integrity.py::test_every_flipped_run_of_bytes_is_found',
          'tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous'),

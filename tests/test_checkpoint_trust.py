@@ -122,7 +122,7 @@ def test_a_crafted_shard_item_is_refused_without_running_it(saved, tmp_path, fqn
     assert not marker.exists(), "the crafted pickle ran"
 
 
-def test_signed_checkpoints_load_only_with_their_key(tmp_path, monkeypatch):
+def test_signed_checkpoints_load_only_with_their_key(pristine, tmp_path, monkeypatch):
     """Signed at save (a sync and an async save), loaded with the key; refused with another key, unsigned,
     or altered with its checksums recomputed; without a key the signed checkpoint loads as any other."""
     key, other = tmp_path / "key", tmp_path / "other"
@@ -140,7 +140,7 @@ def test_signed_checkpoints_load_only_with_their_key(tmp_path, monkeypatch):
     message = refused(["--load", str(newest), "--train-iters", "4"])
     assert str(newest) in message and "not signed with this key" in message, message
     monkeypatch.delenv(KEY_ENV)
-    assert run(["--load", str(newest), "--train-iters", "4"]).has("loading checkpoint")  # no key: unchecked
+    assert run(["--load", str(newest), "--train-iters", "3"]).has("loading checkpoint")  # no key: unchecked
 
     (newest / "megadual_meta.json").write_text((newest / "megadual_meta.json").read_text().replace(
         '"skipped_iterations": 0', '"skipped_iterations": 1'))
@@ -149,8 +149,87 @@ def test_signed_checkpoints_load_only_with_their_key(tmp_path, monkeypatch):
                                         str(key)])
     assert str(newest) in message and "not signed with this key, or was altered" in message, message
 
-    unsigned = tmp_path / "unsigned"
-    run(["--save", str(unsigned)] + SAVE)
-    message = refused(["--load", str(unsigned), "--train-iters", "3", "--checkpoint-key-file",
-                                        str(key)])
-    assert "iter_0000002: its megadual_manifest.json is unsigned" in message and str(unsigned) in message, message
+    message = refused(["--load", str(pristine), "--train-iters", "3", "--checkpoint-key-file", str(key)])
+    assert "iter_0000002: its megadual_manifest.json is unsigned" in message and str(pristine) in message, message
+
+
+def convert(*args) -> tuple[int, str]:
+    """convert_checkpoint.py's exit status and what it printed to stderr."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = convert_checkpoint.main([str(a) for a in args])
+    return status, err.getvalue().strip()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(pristine, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "model"
+    assert convert("--to-hf", pristine, out) == (0, "")
+    return out
+
+
+def test_converters_write_only_into_new_or_empty_folders(pristine, hf_folder, tmp_path):
+    from tests.checkpoint_runs import contents
+    taken = tmp_path / "taken"
+    shutil.copytree(pristine, taken)
+    before = contents(taken)
+    status, message = convert("--from-hf", hf_folder, taken)
+    assert status == 2 and "holds checkpoints (its tracker names iteration 2)" in message and "--overwrite" in message
+    assert contents(taken) == before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("mine")
+    for direction, source in (("--to-hf", pristine), ("--from-hf", hf_folder)):
+        status, message = convert(direction, source, notes)
+        assert status == 2 and f"{direction}: {notes} holds 1 file(s): config.json" in message, message
+        assert (notes / "config.json").read_text() == "mine" and os.listdir(notes) == ["config.json"]
+    assert convert("--to-hf", pristine, notes, "--overwrite")[0] == 0
+    assert json.loads((notes / "config.json").read_text())["model_type"] == "deepseek_v3"
+
+
+def nan_in_first_tensor(folder: Path) -> str:
+    from safetensors.torch import load_file, save_file
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return name
+
+
+def truncate_a_shard(folder: Path) -> str:
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    return str(shard)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: (folder / "config.json").write_text("{not json") and f"{folder / 'config.json'}: not JSON",
+    lambda folder: (folder / "config.json").write_text("[1]") and "should hold a JSON object, holds a list",
+    lambda folder: f"{truncate_a_shard(folder)}: not a readable safetensors file",
+    lambda folder: f"{nan_in_first_tensor(folder)} in ",
+], ids=["config not JSON", "config not an object", "truncated safetensors", "NaN"])
+def test_a_bad_hugging_face_folder_is_refused_in_one_line(hf_folder, tmp_path, damage):
+    source = tmp_path / "hf"
+    shutil.copytree(hf_folder, source)
+    expected = damage(source)
+    status, message = convert("--from-hf", source, tmp_path / "ckpt")
+    assert status == 2 and "\n" not in message and expected in message, message
+    assert not (tmp_path / "ckpt").exists() or not os.listdir(tmp_path / "ckpt")  # nothing left behind
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ("[]", "should hold a JSON object, holds a list"),
+    ('{"train_state": {}, "config": {}, "world_size": 1, "surprise": 1}', "unknown key surprise"),
+], ids=["not an object", "unknown key"])
+def test_a_crafted_meta_file_is_refused_in_one_line(saved, tmp_path, meta, problem):
+    folder = Path(iteration_dir(str(saved), 2))
+    (folder / "megadual_meta.json").write_text(meta)
+    recompute_manifest(folder)
+    status, message = convert("--to-hf", saved, tmp_path / "hf")
+    assert status == 2 and message.endswith(f"{folder / 'megadual_meta.json'}: {problem}"), message
+    message = refused(["--load", str(saved), "--train-iters", "3"])
+    assert "\n" not in message and f"{folder / 'megadual_meta.json'}: {problem}" in message, message
