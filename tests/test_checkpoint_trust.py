@@ -12,13 +12,14 @@ import os
 import pickle
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from megadual.training.checkpoint import CheckpointError, iteration_dir
-from megadual.training.checkpoint.integrity import KEY_ENV, checksums
+from megadual.training.checkpoint.integrity import KEY_ENV, checksums, problem_with, read_manifest
 from tests.checkpoint_runs import train, train_expecting_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,20 +123,28 @@ def test_a_crafted_shard_item_is_refused_without_running_it(saved, tmp_path, fqn
     assert not marker.exists(), "the crafted pickle ran"
 
 
-def test_signed_checkpoints_load_only_with_their_key(pristine, tmp_path, monkeypatch):
-    """Signed at save (a sync and an async save), loaded with the key; refused with another key, unsigned,
-    or altered with its checksums recomputed; without a key the signed checkpoint loads as any other."""
-    key, other = tmp_path / "key", tmp_path / "other"
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory) -> tuple[Path, Path]:
+    """(a --save directory whose checkpoints 1 and 2 were saved asynchronously with a key, the key file)."""
+    folder = tmp_path_factory.mktemp("signed")
+    key = folder / "key"
     key.write_text("a secret\n")
+    run(["--save", str(folder / "ckpt"), "--save-interval", "1", "--train-iters", "2", "--async-save",
+         "--checkpoint-key-file", str(key)])
+    return folder / "ckpt", key
+
+
+def test_signed_checkpoints_load_only_with_their_key(pristine, signed, tmp_path, monkeypatch):
+    """Signed at save (async, then sync), loaded with the key; refused with another key, unsigned, or
+    altered with its checksums recomputed; without a key the signed checkpoint loads as any other."""
+    root, key = signed
+    other = tmp_path / "other"
     other.write_text("another secret\n")
-    root = tmp_path / "signed"
-    run(["--save", str(root), "--save-interval", "1", "--train-iters", "2", "--async-save",
-           "--checkpoint-key-file", str(key)])
     newest = Path(iteration_dir(str(root), 2))
-    assert "signature" in (newest / "megadual_manifest.json").read_text()
     logged = run(["--load", str(root), "--save", str(root), "--train-iters", "3", "--save-interval", "3",
-                    "--checkpoint-key-file", str(key)])
-    assert logged.has(f"loading checkpoint from {iteration_dir(str(root), 2)}")
+                  "--checkpoint-key-file", str(key)])
+    assert logged.has(f"loading checkpoint from {newest}")
+    assert "signature" in Path(iteration_dir(str(root), 3), "megadual_manifest.json").read_text()
     monkeypatch.setenv(KEY_ENV, str(other))  # the environment variable names the key when the flag is not given
     message = refused(["--load", str(newest), "--train-iters", "4"])
     assert str(newest) in message and "not signed with this key" in message, message
@@ -233,3 +242,41 @@ def test_a_crafted_meta_file_is_refused_in_one_line(saved, tmp_path, meta, probl
     assert status == 2 and message.endswith(f"{folder / 'megadual_meta.json'}: {problem}"), message
     message = refused(["--load", str(saved), "--train-iters", "3"])
     assert "\n" not in message and f"{folder / 'megadual_meta.json'}: {problem}" in message, message
+
+
+def forge_crc(data: bytearray, pos: int, target: int) -> None:
+    """Change bits of data[pos:pos + 4] so that the CRC-32 of `data` becomes `target` (a CRC is affine
+    in the bits of its input: solve 32 equations over GF(2))."""
+    n, basis = len(data), {}
+    zero = zlib.crc32(bytes(n))
+    for bit in range(32):
+        e = bytearray(n)
+        e[pos + bit // 8] = 1 << (bit % 8)
+        v, m = zlib.crc32(e) ^ zero, 1 << bit
+        while v and v.bit_length() - 1 in basis:
+            v, m = v ^ basis[v.bit_length() - 1][0], m ^ basis[v.bit_length() - 1][1]
+        if v:
+            basis[v.bit_length() - 1] = (v, m)
+    v, m = zlib.crc32(data) ^ target, 0
+    while v:
+        v, m = v ^ basis[v.bit_length() - 1][0], m ^ basis[v.bit_length() - 1][1]
+    for bit in range(32):
+        if m >> bit & 1:
+            data[pos + bit // 8] ^= 1 << (bit % 8)
+
+
+def test_a_file_forged_to_its_crc_is_caught_by_its_signed_sha256(signed, tmp_path):
+    root, key = signed
+    folder = tmp_path / "iter_0000001"
+    shutil.copytree(iteration_dir(str(root), 1), folder)
+    shard = folder / SHARD
+    data = bytearray(shard.read_bytes())
+    crc = zlib.crc32(data)
+    data[len(data) // 2] ^= 0xFF
+    forge_crc(data, len(data) // 2 + 8, crc)
+    shard.write_bytes(bytes(data))
+    manifest = read_manifest(str(folder))
+    assert problem_with(str(folder), SHARD, manifest[SHARD]) is None  # the CRC-32 is fooled
+    message = refused(["--load", str(folder), "--train-iters", "3", "--checkpoint-key-file", str(key)])
+    assert message == f"--load {folder}: {SHARD} is not the file that was signed (its SHA-256 differs from the " \
+                      "manifest's)"

@@ -94,3 +94,16 @@ def test_verify_refuses_sequence_parallelism_without_tensor_parallelism(capsys):
     assert main(["--layouts", "sp,dp2"]) == 2
     assert capsys.readouterr().err.strip() == ("megadual.verify: error: layout 'sp,dp2': sp needs tpN (sequence "
                                                "parallelism splits the sequence over TP ranks)")
+
+
+def test_an_exit_signal_torchrun_would_not_pass_on_is_refused(monkeypatch, capsys):
+    """torchrun puts its --signals-to-handle in the workers' environment; without SIGUSR1 there it
+    would die of SIGUSR1 with its workers, and nothing would be saved."""
+    sys.path.insert(0, str(ROOT))
+    import pretrain_moe
+    flags = ["--mock-data", "--vocab-size", "512", "--exit-signal-handler", "--exit-signal", "SIGUSR1"]
+    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    assert pretrain_moe.main(flags) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "pretrain_moe.py: error: --exit-signal SIGUSR1: torchrun passes on only SIGTERM,SIGINT,SIGHUP,SIGQUIT "
+        "(its --signals-to-handle)")
