@@ -101,7 +101,9 @@ def test_an_exit_signal_torchrun_would_not_pass_on_is_refused(monkeypatch, capsy
     would die of SIGUSR1 with its workers, and nothing would be saved."""
     sys.path.insert(0, str(ROOT))
     import pretrain_moe
-    flags = ["--mock-data", "--vocab-size", "512", "--exit-signal-handler", "--exit-signal", "SIGUSR1"]
+    # --load names a file: a run that got past the check would stop at once (exit status 1), not train.
+    flags = ["--mock-data", "--vocab-size", "512", "--exit-signal-handler", "--exit-signal", "SIGUSR1", "--load",
+             __file__]
     monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
     assert pretrain_moe.main(flags) == 2
     assert capsys.readouterr().err.strip().startswith(
