@@ -628,6 +628,12 @@ MUTATIONS = [
          "tests/test_checkpoint_trust.py::test_a_crafted_meta_file_is_refused_in_one_line[unknown key]"),
         "megadual_meta.json is used without its schema check: a crafted one ends in a traceback"),
     Mutation(
+        "ckpt-metadata-may-point-outside", "megadual/training/checkpoint/safe_pickle.py",
+        "if not isinstance(info, _StorageInfo) or not isinstance(name, str) or os.path.basename(name) != name \\\n",
+        "if not isinstance(info, _StorageInfo) or not isinstance(name, str) or False \\\n",
+        ("tests/test_checkpoint_trust.py::test_metadata_pointing_outside_its_folder_is_refused",),
+        "a checkpoint's .metadata may send DCP to read files outside its folder"),
+    Mutation(
         "hf-import-into-checkpoints", "megadual/hf/convert.py",
         '    check_destination(root, "--from-hf", overwrite)\n',
         "",

@@ -123,6 +123,17 @@ def test_a_crafted_shard_item_is_refused_without_running_it(saved, tmp_path, fqn
     assert not marker.exists(), "the crafted pickle ran"
 
 
+def test_metadata_pointing_outside_its_folder_is_refused(saved, tmp_path):
+    folder = Path(iteration_dir(str(saved), 2))
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # our own save: trusted
+    next(iter(metadata.storage_data.values())).relative_path = "../../elsewhere.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    recompute_manifest(folder)
+    message = refused(["--load", str(saved), "--train-iters", "3"])
+    assert message.endswith(f"{folder / '.metadata'}: refused, it points outside its folder ('../../elsewhere.distcp')")
+
+
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory) -> tuple[Path, Path]:
     """(a --save directory whose checkpoints 1 and 2 were saved asynchronously with a key, the key file)."""
