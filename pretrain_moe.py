@@ -42,7 +42,8 @@ def check_exit_signal_forwarded(config) -> None:
     agent, and the workers with it, before any rank can save."""
     forwarded = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
     signal = config.train.exit_signal
-    if not config.train.exit_signal_handler or forwarded is None or signal in forwarded.split(","):
+    if not config.train.exit_signal_handler or forwarded is None or \
+            signal in [name.strip() for name in forwarded.split(",")]:
         return
     raise ConfigError(f"--exit-signal {signal}: torchrun passes on only {forwarded} (its --signals-to-handle), so "
                       f"{signal} would end it and its workers without a save; give torchrun --signals-to-handle "

@@ -131,7 +131,8 @@ def test_metadata_pointing_outside_its_folder_is_refused(saved, tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     recompute_manifest(folder)
     message = refused(["--load", str(saved), "--train-iters", "3"])
-    assert message.endswith(f"{folder / '.metadata'}: refused, it points outside its folder ('../../elsewhere.distcp')")
+    assert message.endswith(f"{folder / '.metadata'}: refused, it points outside its folder "
+                            "('../../elsewhere.distcp')")
 
 
 @pytest.fixture(scope="module")

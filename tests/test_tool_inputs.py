@@ -86,7 +86,8 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), *preprocess_args(corpus(tmp_path / "c.jsonl", OLD), prefix),
                              "--tokenizer-type", "NullTokenizer"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip() == (
-        f"preprocess_data.py: error: --output-prefix {prefix}: cannot make the folder {prefix.parent} (Not a directory)")
+        f"preprocess_data.py: error: --output-prefix {prefix}: cannot make the folder {prefix.parent} "
+        "(Not a directory)")
 
 
 def test_verify_refuses_sequence_parallelism_without_tensor_parallelism(capsys):
