@@ -33,6 +33,21 @@ def validate_launch(config) -> None:
     validate_world(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if config.train.tensorboard_dir:
         require_tensorboard()
+    check_exit_signal_forwarded(config)
+
+
+def check_exit_signal_forwarded(config) -> None:
+    """Under torchrun, --exit-signal must be one its agent passes on to the workers (its
+    --signals-to-handle, which it puts in the workers' environment): any other signal kills the
+    agent, and the workers with it, before any rank can save."""
+    forwarded = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
+    signal = config.train.exit_signal
+    if not config.train.exit_signal_handler or forwarded is None or \
+            signal in [name.strip() for name in forwarded.split(",")]:
+        return
+    raise ConfigError(f"--exit-signal {signal}: torchrun passes on only {forwarded} (its --signals-to-handle), so "
+                      f"{signal} would end it and its workers without a save; give torchrun --signals-to-handle "
+                      f"{forwarded},{signal} (scripts/pretrain_moe.sh does)")
 
 
 def fail(message, status: int) -> int:
@@ -42,7 +57,8 @@ def fail(message, status: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """0 when the run trained to the end or stopped as asked (signal, time budget), 2 for bad
-    flags, 1 for bad data, checkpoints, divergence or a lost rank: each one line on stderr."""
+    flags, 1 for bad data, checkpoints (a last save that failed included), divergence or a lost
+    rank: each one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = load_config(argv)

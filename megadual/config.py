@@ -245,6 +245,9 @@ class TrainConfig:
     overwrite_checkpoints: bool = option(False, "let this run replace checkpoints in --save that another run wrote "
                                                 "or that are newer than the one it starts from (refused "
                                                 "otherwise)", group=CHECKPOINTS)
+    checkpoint_key_file: str | None = option(None, "sign each checkpoint's manifest with HMAC-SHA256 under this "
+                                                   "file's key and load only checkpoints it signed (default: "
+                                                   "$MEGADUAL_CHECKPOINT_KEY_FILE, else unsigned)", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row", positive=True)
     tensorboard_dir: str | None = option(None)
     recompute_granularity: str | None = option(

@@ -166,6 +166,8 @@ def parse_layout(text: str, common_flags: list[str]) -> LayoutSpec:
     tp, ep = found.get("tp", 1), found.get("ep", 1)
     found.setdefault("dp", ep // math.gcd(ep, tp))
     spec = LayoutSpec(text, **found)
+    if spec.sequence_parallel and spec.tp == 1:
+        raise ValueError(f"layout {text!r}: sp needs tpN (sequence parallelism splits the sequence over TP ranks)")
     if spec.world % spec.nodes:
         raise ValueError(f"layout {text!r}: {spec.world} processes do not split into {spec.nodes} nodes")
     flags, _ = pretrain_parser().parse_known_args(common_flags)

@@ -490,7 +490,7 @@ MUTATIONS = [
         'an unwritable --save is found only when the first save fails, after training (and no lock is taken)'),
     Mutation(
         'ckpt-checksum-not-compared', 'megadual/training/checkpoint/integrity.py',
-        '    if crc != expected["crc32"]:',
+        '    if found["crc32"] != expected["crc32"]:',
         '    if False:',
         ('tests/test_checkpoint_integrity.py::test_every_flipped_run_of_bytes_is_found',
          'tests/test_checkpoint_integrity.py::test_corrupt_checkpoint_is_skipped_and_a_failed_save_keeps_the_previous'),
@@ -676,4 +676,92 @@ MUTATIONS = [
         "documents.loss_mask[:, :seq - k]",
         ("tests/test_documents.py::test_each_mtp_depth_rolls_the_loss_mask_as_megatron",),
         "under --eod-mask-loss each MTP depth masks the positions whose own input is eod, not the one k ahead"),
+    # issue 24 (i24-trust)
+    Mutation(
+        "ckpt-metadata-read-by-plain-pickle", "megadual/training/checkpoint/safe_pickle.py",
+        "metadata = _MetadataUnpickler(f).load()",
+        "metadata = pickle.load(f)",
+        ("tests/test_checkpoint_trust.py::test_a_crafted_metadata_is_refused_without_running_it[--load]",
+         "tests/test_checkpoint_trust.py::test_a_crafted_metadata_is_refused_without_running_it[--to-hf]"),
+        "a checkpoint's .metadata is read with plain pickle, so a crafted one runs its command on --load and --to-hf"),
+    Mutation(
+        "ckpt-byte-items-unrestricted", "megadual/training/checkpoint/safe_pickle.py",
+        "loaded = torch.load(value, weights_only=True)",
+        "loaded = torch.load(value, weights_only=False)",
+        ("tests/test_checkpoint_trust.py::test_a_crafted_shard_item_is_refused_without_running_it[byte item]",),
+        "byte items of a .distcp shard are unpickled as DCP does (weights_only=False), running a crafted one"),
+    Mutation(
+        "ckpt-signature-not-compared", "megadual/training/checkpoint/integrity.py",
+        "if not isinstance(signed, str) or not hmac.compare_digest(signed, signature(key, files)):",
+        "if not isinstance(signed, str):",
+        ("tests/test_checkpoint_trust.py::test_signed_checkpoints_load_only_with_their_key",),
+        "with a key, any signature is accepted: a manifest signed with another key, or altered, loads"),
+    Mutation(
+        "ckpt-saved-unsigned", "megadual/training/checkpoint/save.py",
+        "write_manifest(staging, files, self.key)",
+        "write_manifest(staging, files)",
+        ("tests/test_checkpoint_trust.py::test_signed_checkpoints_load_only_with_their_key",),
+        "--checkpoint-key-file is ignored at save: the manifests are unsigned"),
+    Mutation(
+        "ckpt-signed-sha256-not-compared", "megadual/training/checkpoint/integrity.py",
+        'if key is not None and found["sha256"] != expected.get("sha256"):',
+        "if False:",
+        ("tests/test_checkpoint_trust.py::test_a_file_forged_to_its_crc_is_caught_by_its_signed_sha256",),
+        "with a key only the CRC-32 of each file is compared, which a forger matches at will"),
+    Mutation(
+        "ckpt-meta-schema-unchecked", "megadual/training/checkpoint/meta.py",
+        "    problem = meta_problem(meta)\n",
+        "    problem = None\n",
+        ("tests/test_checkpoint_trust.py::test_a_crafted_meta_file_is_refused_in_one_line[not an object]",
+         "tests/test_checkpoint_trust.py::test_a_crafted_meta_file_is_refused_in_one_line[unknown key]"),
+        "megadual_meta.json is used without its schema check: a crafted one ends in a traceback"),
+    Mutation(
+        "ckpt-metadata-may-point-outside", "megadual/training/checkpoint/safe_pickle.py",
+        "if not isinstance(info, _StorageInfo) or not isinstance(name, str) or os.path.basename(name) != name \\\n",
+        "if not isinstance(info, _StorageInfo) or not isinstance(name, str) or False \\\n",
+        ("tests/test_checkpoint_trust.py::test_metadata_pointing_outside_its_folder_is_refused",),
+        "a checkpoint's .metadata may send DCP to read files outside its folder"),
+    Mutation(
+        "hf-import-into-checkpoints", "megadual/hf/convert.py",
+        '    check_destination(root, "--from-hf", overwrite)\n',
+        "",
+        ("tests/test_checkpoint_trust.py::test_converters_write_only_into_new_or_empty_folders",),
+        "--from-hf writes into a folder holding a training run, moving its tracker to the import"),
+    Mutation(
+        "hf-nan-imported", "megadual/hf/safetensors_io.py",
+        "if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():",
+        "if False:",
+        ("tests/test_checkpoint_trust.py::test_a_bad_hugging_face_folder_is_refused_in_one_line[NaN]",),
+        "a NaN in a Hugging Face weight is imported without a word"),
+    Mutation(
+        "preprocess-tokenizer-written-in-place", "scripts/preprocess_data.py",
+        "args.tokenizer_model = train_tokenizer(args, _temporary(tokenizer))",
+        "args.tokenizer_model = train_tokenizer(args, tokenizer)",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one[tokenizer]",),
+        "preprocess_data.py saves its trained tokenizer over the old one before the new dataset exists"),
+    Mutation(
+        "preprocess-old-idx-kept-while-publishing", "scripts/preprocess_data.py",
+        '        if path.endswith(".idx"):\n',
+        "        if False:\n",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one[publishing]",),
+        "killed among its renames, preprocess_data.py leaves the new tokenizer beside the old .bin and .idx, "
+        "which read as valid"),
+    Mutation(
+        "verify-sp-without-tp", "megadual/verify.py",
+        "if spec.sequence_parallel and spec.tp == 1:",
+        "if False:",
+        ("tests/test_tool_inputs.py::test_verify_refuses_sequence_parallelism_without_tensor_parallelism",),
+        "python -m megadual.verify --layouts sp (no TP) runs and passes"),
+    Mutation(
+        "exit-signal-torchrun-drops-accepted", "pretrain_moe.py",
+        "    check_exit_signal_forwarded(config)\n",
+        "",
+        ("tests/test_tool_inputs.py::test_an_exit_signal_torchrun_would_not_pass_on_is_refused",),
+        "an --exit-signal torchrun would die of (not in its --signals-to-handle) is accepted"),
+    Mutation(
+        "last-save-failure-exits-0", "megadual/training/checkpoint/manager.py",
+        "if state.iteration != self._saved_iteration and not self._last_step_skipped:",
+        "if False:",
+        ("tests/test_checkpoint_save.py::test_a_run_whose_last_save_failed_does_not_end_as_complete",),
+        "under --save-failures-continue a run whose last save failed ends as if complete (exit 0)"),
 ]

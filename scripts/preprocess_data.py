@@ -13,6 +13,12 @@ Tokenizer: ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.j
 a byte-level BPE of ``--vocab-size`` (default 8192) is trained on the input first and
 saved as ``PREFIX_tokenizer.json``.
 
+Publishing: the tokenizer, ``.bin`` and ``.idx`` are written under temporary names and renamed into
+place together once all of them are complete, so a failed or killed run leaves the previous ones
+as they were. The renames are listed first in ``PREFIX_preprocess_commit.json``: a run killed
+among them (a moment in which the old ``.idx`` is already gone, so the dataset is refused, never
+read with the wrong tokenizer) is completed by the next run into the same prefix.
+
 Each document is one sequence; ``--append-eod`` ends each with the end-of-document id.
 ``--workers N`` tokenizes in N processes; the output is the same for any N. Progress goes
 to stderr, the paths written to stdout.
@@ -155,10 +161,9 @@ def _encode_in_worker(record: Record) -> tuple[dict[str, list[int]], int]:
     return _encoder.encode(record)
 
 
-def train_tokenizer(args: argparse.Namespace) -> str:
-    """Train a BPE on the input, save it next to the outputs, and return its path."""
+def train_tokenizer(args: argparse.Namespace, path: str) -> str:
+    """Train a BPE on the input, save it at `path` (a temporary name), and return the path."""
     vocab_size = args.vocab_size or DEFAULT_TRAINED_VOCAB
-    path = f"{args.output_prefix}_tokenizer.json"
     texts = (text for record in iter_records(args.input, args.input_format)
              for text in record_texts(record, args.input_format, args.json_keys).values())
     started = time.time()
@@ -180,27 +185,18 @@ def encode_records(args: argparse.Namespace, encoder: Encoder) -> Iterator[tuple
         yield from pool.imap(_encode_in_worker, records, chunksize=32)  # imap keeps input order
 
 
-def write_datasets(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
-    """Tokenize every record into one dataset per key; returns {key: (documents, tokens)}.
-
-    Both files of each dataset are written under temporary names and moved into place only
-    when everything succeeded, so a failed run leaves an existing dataset as it was."""
+def write_datasets(args: argparse.Namespace, outputs: list[str]) -> dict[str, tuple[int, int]]:
+    """Tokenize every record into one dataset per key, each file under its temporary name (added
+    to `outputs` as it is made); returns {key: (documents, tokens)}."""
     encoder = Encoder(args)
     dtype = optimal_dtype(encoder.tokenizer.vocab_size)
     prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
+    outputs += [bin_path(prefix) for prefix in prefixes.values()]
     builders = {key: IndexedDatasetBuilder(_temporary(bin_path(prefix)), dtype) for key, prefix in prefixes.items()}
-    try:
-        counts = _tokenize_into(builders, args, encoder)
-        for key, prefix in prefixes.items():
-            builders[key].finalize(_temporary(idx_path(prefix)))
-    except BaseException:
-        for prefix in prefixes.values():
-            for path in (bin_path(prefix), idx_path(prefix)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(_temporary(path))
-        raise
-    for prefix in prefixes.values():
-        _move_into_place(prefix)
+    counts = _tokenize_into(builders, args, encoder)
+    for key, prefix in prefixes.items():
+        outputs.append(idx_path(prefix))
+        builders[key].finalize(_temporary(idx_path(prefix)))
     return counts
 
 
@@ -208,13 +204,45 @@ def _temporary(path: str) -> str:
     return f"{path}.tmp"
 
 
-def _move_into_place(prefix: str) -> None:
-    """The old .idx goes first: a crash between the renames leaves a .bin without an .idx, which
-    a reader refuses, never a new .bin beside the old .idx, which would read as valid."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(idx_path(prefix))
-    os.replace(_temporary(bin_path(prefix)), bin_path(prefix))
-    os.replace(_temporary(idx_path(prefix)), idx_path(prefix))
+def _journal(prefix: str) -> str:
+    return f"{prefix}_preprocess_commit.json"
+
+
+def publish(prefix: str, outputs: list[str]) -> None:
+    """Move every complete temporary of `outputs` into place, the renames journaled first."""
+    journal = _journal(prefix)
+    with open(_temporary(journal), "w") as f:
+        json.dump(outputs, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(_temporary(journal), journal)
+    finish_publishing(prefix)
+
+
+def finish_publishing(prefix: str) -> list[str]:
+    """Complete the renames a journal under `prefix` lists (from this run, or one killed among
+    them); returns the files moved. Every old .idx goes first: until its new one is in place a
+    reader finds a .bin without an .idx, which it refuses, never a new .bin or tokenizer beside an
+    old .idx, which would read as valid."""
+    journal = _journal(prefix)
+    if not os.path.exists(journal):
+        return []
+    with open(journal) as f:
+        outputs = [path for path in json.load(f) if os.path.exists(_temporary(path))]
+    for path in outputs:
+        if path.endswith(".idx"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    for path in sorted(outputs, key=lambda path: path.endswith(".idx")):  # the .idx files last
+        os.replace(_temporary(path), path)
+    os.remove(journal)
+    return outputs
+
+
+def _remove_temporaries(outputs: list[str]) -> None:
+    for path in outputs:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_temporary(path))
 
 
 def _tokenize_into(builders: dict[str, IndexedDatasetBuilder], args: argparse.Namespace,
@@ -234,18 +262,39 @@ def _tokenize_into(builders: dict[str, IndexedDatasetBuilder], args: argparse.Na
     return {key: (documents, tokens[key]) for key in builders}
 
 
+def _make_folder(prefix: str) -> None:
+    folder = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output-prefix {prefix}: cannot make the folder {folder} ({error.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    outputs: list[str] = []  # the files this run writes, under temporary names until published
     try:
+        _make_folder(args.output_prefix)
+        finished = finish_publishing(args.output_prefix)
+        if finished:
+            print(f"completed what an interrupted run was publishing: {', '.join(finished)}", file=sys.stderr)
+        tokenizer = None
         if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model is None:
-            args.tokenizer_model = train_tokenizer(args)
-            print(f"tokenizer: {args.tokenizer_model}")
-        for key, (documents, tokens) in write_datasets(args).items():
-            print(f"dataset: {args.output_prefix}_{key}_document.{{bin,idx}} "
-                  f"({documents} documents, {tokens} tokens)")
+            tokenizer = f"{args.output_prefix}_tokenizer.json"
+            outputs.append(tokenizer)
+            args.tokenizer_model = train_tokenizer(args, _temporary(tokenizer))
+        counts = write_datasets(args, outputs)
+        publish(args.output_prefix, outputs)
     except (ValueError, OSError) as error:
+        _remove_temporaries(outputs)
         sys.exit(f"preprocess_data.py: error: {error}")
+    except BaseException:
+        _remove_temporaries(outputs)
+        raise
+    if tokenizer is not None:
+        print(f"tokenizer: {tokenizer}")
+    for key, (documents, tokens) in counts.items():
+        print(f"dataset: {args.output_prefix}_{key}_document.{{bin,idx}} ({documents} documents, {tokens} tokens)")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 # Runs from the repository root whatever the current directory, so relative paths in the
 # flags (--data-path, --save, ...) are relative to the repository root.
 #
-# Signals: torchrun passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 on to every
-# worker, so with --exit-signal-handler (--exit-signal: which one) the run saves and stops; it
+# Signals: told so below (--signals-to-handle; plain torchrun omits SIGUSR1 and SIGUSR2), torchrun
+# passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 on to every worker, so with --exit-signal-handler (--exit-signal: which one) the run saves and stops; it
 # then waits up to $SHUTDOWN_TIMEOUT seconds (default 300) for the workers to finish before it
 # kills them, and exits 1 with its SignalException (the workers themselves exit 0). Example:
 #   scripts/pretrain_moe.sh --nproc-per-node 2 -- --mock-data --vocab-size 512 --num-layers 2 \

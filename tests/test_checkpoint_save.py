@@ -12,11 +12,12 @@ from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
 from megadual.config import parse_args
 from megadual.training import loop
+from megadual.training.checkpoint import CheckpointError
 from megadual.training.checkpoint import save as save_module
 from megadual.training.checkpoint.coordination import Coordination
 from megadual.training.checkpoint.load import find_checkpoint
 from megadual.training.step import RoutingSummary, StepResult
-from tests.checkpoint_runs import SMALL, train
+from tests.checkpoint_runs import SMALL, train, train_expecting_error
 from tests.helpers import single_process_group
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -49,6 +50,17 @@ def test_with_save_failures_continue_training_goes_on(tmp_path, monkeypatch, mod
     assert (tmp_path / TRACKER).read_text() == "6" and folders(tmp_path) == ["iter_0000002", "iter_0000006"]
 
 
+def test_a_run_whose_last_save_failed_does_not_end_as_complete(tmp_path, monkeypatch):
+    """Under --save-failures-continue too (the save at the end tries iteration 4 again, and fails again):
+    the error names the last iteration published."""
+    fail_writes(monkeypatch, {2, 3})
+    message, logged = train_expecting_error(["--train-iters", "4", "--save", str(tmp_path), "--save-interval", "2",
+                                             "--save-failures-continue"], CheckpointError)
+    assert logged.has("training continues (--save-failures-continue)")
+    assert message == (f"the run trained to iteration 4 but its last save failed; the last checkpoint published in "
+                       f"{tmp_path} is iteration 2")
+
+
 def test_no_checkpoint_from_a_skipped_step(tmp_path, monkeypatch):
     """Steps 2 and 4 are not finite: the save due at 2 waits for step 3; none is written at 4, the end."""
     real_step, steps = loop.train_step, []
@@ -71,7 +83,7 @@ def test_keep_last_n_removes_older_checkpoints_only_after_a_newer_one_verified(t
     run = train(["--train-iters", "6", "--exit-interval", "4"] + keep)
     assert folders(tmp_path) == ["iter_0000003", "iter_0000004"]
     assert run.has("removed checkpoints of iterations 2 (--keep-last-n-checkpoints 2)")
-    monkeypatch.setattr(save_module, "verify", lambda folder, coord: "__0_0.distcp is corrupt (planted)")
+    monkeypatch.setattr(save_module, "verify", lambda folder, coord, key=None: "__0_0.distcp is corrupt (planted)")
     run = train(["--train-iters", "6", "--exit-interval", "5", "--load", str(tmp_path)] + keep)
     assert folders(tmp_path) == ["iter_0000003", "iter_0000004", "iter_0000005"]
     assert run.has(f"keeping the older checkpoints: the new {tmp_path}/iter_0000005 does not verify "

@@ -116,20 +116,29 @@ def signal_after_first_iteration(command: list, signum: int) -> subprocess.Compl
     return subprocess.CompletedProcess(command, process.returncode, "".join(output))
 
 
+def readme_torchrun() -> list[str]:
+    """README's plain torchrun command, up to pretrain_moe.py, with one process."""
+    line = re.search(r"^torchrun .*pretrain_moe\.py", (ROOT / "README.md").read_text().replace("\\\n", ""),
+                     re.MULTILINE)[0].split()
+    return [*line[:line.index("--nproc-per-node") + 1], "1", *line[line.index("--nproc-per-node") + 2:]]
+
+
 def test_sigterm_saves_the_current_iteration_and_resuming_continues_exactly(tmp_path):
     """`python pretrain_moe.py` and torchrun (through scripts/pretrain_moe.sh) each get SIGTERM after
-    their first iteration; each saves the iteration it is in and stops; resuming from either
-    gives the losses of a run that never stopped. (One process each, so all runs do the same
-    arithmetic; torchrun itself exits 1 after passing a signal on, which is torchrun's way.)"""
+    their first iteration, README's plain torchrun command SIGUSR1; each saves the iteration it is
+    in and stops; resuming from any gives the losses of a run that never stopped. (One process
+    each, so all runs do the same arithmetic; torchrun itself exits 1 after passing a signal on,
+    which is torchrun's way.)"""
     flags = ARGS + ["--log-interval", "1", "--exit-signal-handler"]
-    launchers = {"python": [sys.executable, "pretrain_moe.py"],
-                 "torchrun": [ROOT / "scripts" / "pretrain_moe.sh", "--nproc-per-node", "1", "--"]}
+    launchers = {"python": ([sys.executable, "pretrain_moe.py"], signal.SIGTERM),
+                 "torchrun": ([ROOT / "scripts" / "pretrain_moe.sh", "--nproc-per-node", "1", "--"], signal.SIGTERM),
+                 "readme-torchrun": (readme_torchrun() + ["--exit-signal", "SIGUSR1"], signal.SIGUSR1)}
     finished = {}
 
-    def stop_after_first_iteration(name, launcher):
-        finished[name] = signal_after_first_iteration([*launcher, *flags, "--save", tmp_path / name], signal.SIGTERM)
+    def stop_after_first_iteration(name, launcher, signum):
+        finished[name] = signal_after_first_iteration([*launcher, *flags, "--save", tmp_path / name], signum)
 
-    threads = [threading.Thread(target=stop_after_first_iteration, args=item) for item in launchers.items()]
+    threads = [threading.Thread(target=stop_after_first_iteration, args=(name, *how)) for name, how in launchers.items()]
     for thread in threads:
         thread.start()
     threads_before = torch.get_num_threads()
@@ -142,7 +151,8 @@ def test_sigterm_saves_the_current_iteration_and_resuming_continues_exactly(tmp_
             log = process.stdout
             stopped = tracked_iteration(tmp_path / name)
             assert 1 <= stopped < ITERS, log
-            assert f" exiting program at iteration {stopped}: received SIGTERM; checkpoint saved" in log, log
+            assert f" exiting program at iteration {stopped}: received {launchers[name][1].name}; checkpoint saved" \
+                in log, log
             assert name != "python" or process.returncode == 0, log
             logged = [(int(i), loss) for i, loss in ITERATION.findall(process.stdout)]
             assert logged == [(i + 1, f"{loss:.6E}") for i, loss in enumerate(straight[:stopped])], log

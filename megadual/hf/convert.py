@@ -16,7 +16,10 @@ Both are written to CKPT_DIR/hf_model.args, one flag per line, for the training 
 (`pretrain_moe.py @CKPT_DIR/hf_model.args ...`; flags after it override it).
 The padded vocabulary rows start at zero.
 
-Both refuse, unless `force`, a model Hugging Face would run differently (config_map).
+Both refuse, unless `force`, a model Hugging Face would run differently (config_map), and unless
+`overwrite`, an output folder that holds anything: a tool never writes over work it did not do.
+Checkpoints are read as training reads them (safe_pickle: no code runs from them) and, given a
+key, only when signed with it; imported ones are signed with the key given.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_model_flags
@@ -37,8 +41,9 @@ from megadual.hf.config_map import UnsupportedModel, architecture_flags, behavio
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import HFWeights, write_sharded
 from megadual.model.size import meta_model
-from megadual.training.checkpoint import META, TrainState
-from megadual.training.checkpoint.offline import publish_checkpoint, tracked_checkpoint
+from megadual.training.checkpoint import META, TrainState, safe_pickle
+from megadual.training.checkpoint.layout import CheckpointError
+from megadual.training.checkpoint.offline import publish_checkpoint, tracked_checkpoint, what_is_in
 
 VOCAB_ROWS = ("embedding.weight", "output_layer.weight")
 FLAGS_FILE = "hf_model.args"
@@ -71,24 +76,34 @@ def read_tensors(path: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Te
     only those)."""
     state = {name: torch.empty(shape) for name, shape in shapes.items()}
     with _without_process_group():
-        dcp.load({"model": state}, checkpoint_id=path)
+        safe_pickle.load({"model": state}, path)
     return state
 
 
-def read_checkpoint(root: str) -> tuple[dict, ModelConfig, dict[str, torch.Tensor]]:
+def check_destination(folder: str, flag: str, overwrite: bool) -> None:
+    """Refuse to write into `folder` when it holds anything, unless `overwrite`."""
+    found = what_is_in(folder)
+    if found is not None and not overwrite:
+        raise CheckpointError(f"{flag}: {folder} {found}; give an empty or new folder (--overwrite to write "
+                              f"there anyway)")
+
+
+def read_checkpoint(root: str, key: bytes | None = None) -> tuple[dict, ModelConfig, dict[str, torch.Tensor]]:
     """(the saved run's config as a dict, its ModelConfig, every model tensor whole) of the tracked
     iteration under `root`."""
-    path, meta = tracked_checkpoint(root)
+    path, meta = tracked_checkpoint(root, key)
     run = meta["config"]
     model = ModelConfig(**run["model"])
     return run, model, read_tensors(path, model_shapes(model))
 
 
 def export_checkpoint(root: str, out_dir: str, force: bool = False, max_shard_bytes: int = 5 << 30,
-                      warn: Callable[[str], None] = print) -> list[str]:
+                      warn: Callable[[str], None] = print, overwrite: bool = False,
+                      key: bytes | None = None) -> list[str]:
     """Write the HF folder of the checkpoint under `root`, reading one shard's tensors at a time;
     returns the shard file names."""
-    path, meta = tracked_checkpoint(root)
+    check_destination(out_dir, "--to-hf", overwrite)
+    path, meta = tracked_checkpoint(root, key)
     run = meta["config"]
     m, vocab = ModelConfig(**run["model"]), run["data"]["vocab_size"]
     config = hf_config(m, vocab)
@@ -150,11 +165,16 @@ def read_hf(hf_dir: str, flags: list[str], force: bool = False, warn: Callable[[
             ) -> tuple[RunConfig, list[str], Callable[[str], torch.Tensor]]:
     """(run config, architecture flags, a function reading one of our tensors by global name) of a
     Hugging Face folder, whose names, shapes and MTP copies are checked here."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        hf = json.load(f)
-    weights = HFWeights(hf_dir, tuple(hf.get("quantization_config", {}).get("weight_block_size", WEIGHT_BLOCK)))
-    num_layers = hf["num_hidden_layers"]
-    architecture = architecture_flags(hf, _mtp_layers(weights.names(), num_layers))
+    hf = _read_config(os.path.join(hf_dir, "config.json"))
+    try:
+        block = tuple(hf.get("quantization_config", {}).get("weight_block_size", WEIGHT_BLOCK))
+        weights = HFWeights(hf_dir, block)
+        num_layers = hf["num_hidden_layers"]
+        architecture = architecture_flags(hf, _mtp_layers(weights.names(), num_layers))
+    except UnsupportedModel:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UnsupportedModel(f"{hf_dir}/config.json: {type(e).__name__}: {e} (not a DeepSeek-V3 config)") from None
     config = agreeing_config(architecture, flags)
     m = config.model
     _check_behaviour(m, force, warn)
@@ -191,16 +211,28 @@ class _ReadingPlanner(DefaultSavePlanner):
         return self._read(write_item.index.fqn.removeprefix("model."))
 
 
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except ValueError as e:
+        raise UnsupportedModel(f"{path}: not JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise UnsupportedModel(f"{path}: should hold a JSON object, holds a {type(found).__name__}")
+    return found
+
+
 def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = False,
-                      warn: Callable[[str], None] = print) -> str:
+                      warn: Callable[[str], None] = print, overwrite: bool = False, key: bytes | None = None) -> str:
     """Write `root`/iter_0000000 from the HF folder; returns that folder."""
+    check_destination(root, "--from-hf", overwrite)
     config, architecture, read = read_hf(hf_dir, flags, force, warn)
     meta = {"train_state": dataclasses.asdict(TrainState()), "config": dataclasses.asdict(config), "world_size": 1,
             "weights_only": True}
     placeholders = {name: torch.empty(shape, device="meta") for name, shape in model_shapes(config.model).items()}
 
     def write(folder: str) -> None:
-        with _without_process_group():
+        with _without_process_group(), _reasons_from_dcp():
             # One file per tensor: DCP's writer keeps every tensor of a file until the file is done.
             dcp.save({"model": placeholders}, storage_writer=dcp.FileSystemWriter(folder, single_file_per_rank=False),
                      planner=_ReadingPlanner(read))
@@ -208,9 +240,23 @@ def import_checkpoint(hf_dir: str, root: str, flags: list[str], force: bool = Fa
             json.dump(meta, f, indent=1)
 
     os.makedirs(root, exist_ok=True)
+    published = publish_checkpoint(root, 0, write, key)
     with open(os.path.join(root, FLAGS_FILE), "w") as f:
         f.write("\n".join(_flag_lines(flags + architecture)) + "\n")
-    return publish_checkpoint(root, 0, write)
+    return published
+
+
+@contextmanager
+def _reasons_from_dcp():
+    """A tensor refused while DCP writes it (NaN, a damaged file) raised as itself, not inside DCP's
+    CheckpointException of every rank's traceback."""
+    try:
+        yield
+    except CheckpointException as e:
+        reason = next((error for error, _ in e.failures.values() if isinstance(error, UnsupportedModel)), None)
+        if reason is None:
+            raise
+        raise reason from None
 
 
 def _flag_lines(flags: list[str]) -> list[str]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megadual.fp8.quant import E4M3, WEIGHT_BLOCK, Fp8Tensor
@@ -53,6 +54,16 @@ def write_sharded(sizes: dict[str, int], read: Callable[[list[str]], dict[str, t
     return files
 
 
+@contextmanager
+def _opened(path: str) -> Iterator:
+    """safe_open(path), a damaged file refused in one line naming it."""
+    try:
+        with safe_open(path, "pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise UnsupportedModel(f"{path}: not a readable safetensors file ({e})") from None
+
+
 class HFWeights:
     """The tensors of a Hugging Face model folder, read one at a time; an FP8 weight with its scales
     is read as one FP32 tensor, and the scales are not listed."""
@@ -60,10 +71,9 @@ class HFWeights:
     def __init__(self, folder: str, block: tuple[int, int] = WEIGHT_BLOCK):
         index = os.path.join(folder, INDEX)
         if os.path.exists(index):
-            with open(index) as f:
-                self._file_of = {n: os.path.join(folder, file) for n, file in json.load(f)["weight_map"].items()}
+            self._file_of = {n: os.path.join(folder, file) for n, file in _weight_map(index).items()}
         elif os.path.exists(os.path.join(folder, SINGLE)):
-            with safe_open(os.path.join(folder, SINGLE), "pt") as f:
+            with _opened(os.path.join(folder, SINGLE)) as f:
                 self._file_of = dict.fromkeys(f.keys(), os.path.join(folder, SINGLE))
         else:
             raise FileNotFoundError(f"{folder} has neither {INDEX} nor {SINGLE}")
@@ -86,9 +96,25 @@ class HFWeights:
         return Fp8Tensor(tensor, scale.float(), self._block).dequantize()
 
     def _read(self, name: str) -> torch.Tensor:
-        with safe_open(self._file_of[name], "pt") as f:
-            return f.get_tensor(name)
+        with _opened(self._file_of[name]) as f:
+            tensor = f.get_tensor(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
+            raise UnsupportedModel(f"{name} in {self._file_of[name]} holds NaN or Inf values")
+        return tensor
 
     def shape(self, name: str) -> torch.Size:
-        with safe_open(self._file_of[name], "pt") as f:
+        with _opened(self._file_of[name]) as f:
             return torch.Size(f.get_slice(name).get_shape())
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The index's tensor name -> file name, refused in one line naming it when it is not one."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnsupportedModel(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and os.path.basename(v) == v
+                                                   for v in weight_map.values()):
+        raise UnsupportedModel(f"{index}: its weight_map should map tensor names to file names in its folder")
+    return weight_map

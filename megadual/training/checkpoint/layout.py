@@ -78,6 +78,16 @@ def read_tracker(root: str) -> int | None:
     return int(text)
 
 
+def last_published(root: str) -> str:
+    """Which checkpoint under `root` the tracker names, in words."""
+    try:
+        tracked = read_tracker(root)
+    except (OSError, CheckpointError) as e:
+        return f"the tracker of {root} cannot be read ({e})"
+    return f"the last checkpoint published in {root} is iteration {tracked}" if tracked is not None else \
+        f"no checkpoint is published in {root}"
+
+
 def write_tracker(root: str, iteration: int) -> None:
     write_atomically(os.path.join(root, TRACKER), str(iteration))
 

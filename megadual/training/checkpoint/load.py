@@ -13,7 +13,6 @@ without --load), and with --finetune, which needs a checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -22,9 +21,8 @@ import torch
 from megadual.config import RunConfig, model_config_differences
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
-from megadual.training.checkpoint.integrity import verify
+from megadual.training.checkpoint.integrity import checkpoint_key, verify
 from megadual.training.checkpoint.layout import (
-    META,
     TRACKER,
     CheckpointError,
     TrainState,
@@ -35,6 +33,7 @@ from megadual.training.checkpoint.layout import (
     iteration_of,
     read_tracker,
 )
+from megadual.training.checkpoint.meta import read_meta
 
 
 @dataclass(frozen=True)
@@ -72,11 +71,11 @@ def find_checkpoint(config: RunConfig, coord: Coordination, log) -> Checkpoint |
         coord.on_rank0(lambda: _check_fresh_start(config, found.empty_because))
         log(f" --load {t.load} {found.empty_because}: starting from scratch at iteration 0")
         return None
-    skipped = []
+    skipped, key = [], coord.everywhere(lambda: checkpoint_key(t.checkpoint_key_file))
     for folder in found.folders:
-        problem = verify(folder, coord)
+        problem = verify(folder, coord, key)
         if problem is None:
-            return _checked(Checkpoint(folder, coord.on_rank0(lambda path=folder: _read_meta(path))), config, log)
+            return _checked(Checkpoint(folder, coord.on_rank0(lambda path=folder: read_meta(path))), config, log)
         if found.named:
             raise CheckpointError(f"--load {folder}: {problem}")
         log(f" skipping checkpoint {folder}: {problem}")
@@ -89,14 +88,13 @@ def restore(checkpoint: Checkpoint, model: StageModel, optimizer: torch.optim.Op
     """Load `checkpoint` into `model` and `optimizer` (as --finetune and --no-load-optim say); the
     training state to continue from. Only the keys asked for are read, so the `rng_rank*` entries of
     older checkpoints are ignored."""
-    import torch.distributed.checkpoint as dcp
-
+    from megadual.training.checkpoint.safe_pickle import load
     from megadual.training.checkpoint.state import checkpoint_state, restore_state
 
     t = config.train
     load_optim = not (t.no_load_optim or t.finetune)
     wanted = checkpoint_state(model, optimizer, with_optimizer=load_optim)
-    coord.everywhere(lambda: dcp.load(wanted, checkpoint_id=checkpoint.path, process_group=coord.group))
+    coord.everywhere(lambda: load(wanted, checkpoint.path, coord.group))
     restore_state(model, optimizer, wanted)
     return TrainState() if t.finetune else checkpoint.train_state
 
@@ -157,11 +155,6 @@ def _newest(root: str) -> str:
         return str(e)
     return f"the tracker names iteration {tracked}" if tracked is not None else \
         f"newest folder: {os.path.basename(iteration_dir(root, iteration_folders(root)[0]))}"
-
-
-def _read_meta(folder: str) -> dict:
-    with open(os.path.join(folder, META)) as f:
-        return json.load(f)
 
 
 def _checked(checkpoint: Checkpoint, config: RunConfig, log) -> Checkpoint:

@@ -23,7 +23,7 @@ import torch
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
-from megadual.training.checkpoint.layout import CheckpointError, TrainState
+from megadual.training.checkpoint.layout import CheckpointError, TrainState, last_published
 from megadual.training.checkpoint.load import Checkpoint, find_checkpoint, restore
 from megadual.training.checkpoint.lock import SaveLock
 from megadual.training.checkpoint.ownership import claim_save
@@ -111,7 +111,8 @@ class CheckpointManager:
 
     def finish(self, state: TrainState) -> bool:
         """Save `state` unless it is saved already or its step was skipped, and wait until every save of
-        this run is published. Whether `state`'s iteration is in --save now."""
+        this run is published. Whether `state`'s iteration is in --save now; CheckpointError when its
+        save failed (under --save-failures-continue: the run must not look complete)."""
         if self._saver is None:
             return False
         if state.iteration != self._saved_iteration:
@@ -121,6 +122,9 @@ class CheckpointManager:
             else:
                 self.save(state)
         self._collect_background_save()
+        if state.iteration != self._saved_iteration and not self._last_step_skipped:
+            raise CheckpointError(f"the run trained to iteration {state.iteration} but its last save failed; "
+                                  f"{last_published(self.config.train.save)}")
         return state.iteration == self._saved_iteration
 
     def close(self) -> None:

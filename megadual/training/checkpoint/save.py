@@ -28,7 +28,13 @@ import torch.distributed as dist
 from megadual.config import RunConfig
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
-from megadual.training.checkpoint.integrity import checksums, files_written_by, verify, write_manifest
+from megadual.training.checkpoint.integrity import (
+    checkpoint_key,
+    checksums,
+    files_written_by,
+    verify,
+    write_manifest,
+)
 from megadual.training.checkpoint.layout import (
     META,
     CheckpointError,
@@ -62,6 +68,7 @@ class Saver:
         # over coord's that the save started.
         self._writer_group = dist.new_group(backend="gloo") if t.async_save else coord.group
         self._pending: Future | None = None
+        self.key = coord.everywhere(lambda: checkpoint_key(t.checkpoint_key_file))  # None: unsigned
 
     def save(self, model: StageModel, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
         """Write `state`'s checkpoint. Returns once it is published, or under --async-save once it is
@@ -119,8 +126,8 @@ class Saver:
             if written is not None:
                 written()
             self.coord.on_rank0(lambda: write_atomically(os.path.join(staging, META), json.dumps(meta, indent=1)))
-            rank, size = self.coord.rank, self.coord.size
-            mine = self.coord.everywhere(lambda: checksums(staging, files_written_by(staging, rank, size)))
+            rank, size, signed = self.coord.rank, self.coord.size, self.key is not None
+            mine = self.coord.everywhere(lambda: checksums(staging, files_written_by(staging, rank, size), signed))
             files = {name: entry for each in self.coord.gather(mine) for name, entry in each.items()}
             self.coord.on_rank0(lambda: self._publish(staging, iteration, files))
         except CheckpointError as e:
@@ -131,7 +138,7 @@ class Saver:
             self._retain(iteration)
 
     def _publish(self, staging: str, iteration: int, files: dict[str, dict]) -> None:
-        write_manifest(staging, files)
+        write_manifest(staging, files, self.key)
         fsync_dir(staging)
         final = iteration_dir(self.root, iteration)
         replaced = move_out(final) if os.path.exists(final) else None
@@ -157,7 +164,7 @@ class Saver:
     def _retain(self, iteration: int) -> None:
         """--keep-last-n-checkpoints: remove the folders before the newest N, once the new one verified."""
         folder = iteration_dir(self.root, iteration)
-        problem = verify(folder, self.coord)
+        problem = verify(folder, self.coord, self.key)
         if problem is not None:
             self.log(f" keeping the older checkpoints: the new {folder} does not verify ({problem})")
             return
