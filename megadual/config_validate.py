@@ -182,7 +182,8 @@ def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
              "--pipeline-model-parallel-size > 1")
     if pp > 1:
         context = f"of --pipeline-model-parallel-size {pp} under --pipeline-schedule {p.pipeline_schedule}"
-        extra = {1: "", 2: " (two stages per rank)"}.get(per_rank, f" ({per_rank} virtual stages per rank)")
+        extra = (f" with {per_rank} virtual stages per rank (--num-virtual-stages-per-pipeline-rank)"
+                 if p.pipeline_schedule == "interleaved" else " (two stages per rank)" if per_rank == 2 else "")
         pipeline_stage_layers(m.num_layers, pp * per_rank, p.decoder_first_pipeline_num_layers,
                               p.decoder_last_pipeline_num_layers, context + extra)
 

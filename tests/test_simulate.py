@@ -33,6 +33,20 @@ def test_zero_bubble_1f1b_bubble_is_pp_minus_1_times_f_plus_b_minus_2w(pp):
     assert result.bubble == [(pp - 1) * (costs.f + costs.b - 2 * costs.w)] * pp
 
 
+@pytest.mark.parametrize("pp,v,m", [(2, 2, 4), (4, 2, 4), (4, 2, 12), (4, 4, 8), (8, 2, 16), (8, 3, 24)])
+def test_interleaved_bubble_is_the_published_fraction(pp, v, m):
+    """Narayanan et al. 2021 (Megatron's interleaved schedule): a stage's F and B split into v chunks
+    of F/v and B/v; the bubble is (pp-1)/(v m) of the ideal time m (F + B), v times 1F1B's fraction."""
+    stage_f, stage_b = 12.0, 24.0
+    costs = SimCosts(f=stage_f / v, b=stage_b / v, w=0.0)
+    result = simulate(build_schedule("interleaved", pp, m, split_backward=False, virtual_stages=v), costs)
+    ideal = m * (stage_f + stage_b)
+    assert result.busy == [ideal] * pp
+    assert result.bubble == pytest.approx([(pp - 1) / (v * m) * ideal] * pp, rel=1e-12)
+    plain = simulate(build_schedule("1f1b", pp, m, split_backward=False), SimCosts(f=stage_f, b=stage_b))
+    assert plain.max_bubble == pytest.approx(v * result.max_bubble, rel=1e-12)
+
+
 def dualpipe_bubble(stages, costs):
     return (stages / 2 - 1) * (costs.fb + costs.b - 3 * costs.w)
 
