@@ -267,3 +267,23 @@ def test_validation_accepts_the_minimum_sizes():
 def test_virtual_stages_belong_to_the_interleaved_schedule(name, v):
     with pytest.raises(ValueError, match="--num-virtual-stages-per-pipeline-rank"):
         build_schedule(name, 4, 8, virtual_stages=v)
+
+
+def test_planner_searches_and_plans_the_new_schedules():
+    """python -m megadual.plan --gpus tries interleaved 1F1B and the overlapped ones, and predicts their
+    activations from their action lists: under interleaved, rank 0 warms up the most forwards."""
+    from megadual.config import parse_args
+    from megadual.layout_search import Hardware, candidates
+    from megadual.rank_memory import predict
+    from tests.helpers import TINY_MOE
+
+    base = parse_args(TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "16"])
+    tried = {(c.parallel.pipeline_schedule, c.parallel.overlap_moe_expert_parallel_comm)
+             for c, _, _ in candidates(base, 8, Hardware())}
+    assert tried == {("1f1b", False), ("1f1b", True), ("interleaved", False), ("interleaved", True),
+                     ("dualpipe", False), ("dualpipev", False)}
+    config = parse_args(TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--pipeline-model-parallel-size",
+                                    "4", "--pipeline-schedule", "interleaved",
+                                    "--num-virtual-stages-per-pipeline-rank", "2"])
+    peaks = [rank.peak_activations for rank in predict(config, 4)]
+    assert peaks[0] > peaks[1] > peaks[2]

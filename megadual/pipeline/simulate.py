@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from megadual.pipeline.actions import Action, Kind, match_messages
 from megadual.pipeline.schedules import SCHEDULES, build_schedule, check_schedule, pipeline_layout
+from megadual.pipeline.sim_result import Interval, SimResult
 from megadual.pipeline.timeline import draw_timeline
 
 
@@ -80,30 +81,6 @@ class StageCosts:
         if action.kind == Kind.FB:
             return paired(own, self.chunks[rank, action.b_chunk])
         return own.duration(action)
-
-
-@dataclass(frozen=True)
-class Interval:
-    start: float
-    end: float
-    action: Action
-
-
-@dataclass(frozen=True)
-class SimResult:
-    makespan: float
-    busy: list[float]  # compute time per rank
-    peak_activations: list[int]  # per rank, in (micro-batch, chunk) units
-    timeline: list[list[Interval]]  # compute actions per rank
-
-    @property
-    def bubble(self) -> list[float]:
-        return [self.makespan - busy for busy in self.busy]
-
-    @property
-    def max_bubble(self) -> float:
-        """The worst rank's bubble: what the DualPipe README's table gives."""
-        return max(self.bubble)
 
 
 def peak_activations(actions: list[Action]) -> int:
@@ -207,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="dualpipe")
     parser.add_argument("--pp", type=int, default=8, help="pipeline ranks")
     parser.add_argument("--microbatches", type=int, default=20)
+    parser.add_argument("--virtual-stages", type=int, default=None, help="V of --schedule interleaved (default 2)")
+    parser.add_argument("--overlap", action="store_true", help="1f1b/interleaved: pair steady forwards and "
+                                                               "backwards (--overlap-moe-expert-parallel-comm)")
     parser.add_argument("--no-split-backward", action="store_true", help="full backwards only, no W")
     parser.add_argument("--cost-f", type=float, default=1.0)
     parser.add_argument("--cost-b", type=float, default=2.0, help="full backward")
@@ -219,11 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="PNG timeline to write")
     args = parser.parse_args(argv)
 
+    virtual = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
     try:
-        schedules = build_schedule(args.schedule, args.pp, args.microbatches, not args.no_split_backward)
+        schedules = build_schedule(args.schedule, args.pp, args.microbatches, not args.no_split_backward,
+                                   virtual, args.overlap)
     except ValueError as error:
         parser.error(str(error))
-    check_schedule(schedules, pipeline_layout(args.schedule, args.pp, args.microbatches))
+    check_schedule(schedules, pipeline_layout(args.schedule, args.pp, args.microbatches, virtual))
     costs = SimCosts(args.cost_f, args.cost_b, args.cost_w, args.cost_bi, args.cost_fb, args.latency)
     result = simulate(schedules, costs, rendezvous=not args.eager_sends)
     if args.print_actions:

@@ -8,14 +8,10 @@ backward half in their own colours.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PIL import Image, ImageDraw, ImageFont
 
 from megadual.pipeline.actions import Action, Kind
-
-if TYPE_CHECKING:
-    from megadual.pipeline.simulate import SimResult
+from megadual.pipeline.sim_result import SimResult
 
 COLOURS = {  # kind -> (chunk 0, chunk 1)
     Kind.F: ((245, 150, 60), (252, 208, 160)),
