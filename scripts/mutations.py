@@ -588,4 +588,31 @@ MUTATIONS = [
         "reduction=\"none\").view(target.shape).flip(0)",
         ("tests/test_cross_entropy.py::test_fused_cross_entropy_equals_the_written_out_one",),
         "the fused cross entropy (no TP) returns the token losses in another order"),
+    # issue 22 (i22-schedules)
+    Mutation(
+        "interleaved-chunks-round-robin", "megadual/pipeline/schedules.py",
+        "        return (k // pp_size) % chunks\n",
+        "        return k % chunks\n",
+        ("tests/test_schedules.py::test_interleaved_follows_megatrons_order_and_runs[plain-split-4-2-8]",),
+        "interleaved 1F1B moves every forward to the next chunk instead of groups of PP micro-batches"),
+    Mutation(
+        "overlap-pairs-a-micro-batch-with-itself", "megadual/pipeline/schedules.py",
+        "warmup = min(warmup + int(overlap), total)",
+        "warmup = min(warmup, total)",
+        ("tests/test_schedules.py::test_overlapped_1f1b_pairs_each_steady_forward_with_an_earlier_backward[2-4]",
+         "tests/test_schedules.py::test_interleaved_follows_megatrons_order_and_runs[overlap-split-2-2-2]"),
+        "--overlap-moe-expert-parallel-comm warms up no extra forward: a last stage pairs one micro-batch's "
+        "forward with its own backward"),
+    Mutation(
+        "check-allows-self-pair", "megadual/pipeline/schedules.py",
+        "if action.backward_of not in forwards or action.backward_of == action.forward_of:",
+        "if action.backward_of not in forwards:",
+        ("tests/test_schedules.py::test_check_refuses_a_pair_of_one_micro_batchs_forward_and_backward",),
+        "the schedule check accepts a paired F&B of one micro-batch's forward and its own backward"),
+    Mutation(
+        "interleaved-microbatches-any-count", "megadual/config_validate.py",
+        "num_microbatches >= pp_size and num_microbatches % pp_size == 0,",
+        "num_microbatches >= pp_size,",
+        ("tests/test_pipeline_runtime.py::test_interleaved_and_overlap_flags_need_their_schedule",),
+        "interleaved 1F1B takes a micro-batch count that is no multiple of PP (Megatron refuses it)"),
 ]

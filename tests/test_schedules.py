@@ -127,7 +127,7 @@ def chunk_tokens(actions):
 
 @pytest.mark.parametrize("pp,v,m", INTERLEAVED)
 @pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["", "overlap"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 def test_interleaved_follows_megatrons_order_and_runs(pp, v, m, split, overlap):
     schedules = build_schedule("interleaved", pp, m, split, virtual_stages=v, overlap=overlap)
     layout = pipeline_layout("interleaved", pp, m, v)
