@@ -8,6 +8,7 @@ from PIL import Image
 
 from megadual.pipeline.actions import Action, Kind, UnmatchedCommError
 from megadual.pipeline.schedules import build_schedule
+from megadual.pipeline.hops import Pieces, paired_seconds
 from megadual.pipeline.simulate import DeadlockError, SimCosts, StageCosts, simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,3 +170,38 @@ def test_communication_is_exposed_alone_and_hidden_in_a_paired_chunk():
     # a pair's own compute, where measured, replaces F + B; the links still bound it
     assert SimCosts(f=10, b=20, fb=50, comm_f=20, comm_b=25).duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 50
     assert SimCosts(f=10, b=20, fb=40, comm_f=20, comm_b=25).duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 45
+
+
+# Hop level: a forward of pieces 1, 1, 1 with hops of 3 between them, paired with a backward of
+# pieces 2, 2, 2 with hops of 1. Compute 9 and communication 8 give 9 at chunk level. Written out
+# (one compute stream; hops queue on the rank's link; the forward steps at each backward hop):
+#   B piece 0  0-2, its hop 2-3;  F piece 0  2-3, its hop 3-6
+#   B piece 1  3-5, its hop queues behind F's: 6-7;  F piece 1 waits for its hop (6), 6-7, hop 7-10
+#   B piece 2 waits for its hop (7): 7-9;  F piece 2 waits for its hop (10): 10-11  -> 11
+LONG_HOPS = Pieces((1, 1, 1), (3, 3))
+SHORT_HOPS = Pieces((2, 2, 2), (1, 1))
+
+
+def test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step():
+    assert paired_seconds(LONG_HOPS, SHORT_HOPS) == 11
+    # forward first: F0 0-1, hop 1-4; B0 1-3, hop 4-5; F1 4-5, hop 5-8; B1 5-7, hop 8-9;
+    # F2 waits for 8: 8-9; B2 waits for 9: 9-11 -> 11
+    assert paired_seconds(LONG_HOPS, SHORT_HOPS, forward_first=True) == 11
+    # short hops on both sides hide behind the other side's pieces: compute alone, 9
+    assert paired_seconds(Pieces((1, 1, 1), (1, 1)), SHORT_HOPS) == 9
+    # a backward without hops: the forward runs after it, exposing its own
+    assert paired_seconds(LONG_HOPS, Pieces((6,))) == 6 + LONG_HOPS.alone()
+
+
+def test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given():
+    pair = Action(Kind.FB, 0, 1, b_chunk=0, b_mb=0)
+    chunk = SimCosts(f=3, b=6, w=2, comm_f=6, comm_b=2)
+    assert chunk.duration(pair) == 9  # chunk level: max(compute 9, links 8)
+    hops = SimCosts(f=3, b=6, w=2, comm_f=6, comm_b=2, hops_f=LONG_HOPS, hops_b=SHORT_HOPS)
+    assert hops.duration(pair) == 11
+    assert hops.duration(Action(Kind.F, 0, 0)) == LONG_HOPS.alone()  # alone: everything in turn
+    # the pair's measured compute (fb) scales every piece: 18 / 9 = 2x, hops as they were:
+    # B0 0-4 hop 4-5; F0 4-6 hop 6-9; B1 6-10 hop 10-11; F1 10-12 hop 12-15; B2 12-16; F2 16-18 -> 18
+    assert SimCosts(f=3, b=6, fb=18, hops_f=LONG_HOPS, hops_b=SHORT_HOPS).duration(pair) == 18
+    with pytest.raises(ValueError, match="3 compute pieces need 2 hops"):
+        Pieces((1, 1, 1), (1,))

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megadual.pipeline.actions import Action, Kind, match_messages
+from megadual.pipeline.hops import Pieces, paired_seconds
 from megadual.pipeline.schedules import SCHEDULES, build_schedule, check_schedule, pipeline_layout
 from megadual.pipeline.sim_result import Interval, SimResult
 from megadual.pipeline.timeline import draw_timeline
@@ -40,7 +41,8 @@ class SimCosts:
     """Compute costs of one chunk on one micro-batch, and what its expert all-to-alls take on
     the links (`comm_f` in a forward, `comm_b` in a backward) when nothing hides them. F, B
     and BI expose their communication; a paired F&B hides each side's behind the other's
-    compute, so it takes the longer of the two (`paired`)."""
+    compute, so it takes the longer of the two (`paired`). Given the chunk at hop level
+    (`hops_f`, `hops_b`: pipeline/hops.py), a paired F&B is timed hop by hop instead."""
     f: float = 1.0
     b: float = 2.0  # full backward: input and weight gradients
     w: float = 1.0
@@ -49,6 +51,8 @@ class SimCosts:
     latency: float = 0.0  # one p2p message
     comm_f: float = 0.0
     comm_b: float = 0.0
+    hops_f: Pieces | None = None  # the forward's compute pieces and hops (their sums: f, comm_f)
+    hops_b: Pieces | None = None  # the full backward's (their sums: b, comm_b)
 
     def duration(self, action: Action, rank: int = 0) -> float:
         return {
@@ -62,9 +66,15 @@ class SimCosts:
 
 def paired(forward: SimCosts, backward: SimCosts) -> float:
     """A paired F&B of `forward`'s forward and `backward`'s full backward: compute and communication
-    overlap, so the longer of the two. The pair's compute is `forward.fb` where given."""
+    overlap, so the longer of the two, or at hop level (both sides' pieces given) the time of
+    the interleaved sequence. The pair's compute is `forward.fb` where given (at hop level, every
+    compute piece scaled to that sum)."""
     compute = forward.f + backward.b if forward.fb is None else forward.fb
-    return max(compute, forward.comm_f + backward.comm_b)
+    if forward.hops_f is None or backward.hops_b is None:
+        return max(compute, forward.comm_f + backward.comm_b)
+    pieces = sum(forward.hops_f.compute) + sum(backward.hops_b.compute)
+    scale = compute / pieces if pieces else 1.0
+    return paired_seconds(forward.hops_f.scaled(scale), backward.hops_b.scaled(scale))
 
 
 @dataclass(frozen=True)
