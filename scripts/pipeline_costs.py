@@ -37,9 +37,12 @@ SEED = 1234
 _KIND_OF_LABEL = (("&", Kind.FB), ("BI", Kind.BI), ("B", Kind.B), ("W", Kind.W), ("F", Kind.F))
 
 
+INTERLEAVED_V = 2  # the benchmark's virtual stages per rank under interleaved 1F1B
+
+
 def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
     """The distinct stage chunks of a schedule shape (DualPipe's two directions cut alike)."""
-    return stage_specs(num_layers, 2 * pp if shape == "dualpipev" else pp)
+    return stage_specs(num_layers, {"dualpipev": 2 * pp, "interleaved": INTERLEAVED_V * pp}.get(shape, pp))
 
 
 def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, float]:
