@@ -1,7 +1,6 @@
-"""Pipeline schedules on CPU: ours (1F1B, interleaved, DualPipe, DualPipeV) against torch.distributed.pipelining.
+"""Pipeline schedules on CPU: ours (1F1B, interleaved, DualPipe(V)) against torch.distributed.pipelining.
 
     python scripts/bench_pipeline.py                  # PP=2, the figures in docs/benchmarks.md
-    python scripts/bench_pipeline.py --pp 4           # 4 processes: oversubscribes a 2-core machine
 
 One process per pipeline rank, one thread each, gloo on 127.0.0.1. Every schedule runs the
 same GPT on the same batch, all stepped in turn round after round (reversed every other
@@ -10,20 +9,19 @@ round), so load changes hit them alike; figures are medians over the rounds, rat
 Per schedule it prints tokens/s, each rank's busy time (forward, backward and W calls)
 and bubble (the step's makespan minus that busy time), next to what the simulator
 (megadual.pipeline.simulate) predicts from the p2p latency and the costs of each stage
-chunk, taken two ways (scripts/pipeline_costs.py): "sim" from each chunk measured alone,
-"sim*" from the compute our actions took in the steps. They differ where more ranks than
-cores compute at once. The load average is printed too: other work inflates every figure.
+chunk, taken two ways (scripts/pipeline_costs.py): "sim" from each chunk measured alone, "sim*"
+from our actions' compute in the steps (they differ where more ranks than cores compute at
+once). The load average is printed too: other work inflates every figure.
 
-torch's stages are the same GPTChunk modules and weights, without our W store (torch splits B by
-walking the autograd graph, which cannot split our W split's custom autograd Function).
+torch's stages: the same GPTChunks and weights without our W store (torch's B split cannot split it).
 
 With experts (`--num-experts`) and expert parallelism (`--ep`, PP x EP processes, EP folded
 into data parallelism), `--emulate-links` runs every step on an emulated network
 (megadual/parallel/emulate.py; `--ranks-per-node` ranks per emulated node): the expert
 all-to-alls and the pipeline's messages finish no earlier than the links allow. The rows
 then are ours only: "no overlap" runs each paired F&B as its F then its B, "hierarchical"
-uses that dispatcher, ", overlap" --overlap-moe-expert-parallel-comm, interleaved has V = 2.
-Each row gives a step's inter-node bytes; the simulator adds the links' time.
+uses that dispatcher, ", overlap" --overlap-moe-expert-parallel-comm, interleaved has V = 2; each
+row gives a step's inter-node bytes; the simulator adds the links' time.
 
     python scripts/bench_pipeline.py --ep 2 --ranks-per-node 1 --num-experts 8 \\
         --emulate-links "inter=...;intra=..."          # DualPipe vs 1F1B vs no overlap, 4 processes
@@ -108,13 +106,13 @@ class Variant:
     overlap: bool = False  # --overlap-moe-expert-parallel-comm (1F1B, interleaved)
 
     def actions(self, bench: Bench) -> list[list[Action]]:
-        lists = build_schedule(self.shape, bench.pp, bench.microbatches, self.split_backward,
-                               INTERLEAVED_V if self.shape == "interleaved" else 1, self.overlap)
+        lists = build_schedule(self.shape, bench.pp, bench.microbatches, self.split_backward, self.v, self.overlap)
         return lists if self.pairs_overlap else [without_pairs(actions) for actions in lists]
 
     def layout(self, bench: Bench) -> Layout:
-        return pipeline_layout(self.shape, bench.pp, bench.microbatches,
-                               INTERLEAVED_V if self.shape == "interleaved" else 1)
+        return pipeline_layout(self.shape, bench.pp, bench.microbatches, self.v)
+
+    v = property(lambda self: INTERLEAVED_V if self.shape == "interleaved" else 1)  # virtual stages per rank
 
 
 VARIANTS = (
@@ -134,10 +132,12 @@ VARIANTS = (
 
 
 def runs_here(variant: Variant, bench: Bench) -> bool:
-    """torch's rows run without expert parallelism only; the hierarchical row where it differs
-    from the flat one (an EP group over several nodes of several ranks)."""
+    """torch's rows run without expert parallelism only, the overlap flag's with it; the hierarchical
+    row where it differs from the flat one (an EP group over several nodes of several ranks)."""
     if variant.impl == "torch":
         return bench.ep == 1
+    if variant.overlap:  # pairs hide expert all-to-alls: none without EP
+        return bench.ep > 1
     if variant.dispatcher == "hierarchical":
         per_node = bench.ep // bench.grid.nodes_per_ep_group
         return bench.grid.nodes_per_ep_group > 1 and per_node > 1
