@@ -615,4 +615,16 @@ MUTATIONS = [
         "num_microbatches >= pp_size,",
         ("tests/test_pipeline_runtime.py::test_interleaved_and_overlap_flags_need_their_schedule",),
         "interleaved 1F1B takes a micro-batch count that is no multiple of PP (Megatron refuses it)"),
+    Mutation(
+        "hops-share-no-link", "megadual/pipeline/hops.py",
+        "self.link_free = max(self.clock, self.link_free) + seconds",
+        "self.link_free = self.clock + seconds",
+        ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
+        "the hop-level simulator lets a rank's hops travel at once instead of queueing on its link"),
+    Mutation(
+        "pairs-timed-at-chunk-level", "megadual/pipeline/simulate.py",
+        "if forward.hops_f is None or backward.hops_b is None:",
+        "if True:",
+        ("tests/test_simulate.py::test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given",),
+        "the simulator times a paired F&B by its chunk totals though its hops are given"),
 ]

@@ -191,6 +191,8 @@ def test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step():
     assert paired_seconds(Pieces((1, 1, 1), (1, 1)), SHORT_HOPS) == 9
     # a backward without hops: the forward runs after it, exposing its own
     assert paired_seconds(LONG_HOPS, Pieces((6,))) == 6 + LONG_HOPS.alone()
+    # both sides' hops on one link: B0 0-1, its hop 1-5; F0 1-2, its hop queues 5-9; B1 5-6; F1 9-10
+    assert paired_seconds(Pieces((1, 1), (4,)), Pieces((1, 1), (4,))) == 10
 
 
 def test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given():
