@@ -1,9 +1,12 @@
-"""Pipeline schedule builders: 1F1B, DualPipe and DualPipeV as per-rank action lists.
+"""Pipeline schedule builders: 1F1B, interleaved 1F1B, DualPipe and DualPipeV as per-rank action lists.
 
 `build_schedule` returns one list of `Action`s per pipeline rank (see actions.py
 for the notation). Conventions a runtime relies on:
 
 - 1F1B: one chunk per rank (chunk 0 = stage r); micro-batches 0..M-1 enter at rank 0.
+- Interleaved 1F1B (V chunks per rank): chunk v is stage v*PP + r; activations flow r -> r+1,
+  and from the last rank's chunk v to rank 0's chunk v+1. With `overlap` (1F1B or interleaved)
+  the steady state's forward and backward are one FB action.
 - DualPipe: chunk 0 is stage r of the forward-direction model (micro-batches
   0..M/2-1 enter at rank 0), chunk 1 is stage PP-1-r of the reverse-direction
   model (micro-batches M/2..M-1 enter at rank PP-1). Chunk 0 activations flow
