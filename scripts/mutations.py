@@ -627,4 +627,10 @@ MUTATIONS = [
         "if True:",
         ("tests/test_simulate.py::test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given",),
         "the simulator times a paired F&B by its chunk totals though its hops are given"),
+    Mutation(
+        "training-ignores-overlap-flag", "megadual/training/loop.py",
+        "overlap=p.overlap_moe_expert_parallel_comm)",
+        "overlap=False)",
+        ("tests/test_pipeline_runtime.py::test_training_builds_its_pipeline_with_the_schedule_flags",),
+        "training runs 1F1B/interleaved unpaired whatever --overlap-moe-expert-parallel-comm says"),
 ]

@@ -190,6 +190,21 @@ def test_interleaved_and_overlap_flags_need_their_schedule():
         validate_pipeline(parse_args(flags + ["--global-batch-size", "6"]), dp=1)  # 3 micro-batches
 
 
+def test_training_builds_its_pipeline_with_the_schedule_flags(monkeypatch):
+    """The training loop hands the virtual stages and the overlap flag to its Pipeline (whose
+    schedules the tests above and the layout checker's runs check)."""
+    from types import SimpleNamespace
+
+    from megadual.training import loop
+    config = parse_args(TINY_MOE + INTERLEAVED + ["--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2",
+                                                  "--overlap-moe-expert-parallel-comm"])
+    topo = SimpleNamespace(group=lambda name: None, layout=SimpleNamespace(tp=1, dp=1, pp=2), pp_rank=0,
+                           members={"pp": [0, 1]})
+    monkeypatch.setattr(loop, "Pipeline", lambda *args, **kwargs: kwargs)
+    built = loop.build_pipeline(config, topo, None, torch.device("cpu"), None)
+    assert (built["virtual_stages"], built["overlap"]) == (2, True)
+
+
 def test_first_and_last_stage_layer_counts_override_the_even_split():
     assert [s.last_layer - s.first_layer for s in stage_specs(7, 4, first=1)] == [1, 2, 2, 2]
     assert [(s.first_layer, s.last_layer) for s in stage_specs(8, 4, first=2, last=0)] == \
