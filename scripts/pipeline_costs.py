@@ -97,6 +97,7 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
                 out.backward(grad)
             marks.append(time.perf_counter())
         costs["hops_b"] = hop_pieces(marks, sent_backward.records, bench.links)
+        costs["forward_first"] = overlap.forward_first  # the hierarchical dispatcher's phase
         costs["comm_f"] = sum(costs["hops_f"].hops)
         costs["comm_b"] = sum(costs["hops_b"].hops)
     return costs

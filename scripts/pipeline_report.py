@@ -38,7 +38,8 @@ def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency:
             c = per_stage[stage] if per_rank is None else per_stage[stage] | per_rank[rank]
             chunks[rank, chunk] = SimCosts(f=c["f"], b=c.get("b", 0.0), w=c.get("w", 0.0), bi=c.get("bi"),
                                            fb=c.get("fb"), comm_f=c.get("comm_f", 0.0), comm_b=c.get("comm_b", 0.0),
-                                           hops_f=c.get("hops_f"), hops_b=c.get("hops_b"))
+                                           hops_f=c.get("hops_f"), hops_b=c.get("hops_b"),
+                                           forward_first=c.get("forward_first", False))
     return StageCosts(chunks, latency)
 
 

@@ -205,5 +205,11 @@ def test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given():
     # the pair's measured compute (fb) scales every piece: 18 / 9 = 2x, hops as they were:
     # B0 0-4 hop 4-5; F0 4-6 hop 6-9; B1 6-10 hop 10-11; F1 10-12 hop 12-15; B2 12-16; F2 16-18 -> 18
     assert SimCosts(f=3, b=6, fb=18, hops_f=LONG_HOPS, hops_b=SHORT_HOPS).duration(pair) == 18
+    # a backward whose dispatcher asks the forward to go first: F pieces 1, 3 and B pieces 3, 1, hops of 2
+    #   backward first: B0 0-3 hop 3-5; F0 3-4 hop 5-7; B1 5-6; F1 7-10 -> 10
+    #   forward first:  F0 0-1 hop 1-3; B0 1-4 hop 4-6; F1 4-7; B1 7-8 -> 8
+    costs = {"f": 4, "b": 4, "hops_f": Pieces((1, 3), (2,)), "hops_b": Pieces((3, 1), (2,))}
+    assert SimCosts(**costs).duration(pair) == 10
+    assert SimCosts(**costs, forward_first=True).duration(pair) == 8
     with pytest.raises(ValueError, match="3 compute pieces need 2 hops"):
         Pieces((1, 1, 1), (1,))

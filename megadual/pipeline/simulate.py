@@ -53,6 +53,7 @@ class SimCosts:
     comm_b: float = 0.0
     hops_f: Pieces | None = None  # the forward's compute pieces and hops (their sums: f, comm_f)
     hops_b: Pieces | None = None  # the full backward's (their sums: b, comm_b)
+    forward_first: bool = False  # a pair with this backward starts with a forward step (overlap.py)
 
     def duration(self, action: Action, rank: int = 0) -> float:
         return {
@@ -74,7 +75,7 @@ def paired(forward: SimCosts, backward: SimCosts) -> float:
         return max(compute, forward.comm_f + backward.comm_b)
     pieces = sum(forward.hops_f.compute) + sum(backward.hops_b.compute)
     scale = compute / pieces if pieces else 1.0
-    return paired_seconds(forward.hops_f.scaled(scale), backward.hops_b.scaled(scale))
+    return paired_seconds(forward.hops_f.scaled(scale), backward.hops_b.scaled(scale), backward.forward_first)
 
 
 @dataclass(frozen=True)
