@@ -154,7 +154,16 @@ class ParallelConfig:
         choices=("alltoall", "hierarchical"), group=MOE)
     pipeline_schedule: str = option("1f1b", choices=SCHEDULES)
     pipeline_split_backward: bool = option(True, "zero-bubble W split: backwards compute input gradients "
-                                                 "first, weight gradients later where the schedule puts W actions")
+                                                 "first, weight gradients later where the schedule puts W actions",
+                                           aliases=("--delay-wgrad-compute",))
+    num_virtual_stages_per_pipeline_rank: int | None = option(None, "model chunks per pipeline rank under "
+                                                                    "--pipeline-schedule interleaved", positive=True)
+    num_layers_per_virtual_pipeline_stage: int | None = option(None, "layers per chunk under --pipeline-schedule "
+                                                                     "interleaved (instead of the chunk count)", positive=True)
+    overlap_moe_expert_parallel_comm: bool = option(False, "1f1b and interleaved: the steady state's forward and "
+                                                           "backward of two micro-batches run as one paired chunk, "
+                                                           "each one's expert all-to-alls hidden behind the other's "
+                                                           "compute (DualPipe's always are)")
     decoder_first_pipeline_num_layers: int | None = option(None, "layers of the first pipeline stage; the "
                                                                  "others share the rest evenly", min=0)
     decoder_last_pipeline_num_layers: int | None = option(None, "layers of the last pipeline stage; the "

@@ -15,7 +15,7 @@ from megadual.data.data_args import parse_data_path, parse_split
 if TYPE_CHECKING:
     from megadual.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 
-SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling_factor")
 YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
@@ -183,15 +183,48 @@ def _validate_data(d: DataConfig, t: TrainConfig) -> None:
 
 
 def _validate_pipeline_layers(m: ModelConfig, p: ParallelConfig) -> None:
-    """The layers split over the pipeline stages: PP of them, 2 * PP under dualpipev.
-    (The schedule's micro-batch checks need the data-parallel size: see validate_world.)"""
-    pp = p.pipeline_model_parallel_size
+    """The layers split over the pipeline stages: PP of them, 2 * PP under dualpipev, PP * V
+    under interleaved. (The schedule's micro-batch checks need the data-parallel size: see validate_world.)"""
+    pp, per_rank = p.pipeline_model_parallel_size, stages_per_rank(p, m.num_layers)
+    _require(not p.overlap_moe_expert_parallel_comm or p.pipeline_model_parallel_size > 1,
+             "--overlap-moe-expert-parallel-comm pairs micro-batches of a pipeline schedule: it needs "
+             "--pipeline-model-parallel-size > 1")
     if pp > 1:
-        stages = 2 * pp if p.pipeline_schedule == "dualpipev" else pp
         context = f"of --pipeline-model-parallel-size {pp} under --pipeline-schedule {p.pipeline_schedule}"
-        pipeline_stage_layers(m.num_layers, stages, p.decoder_first_pipeline_num_layers,
-                              p.decoder_last_pipeline_num_layers,
-                              context + (" (two stages per rank)" if stages > pp else ""))
+        extra = (f" with {per_rank} virtual stages per rank (--num-virtual-stages-per-pipeline-rank)"
+                 if p.pipeline_schedule == "interleaved" else " (two stages per rank)" if per_rank == 2 else "")
+        pipeline_stage_layers(m.num_layers, pp * per_rank, p.decoder_first_pipeline_num_layers,
+                              p.decoder_last_pipeline_num_layers, context + extra)
+
+
+def stages_per_rank(p: ParallelConfig, num_layers: int) -> int:
+    """Pipeline stages per rank: 2 under dualpipev, V under interleaved (virtual_stages), else 1
+    (DualPipe's two chunks are copies of one stage)."""
+    return 2 if p.pipeline_schedule == "dualpipev" else virtual_stages(p, num_layers)
+
+
+def virtual_stages(p: ParallelConfig, num_layers: int) -> int:
+    """V of the interleaved schedule: Megatron's --num-virtual-stages-per-pipeline-rank, or
+    --num-layers / (PP x --num-layers-per-virtual-pipeline-stage); 1 under the other schedules."""
+    virtual, per_stage = p.num_virtual_stages_per_pipeline_rank, p.num_layers_per_virtual_pipeline_stage
+    interleaved = p.pipeline_schedule == "interleaved"
+    for name, value in (("num_virtual_stages_per_pipeline_rank", virtual),
+                        ("num_layers_per_virtual_pipeline_stage", per_stage)):
+        _require(value is None or interleaved, f"{flag_name(name)} needs --pipeline-schedule interleaved")
+        _require(value is None or value >= 1, f"{flag_name(name)} must be >= 1, got {value}")
+    if not interleaved:
+        return 1
+    _require((virtual is None) != (per_stage is None), "--pipeline-schedule interleaved needs exactly one of "
+             "--num-virtual-stages-per-pipeline-rank and --num-layers-per-virtual-pipeline-stage")
+    if virtual is None:
+        pp = p.pipeline_model_parallel_size
+        _require(num_layers % (pp * per_stage) == 0,
+                 f"--num-layers ({num_layers}) must be divisible by --pipeline-model-parallel-size ({pp}) x "
+                 f"--num-layers-per-virtual-pipeline-stage ({per_stage})")
+        virtual = num_layers // (pp * per_stage)
+    _require(virtual >= 2, f"--pipeline-schedule interleaved needs at least 2 virtual stages per rank, got "
+                           f"{virtual} (--num-virtual-stages-per-pipeline-rank); 1 is --pipeline-schedule 1f1b")
+    return virtual
 
 
 def pipeline_stage_layers(num_layers: int, num_stages: int, first: int | None = None, last: int | None = None,
@@ -306,10 +339,9 @@ def validate_parallel(c: RunConfig, tp: int, ep: int, nodes_in_ep_group: int) ->
 
 def validate_pipeline(config: RunConfig, dp: int) -> None:
     """The micro-batch count, and the schedule's demands on it and on PP (the layer split: validate)."""
-    n_micro = num_microbatches(config, dp)
-    if config.parallel.pipeline_model_parallel_size > 1:
-        validate_schedule_args(config.parallel.pipeline_schedule, config.parallel.pipeline_model_parallel_size,
-                               n_micro)
+    n_micro, p = num_microbatches(config, dp), config.parallel
+    if p.pipeline_model_parallel_size > 1:
+        validate_schedule_args(p.pipeline_schedule, p.pipeline_model_parallel_size, n_micro)
 
 
 def num_microbatches(config: RunConfig, dp: int) -> int:
@@ -328,6 +360,11 @@ def validate_schedule_args(name: str, pp_size: int, num_microbatches: int) -> No
     mb_flags = "--num-microbatches (--global-batch-size / (--micro-batch-size * data-parallel size))"
     if name == "1f1b":
         _require(num_microbatches >= 1, f"{mb_flags} must be >= 1 under 1f1b, got {num_microbatches}")
+        return
+    if name == "interleaved":  # Megatron's rule: micro-batches go through the chunks in groups of PP
+        _require(num_microbatches >= pp_size and num_microbatches % pp_size == 0,
+                 f"{mb_flags} must be a multiple of --pipeline-model-parallel-size ({pp_size}) under "
+                 f"interleaved, got {num_microbatches}")
         return
     _require(name != "dualpipe" or pp_size % 2 == 0,
              f"--pipeline-model-parallel-size must be even for {name}, got {pp_size}")

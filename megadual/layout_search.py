@@ -1,6 +1,7 @@
 """The layouts that fit N GPUs of G GiB, ranked by a step-time estimate (python -m megadual.plan --gpus).
 
-Searched: TP in {1, 2, 4, 8}, PP in {1, 2, 4, 8, 16, 32}, the three schedules, EP in the powers
+Searched: TP in {1, 2, 4, 8}, PP in {1, 2, 4, 8, 16, 32}, the schedules (1F1B and interleaved 1F1B
+with V = 2, each with and without --overlap-moe-expert-parallel-comm; DualPipe; DualPipeV), EP in the powers
 of two up to the experts, micro-batch 1 or 2, recomputation none / selective (core_attn) /
 selective (DeepSeek-V3's: layernorm, mla_up_proj with core_attn) / full (every layer), and the
 distributed optimizer off or on; the end stages take the layers an even split leaves over
@@ -15,7 +16,8 @@ from these stated assumptions (flags, defaults for H800/H100-class GPUs):
 - expert all-to-all: each token's hidden state (BF16) to every remote EP rank holding one of
   its experts and back, forward and backward, over InfiniBand (--ib-gbps per GPU) once the EP
   group spans nodes, else NVLink (--nvlink-gbps); exposed under 1F1B, hidden behind the other
-  micro-batch's compute in DualPipe's paired chunks as far as that compute lasts;
+  micro-batch's compute in paired chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm)
+  as far as that compute lasts;
 - TP: two all-reduces of the hidden state per layer each way, over NVLink, exposed;
 - pipeline p2p: one activation message per micro-batch and stage boundary over InfiniBand;
 - data parallelism: one reduce-scatter of FP32 gradients and one all-gather of the weights per
@@ -43,6 +45,11 @@ RECOMPUTE_CHOICES = {
                            "recompute_modules": ("layernorm", "mla_up_proj", "core_attn")},
     "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
 }
+
+
+# (--pipeline-schedule, --overlap-moe-expert-parallel-comm); interleaved with 2 virtual stages per rank
+SCHEDULE_CHOICES = (("1f1b", False), ("1f1b", True), ("interleaved", False), ("interleaved", True),
+                    ("dualpipe", False), ("dualpipev", False))
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,8 @@ class Fit:
     def describe(self, world: int) -> str:
         p, t = self.config.parallel, self.config.train
         dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-        return (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} {p.pipeline_schedule:<9} "
+        schedule = p.pipeline_schedule + ("+ov" if p.overlap_moe_expert_parallel_comm else "")
+        return (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} {schedule:<14} "
                 f"EP{p.expert_model_parallel_size:<3} DP{dp:<4} mb{t.micro_batch_size} {self.recompute:<18} "
                 f"{'ZeRO-1' if self.distributed else 'plain ':<6}")
 
@@ -93,20 +101,21 @@ def end_stage_layers(num_layers: int, stages: int) -> tuple[int | None, int | No
 def candidates(base: RunConfig, world: int, hw: Hardware):
     m = base.model
     eps = [e for e in (2 ** i for i in range(int(math.log2(max(1, m.num_experts))) + 1)) if e <= world] or [1]
-    for tp, pp, schedule, ep, mb, recompute, distributed in itertools.product(
-            (1, 2, 4, 8), (1, 2, 4, 8, 16, 32), ("1f1b", "dualpipe", "dualpipev"), eps, (1, 2),
-            RECOMPUTE_CHOICES, (False, True)):
-        if (pp == 1 and schedule != "1f1b") or tp > hw.gpus_per_node or world % (tp * pp):
+    for tp, pp, (schedule, overlap), ep, mb, recompute, distributed in itertools.product(
+            (1, 2, 4, 8), (1, 2, 4, 8, 16, 32), SCHEDULE_CHOICES, eps, (1, 2), RECOMPUTE_CHOICES, (False, True)):
+        if (pp == 1 and (schedule != "1f1b" or overlap)) or tp > hw.gpus_per_node or world % (tp * pp):
             continue
         if "mla" in recompute and not m.multi_latent_attention:
             continue
-        stages = 2 * pp if schedule == "dualpipev" else pp
+        stages = (2 if schedule in ("dualpipev", "interleaved") else 1) * pp  # interleaved: V = 2
         try:
             first, last = end_stage_layers(m.num_layers, stages) if pp > 1 else (None, None)
         except ConfigError:
             continue
         parallel = replace(base.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                            pipeline_schedule=schedule, expert_model_parallel_size=ep,
+                           num_virtual_stages_per_pipeline_rank=2 if schedule == "interleaved" else None,
+                           overlap_moe_expert_parallel_comm=overlap,
                            decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
                            moe_ranks_per_node=hw.gpus_per_node)
         train = replace(base.train, micro_batch_size=mb, **RECOMPUTE_CHOICES[recompute])
@@ -178,8 +187,10 @@ class PairedCosts:
 
 
 @cache  # layouts that differ only in what costs nothing here (the optimizer, selective recomputation) share it
-def _makespan(schedule: str, pp: int, n_micro: int, costs: tuple, latency: float) -> float:
-    return simulate(schedule_actions(schedule, pp, n_micro, True), PairedCosts(dict(costs), latency)).makespan
+def _makespan(schedule: tuple, pp: int, n_micro: int, costs: tuple, latency: float) -> float:
+    name, virtual, overlap = schedule
+    return simulate(schedule_actions(name, pp, n_micro, True, virtual, overlap),
+                    PairedCosts(dict(costs), latency)).makespan
 
 
 def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankMemory]) -> float:
@@ -206,7 +217,8 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     if layout.pp == 1:
         makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + 2 * costs[0, 0].a2a)
     else:
-        makespan = _makespan(layout.schedule, layout.pp, n_micro, tuple(costs.items()), message / (hw.ib_gbps * 1e9))
+        makespan = _makespan((layout.schedule, layout.virtual_stages, layout.overlap), layout.pp, n_micro,
+                             tuple(costs.items()), message / (hw.ib_gbps * 1e9))
     elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and memory[0].distributed_optimizer else 4)
     sync = elements * (4 + 2) * (layout.dp - 1) / layout.dp / (hw.ib_gbps * 1e9)
     return makespan + sync

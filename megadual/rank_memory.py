@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from megadual.config import ModelConfig, RunConfig
-from megadual.config_validate import num_microbatches
+from megadual.config_validate import num_microbatches, virtual_stages
 from megadual.memory_model import FP32, MemoryStep, Shape, memory_steps, peak_bytes, stage_activations
 from megadual.model.gpt import StageSpec, full_model_stage
 from megadual.parallel.recompute import RecomputePlan
@@ -103,6 +103,8 @@ class Layout:
     pp: int
     ep: int
     schedule: str
+    virtual_stages: int = 1  # V of the interleaved schedule
+    overlap: bool = False  # --overlap-moe-expert-parallel-comm
 
     @property
     def dp(self) -> int:
@@ -112,14 +114,15 @@ class Layout:
 def layout_of(config: RunConfig, world: int) -> Layout:
     p = config.parallel
     return Layout(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                  p.expert_model_parallel_size, p.pipeline_schedule)
+                  p.expert_model_parallel_size, p.pipeline_schedule, virtual_stages(p, config.model.num_layers),
+                  p.overlap_moe_expert_parallel_comm)
 
 
 def rank_stages(config: RunConfig, layout: Layout, n_micro: int) -> list[list[StageSpec]]:
     """The stages (chunks, in local chunk order) each pipeline rank holds."""
     if layout.pp == 1:
         return [[full_model_stage(config.model)]]
-    placement = pipeline_layout(layout.schedule, layout.pp, n_micro)
+    placement = pipeline_layout(layout.schedule, layout.pp, n_micro, layout.virtual_stages)
     p = config.parallel
     specs = stage_specs(config.model.num_layers, len(placement.paths[0]), p.decoder_first_pipeline_num_layers,
                         p.decoder_last_pipeline_num_layers)
@@ -145,7 +148,8 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None,
     n_micro = num_microbatches(config, layout.dp)
     plan, shape, c = RecomputePlan.from_flags(config.train), shape_of(config, layout), config.model
     stages = rank_stages(config, layout, n_micro)
-    schedules = (schedule_steps(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward)
+    schedules = (schedule_steps(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward,
+                                layout.virtual_stages, layout.overlap)
                  if layout.pp > 1 and activations else None)
     distributed = config.optim.use_distributed_optimizer if distributed is None else distributed
     weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
@@ -180,15 +184,18 @@ def _has_moe_layer(c: ModelConfig, stage: StageSpec) -> bool:
 
 
 @cache
-def schedule_actions(schedule: str, pp: int, n_micro: int, split_backward: bool) -> list[list[Action]]:
+def schedule_actions(schedule: str, pp: int, n_micro: int, split_backward: bool, virtual_stages: int = 1,
+                     overlap: bool = False) -> list[list[Action]]:
     """build_schedule's, built once (the planner's search asks for each many times; read only)."""
-    return build_schedule(schedule, pp, n_micro, split_backward)
+    return build_schedule(schedule, pp, n_micro, split_backward, virtual_stages, overlap)
 
 
 @cache
-def schedule_steps(schedule: str, pp: int, n_micro: int, split_backward: bool) -> list[tuple[MemoryStep, ...]]:
+def schedule_steps(schedule: str, pp: int, n_micro: int, split_backward: bool, virtual_stages: int = 1,
+                   overlap: bool = False) -> list[tuple[MemoryStep, ...]]:
     """Each rank's memory_steps of the schedule."""
-    return [memory_steps(actions) for actions in schedule_actions(schedule, pp, n_micro, split_backward)]
+    return [memory_steps(actions)
+            for actions in schedule_actions(schedule, pp, n_micro, split_backward, virtual_stages, overlap)]
 
 
 def _adam_bytes(params: ParamCount) -> float:

@@ -91,7 +91,8 @@ A LAYOUT is comma-separated items:
   sp              sequence parallelism (--sequence-parallel; needs tpN)
   epN             expert parallelism over N ranks (--expert-model-parallel-size N)
   dpN             data parallelism N (default: the least that holds EP, EP / gcd(EP, TP))
-  ppN[:SCHEDULE]  pipeline parallelism N, SCHEDULE 1f1b (default), dualpipe or dualpipev
+  ppN[:SCHEDULE]  pipeline parallelism N, SCHEDULE 1f1b (default), interleaved (with
+                  --num-virtual-stages-per-pipeline-rank=V), dualpipe or dualpipev
   nodesK          the processes split into K (virtual) nodes (--moe-ranks-per-node);
                   the one-process run then routes over the nodes one EP group spans
                   (--moe-router-num-groups), so node-limited routing keeps the same rule
@@ -101,7 +102,7 @@ The layout runs in TP x DP x PP processes. Examples: "dp3"  "tp2,sp,ep2,dp2"  "e
   "pp2:dualpipe,tp2,ep2"  "pp4:dualpipev,--decoder-last-pipeline-num-layers=2"
 """
 
-_ITEM = re.compile(r"(tp|ep|dp|nodes)(\d+)$|sp$|pp(\d+)(?::(1f1b|dualpipe|dualpipev))?$")
+_ITEM = re.compile(r"(tp|ep|dp|nodes)(\d+)$|sp$|pp(\d+)(?::(1f1b|interleaved|dualpipe|dualpipev))?$")
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,27 @@
-"""Pipeline schedules on CPU: ours (1F1B, DualPipe, DualPipeV) against torch.distributed.pipelining.
+"""Pipeline schedules on CPU: ours (1F1B, interleaved, DualPipe(V)) against torch.distributed.pipelining.
 
     python scripts/bench_pipeline.py                  # PP=2, the figures in docs/benchmarks.md
-    python scripts/bench_pipeline.py --pp 4           # 4 processes: oversubscribes a 2-core machine
 
-One process per pipeline rank, one thread each, gloo on 127.0.0.1. Every schedule
-runs the same dense GPT (megadual.model.gpt chunks cut by global layer index) on
-the same batch. All schedules are built up front and then stepped in turn, round
-after round (in reverse order every other round), so a change in the machine's load
-hits them alike; each figure is the median over the timed rounds, and each ratio is
-also given per round, between the two steps of that round.
+One process per pipeline rank, one thread each, gloo on 127.0.0.1. Every schedule runs the
+same GPT on the same batch, all stepped in turn round after round (reversed every other
+round), so load changes hit them alike; figures are medians over the rounds, ratios also per round.
 
 Per schedule it prints tokens/s, each rank's busy time (forward, backward and W calls)
 and bubble (the step's makespan minus that busy time), next to what the simulator
 (megadual.pipeline.simulate) predicts from the p2p latency and the costs of each stage
-chunk, taken two ways (scripts/pipeline_costs.py): "sim" from each chunk measured alone,
-"sim*" from the compute our actions took in the steps. They differ where more ranks than
-cores compute at once. The load average is printed too: other work inflates every figure.
+chunk, taken two ways (scripts/pipeline_costs.py): "sim" from each chunk measured alone, "sim*"
+from our actions' compute in the steps (they differ where more ranks than cores compute at
+once). The load average is printed too: other work inflates every figure.
 
-torch's stages are the same GPTChunk modules with the same weights. They have no
-weight-gradient store attached, so their linears are plain F.linear, which torch's
-split of B into input and weight halves (by walking the autograd graph) needs: it
-cannot split a custom autograd Function such as the one our W split uses.
+torch's stages: the same GPTChunks and weights without our W store (torch's B split cannot split it).
 
 With experts (`--num-experts`) and expert parallelism (`--ep`, PP x EP processes, EP folded
 into data parallelism), `--emulate-links` runs every step on an emulated network
 (megadual/parallel/emulate.py; `--ranks-per-node` ranks per emulated node): the expert
 all-to-alls and the pipeline's messages finish no earlier than the links allow. The rows
-then are ours only, "DualPipe, no overlap" runs each paired F&B as its forward then its
-backward, and "DualPipe, hierarchical" uses --moe-token-dispatcher-type hierarchical. Each
-row also gives the inter-node bytes of a step (all ranks); the simulator adds the
-all-to-alls' and the messages' time on the same links.
+then are ours only: "no overlap" runs each paired F&B as its F then its B, "hierarchical"
+uses that dispatcher, ", overlap" --overlap-moe-expert-parallel-comm, interleaved has V = 2; each
+row gives a step's inter-node bytes; the simulator adds the links' time.
 
     python scripts/bench_pipeline.py --ep 2 --ranks-per-node 1 --num-experts 8 \\
         --emulate-links "inter=...;intra=..."          # DualPipe vs 1F1B vs no overlap, 4 processes
@@ -51,7 +43,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_costs import SEED, rank_costs, shape_specs, step_compute
+from pipeline_costs import INTERLEAVED_V, SEED, rank_costs, shape_specs, step_compute
 from pipeline_report import (
     Sample,
     format_report,
@@ -67,7 +59,7 @@ from megadual.parallel.context import BuildContext
 from megadual.parallel.emulate import LinkModel, Record, emulated_links
 from megadual.parallel.topology import Layout as Grid
 from megadual.parallel.topology import Topology
-from megadual.pipeline.actions import Action, Kind
+from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.stage_model import build_stage_model
@@ -111,12 +103,25 @@ class Variant:
     recv_lookahead: int | None = None  # ours only: PipelineRuntime's (None: the backend's default)
     pairs_overlap: bool = True  # False: each F&B runs as its F, then its B
     dispatcher: str = "alltoall"  # --moe-token-dispatcher-type
+    overlap: bool = False  # --overlap-moe-expert-parallel-comm (1F1B, interleaved)
+
+    def actions(self, bench: Bench) -> list[list[Action]]:
+        lists = build_schedule(self.shape, bench.pp, bench.microbatches, self.split_backward, self.v, self.overlap)
+        return lists if self.pairs_overlap else [without_pairs(actions) for actions in lists]
+
+    def layout(self, bench: Bench) -> Layout:
+        return pipeline_layout(self.shape, bench.pp, bench.microbatches, self.v)
+
+    v = property(lambda self: INTERLEAVED_V if self.shape == "interleaved" else 1)  # virtual stages per rank
 
 
 VARIANTS = (
     Variant("ours 1F1B", "ours", "1f1b", False),
     Variant("torch Schedule1F1B", "torch", "1f1b", False),
     Variant("ours 1F1B + W split (ZB-H1)", "ours", "1f1b", True),
+    Variant("ours 1F1B, overlap", "ours", "1f1b", True, overlap=True),
+    Variant("ours interleaved 1F1B", "ours", "interleaved", True),
+    Variant("ours interleaved, overlap", "ours", "interleaved", True, overlap=True),
     Variant("ours DualPipe", "ours", "dualpipe", True),
     Variant("ours DualPipe, no overlap", "ours", "dualpipe", True, pairs_overlap=False),
     Variant("ours DualPipe, hierarchical", "ours", "dualpipe", True, dispatcher="hierarchical"),
@@ -127,10 +132,12 @@ VARIANTS = (
 
 
 def runs_here(variant: Variant, bench: Bench) -> bool:
-    """torch's rows run without expert parallelism only; the hierarchical row where it differs
-    from the flat one (an EP group over several nodes of several ranks)."""
+    """torch's rows run without expert parallelism only, the overlap flag's with it; the hierarchical
+    row where it differs from the flat one (an EP group over several nodes of several ranks)."""
     if variant.impl == "torch":
         return bench.ep == 1
+    if variant.overlap:  # pairs hide expert all-to-alls: none without EP
+        return bench.ep > 1
     if variant.dispatcher == "hierarchical":
         per_node = bench.ep // bench.grid.nodes_per_ep_group
         return bench.grid.nodes_per_ep_group > 1 and per_node > 1
@@ -147,11 +154,6 @@ def without_pairs(actions: list[Action]) -> list[Action]:
     return [part for a in actions
             for part in ((Action(Kind.F, a.chunk, a.mb), Action(Kind.B, a.b_chunk, a.b_mb))
                          if a.kind == Kind.FB else (a,))]
-
-
-def schedule(variant: Variant, bench: Bench) -> list[list[Action]]:
-    lists = build_schedule(variant.shape, bench.pp, bench.microbatches, variant.split_backward)
-    return lists if variant.pairs_overlap else [without_pairs(actions) for actions in lists]
 
 
 def make_batch(bench: Bench, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,8 +236,8 @@ class OurRunner:
     """Our runtime on our action lists; busy time is the sum of its traced compute actions."""
 
     def __init__(self, variant: Variant, bench: Bench, topo: Topology):
-        layout = pipeline_layout(variant.shape, bench.pp, bench.microbatches)
-        actions = schedule(variant, bench)[topo.pp_rank]
+        layout = variant.layout(bench)
+        actions = variant.actions(bench)[topo.pp_rank]
         ctx = build_context(bench, topo, variant.dispatcher)
         self.modules = build_stage_model(bench.model, layout, topo.pp_rank, SEED, ctx).chunks
         m = bench.model
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         if not runs_here(v, bench):
             raise SystemExit(f"{v.label} does not run with --ep {bench.ep} --ranks-per-node {bench.ranks_per_node}")
-        build_schedule(v.shape, bench.pp, bench.microbatches, v.split_backward)  # validates the sizes
+        v.actions(bench)  # validates the sizes
         shape_specs(v.shape, model.num_layers, bench.pp)
 
     load_before = os.getloadavg()[0]
@@ -386,9 +388,9 @@ def main(argv: list[str] | None = None) -> None:
                             key=lambda item: item[0])
     rows = []
     for i, v in enumerate(variants):
-        layout, alone = pipeline_layout(v.shape, bench.pp, bench.microbatches), costs[v.shape, v.dispatcher]
+        layout, alone = v.layout(bench), costs[v.shape, v.dispatcher]
         in_steps = step_compute_per_rank([(pp_rank, samples[i]) for pp_rank, _, _, samples in gathered])
-        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], schedule(v, bench),
+        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench),
                               stage_costs(layout, alone, latency),
                               in_steps and stage_costs(layout, alone, latency, in_steps), in_steps))
     print(format_report(bench, rows, costs, latency, (load_before, os.getloadavg()[0])))

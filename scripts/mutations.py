@@ -764,4 +764,49 @@ MUTATIONS = [
         "if False:",
         ("tests/test_checkpoint_save.py::test_a_run_whose_last_save_failed_does_not_end_as_complete",),
         "under --save-failures-continue a run whose last save failed ends as if complete (exit 0)"),
+    # issue 22 (i22-schedules)
+    Mutation(
+        "interleaved-chunks-round-robin", "megadual/pipeline/schedules.py",
+        "        return (k // pp_size) % chunks\n",
+        "        return k % chunks\n",
+        ("tests/test_schedules.py::test_interleaved_follows_megatrons_order_and_runs[plain-split-4-2-8]",),
+        "interleaved 1F1B moves every forward to the next chunk instead of groups of PP micro-batches"),
+    Mutation(
+        "overlap-pairs-a-micro-batch-with-itself", "megadual/pipeline/schedules.py",
+        "warmup = min(warmup + int(overlap), total)",
+        "warmup = min(warmup, total)",
+        ("tests/test_schedules.py::test_overlapped_1f1b_pairs_each_steady_forward_with_an_earlier_backward[2-4]",
+         "tests/test_schedules.py::test_interleaved_follows_megatrons_order_and_runs[overlap-split-2-2-2]"),
+        "--overlap-moe-expert-parallel-comm warms up no extra forward: a last stage pairs one micro-batch's "
+        "forward with its own backward"),
+    Mutation(
+        "check-allows-self-pair", "megadual/pipeline/schedules.py",
+        "if action.backward_of not in forwards or action.backward_of == action.forward_of:",
+        "if action.backward_of not in forwards:",
+        ("tests/test_schedules.py::test_check_refuses_a_pair_of_one_micro_batchs_forward_and_backward",),
+        "the schedule check accepts a paired F&B of one micro-batch's forward and its own backward"),
+    Mutation(
+        "interleaved-microbatches-any-count", "megadual/config_validate.py",
+        "num_microbatches >= pp_size and num_microbatches % pp_size == 0,",
+        "num_microbatches >= pp_size,",
+        ("tests/test_pipeline_runtime.py::test_interleaved_and_overlap_flags_need_their_schedule",),
+        "interleaved 1F1B takes a micro-batch count that is no multiple of PP (Megatron refuses it)"),
+    Mutation(
+        "hops-share-no-link", "megadual/pipeline/hops.py",
+        "self.link_free = max(self.clock, self.link_free) + seconds",
+        "self.link_free = self.clock + seconds",
+        ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
+        "the hop-level simulator lets a rank's hops travel at once instead of queueing on its link"),
+    Mutation(
+        "pairs-timed-at-chunk-level", "megadual/pipeline/simulate.py",
+        "if forward.hops_f is None or backward.hops_b is None:",
+        "if True:",
+        ("tests/test_simulate.py::test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given",),
+        "the simulator times a paired F&B by its chunk totals though its hops are given"),
+    Mutation(
+        "training-ignores-overlap-flag", "megadual/training/loop.py",
+        "overlap=p.overlap_moe_expert_parallel_comm)",
+        "overlap=False)",
+        ("tests/test_pipeline_runtime.py::test_training_builds_its_pipeline_with_the_schedule_flags",),
+        "training runs 1F1B/interleaved unpaired whatever --overlap-moe-expert-parallel-comm says"),
 ]

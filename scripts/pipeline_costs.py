@@ -22,9 +22,11 @@ import torch.distributed as dist
 
 from megadual.model.gpt import StageSpec, build_chunk
 from megadual.parallel.context import BuildContext
+from megadual.parallel import comm
 from megadual.parallel.emulate import LinkModel, Record, emulated_links
 from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Kind
+from megadual.pipeline.hops import Pieces
 from megadual.pipeline.stage_model import stage_specs
 
 if TYPE_CHECKING:
@@ -35,16 +37,20 @@ SEED = 1234
 _KIND_OF_LABEL = (("&", Kind.FB), ("BI", Kind.BI), ("B", Kind.B), ("W", Kind.W), ("F", Kind.F))
 
 
+INTERLEAVED_V = 2  # the benchmark's virtual stages per rank under interleaved 1F1B
+
+
 def shape_specs(shape: str, num_layers: int, pp: int) -> list[StageSpec]:
     """The distinct stage chunks of a schedule shape (DualPipe's two directions cut alike)."""
-    return stage_specs(num_layers, 2 * pp if shape == "dualpipev" else pp)
+    return stage_specs(num_layers, {"dualpipev": 2 * pp, "interleaved": INTERLEAVED_V * pp}.get(shape, pp))
 
 
 def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, float]:
     """Median seconds of forward, full backward, input-only backward (BI) and W of one chunk on one
     micro-batch, with our W split: a WeightGradStore attached to every linear. With emulated links,
     also what its forward's and backward's all-to-alls take on them (comm_f, comm_b), from the
-    bytes they sent (the compute costs are measured without emulation)."""
+    bytes they sent (the compute costs are measured without emulation), and the chunk at hop level
+    (hops_f, hops_b: its compute between launches, each launch's link time)."""
     config, micro_batch_size, reps = bench.model, bench.micro_batch_size, bench.cost_reps
     chunk = build_chunk(config, spec, SEED, ctx)
     store = WeightGradStore()
@@ -77,13 +83,47 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
         timed("w", store.pop)
     costs = {key: statistics.median(values[1:]) for key, values in times.items()}
     if bench.links is not None:
+        overlap = comm.BackwardOverlap()
+        chunk.attach_schedule(store, overlap)
         with emulated_links(LinkModel(), bench.grid.node_size) as sent_forward:
-            out = forward()
+            steps = chunk.forward_steps(tokens if spec.has_embedding else hidden, tokens)
+            marks = [time.perf_counter()]
+            out = run_marked(steps, marks)
+            out = out.loss if spec.has_head else out
+        costs["hops_f"] = hop_pieces(marks, sent_forward.records, bench.links)
         with emulated_links(LinkModel(), bench.grid.node_size) as sent_backward:
-            out.backward(grad)
-        costs["comm_f"] = sum(map(bench.links.free_seconds, sent_forward.records))
-        costs["comm_b"] = sum(map(bench.links.free_seconds, sent_backward.records))
+            marks = [time.perf_counter()]
+            with overlap.filling(lambda: marks.append(time.perf_counter())):
+                out.backward(grad)
+            marks.append(time.perf_counter())
+        costs["hops_b"] = hop_pieces(marks, sent_backward.records, bench.links)
+        costs["forward_first"] = overlap.forward_first  # the hierarchical dispatcher's phase
+        costs["comm_f"] = sum(costs["hops_f"].hops)
+        costs["comm_b"] = sum(costs["hops_b"].hops)
     return costs
+
+
+def run_marked(steps, marks: list[float]):
+    """Run a forward_steps generator to its end, marking the time after each step; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            marks.append(time.perf_counter())
+            return done.value
+        marks.append(time.perf_counter())
+
+
+def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> Pieces:
+    """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each an
+    all-to-all launch, with free links), and the link time of what each piece launched."""
+    compute = tuple(b - a for a, b in zip(marks, marks[1:]))
+    hops = [0.0] * (len(compute) - 1)
+    for record in records:
+        piece = next((i for i in range(len(hops)) if record.launched <= marks[i + 1]), len(hops) - 1)
+        if hops:
+            hops[piece] += links.free_seconds(record)
+    return Pieces(compute, tuple(hops))
 
 
 def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,

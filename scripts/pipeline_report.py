@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megadual.pipeline.actions import Action, Layout
+from megadual.pipeline.hops import Pieces
 from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
 
 if TYPE_CHECKING:
@@ -36,8 +37,19 @@ def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency:
         for stage, (rank, chunk) in enumerate(path):
             c = per_stage[stage] if per_rank is None else per_stage[stage] | per_rank[rank]
             chunks[rank, chunk] = SimCosts(f=c["f"], b=c.get("b", 0.0), w=c.get("w", 0.0), bi=c.get("bi"),
-                                           fb=c.get("fb"), comm_f=c.get("comm_f", 0.0), comm_b=c.get("comm_b", 0.0))
+                                           fb=c.get("fb"), comm_f=c.get("comm_f", 0.0), comm_b=c.get("comm_b", 0.0),
+                                           hops_f=c.get("hops_f"), hops_b=c.get("hops_b"),
+                                           forward_first=c.get("forward_first", False))
     return StageCosts(chunks, latency)
+
+
+def _slower(a, b):
+    """The larger of two costs: of two hop-level chunks (pipeline/hops.py), piece by piece."""
+    if b is None:
+        return a
+    if isinstance(a, Pieces):
+        return Pieces(tuple(map(max, a.compute, b.compute)), tuple(map(max, a.hops, b.hops)))
+    return max(a, b)
 
 
 def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
@@ -45,7 +57,7 @@ def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, 
     stages: dict[int, dict[str, float]] = {}
     for per_stage in measured:
         for stage, costs in per_stage.items():
-            stages[stage] = {k: max(v, stages.get(stage, {}).get(k, 0.0)) for k, v in costs.items()}
+            stages[stage] = {k: _slower(v, stages.get(stage, {}).get(k)) for k, v in costs.items()}
     return stages
 
 

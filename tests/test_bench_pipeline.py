@@ -23,7 +23,7 @@ def test_bench_pipeline_tiny(tmp_path):
 
 
 def test_bench_pipeline_expert_parallel_on_emulated_links(tmp_path):
-    rows = ["ours 1F1B", "ours DualPipe", "ours DualPipe, no overlap"]
+    rows = ["ours 1F1B", "ours DualPipe", "ours DualPipe, no overlap", "ours interleaved, overlap"]
     moe = ["--ep", "2", "--ranks-per-node", "1", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
            "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "32",
            "--emulate-links", "inter=20MB/s,10us", "--schedules", *rows]

@@ -19,6 +19,8 @@ READ_IN_CONFIG = {
     "make_vocab_size_divisible_by",  # padded_vocab_size
     "moe_first_k_dense",  # ModelConfig.is_moe_layer
     "moe_ranks_per_node",  # node_size, which validate_world and build_topology share
+    "num_virtual_stages_per_pipeline_rank",  # virtual_stages, which the loop and the planner share
+    "num_layers_per_virtual_pipeline_stage",  # virtual_stages
 }
 
 

@@ -2,7 +2,8 @@
 
 D = 1 and D = 2 under TP2+SP x EP2 (x DP2), PP2 DualPipe x EP2 (x DP2) and PP4 DualPipeV (with
 multi-head latent attention in two of them: without query compression under TP2+SP, with it
-under DualPipe), D = 2 under PP2 1F1B x TP2+SP (the last stage's tied embedding), the W split
+under DualPipe), D = 2 under PP2 1F1B x TP2+SP (the last stage's tied embedding) and PP2 x V2
+interleaved 1F1B x EP2 (x DP2), the W split
 on, checked by the layout checker (megadual/verify.py) in one launch per world size: every
 logged value of every step (the lm loss, each `mtp_k loss`, the validation losses with MTP's)
 and its grad norm, every first-step gradient, every parameter and buffer after the last step,
@@ -33,6 +34,10 @@ CASES = {  # name: (MTP depth, model flags, layout); each layout at both depths,
     "D1-PP4-dualpipev": (1, [], DUALPIPEV),
     "D2-PP4-dualpipev": (2, [], DUALPIPEV),
     SAVER: (2, [], "pp2,tp2,sp"),
+    # the last of 4 stages (rank 1, chunk 1) keeps a tied embedding, as 1F1B's last rank
+    "D2-PP2xV2-interleavedxEP2xDP2": (2, [], "pp2:interleaved,ep2,dp2,--num-virtual-stages-per-pipeline-rank=2,"
+                                             "--decoder-first-pipeline-num-layers=1,"
+                                             "--decoder-last-pipeline-num-layers=1"),
 }
 
 

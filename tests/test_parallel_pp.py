@@ -2,7 +2,9 @@
 
 1F1B, DualPipe and DualPipeV at PP 4 and PP 2 x DP 2, the zero-bubble W split on and off, uneven
 end stages, PP2 DualPipe x TP2 x EP2, and dropout with document boundaries (--reset-position-ids,
---reset-attention-mask, --eod-mask-loss: every stage's attention reads them): the logged values (losses, routing statistics,
+--reset-attention-mask, --eod-mask-loss: every stage's attention reads them); interleaved 1F1B at
+PP4 x V2 (recomputing) and PP2 x V2 x EP2, and 1F1B at PP2 x EP2, with
+--overlap-moe-expert-parallel-comm: the logged values (losses, routing statistics,
 validation loss) and grad norm of every step, every parameter's first-step gradient (under DualPipe
 after the two copies of a stage are summed), every parameter and buffer after the last step, and
 the two DualPipe copies of each stage equal (megadual/verify.py).
@@ -19,6 +21,7 @@ DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 DOCUMENTS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
 NO_SPLIT = ",--no-pipeline-split-backward"
 UNEVEN = "--decoder-first-pipeline-num-layers=0,--decoder-last-pipeline-num-layers=2"
+FULL = "--recompute-granularity=full,--recompute-method=uniform,--recompute-num-layers=1"
 
 CASES = {  # name: (flags, layout); PP 4 runs 8 micro-batches, PP 2 x DP 2 4 per pipeline
     "PP4-1f1b": (ARGS, "pp4"),
@@ -37,6 +40,13 @@ CASES = {  # name: (flags, layout); PP 4 runs 8 micro-batches, PP 2 x DP 2 4 per
     # only for their document boundaries
     "PP2xDP2-dualpipev-dropout": (ARGS + DROPOUT + DOCUMENTS, "pp2:dualpipev,dp2"),
     "PP2xDP2-dualpipe-dropout": (ARGS + DROPOUT + DOCUMENTS, "pp2:dualpipe,dp2"),
+    # Megatron's interleaved 1F1B (V = 8 layers / (PP 4 x 1)) with full recomputation, bit for bit
+    "PP4xV2-interleaved-recompute": (ARGS, "pp4:interleaved,--num-layers-per-virtual-pipeline-stage=1," + FULL),
+    # the paired F&B of --overlap-moe-expert-parallel-comm over recomputed MoE layers
+    "PP2xV2xEP2-interleaved-overlap": (ARGS, "pp2:interleaved,ep2,--num-virtual-stages-per-pipeline-rank=2,"
+                                             "--overlap-moe-expert-parallel-comm,--recompute-granularity=selective,"
+                                             "--recompute-modules=moe"),
+    "PP2xEP2-1f1b-overlap": (ARGS, "pp2,ep2,--overlap-moe-expert-parallel-comm"),
 }
 
 

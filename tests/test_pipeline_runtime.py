@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megadual.config import ConfigError, parse_args
-from megadual.config_validate import validate_pipeline
+from megadual.config_validate import validate_pipeline, virtual_stages
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.pipeline.actions import Action, Kind, Layout, match_messages
 from megadual.pipeline.driver import forward_only_schedule
@@ -55,8 +55,9 @@ def assert_same_gradients(model, want_grads):
             assert torch.equal(p.grad, want_grads[name]), name
 
 
-def one_rank_runtime(config, schedule: str, actions: list[Action], count: int, trace: bool = False):
-    layout = pipeline_layout(schedule, 1, count)
+def one_rank_runtime(config, schedule: str, actions: list[Action], count: int, trace: bool = False,
+                     virtual_stages: int = 1):
+    layout = pipeline_layout(schedule, 1, count, virtual_stages)
     model = build_stage_model(config, layout, 0, SEED)
     model.set_aux_loss_grad_scale(1.0 / count)
     return model, PipelineRuntime(actions, layout, model.chunks, 0, [0], activation_shape=SHAPE, trace=trace)
@@ -69,13 +70,17 @@ def four_microbatches():
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
-@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
-def test_one_rank_schedule_equals_gradient_accumulation(four_microbatches, schedule, split):
+@pytest.mark.parametrize("schedule,virtual,overlap", [("1f1b", 1, False), ("dualpipev", 1, False),
+                                                      ("1f1b", 1, True), ("interleaved", 2, False),
+                                                      ("interleaved", 2, True)],
+                         ids=["1f1b", "dualpipev", "1f1b-overlap", "interleaved", "interleaved-overlap"])
+def test_one_rank_schedule_equals_gradient_accumulation(four_microbatches, schedule, virtual, overlap, split):
+    """(Interleaved on one rank: its two chunks hand over locally; paired 1F1B pairs one chunk with itself.)"""
     config, (batches, want_loss, want_grads) = tiny(mtp_layers=1), four_microbatches
-    actions = build_schedule(schedule, 1, 4, split)[0]
-    assert any(a.kind == Kind.FB for a in actions) == (schedule == "dualpipev")
+    actions = build_schedule(schedule, 1, 4, split, virtual, overlap)[0]
+    assert any(a.kind == Kind.FB for a in actions) == (schedule == "dualpipev" or overlap)
     assert any(a.kind == Kind.BI for a in actions) == split
-    model, runtime = one_rank_runtime(config, schedule, actions, 4)
+    model, runtime = one_rank_runtime(config, schedule, actions, 4, virtual_stages=virtual)
     losses = runtime.run(batches)
     assert losses.keys() == want_loss.keys() == {"lm loss", "mtp_1 loss"}
     assert all(torch.equal(losses[name], want_loss[name]) for name in want_loss)
@@ -148,6 +153,56 @@ def test_layers_must_split_evenly_over_the_stages():
     with pytest.raises(ConfigError, match=flags + " under --pipeline-schedule dualpipev"):
         parse_args(TINY_MOE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2",
                                "--pipeline-schedule", "dualpipev"])
+
+
+INTERLEAVED = ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "interleaved"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-layers", "6", "--num-virtual-stages-per-pipeline-rank", "2"],
+     r"--num-layers \(6\) must split evenly over the 4 pipeline stages .*--pipeline-schedule interleaved with 2 "
+     r"virtual stages per rank \(--num-virtual-stages-per-pipeline-rank\)"),
+    (["--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "2"],
+     r"--num-layers \(6\) must be divisible by --pipeline-model-parallel-size \(2\) x "
+     r"--num-layers-per-virtual-pipeline-stage \(2\)"),
+    (["--num-layers", "8"], "exactly one of --num-virtual-stages-per-pipeline-rank and "
+                            "--num-layers-per-virtual-pipeline-stage"),
+    (["--num-layers", "8", "--num-virtual-stages-per-pipeline-rank", "1"], "at least 2 virtual stages"),
+    (["--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "4"], "at least 2 virtual stages"),
+])
+def test_interleaved_flags_are_checked_naming_them(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(TINY_MOE + INTERLEAVED + flags)
+
+
+def test_interleaved_and_overlap_flags_need_their_schedule():
+    p = parse_args(TINY_MOE + INTERLEAVED + ["--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2",
+                                             "--overlap-moe-expert-parallel-comm", "--no-delay-wgrad-compute"])
+    assert virtual_stages(p.parallel, 8) == 2 and not p.parallel.pipeline_split_backward
+    for flag in ("--num-virtual-stages-per-pipeline-rank", "--num-layers-per-virtual-pipeline-stage"):
+        with pytest.raises(ConfigError, match=flag + " needs --pipeline-schedule interleaved"):
+            parse_args(TINY_MOE + ["--num-layers", "8", "--pipeline-model-parallel-size", "2", flag, "2"])
+    with pytest.raises(ConfigError, match="--overlap-moe-expert-parallel-comm .* --pipeline-model-parallel-size > 1"):
+        parse_args(TINY_MOE + ["--overlap-moe-expert-parallel-comm"])
+    flags = TINY_MOE + INTERLEAVED + ["--num-layers", "8", "--num-virtual-stages-per-pipeline-rank", "2"]
+    validate_pipeline(parse_args(flags), dp=2)  # 2 micro-batches
+    with pytest.raises(ConfigError, match=r"--num-microbatches .* multiple of --pipeline-model-parallel-size \(2\)"):
+        validate_pipeline(parse_args(flags + ["--global-batch-size", "6"]), dp=1)  # 3 micro-batches
+
+
+def test_training_builds_its_pipeline_with_the_schedule_flags(monkeypatch):
+    """The training loop hands the virtual stages and the overlap flag to its Pipeline (whose
+    schedules the tests above and the layout checker's runs check)."""
+    from types import SimpleNamespace
+
+    from megadual.training import loop
+    config = parse_args(TINY_MOE + INTERLEAVED + ["--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2",
+                                                  "--overlap-moe-expert-parallel-comm"])
+    topo = SimpleNamespace(group=lambda name: None, layout=SimpleNamespace(tp=1, dp=1, pp=2), pp_rank=0,
+                           members={"pp": [0, 1]})
+    monkeypatch.setattr(loop, "Pipeline", lambda *args, **kwargs: kwargs)
+    built = loop.build_pipeline(config, topo, None, torch.device("cpu"), None)
+    assert (built["virtual_stages"], built["overlap"]) == (2, True)
 
 
 def test_first_and_last_stage_layer_counts_override_the_even_split():

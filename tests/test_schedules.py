@@ -1,6 +1,8 @@
 """Schedule builders: structure, communication conventions, validation, static checks."""
 import pytest
 
+from megadual.pipeline.simulate import simulate
+
 from megadual.pipeline.actions import Action, Kind, ScheduleError, UnmatchedCommError
 from megadual.pipeline.schedules import (
     build_schedule,
@@ -103,6 +105,64 @@ def test_zero_bubble_1f1b_splits_backwards_and_defers_w_by_rank():
         assert kinds[:first_w].count(Kind.BI) == rank + 1
 
 
+INTERLEAVED = [(2, 2, 2), (2, 2, 6), (4, 2, 4), (4, 2, 8), (4, 3, 12), (8, 4, 16), (3, 2, 9)]
+
+
+def megatron_order(pp, v, m, rank, overlap):
+    """Megatron's interleaved 1F1B written out for one rank (its get_model_chunk_id and warm-up
+    count): the k-th forward on chunk (k // pp) % v, the k-th backward on the reverse; "F/B" tokens."""
+    total = m * v
+    warmup = min(2 * (pp - rank - 1) + (v - 1) * pp + int(overlap), total)
+    fwd = [f"F{(k // pp) % v}" for k in range(total)]
+    bwd = [f"B{v - 1 - (k // pp) % v}" for k in range(total)]
+    steady = [f"{fwd[warmup + k]}&{bwd[k]}" if overlap else (fwd[warmup + k], bwd[k]) for k in range(total - warmup)]
+    flat = [t for step in steady for t in ((step,) if overlap else step)]
+    return fwd[:warmup] + flat + bwd[total - warmup:]
+
+
+def chunk_tokens(actions):
+    return [f"F{a.chunk}&B{a.b_chunk}" if a.kind == Kind.FB else f"{a.kind.value[0]}{a.chunk}"
+            for a in compute(actions) if a.kind != Kind.W]
+
+
+@pytest.mark.parametrize("pp,v,m", INTERLEAVED)
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_interleaved_follows_megatrons_order_and_runs(pp, v, m, split, overlap):
+    schedules = build_schedule("interleaved", pp, m, split, virtual_stages=v, overlap=overlap)
+    layout = pipeline_layout("interleaved", pp, m, v)
+    assert layout.paths[0][:pp + 1] == (*((r, 0) for r in range(pp)), (0, 1))  # stage s on rank s % pp
+    check_schedule(schedules, layout)
+    for rank, actions in enumerate(schedules):
+        assert chunk_tokens(actions) == megatron_order(pp, v, m, rank, overlap)
+        # each chunk takes its micro-batches in order
+        for c in range(v):
+            assert [a.mb for a in compute(actions) if a.forward_of and a.forward_of[0] == c] == list(range(m))
+    kinds = {a.kind for actions in schedules for a in actions}
+    assert (Kind.W in kinds) == split and (Kind.FB in kinds) == overlap
+    for rendezvous in (True, False):
+        simulate(schedules, rendezvous=rendezvous)  # no deadlock
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 4), (4, 9)])
+def test_overlapped_1f1b_pairs_each_steady_forward_with_an_earlier_backward(pp, m):
+    schedules = build_schedule("1f1b", pp, m, overlap=True)
+    check_schedule(schedules, pipeline_layout("1f1b", pp, m))
+    simulate(schedules)
+    for rank, actions in enumerate(schedules):
+        warmup = min(pp - rank, m)  # one more than 1F1B's, so no pair is one micro-batch's F and B
+        pairs = [a for a in actions if a.kind == Kind.FB]
+        assert [(a.mb, a.b_mb) for a in pairs] == [(warmup + k, k) for k in range(m - warmup)]
+
+
+def test_check_refuses_a_pair_of_one_micro_batchs_forward_and_backward():
+    schedules = build_schedule("1f1b", 1, 3, split_backward=False, overlap=True)
+    assert list(map(str, schedules[0])) == ["F0.0", "F0.1&B0.0", "F0.2&B0.1", "B0.2"]
+    schedules[0][2:] = [Action(Kind.B, 0, 1), Action(Kind.FB, 0, 2, b_chunk=0, b_mb=2)]
+    with pytest.raises(ScheduleError, match="backward before its forward"):
+        check_schedule(schedules)
+
+
 def peers(actions, kind, chunk):
     return {a.peer for a in actions if a.kind == kind and a.chunk == chunk}
 
@@ -183,6 +243,8 @@ def test_check_catches_broken_compute(break_it, message):
     ("dualpipe", 4, 9, ["--num-microbatches", "--global-batch-size", "even"]),
     ("dualpipev", 4, 7, ["--num-microbatches", "--global-batch-size"]),
     ("1f1b", 4, 0, ["--num-microbatches", "--global-batch-size"]),
+    ("interleaved", 4, 6, ["--num-microbatches", "multiple of --pipeline-model-parallel-size"]),
+    ("interleaved", 4, 2, ["--num-microbatches", "multiple of --pipeline-model-parallel-size"]),
 ])
 def test_validation_names_the_flags(name, pp, m, flags):
     with pytest.raises(ValueError) as error:
@@ -190,7 +252,7 @@ def test_validation_names_the_flags(name, pp, m, flags):
     for flag in flags:
         assert flag in str(error.value)
     with pytest.raises(ValueError):
-        build_schedule(name, pp, m)
+        build_schedule(name, pp, m, virtual_stages=2 if name == "interleaved" else 1)
 
 
 def test_validation_accepts_the_minimum_sizes():
@@ -198,3 +260,30 @@ def test_validation_accepts_the_minimum_sizes():
     validate_schedule_args("dualpipev", 4, 9)
     validate_schedule_args("dualpipev", 3, 6)  # V needs neither even ranks nor even micro-batches
     validate_schedule_args("1f1b", 4, 1)
+    validate_schedule_args("interleaved", 4, 4)
+
+
+@pytest.mark.parametrize("name,v", [("interleaved", 1), ("1f1b", 2), ("dualpipev", 2)])
+def test_virtual_stages_belong_to_the_interleaved_schedule(name, v):
+    with pytest.raises(ValueError, match="--num-virtual-stages-per-pipeline-rank"):
+        build_schedule(name, 4, 8, virtual_stages=v)
+
+
+def test_planner_searches_and_plans_the_new_schedules():
+    """python -m megadual.plan --gpus tries interleaved 1F1B and the overlapped ones, and predicts their
+    activations from their action lists: under interleaved, rank 0 warms up the most forwards."""
+    from megadual.config import parse_args
+    from megadual.layout_search import Hardware, candidates
+    from megadual.rank_memory import predict
+    from tests.helpers import TINY_MOE
+
+    base = parse_args(TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "16"])
+    tried = {(c.parallel.pipeline_schedule, c.parallel.overlap_moe_expert_parallel_comm)
+             for c, _, _ in candidates(base, 8, Hardware())}
+    assert tried == {("1f1b", False), ("1f1b", True), ("interleaved", False), ("interleaved", True),
+                     ("dualpipe", False), ("dualpipev", False)}
+    config = parse_args(TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--pipeline-model-parallel-size",
+                                    "4", "--pipeline-schedule", "interleaved",
+                                    "--num-virtual-stages-per-pipeline-rank", "2"])
+    peaks = [rank.peak_activations for rank in predict(config, 4)]
+    assert peaks[0] > peaks[1] > peaks[2]

@@ -8,6 +8,7 @@ from PIL import Image
 
 from megadual.pipeline.actions import Action, Kind, UnmatchedCommError
 from megadual.pipeline.schedules import build_schedule
+from megadual.pipeline.hops import Pieces, paired_seconds
 from megadual.pipeline.simulate import DeadlockError, SimCosts, StageCosts, simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,20 @@ def test_zero_bubble_1f1b_bubble_is_pp_minus_1_times_f_plus_b_minus_2w(pp):
     costs = SimCosts(f=10, b=20, w=6)
     result = simulate(build_schedule("1f1b", pp, 2 * pp + 1), costs)
     assert result.bubble == [(pp - 1) * (costs.f + costs.b - 2 * costs.w)] * pp
+
+
+@pytest.mark.parametrize("pp,v,m", [(2, 2, 4), (4, 2, 4), (4, 2, 12), (4, 4, 8), (8, 2, 16), (8, 3, 24)])
+def test_interleaved_bubble_is_the_published_fraction(pp, v, m):
+    """Narayanan et al. 2021 (Megatron's interleaved schedule): a stage's F and B split into v chunks
+    of F/v and B/v; the bubble is (pp-1)/(v m) of the ideal time m (F + B), v times 1F1B's fraction."""
+    stage_f, stage_b = 12.0, 24.0
+    costs = SimCosts(f=stage_f / v, b=stage_b / v, w=0.0)
+    result = simulate(build_schedule("interleaved", pp, m, split_backward=False, virtual_stages=v), costs)
+    ideal = m * (stage_f + stage_b)
+    assert result.busy == [ideal] * pp
+    assert result.bubble == pytest.approx([(pp - 1) / (v * m) * ideal] * pp, rel=1e-12)
+    plain = simulate(build_schedule("1f1b", pp, m, split_backward=False), SimCosts(f=stage_f, b=stage_b))
+    assert plain.max_bubble == pytest.approx(v * result.max_bubble, rel=1e-12)
 
 
 def dualpipe_bubble(stages, costs):
@@ -155,3 +170,46 @@ def test_communication_is_exposed_alone_and_hidden_in_a_paired_chunk():
     # a pair's own compute, where measured, replaces F + B; the links still bound it
     assert SimCosts(f=10, b=20, fb=50, comm_f=20, comm_b=25).duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 50
     assert SimCosts(f=10, b=20, fb=40, comm_f=20, comm_b=25).duration(Action(Kind.FB, 0, 0, b_chunk=0, b_mb=1)) == 45
+
+
+# Hop level: a forward of pieces 1, 1, 1 with hops of 3 between them, paired with a backward of
+# pieces 2, 2, 2 with hops of 1. Compute 9 and communication 8 give 9 at chunk level. Written out
+# (one compute stream; hops queue on the rank's link; the forward steps at each backward hop):
+#   B piece 0  0-2, its hop 2-3;  F piece 0  2-3, its hop 3-6
+#   B piece 1  3-5, its hop queues behind F's: 6-7;  F piece 1 waits for its hop (6), 6-7, hop 7-10
+#   B piece 2 waits for its hop (7): 7-9;  F piece 2 waits for its hop (10): 10-11  -> 11
+LONG_HOPS = Pieces((1, 1, 1), (3, 3))
+SHORT_HOPS = Pieces((2, 2, 2), (1, 1))
+
+
+def test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step():
+    assert paired_seconds(LONG_HOPS, SHORT_HOPS) == 11
+    # forward first: F0 0-1, hop 1-4; B0 1-3, hop 4-5; F1 4-5, hop 5-8; B1 5-7, hop 8-9;
+    # F2 waits for 8: 8-9; B2 waits for 9: 9-11 -> 11
+    assert paired_seconds(LONG_HOPS, SHORT_HOPS, forward_first=True) == 11
+    # short hops on both sides hide behind the other side's pieces: compute alone, 9
+    assert paired_seconds(Pieces((1, 1, 1), (1, 1)), SHORT_HOPS) == 9
+    # a backward without hops: the forward runs after it, exposing its own
+    assert paired_seconds(LONG_HOPS, Pieces((6,))) == 6 + LONG_HOPS.alone()
+    # both sides' hops on one link: B0 0-1, its hop 1-5; F0 1-2, its hop queues 5-9; B1 5-6; F1 9-10
+    assert paired_seconds(Pieces((1, 1), (4,)), Pieces((1, 1), (4,))) == 10
+
+
+def test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given():
+    pair = Action(Kind.FB, 0, 1, b_chunk=0, b_mb=0)
+    chunk = SimCosts(f=3, b=6, w=2, comm_f=6, comm_b=2)
+    assert chunk.duration(pair) == 9  # chunk level: max(compute 9, links 8)
+    hops = SimCosts(f=3, b=6, w=2, comm_f=6, comm_b=2, hops_f=LONG_HOPS, hops_b=SHORT_HOPS)
+    assert hops.duration(pair) == 11
+    assert hops.duration(Action(Kind.F, 0, 0)) == LONG_HOPS.alone()  # alone: everything in turn
+    # the pair's measured compute (fb) scales every piece: 18 / 9 = 2x, hops as they were:
+    # B0 0-4 hop 4-5; F0 4-6 hop 6-9; B1 6-10 hop 10-11; F1 10-12 hop 12-15; B2 12-16; F2 16-18 -> 18
+    assert SimCosts(f=3, b=6, fb=18, hops_f=LONG_HOPS, hops_b=SHORT_HOPS).duration(pair) == 18
+    # a backward whose dispatcher asks the forward to go first: F pieces 1, 3 and B pieces 3, 1, hops of 2
+    #   backward first: B0 0-3 hop 3-5; F0 3-4 hop 5-7; B1 5-6; F1 7-10 -> 10
+    #   forward first:  F0 0-1 hop 1-3; B0 1-4 hop 4-6; F1 4-7; B1 7-8 -> 8
+    costs = {"f": 4, "b": 4, "hops_f": Pieces((1, 3), (2,)), "hops_b": Pieces((3, 1), (2,))}
+    assert SimCosts(**costs).duration(pair) == 10
+    assert SimCosts(**costs, forward_first=True).duration(pair) == 8
+    with pytest.raises(ValueError, match="3 compute pieces need 2 hops"):
+        Pieces((1, 1, 1), (1,))

@@ -1,7 +1,8 @@
 """The vocabulary of pipeline schedules: actions, and where each stage lives.
 
 A schedule is one list of `Action`s per pipeline rank, executed top to bottom.
-Compute actions name a model chunk of the rank (0 or 1) and a micro-batch:
+Compute actions name a model chunk of the rank (0 or 1; 0..V-1 under the interleaved
+schedule) and a micro-batch:
 
     F0.3        forward of micro-batch 3 on chunk 0
     B0.3        full backward (input and weight gradients)
@@ -107,6 +108,10 @@ class Layout:
             if (rank, chunk) in path:
                 return d, path.index((rank, chunk))
         raise KeyError(f"rank {rank} holds no chunk {chunk}")
+
+    def chunks(self, rank: int) -> list[int]:
+        """The local chunks this rank holds, in order."""
+        return sorted(chunk for path in self.paths for r, chunk in path if r == rank)
 
     def neighbour(self, rank: int, chunk: int, step: int) -> Place | None:
         """The place of the next (step=+1) or previous (step=-1) stage, None past either end."""

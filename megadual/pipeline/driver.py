@@ -48,21 +48,23 @@ def forward_only_schedule(layout: Layout, pp_size: int) -> list[list[Action]]:
 class Pipeline:
     """One rank of a pipeline: `model` holds its chunks; `group`/`group_ranks` are the
     pipeline's process group and its global ranks by pipeline rank; `accumulate_grad` takes
-    the deferred weight gradients (runtime.py)."""
+    the deferred weight gradients (runtime.py); `virtual_stages` and `overlap` as build_schedule's."""
 
     def __init__(self, model: StageModel, schedule: str, split_backward: bool, num_microbatches: int,
                  pp_rank: int, group, group_ranks: Sequence[int], activation_shape: Sequence[int],
                  device: torch.device, autocast: Callable,
-                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad):
+                 accumulate_grad: Callable[[torch.Tensor, torch.Tensor], None] = add_to_grad,
+                 virtual_stages: int = 1, overlap: bool = False):
         pp_size = len(group_ranks)
         self.model, self.group, self.group_ranks, self.device = model, group, list(group_ranks), device
-        layout = pipeline_layout(schedule, pp_size, num_microbatches)
+        layout = pipeline_layout(schedule, pp_size, num_microbatches, virtual_stages)
         # One copy of the model suffices to evaluate: the first path.
         eval_layout = Layout(layout.paths[:1], (range(num_microbatches),))
         common = {"pp_rank": pp_rank, "group_ranks": group_ranks, "group": group,
                   "activation_shape": activation_shape, "dtype": next(model.parameters()).dtype,
                   "device": device, "autocast": autocast}
-        actions = build_schedule(schedule, pp_size, num_microbatches, split_backward)[pp_rank]
+        actions = build_schedule(schedule, pp_size, num_microbatches, split_backward, virtual_stages,
+                                 overlap)[pp_rank]
         self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common,
                                              accumulate_grad=accumulate_grad)
         self.eval_runtime = PipelineRuntime(forward_only_schedule(eval_layout, pp_size)[pp_rank], eval_layout,

@@ -1,9 +1,12 @@
-"""Pipeline schedule builders: 1F1B, DualPipe and DualPipeV as per-rank action lists.
+"""Pipeline schedule builders: 1F1B, interleaved 1F1B, DualPipe and DualPipeV as per-rank action lists.
 
 `build_schedule` returns one list of `Action`s per pipeline rank (see actions.py
 for the notation). Conventions a runtime relies on:
 
 - 1F1B: one chunk per rank (chunk 0 = stage r); micro-batches 0..M-1 enter at rank 0.
+- Interleaved 1F1B (V chunks per rank): chunk v is stage v*PP + r; activations flow r -> r+1,
+  and from the last rank's chunk v to rank 0's chunk v+1. With `overlap` (1F1B or interleaved)
+  the steady state's forward and backward are one FB action.
 - DualPipe: chunk 0 is stage r of the forward-direction model (micro-batches
   0..M/2-1 enter at rank 0), chunk 1 is stage PP-1-r of the reverse-direction
   model (micro-batches M/2..M-1 enter at rank PP-1). Chunk 0 activations flow
@@ -29,17 +32,19 @@ for the notation). Conventions a runtime relies on:
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import defaultdict, deque
 
-from megadual.config_validate import SCHEDULES, validate_schedule_args
-from megadual.pipeline.actions import Action, Kind, Layout, ScheduleError, match_messages, paired
+from megadual.config_validate import SCHEDULES, ConfigError, validate_schedule_args
+from megadual.pipeline.actions import Action, Kind, Layout, ScheduleError, match_messages
+from megadual.pipeline.program import RankProgram
 
 
-def pipeline_layout(name: str, pp_size: int, num_microbatches: int) -> Layout:
+def pipeline_layout(name: str, pp_size: int, num_microbatches: int, virtual_stages: int = 1) -> Layout:
     """Which (rank, chunk) runs each stage, and which micro-batches take which path."""
     ranks = range(pp_size)
-    if name == "1f1b":
-        return Layout((tuple((r, 0) for r in ranks),), (range(num_microbatches),))
+    if name in ("1f1b", "interleaved"):
+        path = tuple((r, v) for v in range(virtual_stages if name == "interleaved" else 1) for r in ranks)
+        return Layout((path,), (range(num_microbatches),))
     if name == "dualpipe":
         half = num_microbatches // 2
         forward_path = tuple((r, 0) for r in ranks)
@@ -51,14 +56,22 @@ def pipeline_layout(name: str, pp_size: int, num_microbatches: int) -> Layout:
     raise ValueError(f"--pipeline-schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
 
 
-def build_schedule(name: str, pp_size: int, num_microbatches: int,
-                   split_backward: bool = True) -> list[list[Action]]:
+def build_schedule(name: str, pp_size: int, num_microbatches: int, split_backward: bool = True,
+                   virtual_stages: int = 1, overlap: bool = False) -> list[list[Action]]:
+    """One action list per rank. `virtual_stages`: V of the interleaved schedule (1 elsewhere);
+    `overlap` (--overlap-moe-expert-parallel-comm): 1F1B's and interleaved's steady state pairs
+    each forward with a backward of another micro-batch (DualPipe's and DualPipeV's always do)."""
     validate_schedule_args(name, pp_size, num_microbatches)
-    layout = pipeline_layout(name, pp_size, num_microbatches)
+    if (name == "interleaved") != (virtual_stages > 1):
+        raise ConfigError(f"--num-virtual-stages-per-pipeline-rank ({virtual_stages}) must be >= 2 under "
+                          f"--pipeline-schedule interleaved and 1 under {name}")
+    layout = pipeline_layout(name, pp_size, num_microbatches, virtual_stages)
     schedules = []
     for rank in range(pp_size):
-        program = _RankProgram(layout, rank, split_backward)
-        if name == "1f1b":
+        program = RankProgram(layout, rank, split_backward)
+        if name == "interleaved" or (name == "1f1b" and overlap):
+            _megatron_1f1b(program, pp_size, num_microbatches, virtual_stages, overlap)
+        elif name == "1f1b":
             _one_f_one_b(program, pp_size, num_microbatches)
         else:
             _dual(program, *_dual_shape(name, pp_size, num_microbatches, rank))
@@ -66,87 +79,7 @@ def build_schedule(name: str, pp_size: int, num_microbatches: int,
     return schedules
 
 
-class _RankProgram:
-    """Emits one rank's actions. Receives, computes and sends each walk a chunk's
-    micro-batches in order on their own counter, so a receive can be posted early or
-    a send late; those with no remote peer (first/last stage, the DualPipeV turn)
-    advance their counter but emit nothing. Every deferred BI is completed by the W
-    that `weights` emits later, oldest first."""
-
-    def __init__(self, layout: Layout, rank: int, split_backward: bool):
-        self.layout, self.rank, self.split_backward = layout, rank, split_backward
-        self.actions: list[Action] = []
-        self._microbatches: dict[int, list[int]] = {}
-        for chunk in (0, 1):
-            try:
-                path, _ = layout.locate(rank, chunk)
-            except KeyError:
-                continue
-            self._microbatches[chunk] = list(layout.microbatches[path])
-        self._done: Counter[tuple[Kind, int]] = Counter()
-        self.deferred: deque[Action] = deque()
-
-    def _next(self, kind: Kind, chunk: int) -> int:
-        """The next micro-batch of `chunk` that `kind` has not yet handled."""
-        mb = self._microbatches[chunk][self._done[kind, chunk]]
-        self._done[kind, chunk] += 1
-        return mb
-
-    def _comm(self, kind: Kind, chunk: int, step: int) -> None:
-        mb = self._next(kind, chunk)
-        place = self.layout.neighbour(self.rank, chunk, step)
-        if place is not None and place[0] != self.rank:
-            self.actions.append(Action(kind, chunk, mb, peer=place[0]))
-
-    def recv_forward(self, chunk: int) -> None:
-        self._comm(Kind.RECV_F, chunk, -1)
-
-    def send_forward(self, chunk: int) -> None:
-        self._comm(Kind.SEND_F, chunk, +1)
-
-    def recv_backward(self, chunk: int) -> None:
-        self._comm(Kind.RECV_B, chunk, +1)
-
-    def send_backward(self, chunk: int) -> None:
-        self._comm(Kind.SEND_B, chunk, -1)
-
-    def _backward_action(self, chunk: int, defer_weights: bool) -> Action:
-        if defer_weights and self.split_backward:
-            action = Action(Kind.BI, chunk, self._next(Kind.B, chunk))
-            self.deferred.append(action)
-            return action
-        return Action(Kind.B, chunk, self._next(Kind.B, chunk))
-
-    def forward(self, chunk: int, recv: bool = True, send: bool = True) -> None:
-        if recv:
-            self.recv_forward(chunk)
-        self.actions.append(Action(Kind.F, chunk, self._next(Kind.F, chunk)))
-        if send:
-            self.send_forward(chunk)
-
-    def backward(self, chunk: int, defer_weights: bool = False, recv: bool = True, send: bool = True) -> None:
-        if recv:
-            self.recv_backward(chunk)
-        self.actions.append(self._backward_action(chunk, defer_weights))
-        if send:
-            self.send_backward(chunk)
-
-    def forward_backward(self, f_chunk: int, b_chunk: int, recv_forward: bool = True) -> None:
-        if recv_forward:
-            self.recv_forward(f_chunk)
-        self.recv_backward(b_chunk)
-        forward = Action(Kind.F, f_chunk, self._next(Kind.F, f_chunk))
-        self.actions.append(paired(forward, self._backward_action(b_chunk, defer_weights=False)))
-        self.send_forward(f_chunk)
-        self.send_backward(b_chunk)
-
-    def weights(self) -> None:
-        if self.split_backward:
-            done = self.deferred.popleft()
-            self.actions.append(Action(Kind.W, done.chunk, done.mb))
-
-
-def _one_f_one_b(program: _RankProgram, pp_size: int, num_microbatches: int) -> None:
+def _one_f_one_b(program: RankProgram, pp_size: int, num_microbatches: int) -> None:
     """Megatron's non-interleaved 1F1B: warm-up forwards, one forward one backward,
     cool-down backwards. With split_backward it is ZB-H1 (Qi et al., Zero Bubble
     Pipeline Parallelism): backwards are BI and rank r keeps r W's deferred, so the
@@ -175,6 +108,61 @@ def _one_f_one_b(program: _RankProgram, pp_size: int, num_microbatches: int) -> 
         program.weights()
 
 
+def _megatron_1f1b(program: RankProgram, pp_size: int, num_microbatches: int, virtual_stages: int,
+                   overlap: bool) -> None:
+    """Megatron's 1F1B as it runs with V chunks per rank (interleaved when V > 1; Narayanan et al.
+    2021): the k-th forward of a rank is on chunk (k // PP) % V, the k-th backward on V-1 minus
+    that, so groups of PP micro-batches go through the chunks in turn; rank r runs
+    2(PP-r-1) + (V-1)PP forwards before its first backward (PP-r-1 when V = 1).
+
+    Steps are a warm-up forward, a steady forward and backward, or a cool-down backward. As in
+    Megatron, one communication batch sits between two steps: the first's sends and the
+    second's receives, so neighbours post matching batches. With `overlap` each steady forward
+    and backward is one paired F&B (a full backward), and one more forward warms up, so that a
+    last stage never pairs a micro-batch's backward with its own forward. Other backwards are BI
+    with the W split; rank r keeps up to r W's deferred, each run right after a batch."""
+    total, rank, chunks = num_microbatches * virtual_stages, program.rank, virtual_stages
+    warmup = pp_size - rank - 1 if chunks == 1 else 2 * (pp_size - rank - 1) + (chunks - 1) * pp_size
+    warmup = min(warmup + int(overlap), total)
+
+    def forward_chunk(k: int) -> int:
+        return (k // pp_size) % chunks
+
+    steps: list[list[tuple[str, int]]] = [[("F", forward_chunk(k))] for k in range(warmup)]
+    for k in range(total - warmup):
+        f, b = ("F", forward_chunk(warmup + k)), ("B", chunks - 1 - forward_chunk(k))
+        steps.append([("FB", f[1], b[1])] if overlap else [f, b])
+    steps += [[("B", chunks - 1 - forward_chunk(k))] for k in range(total - warmup, total)]
+
+    def receives(step: list[tuple]) -> None:
+        for kind, *chunk in step:
+            if "F" in kind:
+                program.recv_forward(chunk[0])
+            if "B" in kind:
+                program.recv_backward(chunk[-1])
+
+    receives(steps[0])
+    for i, step in enumerate(steps):
+        for kind, *chunk in step:
+            if kind == "FB":
+                program.pair(*chunk)
+            elif kind == "F":
+                program.forward(chunk[0], recv=False, send=False)
+            else:
+                program.backward(chunk[0], defer_weights=True, recv=False, send=False)
+        for kind, *chunk in step:
+            if "F" in kind:
+                program.send_forward(chunk[0])
+            if "B" in kind:
+                program.send_backward(chunk[-1])
+        if i + 1 < len(steps):
+            receives(steps[i + 1])
+        while len(program.deferred) > rank:
+            program.weights()
+    while program.deferred:
+        program.weights()
+
+
 def _dual_shape(name: str, pp_size: int, num_microbatches: int, rank: int) -> tuple[int, int, int, int]:
     """(n, h, micro-batches per direction, chunk of phase 0) of a rank. DualPipeV on PP
     ranks gives each rank exactly the list of DualPipe's first half on 2PP ranks with
@@ -185,7 +173,7 @@ def _dual_shape(name: str, pp_size: int, num_microbatches: int, rank: int) -> tu
     return pp_size, rank, num_microbatches, 0
 
 
-def _dual(program: _RankProgram, n: int, h: int, per_direction: int, p0: int) -> None:
+def _dual(program: RankProgram, n: int, h: int, per_direction: int, p0: int) -> None:
     """The eight phases of DualPipe (DeepSeek-V3 report 3.2.1, deepseek-ai/DualPipe) on
     a rank h ranks in from its end of a 2n-stage pipe.
 
@@ -265,7 +253,7 @@ def check_schedule(schedules: list[list[Action]], layout: Layout | None = None) 
 def _check_rank(rank: int, actions: list[Action]) -> None:
     forwards: dict[tuple[int, int], int] = {}
     backwards: dict[tuple[int, int], int] = {}
-    deferred: dict[int, deque[int]] = {0: deque(), 1: deque()}
+    deferred: defaultdict[int, deque[int]] = defaultdict(deque)
 
     def fail(index: int, why: str) -> None:
         raise ScheduleError(f"rank {rank} action {index} {actions[index]}: {why}")
@@ -276,7 +264,7 @@ def _check_rank(rank: int, actions: list[Action]) -> None:
                 fail(index, "second forward of this micro-batch")
             forwards[action.forward_of] = index
         if action.backward_of:
-            if action.backward_of not in forwards:
+            if action.backward_of not in forwards or action.backward_of == action.forward_of:
                 fail(index, "backward before its forward")
             if action.backward_of in backwards:
                 fail(index, "second backward of this micro-batch")
@@ -284,7 +272,7 @@ def _check_rank(rank: int, actions: list[Action]) -> None:
         if action.kind == Kind.BI:
             deferred[action.chunk].append(action.mb)
         if action.kind == Kind.W:
-            queue = deferred.get(action.chunk)
+            queue = deferred[action.chunk]
             if not queue or queue.popleft() != action.mb:
                 fail(index, "W is not for the oldest deferred BI of its chunk")
     if set(forwards) != set(backwards):

@@ -26,7 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megadual.pipeline.actions import Action, Kind, match_messages
+from megadual.pipeline.hops import Pieces, paired_seconds
 from megadual.pipeline.schedules import SCHEDULES, build_schedule, check_schedule, pipeline_layout
+from megadual.pipeline.sim_result import Interval, SimResult
 from megadual.pipeline.timeline import draw_timeline
 
 
@@ -39,7 +41,8 @@ class SimCosts:
     """Compute costs of one chunk on one micro-batch, and what its expert all-to-alls take on
     the links (`comm_f` in a forward, `comm_b` in a backward) when nothing hides them. F, B
     and BI expose their communication; a paired F&B hides each side's behind the other's
-    compute, so it takes the longer of the two (`paired`)."""
+    compute, so it takes the longer of the two (`paired`). Given the chunk at hop level
+    (`hops_f`, `hops_b`: pipeline/hops.py), a paired F&B is timed hop by hop instead."""
     f: float = 1.0
     b: float = 2.0  # full backward: input and weight gradients
     w: float = 1.0
@@ -48,6 +51,9 @@ class SimCosts:
     latency: float = 0.0  # one p2p message
     comm_f: float = 0.0
     comm_b: float = 0.0
+    hops_f: Pieces | None = None  # the forward's compute pieces and hops (their sums: f, comm_f)
+    hops_b: Pieces | None = None  # the full backward's (their sums: b, comm_b)
+    forward_first: bool = False  # a pair with this backward starts with a forward step (overlap.py)
 
     def duration(self, action: Action, rank: int = 0) -> float:
         return {
@@ -61,9 +67,15 @@ class SimCosts:
 
 def paired(forward: SimCosts, backward: SimCosts) -> float:
     """A paired F&B of `forward`'s forward and `backward`'s full backward: compute and communication
-    overlap, so the longer of the two. The pair's compute is `forward.fb` where given."""
+    overlap, so the longer of the two, or at hop level (both sides' pieces given) the time of
+    the interleaved sequence. The pair's compute is `forward.fb` where given (at hop level, every
+    compute piece scaled to that sum)."""
     compute = forward.f + backward.b if forward.fb is None else forward.fb
-    return max(compute, forward.comm_f + backward.comm_b)
+    if forward.hops_f is None or backward.hops_b is None:
+        return max(compute, forward.comm_f + backward.comm_b)
+    pieces = sum(forward.hops_f.compute) + sum(backward.hops_b.compute)
+    scale = compute / pieces if pieces else 1.0
+    return paired_seconds(forward.hops_f.scaled(scale), backward.hops_b.scaled(scale), backward.forward_first)
 
 
 @dataclass(frozen=True)
@@ -80,30 +92,6 @@ class StageCosts:
         if action.kind == Kind.FB:
             return paired(own, self.chunks[rank, action.b_chunk])
         return own.duration(action)
-
-
-@dataclass(frozen=True)
-class Interval:
-    start: float
-    end: float
-    action: Action
-
-
-@dataclass(frozen=True)
-class SimResult:
-    makespan: float
-    busy: list[float]  # compute time per rank
-    peak_activations: list[int]  # per rank, in (micro-batch, chunk) units
-    timeline: list[list[Interval]]  # compute actions per rank
-
-    @property
-    def bubble(self) -> list[float]:
-        return [self.makespan - busy for busy in self.busy]
-
-    @property
-    def max_bubble(self) -> float:
-        """The worst rank's bubble: what the DualPipe README's table gives."""
-        return max(self.bubble)
 
 
 def peak_activations(actions: list[Action]) -> int:
@@ -207,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="dualpipe")
     parser.add_argument("--pp", type=int, default=8, help="pipeline ranks")
     parser.add_argument("--microbatches", type=int, default=20)
+    parser.add_argument("--virtual-stages", type=int, default=None, help="V of --schedule interleaved (default 2)")
+    parser.add_argument("--overlap", action="store_true", help="1f1b/interleaved: pair steady forwards and "
+                                                               "backwards (--overlap-moe-expert-parallel-comm)")
     parser.add_argument("--no-split-backward", action="store_true", help="full backwards only, no W")
     parser.add_argument("--cost-f", type=float, default=1.0)
     parser.add_argument("--cost-b", type=float, default=2.0, help="full backward")
@@ -219,11 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="PNG timeline to write")
     args = parser.parse_args(argv)
 
+    virtual = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
     try:
-        schedules = build_schedule(args.schedule, args.pp, args.microbatches, not args.no_split_backward)
+        schedules = build_schedule(args.schedule, args.pp, args.microbatches, not args.no_split_backward,
+                                   virtual, args.overlap)
     except ValueError as error:
         parser.error(str(error))
-    check_schedule(schedules, pipeline_layout(args.schedule, args.pp, args.microbatches))
+    check_schedule(schedules, pipeline_layout(args.schedule, args.pp, args.microbatches, virtual))
     costs = SimCosts(args.cost_f, args.cost_b, args.cost_w, args.cost_bi, args.cost_fb, args.latency)
     result = simulate(schedules, costs, rendezvous=not args.eager_sends)
     if args.print_actions:

@@ -1,7 +1,7 @@
 """The model chunks one pipeline rank holds, seen as one module under the full model's names.
 
-A schedule's Layout says which stages a rank runs: 1F1B stage r; DualPipeV stages r and
-2PP-1-r of one model; DualPipe stage r of the forward-direction model and stage PP-1-r of
+A schedule's Layout says which stages a rank runs: 1F1B stage r; interleaved 1F1B stages
+r, PP+r, ..., (V-1)PP+r; DualPipeV stages r and 2PP-1-r of one model; DualPipe stage r of the forward-direction model and stage PP-1-r of
 the reverse-direction model. Layers are split over the stages of a path by global index,
 evenly unless the first or last stage's count is given (embedding in the first stage,
 final norm and head in the last).
@@ -108,12 +108,7 @@ def build_stage_model(config: ModelConfig, layout: Layout, pp_rank: int, seed: i
                       ctx: BuildContext = ONE_PROCESS, first_stage_layers: int | None = None,
                       last_stage_layers: int | None = None) -> StageModel:
     specs = stage_specs(config.num_layers, len(layout.paths[0]), first_stage_layers, last_stage_layers)
-    places = {}
-    for chunk in range(2):
-        try:
-            places[chunk] = layout.locate(pp_rank, chunk)
-        except KeyError:
-            break
+    places = {chunk: layout.locate(pp_rank, chunk) for chunk in layout.chunks(pp_rank)}
     built: dict[int, GPTChunk] = {}
     # The chunk with the embedding first: a last stage beside it embeds with it for MTP.
     for chunk in sorted(places, key=lambda c: not specs[places[c][1]].has_embedding):

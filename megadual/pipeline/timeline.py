@@ -8,14 +8,10 @@ backward half in their own colours.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PIL import Image, ImageDraw, ImageFont
 
 from megadual.pipeline.actions import Action, Kind
-
-if TYPE_CHECKING:
-    from megadual.pipeline.simulate import SimResult
+from megadual.pipeline.sim_result import SimResult
 
 COLOURS = {  # kind -> (chunk 0, chunk 1)
     Kind.F: ((245, 150, 60), (252, 208, 160)),
@@ -48,11 +44,11 @@ def draw_timeline(result: SimResult, path: str, title: str = "") -> None:
 def _draw_action(draw: ImageDraw.ImageDraw, font, action: Action, box: tuple[float, ...]) -> None:
     x0, y0, x1, y1 = box
     if action.kind != Kind.FB:
-        _cell(draw, font, (x0, y0, x1, y1), COLOURS[action.kind][action.chunk], action.mb, "gray")
+        _cell(draw, font, (x0, y0, x1, y1), COLOURS[action.kind][action.chunk % 2], action.mb, "gray")
         return
     middle = (x0 + x1) / 2
-    _cell(draw, font, (x0, y0, middle, y1), COLOURS[Kind.F][action.chunk], action.mb, None)
-    _cell(draw, font, (middle, y0, x1, y1), COLOURS[Kind.B][action.b_chunk], action.b_mb, None)
+    _cell(draw, font, (x0, y0, middle, y1), COLOURS[Kind.F][action.chunk % 2], action.mb, None)
+    _cell(draw, font, (middle, y0, x1, y1), COLOURS[Kind.B][action.b_chunk % 2], action.b_mb, None)
     draw.rectangle((x0, y0, x1, y1), outline="black", width=2)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.config import RunConfig, resolve_device_defaults
-from megadual.config_validate import node_size, num_microbatches, validate_world
+from megadual.config_validate import node_size, num_microbatches, validate_world, virtual_stages
 from megadual.data.builder import build_datasets
 from megadual.data.documents import boundaries_of
 from megadual.data.sampler import build_loader
@@ -96,7 +96,8 @@ def build_model(config: RunConfig, topo: Topology, device: torch.device) -> Stag
         model = build_full_model(config.model, seed, ctx)
     else:
         layout = pipeline_layout(config.parallel.pipeline_schedule, topo.layout.pp,
-                                 num_microbatches(config, topo.layout.dp))
+                                 num_microbatches(config, topo.layout.dp),
+                                 virtual_stages(config.parallel, config.model.num_layers))
         model = build_stage_model(config.model, layout, topo.pp_rank, seed, ctx,
                                   first_stage_layers=config.parallel.decoder_first_pipeline_num_layers,
                                   last_stage_layers=config.parallel.decoder_last_pipeline_num_layers)
@@ -124,7 +125,8 @@ def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device:
                     activation_shape=(seq, config.train.micro_batch_size, m.hidden_size), device=device,
                     autocast=lambda: autocast_context(device, config.train.bf16),
                     accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)
-                    else add_to_grad)
+                    else add_to_grad, virtual_stages=virtual_stages(p, m.num_layers),
+                    overlap=p.overlap_moe_expert_parallel_comm)
 
 
 def samples_needed(config: RunConfig) -> tuple[int, int, int]:
