@@ -198,3 +198,21 @@ def test_context_extension_loads_at_another_length(tmp_path):
     assert tuned.final_state.iteration == 1
     with pytest.raises(CheckpointError, match="--kv-lora-rank"):
         run(mla[:1] + ["--kv-lora-rank", "8"] + mla[3:] + ["--train-iters", "4", "--load", str(tmp_path / "a")])
+
+
+def test_hf_export_writes_the_yarn_it_trained_with_and_import_keeps_it():
+    from megadual.config import parse_model_flags
+    from megadual.hf.config_map import architecture_flags, hf_config
+    yarn = ["--rope-scaling-factor", "40", "--original-max-position-embeddings", "16", "--beta-fast", "32",
+            "--beta-slow", "1", "--mscale", "1", "--mscale-all-dim", "1"]
+    m = parse_model_flags(["--vocab-size", "64", "--multi-latent-attention", "--seq-length", "64"] + yarn).model
+    hf = hf_config(m, 64)
+    assert hf["rope_scaling"] == {"type": "yarn", "rope_type": "yarn", "factor": 40.0,
+                                  "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "mscale": 1.0, "mscale_all_dim": 1.0}
+    flags = architecture_flags({**hf, "rope_parameters": None}, 0)  # DeepSeek's key alone
+    back = parse_model_flags(flags + ["--seq-length", "64"]).model
+    assert [getattr(back, name) for name in ("rope_scaling_factor", "original_max_position_embeddings", "beta_fast",
+                                             "beta_slow", "mscale", "mscale_all_dim")] == [40.0, 16, 32.0, 1.0, 1.0, 1.0]
+    assert hf_config(parse_model_flags(["--vocab-size", "64", "--multi-latent-attention"]).model, 64)["rope_scaling"] \
+        is None

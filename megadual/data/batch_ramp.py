@@ -38,20 +38,13 @@ class BatchRamp:
         start = self.global_batch_size if self.start is None else self.start
         return range(start, self.global_batch_size + 1, self.increment or 1)
 
-    def iterations(self, train_samples: int) -> int:
-        """Iterations of a run training on `train_samples` samples from the start: every step whose
+    def iterations(self, train_samples: int, consumed_samples: int = 0) -> int:
+        """Iterations that take a run from `consumed_samples` to `train_samples`: every step whose
         whole batch fits (a partial last batch is dropped, as Megatron drops it)."""
-        consumed = iterations = 0
+        consumed, iterations = consumed_samples, 0
         while self.start is not None and consumed <= self.samples:
             batch = self.batch_size(consumed)
             if consumed + batch > train_samples:
                 return iterations
             consumed, iterations = consumed + batch, iterations + 1
-        return iterations + (train_samples - consumed) // self.global_batch_size
-
-    def samples_after(self, iterations: int) -> int:
-        """Samples consumed by the first `iterations` steps."""
-        consumed = done = 0
-        while done < iterations and self.start is not None and consumed <= self.samples:
-            consumed, done = consumed + self.batch_size(consumed), done + 1
-        return consumed + (iterations - done) * self.global_batch_size
+        return iterations + max(0, train_samples - consumed) // self.global_batch_size

@@ -134,7 +134,7 @@ def samples_needed(config: RunConfig) -> tuple[int, int, int]:
     so a resumed run (whatever its --seq-length) finds its position in the same index."""
     t = config.train
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
-    train = BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size).samples_after(t.train_iters)
+    train = t.train_samples if t.train_samples is not None else t.train_iters * t.global_batch_size
     return train, evals * t.eval_iters * t.global_batch_size, t.eval_iters * t.global_batch_size
 
 
@@ -174,6 +174,17 @@ def phase_line(config: RunConfig, state: TrainState) -> str:
             f"mtp loss scaling factor: {m.mtp_loss_scaling_factor} |")
 
 
+def resumed_length(config: RunConfig, checkpoint) -> RunConfig:
+    """With --train-samples, --train-iters counted from the checkpoint's position: a phase may change
+    the batch size, so the iterations left follow from the samples left."""
+    t = config.train
+    if t.train_samples is None or checkpoint is None or t.finetune:
+        return config
+    state, ramp = checkpoint.train_state, BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size)
+    left = ramp.iterations(t.train_samples, state.consumed_samples)
+    return replace(config, train=replace(t, train_iters=state.iteration + left))
+
+
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
     """Train as `config` says. `grad_hook(model, gradients)`, if given, is called every step after
     the gradients' reduction, before clipping: `gradients()` gives each of the rank's parameters'
@@ -186,6 +197,8 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     with StopRequests(t.exit_signal if t.exit_signal_handler else None, t.exit_duration_in_mins, device) as stop:
         topo = build_topology(config)
         with CheckpointManager(config, log) as checkpoints:  # --save locked, --load found, before anything is built
+            config = resumed_length(config, checkpoints.found)
+            t = config.train
             done = checkpoints.already_trained(t.train_iters)
             if done is not None:
                 return RunResult(final_state=done)
