@@ -15,6 +15,9 @@ from tests.helpers import TINY_MOE
 ARGS = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--train-iters", "3",
                    "--moe-router-bias-update-rate", "1e-2", "--eval-interval", "3", "--eval-iters", "1"]
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+RAMP = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--moe-router-bias-update-rate", "1e-2",
+                   "--lr-warmup-iters", "0", "--global-batch-size", "16", "--rampup-batch-size", "8", "4", "16",
+                   "--train-samples", "40"]
 NO_SPLIT = ",--no-pipeline-split-backward"
 UNEVEN = "--decoder-first-pipeline-num-layers=0,--decoder-last-pipeline-num-layers=2"
 
@@ -34,6 +37,8 @@ CASES = {  # name: (flags, layout); PP 4 runs 8 micro-batches, PP 2 x DP 2 4 per
     # rank 1 holds stages 1 and 2 of 4, reads no data, and still draws each sample's masks
     "PP2xDP2-dualpipev-dropout": (ARGS + DROPOUT, "pp2:dualpipev,dp2"),
     "PP2xDP2-dualpipe-dropout": (ARGS + DROPOUT, "pp2:dualpipe,dp2"),
+    # --rampup-batch-size: 4, 6, then 8 micro-batches per pipeline, each count's schedule built once
+    "PP2xDP2-dualpipe-ramp": (RAMP, "pp2:dualpipe,dp2"),
 }
 
 

@@ -216,3 +216,4 @@ def test_hf_export_writes_the_yarn_it_trained_with_and_import_keeps_it():
                                              "beta_slow", "mscale", "mscale_all_dim")] == [40.0, 16, 32.0, 1.0, 1.0, 1.0]
     assert hf_config(parse_model_flags(["--vocab-size", "64", "--multi-latent-attention"]).model, 64)["rope_scaling"] \
         is None
+
