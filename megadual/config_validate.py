@@ -166,12 +166,12 @@ def _validate_schedule_kind(o: OptimConfig, t: TrainConfig) -> None:
     _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
              "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
     by_samples = t.train_samples is not None
-    wrong = ITERATION_SCHEDULE_FLAGS if by_samples else SAMPLE_SCHEDULE_FLAGS
+    right, wrong = ((SAMPLE_SCHEDULE_FLAGS, ITERATION_SCHEDULE_FLAGS) if by_samples
+                    else (ITERATION_SCHEDULE_FLAGS, SAMPLE_SCHEDULE_FLAGS))
     given = [flag_name(name) for name in wrong if getattr(o, name)]
     kind = "sample-based (--train-samples)" if by_samples else "iteration-based (--train-iters)"
-    _require(not given, f"{', '.join(given)}: this run is {kind}; give its LR schedule in "
-                        f"{'samples' if by_samples else 'iterations'} "
-                        f"({', '.join(flag_name(n) for n in (SAMPLE_SCHEDULE_FLAGS if by_samples else ITERATION_SCHEDULE_FLAGS))})")
+    _require(not given, f"{', '.join(given)}: this run is {kind}; give its LR schedule with "
+                        f"{', '.join(map(flag_name, right))}")
     unit = "samples" if by_samples else "iters"
     warmup, decay, wsd = (getattr(o, f"lr_{part}_{unit}") for part in ("warmup", "decay", "wsd_decay"))
     horizon = decay if decay is not None else (t.train_samples if by_samples else t.train_iters)
