@@ -57,11 +57,16 @@ def test_wsd_matches_megatrons_formula_in_samples(wsd_style):
     assert stable == 2e-3 and annealing < 2e-3
 
 
-def test_sample_schedule_with_a_fixed_batch_is_the_iteration_schedule():
-    common = ["--global-batch-size", "8", "--micro-batch-size", "8", "--lr-decay-style", "cosine"]
-    by_iters = parse_args(BASE + common + ["--train-iters", "50", "--lr-warmup-iters", "5", "--lr-decay-iters", "40"])
+@pytest.mark.parametrize("style", ["cosine", "WSD"])
+def test_sample_schedule_with_a_fixed_batch_is_the_iteration_schedule(style):
+    common = ["--global-batch-size", "8", "--micro-batch-size", "8", "--lr-decay-style", style,
+              "--lr-wsd-decay-style", "minus_sqrt"]
+    wsd = style == "WSD"
+    by_iters = parse_args(BASE + common + ["--train-iters", "50", "--lr-warmup-iters", "5", "--lr-decay-iters", "40"]
+                          + (["--lr-wsd-decay-iters", "20"] if wsd else []))
     by_samples = parse_args(BASE + common + ["--train-samples", "400", "--lr-warmup-samples", "40",
-                                             "--lr-decay-samples", "320"])
+                                             "--lr-decay-samples", "320"]
+                            + (["--lr-wsd-decay-samples", "160"] if wsd else []))
     assert by_samples.train.train_iters == 50
     a, b = (LRSchedule.from_flags(c.optim, c.train) for c in (by_iters, by_samples))
     assert [a.lr(i, 8 * i, 8) for i in range(50)] == pytest.approx([b.lr(i, 8 * i, 8) for i in range(50)], rel=1e-12)
