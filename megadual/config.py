@@ -37,7 +37,8 @@ from megadual.data.batch_ramp import BatchRamp
 
 # The checks most callers want are re-exported; the others are in config_validate.
 __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
-           "TrainConfig", "RESUME_MAY_CHANGE", "SCHEDULE_FLAGS", "build_parser", "flags_markdown", "model_config_differences", "padded_vocab_size",
+           "RESUME_MAY_CHANGE", "SCHEDULE_FLAGS", "TrainConfig", "build_parser", "flags_markdown",
+           "model_config_differences", "padded_vocab_size",
            "parse_args", "parse_model_flags", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults",
            "resume_rule",
            "validate", "validate_parallel", "validate_world"]
@@ -448,14 +449,14 @@ def resume_rule() -> str:
             "non-model flag; the other model flags are fixed by the weights")
 
 
-def model_config_differences(saved: dict, current: ModelConfig) -> list[str]:
-    """Field-by-field differences between a checkpoint's model config and this run's, in the fields
-    a resume may not change. A field the checkpoint predates counts as its default (what that
-    checkpoint's model was)."""
+def model_config_differences(saved: dict, current: ModelConfig, may_change: tuple[str, ...] = ()) -> list[str]:
+    """Field-by-field differences between a checkpoint's model config and this run's, but for the
+    fields `may_change` (a resume: RESUME_MAY_CHANGE). A field the checkpoint predates counts as its
+    default (what that checkpoint's model was)."""
     now = dataclasses.asdict(current)
     saved = {**dataclasses.asdict(ModelConfig()), **saved}
     return [f"{flag_name(k)}: checkpoint has {saved.get(k)!r}, this run has {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in may_change]
 
 
 if __name__ == "__main__":

@@ -217,8 +217,9 @@ def test_hf_export_writes_the_yarn_it_trained_with_and_import_keeps_it():
                                   "mscale": 1.0, "mscale_all_dim": 1.0}
     flags = architecture_flags({**hf, "rope_parameters": None}, 0)  # DeepSeek's key alone
     back = parse_model_flags(flags + ["--seq-length", "64"]).model
-    assert [getattr(back, name) for name in ("rope_scaling_factor", "original_max_position_embeddings", "beta_fast",
-                                             "beta_slow", "mscale", "mscale_all_dim")] == [40.0, 16, 32.0, 1.0, 1.0, 1.0]
+    names = ("rope_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim")
+    assert [getattr(back, name) for name in names] == [40.0, 16, 32.0, 1.0, 1.0, 1.0]
     assert hf_config(parse_model_flags(["--vocab-size", "64", "--multi-latent-attention"]).model, 64)["rope_scaling"] \
         is None
 

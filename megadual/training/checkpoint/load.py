@@ -19,7 +19,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from megadual.config import SCHEDULE_FLAGS, OptimConfig, RunConfig, flag_name, model_config_differences, resume_rule
+from megadual.config import (
+    RESUME_MAY_CHANGE,
+    SCHEDULE_FLAGS,
+    OptimConfig,
+    RunConfig,
+    flag_name,
+    model_config_differences,
+    resume_rule,
+)
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
 from megadual.training.checkpoint.integrity import verify
@@ -170,7 +178,7 @@ def _checked(checkpoint: Checkpoint, config: RunConfig, log) -> Checkpoint:
         raise CheckpointError(f"--load {checkpoint.path} holds model weights only, no optimizer state (it was "
                               "converted with scripts/convert_checkpoint.py --from-hf): give --finetune to train "
                               "from it")
-    differences = model_config_differences(checkpoint.meta["config"]["model"], config.model)
+    differences = model_config_differences(checkpoint.meta["config"]["model"], config.model, RESUME_MAY_CHANGE)
     if differences:
         raise CheckpointError(f"--load {checkpoint.path}: the checkpoint's model differs from this run's:\n  "
                               + "\n  ".join(differences) + f"\n({resume_rule()})")
