@@ -25,7 +25,12 @@ SAVE="${SAVE:?set SAVE to the checkpoint directory the phases share}"
 MODEL_ARGS="${MODEL_ARGS:-@examples/deepseek_v3_671b.args}"   # model, layout, optimizer (not the schedule)
 DATA_ARGS="${DATA_ARGS:---mock-data}"
 LAUNCH="${LAUNCH:-scripts/pretrain_moe.sh --}"                 # or: python pretrain_moe.py
-EXTRA_ARGS="${EXTRA_ARGS:-}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"                                  # flags for every phase
+EXT_ARGS="${EXT_ARGS:-}"                                      # flags for the two extension phases (layout)
+# Every batch must split into micro-batches of --micro-batch-size over the data-parallel ranks, at
+# least 2 x PP of them under DualPipe; megadual checks each batch of the ramp at start-up. At V3's
+# PP16 x DP128 layout the ramp's first batch (3072: 24 micro-batches) and the extensions' (1920,
+# 480) do not: give those phases a layout that fits (EXTRA_ARGS, EXT_ARGS, or the launcher's ranks).
 
 SEQ="${SEQ:-4096}"
 GBS="${GBS:-15360}"
@@ -83,6 +88,10 @@ phase "4 final LR" "${pretrain[@]}" --train-samples "$end4" --lr "$FINAL_LR" --m
 yarn=(--rope-scaling-factor "$YARN_FACTOR" --original-max-position-embeddings "$SEQ" --beta-fast 32 --beta-slow 1
       --mscale 1 --mscale-all-dim 1 --lr "$FINAL_LR" --min-lr "$FINAL_LR" --lr-decay-style constant
       --override-opt-param-scheduler --moe-router-bias-update-rate 0 --mtp-loss-scaling-factor "$MTP_LATE")
-phase "5 32K context" "${yarn[@]}" --seq-length "$EXT1_SEQ" --global-batch-size "$EXT1_GBS" --train-samples "$end5"
-phase "6 128K context" "${yarn[@]}" --seq-length "$EXT2_SEQ" --global-batch-size "$EXT2_GBS" --train-samples "$end6"
+# shellcheck disable=SC2086
+phase "5 32K context" "${yarn[@]}" --seq-length "$EXT1_SEQ" --global-batch-size "$EXT1_GBS" \
+    --train-samples "$end5" $EXT_ARGS
+# shellcheck disable=SC2086
+phase "6 128K context" "${yarn[@]}" --seq-length "$EXT2_SEQ" --global-batch-size "$EXT2_GBS" \
+    --train-samples "$end6" $EXT_ARGS
 echo "=== recipe done: $SAVE"
