@@ -223,3 +223,27 @@ def test_hf_export_writes_the_yarn_it_trained_with_and_import_keeps_it():
     assert hf_config(parse_model_flags(["--vocab-size", "64", "--multi-latent-attention"]).model, 64)["rope_scaling"] \
         is None
 
+
+
+def test_ramped_data_order_is_the_unstopped_order_on_every_dp_rank():
+    """Each step reads the next `batch` samples, DP rank r micro-batch by micro-batch; a loader built
+    at a checkpoint's consumed samples continues with the samples an unstopped run reads."""
+    from megadual.data.sampler import PretrainingSampler
+    ramp, mbs, dp, total = BatchRamp.from_flags(16, (4, 4, 24)), 2, 2, 200
+
+    def steps(consumed, count):
+        readers = [iter(PretrainingSampler(total, consumed, mbs, rank, dp)) for rank in range(dp)]
+        read = []
+        for _ in range(count):
+            batch = ramp.batch_size(consumed)
+            ids = [i for _ in range(batch // (mbs * dp)) for reader in readers for i in next(reader)]
+            read.append(sorted(ids))
+            consumed += batch
+        return read, consumed
+
+    straight, _ = steps(0, 8)
+    assert straight[0] == list(range(4)) and straight[2] == list(range(8, 16))  # batches 4, 4, 8, ...
+    first, consumed = steps(0, 3)
+    rest, _ = steps(consumed, 5)
+    assert first + rest == straight
+    assert sum(straight, []) == list(range(sum(len(step) for step in straight)))
