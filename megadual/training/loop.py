@@ -233,8 +233,6 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
     result, interval, consecutive_bad = RunResult(), IntervalLog(), 0
     is_moe = config.model.num_experts > 0
     memory = MemoryMeasurement(model, optimizer, device)
-    flops_per_rank = (training_flops_per_iteration(config.model, t.global_batch_size) / dist.get_world_size()
-                      if t.log_throughput else None)
     ramp, schedule = BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size), LRSchedule.from_flags(o, t)
     if rank0:
         log(phase_line(config, state))
@@ -261,8 +259,9 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
                 f"Lower --lr or raise --max-consecutive-skipped-iters.")
         if state.iteration % t.log_interval == 0 and rank0:
             log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
-                                 batch, batch * config.model.seq_length,
-                                 interval, is_moe, flops_per_rank))
+                                 batch, batch * config.model.seq_length, interval, is_moe,
+                                 training_flops_per_iteration(config.model, batch) / dist.get_world_size()
+                                 if t.log_throughput else None))
             if not step.skipped:
                 writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
                                                  "grad norm": step.grad_norm,
