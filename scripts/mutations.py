@@ -623,8 +623,9 @@ MUTATIONS = [
         "seq-length-binds-checkpoint", "megadual/config.py",
         "RESUME_MAY_CHANGE = (\"seq_length\", ",
         "RESUME_MAY_CHANGE = (",
-        ("tests/test_recipe_schedule.py::test_context_extension_loads_at_another_length",),
-        "a checkpoint refuses to load at another --seq-length"),
+        ("tests/test_recipe_schedule.py::test_context_extension_loads_at_another_length",
+         "tests/test_hf_checkpoint.py::test_hf_model_converts_in_with_its_logits_under_every_layout"),
+        "a checkpoint refuses to load at another --seq-length (an --from-hf import too)"),
     Mutation(
         "hf-export-drops-rope-scaling", "megadual/hf/config_map.py",
         "\"rope_scaling\": _deepseek_rope_scaling(rope),",
