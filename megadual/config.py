@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from megadual.config_validate import (
     ATTENTION_VARIANT_FLAGS,
     EXIT_SIGNALS,
+    WSD_DECAY_STYLES,
     RECOMPUTE_MODULES,
     Range,
     SCHEDULES,
@@ -32,13 +33,17 @@ from megadual.config_validate import (
     validate_flags_needing_others,
     validate_ranges,
     validate_parallel,
+    validate_training_kind,
     validate_world,
 )
+from megadual.data.batch_ramp import BatchRamp
 
 # The checks most callers want are re-exported; the others are in config_validate.
 __all__ = ["ConfigError", "DataConfig", "Fp8Config", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
-           "TrainConfig", "build_parser", "flags_markdown", "model_config_differences", "padded_vocab_size",
+           "RESUME_MAY_CHANGE", "SCHEDULE_FLAGS", "TrainConfig", "build_parser", "flags_markdown",
+           "model_config_differences", "padded_vocab_size",
            "parse_args", "parse_model_flags", "pipeline_stage_layers", "resolve_derived", "resolve_device_defaults",
+           "resume_rule",
            "validate", "validate_parallel", "validate_world"]
 
 MOE, MLA, MTP, CHECKPOINTS = ("mixture of experts", "multi-latent attention", "multi-token prediction",
@@ -179,7 +184,16 @@ class OptimConfig:
     min_lr: float = option(3e-5, min=0)
     lr_warmup_iters: int = option(0, min=0)
     lr_decay_iters: int | None = option(None, "default: --train-iters", positive=True)
-    lr_decay_style: str = option("cosine", choices=("constant", "linear", "cosine"))
+    lr_warmup_samples: int = option(0, "with --train-samples: warm-up over this many samples", min=0)
+    lr_decay_samples: int | None = option(None, "with --train-samples (its default): decay over this many samples",
+                                          positive=True)
+    lr_decay_style: str = option("cosine", "WSD: warm-up, stable at --lr, then --lr-wsd-decay-style down to "
+                                           "--min-lr over the last --lr-wsd-decay-iters/samples of the decay",
+                                 choices=("constant", "linear", "cosine", "WSD"))
+    lr_wsd_decay_style: str = option("exponential", choices=WSD_DECAY_STYLES)
+    lr_wsd_decay_iters: int | None = option(None, "WSD's decay phase in iterations", positive=True)
+    lr_wsd_decay_samples: int | None = option(None, "WSD's decay phase in samples (with --train-samples)",
+                                              positive=True)
     weight_decay: float = option(0.1, min=0)
     adam_beta1: float = option(0.9, min=0, below=1)
     adam_beta2: float = option(0.95, min=0, below=1)
@@ -223,7 +237,13 @@ class Fp8Config:
 class TrainConfig:
     micro_batch_size: int = option(2, positive=True)
     global_batch_size: int = option(8, positive=True)
-    train_iters: int = option(100, positive=True)
+    train_iters: int | None = option(100, unset="100; with --train-samples the iterations that consume them",
+                                     positive=True)
+    train_samples: int | None = option(None, "sample-based training: stop once this many samples (sequences, "
+                                             "those of a loaded checkpoint included) are consumed", positive=True)
+    rampup_batch_size: tuple[int, ...] = option(
+        (), "START INCREMENT RAMPUP_SAMPLES: the global batch grows from START by INCREMENT, evenly over the "
+            "first RAMPUP_SAMPLES samples, to --global-batch-size (needs --train-samples)")
     seed: int = option(1234, min=0)
     bf16: bool | None = option(None, "bf16 autocast", unset="on with CUDA, off on CPU")
     log_interval: int = option(10, positive=True)
@@ -257,6 +277,10 @@ class TrainConfig:
     checkpoint_key_file: str | None = option(None, "sign each checkpoint's manifest with HMAC-SHA256 under this "
                                                    "file's key and load only checkpoints it signed (default: "
                                                    "$MEGADUAL_CHECKPOINT_KEY_FILE, else unsigned)", group=CHECKPOINTS)
+    override_opt_param_scheduler: bool = option(False, "on --load, the LR schedule is this run's flags' (default: "
+                                                       "they must equal the checkpoint's)", group=CHECKPOINTS)
+    use_checkpoint_opt_param_scheduler: bool = option(False, "on --load, the LR schedule is the checkpoint's, "
+                                                             "whatever this run's flags say", group=CHECKPOINTS)
     max_consecutive_skipped_iters: int = option(10, "stop after this many non-finite steps in a row", positive=True)
     tensorboard_dir: str | None = option(None)
     recompute_granularity: str | None = option(
@@ -327,7 +351,9 @@ def _argparse_kind(f: dataclasses.Field, hint) -> dict:
         action = "store_true" if f.default is False else argparse.BooleanOptionalAction
         return {"action": action, "default": default}
     if typing.get_origin(kind) is tuple:
-        return {"nargs": "*", "default": list(default), "choices": spec["choices"]}
+        item = typing.get_args(kind)[0]
+        return {"nargs": "*", "default": list(default), "choices": spec["choices"],
+                **({"type": item} if item is not str else {})}
     return {"type": kind, "default": default, "choices": spec["choices"]}
 
 
@@ -386,7 +412,20 @@ def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) 
     model = replace(m, ffn_hidden_size=ffn, num_query_groups=m.num_query_groups if gqa else m.num_attention_heads,
                     moe_router_max_nodes=m.moe_router_max_nodes if given else ModelConfig.moe_router_max_nodes,
                     vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size), **left_out)
-    return replace(parsed, model=model, parallel=replace(p, moe_router_max_nodes_given=given), data=data)
+    return replace(parsed, model=model, parallel=replace(p, moe_router_max_nodes_given=given), data=data,
+                   train=_resolve_train_iters(parsed.train))
+
+
+def _resolve_train_iters(t: TrainConfig) -> TrainConfig:
+    """--train-iters left out: 100, or with --train-samples the iterations that consume them."""
+    if t.train_iters is not None:
+        validate_training_kind(t)
+        return t
+    if t.train_samples is None:
+        return replace(t, train_iters=TrainConfig.train_iters)
+    validate_training_kind(t)
+    return replace(t, train_iters=BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size)
+                   .iterations(t.train_samples))
 
 
 def _left_out_at_default(parsed: RunConfig) -> RunConfig:
@@ -452,13 +491,34 @@ def _markdown_flag(action: argparse.Action) -> str:
     return names + (" {" + ",".join(action.choices) + "}" if action.choices else "")
 
 
-def model_config_differences(saved: dict, current: ModelConfig) -> list[str]:
-    """Field-by-field differences between a checkpoint's model config and this run's. A field the
-    checkpoint predates counts as its default (what that checkpoint's model was)."""
+# What a run loading a checkpoint (--load, with or without --finetune) may change, in one place:
+# - the model flags below, which no weight depends on (context extension, loss weights, dropout);
+#   every other model flag is fixed by the weights and a difference is refused;
+# - the LR schedule (SCHEDULE_FLAGS): only as --override-opt-param-scheduler or
+#   --use-checkpoint-opt-param-scheduler says (without --finetune);
+# - every other flag (batch sizes and their ramp, data, layout, --moe-router-bias-update-rate, ...).
+RESUME_MAY_CHANGE = ("seq_length", "rope_scaling_factor", "original_max_position_embeddings", "beta_fast",
+                     "beta_slow", "mscale", "mscale_all_dim", "mtp_loss_scaling_factor", "moe_aux_loss_coeff",
+                     "hidden_dropout", "attention_dropout")
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters",
+                  "lr_warmup_samples", "lr_decay_samples", "lr_wsd_decay_samples", "lr_wsd_decay_style")
+
+
+def resume_rule() -> str:
+    """RESUME_MAY_CHANGE in words, for every refusal."""
+    return (f"a run loading a checkpoint may change the model's {' '.join(map(flag_name, RESUME_MAY_CHANGE))} "
+            "(no weight depends on them), the LR schedule with --override-opt-param-scheduler, and any "
+            "non-model flag; the other model flags are fixed by the weights")
+
+
+def model_config_differences(saved: dict, current: ModelConfig, may_change: tuple[str, ...] = ()) -> list[str]:
+    """Field-by-field differences between a checkpoint's model config and this run's, but for the
+    fields `may_change` (a resume: RESUME_MAY_CHANGE). A field the checkpoint predates counts as its
+    default (what that checkpoint's model was)."""
     now = dataclasses.asdict(current)
     saved = {**dataclasses.asdict(ModelConfig()), **saved}
     return [f"{flag_name(k)}: checkpoint has {saved.get(k)!r}, this run has {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in may_change]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from megadual.data.batch_ramp import BatchRamp
 from megadual.data.data_args import parse_data_path, parse_split
 
 if TYPE_CHECKING:
@@ -21,6 +22,9 @@ YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "msc
 ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
 # Megatron-Core's --recompute-modules (what each means here: parallel/recompute.py's RecomputePlan).
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+ITERATION_SCHEDULE_FLAGS = ("lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters")
+SAMPLE_SCHEDULE_FLAGS = ("lr_warmup_samples", "lr_decay_samples", "lr_wsd_decay_samples")
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
@@ -99,8 +103,7 @@ def validate(c: RunConfig) -> None:
              "--use-distributed-optimizer with --mtp-num-layers needs --pipeline-schedule dualpipe or dualpipev "
              "when --pipeline-model-parallel-size > 1: the MTP modules' tied copy of the embedding on the last "
              "stage is not sharded yet")
-    _require(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters),
-             "--lr-warmup-iters must not exceed --lr-decay-iters (default --train-iters)")
+    _validate_schedule_kind(o, t)
     _require(not (t.save_interval and not t.save), "--save-interval needs --save")
     for name in ("keep_last_n_checkpoints", "async_save", "save_failures_continue"):
         _require(not getattr(t, name) or t.save is not None, f"{flag_name(name)} needs --save")
@@ -162,6 +165,53 @@ def _validate_mla(m: ModelConfig, p: ParallelConfig) -> None:
              f"--qk-pos-emb-head-dim ({m.qk_pos_emb_head_dim}) must be even for rotary embeddings")
     if m.rope_scaling_factor > 1.0:
         _require(m.beta_fast > m.beta_slow, f"--beta-fast ({m.beta_fast}) must exceed --beta-slow ({m.beta_slow})")
+
+
+def validate_training_kind(t: TrainConfig) -> None:
+    """Iterations or samples, not both; a well-formed ramp (on the flags as parsed: --train-iters
+    None when left out)."""
+    _require(t.train_iters is None or t.train_samples is None,
+             "give one of --train-iters and --train-samples (iteration- or sample-based training), not both")
+    _require(t.train_samples is None or t.train_samples > 0, f"--train-samples must be positive, got "
+                                                             f"{t.train_samples}")
+    if not t.rampup_batch_size:
+        return
+    _require(len(t.rampup_batch_size) == 3, "--rampup-batch-size takes three numbers: START INCREMENT "
+                                            f"RAMPUP_SAMPLES, got {list(t.rampup_batch_size)}")
+    start, increment, samples = t.rampup_batch_size
+    _require(t.train_samples is not None, "--rampup-batch-size needs sample-based training (--train-samples "
+                                          "instead of --train-iters), as in Megatron")
+    _require(0 < start < t.global_batch_size and increment > 0 and samples >= 0,
+             f"--rampup-batch-size {start} {increment} {samples}: START must be in [1, --global-batch-size "
+             f"({t.global_batch_size})), INCREMENT positive and RAMPUP_SAMPLES >= 0")
+    _require((t.global_batch_size - start) % increment == 0,
+             f"--rampup-batch-size: --global-batch-size ({t.global_batch_size}) - START ({start}) must be a "
+             f"multiple of INCREMENT ({increment})")
+
+
+def _validate_schedule_kind(o: OptimConfig, t: TrainConfig) -> None:
+    """Megatron's rule: a sample-based run gives its LR schedule in samples, an iteration-based one in
+    iterations; and WSD's decay fits in the decay horizon."""
+    _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
+             "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
+    by_samples = t.train_samples is not None
+    right, wrong = ((SAMPLE_SCHEDULE_FLAGS, ITERATION_SCHEDULE_FLAGS) if by_samples
+                    else (ITERATION_SCHEDULE_FLAGS, SAMPLE_SCHEDULE_FLAGS))
+    given = [flag_name(name) for name in wrong if getattr(o, name)]
+    kind = "sample-based (--train-samples)" if by_samples else "iteration-based (--train-iters)"
+    _require(not given, f"{', '.join(given)}: this run is {kind}; give its LR schedule with "
+                        f"{', '.join(map(flag_name, right))}")
+    unit = "samples" if by_samples else "iters"
+    warmup, decay, wsd = (getattr(o, f"lr_{part}_{unit}") for part in ("warmup", "decay", "wsd_decay"))
+    horizon = decay if decay is not None else (t.train_samples if by_samples else t.train_iters)
+    for name, value in ((f"lr_warmup_{unit}", warmup), (f"lr_decay_{unit}", decay), (f"lr_wsd_decay_{unit}", wsd)):
+        _require(value is None or value >= 0, f"{flag_name(name)} must be >= 0, got {value}")
+    _require(warmup <= horizon, f"--lr-warmup-{unit} ({warmup}) must not exceed --lr-decay-{unit} (default "
+                                f"--train-{unit if by_samples else 'iters'}: {horizon})")
+    if o.lr_decay_style == "WSD":
+        _require(wsd is not None and 0 < wsd <= horizon - warmup,
+                 f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} in [1, {horizon - warmup}] (the decay horizon "
+                 f"after the warm-up), got {wsd}")
 
 
 def _validate_optimizer(o: OptimConfig) -> None:
@@ -338,19 +388,32 @@ def validate_parallel(c: RunConfig, tp: int, ep: int, nodes_in_ep_group: int) ->
 
 
 def validate_pipeline(config: RunConfig, dp: int) -> None:
-    """The micro-batch count, and the schedule's demands on it and on PP (the layer split: validate)."""
-    n_micro, p = num_microbatches(config, dp), config.parallel
-    if p.pipeline_model_parallel_size > 1:
-        validate_schedule_args(p.pipeline_schedule, p.pipeline_model_parallel_size, n_micro)
+    """The micro-batch count of every batch size the run takes (--rampup-batch-size's too), and the
+    schedule's demands on it and on PP (the layer split: validate)."""
+    t, p = config.train, config.parallel
+    for batch in BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size).sizes():
+        try:
+            n_micro = microbatches_of(batch, t.micro_batch_size, dp)
+            if p.pipeline_model_parallel_size > 1:
+                validate_schedule_args(p.pipeline_schedule, p.pipeline_model_parallel_size, n_micro)
+        except ConfigError as e:
+            if batch == t.global_batch_size:
+                raise
+            raise ConfigError(f"--rampup-batch-size {' '.join(map(str, t.rampup_batch_size))} reaches a global "
+                              f"batch of {batch}: {e}") from None
 
 
 def num_microbatches(config: RunConfig, dp: int) -> int:
-    t = config.train
-    per_step = t.micro_batch_size * dp
-    _require(t.global_batch_size % per_step == 0,
-             f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
-             f"({t.micro_batch_size}) x data-parallel size ({dp})")
-    return t.global_batch_size // per_step
+    """Micro-batches per step at --global-batch-size (the ramp's end)."""
+    return microbatches_of(config.train.global_batch_size, config.train.micro_batch_size, dp)
+
+
+def microbatches_of(global_batch: int, micro_batch_size: int, dp: int) -> int:
+    per_step = micro_batch_size * dp
+    _require(global_batch % per_step == 0,
+             f"--global-batch-size ({global_batch}) must be divisible by --micro-batch-size "
+             f"({micro_batch_size}) x data-parallel size ({dp})")
+    return global_batch // per_step
 
 
 def validate_schedule_args(name: str, pp_size: int, num_microbatches: int) -> None:

@@ -809,4 +809,54 @@ MUTATIONS = [
         "overlap=False)",
         ("tests/test_pipeline_runtime.py::test_training_builds_its_pipeline_with_the_schedule_flags",),
         "training runs 1F1B/interleaved unpaired whatever --overlap-moe-expert-parallel-comm says"),
+    # issue 21 (i21-recipe)
+    Mutation(
+        "wsd-decays-linearly", "megadual/training/lr_schedule.py",
+        "return _decay_shape(self.wsd_style, min(1.0, (done - anneal_start) / self.wsd_decay))",
+        "return _decay_shape(\"linear\", min(1.0, (done - anneal_start) / self.wsd_decay))",
+        ("tests/test_recipe_schedule.py::test_wsd_matches_megatrons_formula_in_samples[cosine]",),
+        "--lr-decay-style WSD ignores --lr-wsd-decay-style"),
+    Mutation(
+        "ramp-one-increment-early", "megadual/data/batch_ramp.py",
+        "steps = int(consumed_samples / self.samples_per_increment)",
+        "steps = int(consumed_samples / self.samples_per_increment) + 1",
+        ("tests/test_recipe_schedule.py::test_ramp_follows_megatrons_rule",),
+        "--rampup-batch-size grows the batch one increment before Megatron's rule says"),
+    Mutation(
+        "ramp-micro-batches-fixed", "megadual/training/loop.py",
+        "step_micro = batch // (t.micro_batch_size * topo.layout.dp)",
+        "step_micro = n_micro",
+        ("tests/test_recipe_schedule.py::test_ramped_run_equals_fixed_batches_chained_through_checkpoints",),
+        "the micro-batches per step stay at --global-batch-size's during the ramp"),
+    Mutation(
+        "ramp-consumed-counts-full-batch", "megadual/training/loop.py",
+        "state.consumed_samples += batch",
+        "state.consumed_samples += t.global_batch_size",
+        ("tests/test_recipe_schedule.py::test_resume_in_the_middle_of_the_ramp_is_exact",),
+        "consumed samples grow by --global-batch-size during the ramp, so a resume skips samples"),
+    Mutation(
+        "override-opt-param-scheduler-ignored", "megadual/training/checkpoint/load.py",
+        "if checkpoint is None or t.finetune or t.override_opt_param_scheduler:",
+        "if checkpoint is None or t.finetune:",
+        ("tests/test_recipe_schedule.py::test_a_new_phase_takes_the_schedule_as_megatron_decides",),
+        "--override-opt-param-scheduler does not let a new phase change the LR schedule"),
+    Mutation(
+        "seq-length-binds-checkpoint", "megadual/config.py",
+        "RESUME_MAY_CHANGE = (\"seq_length\", ",
+        "RESUME_MAY_CHANGE = (",
+        ("tests/test_recipe_schedule.py::test_context_extension_loads_at_another_length",
+         "tests/test_hf_checkpoint.py::test_hf_model_converts_in_with_its_logits_under_every_layout"),
+        "a checkpoint refuses to load at another --seq-length (an --from-hf import too)"),
+    Mutation(
+        "hf-export-drops-rope-scaling", "megadual/hf/config_map.py",
+        "\"rope_scaling\": _deepseek_rope_scaling(rope),",
+        "\"rope_scaling\": None,",
+        ("tests/test_recipe_schedule.py::test_hf_export_writes_the_yarn_it_trained_with_and_import_keeps_it",),
+        "the HF export leaves out the YaRN rope_scaling the model trained with"),
+    Mutation(
+        "phase-length-from-scratch", "megadual/training/loop.py",
+        "left = ramp.iterations(t.train_samples, state.consumed_samples)",
+        "left = ramp.iterations(t.train_samples)",
+        ("tests/test_recipe.py::test_recipe_runs_every_phase_by_the_reports_rules",),
+        "a sample-based phase counts its iterations as if it started from scratch"),
 ]

@@ -19,6 +19,9 @@ ARGS = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--train-iter
                    "--moe-router-bias-update-rate", "1e-2", "--eval-interval", "3", "--eval-iters", "1"]
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 DOCUMENTS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+RAMP = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--moe-router-bias-update-rate", "1e-2",
+                   "--lr-warmup-iters", "0", "--global-batch-size", "16", "--rampup-batch-size", "8", "4", "16",
+                   "--train-samples", "40"]
 NO_SPLIT = ",--no-pipeline-split-backward"
 UNEVEN = "--decoder-first-pipeline-num-layers=0,--decoder-last-pipeline-num-layers=2"
 FULL = "--recompute-granularity=full,--recompute-method=uniform,--recompute-num-layers=1"
@@ -47,6 +50,8 @@ CASES = {  # name: (flags, layout); PP 4 runs 8 micro-batches, PP 2 x DP 2 4 per
                                              "--overlap-moe-expert-parallel-comm,--recompute-granularity=selective,"
                                              "--recompute-modules=moe"),
     "PP2xEP2-1f1b-overlap": (ARGS, "pp2,ep2,--overlap-moe-expert-parallel-comm"),
+    # --rampup-batch-size: 4, 6, then 8 micro-batches per pipeline, each count's schedule built once
+    "PP2xDP2-dualpipe-ramp": (RAMP, "pp2:dualpipe,dp2"),
 }
 
 

@@ -65,6 +65,8 @@ def test_log_line_has_megatron_shape():
     lines = []
     with single_process_group() as device:
         loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "4", "--log-interval", "2"]), device, lines.append)
+    assert lines[0].startswith(" > phase from iteration 0")  # what the run trains with (schedule, length, ...)
+    lines = lines[1:]
     assert lines[0].startswith("[Rank 0] (after 1 iterations) memory (MB) |")  # once, after the first iteration
     lines = lines[1:]
     assert len(lines) == 2

@@ -1,9 +1,10 @@
 """ModelConfig <-> Hugging Face `DeepseekV3Config` (config.json), and where the two would compute
 differently.
 
-Import turns config.json into megadual's architecture flags (`architecture_flags`); what HF's
-config does not fix for training (sequence length, batch sizes, layout, balancing) comes from the
-command line. Export writes config.json from a checkpoint's ModelConfig (`hf_config`).
+Import turns config.json into megadual's architecture flags (`architecture_flags`), its YaRN
+`rope_scaling` included; what HF's config does not fix for training (sequence length, batch sizes,
+layout, balancing) comes from the command line, and a later --load may change the sequence length
+and YaRN (config.RESUME_MAY_CHANGE). Export writes the YaRN the checkpoint trained with. Export writes config.json from a checkpoint's ModelConfig (`hf_config`).
 
 Two behaviours differ although the weights map one to one (`behaviour_differences`):
 - group-limited routing: HF and DeepSeek's inference code rank a group of experts by the sum of its
@@ -90,6 +91,13 @@ def _rope_config(m: ModelConfig) -> dict:
     return rope
 
 
+def _deepseek_rope_scaling(rope: dict) -> dict | None:
+    """The YaRN the model trained with, as DeepSeek-V3's config.json writes it; None for plain RoPE."""
+    if rope["rope_type"] == "default":
+        return None
+    return {"type": "yarn", **{k: v for k, v in rope.items() if k != "rope_theta"}}
+
+
 def hf_config(m: ModelConfig, vocab_size: int) -> dict:
     """config.json of `DeepseekV3ForCausalLM` for the model `m`; `vocab_size`: the tokenizer's (unpadded)."""
     if not m.multi_latent_attention:
@@ -114,6 +122,8 @@ def hf_config(m: ModelConfig, vocab_size: int) -> dict:
         "max_position_embeddings": max(m.seq_length, int(rope.get("factor", 1) * m.original_max_position_embeddings)),
         "initializer_range": m.init_method_std, "rms_norm_eps": m.norm_epsilon,
         "rope_theta": m.rotary_base, "rope_parameters": rope, "rope_interleave": True,
+        # DeepSeek's own config.json key (read by its inference code and older transformers)
+        "rope_scaling": _deepseek_rope_scaling(rope),
         "attention_bias": False, "attention_dropout": m.attention_dropout, "tie_word_embeddings": False,
         "q_lora_rank": m.q_lora_rank or None, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_head_dim,
         "qk_rope_head_dim": m.qk_pos_emb_head_dim, "v_head_dim": m.v_head_dim,

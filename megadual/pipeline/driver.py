@@ -63,10 +63,9 @@ class Pipeline:
         common = {"pp_rank": pp_rank, "group_ranks": group_ranks, "group": group,
                   "activation_shape": activation_shape, "dtype": next(model.parameters()).dtype,
                   "device": device, "autocast": autocast}
-        actions = build_schedule(schedule, pp_size, num_microbatches, split_backward, virtual_stages,
-                                 overlap)[pp_rank]
-        self.train_runtime = PipelineRuntime(actions, layout, model.chunks, **common,
-                                             accumulate_grad=accumulate_grad)
+        self._train_schedule = (schedule, split_backward, virtual_stages, overlap, accumulate_grad, common)
+        self.train_runtimes: dict[int, PipelineRuntime] = {}  # by micro-batch count (--rampup-batch-size)
+        self.train_runtime(num_microbatches)
         self.eval_runtime = PipelineRuntime(forward_only_schedule(eval_layout, pp_size)[pp_rank], eval_layout,
                                             model.chunks, **common)
         mirror = mirror_rank(layout, pp_rank)
@@ -79,10 +78,24 @@ class Pipeline:
         # NCCL wants every rank of a group in the group's first collective; the p2p batches have only some.
         dist.barrier(group=group)
 
+    def train_runtime(self, num_microbatches: int) -> PipelineRuntime:
+        """The training schedule's runtime for `num_microbatches` (built on first use; the stage
+        placement does not depend on the count)."""
+        if num_microbatches not in self.train_runtimes:
+            schedule, split_backward, virtual_stages, overlap, accumulate_grad, common = self._train_schedule
+            pp_size = len(self.group_ranks)
+            actions = build_schedule(schedule, pp_size, num_microbatches, split_backward, virtual_stages,
+                                     overlap)[common["pp_rank"]]
+            layout = pipeline_layout(schedule, pp_size, num_microbatches, virtual_stages)
+            self.train_runtimes[num_microbatches] = PipelineRuntime(
+                actions, layout, self.model.chunks, **common,
+                accumulate_grad=accumulate_grad)
+        return self.train_runtimes[num_microbatches]
+
     def forward_backward(self, microbatches: Sequence[dict | None]) -> dict[str, torch.Tensor]:
         """The step's forwards and backwards; the mean losses over micro-batches by log name
         (gpt.loss_names), on every pipeline rank."""
-        return self._sum_over_pipeline(self.train_runtime.run(microbatches))
+        return self._sum_over_pipeline(self.train_runtime(len(microbatches)).run(microbatches))
 
     @torch.no_grad()
     def evaluate(self, microbatches: Sequence[dict | None]) -> dict[str, torch.Tensor]:

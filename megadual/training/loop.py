@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megadual.config import RunConfig, resolve_device_defaults
 from megadual.config_validate import node_size, num_microbatches, validate_world, virtual_stages
+from megadual.data.batch_ramp import BatchRamp
 from megadual.data.builder import build_datasets
 from megadual.data.documents import boundaries_of
 from megadual.data.sampler import build_loader
@@ -25,6 +26,7 @@ from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import CheckpointManager, TrainState
+from megadual.training.checkpoint.load import resumed_schedule
 from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
 from megadual.training.memory import MemoryMeasurement, MemoryReport
@@ -35,7 +37,8 @@ from megadual.training.metrics import (
     format_validation,
     mtp_fields,
 )
-from megadual.training.optimizer import build_optimizer, learning_rate
+from megadual.training.lr_schedule import LRSchedule
+from megadual.training.optimizer import build_optimizer
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 from megadual.training.stopping import StopRequests
 
@@ -130,10 +133,12 @@ def build_pipeline(config: RunConfig, topo: Topology, model: StageModel, device:
 
 
 def samples_needed(config: RunConfig) -> tuple[int, int, int]:
+    """Samples of the train, valid and test splits the run reads: the train split's from the start,
+    so a resumed run (whatever its --seq-length) finds its position in the same index."""
     t = config.train
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
-    return (t.train_iters * t.global_batch_size, evals * t.eval_iters * t.global_batch_size,
-            t.eval_iters * t.global_batch_size)
+    train = t.train_samples if t.train_samples is not None else t.train_iters * t.global_batch_size
+    return train, evals * t.eval_iters * t.global_batch_size, t.eval_iters * t.global_batch_size
 
 
 def next_batches(loader, count: int) -> list[dict]:
@@ -161,6 +166,28 @@ def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, 
     return dict(zip(names, (totals / (count * iters * topo.layout.dp)).tolist()))
 
 
+def phase_line(config: RunConfig, state: TrainState) -> str:
+    """What this run (a phase of a recipe) trains with, logged once at its start."""
+    t, o, m = config.train, config.optim, config.model
+    length = f"--train-samples {t.train_samples}" if t.train_samples is not None else f"--train-iters {t.train_iters}"
+    return (f" > phase from iteration {state.iteration}, consumed samples {state.consumed_samples}: {length} | "
+            f"seq length: {m.seq_length} | rope scaling factor: {m.rope_scaling_factor} | lr: {o.lr:.6E} | "
+            f"min lr: {o.min_lr:.6E} | lr decay style: {o.lr_decay_style} | "
+            f"moe router bias update rate: {o.moe_router_bias_update_rate} | "
+            f"mtp loss scaling factor: {m.mtp_loss_scaling_factor} |")
+
+
+def resumed_length(config: RunConfig, checkpoint) -> RunConfig:
+    """With --train-samples, --train-iters counted from the checkpoint's position: a phase may change
+    the batch size, so the iterations left follow from the samples left."""
+    t = config.train
+    if t.train_samples is None or checkpoint is None or t.finetune:
+        return config
+    state, ramp = checkpoint.train_state, BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size)
+    left = ramp.iterations(t.train_samples, state.consumed_samples)
+    return replace(config, train=replace(t, train_iters=state.iteration + left))
+
+
 def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None) -> RunResult:
     """Train as `config` says. `grad_hook(model, gradients)`, if given, is called every step after
     the gradients' reduction, before clipping: `gradients()` gives each of the rank's parameters'
@@ -173,9 +200,12 @@ def pretrain(config: RunConfig, device: torch.device, log=print, grad_hook=None)
     with StopRequests(t.exit_signal if t.exit_signal_handler else None, t.exit_duration_in_mins, device) as stop:
         topo = build_topology(config)
         with CheckpointManager(config, log) as checkpoints:  # --save locked, --load found, before anything is built
+            config = resumed_length(config, checkpoints.found)
+            t = config.train
             done = checkpoints.already_trained(t.train_iters)
             if done is not None:
                 return RunResult(final_state=done)
+            config = replace(config, optim=resumed_schedule(checkpoints.found, config, log))
             return train(config, topo, device, log, grad_hook, checkpoints, stop)
 
 
@@ -193,7 +223,6 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
     optimizer = build_model_optimizer(config, model, topo)
     # After the optimizer: the pipeline passes activations in the model's (possibly BF16) dtype.
     pipeline = build_pipeline(config, topo, model, device, optimizer) if topo.layout.pp > 1 else None
-    model.set_aux_loss_grad_scale(1.0 / n_micro)
     if isinstance(optimizer, DistributedOptimizer) and rank0:
         log(f" > distributed optimizer: {len(optimizer.buckets)} buckets, optimizer state on rank 0: "
             f"{optimizer_state_bytes(optimizer)} bytes")
@@ -209,18 +238,22 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
     result, interval, consecutive_bad = RunResult(), IntervalLog(), 0
     is_moe = config.model.num_experts > 0
     memory = MemoryMeasurement(model, optimizer, device)
-    flops_per_rank = (training_flops_per_iteration(config.model, t.global_batch_size) / dist.get_world_size()
-                      if t.log_throughput else None)
+    ramp, schedule = BatchRamp.from_flags(t.global_batch_size, t.rampup_batch_size), LRSchedule.from_flags(o, t)
+    if rank0:
+        log(phase_line(config, state))
     while state.iteration < t.train_iters:
-        lr = learning_rate(state.iteration, o, t.train_iters)
+        batch = ramp.batch_size(state.consumed_samples)
+        lr = schedule.lr(state.iteration, state.consumed_samples, batch)
         start = time.perf_counter()
-        batches = next_batches(train_loader, n_micro)
+        step_micro = batch // (t.micro_batch_size * topo.layout.dp)
+        model.set_aux_loss_grad_scale(1.0 / step_micro)
+        batches = next_batches(train_loader, step_micro)
         with memory.first_step(state.iteration, log):  # then every rank logs its memory report
             step = train_step(model, optimizer, batches, topo, lr, o.clip_grad, o.moe_router_bias_update_rate,
                               device, t.bf16, grad_hook, pipeline)
         interval.add(step, time.perf_counter() - start)
         state.iteration += 1
-        state.consumed_samples += t.global_batch_size
+        state.consumed_samples += batch
         result.steps.append(step)
         consecutive_bad = consecutive_bad + 1 if step.skipped else 0
         state.skipped_iterations += int(step.skipped)
@@ -231,8 +264,9 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
                 f"Lower --lr or raise --max-consecutive-skipped-iters.")
         if state.iteration % t.log_interval == 0 and rank0:
             log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
-                                 t.global_batch_size, t.global_batch_size * config.model.seq_length,
-                                 interval, is_moe, flops_per_rank))
+                                 batch, batch * config.model.seq_length, interval, is_moe,
+                                 training_flops_per_iteration(config.model, batch) / dist.get_world_size()
+                                 if t.log_throughput else None))
             if not step.skipped:
                 writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
                                                  "grad norm": step.grad_norm,

@@ -1,7 +1,5 @@
-"""AdamW over FP32 master weights, and Megatron's warmup + decay learning-rate schedule."""
+"""AdamW over FP32 master weights (the learning-rate schedule: lr_schedule.py)."""
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -27,22 +25,6 @@ def adamw_group_settings(cfg: OptimConfig) -> tuple[dict, dict]:
     placeholders = [("matrix", torch.nn.Parameter(torch.empty(0, 0))), ("vector", torch.nn.Parameter(torch.empty(0)))]
     decay, no_decay = build_optimizer(placeholders, cfg).param_groups
     return tuple({k: v for k, v in group.items() if k != "params"} for group in (decay, no_decay))
-
-
-def learning_rate(iteration: int, cfg: OptimConfig, train_iters: int) -> float:
-    """LR for the update made at `iteration` (0-based): linear warmup, then decay to min_lr."""
-    decay_iters = cfg.lr_decay_iters or train_iters
-    if cfg.lr_warmup_iters and iteration < cfg.lr_warmup_iters:
-        return cfg.lr * (iteration + 1) / cfg.lr_warmup_iters
-    if cfg.lr_decay_style == "constant":
-        return cfg.lr
-    span = max(1, decay_iters - cfg.lr_warmup_iters)
-    progress = min(1.0, (iteration - cfg.lr_warmup_iters) / span)
-    if cfg.lr_decay_style == "linear":
-        coeff = 1.0 - progress
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

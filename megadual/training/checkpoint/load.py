@@ -14,11 +14,19 @@ without --load), and with --finetune, which needs a checkpoint.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from megadual.config import RunConfig, model_config_differences
+from megadual.config import (
+    RESUME_MAY_CHANGE,
+    SCHEDULE_FLAGS,
+    OptimConfig,
+    RunConfig,
+    flag_name,
+    model_config_differences,
+    resume_rule,
+)
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.coordination import Coordination
 from megadual.training.checkpoint.integrity import checkpoint_key, verify
@@ -163,9 +171,35 @@ def _checked(checkpoint: Checkpoint, config: RunConfig, log) -> Checkpoint:
         raise CheckpointError(f"--load {checkpoint.path} holds model weights only, no optimizer state (it was "
                               "converted with scripts/convert_checkpoint.py --from-hf): give --finetune to train "
                               "from it")
-    differences = model_config_differences(checkpoint.meta["config"]["model"], config.model)
+    differences = model_config_differences(checkpoint.meta["config"]["model"], config.model, RESUME_MAY_CHANGE)
     if differences:
         raise CheckpointError(f"--load {checkpoint.path}: the checkpoint's model differs from this run's:\n  "
-                              + "\n  ".join(differences))
+                              + "\n  ".join(differences) + f"\n({resume_rule()})")
     log(f" loading checkpoint from {checkpoint.path} at iteration {checkpoint.train_state.iteration}")
     return checkpoint
+
+
+def resumed_schedule(checkpoint: Checkpoint | None, config: RunConfig, log) -> OptimConfig:
+    """The optimizer flags to train with, the LR schedule's as Megatron decides on a resume: this
+    run's with --override-opt-param-scheduler (or --finetune, or no checkpoint), the checkpoint's with
+    --use-checkpoint-opt-param-scheduler, and otherwise the two must agree (refused, naming them)."""
+    o, t = config.optim, config.train
+    if checkpoint is None or t.finetune or t.override_opt_param_scheduler:
+        return o
+    saved_optim, saved_train = checkpoint.meta["config"]["optim"], checkpoint.meta["config"]["train"]
+    saved = {name: saved_optim.get(name, getattr(OptimConfig, name)) for name in SCHEDULE_FLAGS}
+    if t.use_checkpoint_opt_param_scheduler:
+        # The checkpoint's decay horizon left at its default was that run's length.
+        for unit, length in (("iters", saved_train.get("train_iters")), ("samples", saved_train.get("train_samples"))):
+            if saved[f"lr_decay_{unit}"] is None:
+                saved[f"lr_decay_{unit}"] = length
+        log(f" using the checkpoint's LR schedule: {saved}")
+        return replace(o, **saved)
+    differing = [f"{flag_name(name)}: checkpoint has {saved[name]!r}, this run has {getattr(o, name)!r}"
+                 for name in SCHEDULE_FLAGS if saved[name] != getattr(o, name)]
+    if differing:
+        raise CheckpointError(f"--load {checkpoint.path}: the LR schedule differs from the checkpoint's:\n  "
+                              + "\n  ".join(differing) + "\ngive --override-opt-param-scheduler to train with "
+                              "this run's, or --use-checkpoint-opt-param-scheduler to keep the checkpoint's "
+                              f"({resume_rule()})")
+    return o

@@ -5,7 +5,8 @@ and what is wrong, never a traceback from deep inside the loader or a converter.
     {"train_state": {TrainState's fields: non-negative integers},
      "config": {"model": {ModelConfig's fields, each of its type; older checkpoints may lack some},
                 "data": {"vocab_size": int, ...}, the other sections ...},
-     "world_size": positive int, "weights_only": bool (optional, written by --from-hf)}
+     "world_size": positive int, "weights_only": bool (optional, written by --from-hf),
+     "run_id": str (optional: the run that wrote it, training/checkpoint/ownership.py)}
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from megadual.config import ModelConfig
 from megadual.training.checkpoint.layout import META, CheckpointError, TrainState
 
 _REQUIRED = {"train_state": dict, "config": dict, "world_size": int}
-_OPTIONAL = {"weights_only": bool}
+_OPTIONAL = {"weights_only": bool, "run_id": str}
 
 
 def read_meta(folder: str) -> dict:
