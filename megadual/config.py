@@ -173,6 +173,12 @@ class OptimConfig:
                                                     "holds BF16 weights")
     ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
                                                "default max(40M, 1M x data-parallel size), as Megatron's")
+    use_precision_aware_optimizer: bool = option(False, "the distributed optimizer keeps Adam's moments in "
+                                                        "--exp-avg-dtype / --exp-avg-sq-dtype")
+    exp_avg_dtype: str = option("fp32", "Adam's first moment (with --use-precision-aware-optimizer)",
+                                choices=("fp32", "bf16"))
+    exp_avg_sq_dtype: str = option("fp32", "Adam's second moment (with --use-precision-aware-optimizer)",
+                                   choices=("fp32", "bf16"))
     moe_router_bias_update_rate: float = option(1e-3, group=MOE)
 
 

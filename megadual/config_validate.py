@@ -141,6 +141,10 @@ def _validate_optimizer(o: OptimConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         _require(0 <= getattr(o, name) < 1, f"{flag_name(name)} must be in [0, 1), got {getattr(o, name)}")
     _require(o.adam_eps > 0, f"--adam-eps must be positive, got {o.adam_eps}")
+    _require(not o.use_precision_aware_optimizer or o.use_distributed_optimizer,
+             "--use-precision-aware-optimizer needs --use-distributed-optimizer (it shards the moments it keeps)")
+    _require(o.use_precision_aware_optimizer or o.exp_avg_dtype == o.exp_avg_sq_dtype == "fp32",
+             "--exp-avg-dtype / --exp-avg-sq-dtype other than fp32 need --use-precision-aware-optimizer")
     _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
     _require(o.clip_grad >= 0, f"--clip-grad must be >= 0 (0: no clipping), got {o.clip_grad}")
     _require(o.ddp_bucket_size is None or o.ddp_bucket_size > 0,

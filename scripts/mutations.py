@@ -428,8 +428,8 @@ MUTATIONS = [
         "the planner counts one copy of a DualPipe rank's two stages"),
     Mutation(
         "planner-mtp-tied-embedding-missed", "megadual/rank_memory.py",
-        "            params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding",
-        "            params += _dense()  # MTP's tied embedding",
+        "        params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding",
+        "        params += _dense()  # MTP's tied embedding",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-MTP2]",),
         "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
     Mutation(
