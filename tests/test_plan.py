@@ -59,10 +59,13 @@ def test_json_prints_the_chosen_optimizers_ranks_in_mb(capsys):
             assert shown[key] == round(value / MB, 3), key
 
 
-@pytest.mark.parametrize("flags", [[], ["--recompute-granularity", "selective", "--recompute-modules", "moe"],
-                                   ["--pipeline-split-backward"]])
+ONE_F_ONE_B = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--pipeline-model-parallel-size", "4"]
+
+
+@pytest.mark.parametrize("flags", [PP4, PP4 + ["--recompute-granularity", "selective", "--recompute-modules", "moe"],
+                                   ONE_F_ONE_B])  # 1F1B: micro-batches down to their W's GEMM inputs at the peak
 def test_breakdown_adds_up_to_the_peak(flags):
-    c = config(*PP4, *flags)
+    c = config(*flags)
     for rank in predict(c, 4):
         text = format_breakdown(c, 4, rank.pp_rank)
         rows = text.splitlines()[2:-1]
