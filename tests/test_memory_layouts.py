@@ -34,7 +34,7 @@ QUICK_START = ["--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hid
                "--kv-lora-rank", "32", "--qk-head-dim", "32", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32",
                "--mtp-num-layers", "1", "--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "128",
                "--moe-shared-expert-intermediate-size", "128", "--moe-first-k-dense", "1", "--micro-batch-size", "4",
-               "--global-batch-size", "8", "--train-iters", "1", "--lr-warmup-iters", "0"]
+               "--global-batch-size", "4", "--train-iters", "1", "--lr-warmup-iters", "0"]
 V3_SHAPED = ["--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "128",
              "--num-attention-heads", "4", "--seq-length", "64", "--multi-latent-attention", "--q-lora-rank", "48",
              "--kv-lora-rank", "32", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "16", "--v-head-dim", "16",
@@ -50,8 +50,9 @@ PRECISION_CASES = {
     "quick-start FP8 plain": (QUICK_START + FP32 + FP8, ""),
     "quick-start FP8+BF16 plain": (QUICK_START + BF16 + FP8, ""),
     "quick-start BF16 distributed TP2-SPxEP2": (QUICK_START + BF16 + ZERO1, "tp2,sp,ep2"),  # MLA, MTP under TP+SP
-    "V3-shaped BF16 plain DP2xEP2": (V3_SHAPED + BF16, "dp2,ep2"),
-    "V3-shaped FP8 BF16-moments DP2xEP2": (V3_SHAPED + FP32 + FP8 + BF16_MOMENTS, "dp2,ep2"),
+    "V3-shaped BF16 plain DP2xEP2": (V3_SHAPED + BF16 + ["--global-batch-size", "2"], "dp2,ep2"),
+    "V3-shaped FP8 BF16-moments DP2xEP2": (V3_SHAPED + FP32 + FP8 + BF16_MOMENTS + ["--global-batch-size", "2"],
+                                           "dp2,ep2"),
     "V3-shaped FP8+BF16 BF16-moments PP2-dualpipexEP2": (V3_SHAPED + BF16 + FP8 + BF16_MOMENTS, "pp2:dualpipe,ep2"),
 }
 # Measured / predicted peak activations off by more than 5% (the per-layer formulas of
