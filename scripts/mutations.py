@@ -669,4 +669,17 @@ MUTATIONS = [
         ("tests/test_cross_entropy.py::test_the_vocabulary_padding_takes_no_probability",
          "tests/test_resume_layouts.py::test_resume_under_another_layout[EP2-distributed-optimizer->TP4]"),
         "under TP the padded vocabulary's logits take probability (the loss depends on TP's padding)"),
+    Mutation(
+        "vocab-padding-drawn-at-init", "megadual/parallel/rng.py",
+        "    full[:record.spec.real_rows].normal_(",
+        "    full.normal_(",
+        ("tests/test_cross_entropy.py::test_padding_rows_start_at_zero_and_the_real_rows_do_not_depend_on_them",),
+        "the padded vocabulary rows are drawn at init, moving the real rows' values with TP's padding"),
+    Mutation(
+        "checkpoint-vocab-compared-padded", "megadual/config.py",
+        '"vocab_size": model.get("unpadded_vocab_size") or model["vocab_size"]}',
+        '"vocab_size": model["vocab_size"]}',
+        ("tests/test_config.py::test_checkpoints_compare_the_vocabulary_before_padding",
+         "tests/test_resume_layouts.py::test_resume_under_another_layout[EP2-distributed-optimizer->TP4]"),
+        "--load compares the padded vocabulary, refusing a checkpoint saved at another TP"),
 ]

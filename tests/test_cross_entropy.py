@@ -29,3 +29,17 @@ def test_the_vocabulary_padding_takes_no_probability():
         torch.testing.assert_close(loss.double(), reference, rtol=0, atol=1e-5)
         grad, = torch.autograd.grad(loss.mean(), logits)
         assert grad[..., 500:].abs().max() == 0 and grad[..., :500].abs().max() > 0
+
+
+def test_padding_rows_start_at_zero_and_the_real_rows_do_not_depend_on_them():
+    """The embedding's 500 real rows are drawn alike in tables padded to 500, 504 and 512 rows (an
+    odd width, where drawing the whole table would move the last real values); the padding is zero."""
+    from megadual.parallel.params import ParamRecord
+    from megadual.parallel.rng import init_parameter
+    from megadual.parallel.tensor import VocabParallelEmbedding
+    tables = []
+    for rows in (500, 504, 512):
+        embedding = VocabParallelEmbedding(rows, 3, NO_TP, 0.02, real_rows=500)
+        init_parameter(ParamRecord("embedding.weight", embedding.weight, embedding.param_specs["weight"]), seed=7)
+        tables.append(embedding.weight.detach())
+    assert all(torch.equal(t[:500], tables[0]) for t in tables) and all(t[500:].eq(0).all() for t in tables)
