@@ -196,33 +196,48 @@ def chunk_activations(config: RunConfig, layout: Layout, spec: StageSpec, distri
     """One micro-batch of one chunk: its layers' activations and, under --bf16 with FP32 weights,
     the BF16 copies autocast makes of the GEMMs' weights, which the GEMMs save for the backward."""
     c, shape = config.model, shape_of(config, layout, distributed)
+    fp8, bf16 = bool(config.fp8.fp8_format), bool(config.train.bf16)
+    grouped = bool(config.parallel.moe_grouped_gemm) and not fp8  # moe/experts.py: FP8 experts loop
     acts = Activations()
-    if config.train.bf16 and not shape.bf16_weights:
-        copies = 2 * _autocast_weights(c, spec, layout.tp, layout.ep, bool(config.fp8.fp8_format))
+    if bf16 and not shape.bf16_weights:
+        copies = 2 * _autocast_weights(c, spec, layout.tp, layout.ep, fp8, grouped)
         acts.add(copies, kind="weights | BF16 copies")
+    if grouped:  # the grouped GEMM saves its stack of the experts' weights, in the GEMM's dtype
+        stacked = (2 if bf16 else FP32) * _routed_expert_weights(c, spec, layout.ep)
+        acts.add(stacked, kind="weights | stacked experts")
     acts += stage_activations(c, shape, range(spec.first_layer, spec.last_layer), spec.has_embedding,
                               spec.has_head, RecomputePlan.from_flags(config.train))
     return acts
 
 
-def _autocast_weights(c: ModelConfig, stage: StageSpec, tp: int, ep: int, fp8: bool) -> int:
+def _stage_layers(c: ModelConfig, stage: StageSpec) -> list[int]:
+    """The stage's layers, and the MTP layers beside its head."""
+    mtp = range(c.num_layers, c.num_layers + c.mtp_num_layers) if stage.has_head else range(0)
+    return [*range(stage.first_layer, stage.last_layer), *mtp]
+
+
+def _routed_expert_weights(c: ModelConfig, stage: StageSpec, ep: int) -> int:
+    return sum(layer_parameters(c, layer, 1, ep).expert_elements for layer in _stage_layers(c, stage))
+
+
+def _autocast_weights(c: ModelConfig, stage: StageSpec, tp: int, ep: int, fp8: bool, grouped: bool) -> int:
     """Elements of the weights that GEMMs under autocast read (and so copy to BF16) in one micro-
-    batch of `stage`: every linear's but the router's (FP32 by hand); under FP8 only the head's
-    (the FP8 linears save their input in FP8 and read the weight itself)."""
+    batch of `stage`: every linear's but the router's (FP32 by hand) and, with the grouped GEMM,
+    the routed experts' (it casts their stack); under FP8 only the head's (the FP8 linears save
+    their input in FP8 and read the weight itself)."""
     head = c.hidden_size * c.vocab_size // tp if stage.has_head else 0  # MTP's uses share autocast's copy
     if fp8:
         return head
     h, elements = c.hidden_size, head
-    layers = [*range(stage.first_layer, stage.last_layer)]
     if stage.has_head:
-        layers += range(c.num_layers, c.num_layers + c.mtp_num_layers)
         elements += c.mtp_num_layers * 2 * h * h  # eh_proj
-    for layer in layers:
-        count = layer_parameters(c, layer, tp, ep).elements - 2 * h  # less the two norms
+    for layer in _stage_layers(c, stage):
+        params = layer_parameters(c, layer, tp, ep)
+        count = params.elements - 2 * h  # less the two norms
         if c.multi_latent_attention:
             count -= c.kv_lora_rank + (c.q_lora_rank or 0)  # the latents' norms
         if c.is_moe_layer(layer):
-            count -= c.num_experts * h  # the router
+            count -= c.num_experts * h + (params.expert_elements if grouped else 0)  # the router
         elements += count
     return elements
 
@@ -247,8 +262,7 @@ def _peak(config: RunConfig, layout: Layout, chunks: list[StageSpec], pp_rank: i
 
 def _has_moe_layer(c: ModelConfig, stage: StageSpec) -> bool:
     """Whether the stage's layers (its MTP layers included) include an MoE layer."""
-    mtp = range(c.num_layers, c.num_layers + c.mtp_num_layers) if stage.has_head else range(0)
-    return any(c.is_moe_layer(layer) for layer in (*range(stage.first_layer, stage.last_layer), *mtp))
+    return any(c.is_moe_layer(layer) for layer in _stage_layers(c, stage))
 
 
 @cache

@@ -682,4 +682,10 @@ MUTATIONS = [
         ("tests/test_config.py::test_checkpoints_compare_the_vocabulary_before_padding",
          "tests/test_resume_layouts.py::test_resume_under_another_layout[EP2-distributed-optimizer->TP4]"),
         "--load compares the padded vocabulary, refusing a checkpoint saved at another TP"),
+    Mutation(
+        "planner-grouped-gemm-stack-missed", "megadual/rank_memory.py",
+        "    if grouped:  # the grouped GEMM saves its stack",
+        "    if False:  # the grouped GEMM saves its stack",
+        ("tests/test_memory_layouts.py::test_the_grouped_gemms_stacked_weights_are_counted",),
+        "the planner leaves out the stack of expert weights the grouped GEMM saves per micro-batch"),
 ]

@@ -47,6 +47,7 @@ BF16_MOMENTS = ZERO1 + ["--use-precision-aware-optimizer", "--exp-avg-dtype", "b
 PRECISION_CASES = {
     "quick-start FP32 plain": (QUICK_START + FP32, ""),
     "quick-start BF16 distributed": (QUICK_START + BF16 + ZERO1, ""),
+    "quick-start BF16 distributed grouped GEMM": (QUICK_START + BF16 + ZERO1 + ["--moe-grouped-gemm"], ""),
     "quick-start FP8 plain": (QUICK_START + FP32 + FP8, ""),
     "quick-start FP8+BF16 plain": (QUICK_START + BF16 + FP8, ""),
     "quick-start BF16 distributed TP2-SPxEP2": (QUICK_START + BF16 + ZERO1, "tp2,sp,ep2"),  # MLA, MTP under TP+SP
@@ -105,6 +106,16 @@ def test_planner_counts_what_each_precision_holds(runs, case):
 def test_planner_predicts_each_precisions_activations_within_5_percent(runs, case):
     for report, rank in runs[case].pairs():
         assert abs(report.peak_activations / rank.peak_activations - 1) < 0.05
+
+
+def test_the_grouped_gemms_stacked_weights_are_counted(runs):
+    """The grouped GEMM saves a stack of the experts' weights per micro-batch (BF16 weights here):
+    what it adds to the measured peak, the planner adds."""
+    ((grouped, grouped_predicted),) = runs["quick-start BF16 distributed grouped GEMM"].pairs()
+    ((looped, looped_predicted),) = runs["quick-start BF16 distributed"].pairs()
+    measured = grouped.peak_activations - looped.peak_activations
+    assert measured > 0
+    assert grouped_predicted.peak_activations - looped_predicted.peak_activations == pytest.approx(measured, rel=0.01)
 
 
 def test_recomputation_lowers_the_peak_by_what_the_planner_says(runs):
