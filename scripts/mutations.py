@@ -603,7 +603,7 @@ MUTATIONS = [
         "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
     Mutation(
         "planner-no-autocast-weight-copies", "megadual/rank_memory.py",
-        "    if config.train.bf16 and not shape.bf16_weights:",
+        "    if bf16 and not shape.bf16_weights:",
         "    if False:",
         ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
         "the planner leaves out the BF16 copies autocast makes of FP32 weights for the GEMMs"),
