@@ -81,6 +81,8 @@ class ModelConfig:
                                    unset="--num-attention-heads", positive=True)
     seq_length: int = option(128, positive=True)
     vocab_size: int = derived(4096, "--vocab-size (or the tokenizer's) padded as the embedding is built")
+    unpadded_vocab_size: int = derived(0, "the vocabulary before padding (0: vocab_size): the rows trained "
+                                          "and saved, whatever TP pads to")
     norm_epsilon: float = option(1e-6, positive=True)
     rotary_base: float = option(10000.0, positive=True)
     init_method_std: float = option(0.02, min=0)
@@ -135,6 +137,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def real_vocab_size(self) -> int:
+        """The tokenizer's rows of the (padded) embedding and head."""
+        return self.unpadded_vocab_size or self.vocab_size
 
     def is_moe_layer(self, layer_index: int) -> bool:
         return self.num_experts > 0 and layer_index >= self.moe_first_k_dense
@@ -205,6 +212,12 @@ class OptimConfig:
     ddp_bucket_size: int | None = option(None, "elements per gradient bucket of the distributed optimizer; "
                                                "default max(40M, 1M x data-parallel size), as Megatron's",
                                      positive=True)
+    use_precision_aware_optimizer: bool = option(False, "the distributed optimizer keeps Adam's moments in "
+                                                        "--exp-avg-dtype / --exp-avg-sq-dtype")
+    exp_avg_dtype: str = option("fp32", "Adam's first moment (with --use-precision-aware-optimizer)",
+                                choices=("fp32", "bf16"))
+    exp_avg_sq_dtype: str = option("fp32", "Adam's second moment (with --use-precision-aware-optimizer)",
+                                   choices=("fp32", "bf16"))
     moe_router_bias_update_rate: float = option(1e-3, group=MOE, min=0)
 
 
@@ -411,7 +424,8 @@ def resolve_derived(parsed: RunConfig, tokenizer_vocab_size: int | None = None) 
     left_out = {name: getattr(ModelConfig, name) for name in ATTENTION_VARIANT_FLAGS if getattr(m, name) is None}
     model = replace(m, ffn_hidden_size=ffn, num_query_groups=m.num_query_groups if gqa else m.num_attention_heads,
                     moe_router_max_nodes=m.moe_router_max_nodes if given else ModelConfig.moe_router_max_nodes,
-                    vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size), **left_out)
+                    vocab_size=padded_vocab_size(data, p.tensor_model_parallel_size),
+                    unpadded_vocab_size=data.vocab_size, **left_out)
     return replace(parsed, model=model, parallel=replace(p, moe_router_max_nodes_given=given), data=data,
                    train=_resolve_train_iters(parsed.train))
 
@@ -514,11 +528,18 @@ def resume_rule() -> str:
 def model_config_differences(saved: dict, current: ModelConfig, may_change: tuple[str, ...] = ()) -> list[str]:
     """Field-by-field differences between a checkpoint's model config and this run's, but for the
     fields `may_change` (a resume: RESUME_MAY_CHANGE). A field the checkpoint predates counts as its
-    default (what that checkpoint's model was)."""
-    now = dataclasses.asdict(current)
-    saved = {**dataclasses.asdict(ModelConfig()), **saved}
+    default (what that checkpoint's model was). The vocabulary is compared before padding: checkpoints
+    keep only its rows, so any TP loads them."""
+    now, saved = _vocabulary_unpadded(dataclasses.asdict(current)), \
+        _vocabulary_unpadded({**dataclasses.asdict(ModelConfig()), **saved})
     return [f"{flag_name(k)}: checkpoint has {saved.get(k)!r}, this run has {now.get(k)!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in may_change]
+
+
+def _vocabulary_unpadded(model: dict) -> dict:
+    """A model config dict whose vocab_size is the unpadded vocabulary."""
+    return {**{k: v for k, v in model.items() if k != "unpadded_vocab_size"},
+            "vocab_size": model.get("unpadded_vocab_size") or model["vocab_size"]}
 
 
 if __name__ == "__main__":

@@ -216,6 +216,10 @@ def _validate_schedule_kind(o: OptimConfig, t: TrainConfig) -> None:
 
 def _validate_optimizer(o: OptimConfig) -> None:
     _require(o.lr >= o.min_lr, f"--min-lr ({o.min_lr}) must be in [0, --lr ({o.lr})]")
+    _require(not o.use_precision_aware_optimizer or o.use_distributed_optimizer,
+             "--use-precision-aware-optimizer needs --use-distributed-optimizer (it shards the moments it keeps)")
+    _require(o.use_precision_aware_optimizer or o.exp_avg_dtype == o.exp_avg_sq_dtype == "fp32",
+             "--exp-avg-dtype / --exp-avg-sq-dtype other than fp32 need --use-precision-aware-optimizer")
 
 
 def _validate_data(d: DataConfig, t: TrainConfig) -> None:

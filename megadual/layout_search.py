@@ -10,14 +10,15 @@ memory (megadual/plan.py) is at most --memory-fraction of the GPU's.
 
 The step time is the schedule simulator's makespan (pipeline/simulate.py) over per-stage costs
 from these stated assumptions (flags, defaults for H800/H100-class GPUs):
-- compute: forward 2 FLOPs per active parameter and token plus causal attention, backward twice
-  that (input and weight halves equal), at --gpu-tflops achieved per GPU; full recomputation
-  adds a forward to each backward, selective recomputation is counted free;
+- compute: the forward's FLOPs as --log-throughput counts them (megadual/model/flops.py: every
+  GEMM, attention over the whole sequence, MTP beside the head), backward twice that (input and
+  weight halves equal), at --gpu-tflops achieved per GPU; full recomputation adds a forward to
+  each backward, selective recomputation is counted free;
 - expert all-to-all: each token's hidden state (BF16) to every remote EP rank holding one of
   its experts and back, forward and backward, over InfiniBand (--ib-gbps per GPU) once the EP
-  group spans nodes, else NVLink (--nvlink-gbps); exposed under 1F1B, hidden behind the other
-  micro-batch's compute in paired chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm)
-  as far as that compute lasts;
+  group spans nodes (as parallel/topology.py builds it: EP consecutive ranks), else NVLink
+  (--nvlink-gbps); exposed under 1F1B, hidden behind the other micro-batch's compute in paired
+  chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm) as far as that compute lasts;
 - TP: two all-reduces of the hidden state per layer each way, over NVLink, exposed;
 - pipeline p2p: one activation message per micro-batch and stage boundary over InfiniBand;
 - data parallelism: one reduce-scatter of FP32 gradients and one all-gather of the weights per
@@ -30,9 +31,11 @@ import math
 from dataclasses import dataclass, replace
 from functools import cache
 
-from megadual.config import ConfigError, ModelConfig, RunConfig, validate_world
+from megadual.config import ConfigError, RunConfig, validate_world
 from megadual.config_validate import num_microbatches
 from megadual.memory_model import distinct_ranks_per_token
+from megadual.model.flops import stage_forward_flops_per_token
+from megadual.parallel.topology import nodes_per_ep_group
 from megadual.pipeline.actions import Action, Kind
 from megadual.pipeline.simulate import simulate
 from megadual.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
@@ -141,25 +144,6 @@ def search(base: RunConfig, world: int, gpu_memory_gib: float, hw: Hardware) -> 
     return sorted(fits, key=lambda fit: fit.step_seconds), tried
 
 
-def _layer_flops(m: ModelConfig, layer: int, seq: int) -> float:
-    """Forward FLOPs per token of one layer: 2 per active weight, plus causal attention."""
-    h, heads = m.hidden_size, m.num_attention_heads
-    if m.multi_latent_attention:
-        qk, v = m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim
-        q = h * m.q_lora_rank + m.q_lora_rank * heads * qk if m.q_lora_rank else h * heads * qk
-        attention = q + h * (m.kv_lora_rank + m.qk_pos_emb_head_dim) + m.kv_lora_rank * heads * (
-            m.qk_head_dim + v) + heads * v * h
-    else:
-        qk = v = m.head_dim
-        attention = h * heads * m.head_dim * 2 + 2 * h * m.num_query_groups * m.head_dim
-    if m.is_moe_layer(layer):
-        mlp = m.num_experts * h + 3 * h * (m.moe_shared_expert_intermediate_size
-                                           + m.moe_router_topk * m.moe_ffn_hidden_size)
-    else:
-        mlp = 3 * h * m.ffn_hidden_size
-    return 2 * (attention + mlp) + 2 * seq * heads * (qk + v) / 2
-
-
 @dataclass(frozen=True)
 class ChunkCost:
     """Seconds of one micro-batch on one chunk: compute forward / backward (weights included) /
@@ -196,24 +180,9 @@ def _makespan(schedule: tuple, pp: int, n_micro: int, costs: tuple, latency: flo
 def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankMemory]) -> float:
     """The estimated time of one step (see the module's doc)."""
     m, t, layout = config.model, config.train, layout_of(config, world)
-    tokens = m.seq_length * t.micro_batch_size
     n_micro = num_microbatches(config, layout.dp)
-    spans_nodes = layout.ep * layout.tp > hw.gpus_per_node
-    a2a_bandwidth = (hw.ib_gbps if spans_nodes else hw.nvlink_gbps) * 1e9
-    message = tokens * m.hidden_size * 2  # BF16
-    remote = distinct_ranks_per_token(m, layout.ep) * (1 - 1 / layout.ep) if m.num_experts else 0.0
-    recomputed = 1.0 if t.recompute_granularity == "full" else 0.0
-    costs = {}
-    for rank, chunks in enumerate(rank_stages(config, layout, n_micro)):
-        for chunk, spec in enumerate(chunks):
-            layers = range(spec.first_layer, spec.last_layer)
-            flops = tokens * sum(_layer_flops(m, i, m.seq_length) for i in layers) / layout.tp
-            if spec.has_head:
-                flops += tokens * 2 * m.hidden_size * m.vocab_size / layout.tp
-            f = flops / (hw.tflops * 1e12)
-            tp = len(layers) * 2 * message * (layout.tp - 1) / layout.tp / (hw.nvlink_gbps * 1e9)
-            a2a = sum(m.is_moe_layer(i) for i in layers) * 2 * message / layout.tp * remote / a2a_bandwidth
-            costs[rank, chunk] = ChunkCost(f + tp, 2 * f + recomputed * f + tp, f, a2a)
+    message = m.seq_length * t.micro_batch_size * m.hidden_size * 2  # BF16
+    costs = chunk_costs(config, world, hw)
     if layout.pp == 1:
         makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + 2 * costs[0, 0].a2a)
     else:
@@ -222,3 +191,24 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     elements = max(rank.parameters for rank in memory) / (2 if t.bf16 and memory[0].distributed_optimizer else 4)
     sync = elements * (4 + 2) * (layout.dp - 1) / layout.dp / (hw.ib_gbps * 1e9)
     return makespan + sync
+
+
+def chunk_costs(config: RunConfig, world: int, hw: Hardware) -> dict[tuple[int, int], ChunkCost]:
+    """Each (pipeline rank, chunk)'s costs of one micro-batch (see the module's doc)."""
+    m, t, layout = config.model, config.train, layout_of(config, world)
+    tokens = m.seq_length * t.micro_batch_size
+    spans_nodes = nodes_per_ep_group(layout.ep, hw.gpus_per_node) > 1
+    a2a_bandwidth = (hw.ib_gbps if spans_nodes else hw.nvlink_gbps) * 1e9
+    message = tokens * m.hidden_size * 2  # BF16
+    remote = distinct_ranks_per_token(m, layout.ep) * (1 - 1 / layout.ep) if m.num_experts else 0.0
+    recomputed = 1.0 if t.recompute_granularity == "full" else 0.0
+    costs = {}
+    for rank, chunks in enumerate(rank_stages(config, layout, num_microbatches(config, layout.dp))):
+        for chunk, spec in enumerate(chunks):
+            layers = range(spec.first_layer, spec.last_layer)
+            flops = tokens * stage_forward_flops_per_token(m, layers, spec.has_head) / layout.tp
+            f = flops / (hw.tflops * 1e12)
+            tp = len(layers) * 2 * message * (layout.tp - 1) / layout.tp / (hw.nvlink_gbps * 1e9)
+            a2a = sum(m.is_moe_layer(i) for i in layers) * 2 * message / layout.tp * remote / a2a_bandwidth
+            costs[rank, chunk] = ChunkCost(f + tp, 2 * f + recomputed * f + tp, f, a2a)
+    return costs

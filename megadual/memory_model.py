@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Self
 
@@ -53,6 +54,7 @@ class Shape:
     ep: int = 1
     gemm_bytes: int = FP32  # what a GEMM saves its input in: 4, 2 under bf16 autocast, 1 with FP8 caches
     num_groups: int = 0  # nodes (or virtual node groups) of node-limited routing; 0: none
+    bf16_weights: bool = False  # the model holds BF16 weights (the distributed optimizer under --bf16)
 
     @property
     def tokens(self) -> int:
@@ -71,19 +73,31 @@ class Activations:
     backward rises above `kept` when it recomputes a region (the region's activations, less what
     the backward of the pieces after it has freed by then), and `transient_deferring` the same
     for a backward that defers its weight gradients (the pieces after the region leave their
-    GEMM inputs to the W)."""
+    GEMM inputs to the W). `kinds`: `kept` split by what the bytes are (python -m megadual.plan
+    --breakdown), keyed "PART | KIND" once a stage has named the part (a layer, the head)."""
     kept: float = 0.0
     weight_inputs: float = 0.0
     transient: float = -math.inf
     transient_deferring: float = -math.inf
+    kinds: Mapping[str, float] = field(default_factory=dict)
 
     def add(self, saved: float, gemm_inputs: float = 0.0, recomputed: bool = False, kept_inputs: float = 0.0,
-            recomputed_extra: float = 0.0) -> None:
+            recomputed_extra: float = 0.0, kind: str | Mapping[str, float] = "unsplit") -> None:
         """The next piece in forward order: it saves `saved` bytes, `gemm_inputs` of them GEMM
         inputs; recomputed, only `kept_inputs` stay, and its backward recomputes the rest and
-        `recomputed_extra` (copies of tensors still held outside the region)."""
+        `recomputed_extra` (copies of tensors still held outside the region). `kind`: what the
+        saved bytes are, one name or bytes by name summing to `saved` (the kept inputs of a
+        recomputed piece count as "recomputation inputs")."""
         transient = saved - kept_inputs + recomputed_extra if recomputed else -math.inf
-        self += Activations(kept_inputs if recomputed else saved, gemm_inputs, transient, transient)
+        kept = kept_inputs if recomputed else saved
+        kinds = {"recomputation inputs": kept} if recomputed else \
+            dict(kind) if isinstance(kind, Mapping) else {kind: saved}
+        self += Activations(kept, gemm_inputs, transient, transient, kinds)
+
+    def named(self, part: str) -> Activations:
+        """These activations with their kinds filed under `part` (kinds already filed stay)."""
+        return dataclasses.replace(self, kinds={k if " | " in k else f"{part} | {k}": v
+                                                for k, v in self.kinds.items()})
 
     def __iadd__(self, later: Activations) -> Self:
         """`later` comes after these in the forward, so its backward runs first."""
@@ -92,6 +106,11 @@ class Activations:
                                        later.transient_deferring)
         self.kept += later.kept
         self.weight_inputs += later.weight_inputs
+        kinds = dict(self.kinds)  # a new dict: layer_activations' cached ones are shared
+        for name, value in later.kinds.items():
+            if value:
+                kinds[name] = kinds.get(name, 0.0) + value
+        self.kinds = kinds
         return self
 
 
@@ -198,25 +217,28 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
     t, h = s.tokens, c.hidden_size
     acts = Activations()
     if embedding:
-        acts.add(t * INT64)
+        acts.add(t * INT64, kind="embedding | token ids")
     full = {group.start: group for group in plan.full_layer_groups(len(layers))}
     position = 0
     while position < len(layers):
         group = full.get(position)
         if group is None:
-            acts += layer_activations(c, s, layers[position], plan)
+            acts += layer_activations(c, s, layers[position], plan).named(f"layer {layers[position]}")
             position += 1
             continue
         whole = Activations()
         for i in group:
             whole += layer_activations(c, s, layers[i], RecomputePlan())
         local_t = t // s.tp if s.sequence_parallel else t
-        acts.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h)
+        part = Activations()
+        part.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h)
+        acts += part.named(f"layers {layers[group.start]}-{layers[group.stop - 1]}")
         position = group.stop
     if head:
-        acts.add(*head_bytes(c, s))
+        saved, gemm_in = head_bytes(c, s)
+        acts.add(saved, gemm_in, kind="head and loss | unsplit")
         for depth in range(c.mtp_num_layers):
-            acts += mtp_activations(c, s, depth, plan)
+            acts += mtp_activations(c, s, depth, plan).named(f"MTP {depth + 1}")
     return acts
 
 
@@ -262,20 +284,48 @@ def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
     runs when the backward's chunk has expert all-to-alls (`exchanges`, by chunk; default: all
     have), whose waits run the forward (pipeline/overlap.py); without any, the forward runs after
     the backward."""
-    live = peak = 0.0
+    return peak_moment(steps, chunk_bytes, exchanges).bytes
+
+
+@dataclass(frozen=True)
+class PeakMoment:
+    """What is alive when a rank's activations peak: `kept[c]` micro-batches of chunk c whole,
+    `deferred[c]` of them down to the GEMM inputs their W still needs, and a backward of chunk
+    `rising` (-1: none) above its kept bytes by `transient` (its recomputed region)."""
+    bytes: float
+    kept: tuple[int, ...]
+    deferred: tuple[int, ...]
+    rising: int = -1
+    transient: float = 0.0
+
+
+def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
+                exchanges: list[bool] | None = None) -> PeakMoment:
+    """`peak_bytes`' walk, telling what is alive at the peak."""
+    kept, deferred = [0] * len(chunk_bytes), [0] * len(chunk_bytes)
+    live = 0.0
+    best = PeakMoment(0.0, tuple(kept), tuple(deferred))
     for forward, backward, defers_w, w in steps:
         forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]
         if forward >= 0 and not forward_after:
             live += chunk_bytes[forward].kept
+            kept[forward] += 1
         if backward >= 0:
             acts = chunk_bytes[backward]
-            peak = max(peak, live + max(0.0, acts.transient_deferring if defers_w else acts.transient))
+            rise = max(0.0, acts.transient_deferring if defers_w else acts.transient)
+            if live + rise > best.bytes:
+                best = PeakMoment(live + rise, tuple(kept), tuple(deferred), backward, rise)
             live -= acts.kept
+            kept[backward] -= 1
             if defers_w:
                 live += acts.weight_inputs
+                deferred[backward] += 1
         if forward_after:
             live += chunk_bytes[forward].kept
+            kept[forward] += 1
         if w >= 0:
             live -= chunk_bytes[w].weight_inputs
-        peak = max(peak, live)
-    return peak
+            deferred[w] -= 1
+        if live > best.bytes:
+            best = PeakMoment(live, tuple(kept), tuple(deferred))
+    return best

@@ -8,7 +8,16 @@ from functools import cache
 
 from megadual.config import ModelConfig, RunConfig
 from megadual.config_validate import num_microbatches, virtual_stages
-from megadual.memory_model import FP32, MemoryStep, Shape, memory_steps, peak_bytes, stage_activations
+from megadual.memory_model import (
+    FP32,
+    Activations,
+    MemoryStep,
+    PeakMoment,
+    Shape,
+    memory_steps,
+    peak_moment,
+    stage_activations,
+)
 from megadual.model.gpt import StageSpec, full_model_stage
 from megadual.parallel.recompute import RecomputePlan
 from megadual.pipeline.actions import Action
@@ -133,54 +142,130 @@ def rank_stages(config: RunConfig, layout: Layout, n_micro: int) -> list[list[St
     return [[spec for _, spec in sorted(chunks, key=lambda item: item[0])] for chunks in held]
 
 
-def shape_of(config: RunConfig, layout: Layout) -> Shape:
-    gemm_bytes = 1 if config.fp8.fp8_format else 2 if config.train.bf16 else FP32
+def shape_of(config: RunConfig, layout: Layout, distributed: bool = False) -> Shape:
+    bf16 = bool(config.train.bf16)
+    gemm_bytes = 1 if config.fp8.fp8_format else 2 if bf16 else FP32
     return Shape(config.model.seq_length, config.train.micro_batch_size, layout.tp,
-                 config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes)
+                 config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes,
+                 bf16_weights=bf16 and distributed)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what a rank holds under the flags and the optimizer chosen."""
+    weights: int  # the model's parameters: BF16 under the distributed optimizer with --bf16
+    moments: int  # Adam's two moments together (--exp-avg-dtype, --exp-avg-sq-dtype)
+    masters: int  # FP32 masters beside BF16 weights (the distributed optimizer's)
+
+    @classmethod
+    def of(cls, config: RunConfig, distributed: bool) -> Precision:
+        o, bf16 = config.optim, distributed and bool(config.train.bf16)
+        moments = sum(2 if distributed and o.use_precision_aware_optimizer and dtype == "bf16" else FP32
+                      for dtype in (o.exp_avg_dtype, o.exp_avg_sq_dtype))
+        return cls(2 if bf16 else FP32, moments, FP32 if bf16 else 0)
 
 
 def predict(config: RunConfig, world: int, distributed: bool | None = None,
             activations: bool = True) -> list[RankMemory]:
     """Every pipeline rank's memory; `distributed`: with or without the distributed optimizer
-    (None: as the flags say); without `activations` the peak activations are left at 0 (a
-    quick first cut for the search)."""
+    (None: as the flags say), which decides the weights' dtype and so what the layers save;
+    without `activations` the peak activations are left at 0 (a quick first cut for the search)."""
     layout = layout_of(config, world)
     n_micro = num_microbatches(config, layout.dp)
-    plan, shape, c = RecomputePlan.from_flags(config.train), shape_of(config, layout), config.model
-    stages = rank_stages(config, layout, n_micro)
-    schedules = (schedule_steps(layout.schedule, layout.pp, n_micro, config.parallel.pipeline_split_backward,
-                                layout.virtual_stages, layout.overlap)
-                 if layout.pp > 1 and activations else None)
     distributed = config.optim.use_distributed_optimizer if distributed is None else distributed
-    weight_bytes = 2 if distributed and config.train.bf16 else FP32  # BF16 weights beside FP32 masters
+    stages = rank_stages(config, layout, n_micro)
+    precision = Precision.of(config, distributed)
     ranks = []
     for pp_rank, chunks in enumerate(stages):
-        params = ParamCount()
-        for spec in chunks:
-            params += stage_parameters(c, spec, layout.tp, layout.ep)
-        if c.mtp_num_layers and any(s.has_head for s in chunks) and not any(s.has_embedding for s in chunks):
-            params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding (1F1B, PP > 1)
-        peak = _peak_activations(c, shape, plan, chunks, schedules[pp_rank] if schedules else None) \
-            if activations else 0.0
-        sharded = _distributed_adam_bytes(params, layout, weight_bytes, config.optim.ddp_bucket_size)
-        ranks.append(RankMemory(pp_rank, params.elements * weight_bytes, params.elements * FP32,
+        params = rank_parameters(config.model, chunks, layout)
+        peak = _peak(config, layout, chunks, pp_rank, distributed).bytes if activations else 0.0
+        sharded = _distributed_adam_bytes(params, layout, Precision.of(config, True), config.optim.ddp_bucket_size)
+        ranks.append(RankMemory(pp_rank, params.elements * precision.weights, params.elements * FP32,
                                 _adam_bytes(params), sharded, peak, distributed))
     return ranks
 
 
-def _peak_activations(c: ModelConfig, shape: Shape, plan: RecomputePlan, chunks: list[StageSpec],
-                      steps: tuple[MemoryStep, ...] | None) -> float:
-    acts = [stage_activations(c, shape, range(s.first_layer, s.last_layer), s.has_embedding, s.has_head, plan)
-            for s in chunks]
-    if steps is None:
-        return acts[0].kept + max(0.0, acts[0].transient)
-    return peak_bytes(steps, acts, [shape.ep > 1 and _has_moe_layer(c, s) for s in chunks])
+def rank_parameters(c: ModelConfig, chunks: list[StageSpec], layout: Layout) -> ParamCount:
+    """The parameters of the stages a rank holds (and MTP's tied embedding where it needs one)."""
+    params = ParamCount()
+    for spec in chunks:
+        params += stage_parameters(c, spec, layout.tp, layout.ep)
+    if c.mtp_num_layers and any(s.has_head for s in chunks) and not any(s.has_embedding for s in chunks):
+        params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding (1F1B, PP > 1)
+    return params
+
+
+def chunk_activations(config: RunConfig, layout: Layout, spec: StageSpec, distributed: bool) -> Activations:
+    """One micro-batch of one chunk: its layers' activations and, under --bf16 with FP32 weights,
+    the BF16 copies autocast makes of the GEMMs' weights, which the GEMMs save for the backward."""
+    c, shape = config.model, shape_of(config, layout, distributed)
+    fp8, bf16 = bool(config.fp8.fp8_format), bool(config.train.bf16)
+    grouped = bool(config.parallel.moe_grouped_gemm) and not fp8  # moe/experts.py: FP8 experts loop
+    acts = Activations()
+    if bf16 and not shape.bf16_weights:
+        copies = 2 * _autocast_weights(c, spec, layout.tp, layout.ep, fp8, grouped)
+        acts.add(copies, kind="weights | BF16 copies")
+    if grouped:  # the grouped GEMM saves its stack of the experts' weights, in the GEMM's dtype
+        stacked = (2 if bf16 else FP32) * _routed_expert_weights(c, spec, layout.ep)
+        acts.add(stacked, kind="weights | stacked experts")
+    acts += stage_activations(c, shape, range(spec.first_layer, spec.last_layer), spec.has_embedding,
+                              spec.has_head, RecomputePlan.from_flags(config.train))
+    return acts
+
+
+def _stage_layers(c: ModelConfig, stage: StageSpec) -> list[int]:
+    """The stage's layers, and the MTP layers beside its head."""
+    mtp = range(c.num_layers, c.num_layers + c.mtp_num_layers) if stage.has_head else range(0)
+    return [*range(stage.first_layer, stage.last_layer), *mtp]
+
+
+def _routed_expert_weights(c: ModelConfig, stage: StageSpec, ep: int) -> int:
+    return sum(layer_parameters(c, layer, 1, ep).expert_elements for layer in _stage_layers(c, stage))
+
+
+def _autocast_weights(c: ModelConfig, stage: StageSpec, tp: int, ep: int, fp8: bool, grouped: bool) -> int:
+    """Elements of the weights that GEMMs under autocast read (and so copy to BF16) in one micro-
+    batch of `stage`: every linear's but the router's (FP32 by hand) and, with the grouped GEMM,
+    the routed experts' (it casts their stack); under FP8 only the head's (the FP8 linears save
+    their input in FP8 and read the weight itself)."""
+    head = c.hidden_size * c.vocab_size // tp if stage.has_head else 0  # MTP's uses share autocast's copy
+    if fp8:
+        return head
+    h, elements = c.hidden_size, head
+    if stage.has_head:
+        elements += c.mtp_num_layers * 2 * h * h  # eh_proj
+    for layer in _stage_layers(c, stage):
+        params = layer_parameters(c, layer, tp, ep)
+        count = params.elements - 2 * h  # less the two norms
+        if c.multi_latent_attention:
+            count -= c.kv_lora_rank + (c.q_lora_rank or 0)  # the latents' norms
+        if c.is_moe_layer(layer):
+            count -= c.num_experts * h + (params.expert_elements if grouped else 0)  # the router
+        elements += count
+    return elements
+
+
+def peak_activations(config: RunConfig, world: int, pp_rank: int, distributed: bool) -> PeakMoment:
+    """What is alive at the peak of `pp_rank`'s activations in one step."""
+    layout = layout_of(config, world)
+    return _peak(config, layout, rank_stages(config, layout, num_microbatches(config, layout.dp))[pp_rank],
+                 pp_rank, distributed)
+
+
+def _peak(config: RunConfig, layout: Layout, chunks: list[StageSpec], pp_rank: int, distributed: bool
+          ) -> PeakMoment:
+    acts = [chunk_activations(config, layout, spec, distributed) for spec in chunks]
+    if layout.pp == 1:
+        rise = max(0.0, acts[0].transient)
+        return PeakMoment(acts[0].kept + rise, (1,), (0,), 0 if rise else -1, rise)
+    steps = schedule_steps(layout.schedule, layout.pp, num_microbatches(config, layout.dp),
+                           config.parallel.pipeline_split_backward, layout.virtual_stages, layout.overlap)[pp_rank]
+    return peak_moment(steps, acts, [layout.ep > 1 and _has_moe_layer(config.model, s) for s in chunks])
 
 
 def _has_moe_layer(c: ModelConfig, stage: StageSpec) -> bool:
     """Whether the stage's layers (its MTP layers included) include an MoE layer."""
-    mtp = range(c.num_layers, c.num_layers + c.mtp_num_layers) if stage.has_head else range(0)
-    return any(c.is_moe_layer(layer) for layer in (*range(stage.first_layer, stage.last_layer), *mtp))
+    return any(c.is_moe_layer(layer) for layer in _stage_layers(c, stage))
 
 
 @cache
@@ -203,11 +288,13 @@ def _adam_bytes(params: ParamCount) -> float:
     return 2 * FP32 * params.elements + FP32 * params.tensors
 
 
-def _distributed_adam_bytes(params: ParamCount, layout: Layout, weight_bytes: int, bucket_numel: int | None) -> float:
-    """ZeRO-1: moments (and FP32 masters beside BF16 weights) of this rank's 1/DP shard, padded
-    as the buckets pad it, and a step count per bucket; experts' over their expert-DP group
-    (DP x TP / EP ranks). Each group's parameters are taken as filling its buckets in turn."""
-    per_element = 2 * FP32 + (FP32 if weight_bytes != FP32 else 0)
+def _distributed_adam_bytes(params: ParamCount, layout: Layout, precision: Precision, bucket_numel: int | None
+                            ) -> float:
+    """ZeRO-1: moments (in their dtypes) and FP32 masters beside BF16 weights of this rank's 1/DP
+    shard, padded as the buckets pad it, and a step count per bucket; experts' over their
+    expert-DP group (DP x TP / EP ranks). Each group's parameters are taken as filling its
+    buckets in turn."""
+    per_element = precision.moments + precision.masters
     bucket_numel = bucket_numel or default_bucket_numel(layout.dp)
     expert_dp = max(1, layout.dp * layout.tp // layout.ep)
     total = 0.0

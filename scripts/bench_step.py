@@ -80,8 +80,8 @@ class Variant:
         o = self.config.optim
         fused = gpt.vocab_parallel_cross_entropy
         if self.written_out_cross_entropy:  # the model's loss as it was computed before
-            gpt.vocab_parallel_cross_entropy = lambda logits, target, tp: sharded_cross_entropy(logits, target,
-                                                                                                tp.group)
+            gpt.vocab_parallel_cross_entropy = lambda logits, target, tp, real_vocab: sharded_cross_entropy(
+                logits, target, tp.group, real_vocab)
         try:
             cpu, wall = time.process_time(), time.perf_counter()
             result = train_step(self.model, self.optimizer, batches, self.topo, o.lr, o.clip_grad,

@@ -114,3 +114,14 @@ def test_a_checkpoint_predating_a_model_field_counts_it_at_its_default():
     mla = parse_args(TINY_MOE + ["--multi-latent-attention"]).model
     assert model_config_differences(saved, mla) == [
         "--multi-latent-attention: checkpoint has False, this run has True"]
+
+
+def test_checkpoints_compare_the_vocabulary_before_padding():
+    """500 tokens pad to 504 rows at TP2 and 512 at TP4: the same model for a checkpoint; 512 tokens are not."""
+    vocab = ["--vocab-size", "500", "--make-vocab-size-divisible-by", "4"]
+    tp2, tp4 = (parse_args(TINY_MOE + vocab + ["--tensor-model-parallel-size", str(tp)]).model for tp in (2, 4))
+    assert (tp2.vocab_size, tp4.vocab_size, tp2.real_vocab_size) == (504, 512, 500)
+    assert model_config_differences(dataclasses.asdict(tp2), tp4) == []
+    other = parse_args(TINY_MOE + ["--make-vocab-size-divisible-by", "4", "--tensor-model-parallel-size", "4"]).model
+    assert model_config_differences(dataclasses.asdict(tp2), other) == [
+        "--vocab-size: checkpoint has 500, this run has 512"]

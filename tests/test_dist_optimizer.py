@@ -17,7 +17,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megadual import verify
-from megadual.config import parse_args
+from megadual.config import ConfigError, parse_args
 from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.stage_model import build_full_model
 from megadual.training.buckets import shard_pieces
@@ -214,3 +214,63 @@ def test_skipped_step_updates_nothing_masters_included():
     for b, a in zip(before, after):
         assert b.keys() == a.keys()
         assert all(torch.equal(a[k], v) for k, v in b.items() if torch.is_tensor(v))
+
+
+PRECISION_AWARE = ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
+
+
+def test_precision_aware_optimizer_needs_the_distributed_one():
+    with pytest.raises(ConfigError, match="--use-precision-aware-optimizer needs --use-distributed-optimizer"):
+        parse_args(TINY_MOE + PRECISION_AWARE)
+    with pytest.raises(ConfigError, match="--exp-avg-dtype"):
+        parse_args(TINY_MOE + ["--use-distributed-optimizer", "--exp-avg-dtype", "bf16"])
+
+
+def test_bf16_moments_step_as_adam_with_rounded_moments():
+    """Two steps on given gradients against AdamW written out in float64, its moments rounded to
+    BF16 after each step (what the optimizer stores) and the update computed from the unrounded
+    ones; FP32 moments land elsewhere, so the rounding is what is checked."""
+    config = parse_args(TINY_MOE + ["--use-distributed-optimizer", "--weight-decay", "0"] + PRECISION_AWARE)
+    o, lr = config.optim, 1e-2
+    model = build_full_model(config.model, seed=1)
+    param = model.layers["0"].attention.q.weight
+    start = param.detach().double().clone()
+    optimizer = DistributedOptimizer(model.param_table, Topology(Layout(1), 0), o, torch.float32, 5000)
+    optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
+    grads = [torch.randn(param.shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    master, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    for step, grad in enumerate(grads, 1):
+        for p in model.parameters():
+            optimizer.accumulate_grad(p, torch.zeros_like(p))
+        optimizer.accumulate_grad(param, grad)
+        optimizer.step()
+        optimizer.zero_grad()
+        g = grad.double()
+        m = o.adam_beta1 * m + (1 - o.adam_beta1) * g
+        v = o.adam_beta2 * v + (1 - o.adam_beta2) * g * g
+        master -= lr * (m / (1 - o.adam_beta1 ** step)) / ((v / (1 - o.adam_beta2 ** step)).sqrt() + o.adam_eps)
+        m, v = m.to(torch.bfloat16).double(), v.to(torch.bfloat16).double()
+    state = optimizer.state_dict_for_checkpoint()[1]
+    name = next(r.name for r in model.param_table if r.param is param)
+    for key, reference in (("exp_avg", m), ("exp_avg_sq", v)):
+        stored = state[f"state.{name}.{key}"]
+        assert stored.dtype == torch.bfloat16
+        assert (stored.double() - reference).abs().max() <= 2 ** -7 * reference.abs().max()  # one BF16 ulp
+    assert relative_difference(param.detach().double(), master) < 1e-6
+
+
+def test_bf16_moments_resume_exactly(tmp):
+    """Saved after 2 of 4 steps with BF16 moments (the checkpoint holds them in BF16), resumed:
+    the last 2 steps equal those of a run that never stopped, bit for bit."""
+    args = ARGS + DIST + PRECISION_AWARE
+    runs = one_process({"stopped": args + saved(tmp, "bf16-moments"), "uninterrupted": args + ["--exit-interval", "0"]})
+    runs.update(one_process({"resumed": args + ["--exit-interval", "0"] + loaded(tmp, "bf16-moments")}))
+    optimizer = checkpoint(tmp, "bf16-moments")["optimizer"]
+    moments = [v for k, v in optimizer.items() if k.endswith((".exp_avg", ".exp_avg_sq"))]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+    assert runs["resumed"].logged["lm loss"] == runs["uninterrupted"].logged["lm loss"][2:]
+    assert runs["resumed"].grad_norms == runs["uninterrupted"].grad_norms[2:]
+    assert runs["stopped"].logged["lm loss"] == runs["uninterrupted"].logged["lm loss"][:2]
+    final = runs["uninterrupted"].final
+    assert final.keys() == runs["resumed"].final.keys()
+    assert all(torch.equal(runs["resumed"].final[k], v) for k, v in final.items())

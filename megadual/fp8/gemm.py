@@ -101,7 +101,9 @@ def _gemm_reference(a: Fp8Tensor, b: Fp8Tensor) -> torch.Tensor:
             scale_a=a_scales[kb].unsqueeze(1), scale_b=b_scales[kb].unsqueeze(0),
             out_dtype=torch.float32,
         )
-    return out[:a.shape[0], :b.shape[0]].contiguous()
+    result = out[:a.shape[0], :b.shape[0]]
+    # A copy when rows were padded: a view would keep the padded storage (e.g. a weight gradient's).
+    return result.clone() if result.untyped_storage().nbytes() > result.nbytes else result.contiguous()
 
 
 def _gemm_triton(a: Fp8Tensor, b: Fp8Tensor) -> torch.Tensor:

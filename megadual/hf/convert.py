@@ -3,8 +3,8 @@
 export_checkpoint: a megadual checkpoint (the tracked iteration of --save's folder) -> a Hugging
 Face folder: config.json, sharded model-*.safetensors and their index. It reads the checkpoint one
 output shard at a time, so it needs memory for one shard (--max-shard-size-gb), not the model.
-The vocabulary padding (--make-vocab-size-divisible-by) is cut off: the embedding and head keep
-the tokenizer's rows.
+The vocabulary padding (--make-vocab-size-divisible-by) is not in a checkpoint (nor in the HF
+folder): the embedding and head keep the tokenizer's rows.
 
 import_checkpoint: a Hugging Face `DeepseekV3ForCausalLM` folder -> CKPT_DIR/iter_0000000/ and its
 tracker, in the layout training writes (model tensors by global name, whole; no optimizer), which
@@ -14,7 +14,7 @@ flags come from config.json; the other flags given to the conversion (sequence l
 --make-vocab-size-divisible-by, TP, balancing, ...) shape the saved config as they would a run.
 Both are written to CKPT_DIR/hf_model.args, one flag per line, for the training command
 (`pretrain_moe.py @CKPT_DIR/hf_model.args ...`; flags after it override it).
-The padded vocabulary rows start at zero.
+Loading pads the vocabulary rows again, with zeros, for the run's TP.
 
 Both refuse, unless `force`, a model Hugging Face would run differently (config_map), and unless
 `overwrite`, an output folder that holds anything: a tool never writes over work it did not do.
@@ -50,8 +50,12 @@ FLAGS_FILE = "hf_model.args"
 
 
 def model_shapes(config: ModelConfig) -> dict[str, torch.Size]:
-    """Every tensor of the one-process model by global name."""
-    return {name: tensor.shape for name, tensor in meta_model(config).state_dict().items()}
+    """Every tensor of the one-process model by global name, as a checkpoint holds it: the
+    embedding and head with the real vocabulary's rows (training saves no padding; a checkpoint
+    predating that has no unpadded size and holds its padded rows)."""
+    shapes = {name: tensor.shape for name, tensor in meta_model(config).state_dict().items()}
+    return {name: torch.Size([config.real_vocab_size, *shape[1:]]) if name in VOCAB_ROWS else shape
+            for name, shape in shapes.items()}
 
 
 def _check_behaviour(m: ModelConfig, force: bool, warn: Callable[[str], None]) -> None:

@@ -64,11 +64,18 @@ def layer_flops(c: ModelConfig, layer_index: int) -> int:
 def forward_flops_per_token(c: ModelConfig) -> int:
     """One token's forward through every layer and the output head, and through each MTP depth
     (counted over the whole sequence, as the modules compute it)."""
-    head = gemm(c.hidden_size, c.vocab_size)
-    main = sum(layer_flops(c, i) for i in range(c.num_layers)) + head
-    mtp = sum(gemm(2 * c.hidden_size, c.hidden_size) + layer_flops(c, c.num_layers + k) + head
-              for k in range(c.mtp_num_layers))
-    return main + mtp
+    return stage_forward_flops_per_token(c, range(c.num_layers), True)
+
+
+def stage_forward_flops_per_token(c: ModelConfig, layers: range, head: bool) -> int:
+    """One token's forward through `layers` and, with `head`, the output head and the MTP depths
+    beside it (a pipeline stage's share of forward_flops_per_token)."""
+    flops = sum(layer_flops(c, i) for i in layers)
+    if head:
+        head_gemm = gemm(c.hidden_size, c.vocab_size)
+        flops += head_gemm + sum(gemm(2 * c.hidden_size, c.hidden_size) + layer_flops(c, c.num_layers + k) + head_gemm
+                                 for k in range(c.mtp_num_layers))
+    return flops
 
 
 def training_flops_per_iteration(c: ModelConfig, global_batch_size: int) -> int:

@@ -97,7 +97,7 @@ class GPTChunk(torch.nn.Module):
             self.final_norm = RMSNorm(config.hidden_size, config.norm_epsilon, tp.sequence_parallel)
             # The head stays in full precision (as in DeepSeek-V3), whatever `gemm` is.
             self.output_layer = ShardedLinear(config.hidden_size, config.vocab_size, tp, 0,
-                                              config.init_method_std)
+                                              config.init_method_std, real_rows=config.real_vocab_size)
             if config.mtp_num_layers:
                 self.mtp = MultiTokenPrediction(config, ctx, seed)
                 if mtp_embed is None and not stage.has_embedding:
@@ -118,7 +118,7 @@ class GPTChunk(torch.nn.Module):
 
     def _new_embedding(self) -> VocabParallelEmbedding:
         c = self.config
-        return VocabParallelEmbedding(c.vocab_size, c.hidden_size, self.tp, c.init_method_std)
+        return VocabParallelEmbedding(c.vocab_size, c.hidden_size, self.tp, c.init_method_std, c.real_vocab_size)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids -> [seq(/TP under sequence parallel), batch, hidden]."""
@@ -127,7 +127,7 @@ class GPTChunk(torch.nn.Module):
     def token_losses(self, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The head's cross entropy [seq, batch] of normed hidden states against targets [batch, seq]."""
         logits = self.output_layer(enter_tp_region(normed, self.tp))
-        return vocab_parallel_cross_entropy(logits, targets.t(), self.tp)
+        return vocab_parallel_cross_entropy(logits, targets.t(), self.tp, self.config.real_vocab_size)
 
     def _loss_steps(self, hidden: torch.Tensor, labels: torch.Tensor, samples: torch.Tensor | None,
                     documents: Documents | None) -> Generator[None, None, StageLoss]:

@@ -31,6 +31,7 @@ class ParamSpec:
     tp: TPShard | None = None  # None: the whole tensor on every TP rank
     expert: bool = False  # a routed expert's: replicated over the expert-DP group, not DP
     grad_partial_over_tp: bool = False  # each TP rank saw part of the sequence: sum the grads over TP
+    real_rows: int | None = None  # rows past this are vocabulary padding: zero, never read, not saved
 
 
 @dataclass(frozen=True)

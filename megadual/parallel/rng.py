@@ -24,8 +24,9 @@ def init_parameter(record: ParamRecord, seed: int) -> None:
     if record.spec.init_std is None:  # norms: ones
         record.param.fill_(1.0)
         return
-    full = torch.empty(record.full_shape).normal_(0.0, record.spec.init_std,
-                                                  generator=generator_for(seed, record.name))
+    full = torch.zeros(record.full_shape)
+    # Only the real vocabulary rows are drawn, so they do not depend on the padding (on TP).
+    full[:record.spec.real_rows].normal_(0.0, record.spec.init_std, generator=generator_for(seed, record.name))
     record.param.copy_(record.local_piece(full))
 
 

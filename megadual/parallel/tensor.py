@@ -7,6 +7,7 @@ row-sharded linears split the input features, as in Megatron-LM.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,10 +50,10 @@ def leave_tp_region(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
 
 
 def tp_spec(dim: int | None, tp: TensorParallel, init_std: float | None, expert: bool = False,
-            grad_partial_over_tp: bool = False) -> ParamSpec:
+            grad_partial_over_tp: bool = False, real_rows: int | None = None) -> ParamSpec:
     """The spec of a parameter split over `tp` along `dim` (None, or TP of one: whole)."""
     shard = TPShard(dim, tp.rank, tp.size, tp.group) if dim is not None and tp.size > 1 else None
-    return ParamSpec(init_std, shard, expert=expert, grad_partial_over_tp=grad_partial_over_tp)
+    return ParamSpec(init_std, shard, expert=expert, grad_partial_over_tp=grad_partial_over_tp, real_rows=real_rows)
 
 
 def local_shape(shape: list[int], spec: ParamSpec) -> list[int]:
@@ -69,14 +70,15 @@ class ShardedLinear(torch.nn.Module):
     shard_dim 0 is Megatron's column-parallel linear, 1 its row-parallel linear;
     `shard_dim=None` keeps the weight whole (replicated; `grad_partial_over_tp` when each
     TP rank applies it to its own tokens). `gemm` is the linear function (full precision
-    or FP8); `wgrad_store` is set by the pipeline runtime.
+    or FP8); `wgrad_store` is set by the pipeline runtime. `real_rows`: the output head's
+    vocabulary before padding (the rows after it are padding, see ParamSpec).
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, shard_dim: int | None,
                  init_std: float, gemm: Callable = linear, expert: bool = False,
-                 grad_partial_over_tp: bool = False):
+                 grad_partial_over_tp: bool = False, real_rows: int | None = None):
         super().__init__()
-        self.param_specs = {"weight": tp_spec(shard_dim, tp, init_std, expert, grad_partial_over_tp)}
+        self.param_specs = {"weight": tp_spec(shard_dim, tp, init_std, expert, grad_partial_over_tp, real_rows)}
         self.weight = torch.nn.Parameter(torch.empty(local_shape([out_features, in_features],
                                                                  self.param_specs["weight"])))
         self.gemm = gemm
@@ -87,13 +89,15 @@ class ShardedLinear(torch.nn.Module):
 
 
 class VocabParallelEmbedding(torch.nn.Module):
-    """Embedding table split over TP by vocabulary rows; output leaves the TP region."""
+    """Embedding table of `vocab_size` (padded) rows split over TP; output leaves the TP region.
+    The rows from `real_rows` on are padding (no token id reaches them; see ParamSpec)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel, init_std: float):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel, init_std: float,
+                 real_rows: int | None = None):
         super().__init__()
         self.tp = tp
         self.rows = vocab_size // tp.size
-        self.param_specs = {"weight": tp_spec(0, tp, init_std)}
+        self.param_specs = {"weight": tp_spec(0, tp, init_std, real_rows=real_rows)}
         self.weight = torch.nn.Parameter(torch.empty(self.rows, hidden_size))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -107,9 +111,13 @@ class VocabParallelEmbedding(torch.nn.Module):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group):
+    def forward(ctx, logits, target, group, real_vocab):
         logits = logits.float()
         vocab_local = logits.shape[-1]
+        padding = max(0, min(vocab_local, (comm.group_rank(group) + 1) * vocab_local - real_vocab))
+        if padding:  # the padded vocabulary's columns take no probability
+            logits = logits.masked_fill(torch.arange(vocab_local, device=logits.device) >= vocab_local - padding,
+                                        -math.inf)
         logits_max = logits.max(dim=-1).values
         if comm.group_size(group) > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
@@ -132,20 +140,26 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = softmax.clone()
         hit = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
-        return grad * grad_loss.unsqueeze(-1), None, None
+        return grad * grad_loss.unsqueeze(-1), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TensorParallel):
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TensorParallel,
+                                 real_vocab: int | None = None):
     """Per-token cross entropy of logits split over TP along the vocabulary (whole without TP,
-    where torch's fused kernel computes the same in about 0.6 of the time)."""
+    where torch's fused kernel computes the same in about 0.6 of the time), over the first
+    `real_vocab` columns of the whole (None: all): the padding takes no probability, so the
+    loss and every gradient are the same however TP pads."""
     if tp.size == 1:
-        return F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
-    return sharded_cross_entropy(logits, target, tp.group)
+        logits = logits.float().flatten(0, -2)
+        return F.cross_entropy(logits[:, :real_vocab], target.flatten(), reduction="none").view(target.shape)
+    return sharded_cross_entropy(logits, target, tp.group, real_vocab)
 
 
-def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group) -> torch.Tensor:
+def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group, real_vocab: int | None = None
+                          ) -> torch.Tensor:
     """Per-token cross entropy of logits split over `group` along the vocabulary, written out."""
-    return _VocabParallelCrossEntropy.apply(logits, target, group)
+    real_vocab = logits.shape[-1] * comm.group_size(group) if real_vocab is None else real_vocab
+    return _VocabParallelCrossEntropy.apply(logits, target, group, real_vocab)
 
 
 def attach_wgrad_store(module: torch.nn.Module, store) -> None:

@@ -18,6 +18,13 @@ import torch.distributed as dist
 from megadual.config_validate import validate_layout
 
 
+def nodes_per_ep_group(ep: int, ranks_per_node: int) -> int:
+    """Nodes one EP group spans: its `ep` consecutive ranks of a stage's DP x TP numbering (TP
+    inside, so TP does not widen it), aligned to `ep` (validate_layout: EP divides the node or
+    the node divides EP)."""
+    return max(1, ep // ranks_per_node)
+
+
 @dataclass(frozen=True)
 class Layout:
     world_size: int
@@ -46,7 +53,7 @@ class Layout:
 
     @property
     def nodes_per_ep_group(self) -> int:
-        return max(1, self.ep // self.node_size)
+        return nodes_per_ep_group(self.ep, self.node_size)
 
     def group_members(self) -> dict[str, list[list[int]]]:
         """Every named group as lists of global ranks."""

@@ -17,7 +17,11 @@ so that DualPipe's mirrored ranks lay out the same buckets. One step:
 A skipped step stops after 3: weights, masters and moments stay as they were. Per element
 this is the plain AdamW's arithmetic (torch's own single-tensor Adam on the shard), so with
 the same reductions the weights after a step are the plain optimizer's, bit for bit.
-With a BF16 model the buckets hold BF16 weights, FP32 masters beside them.
+With a BF16 model the buckets hold BF16 weights, FP32 masters beside them. With
+--use-precision-aware-optimizer the moments are stored in --exp-avg-dtype / --exp-avg-sq-dtype
+(BF16, as DeepSeek-V3 kept them): each step computes in FP32 on an upcast copy of the shard's
+moments and rounds them back, and checkpoints hold them in that dtype, so a resumed run
+continues bit for bit.
 """
 from __future__ import annotations
 
@@ -37,14 +41,24 @@ from megadual.training.optimizer import adamw_group_settings, decayed
 
 @dataclass
 class AdamState:
-    """Adam's moments of one bucket's shard, and its step count."""
+    """Adam's moments of one bucket's shard (in their stored dtypes), and its step count."""
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     step: torch.Tensor
 
     @classmethod
-    def zeros_like(cls, shard: torch.Tensor) -> AdamState:
-        return cls(torch.zeros_like(shard), torch.zeros_like(shard), torch.zeros((), dtype=torch.float32))
+    def zeros_like(cls, shard: torch.Tensor, cfg: OptimConfig) -> AdamState:
+        return cls(torch.zeros_like(shard, dtype=moment_dtype(cfg.exp_avg_dtype)),
+                   torch.zeros_like(shard, dtype=moment_dtype(cfg.exp_avg_sq_dtype)),
+                   torch.zeros((), dtype=torch.float32))
+
+
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def moment_dtype(name: str) -> torch.dtype:
+    """--exp-avg-dtype / --exp-avg-sq-dtype's torch dtype."""
+    return MOMENT_DTYPES[name]
 
 
 def default_bucket_numel(dp: int) -> int:
@@ -67,7 +81,7 @@ class DistributedOptimizer:
             self.buckets += [Bucket(run, topo.group(group), model_dtype)
                              for run in split_into_buckets(records, bucket_numel)]
         self._main_grads = {key: grad for bucket in self.buckets for key, grad in bucket.main_grads.items()}
-        self.states = [AdamState.zeros_like(b.master) for b in self.buckets]
+        self.states = [AdamState.zeros_like(b.master, cfg) for b in self.buckets]
         self.param_groups = list(adamw_group_settings(cfg))  # decayed, undecayed; set_learning_rate sets lr
         self._decayed_ranges = [_merged([(p.start, p.end) for record, p in b.pieces if decayed(record.param)])
                                 for b in self.buckets]
@@ -109,9 +123,14 @@ class DistributedOptimizer:
             # Decoupled weight decay first, as torch's AdamW does it, on the matrices' pieces only.
             for start, end in ranges if decay["weight_decay"] else ():
                 bucket.master[start:end].mul_(1 - lr * decay["weight_decay"])
-            adam([bucket.master], [bucket.grad_shard], [state.exp_avg], [state.exp_avg_sq], [], [state.step],
+            # FP32 arithmetic whatever the moments are stored in (.float() is the moment itself in FP32).
+            exp_avg, exp_avg_sq = state.exp_avg.float(), state.exp_avg_sq.float()
+            adam([bucket.master], [bucket.grad_shard], [exp_avg], [exp_avg_sq], [], [state.step],
                  foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
                  eps=decay["eps"], maximize=False)
+            for stored, computed in ((state.exp_avg, exp_avg), (state.exp_avg_sq, exp_avg_sq)):
+                if stored is not computed:
+                    stored.copy_(computed)
             bucket.all_gather_params()
 
     def state_tensors(self) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.checkpoint import vocab
 from megadual.training.dist_optimizer import DistributedOptimizer
 
 # Optimizer state flattened to one key per (parameter, state): a layout-independent key set.
@@ -51,8 +52,8 @@ def checkpoint_state(model: StageModel, optimizer: torch.optim.Optimizer | Distr
 def restore_state(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, state: dict) -> None:
     """Load what `checkpoint_state` described (and DCP filled): the model, and the optimizer when the
     state has its part (the distributed optimizer takes its masters from the weights in any case)."""
-    model_sd = _as_local_tensors(state["model"])
-    optim_sd = _as_local_tensors(state["optimizer"]) if "optimizer" in state else None
+    model_sd = _as_local_tensors(model, state["model"])
+    optim_sd = _as_local_tensors(model, state["optimizer"]) if "optimizer" in state else None
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.load_checkpoint_state(model_sd, optim_sd)
@@ -61,19 +62,35 @@ def restore_state(model: StageModel, optimizer: torch.optim.Optimizer | Distribu
 
 
 def _as_whole_tensors(model: StageModel, state: dict) -> None:
-    """Replace each TP shard (and its optimizer states) in a flat state dict by a DTensor."""
+    """Replace each TP shard (and its optimizer states) in a flat state dict by a DTensor, and
+    padded vocabulary tables by their real rows (vocab.py)."""
     meshes: dict[int, DeviceMesh] = {}
+    for key, value, record in _by_parameter(model, state):
+        tp = record.spec.tp
+        mesh = tp and meshes.setdefault(id(tp.group), DeviceMesh.from_group(tp.group, record.param.device.type))
+        if vocab.has_padding(record):
+            state[key] = vocab.real_rows(record, value, mesh)
+        elif tp is not None:
+            state[key] = DTensor.from_local(value, mesh, [Shard(tp.dim)], run_check=False)
+
+
+def _as_local_tensors(model: StageModel, state: dict) -> dict:
+    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+    for key, value, record in _by_parameter(model, state, padded=False):
+        if vocab.has_padding(record):
+            local[key] = vocab.padded_rows(record, value)
+    return local
+
+
+def _by_parameter(model: StageModel, state: dict, padded: bool = True):
+    """(key, tensor, record) of the state's tensors shaped as their parameter (`padded`) or as
+    its saved real rows: the parameters and their optimizer states, not e.g. Adam's step."""
     records = {r.name: r for r in model.param_table}
-    for key, value in state.items():
+    for key, value in list(state.items()):
         owner = key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
         record = records.get(owner)
-        if record is None or record.spec.tp is None or not isinstance(value, torch.Tensor) \
-                or value.shape != record.param.shape:  # e.g. Adam's scalar step
+        if record is None or not isinstance(value, torch.Tensor) or value.dim() != record.param.dim():
             continue
-        tp = record.spec.tp
-        mesh = meshes.setdefault(id(tp.group), DeviceMesh.from_group(tp.group, record.param.device.type))
-        state[key] = DTensor.from_local(value, mesh, [Shard(tp.dim)], run_check=False)
-
-
-def _as_local_tensors(state: dict) -> dict:
-    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+        if value.shape == record.param.shape if padded else \
+                (vocab.has_padding(record) and value.shape[0] == record.spec.real_rows):
+            yield key, value, record
