@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
+from torch.autograd.function import BackwardCFunction
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode_temporarily
 
 ENV = "MEGADUAL_DEVICE_CHECK"
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../megadual
@@ -119,6 +120,27 @@ class StepWatch(TorchFunctionMode):
 
 
 @contextmanager
+def _in_backward_functions(watch: StepWatch):
+    """The autograd engine runs a backward with no TorchFunctionMode active; megadual's work there
+    (custom Functions' backwards, and the paired F&B chunk's forward steps, which run inside the
+    expert exchanges' backwards) is watched by entering the mode again around each custom backward.
+    (A saved-tensor hook's recomputation is not.)"""
+    original = BackwardCFunction.apply
+
+    def apply(node, *args):
+        if watch in _get_current_function_mode_stack():
+            return original(node, *args)
+        with watch:
+            return original(node, *args)
+
+    BackwardCFunction.apply = apply
+    try:
+        yield
+    finally:
+        BackwardCFunction.apply = original
+
+
+@contextmanager
 def unwatched(watch: StepWatch | None):
     """Inside a watched step, a block that is not the step's own work (the layout checker's gradient
     hook, which gathers every gradient to the host by design)."""
@@ -141,7 +163,7 @@ def watched(what: str):
     if not enabled():
         yield None
         return
-    with StepWatch() as watch:
+    with StepWatch() as watch, _in_backward_functions(watch):
         yield watch
     problems = watch.problems()
     if problems:
