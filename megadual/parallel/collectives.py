@@ -39,20 +39,16 @@ def use_device(device: torch.device | None) -> None:
     _state.device = None if device is None else torch.device(device)
 
 
-def run_device() -> torch.device | None:
-    return _state.device
-
-
 _HERE = os.path.abspath(__file__)
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 
 
-def call_site(skip: tuple[str, ...] = ()) -> str:
-    """`file:line (function)` of the nearest frame outside this module, torch and `skip`."""
+def call_site() -> str:
+    """`file:line (function)` of the nearest frame outside this module and torch."""
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if path != _HERE and not path.startswith(_TORCH) and path not in skip:
+        if path != _HERE and not path.startswith(_TORCH):
             return f"{os.path.relpath(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return "?"
@@ -148,13 +144,3 @@ def host_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if size(group) > 1:
         dist.all_reduce(check(tensor, "host all_reduce", host=True), op=op, group=group)
     return tensor
-
-
-def host_all_gather_object(value, group=None) -> list:
-    """Every rank's picklable `value` in rank order, through `group` (a gloo group; default the host group)."""
-    group = group or host_group()
-    values = [None] * size(group)
-    if len(values) == 1:
-        return [value]
-    dist.all_gather_object(values, value, group=group)
-    return values

@@ -2,7 +2,9 @@
 
 A non-finite loss or gradient norm skips the update (gradients dropped, router biases
 left alone); the decision is the same on every rank because both values are reduced
-over all ranks before it is taken.
+over all ranks before it is taken. Everything stays on the device until the step's one
+host transfer (`to_host`: the norm, the losses and the routing summary); the router
+biases move by a device-side 0/1 for a skipped step, so the decision needs no other.
 """
 from __future__ import annotations
 
@@ -151,21 +153,16 @@ def train_step(model: StageModel, optimizer: torch.optim.Optimizer | Distributed
     """With `pipeline` (PP > 1) the schedule runs the micro-batches through `model`'s chunks. Under
     MEGADUAL_DEVICE_CHECK the step is watched (device_check.py) and counts its host transfers."""
     with watched(f"training step on rank {topo.rank}") as watch:
-        hook = grad_hook and (lambda *args: _unwatched_call(watch, grad_hook, *args))
-        result = _step(model, optimizer, batches, topo, lr, clip_grad, bias_rate, device, bf16, hook, pipeline)
+        result = _step(model, optimizer, batches, topo, lr, clip_grad, bias_rate, device, bf16, grad_hook, pipeline,
+                       watch)
         if watch is not None:
             result.host_syncs = len(watch.syncs)
     return result
 
 
-def _unwatched_call(watch, function, *args):
-    with unwatched(watch):
-        return function(*args)
-
-
 def _step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, batches: list[dict],
           topo: Topology, lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
-          grad_hook, pipeline: Pipeline | None) -> StepResult:
+          grad_hook, pipeline: Pipeline | None, watch) -> StepResult:
     optimizer.zero_grad(set_to_none=True)
     if pipeline is None:
         losses = forward_backward(model.chunks[0], batches, device, bf16)
@@ -175,7 +172,8 @@ def _step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptim
     losses = mean_over_dp(losses, names, topo)
     grads = reduce_step_gradients(model, optimizer, topo, pipeline)
     if grad_hook is not None:
-        grad_hook(model, grads.whole)
+        with unwatched(watch):  # the layout checker's, not the step's: it gathers gradients to the host
+            grad_hook(model, grads.whole)
     norm_squared = grads.norm_squared()
     finite = torch.isfinite(norm_squared) & torch.isfinite(losses).all()
     routing = reduce_routing(model, topo, bias_rate, finite, pipeline)
