@@ -621,4 +621,10 @@ MUTATIONS = [
         "    if False:",
         ("tests/test_host_syncs.py::test_collectives_refuse_what_nccl_would_and_name_the_line",),
         "a step collective takes a tensor on another device than the run's"),
+    Mutation(
+        "host-group-without-distributed-timeout", "megadual/parallel/collectives.py",
+        'dist.new_group(backend="gloo", timeout=_state.timeout)',
+        'dist.new_group(backend="gloo")',
+        ("tests/test_stopping.py::test_every_process_group_waits_the_distributed_timeout",),
+        "the host's gloo group keeps gloo's 30-minute timeout: a stopped rank blocks the others in the stop vote"),
 ]

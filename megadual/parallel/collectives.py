@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,15 +29,18 @@ class ContractError(RuntimeError):
 
 class _State:
     device: torch.device | None = None  # None: not set (a test that built its own group); devices unchecked
+    timeout: timedelta | None = None  # the host group's (--distributed-timeout-minutes; None: torch's)
     host: tuple[object, object] | None = None  # (the world group it was made for, the gloo group)
 
 
 _state = _State()
 
 
-def use_device(device: torch.device | None) -> None:
-    """The device every step collective's tensors must be on (None: any)."""
+def use_device(device: torch.device | None, timeout: timedelta | None = None) -> None:
+    """The device every step collective's tensors must be on (None: any), and how long the host
+    group's collectives wait (a stopped rank must end the run there too)."""
     _state.device = None if device is None else torch.device(device)
+    _state.timeout = timeout
 
 
 _HERE = os.path.abspath(__file__)
@@ -134,7 +138,7 @@ def host_group():
         return None
     world = dist.group.WORLD
     if _state.host is None or _state.host[0] is not world:
-        _state.host = (world, dist.new_group(backend="gloo"))
+        _state.host = (world, dist.new_group(backend="gloo", timeout=_state.timeout))
     return _state.host[1]
 
 

@@ -41,11 +41,11 @@ def init_distributed(timeout_minutes: float | None = None, backend: str | None =
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
         backend = backend or default_backend(device)
         dist.init_process_group(backend, timeout=timeout)
-    collectives.use_device(device)
+    collectives.use_device(device, timeout)
     return device
 
 
