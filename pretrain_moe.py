@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         return fail(e, 2)
     try:
-        device = init_distributed(config.train.distributed_timeout_minutes)
+        device = init_distributed(config.train.distributed_timeout_minutes, config.train.distributed_backend)
         config = resolve_device_defaults(config, device.type)
         if dist.get_rank() == 0:
             print(f" megadual: world size {dist.get_world_size()}, device {device}, config {config}", flush=True)

@@ -308,6 +308,9 @@ class TrainConfig:
                                                 choices=RECOMPUTE_MODULES, group=RECOMPUTE)
     distributed_timeout_minutes: float = option(10.0, "a collective that waits longer (a rank stopped, hung or "
                                                       "lost) ends the run with an error", positive=True)
+    distributed_backend: str | None = option(
+        None, "torch.distributed backend, any string init_process_group takes (default: nccl on CUDA, gloo "
+              "on CPU); cuda:gloo lets several ranks share one GPU under NCCL's device contract")
 
 
 @dataclass(frozen=True)

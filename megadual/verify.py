@@ -246,10 +246,12 @@ def compare(run: Capture, reference: Capture, tolerance: Tolerance) -> Report:
     ])
 
 
-def on_gpus(world: int) -> bool:
-    """Whether runs of up to `world` processes get a GPU each; if not, every run stays on the CPU,
-    so one process and many compute on the same kind of device."""
-    return torch.cuda.device_count() >= world
+def on_gpus(world: int, arg_lists: list[list[str]]) -> bool:
+    """Whether runs of up to `world` processes run on GPUs: a GPU each, or one shared where every run
+    asks for a backend that allows it (--distributed-backend cuda:gloo); if not, every run stays on
+    the CPU, so one process and many compute on the same kind of device."""
+    shared = all((load_config(args).train.distributed_backend or "").startswith("cuda:") for args in arg_lists)
+    return torch.cuda.device_count() >= (1 if shared else world)
 
 
 def launch(world: int, arg_lists: list[list[str]], gpus: bool) -> list[Capture]:
@@ -275,7 +277,7 @@ def launch_all(runs: dict[str, tuple[int, list[str]]]) -> dict[str, Capture]:
     by_world: dict[int, list[str]] = {}
     for key, (world, _) in runs.items():
         by_world.setdefault(world, []).append(key)
-    gpus = on_gpus(max(by_world))
+    gpus = on_gpus(max(by_world), [args for _, args in runs.values()])
     captures = {}
     for world, keys in sorted(by_world.items()):
         captures.update(zip(keys, launch(world, [runs[k][1] for k in keys], gpus)))
@@ -308,9 +310,9 @@ def check(cases: dict[str, tuple[list[str], str]]) -> dict[str, Outcome]:
 
 def run_worker(folder: str) -> None:
     """Inside torchrun: train every flag list of folder/runs.json, rank 0 saves the captures."""
-    device = init_distributed()
+    arg_lists = json.loads(Path(folder, "runs.json").read_text())
+    device = init_distributed(backend=load_config(arg_lists[0]).train.distributed_backend)
     try:
-        arg_lists = json.loads(Path(folder, "runs.json").read_text())
         captures = [capture_run(load_config(args), device) for args in arg_lists]
         if dist.get_rank() == 0:
             torch.save(captures, Path(folder, "captures.pt"))
@@ -346,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:  # a launch failed: its processes' errors
         print(f"megadual.verify: error: {error}", file=sys.stderr)
         return 1
-    device = "cuda/nccl" if on_gpus(max(o.spec.world for o in outcomes.values())) else "cpu/gloo"
+    backend = load_config(flags).train.distributed_backend
+    on_cuda = on_gpus(max(o.spec.world for o in outcomes.values()), [flags])
+    device = f"cuda/{backend or 'nccl'}" if on_cuda else f"cpu/{backend or 'gloo'}"
     for layout, outcome in outcomes.items():
         print(outcome.report.format(f"{layout}: {outcome.spec.world} processes vs one, {args.iters} iterations, "
                                     f"{device}, tolerance class {outcome.spec.tolerance.name}"))

@@ -24,8 +24,8 @@ MUTATIONS = [
         "the gradient norm counts TP-replicated gradients once per TP rank"),
     Mutation(
         "bias-update-skipped-on-rank-1", "megadual/training/step.py",
-        "if update_bias and router.config.moe_router_enable_expert_bias:",
-        "if update_bias and router.config.moe_router_enable_expert_bias and topo.rank != 1:",
+        "        if router.config.moe_router_enable_expert_bias:",
+        "        if router.config.moe_router_enable_expert_bias and topo.rank != 1:",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[DP3]",),
         "rank 1 never moves its routers' expert biases"),
     Mutation(
@@ -290,7 +290,7 @@ MUTATIONS = [
         "the active parameter count takes every routed expert instead of top-k of them"),
     Mutation(
         'stop-not-agreed-across-ranks', 'megadual/training/stopping.py',
-        'dist.all_reduce(votes, op=dist.ReduceOp.MAX)',
+        'collectives.host_all_reduce(votes, op=dist.ReduceOp.MAX)',
         'pass',
         ('tests/test_stopping.py::test_a_signal_to_one_rank_stops_every_rank',),
         'each rank decides alone whether to stop, so a signal that reached one rank stops only that one'),
@@ -535,8 +535,8 @@ MUTATIONS = [
         "comparison with one process sees it)"),
     Mutation(
         "hierarchical-outputs-in-sorted-order", "megadual/moe/hierarchical.py",
-        "d.gates[order])[arrival]",
-        "d.gates[order])",
+        "d.gates[order], d.expert_counts)[arrival]",
+        "d.gates[order], d.expert_counts)",
         ("tests/test_dispatch_layouts.py::test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once",),
         "hop 2's expert outputs go back in the flat path's order instead of the order the rows arrived in"),
     Mutation(
@@ -959,4 +959,43 @@ MUTATIONS = [
         "    if False:  # the grouped GEMM saves its stack",
         ("tests/test_memory_layouts.py::test_the_grouped_gemms_stacked_weights_are_counted",),
         "the planner leaves out the stack of expert weights the grouped GEMM saves per micro-batch"),
+    # issue 20 (i20-gpu)
+    Mutation(
+        "grad-norm-host-tensor", "megadual/training/grads.py",
+        "        total = torch.zeros((), dtype=torch.float64, device=device)\n",
+        "        total = torch.zeros((), dtype=torch.float64)\n",
+        ("tests/test_host_syncs.py::test_one_process_step_holds_the_sync_budget_and_the_device_contract",
+         "tests/test_parallel_layouts.py::test_layout_matches_one_process[EP2]"),
+        "the gradient norm's sum starts from a tensor made without a device (on a GPU: a CPU tensor reaching NCCL)"),
+    Mutation(
+        "grad-norm-per-parameter-cpu", "megadual/training/grads.py",
+        "total + torch.stack(torch._foreach_norm(self.counted, 2, dtype=torch.float64)).square().sum()",
+        "total + sum(g.detach().double().pow(2).sum().cpu() for g in self.counted)",
+        ("tests/test_host_syncs.py::test_one_process_step_holds_the_sync_budget_and_the_device_contract",
+         "tests/test_parallel_pp.py::test_dualpipe_with_expert_parallelism_holds_the_host_sync_budget"),
+        "the gradient norm brings each parameter's sum of squares to the host (one sync per parameter)"),
+    Mutation(
+        "router-stats-on-host", "megadual/moe/router.py",
+        "nodes, most = node_counts.sum().double(), node_counts.max()",
+        "nodes, most = node_counts.sum().double().cpu(), node_counts.max()",
+        ("tests/test_host_syncs.py::test_one_process_step_holds_the_sync_budget_and_the_device_contract",),
+        "the router's statistics come to the host at every router call"),
+    Mutation(
+        "experts-count-their-own-slots", "megadual/moe/dispatcher.py",
+        "experts(d.tokens, d.local_experts, d.gates, d.expert_counts)",
+        "experts(d.tokens, d.local_experts, d.gates, None)",
+        ("tests/test_parallel_layouts.py::test_ep2_steps_hold_the_host_sync_budget",),
+        "under expert parallelism the experts count their slots in a second host transfer per layer"),
+    Mutation(
+        "collective-device-unchecked", "megadual/parallel/collectives.py",
+        "    if wanted is not None and tensor.device != wanted:",
+        "    if False:",
+        ("tests/test_host_syncs.py::test_collectives_refuse_what_nccl_would_and_name_the_line",),
+        "a step collective takes a tensor on another device than the run's"),
+    Mutation(
+        "host-group-without-distributed-timeout", "megadual/parallel/collectives.py",
+        'dist.new_group(backend="gloo", timeout=_state.timeout)',
+        'dist.new_group(backend="gloo")',
+        ("tests/test_stopping.py::test_every_process_group_waits_the_distributed_timeout",),
+        "the host's gloo group keeps gloo's 30-minute timeout: a stopped rank blocks the others in the stop vote"),
 ]

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from megadual.training.device_check import ENV as DEVICE_CHECK
 from megadual.training.distributed import free_port
+
+# Every run of the suite, its multi-process ones (torchrun inherits the environment) included,
+# checks the device contract of its steps (megadual/training/device_check.py).
+os.environ.setdefault(DEVICE_CHECK, "1")
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local_cluster.sh"
 PACKAGES_MISSING = 3  # slurm_local_cluster.sh's exit status when apt-get cannot install Slurm

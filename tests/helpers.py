@@ -6,7 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from megadual.training.distributed import free_port
+from megadual.parallel import collectives
+from megadual.training.distributed import default_backend, free_port
 
 TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden-size", "64",
             "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "8",
@@ -22,17 +23,20 @@ def device_under_test() -> torch.device:
 
 
 class single_process_group:
-    """A one-rank world for in-process tests (gloo; NCCL too for a CUDA `device`), on
-    `device` (default: device_under_test())."""
+    """A one-rank world for in-process tests, on `device` (default: device_under_test()), with the
+    trainer's backend for it (NCCL on CUDA, gloo on CPU) and its device contract: every step
+    collective takes tensors on `device`, host values go through the host's gloo group."""
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or device_under_test()
 
     def __enter__(self):
-        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(default_backend(self.device), init_method=f"tcp://127.0.0.1:{free_port()}",
+                                rank=0, world_size=1)
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        collectives.use_device(self.device)
         return self.device
 
     def __exit__(self, *exc):
+        collectives.use_device(None)
         dist.destroy_process_group()

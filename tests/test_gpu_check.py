@@ -1,5 +1,7 @@
-"""scripts/gpu_check.sh cannot rot: its CPU dry run (tiny sizes) runs every step but the CUDA tests,
-whose files it lists; the throughput field it logs agrees with the FLOP count."""
+"""scripts/gpu_check.sh cannot rot: its CPU dry run runs the same commands at tiny sizes (a test file,
+the layout checker, the one-process sync and memory check, the planner, the benchmarks); every
+test file it lists for CUDA takes its device from device_under_test(); the throughput field it
+logs agrees with the FLOP count; an FP8 backend is listed only after a tiny GEMM ran on it."""
 import importlib.util
 import re
 import subprocess
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megadual.config import parse_args
 from megadual.model.flops import training_flops_per_iteration
@@ -29,8 +32,15 @@ def test_gpu_check_dry_run_runs_every_step_and_logs_throughput(tmp_path):
     text = results.read_text()
     assert done.returncode == 0, text[-3000:] + done.stderr[-2000:]
     statuses = re.findall(r"^== exit status (\d+): ", text, re.MULTILINE)
-    assert statuses == ["0"] * 4, text[-3000:]
-    assert "tests/test_grouped_gemm.py" in text and "grouped / now" in text and "reference" in text
+    assert statuses == ["0"] * 7, text[-3000:]
+    assert re.search(r"^== gpu_check on cpu: torch \S+, CUDA ", text, re.MULTILINE)
+    assert "passed" in text and re.search(r"^ep2: 2 processes vs one, .*cpu/gloo", text, re.MULTILINE)
+    assert "\nPASS\n" in text
+    # gpu_check.sh's TINY: 4 layers, the first dense; 8 micro-batches of 1: one transfer per MoE layer
+    # per micro-batch forward, and one per step
+    assert f"host transfers per step (megadual's watch): {[3 * 8 + 1] * 2}" in text
+    assert "measured: [Rank 0]" in text and "pipeline rank 0" in text  # the memory report, the planner's
+    assert "grouped / now" in text and "reference" in text
     # the dry run's loss-gap runs: 2 steps, hidden 128, 2 layers, seq 32 (gpu_check.sh's LOSS_GAP)
     config = parse_args(fp8_loss_gap_module().model_args(2, 128, 2, 32) + ["--log-throughput"])
     lines = re.findall(r"^ *(fp32|fp8): iteration .*$", text, re.MULTILINE)
@@ -41,3 +51,25 @@ def test_gpu_check_dry_run_runs_every_step_and_logs_throughput(tmp_path):
         expected = training_flops_per_iteration(config.model, config.train.global_batch_size) / ms / 1e9
         # both printed rounded: ms to 0.1 (of hundreds), TFLOP/s to 0.001
         assert logged == pytest.approx(expected, rel=1e-3, abs=1e-3), line
+
+
+def test_every_test_file_listed_for_cuda_takes_the_device_under_test():
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    listed = re.search(r"SINGLE_PROCESS_TESTS=\(([^)]*)\)", script).group(1).split()
+    assert len(listed) >= 5
+    for name in listed:
+        text = (ROOT / name).read_text()
+        assert re.search(r"device_under_test\(|single_process_group\(|\"cuda\"", text), \
+            f"{name} never asks for the device under test: on a GPU it would test the CPU"
+
+
+def test_an_fp8_backend_is_listed_after_a_tiny_gemm_ran_on_it(monkeypatch):
+    from megadual.fp8 import gemm
+    assert gemm._probe("reference", torch.device("cpu")) is None
+
+    def unsupported(a, b):
+        raise RuntimeError("Only row-wise scaling with sm_90 or later\nmore")
+
+    monkeypatch.setitem(gemm._BACKENDS, "reference", unsupported)
+    assert gemm._probe.__wrapped__("reference", torch.device("cpu")) == \
+        "a tiny reference GEMM failed on cpu: Only row-wise scaling with sm_90 or later"

@@ -72,3 +72,9 @@ def test_fp8_dispatch_sends_quantized_tokens_and_tracks_bf16():
     assert fp8_dispatch != plain  # the dispatched tokens really were quantized
     assert fp8_dispatch == pytest.approx(plain, rel=5e-3)
     assert all(math.isfinite(loss) for loss in fp8_dispatch)
+
+
+def test_ep2_steps_hold_the_host_sync_budget(outcomes):
+    """One transfer per MoE layer per micro-batch forward (the dispatch counts) and one per step
+    (tests/test_host_syncs.py): TINY_MOE's 2 MoE layers, 2 micro-batches of 2 per DP rank (EP2 is DP2)."""
+    assert outcomes["EP2"].run.host_syncs == [2 * 2 + 1] * 4

@@ -89,3 +89,10 @@ def test_dualpipe_checkpoint_resumes_in_one_process(outcomes, checkpoints):
     assert [len(v) for v in losses.values()] == [1, 1]
     limit = outcomes["PP4-dualpipe"].spec.tolerance.logged
     assert relative_difference(losses["PP4-dualpipe"][0], losses["one process"][0]) <= limit
+
+
+def test_dualpipe_with_expert_parallelism_holds_the_host_sync_budget(outcomes):
+    """One transfer per MoE layer per micro-batch forward and one per step (tests/test_host_syncs.py).
+    Rank 0 of PP2 DualPipe x TP2 x EP2 holds stage 0 (layers 0-3, 3 MoE) of one direction and
+    stage 1 (layers 4-7, 4 MoE) of the other; each direction carries 4 of the 8 micro-batches."""
+    assert outcomes["PP2-dualpipexTP2-SPxEP2"].run.host_syncs == [4 * 3 + 4 * 4 + 1] * 3

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megadual.config import parse_args
+from megadual.parallel import collectives
 from megadual.training.distributed import free_port, init_distributed
 from megadual.training.loop import build_topology, pretrain
 from megadual.training.stopping import StopRequests
@@ -68,7 +69,8 @@ def _rank(rank: int, port: int, results) -> None:
     init_distributed(timeout_minutes=0.5)
     topo = build_topology(parse_args(TINY_MOE + ["--expert-model-parallel-size", "2",
                                                  "--distributed-timeout-minutes", "0.5"]))
-    groups = {"world": dist.group.WORLD, **{name: g for name, g in topo.groups.items() if g is not None}}
+    groups = {"world": dist.group.WORLD, "host": collectives.host_group(),
+              **{name: g for name, g in topo.groups.items() if g is not None}}
     timeouts = {name: g._get_backend(torch.device("cpu")).options._timeout for name, g in groups.items()}
     with StopRequests("SIGTERM", None, torch.device("cpu")) as stop:
         before = stop.agreed_reason()
@@ -94,7 +96,7 @@ def test_every_process_group_waits_the_distributed_timeout(two_ranks):
     """A rank that stops leaves the others waiting in whichever collective comes next: every group
     (the world, and each one Topology builds) must give up after --distributed-timeout-minutes."""
     for *_, timeouts in two_ranks:
-        assert {"world", "dp", "dp_tp", "ep"} <= set(timeouts)  # and the dispatch's node groups
+        assert {"world", "host", "dp", "dp_tp", "ep"} <= set(timeouts)  # and the dispatch's node groups
         assert set(timeouts.values()) == {timedelta(seconds=30)}
 
 

@@ -18,13 +18,13 @@ def test_non_finite_loss_skips_update_and_leaves_weights_and_biases():
     config = parse_args(TINY_MOE)
     with single_process_group() as device:
         topo = Topology(Layout(1), 0)
-        model = build_full_model(config.model, seed=1)
+        model = build_full_model(config.model, seed=1).to(device)
         optimizer = build_optimizer(list(model.named_parameters()), config.optim)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         biases = [r.expert_bias.clone() for r, _ in model.routers()]
         with torch.no_grad():
             model.layers["0"].attention.q.weight[0, 0] = float("nan")
-        tokens = torch.randint(0, 512, (2, 32))
+        tokens = torch.randint(0, 512, (2, 32), device=device)
         result = train_step(model, optimizer, [{"tokens": tokens, "labels": tokens}], topo, 1e-3, 1.0, 1e-2,
                             device, bf16=False)
     assert result.skipped
@@ -58,7 +58,8 @@ def test_pretrain_resolves_bf16_for_its_device(tmp_path):
         loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(tmp_path)]),
                       device, log=lambda line: None)
     meta = json.loads(next(tmp_path.glob("iter_*/megadual_meta.json")).read_text())
-    assert meta["config"]["train"]["bf16"] is False  # on CPU; the checkpoint records the resolved run
+    # BF16 on CUDA, FP32 on CPU: the checkpoint records the resolved run
+    assert meta["config"]["train"]["bf16"] is (device.type == "cuda")
 
 
 def test_log_line_has_megatron_shape():
@@ -80,7 +81,7 @@ def test_log_line_has_megatron_shape():
 def test_bf16_autocast_trains_close_to_fp32():
     args = TINY_MOE + ["--train-iters", "3"]
     with single_process_group() as device:
-        fp32 = loop.pretrain(parse_args(args), device, log=lambda line: None).losses
+        fp32 = loop.pretrain(parse_args(args + ["--no-bf16"]), device, log=lambda line: None).losses
         bf16 = loop.pretrain(parse_args(args + ["--bf16"]), device, log=lambda line: None).losses
     assert bf16 != fp32  # the GEMMs really ran in bf16
     assert bf16 == pytest.approx(fp32, rel=1e-3)

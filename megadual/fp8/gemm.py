@@ -62,13 +62,32 @@ _UNUSABLE: dict[str, Callable[[torch.device], str | None]] = {
 
 
 def backend_unavailable(backend: str, device: torch.device | str) -> str | None:
-    """Why `backend` cannot run on `device` in this process, or None when it can."""
+    """Why `backend` cannot run on `device` in this process, or None when it can: on CUDA only
+    after a tiny GEMM ran (row-wise-scaled torch._scaled_mm, for one, needs sm_90 and a recent
+    cuBLAS, which no version check tells)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     if backend not in _UNUSABLE:
         return f"no backend {backend!r}; there are {list(_UNUSABLE)}"
-    return _UNUSABLE[backend](device)
+    why = _UNUSABLE[backend](device)
+    return why if why is not None or device.type != "cuda" else _probe(backend, device)
+
+
+@functools.cache
+def _probe(backend: str, device: torch.device) -> str | None:
+    """None when a 16 x 128 by 16 x 128 GEMM on `backend` runs and equals its dequantized product."""
+    from megadual.fp8.quant import quantize_blocks, quantize_tiles
+    x = torch.randn(16, BLOCK, device=device, generator=torch.Generator(device).manual_seed(0))
+    a, b = quantize_tiles(x), quantize_blocks(x)
+    try:
+        out = _BACKENDS[backend](a, b)
+    except Exception as error:  # what the library raises for an unsupported device differs by version
+        return f"a tiny {backend} GEMM failed on {device}: {str(error).strip().splitlines()[0]}"
+    want = a.dequantize(torch.float32) @ b.dequantize(torch.float32).t()
+    if not torch.allclose(out.float(), want, rtol=1e-3, atol=1e-3):
+        return f"a tiny {backend} GEMM on {device} gave wrong values"
+    return None
 
 
 def available_backends(device: torch.device | str) -> list[str]:

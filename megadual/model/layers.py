@@ -35,9 +35,9 @@ class RMSNorm(torch.nn.Module):
         return (normed * self.weight).to(x.dtype)
 
 
-def rotary_frequencies(head_dim: int, base: float) -> torch.Tensor:
+def rotary_frequencies(head_dim: int, base: float, device=None) -> torch.Tensor:
     """RoPE's angle per position of each pair of channels, base^(-2i / head_dim), in float64."""
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
 
 
 def rotary_tables(seq_length: int, frequencies: torch.Tensor, device, magnitude: float = 1.0,
@@ -88,7 +88,8 @@ class Attention(torch.nn.Module):
         k = self.k(x).view(s, b, self.groups, hd)
         v = self.v(x).view(s, b, self.groups, hd)
         positions = documents and documents.position_ids
-        cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base), x.device, positions=positions)
+        cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base, x.device), x.device,
+                                 positions=positions)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
         allowed = documents and documents.attention_allowed()

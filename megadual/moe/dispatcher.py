@@ -26,7 +26,8 @@ from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
 from megadual.moe.router import RoutingStats
 from megadual.parallel import comm
 
-Experts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (rows, local expert per slot, gate per slot, slots per local expert or None: count them) -> output rows
+Experts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int] | None], torch.Tensor]
 
 
 class Fp8Codec(comm.Codec):
@@ -53,17 +54,38 @@ class RowPlan:
     send_counts: list[int]  # rows per destination
 
 
-def plan_rows(experts: torch.Tensor, gates: torch.Tensor, experts_per_dest: int, num_dest: int) -> RowPlan:
-    """Route rows whose slots name experts (-1: no expert here) to the destinations holding them,
-    destination d holding experts [d * experts_per_dest, (d + 1) * experts_per_dest)."""
+def _destinations(experts: torch.Tensor, experts_per_dest: int, num_dest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each slot's destination, [rows, num_dest] whether a row goes to each destination)."""
     dest = experts.div(experts_per_dest, rounding_mode="floor")
     goes_to = torch.zeros(experts.shape[0], num_dest + 1, dtype=torch.bool, device=experts.device)
     goes_to.scatter_(1, torch.where(experts >= 0, dest, num_dest), True)
-    goes_to = goes_to[:, :num_dest]
-    dest_of_row, source = goes_to.t().nonzero(as_tuple=True)  # sorted by destination
+    return dest, goes_to[:, :num_dest]
+
+
+def count_rows(experts: torch.Tensor, experts_per_dest: int, num_dest: int) -> torch.Tensor:
+    """[num_dest, 1 + experts_per_dest] on the device, without a host sync: the rows going to each
+    destination, then the slots each of its experts gets (what its experts will split by)."""
+    _, goes_to = _destinations(experts, experts_per_dest, num_dest)
+    valid = experts >= 0
+    slots = torch.zeros(num_dest * experts_per_dest + 1, dtype=torch.int64, device=experts.device)
+    slots.scatter_add_(0, torch.where(valid, experts, num_dest * experts_per_dest).flatten(),
+                       torch.ones_like(experts).flatten())
+    return torch.cat([goes_to.sum(0, dtype=torch.int64)[:, None], slots[:-1].view(num_dest, experts_per_dest)], 1)
+
+
+def plan_rows(experts: torch.Tensor, gates: torch.Tensor, experts_per_dest: int, num_dest: int,
+              send_counts: list[int] | None = None) -> RowPlan:
+    """Route rows whose slots name experts (-1: no expert here) to the destinations holding them,
+    destination d holding experts [d * experts_per_dest, (d + 1) * experts_per_dest). `send_counts`,
+    the rows per destination (count_rows' first column on the host), sizes the plan without a
+    sync; left out, they are brought to the host here."""
+    if send_counts is None:
+        send_counts = count_rows(experts, experts_per_dest, num_dest)[:, 0].tolist()
+    dest, goes_to = _destinations(experts, experts_per_dest, num_dest)
+    dest_of_row, source = torch.nonzero_static(goes_to.t(), size=sum(send_counts)).unbind(1)  # by destination
     on_dest = dest[source] == dest_of_row[:, None]
     local = (experts[source] - dest_of_row[:, None] * experts_per_dest).masked_fill(~on_dest, -1)
-    return RowPlan(source, local, gates[source] * on_dest, goes_to.sum(0).tolist())
+    return RowPlan(source, local, gates[source] * on_dest, send_counts)
 
 
 @dataclass
@@ -75,6 +97,8 @@ class Dispatched:
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int  # source rows
+    expert_counts: list[int]  # slots each local expert received (the experts split the rows by them)
+    received: torch.Tensor  # [members, 1 + local experts] count_rows' rows from each member, on the device
     origin: torch.Tensor | None = None  # [rows] the `origin` tag each received row was sent with
 
 
@@ -83,6 +107,8 @@ class InFlight:
     exchange: comm.Exchange
     plan: RowPlan
     recv_counts: list[int]
+    expert_counts: list[int]
+    received: torch.Tensor
     num_tokens: int
 
 
@@ -114,20 +140,29 @@ class Hop:
     def start(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
               overlap: comm.BackwardOverlap | None, stats: RoutingStats | None = None,
               origin: torch.Tensor | None = None) -> InFlight:
-        """Launch the rows; `origin`, an integer tag per source row, travels with them."""
-        plan = plan_rows(experts, gates, self.experts_per_rank, self.size)
+        """Launch the rows; `origin`, an integer tag per source row, travels with them. The one host
+        sync of the hop: the row counts both ways and the local experts' slot counts, in one transfer."""
+        received, (send_counts, recv_counts, expert_counts) = self.exchange_counts(experts)
+        plan = plan_rows(experts, gates, self.experts_per_rank, self.size, send_counts)
         if stats is not None:
             stats.record_dispatch(*count_traffic(plan.send_counts, self.nodes, self.index))
-        recv_counts = comm.exchange_counts(torch.tensor(plan.send_counts), self.group).tolist()
         exchange = comm.Exchange(self.group, recv_counts, plan.send_counts, (self.codec,), overlap)
         tags = () if origin is None else (origin[plan.source],)
         return InFlight(exchange.start(tokens[plan.source], plan.experts, plan.gates, *tags), plan, recv_counts,
-                        tokens.shape[0])
+                        expert_counts, received, tokens.shape[0])
+
+    def exchange_counts(self, experts: torch.Tensor) -> tuple[torch.Tensor, tuple[list[int], list[int], list[int]]]:
+        """What each member sends this rank (count_rows' rows, on the device), and on the host (rows to
+        each member, rows from each member, slots per local expert)."""
+        sent = count_rows(experts, self.experts_per_rank, self.size)
+        received = comm.exchange_counts(sent, self.group)
+        counts = torch.cat([sent[:, 0], received[:, 0], received[:, 1:].sum(0)]).tolist()
+        return received, (counts[:self.size], counts[self.size:2 * self.size], counts[2 * self.size:])
 
     def wait(self, sent: InFlight) -> Dispatched:
         tokens, experts, gates, *origin = sent.exchange.wait()
         return Dispatched(tokens, experts, gates, sent.plan.source, sent.plan.send_counts, sent.recv_counts,
-                          sent.num_tokens, *origin)
+                          sent.num_tokens, sent.expert_counts, sent.received, *origin)
 
     def return_start(self, rows: torch.Tensor, d: Dispatched, overlap: comm.BackwardOverlap | None) -> Returning:
         return Returning(comm.Exchange(self.group, d.send_counts, d.recv_counts, (), overlap).start(rows), d)
@@ -158,7 +193,8 @@ class TokenDispatcher:
         beside = alongside()
         yield
         d = self.hop.wait(sent)
-        returning = self.hop.return_start(experts(d.tokens, d.local_experts, d.gates), d, self.overlap)
+        returning = self.hop.return_start(experts(d.tokens, d.local_experts, d.gates, d.expert_counts), d,
+                                          self.overlap)
         yield
         return self.hop.return_wait(returning), beside
 
@@ -191,5 +227,5 @@ class LocalDispatcher:
         """The experts, then `alongside`, with no pause (nothing is in flight)."""
         if self.codec is not None:
             tokens = _AsDispatched.apply(tokens, self.codec)
-        return experts(tokens, indices, gates), alongside()
+        return experts(tokens, indices, gates, None), alongside()
         yield  # a generator, like the other dispatchers' routed paths

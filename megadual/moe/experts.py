@@ -27,13 +27,16 @@ class RoutedExperts(torch.nn.Module):
             for i in range(num_local)})
         self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): the grouped path's moe_act
 
-    def forward(self, tokens: torch.Tensor, local_experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Sum over each row's chosen local experts of gate * expert(row)."""
-        rows, slots = (local_experts >= 0).nonzero(as_tuple=True)
+    def forward(self, tokens: torch.Tensor, local_experts: torch.Tensor, gates: torch.Tensor,
+                counts: list[int] | None = None) -> torch.Tensor:
+        """Sum over each row's chosen local experts of gate * expert(row). `counts`, the slots per local
+        expert (the dispatcher's, from its one host transfer), spare a sync; None: counted here."""
+        if counts is None:
+            counts = torch.bincount(local_experts[local_experts >= 0], minlength=len(self.local)).tolist()
+        rows, slots = torch.nonzero_static(local_experts >= 0, size=sum(counts)).unbind(1)
         expert_of = local_experts[rows, slots]
         order = torch.argsort(expert_of, stable=True)
         rows, slots = rows[order], slots[order]
-        counts = torch.bincount(expert_of[order], minlength=len(self.local)).tolist()
         run = self._grouped if self.grouped else self._looped
         weighted = run(tokens[rows], counts) * gates[rows, slots].unsqueeze(-1)
         return tokens.new_zeros(tokens.shape).index_add(0, rows, weighted.to(tokens.dtype))

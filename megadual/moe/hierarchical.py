@@ -64,7 +64,7 @@ class HierarchicalDispatcher:
         yield
         at_node = self.inter.wait(to_node)
         source_node = torch.repeat_interleave(torch.arange(len(at_node.recv_counts), device=tokens.device),
-                                              torch.tensor(at_node.recv_counts, device=tokens.device))
+                                              at_node.received[:, 0], output_size=sum(at_node.recv_counts))
         # Covered by the shared experts alone, in the forward and (reversed) in the backward: its
         # backward launch resumes no forward step.
         to_rank = self.intra.start(at_node.tokens, at_node.local_experts, at_node.gates, None, stats,
@@ -87,4 +87,4 @@ def experts_in_flat_order(experts: Experts, d: Dispatched) -> torch.Tensor:
     order = torch.argsort(d.origin, stable=True)
     arrival = torch.empty_like(order)
     arrival[order] = torch.arange(order.numel(), device=order.device)
-    return experts(d.tokens[order], d.local_experts[order], d.gates[order])[arrival]
+    return experts(d.tokens[order], d.local_experts[order], d.gates[order], d.expert_counts)[arrival]

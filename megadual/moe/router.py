@@ -69,31 +69,54 @@ def balance_loss(normalized_scores: torch.Tensor, indices: torch.Tensor, num_seq
 
 
 class RoutingStats:
-    """What the routers saw during one training step, for logging and the bias update."""
+    """What the routers saw during one training step, for logging and the bias update. The tensors
+    stay on the routing's device (no host sync per call); they are None until the first call."""
+
+    SUMS = ("aux_loss", "calls", "tokens", "node_count_sum", "inter_node_rows", "intra_node_rows")
 
     def __init__(self, num_experts: int):
-        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64)
-        self.aux_loss = 0.0
+        self.num_experts = num_experts
+        self.tokens_per_expert: torch.Tensor | None = None  # float64 [experts]
+        self.aux_loss: torch.Tensor | None = None
+        self.node_count_sum: torch.Tensor | None = None
+        self.node_count_max: torch.Tensor | None = None
         self.calls = 0
         self.tokens = 0
-        self.node_count_sum = 0
-        self.node_count_max = 0
         self.inter_node_rows = 0  # dispatch rows sent to ranks on other nodes
         self.intra_node_rows = 0  # dispatch rows sent to other ranks of this node
 
     def record(self, indices: torch.Tensor, aux_loss: torch.Tensor, node_counts: torch.Tensor) -> None:
-        self.tokens_per_expert += torch.bincount(
-            indices.flatten(), minlength=len(self.tokens_per_expert)).cpu().double()
-        self.aux_loss += float(aux_loss)
+        load = torch.zeros(self.num_experts, dtype=torch.float64, device=indices.device)
+        load.scatter_add_(0, indices.flatten(), torch.ones(indices.numel(), dtype=torch.float64,
+                                                           device=indices.device))
+        nodes, most = node_counts.sum().double(), node_counts.max()
+        if self.tokens_per_expert is None:
+            self.tokens_per_expert, self.aux_loss = load, aux_loss.double()
+            self.node_count_sum, self.node_count_max = nodes, most
+        else:
+            self.tokens_per_expert = self.tokens_per_expert + load
+            self.aux_loss = self.aux_loss + aux_loss.double()
+            self.node_count_sum = self.node_count_sum + nodes
+            self.node_count_max = torch.maximum(self.node_count_max, most)
         self.calls += 1
         self.tokens += indices.shape[0]
-        self.node_count_sum += int(node_counts.sum())
-        self.node_count_max = max(self.node_count_max, int(node_counts.max()))
 
     def record_dispatch(self, inter_node_rows: int, intra_node_rows: int) -> None:
         """Rows one dispatch all-to-all sends, counted from its send counts (moe/dispatcher.py's Hop)."""
         self.inter_node_rows += inter_node_rows
         self.intra_node_rows += intra_node_rows
+
+    def as_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens per expert then SUMS, as float64; the largest node count), on `device`: what the
+        step sums (and maxes) over ranks. A router that saw nothing gives zeros."""
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        load = self.tokens_per_expert if self.tokens_per_expert is not None else \
+            torch.zeros(self.num_experts, dtype=torch.float64, device=device)
+        tensors = [self.aux_loss if self.aux_loss is not None else zero, zero + self.calls, zero + self.tokens,
+                   self.node_count_sum if self.node_count_sum is not None else zero,
+                   zero + self.inter_node_rows, zero + self.intra_node_rows]
+        most = self.node_count_max if self.node_count_max is not None else zero.long()
+        return torch.cat([load, torch.stack(tensors)]), most.reshape(1).long()
 
 
 class Router(torch.nn.Module):
@@ -152,7 +175,8 @@ class Router(torch.nn.Module):
         return stats
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
-        """b += rate * sign(mean load - load): over-loaded experts become less attractive."""
+    def update_bias(self, tokens_per_expert: torch.Tensor, rate: float | torch.Tensor) -> None:
+        """b += rate * sign(mean load - load): over-loaded experts become less attractive. `rate` may be
+        a tensor on the device (zero for a skipped step), so the step decides without a host sync."""
         load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += rate * torch.sign(load.mean() - load)

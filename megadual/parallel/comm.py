@@ -2,7 +2,8 @@
 
 Each function takes the process group explicitly; `None` (or a group of size one)
 makes it the identity, so the same model code runs on one process. Sequence-
-parallel activations are split along dim 0 (the sequence dim of [s, b, h]).
+parallel activations are split along dim 0 (the sequence dim of [s, b, h]). The
+collectives themselves go through collectives.py, which checks the device contract.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megadual.parallel import collectives
 
 
 def group_size(group) -> int:
@@ -26,7 +29,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    collectives.all_reduce(x, group)
     return x
 
 
@@ -49,7 +52,7 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    collectives.all_gather(parts, x.contiguous(), group)
     return torch.cat(parts, dim=dim)
 
 
@@ -59,10 +62,8 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         return x
     parts = [p.contiguous() for p in x.chunk(size, dim=dim)]
     out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
+    collectives.reduce_scatter(out, parts, group)
     return out
-
-
 
 def _identity(x: torch.Tensor, group) -> torch.Tensor:
     return x
@@ -205,8 +206,8 @@ class Exchange:
         outs, works = [], []
         for part in parts:
             out = part.new_empty((sum(output_splits),) + tuple(part.shape[1:]))
-            works.append(dist.all_to_all_single(out, part.contiguous(), output_splits, input_splits,
-                                                group=self.group, async_op=True))
+            works.append(collectives.all_to_all_single(out, part.contiguous(), output_splits, input_splits,
+                                                       self.group, async_op=True))
             outs.append(out)
         return outs, works
 
@@ -279,9 +280,10 @@ class _FinishExchange(torch.autograd.Function):
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
-    """Each rank learns how many rows every other rank will send it."""
+    """Row q of `send_counts` ([members, ...], on the device) to member q: each rank learns what every
+    other rank will send it, still on the device."""
     if group_size(group) == 1:
         return send_counts
     recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
+    collectives.all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megadual.parallel import comm
+from megadual.parallel import collectives, comm
 from megadual.parallel.linear import linear
 from megadual.parallel.params import ParamSpec, TPShard
 
@@ -120,7 +120,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                                         -math.inf)
         logits_max = logits.max(dim=-1).values
         if comm.group_size(group) > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+            collectives.all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
         local = target - comm.group_rank(group) * vocab_local
         outside = (local < 0) | (local >= vocab_local)
@@ -129,8 +129,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
         if comm.group_size(group) > 1:
-            dist.all_reduce(target_logit, group=group)
-            dist.all_reduce(sum_exp, group=group)
+            collectives.all_reduce(target_logit, group)
+            collectives.all_reduce(sum_exp, group)
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
         return sum_exp.log() - target_logit
 

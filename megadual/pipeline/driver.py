@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megadual.model.gpt import loss_names
-from megadual.parallel import comm
+from megadual.parallel import collectives, comm
 from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.runtime import PipelineRuntime
@@ -76,7 +75,7 @@ class Pipeline:
                 for c in range(len(model.chunks))]
         self.reads_data = any(ends)
         # NCCL wants every rank of a group in the group's first collective; the p2p batches have only some.
-        dist.barrier(group=group)
+        collectives.barrier(group)
 
     def train_runtime(self, num_microbatches: int) -> PipelineRuntime:
         """The training schedule's runtime for `num_microbatches` (built on first use; the stage
@@ -107,15 +106,14 @@ class Pipeline:
         names = loss_names(self.model.config)
         zero = torch.zeros((), device=self.device)
         values = torch.stack([reported.get(name, zero).detach().float() for name in names])
-        dist.all_reduce(values, group=self.group)
+        collectives.all_reduce(values, self.group)
         return dict(zip(names, values))
 
     def _exchange(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
         """Global rank `peer`'s tensor of the same shape, exchanged for this rank's."""
         theirs = torch.empty_like(tensor)
-        ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, self.group),
-               dist.P2POp(dist.irecv, theirs, peer, self.group)]
-        for work in dist.batch_isend_irecv(ops):
+        ops = [collectives.send(tensor.contiguous(), peer, self.group), collectives.receive(theirs, peer, self.group)]
+        for work in collectives.batch_isend_irecv(ops):
             work.wait()
         return theirs
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from megadual.parallel import collectives
 from megadual.pipeline.actions import Action, Kind
 
 Key = tuple[Kind, int, int]  # (RECV_F / RECV_B / SEND_F / SEND_B, local chunk, micro-batch)
@@ -74,12 +75,12 @@ class Mailbox:
             peer = self.group_ranks[action.peer]
             if action.is_send:
                 tensor = self._outbox.pop((action.kind, action.chunk, action.mb))
-                ops.append(dist.P2POp(dist.isend, tensor, peer, self.group))
+                ops.append(collectives.send(tensor, peer, self.group))
             else:
                 tensor = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group))
+                ops.append(collectives.receive(tensor, peer, self.group))
                 received.append(((action.kind, action.chunk, action.mb), tensor))
-        works = dist.batch_isend_irecv(ops)
+        works = collectives.batch_isend_irecv(ops)
         if not self.waits_per_op:
             for work in works:
                 work.wait()

@@ -16,9 +16,8 @@ from functools import partial
 from itertools import accumulate, pairwise
 
 import torch
-import torch.distributed as dist
 
-from megadual.parallel import comm
+from megadual.parallel import collectives, comm
 from megadual.parallel.params import ParamRecord
 
 
@@ -107,7 +106,7 @@ class Bucket:
     def reduce_scatter_grads(self, scale: float) -> None:
         """Sum the gradients over the group into this rank's shard (in place), times `scale`."""
         if self.size > 1:
-            dist.reduce_scatter_single(self.grad_shard, self.grads, group=self.group)
+            collectives.reduce_scatter_single(self.grad_shard, self.grads, self.group)
         if scale != 1.0:
             self.grad_shard.mul_(scale)
 
@@ -116,14 +115,14 @@ class Bucket:
         if self.master is not self.param_shard:
             self.param_shard.copy_(self.master)
         if self.size > 1:
-            dist.all_gather_single(self.params, self.param_shard, group=self.group)
+            collectives.all_gather_single(self.params, self.param_shard, self.group)
 
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
         """The whole bucket of a per-rank shard tensor (master weights, a moment)."""
         if self.size == 1:
             return shard.clone()
         full = shard.new_empty(self.shard_size * self.size)
-        dist.all_gather_single(full, shard, group=self.group)
+        collectives.all_gather_single(full, shard, self.group)
         return full
 
     def fill_shard(self, shard: torch.Tensor, whole: dict[str, torch.Tensor]) -> None:

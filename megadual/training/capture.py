@@ -50,6 +50,7 @@ class Capture:
     optimizer_state_bytes: list[int] = field(default_factory=list)  # by rank
     traffic: dict[str, list[float]] = field(default_factory=dict)
     memory: list[MemoryReport] = field(default_factory=list)  # every rank's, by rank
+    host_syncs: list[int | None] = field(default_factory=list)  # rank 0's per step (MEGADUAL_DEVICE_CHECK)
 
 
 def relative_difference(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
@@ -141,4 +142,4 @@ def capture_run(config: RunConfig, device: torch.device) -> Capture | None:
     values, spread = assemble(final)
     grads = assemble(first_step["grads"])[0]
     return Capture(_logged(result), [s.grad_norm for s in result.steps], grads, values, spread, state_bytes,
-                   _traffic(result), memory)
+                   _traffic(result), memory, [s.host_syncs for s in result.steps])

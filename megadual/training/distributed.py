@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megadual.parallel import collectives
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
@@ -19,27 +21,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: float | None = None) -> torch.device:
-    """Join (or, run without torchrun, create) the process group; return this rank's device.
+def init_distributed(timeout_minutes: float | None = None, backend: str | None = None) -> torch.device:
+    """Join (or, run without torchrun, create) the process group; return this rank's device, which
+    every step collective's tensors must then be on (parallel/collectives.py).
 
     Even a single process initializes torch.distributed, so one process and many run
-    the same code. NCCL on CUDA, gloo on CPU. A collective that waits longer than
-    `timeout_minutes` (--distributed-timeout-minutes; None: torch's default) raises.
+    the same code. `backend` (--distributed-backend) is any string init_process_group takes;
+    None: NCCL on CUDA, gloo on CPU. Several ranks share GPU 0 when there are fewer GPUs than
+    local ranks (only a backend such as cuda:gloo allows that; NCCL refuses it). A collective
+    that waits longer than `timeout_minutes` (--distributed-timeout-minutes; None: torch's
+    default) raises.
     """
     exit_with_torchrun_agent()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device = torch.device("cpu")
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        backend = backend or default_backend(device)
         dist.init_process_group(backend, timeout=timeout)
+    collectives.use_device(device, timeout)
     return device
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def local_world_size() -> int:

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from megadual.parallel import comm
+from megadual.parallel import collectives, comm
 from megadual.parallel.params import ParamRecord, ParamTable
 from megadual.parallel.topology import Topology
 
@@ -29,7 +28,7 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group, scale: float = 1.0) 
 
     def reduce(flat: torch.Tensor) -> torch.Tensor:
         if comm.group_size(group) > 1:
-            dist.all_reduce(flat, group=group)
+            collectives.all_reduce(flat, group)
         return flat.mul_(scale)
 
     comm.coalesced(grads, reduce)
@@ -57,19 +56,21 @@ class ReducedGradients:
     counted: list[torch.Tensor]
     whole: Callable[[], dict[str, torch.Tensor]]
 
-    def norm(self) -> float:
-        """L2 norm of the full model's gradient, each distinct piece counted once over all ranks."""
-        total = torch.zeros((), dtype=torch.float64)
-        for grad in self.counted:
-            total += grad.detach().double().pow(2).sum().cpu()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return float(total.sqrt())
+    def norm_squared(self) -> torch.Tensor:
+        """The squared L2 norm of the full model's gradient, each distinct piece counted once over all
+        ranks: a float64 scalar on the gradients' device, left there (the step brings it to the host
+        with its other scalars, in one transfer)."""
+        device = self.tensors[0].device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        if self.counted:
+            total = total + torch.stack(torch._foreach_norm(self.counted, 2, dtype=torch.float64)).square().sum()
+        if collectives.size(None) > 1:  # the world
+            collectives.all_reduce(total)
+        return total
 
     def clip(self, norm: float, max_norm: float) -> None:
         if max_norm > 0 and norm > max_norm:
-            for grad in self.tensors:
-                grad.mul_(max_norm / (norm + 1e-6))
+            torch._foreach_mul_(self.tensors, max_norm / (norm + 1e-6))
 
 
 def reduce_gradients(table: ParamTable, topo: Topology) -> ReducedGradients:

@@ -16,6 +16,7 @@ from megadual.data.documents import boundaries_of
 from megadual.data.sampler import build_loader
 from megadual.model.flops import training_flops_per_iteration
 from megadual.model.gpt import LM_LOSS, loss_names
+from megadual.parallel import collectives
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.recompute import RecomputePlan
@@ -28,6 +29,7 @@ from megadual.pipeline.stage_model import StageModel, build_full_model, build_st
 from megadual.training.checkpoint import CheckpointManager, TrainState
 from megadual.training.checkpoint.load import resumed_schedule
 from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
+from megadual.training.device_check import watched
 from megadual.training.distributed import local_world_size
 from megadual.training.memory import MemoryMeasurement, MemoryReport
 from megadual.training.metrics import (
@@ -154,16 +156,22 @@ def evaluate(model: StageModel, loader, count: int, iters: int, topo: Topology, 
     else:
         mean_losses = lambda batches: forward_backward(model.chunks[0], batches, device, bf16, backward=False)
     names = loss_names(model.config) if mtp else [LM_LOSS]
-    totals = torch.zeros(len(names), dtype=torch.float64)
+    with watched(f"evaluation on rank {topo.rank}"):
+        return _mean_validation_losses(model, loader, count, iters, topo, device, mean_losses, names, mtp)
+
+
+def _mean_validation_losses(model: StageModel, loader, count: int, iters: int, topo: Topology, device,
+                            mean_losses, names: list[str], mtp: bool) -> dict[str, float]:
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     with model.evaluating(mtp):  # no dropout
         for _ in range(iters):
             losses = mean_losses(next_batches(loader, count))
-            totals += torch.stack([losses[name] for name in names]).double().cpu() * count
+            totals += torch.stack([losses[name] for name in names]).double() * count
     for router, _ in model.routers():
         router.take_stats()  # evaluation must not move the expert biases
     if topo.group("dp") is not None:
-        dist.all_reduce(totals, group=topo.group("dp"))
-    return dict(zip(names, (totals / (count * iters * topo.layout.dp)).tolist()))
+        collectives.all_reduce(totals, topo.group("dp"))
+    return dict(zip(names, (totals / (count * iters * topo.layout.dp)).tolist()))  # the one host transfer
 
 
 def phase_line(config: RunConfig, state: TrainState) -> str:

@@ -2,7 +2,9 @@
 
 A non-finite loss or gradient norm skips the update (gradients dropped, router biases
 left alone); the decision is the same on every rank because both values are reduced
-over all ranks before it is taken.
+over all ranks before it is taken. Everything stays on the device until the step's one
+host transfer (`to_host`: the norm, the losses and the routing summary); the router
+biases move by a device-side 0/1 for a skipped step, so the decision needs no other.
 """
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ import torch
 import torch.distributed as dist
 
 from megadual.model.gpt import GPTChunk, loss_names
+from megadual.moe.router import RoutingStats
+from megadual.parallel import collectives
 from megadual.parallel.topology import Topology
 from megadual.pipeline.driver import Pipeline
 from megadual.pipeline.stage_model import StageModel
+from megadual.training.device_check import unwatched, watched
 from megadual.training.dist_optimizer import DistributedOptimizer
 from megadual.training.grads import ReducedGradients, reduce_gradients
 from megadual.training.optimizer import set_learning_rate
@@ -39,6 +44,7 @@ class StepResult:
     skipped: bool
     routing: RoutingSummary
     mtp_losses: list[float] = field(default_factory=list)  # per MTP depth, unscaled ("mtp_k loss")
+    host_syncs: int | None = None  # values brought to the host, where MEGADUAL_DEVICE_CHECK counts them
 
 
 def autocast_context(device: torch.device, bf16: bool):
@@ -62,65 +68,62 @@ def forward_backward(model: GPTChunk, batches: list[dict], device: torch.device,
     return {name: total / len(batches) for name, total in totals.items()}
 
 
-def mean_over_dp(losses: dict[str, torch.Tensor], names: list[str], topo: Topology) -> list[float]:
-    """The losses `names` (those reported by the model) averaged over the data-parallel ranks."""
-    values = torch.stack([losses[name].detach().double().cpu() for name in names])
+def mean_over_dp(losses: dict[str, torch.Tensor], names: list[str], topo: Topology) -> torch.Tensor:
+    """The losses `names` (those reported by the model) averaged over the data-parallel ranks: a
+    float64 vector, on the device."""
+    values = torch.stack([losses[name].detach().double() for name in names])
     group = topo.group("dp")
     if group is not None:
-        dist.all_reduce(values, group=group)
-    return (values / topo.layout.dp).tolist()
+        collectives.all_reduce(values, group)
+    return values / topo.layout.dp
 
 
-def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: bool,
-                   pipeline: Pipeline | None = None) -> RoutingSummary:
+def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: torch.Tensor,
+                   pipeline: Pipeline | None = None) -> torch.Tensor | None:
     """Sum each router's step statistics over the pipeline stage (and DualPipe's mirrored copy);
-    move its expert bias. Under PP the summary covers the routers of every stage."""
+    move its expert bias where `update_bias` (a boolean on the device) holds. Returns the
+    RoutingSummary's fields in order, on the device (None without experts). Under PP the summary
+    covers the routers of every stage."""
     if not model.config.num_experts:
-        return RoutingSummary()
-    summary = RoutingSummary()
+        return None
+    device = update_bias.device
     group = topo.group("dp_tp")
-    node_sum = node_tokens = inter_rows = intra_rows = 0.0
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    aux_loss = max_load = node_sum = node_tokens = inter_rows = intra_rows = zero
+    node_max = torch.zeros(1, dtype=torch.int64, device=device)
+    totals = len(RoutingStats.SUMS)
     for router, copy in model.routers():
-        stats = router.take_stats()
-        totals = [stats.aux_loss, stats.calls, stats.tokens, stats.node_count_sum, stats.inter_node_rows,
-                  stats.intra_node_rows]
-        sums = torch.cat([stats.tokens_per_expert, torch.tensor(totals, dtype=torch.float64)])
-        node_max = torch.tensor(stats.node_count_max)
+        sums, router_node_max = router.take_stats().as_tensors(device)
         if group is not None:
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(node_max, op=dist.ReduceOp.MAX, group=group)
+            collectives.all_reduce(sums, group)
+            collectives.all_reduce(router_node_max, group, op=dist.ReduceOp.MAX)
         if pipeline is not None and pipeline.mirror is not None:
             sums = sums + pipeline.from_mirror(sums)
-            node_max = torch.maximum(node_max, pipeline.from_mirror(node_max))
-        load = sums[:-len(totals)]
-        aux, calls, tokens, nodes, inter, intra = sums[-len(totals):].tolist()
-        if update_bias and router.config.moe_router_enable_expert_bias:
-            router.update_bias(load, rate)
+            router_node_max = torch.maximum(router_node_max, pipeline.from_mirror(router_node_max))
+        load = sums[:-totals]
+        aux, calls, tokens, nodes, inter, intra = sums[-totals:]
+        if router.config.moe_router_enable_expert_bias:
+            router.update_bias(load, rate * update_bias.float())
         if copy:
             continue  # the first copy, on the mirrored rank, counts it
-        summary.aux_loss += aux / max(1.0, calls)
-        summary.max_over_mean_load = max(summary.max_over_mean_load, float(load.max() / load.mean()))
-        summary.nodes_per_token_max = max(summary.nodes_per_token_max, int(node_max))
+        aux_loss = aux_loss + aux / calls.clamp(min=1.0)
+        max_load = torch.maximum(max_load, load.max() / load.mean())
+        node_max = torch.maximum(node_max, router_node_max)
         node_sum, node_tokens = node_sum + nodes, node_tokens + tokens
         inter_rows, intra_rows = inter_rows + inter, intra_rows + intra
-    per_token = [node_sum, inter_rows, intra_rows]
-    if topo.layout.pp > 1:
-        per_token, node_tokens = _combine_over_pipeline(summary, per_token, node_tokens, topo.group("pp"))
-    (summary.nodes_per_token_mean, summary.inter_node_rows_per_token,
-     summary.intra_node_rows_per_token) = (value / max(1.0, node_tokens) for value in per_token)
-    return summary
+    sums = torch.stack([aux_loss, node_tokens, node_sum, inter_rows, intra_rows])
+    maxes = torch.stack([max_load, node_max[0].double()])
+    if topo.layout.pp > 1:  # fold in the other stages' routers
+        collectives.all_reduce(sums, topo.group("pp"))
+        collectives.all_reduce(maxes, topo.group("pp"), op=dist.ReduceOp.MAX)
+    per_token = sums[2:] / sums[1].clamp(min=1.0)
+    return torch.stack([sums[0], maxes[0], per_token[0], maxes[1], per_token[1], per_token[2]])
 
 
-def _combine_over_pipeline(summary: RoutingSummary, per_token: list[float], tokens: float,
-                           group) -> tuple[list[float], float]:
-    """Fold the other stages' routers into `summary`; returns the pipeline's per-token sums and tokens."""
-    sums = torch.tensor([summary.aux_loss, tokens, *per_token], dtype=torch.float64)
-    maxes = torch.tensor([summary.max_over_mean_load, summary.nodes_per_token_max], dtype=torch.float64)
-    dist.all_reduce(sums, group=group)
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-    summary.aux_loss, tokens, *per_token = sums.tolist()
-    summary.max_over_mean_load, summary.nodes_per_token_max = float(maxes[0]), int(maxes[1])
-    return per_token, tokens
+def summary_from(values: list[float]) -> RoutingSummary:
+    """reduce_routing's fields, on the host."""
+    aux, max_load, nodes_mean, nodes_max, inter, intra = values
+    return RoutingSummary(aux, max_load, nodes_mean, int(nodes_max), inter, intra)
 
 
 def reduce_step_gradients(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer,
@@ -135,22 +138,49 @@ def reduce_step_gradients(model: StageModel, optimizer: torch.optim.Optimizer | 
     return grads
 
 
+def to_host(norm_squared: torch.Tensor, losses: torch.Tensor, routing: torch.Tensor | None
+            ) -> tuple[float, float, list[float], RoutingSummary]:
+    """The step's one host transfer: the gradient norm and the losses (which decide whether the
+    optimizer steps) and the routing summary, as (norm, lm loss, MTP losses, routing)."""
+    parts = [norm_squared.reshape(1), losses] + ([] if routing is None else [routing])
+    values = torch.cat(parts).tolist()
+    norm, lm_loss, *rest = values
+    mtp_losses, routing_values = rest[:len(losses) - 1], rest[len(losses) - 1:]
+    return math.sqrt(norm), lm_loss, mtp_losses, summary_from(routing_values) if routing_values else RoutingSummary()
+
+
 def train_step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, batches: list[dict],
                topo: Topology, lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
                grad_hook=None, pipeline: Pipeline | None = None) -> StepResult:
-    """With `pipeline` (PP > 1) the schedule runs the micro-batches through `model`'s chunks."""
+    """With `pipeline` (PP > 1) the schedule runs the micro-batches through `model`'s chunks. Under
+    MEGADUAL_DEVICE_CHECK the step is watched (device_check.py) and counts its host transfers."""
+    with watched(f"training step on rank {topo.rank}") as watch:
+        result = _step(model, optimizer, batches, topo, lr, clip_grad, bias_rate, device, bf16, grad_hook, pipeline,
+                       watch)
+        if watch is not None:
+            result.host_syncs = len(watch.syncs)
+    return result
+
+
+def _step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, batches: list[dict],
+          topo: Topology, lr: float, clip_grad: float, bias_rate: float, device: torch.device, bf16: bool,
+          grad_hook, pipeline: Pipeline | None, watch) -> StepResult:
     optimizer.zero_grad(set_to_none=True)
     if pipeline is None:
         losses = forward_backward(model.chunks[0], batches, device, bf16)
     else:
         losses = pipeline.forward_backward(batches)
-    lm_loss, *mtp_losses = mean_over_dp(losses, loss_names(model.config), topo)
+    names = loss_names(model.config)
+    losses = mean_over_dp(losses, names, topo)
     grads = reduce_step_gradients(model, optimizer, topo, pipeline)
     if grad_hook is not None:
-        grad_hook(model, grads.whole)
-    norm = grads.norm()
+        with unwatched(watch):  # the layout checker's, not the step's: it gathers gradients to the host
+            grad_hook(model, grads.whole)
+    norm_squared = grads.norm_squared()
+    finite = torch.isfinite(norm_squared) & torch.isfinite(losses).all()
+    routing = reduce_routing(model, topo, bias_rate, finite, pipeline)
+    norm, lm_loss, mtp_losses, routing = to_host(norm_squared, losses, routing)
     finite = all(map(math.isfinite, [norm, lm_loss, *mtp_losses]))
-    routing = reduce_routing(model, topo, bias_rate, update_bias=finite, pipeline=pipeline)
     if finite:
         grads.clip(norm, clip_grad)
         set_learning_rate(optimizer, lr)

@@ -5,7 +5,7 @@ Three things ask a run to stop before --train-iters: the exit signal (with
 the wall-clock budget of --exit-duration-in-mins. A signal reaches the ranks at different
 moments (and a launcher may deliver it to some ranks only), so a handler only records it;
 once per iteration `StopRequests.agreed_reason` all-reduces every rank's (signal, out of
-time) pair with MAX, and all ranks see the same answer after the same iteration. The loop
+time) pair with MAX over the host's gloo group (parallel/collectives.py), and all ranks see the same answer after the same iteration. The loop
 then saves and returns, and the process exits 0.
 
 A second Ctrl-C is not caught: the first one restores SIGINT's default action, so the next
@@ -20,6 +20,8 @@ from typing import Self
 
 import torch
 import torch.distributed as dist
+
+from megadual.parallel import collectives
 
 
 class StopRequests:
@@ -54,9 +56,8 @@ class StopRequests:
         """Why every rank stops after this iteration, or None to go on: the same on all ranks
         (one all-reduce of two integers)."""
         over_time = self.deadline is not None and time.monotonic() >= self.deadline
-        votes = torch.tensor([int(self.received or 0), int(over_time)], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        votes = torch.tensor([int(self.received or 0), int(over_time)])  # host values: the host group's
+        collectives.host_all_reduce(votes, op=dist.ReduceOp.MAX)
         signum, over_time = (int(v) for v in votes.tolist())
         if signum:
             return f"received {signal.Signals(signum).name}"

@@ -3,8 +3,8 @@
 A failure on one rank (a full disk, a missing file) must stop every rank at the same step,
 or the others wait forever in the next collective: each step runs under `everywhere` or
 `on_rank0`, which gather every rank's outcome and raise the first failure on all of them.
-The group is the checkpoint's own so that a background save's collectives never interleave
-with training's on the default group.
+The group is the host's gloo group (CPU values, whatever the training device), so a checkpoint
+step's collectives never interleave with training's on the default group.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megadual.parallel import collectives
 from megadual.training.checkpoint.layout import CheckpointError
 
 
@@ -45,8 +46,9 @@ class Coordination:
 
     @classmethod
     def new(cls) -> Coordination:
-        """A gloo group over every rank (every rank must call this, at the same point)."""
-        return cls(dist.new_group(backend="gloo"))
+        """Over the host's gloo group of every rank (parallel/collectives.py; every rank must call
+        this, at the same point)."""
+        return cls(collectives.host_group())
 
     def gather(self, value) -> list:
         """Every rank's (picklable) `value`, in rank order, on every rank."""
@@ -56,7 +58,7 @@ class Coordination:
 
     def max(self, value: int) -> int:
         found = torch.tensor(value)
-        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(collectives.check(found, "all_reduce", host=True), op=dist.ReduceOp.MAX, group=self.group)
         return int(found)
 
     def everywhere(self, step):
