@@ -588,4 +588,43 @@ MUTATIONS = [
         "reduction=\"none\").view(target.shape).flip(0)",
         ("tests/test_cross_entropy.py::test_fused_cross_entropy_equals_the_written_out_one",),
         "the fused cross entropy (no TP) returns the token losses in another order"),
+    # issue 23 (i23-tests)
+    Mutation(
+        "router-softmax-over-tokens", "megadual/moe/router.py",
+        "scores = normalized = torch.softmax(logits, dim=-1)",
+        "scores = normalized = torch.softmax(logits, dim=0)",
+        ("tests/test_oracles_math.py::test_router_equals_the_written_out_formula[no-node-limit-softmax]",),
+        "--moe-router-score-function softmax normalizes over the tokens instead of the experts"),
+    Mutation(
+        "e4m3-max-240", "megadual/fp8/quant.py",
+        "E4M3_MAX = 448.0",
+        "E4M3_MAX = 240.0",
+        ("tests/test_oracles_math.py::test_e4m3_scales_put_each_blocks_maximum_on_torchs_e4m3_maximum",),
+        "the E4M3 maximum taken as 240 (E4M3's IEEE-style variant) instead of float8_e4m3fn's 448"),
+    Mutation(
+        "sampler-drops-last-full-step", "megadual/data/sampler.py",
+        "self.total_samples - self.global_step_samples + 1,",
+        "self.total_samples - self.global_step_samples,",
+        ("tests/test_oracles_math.py::test_sampler_at_multiples_remainders_and_resume_points[exact]",),
+        "the sampler drops the last full step when the samples are an exact multiple of the global batch"),
+    Mutation(
+        "attention-dropout-layer-0-everywhere", "megadual/model/layers.py",
+        "AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, layer_index)",
+        "AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, 0)",
+        ("tests/test_oracles_math.py::test_every_dropout_site_and_layer_and_micro_batch_draws_its_own_mask[GQA]",),
+        "every layer draws layer 0's attention-dropout mask"),
+    Mutation(
+        "lr-decay-ignores-warmup", "megadual/training/optimizer.py",
+        "(iteration - cfg.lr_warmup_iters) / span",
+        "iteration / span",
+        ("tests/test_oracles_math.py::test_learning_rate_follows_megatrons_formula[cosine]",
+         "tests/test_oracles_math.py::test_learning_rate_follows_megatrons_formula[linear]"),
+        "the LR decay's progress does not subtract the warm-up"),
+    Mutation(
+        "weight-decay-on-norms", "megadual/training/optimizer.py",
+        "return param.dim() >= 2",
+        "return param.dim() >= 1",
+        ("tests/test_oracles_math.py::test_weight_decay_on_matrices_only[adamw]",
+         "tests/test_oracles_math.py::test_weight_decay_on_matrices_only[distributed-optimizer]"),
+        "weight decay on norms (1-D parameters), with either optimizer"),
 ]
