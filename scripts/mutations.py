@@ -627,4 +627,10 @@ MUTATIONS = [
         ("tests/test_oracles_math.py::test_weight_decay_on_matrices_only[adamw]",
          "tests/test_oracles_math.py::test_weight_decay_on_matrices_only[distributed-optimizer]"),
         "weight decay on norms (1-D parameters), with either optimizer"),
+    Mutation(
+        "planner-mla-kv-norm-missed", "megadual/rank_memory.py",
+        "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim), c.kv_lora_rank,",
+        "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim),",
+        ("tests/test_oracles_planner.py::test_planner_counts_every_parameter_each_rank_builds[MLA-no-q-lora]",),
+        "the planner leaves MLA's key/value latent norm out of its parameter count"),
 ]
