@@ -633,4 +633,16 @@ MUTATIONS = [
         "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim),",
         ("tests/test_oracles_planner.py::test_planner_counts_every_parameter_each_rank_builds[MLA-no-q-lora]",),
         "the planner leaves MLA's key/value latent norm out of its parameter count"),
+    Mutation(
+        "recompute-without-autocast", "megadual/parallel/recompute.py",
+        "with torch.enable_grad(), self.autocast(), self.recompute_context(),",
+        "with torch.enable_grad(), self.recompute_context(),",
+        ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",),
+        "a recomputed region runs without its forward's autocast (FP32 GEMMs, or a dtype mismatch, under --bf16)"),
+    Mutation(
+        "paired-forward-without-autocast", "megadual/pipeline/runtime.py",
+        "lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast,",
+        "lambda: self.backward(action.b_chunk, action.b_mb, split=False), nullcontext,",
+        ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",),
+        "the forward of a paired F&B chunk runs without autocast under --bf16"),
 ]
