@@ -645,4 +645,22 @@ MUTATIONS = [
         "lambda: self.backward(action.b_chunk, action.b_mb, split=False), nullcontext,",
         ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",),
         "the forward of a paired F&B chunk runs without autocast under --bf16"),
+    Mutation(
+        "ckpt-manifest-from-rank-0-only", "megadual/training/checkpoint/save.py",
+        "files = {name: entry for each in self.coord.gather(mine) for name, entry in each.items()}",
+        "files = {name: entry for each in [mine] for name, entry in each.items()}",
+        ("tests/test_dist_optimizer.py::test_every_ranks_shards_are_in_the_manifest_and_a_flip_in_any_is_named",),
+        "the checkpoint manifest holds rank 0's checksums only: a flipped byte in another rank's shard verifies"),
+    Mutation(
+        "hf-mtp-enorm-hnorm-swapped", "megadual/hf/names.py",
+        'MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",',
+        'MTP_OWN = {"enorm.weight": "hnorm.weight", "hnorm.weight": "enorm.weight",',
+        ("tests/test_oracles_hf.py::test_mtp_module_equals_deepseeks_formula_on_the_hf_tensors",),
+        "an MTP module's enorm and hnorm trade HF names (out and back is still a bijection)"),
+    Mutation(
+        "hf-rope-interleave-default-false", "megadual/hf/convert.py",
+        'interleaved = hf.get("rope_interleave", True)',
+        'interleaved = hf.get("rope_interleave", False)',
+        ("tests/test_oracles_hf.py::test_deepseek_config_json_imports_with_the_right_logits",),
+        "a config.json without rope_interleave (as DeepSeek ships it) is read as half-split RoPE rows"),
 ]

@@ -10,7 +10,9 @@ with one process too. One layout runs MLA, one FP8. A checkpoint written with th
 optimizer at DP4 resumes at DP2 and on one process without it, and one written by one process
 without it resumes with it at DP4, each continuing with the losses of a run that never stopped.
 """
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.stage_model import build_full_model
 from megadual.training.buckets import shard_pieces
 from megadual.training.capture import Capture, capture_run, relative_difference
+from megadual.training.checkpoint.coordination import Coordination
+from megadual.training.checkpoint.integrity import file_checksum, verify as verify_checkpoint
+from megadual.training.checkpoint.layout import MANIFEST
 from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.step import train_step
 from tests.helpers import TINY_MOE, single_process_group
@@ -120,6 +125,32 @@ def test_distributed_optimizer_takes_the_plain_steps(tmp, runs, name):
     if not LAYOUTS[name][1]:
         one_process = runs["uninterrupted"].logged["lm loss"][:2]
         assert sharded.logged["lm loss"] == pytest.approx(one_process, rel=spec(name).tolerance.logged, abs=0)
+
+
+@pytest.mark.parametrize("name", ["DP2", "PP2xDP2xEP2-dualpipe-FP8"])
+@pytest.mark.parametrize("kind", ["plain", "dist"])
+def test_every_ranks_shards_are_in_the_manifest_and_a_flip_in_any_is_named(tmp, runs, kind, name):
+    """The multi-rank saves above, file by file: the manifest lists every file of the folder with its
+    own size and CRC-32, every rank wrote a DCP shard, and a byte flipped in any rank's shard is named
+    by the verification --load runs."""
+    folder, world = tmp / f"{kind}-{name}" / "iter_0000002", spec(name).world
+    manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    on_disk = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    assert sorted(manifest) == on_disk
+    assert {int(m[1]) for n in on_disk if (m := re.match(r"__(\d+)_", n))} == set(range(world))
+    assert all(manifest[n] == file_checksum(str(folder / n)) for n in on_disk)
+    with single_process_group():
+        coord = Coordination()
+        assert verify_checkpoint(str(folder), coord) is None
+        for rank in range(world):
+            shard = next(folder.glob(f"__{rank}_*.distcp"))
+            original = shard.read_bytes()
+            middle = len(original) // 2
+            shard.write_bytes(original[:middle] + bytes([original[middle] ^ 0x40]) + original[middle + 1:])
+            try:
+                assert verify_checkpoint(str(folder), coord).startswith(f"{shard.name} is corrupt (CRC-32 "), rank
+            finally:
+                shard.write_bytes(original)
 
 
 def test_checkpoints_resume_across_layouts_and_optimizers(runs):
