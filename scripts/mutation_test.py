@@ -1,0 +1,89 @@
+"""Mutation testing with mutmut (pinned in requirements-test.txt) over the modules whose tests are
+fast and single-process; not part of .ci/run (minutes per module). docs/testing.md has the table.
+
+    python scripts/mutation_test.py                 # every module, one after the other
+    python scripts/mutation_test.py moe/router.py   # the ones named (paths under megadual/)
+    python scripts/mutation_test.py --list
+
+For each module: copy the working tree (as scripts/plant_bugs.py does) to a scratch directory,
+write mutmut's setup.cfg there (that module only, its tests), run `mutmut run` and print each
+mutant's status, then the module's counts: killed, survived, no tests, timeout. The scratch copy
+is kept for a `mutmut show NAME` there when --keep is given.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plant_bugs import REPO, working_tree_files  # noqa: E402
+
+# megadual/<module> -> the fast single-process tests that check it.
+MODULES = {
+    "moe/router.py": ["tests/test_router.py", "tests/test_oracles_math.py"],
+    "training/optimizer.py": ["tests/test_oracles_math.py"],
+    "fp8/quant.py": ["tests/test_fp8_quant.py", "tests/test_oracles_math.py"],
+    "data/sampler.py": ["tests/test_data_sampler.py", "tests/test_oracles_math.py"],
+    "data/gpt_dataset.py": ["tests/test_data_gpt.py"],
+    "hf/names.py": ["tests/test_oracles_hf.py"],
+    "model/dropout.py": ["tests/test_dropout.py", "tests/test_oracles_math.py"],
+    "rank_memory.py": ["tests/test_oracles_planner.py"],
+}
+
+
+def setup_cfg(module: str, tests: list[str]) -> str:
+    return "\n".join(["[mutmut]", "source_paths = megadual", f"only_mutate = megadual/{module}",
+                      "pytest_add_cli_args_test_selection =", *[f"    {t}" for t in tests],
+                      "pytest_add_cli_args =", "    -x", "    -q", "    -p", "    no:cacheprovider", ""])
+
+
+def run_module(module: str, keep: bool) -> collections.Counter:
+    scratch = Path(tempfile.mkdtemp(prefix="mutmut-"))
+    for name in working_tree_files(REPO):
+        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, scratch / name)
+    (scratch / "setup.cfg").write_text(setup_cfg(module, MODULES[module]))
+    started = time.perf_counter()
+    subprocess.run(["mutmut", "run", "--max-children", "1"], cwd=scratch, stdout=subprocess.DEVNULL)
+    results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=scratch, capture_output=True,
+                             text=True).stdout
+    counts = collections.Counter()
+    for line in results.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name:
+            counts[status] += 1
+            if status != "killed":
+                print(f"  {status:<10} {name}")
+    print(f"{module}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+          + f"  [{time.perf_counter() - started:.0f} s]" + (f"  (scratch: {scratch})" if keep else ""), flush=True)
+    if not keep:
+        shutil.rmtree(scratch)
+    return counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="paths under megadual/ (default: all of MODULES)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep each scratch copy (for `mutmut show`)")
+    args = parser.parse_args()
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"{module}: {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"not in MODULES: {', '.join(unknown)}")
+    for module in args.modules or MODULES:
+        run_module(module, args.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
