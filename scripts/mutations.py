@@ -643,7 +643,8 @@ MUTATIONS = [
         "paired-forward-without-autocast", "megadual/pipeline/runtime.py",
         "lambda: self.backward(action.b_chunk, action.b_mb, split=False), self.autocast,",
         "lambda: self.backward(action.b_chunk, action.b_mb, split=False), nullcontext,",
-        ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",),
+        ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",
+         "tests/test_dist_optimizer.py::test_bf16_layouts_agree_with_one_process_and_dualpipe_with_1f1b"),
         "the forward of a paired F&B chunk runs without autocast under --bf16"),
     Mutation(
         "ckpt-manifest-from-rank-0-only", "megadual/training/checkpoint/save.py",

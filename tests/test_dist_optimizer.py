@@ -9,6 +9,8 @@ checkpoints must hold the same weights and optimizer state; plain layouts' losse
 with one process too. One layout runs MLA, one FP8. A checkpoint written with the distributed
 optimizer at DP4 resumes at DP2 and on one process without it, and one written by one process
 without it resumes with it at DP4, each continuing with the losses of a run that never stopped.
+With BF16 weights, DualPipe, 1F1B and one process agree; the multi-rank saves are verified file by
+file (every rank's shards in the manifest, a flipped byte in any of them named).
 """
 import json
 import math
@@ -223,17 +225,17 @@ def train(model, optimizer, topo, device):
 
 def test_bf16_layouts_agree_with_one_process_and_dualpipe_with_1f1b(runs):
     """BF16 weights (FP32 masters) and BF16 autocast as on a GPU, FP8 GEMMs: PP2 x DP2 under DualPipe,
-    under 1F1B and one process. Measured (CPU): DualPipe against 1F1B 0 on the losses, 1.3e-7 on the
-    grad norms; either against one process 1.1e-7 on the losses, 2.1e-7 on the grad norms; the limits
-    are about 10x that, 20x under what BF16 rounding of the weights (2^-9) would show."""
+    under 1F1B and one process. Measured (CPU, `pytest -s` prints them): DualPipe against 1F1B and
+    against one process 3.8e-8 on the losses, 3e-14 and 2.3e-13 on the grad norms; 1F1B against one
+    process 0 and 2.3e-13. The limits are about 10x that: a paired F&B forward without autocast
+    moves the losses by ~2e-6 (issue 23), BF16 rounding of a weight by up to 2^-9."""
     dualpipe, onef1b, one = runs["bf16 dualpipe"], runs["bf16"], runs["bf16 one process"]
-    for name, (a, b), limit in (("dualpipe vs 1f1b", (dualpipe, onef1b), 1e-6),
-                                ("dualpipe vs one process", (dualpipe, one), 2e-6),
-                                ("1f1b vs one process", (onef1b, one), 2e-6)):
+    for name, (a, b) in (("dualpipe vs 1f1b", (dualpipe, onef1b)), ("dualpipe vs one process", (dualpipe, one)),
+                         ("1f1b vs one process", (onef1b, one))):
         losses = max(relative_difference(x, y) for x, y in zip(a.logged["lm loss"], b.logged["lm loss"]))
         norms = max(relative_difference(x, y) for x, y in zip(a.grad_norms, b.grad_norms))
         print(f"{name}: losses {losses:.1e}, grad norms {norms:.1e}")
-        assert losses <= limit and norms <= limit, name
+        assert losses <= 4e-7 and norms <= 3e-12, name
 
 
 def test_bf16_model_holds_bf16_weights_and_steps_fp32_masters():
