@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megadual.config import parse_args
 from megadual.parallel.context import BuildContext
-from megadual.parallel.recompute import RecomputePlan
+from megadual.parallel.recompute import RecomputePlan, _Region
 from megadual.pipeline.actions import Kind
 from megadual.pipeline.runtime import PipelineRuntime
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
@@ -55,9 +55,9 @@ def batches(count):
              "sample_ids": torch.arange(2 * i, 2 * i + 2)} for i in range(count)]
 
 
-def run_bf16(plan):
-    """DualPipeV PP=1 over 2 micro-batches under BF16 autocast: losses, gradients, and the GEMMs of
-    each action as (action kind, op, dtypes, shapes)."""
+def run_bf16(plan, record: bool = True):
+    """DualPipeV PP=1 over 2 micro-batches under BF16 autocast: losses, gradients, and (`record`) the
+    GEMMs of each action as (action kind, op, dtypes, shapes)."""
     c = config()
     layout = pipeline_layout("dualpipev", 1, 2)
     model = build_stage_model(c, layout, 0, seed=7, ctx=BuildContext(recompute=plan))
@@ -73,7 +73,8 @@ def run_bf16(plan):
             compute(action)
         seen.extend((action.kind, *gemm) for gemm in recorder.seen)
 
-    runtime._compute = recorded
+    if record:
+        runtime._compute = recorded
     losses = runtime.run(batches(2))
     return losses, {n: p.grad for n, p in model.named_parameters()}, seen, c
 
@@ -86,13 +87,17 @@ def not_bf16(seen, c):
             and not (s[0] == "mm" and s[1] == {torch.float32} and any(c.num_experts in shape for shape in s[2]))]
 
 
-def test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16():
-    want_losses, want_grads, plain, c = run_bf16(PLANS["no-recompute"])
-    for plan in PLANS:
-        losses, grads, seen, _ = run_bf16(PLANS[plan]) if plan != "no-recompute" else (want_losses, want_grads,
-                                                                                         plain, c)
+def test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16(monkeypatch):
+    """The plain run is the reference (its GEMMs are among those of the recomputing runs)."""
+    want_losses, want_grads, _, c = run_bf16(PLANS["no-recompute"], record=False)
+    regions = []
+    recompute = _Region._recompute
+    monkeypatch.setattr(_Region, "_recompute", lambda self: regions.append(self) or recompute(self))
+    for plan in ("full", "selective"):
+        regions.clear()
+        losses, grads, seen, _ = run_bf16(PLANS[plan])
         assert len(seen) > 100 and not_bf16([s[1:] for s in seen], c) == [], plan
         assert sum(s[0] == Kind.FB for s in seen) >= 40, plan  # the paired F&B chunks' GEMMs are among them
-        assert len(seen) > len(plain) or plan == "no-recompute"  # and so are the recomputed forwards'
+        assert len(regions) >= 4, plan  # and so are the recomputed regions'
         assert all(torch.equal(losses[k], want_losses[k]) for k in want_losses), plan
         assert all(torch.equal(grads[k], want_grads[k]) for k in want_grads), plan
