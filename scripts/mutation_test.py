@@ -25,17 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plant_bugs import REPO, working_tree_files  # noqa: E402
 
 # megadual/<module> -> (its fast single-process tests, a pytest -k filter, the functions mutated).
-# The functions are those that compute what the module means (mutmut's names, fnmatch patterns); on
-# a loaded 2-core machine all 347 mutants of router.py alone take hours.
+# The functions are those that compute what the module means (mutmut's names, fnmatch patterns):
+# on the loaded 2-core machine these tests ran about 3 mutants a minute (router.py alone has 347).
 MODULES = {
     "moe/router.py": (["tests/test_router.py", "tests/test_oracles_math.py"], "not decay and not dropout",
-                      ["*x_node_limited_topk__*", "*x_nodes_per_token__*", "*x_balance_loss__*",
-                       "*Router*forward__*", "*Router*update_bias__*"]),
-    "training/optimizer.py": (["tests/test_oracles_math.py"], "learning_rate or weight_decay", ["*"]),
+                      ["*x_node_limited_topk__*", "*x_nodes_per_token__*"]),
+    "training/optimizer.py": (["tests/test_oracles_math.py"], "learning_rate or weight_decay",
+                              ["*x_learning_rate__*", "*x_decayed__*"]),
     "fp8/quant.py": (["tests/test_fp8_quant.py", "tests/test_oracles_math.py"], "not oracles_math or e4m3",
-                     ["*x_scales_from_amax__*", "*x_quantize__*", "*dequantize__*", "*row_scales__*"]),
+                     ["*x__scales_from_amax__*", "*x_quantize__*", "*dequantize__*", "*row_scales__*"]),
     "data/sampler.py": (["tests/test_data_sampler.py", "tests/test_oracles_math.py"], "not oracles_math or sampler",
-                        ["*PretrainingSampler*"]),
+                        ["*PretrainingSampler*__len____*", "*PretrainingSampler*__iter____*",
+                         "*PretrainingSampler*global_step_samples__*"]),
     "data/gpt_dataset.py": (["tests/test_data_gpt.py"], "",
                             ["*x__num_epochs__*", "*x__full_epoch_samples__*", "*x__document_index__*",
                              "*x__sample_index__*", "*x__shuffle_index__*", "*GPTDataset*sample_tokens__*"]),
@@ -52,7 +53,7 @@ def setup_cfg(tests: list[str], select: str) -> str:
     return "\n".join(["[mutmut]", "source_paths = megadual", "only_mutate = megadual/{module}",
                       "pytest_add_cli_args_test_selection =", *[f"    {t}" for t in selection],
                       "pytest_add_cli_args =", "    -x", "    -q", "    -p", "    no:cacheprovider",
-                      "timeout_multiplier = 1.5", "timeout_constant = 5.0", ""])
+                      "timeout_multiplier = 4.0", "timeout_constant = 10.0", ""])
 
 
 def run_module(module: str, keep: bool) -> collections.Counter:

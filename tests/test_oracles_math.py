@@ -108,6 +108,9 @@ def test_learning_rate_follows_megatrons_formula(style):
     if style != "constant":
         assert learning_rate(50, cfg, 100) == pytest.approx(3e-4 + 0.5 * (3e-3 - 3e-4))  # half-way, both shapes
         assert learning_rate(decay, cfg, 100) == pytest.approx(3e-4)
+    # A decay of one step: the step after the warm-up is already at min_lr.
+    short = replace(cfg, lr_warmup_iters=9, lr_decay_iters=10)
+    assert learning_rate(10, short, 100) == pytest.approx(megatron_lr(10, 3e-3, 3e-4, 9, 10, style))
     # --lr-decay-iters left out: the decay spans --train-iters.
     default = replace(cfg, lr_decay_iters=None)
     assert learning_rate(60, default, 110) == pytest.approx(megatron_lr(60, 3e-3, 3e-4, warmup, 110, style))
