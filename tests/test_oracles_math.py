@@ -135,6 +135,19 @@ def test_e4m3_scales_put_each_blocks_maximum_on_torchs_e4m3_maximum():
     assert err[w.abs() > qw.scale.max() * 2 ** -6].max() <= 2 ** -4
 
 
+def test_power_of_two_scales_are_the_least_power_of_two_not_below_amax_over_the_e4m3_maximum():
+    """--fp8-pow2-scales's definition, exact powers of two included (amax / 448 = 2^-3 stays 2^-3)."""
+    e4m3_max = torch.finfo(torch.float8_e4m3fn).max
+    amax = torch.tensor([e4m3_max / 8, e4m3_max * 0.3, e4m3_max, 100.0, e4m3_max * 2 ** 20])
+    x = torch.zeros(5, 128)
+    x[:, 7] = -amax
+    q = quantize_tiles(x, pow2_scales=True)
+    want = [2.0 ** math.ceil(math.log2(a / e4m3_max)) for a in amax.tolist()]
+    assert q.scale.flatten().tolist() == want
+    exact = [0, 2, 4]  # amax a power of two times 448: stored as -448 exactly
+    assert (q.data[exact, 7].float() * q.scale.flatten()[exact]).tolist() == (-amax[exact]).tolist()
+
+
 # --- the sampler ---------------------------------------------------------------------------------
 
 def megatron_steps(total, consumed, mbs, dp_rank, dp):
