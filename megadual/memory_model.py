@@ -59,6 +59,11 @@ class Shape:
         return self.seq * self.micro_batch
 
     @property
+    def local_tokens(self) -> int:
+        """Tokens this TP rank holds outside TP regions (its part of the sequence under sequence parallelism)."""
+        return self.tokens // self.tp if self.sequence_parallel else self.tokens
+
+    @property
     def routed_tokens(self) -> int:
         """Tokens one TP rank routes: its part of the sequence."""
         return self.tokens // self.tp
@@ -76,14 +81,16 @@ class Activations:
     weight_inputs: float = 0.0
     transient: float = -math.inf
     transient_deferring: float = -math.inf
+    kinds: dict[str, float] = dataclasses.field(default_factory=dict)  # `kept` by tensor kind
 
     def add(self, saved: float, gemm_inputs: float = 0.0, recomputed: bool = False, kept_inputs: float = 0.0,
-            recomputed_extra: float = 0.0) -> None:
+            recomputed_extra: float = 0.0, kind: str = "other") -> None:
         """The next piece in forward order: it saves `saved` bytes, `gemm_inputs` of them GEMM
         inputs; recomputed, only `kept_inputs` stay, and its backward recomputes the rest and
         `recomputed_extra` (copies of tensors still held outside the region)."""
         transient = saved - kept_inputs + recomputed_extra if recomputed else -math.inf
-        self += Activations(kept_inputs if recomputed else saved, gemm_inputs, transient, transient)
+        kept = kept_inputs if recomputed else saved
+        self += Activations(kept, gemm_inputs, transient, transient, {kind: kept})
 
     def __iadd__(self, later: Activations) -> Self:
         """`later` comes after these in the forward, so its backward runs first."""
@@ -92,6 +99,8 @@ class Activations:
                                        later.transient_deferring)
         self.kept += later.kept
         self.weight_inputs += later.weight_inputs
+        for kind, kept in later.kinds.items():
+            self.kinds[kind] = self.kinds.get(kind, 0.0) + kept
         return self
 
 
@@ -109,62 +118,88 @@ def norm_bytes(s: Shape, hidden: int) -> tuple[float, float]:
     return own + s.tokens * s.gemm_bytes * hidden, s.tokens * s.gemm_bytes * hidden
 
 
-def mla_latent_bytes(c: ModelConfig, s: Shape) -> float:
-    """What MLA saves before its up-projections: the down-projections' outputs and their norms, and
-    the latents [query input; c_KV; k_R] the up-projections read."""
-    t, rope = s.tokens, c.qk_pos_emb_head_dim
-    latent = (c.q_lora_rank or c.hidden_size) + c.kv_lora_rank + rope
-    q_norm = 2 * c.q_lora_rank + 1 if c.q_lora_rank else 0
-    return t * FP32 * (q_norm + c.kv_lora_rank + rope + c.kv_lora_rank + 1) + t * s.gemm_bytes * latent
+def ceil_div(n: float, d: int) -> float:
+    return -(-n // d)
 
 
-def attention_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
-    """(saved, GEMM inputs) of the attention after its input norm, per micro-batch on one TP rank."""
+def codec_bytes(rows: float, cols: int) -> float:
+    """An E4M3 copy of [rows, cols] in 1 x 128 tiles along cols, with its FP32 scales (moe_act's cache)."""
+    return rows * cols + rows * ceil_div(cols, 128) * FP32
+
+
+def mla_latent_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
+    """(saved, of which the norms' own) before MLA's up-projections: the down-projections' outputs (the
+    key/value one whole, the latent norm reads a view of it), the latent norms' 1/rms and normed
+    values (this rank's tokens), and the latents [query input; c_KV; k_R] the up-projections read."""
+    lt, rope, kv = s.local_tokens, c.qk_pos_emb_head_dim, c.kv_lora_rank
+    latent = (c.q_lora_rank or c.hidden_size) + kv + rope
+    q_down = lt * FP32 * c.q_lora_rank
+    norms = lt * FP32 * ((c.q_lora_rank + 1 if c.q_lora_rank else 0) + kv + 1)
+    return q_down + lt * FP32 * (kv + rope) + norms + s.tokens * s.gemm_bytes * latent, norms
+
+
+def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
+    """The attention after its input norm as (kind, saved, GEMM inputs, recomputed, kept if recomputed)
+    in forward order. SDPA's fused kernel keeps q, k, v, its output and the log-sum-exp; MLA's values
+    and output are padded to the query/key head dim (model/mla.py)."""
     t, g = s.tokens, s.gemm_bytes
     heads = c.num_attention_heads // s.tp
+    lse = t * FP32 * heads
     if not c.multi_latent_attention:
         groups, d = c.num_query_groups // s.tp, c.head_dim
-        core = t * g * (2 * heads * d + 2 * groups * d) + t * FP32 * heads
-        return core + 2 * s.seq * d * FP32, t * g * heads * d
-    qk, rope, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
-    latent = (c.q_lora_rank or c.hidden_size) + c.kv_lora_rank + rope
-    up = t * g * (heads * qk * 2 + heads * (c.qk_head_dim + v) + heads * v) + t * FP32 * heads
-    return mla_latent_bytes(c, s) + up + 2 * s.seq * rope * FP32, t * g * (latent + heads * v)
+        qkv = t * g * (heads * d + 2 * groups * d)
+        out = t * g * heads * d
+        # SDPA's output is [s, b, heads, d] in memory: the output projection keeps a view of it, so a
+        # recomputed core attention frees only the log-sum-exp
+        return [("attention: q, k, v", qkv + 2 * s.seq * d * FP32, 0.0, False, 0.0),
+                ("attention: core", out + lse, out, "core_attn" in mods, out)]
+    qk, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim
+    latents, norms = mla_latent_bytes(c, s)
+    norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
+    tables = 2 * s.seq * c.qk_pos_emb_head_dim * FP32
+    q_k = 2 * t * g * heads * qk
+    kv_up = t * g * heads * (c.qk_head_dim + v)  # what core_attn keeps of v: the key/value up-projection
+    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
+    latent_gemm_in = t * g * ((c.q_lora_rank or c.hidden_size) + c.kv_lora_rank + c.qk_pos_emb_head_dim)
+    pieces = [("MLA: latents", latents, latent_gemm_in, norm_recomputed, latents - norms)]
+    if {"mla_up_proj", "core_attn"} <= mods:
+        pieces.append(("MLA: up-projections and core", tables + q_k + core, 0.0, True, 0.0))
+    else:
+        pieces.append(("MLA: q, k (RoPE tables)", tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
+        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
+    pieces.append(("attention: proj input", t * g * heads * v, t * g * heads * v, False, 0.0))
+    return pieces
 
 
 def mlp_bytes(tokens: float, ffn: int, gemm_bytes: int) -> float:
-    """gate, up, silu(gate) and the down projection's input."""
-    return tokens * gemm_bytes * 4 * ffn
+    """gate, up (kept by the SwiGLU, which recomputes silu(gate)) and the down projection's input."""
+    return tokens * gemm_bytes * 3 * ffn
 
 
 def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> Activations:
     """One micro-batch of one layer on one rank, selective recomputation applied, pieces in forward order."""
-    return dataclasses.replace(_layer_activations(c, s, c.is_moe_layer(layer), plan))
+    acts = _layer_activations(c, s, c.is_moe_layer(layer), plan)
+    return dataclasses.replace(acts, kinds=dict(acts.kinds))
+
+
+def layer_breakdown(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> dict[str, float]:
+    """Bytes one micro-batch of `layer` keeps for its backward on one rank, by tensor kind."""
+    return dict(layer_activations(c, s, layer, plan).kinds)
 
 
 @cache  # the planner's search asks for the same few layers thousands of times
 def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan) -> Activations:
     mods, t, h, g = plan.selective_modules, s.tokens, c.hidden_size, s.gemm_bytes
-    local_t = t // s.tp if s.sequence_parallel else t
     norm, norm_gemm_in = norm_bytes(s, h)
-    norm_kept = local_t * FP32 * h + norm_gemm_in  # its input, and its output the GEMMs hold
+    norm_kept = s.local_tokens * FP32 * h + norm_gemm_in  # its input, and its output the GEMMs hold
     acts = Activations()
-    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept)
-    saved, gemm_in = attention_bytes(c, s)
-    heads = c.num_attention_heads // s.tp
-    # The attention output stays (the output projection saves a view of it): a recomputed core
-    # attention frees only the log-sum-exp, and its backward recomputes both.
-    lse = t * FP32 * heads
-    out = t * g * heads * (c.v_head_dim if c.multi_latent_attention else c.head_dim)
-    if c.multi_latent_attention and {"mla_up_proj", "core_attn"} <= mods:
-        acts.add(saved, gemm_in, True, kept_inputs=mla_latent_bytes(c, s) + out, recomputed_extra=out)
-    else:
-        acts.add(saved - lse, gemm_in)
-        acts.add(lse, 0.0, "core_attn" in mods, recomputed_extra=out)
-    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept)
+    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept, kind="input norm")
+    for kind, saved, gemm_in, recomputed, kept in attention_pieces(c, s, mods):
+        acts.add(saved, gemm_in, recomputed, kept_inputs=kept, kind=kind)
+    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
     if not moe:
         ffn = c.ffn_hidden_size // s.tp
-        acts.add(mlp_bytes(t, ffn, g), t * g * ffn, "mlp" in mods)
+        acts.add(mlp_bytes(t, ffn, g), t * g * ffn, "mlp" in mods, kind="MLP")
     else:
         acts += moe_activations(c, s, mods)
     return acts
@@ -176,19 +211,23 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     rows = t * distinct_ranks_per_token(c, s.ep)
     pairs, f = t * k, c.moe_ffn_hidden_size
     router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
-    dispatch = rows * (2 * INT64 + k) + rows * FP32 * h if s.ep > 1 else 0.0  # EP1: no dispatcher
-    expert_mlp = pairs * g * 4 * f
-    experts = pairs * (2 * INT64 + FP32 * (1 + 2 * h) + g * h) + expert_mlp
+    dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
+    # per pair: its row and slot (int64), the gathered row, the gate; gate, up and the down's input
+    gathered = pairs * (2 * INT64 + g * h + g)
+    swiglu_in = codec_bytes(pairs, f) * 2 if "moe_act" in mods else pairs * g * 2 * f
     shared_ffn = c.moe_shared_expert_intermediate_size // s.tp
     shared = mlp_bytes(s.tokens, shared_ffn, g)
-    gemm_inputs = pairs * g * (h + f) + s.tokens * g * shared_ffn
     acts = Activations()
     if "moe" in mods:
-        acts.add(router + dispatch + experts + shared, gemm_inputs, True)
+        acts.add(router + dispatch + gathered + swiglu_in + pairs * g * f + shared,
+                 pairs * g * (h + f) + s.tokens * g * shared_ffn, True, kind="MoE (recomputed)")
         return acts
-    acts.add(router + dispatch + experts - pairs * g * f, gemm_inputs - s.tokens * g * shared_ffn)
-    acts.add(pairs * g * f, 0.0, "moe_act" in mods)
-    acts.add(shared, s.tokens * g * shared_ffn, "shared_experts" in mods)
+    acts.add(router, kind="router")
+    acts.add(dispatch, kind="dispatch and combine")
+    acts.add(gathered, pairs * g * h, kind="experts: rows, gates")
+    acts.add(swiglu_in, kind="experts: SwiGLU input")
+    acts.add(pairs * g * f, pairs * g * f, kind="experts: down input")
+    acts.add(shared, s.tokens * g * shared_ffn, "shared_experts" in mods, kind="shared expert")
     return acts
 
 
@@ -198,7 +237,7 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
     t, h = s.tokens, c.hidden_size
     acts = Activations()
     if embedding:
-        acts.add(t * INT64)
+        acts.add(t * INT64, kind="token ids")
     full = {group.start: group for group in plan.full_layer_groups(len(layers))}
     position = 0
     while position < len(layers):
@@ -211,10 +250,11 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
         for i in group:
             whole += layer_activations(c, s, layers[i], RecomputePlan())
         local_t = t // s.tp if s.sequence_parallel else t
-        acts.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h)
+        acts.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h,
+                 kind="recomputed layers' inputs")
         position = group.stop
     if head:
-        acts.add(*head_bytes(c, s))
+        acts.add(*head_bytes(c, s), kind="head and loss")
         for depth in range(c.mtp_num_layers):
             acts += mtp_activations(c, s, depth, plan)
     return acts
@@ -233,9 +273,9 @@ def mtp_activations(c: ModelConfig, s: Shape, depth: int, plan: RecomputePlan) -
     local_t = t // s.tp if s.sequence_parallel else t
     norms = 2 * local_t * FP32 * (2 * h + 1)
     acts = Activations()
-    acts.add(t * INT64 + norms + local_t * s.gemm_bytes * 2 * h, local_t * s.gemm_bytes * 2 * h)
+    acts.add(t * INT64 + norms + local_t * s.gemm_bytes * 2 * h, local_t * s.gemm_bytes * 2 * h, kind="MTP inputs")
     acts += layer_activations(c, s, c.num_layers + depth, plan)
-    acts.add(*head_bytes(c, s))
+    acts.add(*head_bytes(c, s), kind="head and loss")
     return acts
 
 

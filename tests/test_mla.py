@@ -147,9 +147,9 @@ def test_every_linear_runs_through_the_layers_gemm():
     """So FP8 covers every projection, and the W split (its store, passed to the GEMM) every weight."""
     seen = set()
 
-    def gemm(x, weight, wgrad_store=None):
+    def gemm(x, weight, wgrad_store=None, cache=None):
         seen.add(id(weight))
-        return linear(x, weight, wgrad_store)
+        return linear(x, weight, wgrad_store, cache)
 
     for config in (CFG, NO_Q_LORA):
         module = mla(config, gemm=gemm)
