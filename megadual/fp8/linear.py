@@ -45,7 +45,10 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.weight = weight  # the parameter itself: see weight_grad_now_or_deferred
         ctx.wgrad_store = store_for_forward(wgrad_store)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        y = y.to(x.dtype)
+        if y.untyped_storage().nbytes() > y.nbytes:  # a view of the GEMM's padded result: not kept whole
+            y = y.clone()
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
