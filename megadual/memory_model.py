@@ -3,18 +3,26 @@ memory report (training/memory.py) measures.
 
 Parameters, gradients and optimizer state are counted per parameter tensor of the stages a rank
 holds (DualPipe: both copies). Activations are counted per micro-batch and stage, layer type by
-layer type, as the tensors our layers save for the backward (fp32 unless said otherwise):
+layer type, as the tensors our layers save for the backward, in the dtypes a `Precision` gives them
+(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights; BF16 weights under
+the distributed optimizer; FP8 linears keeping E4M3 copies along the tokens). Per layer
+(`layer_breakdown`: by tensor kind; tests/test_layer_memory.py holds each kind to the saved-tensor
+hooks, byte for byte):
 
-    norm (RMSNorm)       its input, 1/rms, the normed values, its output (saved by the next GEMM)
-    MHA                  q, k, v, the attention output and the log-sum-exp; RoPE tables (per position)
-    MLA                  the latents and their norms, q and k (with RoPE), the key/value up-projection,
-                         the attention output and the log-sum-exp
-    dense MLP / expert   gate, up, silu(gate), and the down projection's input
-    router               scores, their sum, the top-k ids (int64) and gates; per sequence the balance loss's
-    dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here mask;
-                         the rows coming back (none without expert parallelism: no dispatcher)
-    routed experts       per (token, expert) pair the expert's input and output, its gate, the
-                         pair's row and slot (int64), and the expert MLP's own
+    norm (RMSNorm)       its FP32 input, 1/rms, the normed values; its output as its readers keep it
+    MHA                  one copy of the input for q, k, v; q, k, v, the output and log-sum-exp of SDPA's
+                         fused kernel; RoPE tables; the output projection's input (a view without FP8)
+    MLA                  one copy of the input for both down-projections; the latent norms (recomputed
+                         under layernorm / mla_up_proj); the latents as the up-projections keep them;
+                         q, k, values and output padded to the query/key head dim, the log-sum-exp
+    dense MLP / shared   gate and up (silu recomputed), the down projection's input
+    router               its input as it came (no FP32 copy), scores, their sum, the top-k ids (int64)
+                         and gates; per sequence the balance loss's
+    dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here
+                         mask (none without expert parallelism: no dispatcher); the rows move by index
+    routed experts       per (token, expert) pair its row and slot (int64), the gate, the row as the
+                         GEMMs keep it, gate and up (E4M3 tiles under moe_act), the down projection's
+                         input (the gate scales it: no expert output is kept)
     head and loss        the final norm, the fp32 softmax over the vocabulary, the labels
     embedding            the token ids (int64)
     MTP module (each)    the token ids, enorm and hnorm, eh_proj's input, its layer, its norm and the
@@ -295,7 +303,7 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
         acts.add(router + dispatch + gathered + swiglu_in + down_in + shared, rows_in + down_in + shared_in, True,
                  kept_inputs=s.tokens * a * h, kind="MoE (recomputed)")
         return acts
-    acts.add(router, kind="router")
+    acts.add(router, t * a * h, kind="router")
     acts.add(dispatch, kind="dispatch and combine")
     acts.add(gathered, rows_in, kind="experts: rows, gates")
     acts.add(swiglu_in, kind="experts: SwiGLU input")

@@ -4,9 +4,8 @@ measured with the memory report's saved-tensor hooks (training/memory.py) on one
     python scripts/bench_layer_memory.py [--seq 256] [--precision bf16-fp8] [--recompute-modules ...]
 
 The layer is V3's (hidden 7168, 128 heads, MLA ranks q 1536 / kv 512 / qk 128 / rope 64 / v 128,
-8 routed of 256 experts with FFN 2048, one shared expert of 2048), one process, micro-batch 1. The
-256 routed experts are one expert's module under 256 names, so their weights fit a small machine;
-what a layer saves depends on the (token, expert) pairs, not on which weights they meet. Precision
+8 routed of 256 experts with FFN 2048, one shared expert of 2048), one process, micro-batch 1,
+measured as the EP rank that holds a token's 8 experts (see build_layer). Precision
 `bf16-fp8` is DeepSeek's: BF16 weights and autocast, FP8 GEMMs; the default recomputation is
 DeepSeek's too (the norms and MLA's up-projections; the SwiGLU from its FP8-cached input). Prints
 one markdown row: KB (1000 bytes) per token, planned against measured.
@@ -22,6 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from megadual.parallel.recompute import RecomputePlan
+
+try:
+    from megadual.memory_model import Precision, Shape, layer_activations
+except ImportError:  # measuring an older tree
+    pass
 from megadual.model.block import TransformerLayer
 from megadual.model.yarn import mla_rope_frequencies
 from megadual.parallel.context import BuildContext
@@ -52,10 +57,11 @@ def build_layer(seq: int, bf16: bool, fp8: bool) -> tuple[TransformerLayer, obje
         gemm = fp8.fp8_linear
     with torch.device("meta"):
         layer = TransformerLayer(config, 0, BuildContext(gemm=gemm))
-    experts = layer.mlp.experts.local
-    one = next(iter(experts.values()))
-    for name in list(experts):
-        experts[name] = one
+    # One EP rank's share: every token's 8 experts on it (the router's bias steers them there), the
+    # 8 experts one module under 8 names, so the weights fit a small machine and every expert GEMM
+    # runs; what the layer keeps depends on the (token, expert) pairs, not on which weights they meet.
+    one = layer.mlp.experts.local["0"]
+    layer.mlp.experts.local = torch.nn.ModuleDict({str(i): one for i in range(config.moe_router_topk)})
     layer = layer.to_empty(device="cpu")
     layer.attention.rope_frequencies = mla_rope_frequencies(config)  # a plain tensor, made on meta
     generator = torch.Generator().manual_seed(0)
@@ -65,12 +71,19 @@ def build_layer(seq: int, bf16: bool, fp8: bool) -> tuple[TransformerLayer, obje
         for module in layer.modules():
             if type(module).__name__ == "RMSNorm":
                 module.weight.fill_(1.0)
-        layer.mlp.router.expert_bias.zero_()
+        layer.mlp.router.expert_bias.zero_()[:config.moe_router_topk] = 100.0
     return (layer.to(torch.bfloat16) if bf16 else layer), config
 
 
-def measure(seq: int, precision: str, modules: list[str]) -> tuple[int, int]:
-    """(bytes saved, tokens) of one layer's forward."""
+def planned(config, seq: int, precision: str, modules: list[str]) -> float:
+    """What megadual/memory_model.py counts for the layer."""
+    bf16, fp8 = PRECISIONS[precision]
+    shape = Shape(seq, 1, precision=Precision(autocast=bf16, bf16_weights=bf16, fp8=fp8))
+    return layer_activations(config, shape, 0, RecomputePlan("selective", modules=frozenset(modules))).kept
+
+
+def measure(seq: int, precision: str, modules: list[str]) -> tuple[int, object]:
+    """(bytes saved, the model config) of one layer's forward."""
     bf16, fp8 = PRECISIONS[precision]
     layer, config = build_layer(seq, bf16, fp8)
     recompute = Recompute(frozenset(modules))
@@ -82,7 +95,7 @@ def measure(seq: int, precision: str, modules: list[str]) -> tuple[int, int]:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
         saved, _ = saved_by(layer.forward_steps, (x,), layer.parameters(), recompute)
-    return saved, seq
+    return saved, config
 
 
 def main() -> None:
@@ -92,9 +105,13 @@ def main() -> None:
     parser.add_argument("--recompute-modules", nargs="*", default=DEEPSEEK_RECOMPUTE)
     args = parser.parse_args()
     torch.manual_seed(0)
-    saved, tokens = measure(args.seq, args.precision, args.recompute_modules)
+    saved, config = measure(args.seq, args.precision, args.recompute_modules)
+    try:
+        plan = f"{planned(config, args.seq, args.precision, args.recompute_modules) / args.seq / 1000:.1f}"
+    except NameError:  # a tree without the precision-aware planner
+        plan = "-"
     print(f"| {args.precision} | {' '.join(args.recompute_modules) or '-'} | {args.seq} | "
-          f"{saved / tokens / 1000:.1f} |")
+          f"{saved / args.seq / 1000:.1f} | {plan} |")
 
 
 if __name__ == "__main__":
