@@ -8,7 +8,7 @@ The layer is V3's (hidden 7168, 128 heads, MLA ranks q 1536 / kv 512 / qk 128 / 
 measured as the EP rank that holds a token's 8 experts (see build_layer). Precision
 `bf16-fp8` is DeepSeek's: BF16 weights and autocast, FP8 GEMMs; the default recomputation is
 DeepSeek's too (the norms and MLA's up-projections; the SwiGLU from its FP8-cached input). Prints
-one markdown row: KB (1000 bytes) per token, planned against measured.
+one markdown row: KB (1000 bytes) per token.
 """
 from __future__ import annotations
 
@@ -21,12 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from megadual.parallel.recompute import RecomputePlan
-
-try:
-    from megadual.memory_model import Precision, Shape, layer_activations
-except ImportError:  # measuring an older tree
-    pass
 from megadual.model.block import TransformerLayer
 from megadual.model.yarn import mla_rope_frequencies
 from megadual.parallel.context import BuildContext
@@ -41,7 +35,9 @@ V3 = ["--mock-data", "--vocab-size", "512", "--num-layers", "1", "--hidden-size"
       "--moe-router-topk", "8", "--moe-ffn-hidden-size", "2048", "--moe-shared-expert-intermediate-size", "2048",
       "--moe-first-k-dense", "0", "--micro-batch-size", "1", "--global-batch-size", "1"]
 PRECISIONS = {"fp32": (False, False), "bf16": (True, False), "fp8": (False, True), "bf16-fp8": (True, True)}
-DEEPSEEK_RECOMPUTE = ["layernorm", "mla_up_proj", "moe_act"]
+# DeepSeek recomputes the norms and MLA's up-projections (so q, k, v are not kept: with core_attn,
+# one region from the latents), and the SwiGLU from its FP8 input
+DEEPSEEK_RECOMPUTE = ["layernorm", "mla_up_proj", "core_attn", "moe_act"]
 
 
 def build_layer(seq: int, bf16: bool, fp8: bool) -> tuple[TransformerLayer, object]:
@@ -75,13 +71,6 @@ def build_layer(seq: int, bf16: bool, fp8: bool) -> tuple[TransformerLayer, obje
     return (layer.to(torch.bfloat16) if bf16 else layer), config
 
 
-def planned(config, seq: int, precision: str, modules: list[str]) -> float:
-    """What megadual/memory_model.py counts for the layer."""
-    bf16, fp8 = PRECISIONS[precision]
-    shape = Shape(seq, 1, precision=Precision(autocast=bf16, bf16_weights=bf16, fp8=fp8))
-    return layer_activations(config, shape, 0, RecomputePlan("selective", modules=frozenset(modules))).kept
-
-
 def measure(seq: int, precision: str, modules: list[str]) -> tuple[int, object]:
     """(bytes saved, the model config) of one layer's forward."""
     bf16, fp8 = PRECISIONS[precision]
@@ -106,12 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     saved, config = measure(args.seq, args.precision, args.recompute_modules)
-    try:
-        plan = f"{planned(config, args.seq, args.precision, args.recompute_modules) / args.seq / 1000:.1f}"
-    except NameError:  # a tree without the precision-aware planner
-        plan = "-"
     print(f"| {args.precision} | {' '.join(args.recompute_modules) or '-'} | {args.seq} | "
-          f"{saved / args.seq / 1000:.1f} | {plan} |")
+          f"{saved / args.seq / 1000:.1f} |")
 
 
 if __name__ == "__main__":
