@@ -3,18 +3,26 @@ memory report (training/memory.py) measures.
 
 Parameters, gradients and optimizer state are counted per parameter tensor of the stages a rank
 holds (DualPipe: both copies). Activations are counted per micro-batch and stage, layer type by
-layer type, as the tensors our layers save for the backward (fp32 unless said otherwise):
+layer type, as the tensors our layers save for the backward, in the dtypes a `Precision` gives them
+(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights; BF16 weights under
+the distributed optimizer; FP8 linears keeping E4M3 copies along the tokens). Per layer
+(`layer_breakdown`: by tensor kind; tests/test_layer_memory.py holds each kind to the saved-tensor
+hooks, byte for byte):
 
-    norm (RMSNorm)       its input, 1/rms, the normed values, its output (saved by the next GEMM)
-    MHA                  q, k, v, the attention output and the log-sum-exp; RoPE tables (per position)
-    MLA                  the latents and their norms, q and k (with RoPE), the key/value up-projection,
-                         the attention output and the log-sum-exp
-    dense MLP / expert   gate, up, silu(gate), and the down projection's input
-    router               scores, their sum, the top-k ids (int64) and gates; per sequence the balance loss's
-    dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here mask;
-                         the rows coming back (none without expert parallelism: no dispatcher)
-    routed experts       per (token, expert) pair the expert's input and output, its gate, the
-                         pair's row and slot (int64), and the expert MLP's own
+    norm (RMSNorm)       its FP32 input, 1/rms, the normed values; its output as its readers keep it
+    MHA                  one copy of the input for q, k, v; q, k, v, the output and log-sum-exp of SDPA's
+                         fused kernel; RoPE tables; the output projection's input (a view without FP8)
+    MLA                  one copy of the input for both down-projections; the latent norms (recomputed
+                         under layernorm / mla_up_proj); the latents as the up-projections keep them;
+                         q, k, values and output padded to the query/key head dim, the log-sum-exp
+    dense MLP / shared   gate and up (silu recomputed), the down projection's input
+    router               its input as it came (no FP32 copy), scores, their sum, the top-k ids (int64)
+                         and gates; per sequence the balance loss's
+    dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here
+                         mask (none without expert parallelism: no dispatcher); the rows move by index
+    routed experts       per (token, expert) pair its row and slot (int64), the gate, the row as the
+                         GEMMs keep it, gate and up (E4M3 tiles under moe_act), the down projection's
+                         input (the gate scales it: no expert output is kept)
     head and loss        the final norm, the fp32 softmax over the vocabulary, the labels
     embedding            the token ids (int64)
     MTP module (each)    the token ids, enorm and hnorm, eh_proj's input, its layer, its norm and the
@@ -45,6 +53,43 @@ FP32, INT64 = 4, 8
 
 
 @dataclass(frozen=True)
+class Precision:
+    """What a run computes and keeps in: --bf16 autocast, BF16 model weights (the distributed
+    optimizer under --bf16, which keeps the FP32 masters itself) and FP8 linears (--fp8-format)."""
+    autocast: bool = False
+    bf16_weights: bool = False
+    fp8: bool = False
+
+    @classmethod
+    def of_run(cls, bf16: bool, distributed_optimizer: bool, fp8: bool) -> Precision:
+        return cls(bf16, bf16 and distributed_optimizer, fp8)
+
+    @property
+    def stream(self) -> int:
+        """Bytes per element of the hidden states between the layers (norm outputs, expert rows)."""
+        return 2 if self.bf16_weights else FP32
+
+    @property
+    def gemm_out(self) -> int:
+        """Bytes per element of a linear's output: BF16 under autocast, the input's dtype with FP8."""
+        return 2 if self.autocast and not self.fp8 else self.stream
+
+    def keeps(self, rows: float, cols: float, x_bytes: int, new: bool = True) -> float:
+        """What the linears reading one [rows, cols] input (of x_bytes per element) keep of it: an FP8
+        copy along the tokens with one scale per 128 of them, autocast's one BF16 cast, or x itself
+        (`new`: not held by anyone else already)."""
+        if self.fp8:
+            return rows * cols + cols * ceil_div(rows, 128) * FP32
+        if self.autocast and x_bytes != 2:
+            return rows * cols * 2
+        return rows * cols * x_bytes if new else 0.0
+
+    def weight_copies(self, elements: float) -> float:
+        """Autocast's BF16 copies of FP32 weights, which each GEMM keeps for its backward."""
+        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0
+
+
+@dataclass(frozen=True)
 class Shape:
     """What sizes one rank's layers run at: the micro-batch, TP (sequence parallel), EP, dtypes."""
     seq: int
@@ -54,11 +99,22 @@ class Shape:
     ep: int = 1
     gemm_bytes: int = FP32  # what a GEMM saves its input in: 4, 2 under bf16 autocast, 1 with FP8 caches
     num_groups: int = 0  # nodes (or virtual node groups) of node-limited routing; 0: none
-    bf16_weights: bool = False  # the model holds BF16 weights (the distributed optimizer under --bf16)
+    precision: Precision | None = None  # None: read from gemm_bytes (4 FP32, 2 autocast, 1 FP8)
+
+    @property
+    def p(self) -> Precision:
+        if self.precision is not None:
+            return self.precision
+        return Precision(autocast=self.gemm_bytes == 2, fp8=self.gemm_bytes == 1)
 
     @property
     def tokens(self) -> int:
         return self.seq * self.micro_batch
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens this TP rank holds outside TP regions (its part of the sequence under sequence parallelism)."""
+        return self.tokens // self.tp if self.sequence_parallel else self.tokens
 
     @property
     def routed_tokens(self) -> int:
@@ -82,16 +138,14 @@ class Activations:
     kinds: Mapping[str, float] = field(default_factory=dict)
 
     def add(self, saved: float, gemm_inputs: float = 0.0, recomputed: bool = False, kept_inputs: float = 0.0,
-            recomputed_extra: float = 0.0, kind: str | Mapping[str, float] = "unsplit") -> None:
+            recomputed_extra: float = 0.0, kind: str | Mapping[str, float] = "other") -> None:
         """The next piece in forward order: it saves `saved` bytes, `gemm_inputs` of them GEMM
         inputs; recomputed, only `kept_inputs` stay, and its backward recomputes the rest and
         `recomputed_extra` (copies of tensors still held outside the region). `kind`: what the
-        saved bytes are, one name or bytes by name summing to `saved` (the kept inputs of a
-        recomputed piece count as "recomputation inputs")."""
+        kept bytes are, one name or bytes by name summing to what is kept."""
         transient = saved - kept_inputs + recomputed_extra if recomputed else -math.inf
         kept = kept_inputs if recomputed else saved
-        kinds = {"recomputation inputs": kept} if recomputed else \
-            dict(kind) if isinstance(kind, Mapping) else {kind: saved}
+        kinds = dict(kind) if isinstance(kind, Mapping) else {kind: kept}
         self += Activations(kept, gemm_inputs, transient, transient, kinds)
 
     def named(self, part: str) -> Activations:
@@ -120,70 +174,121 @@ def distinct_ranks_per_token(config: ModelConfig, ep: int) -> float:
     return ep * (1.0 - math.comb(e - per_rank, k) / math.comb(e, k))
 
 
+def ceil_div(n: float, d: int) -> float:
+    return -(-n // d)
+
+
+def codec_bytes(rows: float, cols: int) -> float:
+    """An E4M3 copy of [rows, cols] in 1 x 128 tiles along cols, with its FP32 scales (moe_act's cache)."""
+    return rows * cols + rows * ceil_div(cols, 128) * FP32
+
+
+def per_expert_keeps(p: Precision, pairs: float, cols: int, experts: int, x_bytes: int) -> float:
+    """What the experts' linears keep of their [pairs, cols] input, one GEMM per expert (FP8 scales
+    per 128 of each expert's rows; balanced load)."""
+    if p.fp8:
+        return pairs * cols + cols * experts * ceil_div(pairs / max(experts, 1), 128) * FP32
+    return p.keeps(pairs, cols, x_bytes)
+
+
 def norm_bytes(s: Shape, hidden: int) -> tuple[float, float]:
-    """(saved bytes, of which the GEMM input) of an RMSNorm followed by GEMMs: its input, 1/rms and
-    the normed values (fp32, this rank's tokens under sequence parallelism), and its output as
-    the GEMMs save it (the whole sequence)."""
-    own = s.tokens // (s.tp if s.sequence_parallel else 1) * FP32 * (2 * hidden + 1)
-    return own + s.tokens * s.gemm_bytes * hidden, s.tokens * s.gemm_bytes * hidden
+    """(saved, kept when recomputed) of an RMSNorm on this rank's tokens: its FP32 input, 1/rms and the
+    normed values; recomputed, its input as it came. Its output is counted with its readers."""
+    lt = s.local_tokens
+    return lt * FP32 * (2 * hidden + 1), lt * s.p.stream * hidden
 
 
-def mla_latent_bytes(c: ModelConfig, s: Shape) -> float:
-    """What MLA saves before its up-projections: the down-projections' outputs and their norms, and
-    the latents [query input; c_KV; k_R] the up-projections read."""
-    t, rope = s.tokens, c.qk_pos_emb_head_dim
-    latent = (c.q_lora_rank or c.hidden_size) + c.kv_lora_rank + rope
-    q_norm = 2 * c.q_lora_rank + 1 if c.q_lora_rank else 0
-    return t * FP32 * (q_norm + c.kv_lora_rank + rope + c.kv_lora_rank + 1) + t * s.gemm_bytes * latent
+def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
+    """MLA after its input norm (see attention_pieces)."""
+    p, t, lt = s.p, s.tokens, s.local_tokens
+    g, a, heads = p.gemm_out, p.stream, c.num_attention_heads // s.tp
+    ql, kv, rope, qk, v = c.q_lora_rank, c.kv_lora_rank, c.qk_pos_emb_head_dim, c.qk_head_dim + c.qk_pos_emb_head_dim, \
+        c.v_head_dim
+    h = c.hidden_size
+    x_in = p.keeps(lt, h, a)
+    # the latent norms (FP32 input copies, 1/rms, normed values); recomputed, the down-projections' outputs
+    norms = (lt * FP32 * (2 * ql + 1) if ql else 0.0) + lt * FP32 * (kv + (rope if g == FP32 else 0) + kv + 1)
+    norms_kept = lt * g * (ql + kv + rope)
+    latent_bytes = g if ql else max(a, g)  # [query input; c_KV; k_R], the query input x without q-lora
+    if p.fp8 or (p.autocast and latent_bytes != 2):  # the up-projections quantize (cast) their two views
+        latents = p.keeps(t, ql or h, latent_bytes) + p.keeps(t, kv, latent_bytes)
+    else:
+        latents = t * latent_bytes * ((ql or h) + kv + rope)
+    weights = p.weight_copies(h * (ql + kv + rope))
+    up_weights = p.weight_copies((ql or h) * heads * qk + kv * heads * (qk - rope + v))
+    tables = 2 * s.seq * rope * FP32
+    q_k = 2 * t * g * heads * qk
+    lse = t * FP32 * heads
+    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
+    kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
+    norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
+    pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0),
+              ("MLA: latent norms", norms, 0.0, norm_recomputed, norms_kept),
+              # recomputed up-projections drop their copies: their region keeps the latents as they are
+              ("MLA: latents", latents, latents, "mla_up_proj" in mods, t * latent_bytes * ((ql or h) + kv + rope))]
+    if {"mla_up_proj", "core_attn"} <= mods:
+        pieces.append(("MLA: up-projections and core", up_weights + tables + q_k + core, 0.0, True, 0.0))
+    else:
+        pieces.append(("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
+        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
+    proj = p.keeps(t, heads * v, g) + p.weight_copies(heads * v * h)
+    pieces.append(("attention: proj input", proj, proj, False, 0.0))
+    return pieces
 
 
-def attention_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
-    """(saved, GEMM inputs) of the attention after its input norm, per micro-batch on one TP rank."""
-    t, g = s.tokens, s.gemm_bytes
-    heads = c.num_attention_heads // s.tp
-    if not c.multi_latent_attention:
-        groups, d = c.num_query_groups // s.tp, c.head_dim
-        core = t * g * (2 * heads * d + 2 * groups * d) + t * FP32 * heads
-        return core + 2 * s.seq * d * FP32, t * g * heads * d
-    qk, rope, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
-    latent = (c.q_lora_rank or c.hidden_size) + c.kv_lora_rank + rope
-    up = t * g * (heads * qk * 2 + heads * (c.qk_head_dim + v) + heads * v) + t * FP32 * heads
-    return mla_latent_bytes(c, s) + up + 2 * s.seq * rope * FP32, t * g * (latent + heads * v)
+def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
+    """The attention after its input norm as (kind, saved, GEMM inputs, recomputed, kept if recomputed)
+    in forward order. SDPA's fused kernel keeps q, k, v, its output and the log-sum-exp; MLA's values
+    and output are padded to the query/key head dim (model/mla.py)."""
+    if c.multi_latent_attention:
+        return mla_pieces(c, s, mods)
+    p, t = s.p, s.tokens
+    g, heads, h = p.gemm_out, c.num_attention_heads // s.tp, c.hidden_size
+    groups, d = c.num_query_groups // s.tp, c.head_dim
+    x_in = p.keeps(t, h, p.stream)
+    weights = p.weight_copies(h * d * (2 * heads + 2 * groups))
+    qkv = t * g * (heads * d + 2 * groups * d)
+    out, lse = t * g * heads * d, t * FP32 * heads
+    # SDPA's output is [s, b, heads, d] in memory: the output projection reads a view of it, so a
+    # recomputed core attention frees only the log-sum-exp (the FP8 projection keeps its own copy)
+    proj = p.keeps(t, heads * d, g, new=False)
+    return [("attention: q, k, v", x_in + weights + qkv + 2 * s.seq * d * FP32, x_in, False, 0.0),
+            ("attention: core", out + lse, out, "core_attn" in mods, 0.0 if p.fp8 else out),
+            ("attention: proj input", proj, proj, False, 0.0)]
 
 
-def mlp_bytes(tokens: float, ffn: int, gemm_bytes: int) -> float:
-    """gate, up, silu(gate) and the down projection's input."""
-    return tokens * gemm_bytes * 4 * ffn
+def mlp_bytes(p: Precision, tokens: float, hidden: int, ffn: int, input_new: bool = True) -> tuple[float, float]:
+    """(saved, GEMM inputs) of a SwiGLU MLP: what gate and up keep of its input, gate and up (kept by the
+    SwiGLU, which recomputes silu(gate)) and the down projection's input."""
+    g = p.gemm_out
+    x_in = p.keeps(tokens, hidden, p.stream, new=input_new)
+    down_in = p.keeps(tokens, ffn, g)
+    return x_in + tokens * g * 2 * ffn + down_in + p.weight_copies(3 * hidden * ffn), x_in + down_in
 
 
 def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> Activations:
     """One micro-batch of one layer on one rank, selective recomputation applied, pieces in forward order."""
-    return dataclasses.replace(_layer_activations(c, s, c.is_moe_layer(layer), plan))
+    acts = _layer_activations(c, s, c.is_moe_layer(layer), plan)
+    return dataclasses.replace(acts, kinds=dict(acts.kinds))
+
+
+def layer_breakdown(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> dict[str, float]:
+    """Bytes one micro-batch of `layer` keeps for its backward on one rank, by tensor kind."""
+    return dict(layer_activations(c, s, layer, plan).kinds)
 
 
 @cache  # the planner's search asks for the same few layers thousands of times
 def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan) -> Activations:
-    mods, t, h, g = plan.selective_modules, s.tokens, c.hidden_size, s.gemm_bytes
-    local_t = t // s.tp if s.sequence_parallel else t
-    norm, norm_gemm_in = norm_bytes(s, h)
-    norm_kept = local_t * FP32 * h + norm_gemm_in  # its input, and its output the GEMMs hold
+    mods, t, h = plan.selective_modules, s.tokens, c.hidden_size
+    norm, norm_kept = norm_bytes(s, h)
     acts = Activations()
-    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept)
-    saved, gemm_in = attention_bytes(c, s)
-    heads = c.num_attention_heads // s.tp
-    # The attention output stays (the output projection saves a view of it): a recomputed core
-    # attention frees only the log-sum-exp, and its backward recomputes both.
-    lse = t * FP32 * heads
-    out = t * g * heads * (c.v_head_dim if c.multi_latent_attention else c.head_dim)
-    if c.multi_latent_attention and {"mla_up_proj", "core_attn"} <= mods:
-        acts.add(saved, gemm_in, True, kept_inputs=mla_latent_bytes(c, s) + out, recomputed_extra=out)
-    else:
-        acts.add(saved - lse, gemm_in)
-        acts.add(lse, 0.0, "core_attn" in mods, recomputed_extra=out)
-    acts.add(norm, norm_gemm_in, "layernorm" in mods, kept_inputs=norm_kept)
+    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="input norm")
+    for kind, saved, gemm_in, recomputed, kept in attention_pieces(c, s, mods):
+        acts.add(saved, gemm_in, recomputed, kept_inputs=kept, kind=kind)
+    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
     if not moe:
-        ffn = c.ffn_hidden_size // s.tp
-        acts.add(mlp_bytes(t, ffn, g), t * g * ffn, "mlp" in mods)
+        saved, gemm_in = mlp_bytes(s.p, t, h, c.ffn_hidden_size // s.tp)
+        acts.add(saved, gemm_in, "mlp" in mods, kept_inputs=t * s.p.stream * h, kind="MLP")
     else:
         acts += moe_activations(c, s, mods)
     return acts
@@ -191,23 +296,31 @@ def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan)
 
 def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activations:
     """The MoE layer after the pre-MLP norm, at balanced load (see the module's doc)."""
-    t, h, g, k, e = s.routed_tokens, c.hidden_size, s.gemm_bytes, c.moe_router_topk, c.num_experts
+    p, t, h, k, e = s.p, s.routed_tokens, c.hidden_size, c.moe_router_topk, c.num_experts
+    g, a = p.gemm_out, p.stream
     rows = t * distinct_ranks_per_token(c, s.ep)
-    pairs, f = t * k, c.moe_ffn_hidden_size
-    router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
-    dispatch = rows * (2 * INT64 + k) + rows * FP32 * h if s.ep > 1 else 0.0  # EP1: no dispatcher
-    expert_mlp = pairs * g * 4 * f
-    experts = pairs * (2 * INT64 + FP32 * (1 + 2 * h) + g * h) + expert_mlp
+    pairs, f, local = t * k, c.moe_ffn_hidden_size, c.num_experts // s.ep
+    # the router keeps its input as it came (and no FP32 copy), its scores and choices
+    router = t * a * h + t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
+    dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
+    # per pair: its row and slot (int64), the gate; what gate and up keep of the row
+    rows_in = per_expert_keeps(p, pairs, h, local, a)
+    gathered = pairs * (2 * INT64 + g) + rows_in + p.weight_copies(local * 3 * h * f)
+    swiglu_in = codec_bytes(pairs, f) * 2 if "moe_act" in mods else pairs * g * 2 * f
+    down_in = per_expert_keeps(p, pairs, f, local, g)
     shared_ffn = c.moe_shared_expert_intermediate_size // s.tp
-    shared = mlp_bytes(s.tokens, shared_ffn, g)
-    gemm_inputs = pairs * g * (h + f) + s.tokens * g * shared_ffn
+    shared, shared_in = (mlp_bytes(p, s.tokens, h, shared_ffn, input_new=False) if shared_ffn else (0.0, 0.0))
     acts = Activations()
     if "moe" in mods:
-        acts.add(router + dispatch + experts + shared, gemm_inputs, True)
+        acts.add(router + dispatch + gathered + swiglu_in + down_in + shared, rows_in + down_in + shared_in, True,
+                 kept_inputs=s.tokens * a * h, kind="MoE (recomputed)")
         return acts
-    acts.add(router + dispatch + experts - pairs * g * f, gemm_inputs - s.tokens * g * shared_ffn)
-    acts.add(pairs * g * f, 0.0, "moe_act" in mods)
-    acts.add(shared, s.tokens * g * shared_ffn, "shared_experts" in mods)
+    acts.add(router, t * a * h, kind="router")
+    acts.add(dispatch, kind="dispatch and combine")
+    acts.add(gathered, rows_in, kind="experts: rows, gates")
+    acts.add(swiglu_in, kind="experts: SwiGLU input")
+    acts.add(down_in, down_in, kind="experts: down input")
+    acts.add(shared, shared_in, "shared_experts" in mods, kind="shared expert")
     return acts
 
 
@@ -229,35 +342,37 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
         whole = Activations()
         for i in group:
             whole += layer_activations(c, s, layers[i], RecomputePlan())
-        local_t = t // s.tp if s.sequence_parallel else t
         part = Activations()
-        part.add(whole.kept, whole.weight_inputs, True, kept_inputs=local_t * FP32 * h)
+        part.add(whole.kept, whole.weight_inputs, True, kept_inputs=s.local_tokens * s.p.stream * h,
+                 kind="recomputed layers' inputs")
         acts += part.named(f"layers {layers[group.start]}-{layers[group.stop - 1]}")
         position = group.stop
     if head:
-        saved, gemm_in = head_bytes(c, s)
-        acts.add(saved, gemm_in, kind="head and loss | unsplit")
+        acts.add(*head_bytes(c, s), kind="head and loss | head, loss")
         for depth in range(c.mtp_num_layers):
             acts += mtp_activations(c, s, depth, plan).named(f"MTP {depth + 1}")
     return acts
 
 
 def head_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
-    """(saved, GEMM inputs) of the final norm, the head and the loss."""
-    saved, gemm_in = norm_bytes(s, c.hidden_size)
-    return saved + s.tokens * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in
+    """(saved, GEMM inputs) of the final norm, the head (full precision: autocast's, never FP8) and the loss."""
+    saved, _ = norm_bytes(s, c.hidden_size)
+    p = s.p
+    gemm_in = dataclasses.replace(p, fp8=False).keeps(s.tokens, c.hidden_size, p.stream)
+    return saved + gemm_in + s.tokens * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in
 
 
 def mtp_activations(c: ModelConfig, s: Shape, depth: int, plan: RecomputePlan) -> Activations:
     """One MTP module (model/mtp.py) after the head: the embedded token ids, enorm and hnorm, eh_proj's
     input [2h], its transformer layer (selective recomputation applied), its norm, the shared head."""
     t, h = s.tokens, c.hidden_size
-    local_t = t // s.tp if s.sequence_parallel else t
+    local_t = s.local_tokens
     norms = 2 * local_t * FP32 * (2 * h + 1)
+    eh_in = s.p.keeps(local_t, 2 * h, s.p.stream)
     acts = Activations()
-    acts.add(t * INT64 + norms + local_t * s.gemm_bytes * 2 * h, local_t * s.gemm_bytes * 2 * h)
+    acts.add(t * INT64 + norms + eh_in, eh_in, kind="MTP inputs")
     acts += layer_activations(c, s, c.num_layers + depth, plan)
-    acts.add(*head_bytes(c, s))
+    acts.add(*head_bytes(c, s), kind="head and loss")
     return acts
 
 

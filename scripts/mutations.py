@@ -161,8 +161,8 @@ MUTATIONS = [
         ("tests/test_mla.py::test_positions_enter_through_the_decoupled_rope_channels_only",),
         "RoPE rotates the heads' non-RoPE channels too"),
     Mutation("mla-kv-latent-not-normed", "megadual/model/mla.py",
-        "torch.cat([query_input, self.kv_norm(c_kv), k_rope], -1)",
-        "torch.cat([query_input, c_kv, k_rope], -1)",
+        "return (None if c_q is None else self.q_norm(c_q)), self.kv_norm(c_kv)",
+        "return (None if c_q is None else self.q_norm(c_q)), c_kv",
         ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[no-q-lora]",),
         "the key/value latent skips its RMSNorm"),
     Mutation("mla-softmax-scale-without-rope-dims", "megadual/model/mla.py",
@@ -527,7 +527,7 @@ MUTATIONS = [
         '--async-save checksums, renames and moves the tracker without waiting for the background write'),
     Mutation(
         "combine-keeps-one-row", "megadual/moe/dispatcher.py",
-        "return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)",
+        "return sum_rows_into(back, d.token_of_row, d.num_tokens)",
         "return back.new_zeros(d.num_tokens, back.shape[-1]).index_copy(0, d.token_of_row, back)",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[EP4-on-2-nodes-M2]",),
         "each hop's combine keeps one of a row's returned results instead of their sum (the "
@@ -954,13 +954,6 @@ MUTATIONS = [
          "tests/test_resume_layouts.py::test_resume_under_another_layout[EP2-distributed-optimizer->TP4]"),
         "--load compares the padded vocabulary, refusing a checkpoint saved at another TP"),
     Mutation(
-        "planner-grouped-gemm-stack-missed", "megadual/rank_memory.py",
-        "    if grouped:  # the grouped GEMM saves its stack",
-        "    if False:  # the grouped GEMM saves its stack",
-        ("tests/test_memory_layouts.py::test_the_grouped_gemms_stacked_weights_are_counted",),
-        "the planner leaves out the stack of expert weights the grouped GEMM saves per micro-batch"),
-    # issue 20 (i20-gpu)
-    Mutation(
         "grad-norm-host-tensor", "megadual/training/grads.py",
         "        total = torch.zeros((), dtype=torch.float64, device=device)\n",
         "        total = torch.zeros((), dtype=torch.float64)\n",
@@ -1074,4 +1067,51 @@ MUTATIONS = [
         'interleaved = hf.get("rope_interleave", False)',
         ("tests/test_oracles_hf.py::test_deepseek_config_json_imports_with_the_right_logits",),
         "a config.json without rope_interleave (as DeepSeek ships it) is read as half-split RoPE rows"),
+    # issue 19 (i19-layers)
+    Mutation(
+        "router-keeps-fp32-copy", "megadual/moe/router.py",
+        "logits = fp32_linear(tokens, self.weight, self.wgrad_store)",
+        "logits = fp32_linear(tokens.float(), self.weight, self.wgrad_store)",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-bf16-weights-none]",),
+        "the router's gate keeps an FP32 copy of its BF16 input for the backward"),
+    Mutation(
+        "moved-rows-kept", "megadual/moe/rows.py",
+        "ctx.save_for_backward(index)",
+        "ctx.save_for_backward(index, rows)",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32[MHA MoE-none-2]",),
+        "summing the experts' outputs into their rows keeps the outputs (as index_add does)"),
+    Mutation(
+        "gate-and-up-cast-twice", "megadual/parallel/mlp.py",
+        "hidden = swiglu(self.gate(x, cache), self.up(x, cache), scale, self.activation_codec())",
+        "hidden = swiglu(self.gate(x, cache), self.up(x, InputCache()), scale, self.activation_codec())",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA dense-fp8-none]",),
+        "gate and up each keep their own copy (FP8 quantization, autocast cast) of their common input"),
+    Mutation(
+        "moe-act-cache-in-full-precision", "megadual/moe/experts.py",
+        "moe_act_codec=FP8_TILES)",
+        "moe_act_codec=None)",
+        ("tests/test_recompute.py::test_moe_act_keeps_the_swiglu_input_in_fp8[looped]",),
+        "--recompute-modules moe_act keeps the SwiGLU input in full precision instead of E4M3 tiles"),
+    Mutation(
+        "mla-values-not-padded", "megadual/model/mla.py",
+        "v = torch.nn.functional.pad(v, (0, q.shape[-1] - v_dim))",
+        "v = torch.nn.functional.pad(v, (0, 0))",
+        ("tests/test_mla.py::test_attention_runs_sdpas_fused_kernel_with_todays_results",),
+        "MLA's values keep their own head dim, so SDPA falls back to the math path and its s x s scores"),
+    Mutation(
+        "mla-latent-norms-kept", "megadual/model/mla.py",
+        "norms = sorted({\"layernorm\", \"mla_up_proj\"} & self.recompute.modules)",
+        "norms = []",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MLA MoE-layernorm mla_up_proj-2]",),
+        "MLA's latent norms are not recomputed under layernorm / mla_up_proj recomputation"),
+    Mutation(
+        "planner-moe-act-in-full-precision", "megadual/memory_model.py",
+        "swiglu_in = codec_bytes(pairs, f) * 2 if \"moe_act\" in mods else pairs * g * 2 * f",
+        "swiglu_in = pairs * g * 2 * f",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        "the planner counts moe_act's SwiGLU input in full precision"),
 ]
