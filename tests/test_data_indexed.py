@@ -154,15 +154,18 @@ def test_a_float_token_dtype_is_refused_naming_the_file(tmp_path, written, code,
 def test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published(tmp_path, monkeypatch):
     """preprocess_data.py's public names are symlinks through one pointer: a dataset opened before a
     newer version is published, reopened after it (pickled into a DataLoader worker), reads the
-    .idx and .bin it was opened on, never the new .bin under the old positions."""
+    .idx and .bin it was opened on, never the new .bin under the old positions; a file the newer
+    version does not rewrite (a tokenizer given by --tokenizer-model) stays published."""
     prefix = str(tmp_path / "data_text_document")
 
-    def publish(documents):
+    def publish(documents, *others):
         files = PublishedFiles(str(tmp_path / "data"))
         write(files.path(prefix), documents)
-        files.publish([f"{prefix}.bin", f"{prefix}.idx"])
+        for other in others:
+            Path(files.path(other)).write_text("first")
+        files.publish([f"{prefix}.bin", f"{prefix}.idx", *others])
 
-    publish([[1, 2], [3]])
+    publish([[1, 2], [3]], str(tmp_path / "data_tokenizer.json"))
     opened = IndexedDataset(prefix)
     monkeypatch.setattr(PublishedFiles, "_remove_versions_except", lambda self, keep: None)  # the old one kept
     publish([[7, 8, 9]])
@@ -170,3 +173,4 @@ def test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_publi
     assert len(current) == 1 and current[0].tolist() == [7, 8, 9]
     reopened = pickle.loads(pickle.dumps(opened))
     assert [reopened[i].tolist() for i in range(len(reopened))] == [[1, 2], [3]]
+    assert (tmp_path / "data_tokenizer.json").read_text() == "first"  # what a run does not rewrite stays
