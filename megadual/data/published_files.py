@@ -41,8 +41,10 @@ class PublishedFiles:
     def publish(self, public_paths: list[str]) -> None:
         names = [os.path.basename(path) for path in public_paths]
         current = self._current()
-        if current is not None:  # files this run does not rewrite stay as they were
+        if current is not None:  # files this run does not rewrite stay as they were (not a killed link's .tmp)
             for name in sorted(set(os.listdir(self._version(current))) - set(names)):
+                if name.endswith(".tmp"):
+                    continue
                 _link_or_copy(os.path.join(self._version(current), name), os.path.join(self.staging, name))
         self._adopt_plain_files(names)
         for name in names:
