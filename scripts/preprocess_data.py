@@ -185,14 +185,16 @@ def encode_records(args: argparse.Namespace, encoder: Encoder) -> Iterator[tuple
         yield from pool.imap(_encode_in_worker, records, chunksize=32)  # imap keeps input order
 
 
-def write_datasets(args: argparse.Namespace, files: PublishedFiles, outputs: list[str]) -> dict[str, tuple[int, int]]:
+def write_datasets(args: argparse.Namespace, files: PublishedFiles,
+                   outputs: list[str]) -> dict[str, tuple[int, int]]:
     """Tokenize every record into one dataset per key, each file in the unpublished version (its
     public name added to `outputs`); returns {key: (documents, tokens)}."""
     encoder = Encoder(args)
     dtype = optimal_dtype(encoder.tokenizer.vocab_size)
     prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     outputs += [bin_path(prefix) for prefix in prefixes.values()]
-    builders = {key: IndexedDatasetBuilder(files.path(bin_path(prefix)), dtype) for key, prefix in prefixes.items()}
+    builders = {key: IndexedDatasetBuilder(files.path(bin_path(prefix)), dtype)
+                for key, prefix in prefixes.items()}
     counts = _tokenize_into(builders, args, encoder)
     for key, prefix in prefixes.items():
         outputs.append(idx_path(prefix))

@@ -167,7 +167,8 @@ def test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_publi
 
     publish([[1, 2], [3]], str(tmp_path / "data_tokenizer.json"))
     opened = IndexedDataset(prefix)
-    monkeypatch.setattr(PublishedFiles, "_remove_versions_except", lambda self, keep: None)  # the old one kept
+    # the old version kept, as it is until the publishing run removes it
+    monkeypatch.setattr(PublishedFiles, "_remove_versions_except", lambda self, keep: None)
     publish([[7, 8, 9]])
     current = IndexedDataset(prefix)
     assert len(current) == 1 and current[0].tolist() == [7, 8, 9]

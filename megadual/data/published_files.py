@@ -41,7 +41,7 @@ class PublishedFiles:
     def publish(self, public_paths: list[str]) -> None:
         names = [os.path.basename(path) for path in public_paths]
         current = self._current()
-        if current is not None:  # files this run does not rewrite stay as they were (not a killed link's .tmp)
+        if current is not None:  # files this run does not rewrite stay (not a killed link's .tmp)
             for name in sorted(set(os.listdir(self._version(current))) - set(names)):
                 if name.endswith(".tmp"):
                     continue
