@@ -361,9 +361,9 @@ MUTATIONS = [
         ('tests/test_data_indexed.py::test_dtype_that_disagrees_with_the_bin_is_refused',),
         'a .bin larger than its .idx describes (e.g. a uint16 file relabelled uint8) is read'),
     Mutation(
-        'preprocess-failure-deletes-the-old-dataset', 'scripts/preprocess_data.py',
-        'os.remove(_temporary(path))',
-        'os.remove(path)',
+        'preprocess-failure-deletes-the-old-dataset', 'megadual/data/published_files.py',
+        'shutil.rmtree(self.staging, ignore_errors=True)',
+        'shutil.rmtree(self.versions, ignore_errors=True)',
         ('tests/test_data_preprocess.py::test_a_failed_run_leaves_the_previous_dataset_and_names_the_bad_input',),
         'a failed preprocess_data.py run removes the dataset that was there instead of its own temporary files'),
     Mutation(
@@ -735,17 +735,10 @@ MUTATIONS = [
         "a NaN in a Hugging Face weight is imported without a word"),
     Mutation(
         "preprocess-tokenizer-written-in-place", "scripts/preprocess_data.py",
-        "args.tokenizer_model = train_tokenizer(args, _temporary(tokenizer))",
+        "args.tokenizer_model = train_tokenizer(args, files.path(tokenizer))",
         "args.tokenizer_model = train_tokenizer(args, tokenizer)",
-        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one[tokenizer]",),
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[plain-tokenizer]",),
         "preprocess_data.py saves its trained tokenizer over the old one before the new dataset exists"),
-    Mutation(
-        "preprocess-old-idx-kept-while-publishing", "scripts/preprocess_data.py",
-        '        if path.endswith(".idx"):\n',
-        "        if False:\n",
-        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one[publishing]",),
-        "killed among its renames, preprocess_data.py leaves the new tokenizer beside the old .bin and .idx, "
-        "which read as valid"),
     Mutation(
         "verify-sp-without-tp", "megadual/verify.py",
         "if spec.sequence_parallel and spec.tp == 1:",
@@ -1114,4 +1107,46 @@ MUTATIONS = [
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
          "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
         "the planner counts moe_act's SwiGLU input in full precision"),
+    # issue 24 follow-up (i24-followup)
+    Mutation(
+        "preprocess-names-published-one-by-one", "megadual/data/published_files.py",
+        "self._point(os.path.join(self.folder, name), os.path.join(self.pointer_name, name))\n        self._commit()",
+        "self._point(os.path.join(self.folder, name), os.path.join(self.versions_name, str(self.number), name))\n"
+        "        self._commit()",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[plain-commit]",
+         "tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[versioned-commit]"),
+        "preprocess_data.py points each public name at its new file in turn: killed among them, a reader pairs "
+        "the new tokenizer with the old .bin and .idx"),
+    Mutation(
+        "preprocess-plain-file-replaced-before-adopted", "megadual/data/published_files.py",
+        "            _link_or_copy(os.path.join(self.folder, name), os.path.join(self._version(current), name))\n",
+        "",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[plain-adopting]",),
+        "an old plain tokenizer, .bin or .idx is replaced by a symlink into a version that does not hold it"),
+    Mutation(
+        "preprocess-current-version-removed-at-start", "megadual/data/published_files.py",
+        "        self._remove_versions_except(current)\n",
+        "        self._remove_versions_except(None)\n",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[versioned-idx]",),
+        "a second preprocess_data.py run removes the published version when it starts, not only unpublished ones"),
+    Mutation(
+        "preprocess-unrewritten-files-dropped", "megadual/data/published_files.py",
+        "                _link_or_copy(os.path.join(self._version(current), name), os.path.join(self.staging, name))\n",
+        "                pass\n",
+        ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
+        "a run that does not train a tokenizer unpublishes the one beside the dataset (--tokenizer-model PREFIX_tokenizer.json)"),
+    Mutation(
+        "dataset-bin-not-beside-resolved-idx", "megadual/data/indexed_dataset.py",
+        "if os.path.islink(self.idx_file) and os.path.isfile(bin_path(resolved)):",
+        "if False:",
+        ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
+        "a dataset opens its .idx and .bin through the public symlinks one after the other, so a version published "
+        "between the two opens pairs them wrongly (and a DataLoader worker reopens the newer one)"),
+    Mutation(
+        "dataset-pickles-the-public-names", "megadual/data/indexed_dataset.py",
+        "        return self.prefix, self.idx_file, self.bin_file\n",
+        "        return self.prefix, idx_path(self.prefix), bin_path(self.prefix)\n",
+        ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
+        "a dataset pickled into a DataLoader worker reopens the public names: the worker reads a version published "
+        "since, under the positions of the old one"),
 ]
