@@ -866,10 +866,11 @@ MUTATIONS = [
         ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
         "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
     Mutation(
-        "planner-no-autocast-weight-copies", "megadual/rank_memory.py",
-        "    if bf16 and not shape.bf16_weights:",
-        "    if False:",
-        ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
+        "planner-no-autocast-weight-copies", "megadual/memory_model.py",
+        "        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0",
+        "        return 0.0",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA dense-bf16-none]",),
         "the planner leaves out the BF16 copies autocast makes of FP32 weights for the GEMMs"),
     Mutation(
         "plan-bf16-default-cpu", "megadual/plan.py",
