@@ -1,4 +1,4 @@
-"""The planner's per-layer activation count (megadual/memory_model.py) against what each layer kind
+"""The planner's per-layer activation count (megadual/plan/memory_model.py) against what each layer kind
 really keeps for its backward, measured with the memory report's saved-tensor hooks
 (training/memory.py): a tensor a layer starts saving fails here until the planner counts it."""
 from contextlib import nullcontext
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megadual.fp8.linear import fp8_linear
-from megadual.memory_model import Precision, Shape, layer_activations, layer_breakdown
+from megadual.plan.memory_model import Precision, Shape, layer_activations, layer_breakdown
 from megadual.parallel.linear import linear
 from megadual.model.block import TransformerLayer
 from megadual.parallel.context import BuildContext

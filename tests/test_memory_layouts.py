@@ -5,7 +5,7 @@ and DualPipe's paired F&B chunks with their all-to-alls."""
 import pytest
 
 from megadual import verify
-from megadual.plan_check import measure_and_predict
+from megadual.plan.check import measure_and_predict
 from tests.helpers import TINY_MOE
 
 ARGS = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--train-iters", "1", "--lr-warmup-iters", "0"]

@@ -273,8 +273,8 @@ def test_planner_searches_and_plans_the_new_schedules():
     """python -m megadual.plan --gpus tries interleaved 1F1B and the overlapped ones, and predicts their
     activations from their action lists: under interleaved, rank 0 warms up the most forwards."""
     from megadual.config import parse_args
-    from megadual.layout_search import Hardware, candidates
-    from megadual.rank_memory import predict
+    from megadual.plan.layout_search import Hardware, candidates
+    from megadual.plan.rank_memory import predict
     from tests.helpers import TINY_MOE
 
     base = parse_args(TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "16"])

@@ -8,7 +8,7 @@ from functools import cache
 
 from megadual.config import ModelConfig, RunConfig
 from megadual.config_validate import num_microbatches, virtual_stages
-from megadual.memory_model import (
+from megadual.plan.memory_model import (
     FP32,
     Activations,
     MemoryStep,
