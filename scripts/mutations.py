@@ -195,7 +195,7 @@ MUTATIONS = [
         "self.kv_up = ShardedLinear(config.kv_lora_rank, heads * (config.qk_head_dim + config.v_head_dim), tp, 0,\n                                   std)",
         ("tests/test_mla.py::test_every_linear_runs_through_the_layers_gemm",),
         "an MLA projection ignores the layer's GEMM (no FP8)"),
-    Mutation("mla-flags-silently-ignored", "megadual/config.py",
+    Mutation("mla-flags-silently-ignored", "megadual/arguments.py",
         "    validate_attention_flags_given(m)\n", "",
         ("tests/test_config.py::test_mla_and_yarn_flags_are_refused_without_what_they_need",),
         "MLA flags given without --multi-latent-attention are ignored"),
@@ -373,7 +373,7 @@ MUTATIONS = [
         ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
         'the default --split 969,30,1 refuses a small corpus because of the unused test split'),
     Mutation(
-        'negative-lr-read-as-a-flag', 'megadual/config.py',
+        'negative-lr-read-as-a-flag', 'megadual/arguments.py',
         '    parser._negative_number_matcher = re.compile(r"^-(\\d+\\.?\\d*|\\.\\d+)([eE][-+]?\\d+)?$")\n',
         '',
         ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
@@ -603,7 +603,7 @@ MUTATIONS = [
         ("tests/test_config_ranges.py::test_each_rule_is_refused_with_one_line_naming_the_flag[no training share]",),
         "a --split giving the training split no share is accepted"),
     Mutation(
-        "vocab-below-tokenizer", "megadual/config.py",
+        "vocab-below-tokenizer", "megadual/arguments.py",
         "        if d.vocab_size < tokenizer_vocab_size:",
         "        if False:",
         ("tests/test_config_ranges.py::test_a_vocab_size_below_the_tokenizers_is_refused",),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import preprocess_data  # noqa: E402
+
 from megadual.data.published_files import PublishedFiles  # noqa: E402
 
 

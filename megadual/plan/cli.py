@@ -20,10 +20,11 @@ import json
 import sys
 import time
 
-from megadual.config import RunConfig, resolve_device_defaults
-from megadual.config_validate import ConfigError, node_size, num_microbatches, validate_world
-from megadual.plan.layout_search import Hardware, search
+from megadual.arguments import resolve_device_defaults
+from megadual.config import ConfigError, RunConfig
+from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.parallel.recompute import RecomputePlan
+from megadual.plan.layout_search import Hardware, search
 from megadual.plan.rank_memory import chunk_activations, layout_of, peak_activations, predict, rank_stages
 from pretrain_moe import load_config
 

@@ -31,13 +31,13 @@ import math
 from dataclasses import dataclass, replace
 from functools import cache
 
-from megadual.config import ConfigError, RunConfig, validate_world
-from megadual.config_validate import num_microbatches
-from megadual.plan.memory_model import distinct_ranks_per_token
+from megadual.config import ConfigError, RunConfig
+from megadual.config_validate import num_microbatches, validate_world
 from megadual.model.flops import stage_forward_flops_per_token
 from megadual.parallel.topology import nodes_per_ep_group
 from megadual.pipeline.actions import Action, Kind
 from megadual.pipeline.simulate import simulate
+from megadual.plan.memory_model import distinct_ranks_per_token
 from megadual.plan.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
 
 GIB = 1024 ** 3

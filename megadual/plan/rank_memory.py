@@ -8,6 +8,11 @@ from functools import cache
 
 from megadual.config import ModelConfig, RunConfig
 from megadual.config_validate import num_microbatches, virtual_stages
+from megadual.model.gpt import StageSpec, full_model_stage
+from megadual.parallel.recompute import RecomputePlan
+from megadual.pipeline.actions import Action
+from megadual.pipeline.schedules import build_schedule, pipeline_layout
+from megadual.pipeline.stage_model import stage_specs
 from megadual.plan.memory_model import (
     FP32,
     Activations,
@@ -19,11 +24,6 @@ from megadual.plan.memory_model import (
     peak_moment,
     stage_activations,
 )
-from megadual.model.gpt import StageSpec, full_model_stage
-from megadual.parallel.recompute import RecomputePlan
-from megadual.pipeline.actions import Action
-from megadual.pipeline.schedules import build_schedule, pipeline_layout
-from megadual.pipeline.stage_model import stage_specs
 from megadual.training.dist_optimizer import default_bucket_numel
 
 
