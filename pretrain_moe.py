@@ -10,7 +10,9 @@ import sys
 
 import torch.distributed as dist
 
-from megadual.config import ConfigError, build_parser, parse_args, resolve_device_defaults, validate_world
+from megadual.arguments import build_parser, parse_args, resolve_device_defaults
+from megadual.config import ConfigError
+from megadual.config_validate import validate_world
 from megadual.data.indexed_dataset import DataFileError
 from megadual.data.tokenizer import build_tokenizer
 from megadual.training.checkpoint import CheckpointError

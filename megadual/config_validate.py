@@ -7,59 +7,29 @@ so the entry point runs them before any process group exists.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from megadual.config import (
+    ATTENTION_VARIANT_FLAGS,
+    ITERATION_SCHEDULE_FLAGS,
+    SAMPLE_SCHEDULE_FLAGS,
+    SCHEDULES,
+    YARN_FLAGS,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    flag_name,
+)
 from megadual.data.batch_ramp import BatchRamp
 from megadual.data.data_args import parse_data_path, parse_split
-
-if TYPE_CHECKING:
-    from megadual.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
-
-SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
-MLA_FLAGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling_factor")
-YARN_FLAGS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-ATTENTION_VARIANT_FLAGS = MLA_FLAGS + YARN_FLAGS  # read only with --multi-latent-attention
-# Megatron-Core's --recompute-modules (what each means here: parallel/recompute.py's RecomputePlan).
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
-WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-ITERATION_SCHEDULE_FLAGS = ("lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters")
-SAMPLE_SCHEDULE_FLAGS = ("lr_warmup_samples", "lr_decay_samples", "lr_wsd_decay_samples")
-EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
-
-
-class ConfigError(ValueError):
-    """A flag or combination of flags that cannot work; the message names the flag."""
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The valid values of a numeric flag, declared beside its field (config.option): at least
-    `low` (above it when `low_open`) and below `high`; None: no bound on that side."""
-    low: float | None = None
-    low_open: bool = False
-    high: float | None = None
-
-    def limits(self) -> bool:
-        return self.low is not None or self.high is not None
-
-    def holds(self, value: float) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        return above and (self.high is None or value < self.high)
-
-    def text(self) -> str:
-        if self.high is not None:
-            return f"in [{self.low}, {self.high})" if self.low is not None else f"< {self.high}"
-        return "positive" if self.low_open and self.low == 0 else f"{'>' if self.low_open else '>='} {self.low}"
 
 
 def validate_ranges(c: RunConfig) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megadual.config import build_parser as pretrain_parser
+from megadual.arguments import build_parser as pretrain_parser
 from megadual.config_validate import validate_world
 from megadual.parallel.topology import Layout
 from megadual.training.capture import Capture, capture_run, relative_difference

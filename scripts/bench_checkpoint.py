@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.training.checkpoint import CheckpointManager
 from megadual.training.checkpoint.integrity import file_checksum
 from megadual.training.distributed import init_distributed

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadual.plan_check import measure_and_predict
+from megadual.plan.check import measure_and_predict
 from megadual.training.memory import MB
 from tests.helpers import TINY_MOE
 

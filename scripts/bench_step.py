@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megadual.config import parse_args, resolve_device_defaults
+from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.model import gpt
 from megadual.parallel.tensor import NO_TP, sharded_cross_entropy, vocab_parallel_cross_entropy
 from megadual.pipeline.stage_model import build_full_model

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import megadual.fp8.linear as fp8_linear_module
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.data.tokenizer import build_tokenizer
 from megadual.parallel.linear import linear
 from megadual.training import loop

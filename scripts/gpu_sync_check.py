@@ -18,7 +18,7 @@ os.environ.setdefault("MEGADUAL_DEVICE_CHECK", "1")  # before megadual reads it
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megadual.config import resolve_device_defaults  # noqa: E402
+from megadual.arguments import resolve_device_defaults
 from megadual.training.distributed import init_distributed  # noqa: E402
 from megadual.training.loop import pretrain  # noqa: E402
 from pretrain_moe import load_config  # noqa: E402

@@ -161,8 +161,8 @@ MUTATIONS = [
         ("tests/test_mla.py::test_positions_enter_through_the_decoupled_rope_channels_only",),
         "RoPE rotates the heads' non-RoPE channels too"),
     Mutation("mla-kv-latent-not-normed", "megadual/model/mla.py",
-        "torch.cat([query_input, self.kv_norm(c_kv), k_rope], -1)",
-        "torch.cat([query_input, c_kv, k_rope], -1)",
+        "return (None if c_q is None else self.q_norm(c_q)), self.kv_norm(c_kv)",
+        "return (None if c_q is None else self.q_norm(c_q)), c_kv",
         ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[no-q-lora]",),
         "the key/value latent skips its RMSNorm"),
     Mutation("mla-softmax-scale-without-rope-dims", "megadual/model/mla.py",
@@ -195,7 +195,7 @@ MUTATIONS = [
         "self.kv_up = ShardedLinear(config.kv_lora_rank, heads * (config.qk_head_dim + config.v_head_dim), tp, 0,\n                                   std)",
         ("tests/test_mla.py::test_every_linear_runs_through_the_layers_gemm",),
         "an MLA projection ignores the layer's GEMM (no FP8)"),
-    Mutation("mla-flags-silently-ignored", "megadual/config.py",
+    Mutation("mla-flags-silently-ignored", "megadual/arguments.py",
         "    validate_attention_flags_given(m)\n", "",
         ("tests/test_config.py::test_mla_and_yarn_flags_are_refused_without_what_they_need",),
         "MLA flags given without --multi-latent-attention are ignored"),
@@ -361,9 +361,9 @@ MUTATIONS = [
         ('tests/test_data_indexed.py::test_dtype_that_disagrees_with_the_bin_is_refused',),
         'a .bin larger than its .idx describes (e.g. a uint16 file relabelled uint8) is read'),
     Mutation(
-        'preprocess-failure-deletes-the-old-dataset', 'scripts/preprocess_data.py',
-        'os.remove(_temporary(path))',
-        'os.remove(path)',
+        'preprocess-failure-deletes-the-old-dataset', 'megadual/data/published_files.py',
+        'shutil.rmtree(self.staging, ignore_errors=True)',
+        'shutil.rmtree(self.versions, ignore_errors=True)',
         ('tests/test_data_preprocess.py::test_a_failed_run_leaves_the_previous_dataset_and_names_the_bad_input',),
         'a failed preprocess_data.py run removes the dataset that was there instead of its own temporary files'),
     Mutation(
@@ -373,7 +373,7 @@ MUTATIONS = [
         ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
         'the default --split 969,30,1 refuses a small corpus because of the unused test split'),
     Mutation(
-        'negative-lr-read-as-a-flag', 'megadual/config.py',
+        'negative-lr-read-as-a-flag', 'megadual/arguments.py',
         '    parser._negative_number_matcher = re.compile(r"^-(\\d+\\.?\\d*|\\.\\d+)([eE][-+]?\\d+)?$")\n',
         '',
         ('tests/test_entry_point.py::test_bad_data_and_bad_values_fail_at_start_up_with_one_line_each',),
@@ -415,31 +415,31 @@ MUTATIONS = [
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[one process, full recomputation]",),
         "the memory report leaves out what a backward recomputes"),
     Mutation(
-        "planner-w-inputs-free-at-backward", "megadual/memory_model.py",
+        "planner-w-inputs-free-at-backward", "megadual/plan/memory_model.py",
         "            if defers_w:\n                live += acts.weight_inputs",
         "            if defers_w:\n                live += 0.0",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-full-block]",),
         "the planner frees a deferred W's GEMM inputs at the input-gradient backward"),
     Mutation(
-        "planner-dualpipe-one-copy", "megadual/rank_memory.py",
+        "planner-dualpipe-one-copy", "megadual/plan/rank_memory.py",
         "        held[rank].append((chunk, specs[stage]))",
         "        held[rank].append((chunk, specs[stage])) if chunk == 0 else None",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-dualpipexEP2]",),
         "the planner counts one copy of a DualPipe rank's two stages"),
     Mutation(
-        "planner-mtp-tied-embedding-missed", "megadual/rank_memory.py",
+        "planner-mtp-tied-embedding-missed", "megadual/plan/rank_memory.py",
         "        params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding",
         "        params += _dense()  # MTP's tied embedding",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-MTP2]",),
         "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
     Mutation(
-        "planner-paired-forward-always-first", "megadual/memory_model.py",
+        "planner-paired-forward-always-first", "megadual/plan/memory_model.py",
         "        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]",
         "        forward_after = False",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",),
         "the planner holds a paired F&B's forward beside its backward when no all-to-all runs it early"),
     Mutation(
-        "planner-zero1-step-counts-missed", "megadual/rank_memory.py",
+        "planner-zero1-step-counts-missed", "megadual/plan/rank_memory.py",
         "        total += per_element * -(-elements // group) + FP32 * buckets",
         "        total += per_element * -(-elements // group)",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[DP2xEP2-distributed-optimizer]",),
@@ -527,7 +527,7 @@ MUTATIONS = [
         '--async-save checksums, renames and moves the tracker without waiting for the background write'),
     Mutation(
         "combine-keeps-one-row", "megadual/moe/dispatcher.py",
-        "return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)",
+        "return sum_rows_into(back, d.token_of_row, d.num_tokens)",
         "return back.new_zeros(d.num_tokens, back.shape[-1]).index_copy(0, d.token_of_row, back)",
         ("tests/test_parallel_layouts.py::test_layout_matches_one_process[EP4-on-2-nodes-M2]",),
         "each hop's combine keeps one of a row's returned results instead of their sum (the "
@@ -603,7 +603,7 @@ MUTATIONS = [
         ("tests/test_config_ranges.py::test_each_rule_is_refused_with_one_line_naming_the_flag[no training share]",),
         "a --split giving the training split no share is accepted"),
     Mutation(
-        "vocab-below-tokenizer", "megadual/config.py",
+        "vocab-below-tokenizer", "megadual/arguments.py",
         "        if d.vocab_size < tokenizer_vocab_size:",
         "        if False:",
         ("tests/test_config_ranges.py::test_a_vocab_size_below_the_tokenizers_is_refused",),
@@ -735,17 +735,10 @@ MUTATIONS = [
         "a NaN in a Hugging Face weight is imported without a word"),
     Mutation(
         "preprocess-tokenizer-written-in-place", "scripts/preprocess_data.py",
-        "args.tokenizer_model = train_tokenizer(args, _temporary(tokenizer))",
+        "args.tokenizer_model = train_tokenizer(args, files.path(tokenizer))",
         "args.tokenizer_model = train_tokenizer(args, tokenizer)",
-        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one[tokenizer]",),
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[plain-tokenizer]",),
         "preprocess_data.py saves its trained tokenizer over the old one before the new dataset exists"),
-    Mutation(
-        "preprocess-old-idx-kept-while-publishing", "scripts/preprocess_data.py",
-        '        if path.endswith(".idx"):\n',
-        "        if False:\n",
-        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one[publishing]",),
-        "killed among its renames, preprocess_data.py leaves the new tokenizer beside the old .bin and .idx, "
-        "which read as valid"),
     Mutation(
         "verify-sp-without-tp", "megadual/verify.py",
         "if spec.sequence_parallel and spec.tp == 1:",
@@ -861,55 +854,56 @@ MUTATIONS = [
         "a sample-based phase counts its iterations as if it started from scratch"),
     # issue 19 (i19-planner)
     Mutation(
-        "planner-bf16-weights-in-both-columns", "megadual/rank_memory.py",
+        "planner-bf16-weights-in-both-columns", "megadual/plan/rank_memory.py",
         "o, bf16 = config.optim, distributed and bool(config.train.bf16)",
         "o, bf16 = config.optim, bool(config.train.bf16)",
         ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
         "the planner shows BF16 weights for the plain optimizer too (it keeps FP32 weights)"),
     Mutation(
-        "planner-moments-always-fp32", "megadual/rank_memory.py",
+        "planner-moments-always-fp32", "megadual/plan/rank_memory.py",
         "moments = sum(2 if distributed and o.use_precision_aware_optimizer and dtype == \"bf16\" else FP32",
         "moments = sum(FP32",
         ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
         "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
     Mutation(
-        "planner-no-autocast-weight-copies", "megadual/rank_memory.py",
-        "    if bf16 and not shape.bf16_weights:",
-        "    if False:",
-        ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
+        "planner-no-autocast-weight-copies", "megadual/plan/memory_model.py",
+        "        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0",
+        "        return 0.0",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA dense-bf16-none]",),
         "the planner leaves out the BF16 copies autocast makes of FP32 weights for the GEMMs"),
     Mutation(
-        "plan-bf16-default-cpu", "megadual/plan.py",
+        "plan-bf16-default-cpu", "megadual/plan/cli.py",
         'parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",',
         'parser.add_argument("--device", choices=("cuda", "cpu"), default="cpu",',
         ("tests/test_plan.py::test_bf16_default_follows_the_device_planned_for",),
         "python -m megadual.plan plans for FP32 when --bf16 is left out, though CUDA runs default to BF16"),
     Mutation(
-        "plan-gpus-without-memory", "megadual/plan.py",
+        "plan-gpus-without-memory", "megadual/plan/cli.py",
         "    if args.gpu_memory_gib is None or args.gpu_memory_gib <= 0:",
         "    if False:",
         ("tests/test_plan.py::test_bad_arguments_are_refused_in_one_line",),
         "python -m megadual.plan --gpus N without --gpu-memory-gib searches anyway"),
     Mutation(
-        "plan-json-plain-optimizer", "megadual/plan.py",
+        "plan-json-plain-optimizer", "megadual/plan/cli.py",
         "             for r in predict(config, world)]",
         "             for r in predict(config, world, False)]",
         ("tests/test_plan.py::test_json_prints_the_chosen_optimizers_ranks_in_mb",),
         "--json shows the plain optimizer's figures whatever the flags choose"),
     Mutation(
-        "plan-breakdown-misses-deferred-w", "megadual/plan.py",
+        "plan-breakdown-misses-deferred-w", "megadual/plan/cli.py",
         "        if deferred:\n",
         "        if False:\n",
         ("tests/test_plan.py::test_breakdown_adds_up_to_the_peak",),
         "--breakdown leaves out the GEMM inputs kept for deferred W actions"),
     Mutation(
-        "search-own-flop-count", "megadual/layout_search.py",
+        "search-own-flop-count", "megadual/plan/layout_search.py",
         "flops = tokens * stage_forward_flops_per_token(m, layers, spec.has_head) / layout.tp",
         "flops = tokens * stage_forward_flops_per_token(m, layers, False) / layout.tp",
         ("tests/test_plan.py::test_search_compute_is_the_throughput_flop_count",),
         "the layout search's compute leaves out the head and MTP that --log-throughput counts"),
     Mutation(
-        "search-ep-times-tp-node-rule", "megadual/layout_search.py",
+        "search-ep-times-tp-node-rule", "megadual/plan/layout_search.py",
         "spans_nodes = nodes_per_ep_group(layout.ep, hw.gpus_per_node) > 1",
         "spans_nodes = layout.ep * layout.tp > hw.gpus_per_node",
         ("tests/test_plan.py::test_search_takes_expert_groups_as_the_topology_builds_them",),
@@ -953,13 +947,6 @@ MUTATIONS = [
         ("tests/test_config.py::test_checkpoints_compare_the_vocabulary_before_padding",
          "tests/test_resume_layouts.py::test_resume_under_another_layout[EP2-distributed-optimizer->TP4]"),
         "--load compares the padded vocabulary, refusing a checkpoint saved at another TP"),
-    Mutation(
-        "planner-grouped-gemm-stack-missed", "megadual/rank_memory.py",
-        "    if grouped:  # the grouped GEMM saves its stack",
-        "    if False:  # the grouped GEMM saves its stack",
-        ("tests/test_memory_layouts.py::test_the_grouped_gemms_stacked_weights_are_counted",),
-        "the planner leaves out the stack of expert weights the grouped GEMM saves per micro-batch"),
-    # issue 20 (i20-gpu)
     Mutation(
         "grad-norm-host-tensor", "megadual/training/grads.py",
         "        total = torch.zeros((), dtype=torch.float64, device=device)\n",
@@ -1038,7 +1025,7 @@ MUTATIONS = [
          "tests/test_oracles_math.py::test_weight_decay_on_matrices_only[distributed-optimizer]"),
         "weight decay on norms (1-D parameters), with either optimizer"),
     Mutation(
-        "planner-mla-kv-norm-missed", "megadual/rank_memory.py",
+        "planner-mla-kv-norm-missed", "megadual/plan/rank_memory.py",
         "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim), c.kv_lora_rank,",
         "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim),",
         ("tests/test_oracles_planner.py::test_planner_counts_every_parameter_each_rank_builds[MLA-no-q-lora]",),
@@ -1074,4 +1061,93 @@ MUTATIONS = [
         'interleaved = hf.get("rope_interleave", False)',
         ("tests/test_oracles_hf.py::test_deepseek_config_json_imports_with_the_right_logits",),
         "a config.json without rope_interleave (as DeepSeek ships it) is read as half-split RoPE rows"),
+    # issue 19 (i19-layers)
+    Mutation(
+        "router-keeps-fp32-copy", "megadual/moe/router.py",
+        "logits = fp32_linear(tokens, self.weight, self.wgrad_store)",
+        "logits = fp32_linear(tokens.float(), self.weight, self.wgrad_store)",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-bf16-weights-none]",),
+        "the router's gate keeps an FP32 copy of its BF16 input for the backward"),
+    Mutation(
+        "moved-rows-kept", "megadual/moe/rows.py",
+        "ctx.save_for_backward(index)",
+        "ctx.save_for_backward(index, rows)",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32[MHA MoE-none-2]",),
+        "summing the experts' outputs into their rows keeps the outputs (as index_add does)"),
+    Mutation(
+        "gate-and-up-cast-twice", "megadual/parallel/mlp.py",
+        "hidden = swiglu(self.gate(x, cache), self.up(x, cache), scale, self.activation_codec())",
+        "hidden = swiglu(self.gate(x, cache), self.up(x, InputCache()), scale, self.activation_codec())",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA dense-fp8-none]",),
+        "gate and up each keep their own copy (FP8 quantization, autocast cast) of their common input"),
+    Mutation(
+        "moe-act-cache-in-full-precision", "megadual/moe/experts.py",
+        "moe_act_codec=FP8_TILES)",
+        "moe_act_codec=None)",
+        ("tests/test_recompute.py::test_moe_act_keeps_the_swiglu_input_in_fp8[looped]",),
+        "--recompute-modules moe_act keeps the SwiGLU input in full precision instead of E4M3 tiles"),
+    Mutation(
+        "mla-values-not-padded", "megadual/model/mla.py",
+        "v = torch.nn.functional.pad(v, (0, q.shape[-1] - v_dim))",
+        "v = torch.nn.functional.pad(v, (0, 0))",
+        ("tests/test_mla.py::test_attention_runs_sdpas_fused_kernel_with_todays_results",),
+        "MLA's values keep their own head dim, so SDPA falls back to the math path and its s x s scores"),
+    Mutation(
+        "mla-latent-norms-kept", "megadual/model/mla.py",
+        "norms = sorted({\"layernorm\", \"mla_up_proj\"} & self.recompute.modules)",
+        "norms = []",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MLA MoE-layernorm mla_up_proj-2]",),
+        "MLA's latent norms are not recomputed under layernorm / mla_up_proj recomputation"),
+    Mutation(
+        "planner-moe-act-in-full-precision", "megadual/plan/memory_model.py",
+        "swiglu_in = codec_bytes(pairs, f) * 2 if \"moe_act\" in mods else pairs * g * 2 * f",
+        "swiglu_in = pairs * g * 2 * f",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        "the planner counts moe_act's SwiGLU input in full precision"),
+    # issue 24 follow-up (i24-followup)
+    Mutation(
+        "preprocess-names-published-one-by-one", "megadual/data/published_files.py",
+        "self._point(os.path.join(self.folder, name), os.path.join(self.pointer_name, name))\n        self._commit()",
+        "self._point(os.path.join(self.folder, name), os.path.join(self.versions_name, str(self.number), name))\n"
+        "        self._commit()",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[plain-commit]",
+         "tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[versioned-commit]"),
+        "preprocess_data.py points each public name at its new file in turn: killed among them, a reader pairs "
+        "the new tokenizer with the old .bin and .idx"),
+    Mutation(
+        "preprocess-plain-file-replaced-before-adopted", "megadual/data/published_files.py",
+        "            _link_or_copy(os.path.join(self.folder, name), os.path.join(self._version(current), name))\n",
+        "",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[plain-adopting]",),
+        "an old plain tokenizer, .bin or .idx is replaced by a symlink into a version that does not hold it"),
+    Mutation(
+        "preprocess-current-version-removed-at-start", "megadual/data/published_files.py",
+        "        self._remove_versions_except(current)\n",
+        "        self._remove_versions_except(None)\n",
+        ("tests/test_tool_inputs.py::test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one[versioned-idx]",),
+        "a second preprocess_data.py run removes the published version when it starts, not only unpublished ones"),
+    Mutation(
+        "preprocess-unrewritten-files-dropped", "megadual/data/published_files.py",
+        "                _link_or_copy(os.path.join(self._version(current), name), os.path.join(self.staging, name))\n",
+        "                pass\n",
+        ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
+        "a run that does not train a tokenizer unpublishes the one beside the dataset (--tokenizer-model PREFIX_tokenizer.json)"),
+    Mutation(
+        "dataset-bin-not-beside-resolved-idx", "megadual/data/indexed_dataset.py",
+        "if os.path.islink(self.idx_file) and os.path.isfile(bin_path(resolved)):",
+        "if False:",
+        ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
+        "a dataset opens its .idx and .bin through the public symlinks one after the other, so a version published "
+        "between the two opens pairs them wrongly (and a DataLoader worker reopens the newer one)"),
+    Mutation(
+        "dataset-pickles-the-public-names", "megadual/data/indexed_dataset.py",
+        "        return self.prefix, self.idx_file, self.bin_file\n",
+        "        return self.prefix, idx_path(self.prefix), bin_path(self.prefix)\n",
+        ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
+        "a dataset pickled into a DataLoader worker reopens the public names: the worker reads a version published "
+        "since, under the positions of the old one"),
 ]

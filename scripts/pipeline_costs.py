@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megadual.model.gpt import StageSpec, build_chunk
-from megadual.parallel.context import BuildContext
 from megadual.parallel import comm
+from megadual.parallel.context import BuildContext
 from megadual.parallel.emulate import LinkModel, Record, emulated_links
 from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Kind

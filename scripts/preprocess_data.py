@@ -13,11 +13,11 @@ Tokenizer: ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.j
 a byte-level BPE of ``--vocab-size`` (default 8192) is trained on the input first and
 saved as ``PREFIX_tokenizer.json``.
 
-Publishing: the tokenizer, ``.bin`` and ``.idx`` are written under temporary names and renamed into
-place together once all of them are complete, so a failed or killed run leaves the previous ones
-as they were. The renames are listed first in ``PREFIX_preprocess_commit.json``: a run killed
-among them (a moment in which the old ``.idx`` is already gone, so the dataset is refused, never
-read with the wrong tokenizer) is completed by the next run into the same prefix.
+Publishing: the tokenizer, ``.bin`` and ``.idx`` are written into a fresh version folder
+``.PREFIX.versions/N`` and published together by one rename of the symlink ``.PREFIX.current``,
+which the public names (symlinks ``PREFIX_...`` -> ``.PREFIX.current/PREFIX_...``) go through; so
+at every moment of a run, killed or failed, they read the complete previous set or the complete
+new one (megadual/data/published_files.py, docs/data.md).
 
 Each document is one sequence; ``--append-eod`` ends each with the end-of-document id.
 ``--workers N`` tokenizes in N processes; the output is the same for any N. Progress goes
@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -50,6 +49,7 @@ from megadual.data.indexed_dataset import (
     idx_path,
     optimal_dtype,
 )
+from megadual.data.published_files import PublishedFiles
 from megadual.data.tokenizer import build_tokenizer, train_bpe_tokenizer
 
 DEFAULT_TRAINED_VOCAB = 8192
@@ -162,7 +162,7 @@ def _encode_in_worker(record: Record) -> tuple[dict[str, list[int]], int]:
 
 
 def train_tokenizer(args: argparse.Namespace, path: str) -> str:
-    """Train a BPE on the input, save it at `path` (a temporary name), and return the path."""
+    """Train a BPE on the input, save it at `path` (in the unpublished version), and return the path."""
     vocab_size = args.vocab_size or DEFAULT_TRAINED_VOCAB
     texts = (text for record in iter_records(args.input, args.input_format)
              for text in record_texts(record, args.input_format, args.json_keys).values())
@@ -185,64 +185,21 @@ def encode_records(args: argparse.Namespace, encoder: Encoder) -> Iterator[tuple
         yield from pool.imap(_encode_in_worker, records, chunksize=32)  # imap keeps input order
 
 
-def write_datasets(args: argparse.Namespace, outputs: list[str]) -> dict[str, tuple[int, int]]:
-    """Tokenize every record into one dataset per key, each file under its temporary name (added
-    to `outputs` as it is made); returns {key: (documents, tokens)}."""
+def write_datasets(args: argparse.Namespace, files: PublishedFiles,
+                   outputs: list[str]) -> dict[str, tuple[int, int]]:
+    """Tokenize every record into one dataset per key, each file in the unpublished version (its
+    public name added to `outputs`); returns {key: (documents, tokens)}."""
     encoder = Encoder(args)
     dtype = optimal_dtype(encoder.tokenizer.vocab_size)
     prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     outputs += [bin_path(prefix) for prefix in prefixes.values()]
-    builders = {key: IndexedDatasetBuilder(_temporary(bin_path(prefix)), dtype) for key, prefix in prefixes.items()}
+    builders = {key: IndexedDatasetBuilder(files.path(bin_path(prefix)), dtype)
+                for key, prefix in prefixes.items()}
     counts = _tokenize_into(builders, args, encoder)
     for key, prefix in prefixes.items():
         outputs.append(idx_path(prefix))
-        builders[key].finalize(_temporary(idx_path(prefix)))
+        builders[key].finalize(files.path(idx_path(prefix)))
     return counts
-
-
-def _temporary(path: str) -> str:
-    return f"{path}.tmp"
-
-
-def _journal(prefix: str) -> str:
-    return f"{prefix}_preprocess_commit.json"
-
-
-def publish(prefix: str, outputs: list[str]) -> None:
-    """Move every complete temporary of `outputs` into place, the renames journaled first."""
-    journal = _journal(prefix)
-    with open(_temporary(journal), "w") as f:
-        json.dump(outputs, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(_temporary(journal), journal)
-    finish_publishing(prefix)
-
-
-def finish_publishing(prefix: str) -> list[str]:
-    """Complete the renames a journal under `prefix` lists (from this run, or one killed among
-    them); returns the files moved. Every old .idx goes first: until its new one is in place a
-    reader finds a .bin without an .idx, which it refuses, never a new .bin or tokenizer beside an
-    old .idx, which would read as valid."""
-    journal = _journal(prefix)
-    if not os.path.exists(journal):
-        return []
-    with open(journal) as f:
-        outputs = [path for path in json.load(f) if os.path.exists(_temporary(path))]
-    for path in outputs:
-        if path.endswith(".idx"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-    for path in sorted(outputs, key=lambda path: path.endswith(".idx")):  # the .idx files last
-        os.replace(_temporary(path), path)
-    os.remove(journal)
-    return outputs
-
-
-def _remove_temporaries(outputs: list[str]) -> None:
-    for path in outputs:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(_temporary(path))
 
 
 def _tokenize_into(builders: dict[str, IndexedDatasetBuilder], args: argparse.Namespace,
@@ -272,24 +229,23 @@ def _make_folder(prefix: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    outputs: list[str] = []  # the files this run writes, under temporary names until published
+    outputs: list[str] = []  # the public names of the files this run writes
+    files = None
     try:
         _make_folder(args.output_prefix)
-        finished = finish_publishing(args.output_prefix)
-        if finished:
-            print(f"completed what an interrupted run was publishing: {', '.join(finished)}", file=sys.stderr)
+        files = PublishedFiles(args.output_prefix)
         tokenizer = None
         if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model is None:
             tokenizer = f"{args.output_prefix}_tokenizer.json"
             outputs.append(tokenizer)
-            args.tokenizer_model = train_tokenizer(args, _temporary(tokenizer))
-        counts = write_datasets(args, outputs)
-        publish(args.output_prefix, outputs)
-    except (ValueError, OSError) as error:
-        _remove_temporaries(outputs)
-        sys.exit(f"preprocess_data.py: error: {error}")
-    except BaseException:
-        _remove_temporaries(outputs)
+            args.tokenizer_model = train_tokenizer(args, files.path(tokenizer))
+        counts = write_datasets(args, files, outputs)
+        files.publish(outputs)
+    except BaseException as error:
+        if files is not None:
+            files.abandon()
+        if isinstance(error, (ValueError, OSError)):
+            sys.exit(f"preprocess_data.py: error: {error}")
         raise
     if tokenizer is not None:
         print(f"tokenizer: {tokenizer}")

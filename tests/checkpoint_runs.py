@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.training.loop import RunResult, pretrain
 from tests.helpers import single_process_group
 

@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from megadual.config import RunConfig, parse_args, validate_world
+from megadual.arguments import parse_args
+from megadual.config import RunConfig
+from megadual.config_validate import validate_world
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.checkpoint.offline import tracked_checkpoint
 from megadual.training.checkpoint.state import checkpoint_state, restore_state

@@ -2,17 +2,19 @@
 
     python tests/preprocess_paused.py STAGE MARKER preprocess_data.py-flags...
 
-STAGE: `tokenizer` (the BPE is trained and saved), `idx` (every .bin is written, no .idx yet) or
-`publishing` (the new tokenizer is renamed into place, the datasets not yet). There this creates
-the file MARKER and sleeps until killed.
+STAGE: `tokenizer` (the BPE is trained and saved), `idx` (every .bin is written, no .idx yet),
+`adopting` (an old plain tokenizer file is replaced by its symlink, the old .bin/.idx not yet),
+`commit` (the new version is complete, the pointer not yet moved to it) or `committed` (the pointer
+moved, the old version not yet removed). There this creates the file MARKER and sleeps until killed.
 """
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import preprocess_data  # noqa: E402
+
+from megadual.data.published_files import PublishedFiles  # noqa: E402
 
 
 def pause(marker: str) -> None:
@@ -27,14 +29,20 @@ def pause_at(stage: str, marker: str) -> None:
     elif stage == "idx":
         finalize = preprocess_data.IndexedDatasetBuilder.finalize
         preprocess_data.IndexedDatasetBuilder.finalize = lambda self, path: (pause(marker), finalize(self, path))
-    else:
-        replace = os.replace
+    elif stage == "adopting":
+        point = PublishedFiles._point
 
-        def paused(source, destination):
-            replace(source, destination)
-            if str(destination).endswith("_tokenizer.json"):
+        def paused(path, target):
+            point(path, target)
+            if path.endswith("_tokenizer.json"):
                 pause(marker)
-        os.replace = paused
+        PublishedFiles._point = staticmethod(paused)
+    elif stage == "commit":
+        commit = PublishedFiles._commit
+        PublishedFiles._commit = lambda self: (pause(marker), commit(self))
+    else:
+        commit = PublishedFiles._commit
+        PublishedFiles._commit = lambda self: (commit(self), pause(marker))
 
 
 if __name__ == "__main__":

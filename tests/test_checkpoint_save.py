@@ -10,7 +10,7 @@ import threading
 import pytest
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.training import loop
 from megadual.training.checkpoint import CheckpointError
 from megadual.training.checkpoint import save as save_module

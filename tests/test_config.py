@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from megadual.config import ConfigError, model_config_differences, parse_args, resolve_device_defaults
+from megadual.arguments import parse_args, resolve_device_defaults
+from megadual.config import ConfigError, model_config_differences
 from tests.helpers import TINY_MOE
 
 

@@ -6,7 +6,8 @@ import typing
 
 import pytest
 
-from megadual.config import ConfigError, build_parser, flag_fields, parse_args, sections
+from megadual.arguments import build_parser, flag_fields, parse_args, sections
+from megadual.config import ConfigError
 from tests.helpers import TINY_MOE
 
 

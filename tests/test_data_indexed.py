@@ -1,6 +1,7 @@
 """Megatron .bin/.idx layout: exact bytes, reading, dtype choice, and clear errors on bad files."""
 
 import json
+import pickle
 import struct
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from megadual.data.indexed_dataset import DataFileError, IndexedDataset, IndexedDatasetBuilder, optimal_dtype
+from megadual.data.published_files import PublishedFiles
 from megadual.data.token_ids import cache_path, check_token_ids
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -147,3 +149,29 @@ def test_a_float_token_dtype_is_refused_naming_the_file(tmp_path, written, code,
     assert str(idx) in str(error.value)
     with pytest.raises(ValueError, match="unsupported token dtype"):
         IndexedDatasetBuilder(str(tmp_path / "x.bin"), np.float32)
+
+
+def test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published(tmp_path, monkeypatch):
+    """preprocess_data.py's public names are symlinks through one pointer: a dataset opened before a
+    newer version is published, reopened after it (pickled into a DataLoader worker), reads the
+    .idx and .bin it was opened on, never the new .bin under the old positions; a file the newer
+    version does not rewrite (a tokenizer given by --tokenizer-model) stays published."""
+    prefix = str(tmp_path / "data_text_document")
+
+    def publish(documents, *others):
+        files = PublishedFiles(str(tmp_path / "data"))
+        write(files.path(prefix), documents)
+        for other in others:
+            Path(files.path(other)).write_text("first")
+        files.publish([f"{prefix}.bin", f"{prefix}.idx", *others])
+
+    publish([[1, 2], [3]], str(tmp_path / "data_tokenizer.json"))
+    opened = IndexedDataset(prefix)
+    # the old version kept, as it is until the publishing run removes it
+    monkeypatch.setattr(PublishedFiles, "_remove_versions_except", lambda self, keep: None)
+    publish([[7, 8, 9]])
+    current = IndexedDataset(prefix)
+    assert len(current) == 1 and current[0].tolist() == [7, 8, 9]
+    reopened = pickle.loads(pickle.dumps(opened))
+    assert [reopened[i].tolist() for i in range(len(reopened))] == [[1, 2], [3]]
+    assert (tmp_path / "data_tokenizer.json").read_text() == "first"  # what a run does not rewrite stays

@@ -1,6 +1,7 @@
 """scripts/preprocess_data.py end to end, run as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,4 @@ def test_a_failed_run_leaves_the_previous_dataset_and_names_the_bad_input(tmp_pa
     assert run(empty).stderr.strip() == f"preprocess_data.py: error: --input {empty}: no documents (the file is " \
                                         "empty or blank)"
     assert {path.name: path.read_bytes() for path in tmp_path.glob("out_*")} == written  # no .tmp left either
+    assert os.listdir(tmp_path / ".out.versions") == ["1"]  # nor the failed runs' unpublished versions

@@ -21,13 +21,15 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megadual import verify
-from megadual.config import ConfigError, parse_args
+from megadual.arguments import parse_args
+from megadual.config import ConfigError
 from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.stage_model import build_full_model
 from megadual.training.buckets import shard_pieces
 from megadual.training.capture import Capture, capture_run, relative_difference
 from megadual.training.checkpoint.coordination import Coordination
-from megadual.training.checkpoint.integrity import file_checksum, verify as verify_checkpoint
+from megadual.training.checkpoint.integrity import file_checksum
+from megadual.training.checkpoint.integrity import verify as verify_checkpoint
 from megadual.training.checkpoint.layout import MANIFEST
 from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.step import train_step

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megadual.config import ModelConfig, parse_args
+from megadual.arguments import parse_args
+from megadual.config import ModelConfig
 from megadual.model.dropout import ATTENTION_OUTPUT, AttentionDropout, HiddenDropout
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.training.loop import pretrain

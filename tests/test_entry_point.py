@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.data.indexed_dataset import IndexedDatasetBuilder
 from megadual.training.distributed import free_port
 from megadual.training.loop import pretrain

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from megadual.config import Fp8Config, build_parser, flag_fields, flags_markdown, parse_args, sections
-from megadual.config_validate import flag_name
+from megadual.arguments import build_parser, flag_fields, flags_markdown, parse_args, sections
+from megadual.config import Fp8Config, flag_name
 from megadual.fp8.linear import fp8_linear
 from megadual.training.loop import linear_gemm
 from tests.helpers import TINY_MOE
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_MODULES = ("megadual/config.py", "megadual/config_validate.py")
+CONFIG_MODULES = ("megadual/config.py", "megadual/config_validate.py", "megadual/arguments.py")
 # Flags whose only reader is in the config modules.
 READ_IN_CONFIG = {
     "group_query_attention",  # resolve_derived: whether --num-query-groups counts
@@ -44,7 +44,7 @@ def test_every_flag_is_read_outside_config():
 def test_readme_lists_the_parsers_flags():
     readme = (ROOT / "README.md").read_text()
     listed = readme.split("<!-- flags:begin -->\n", 1)[1].split("<!-- flags:end -->", 1)[0]
-    assert listed.strip() == flags_markdown(), "regenerate README's list with: python -m megadual.config"
+    assert listed.strip() == flags_markdown(), "regenerate README's list with: python -m megadual.arguments"
     for f in all_flag_fields():  # `--[no-]name` for a negatable flag
         assert re.search(rf"(--|]){re.escape(flag_name(f.name)[2:])}(?=[\s`/])", listed), f.name
 

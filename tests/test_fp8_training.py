@@ -3,7 +3,7 @@ MLA + multi-token prediction."""
 import pytest
 import torch
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.training.loop import pretrain
 from scripts.fp8_loss_gap import mla_args, model_args, relative_gap, smoothed, train
 from tests.helpers import TINY_MOE, single_process_group

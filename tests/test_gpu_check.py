@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.model.flops import training_flops_per_iteration
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -63,5 +63,7 @@ def test_grouped_experts_defer_their_weight_gradients_to_the_w_action():
         out.square().sum().backward()
     assert all(p.grad is None for p in experts[True].parameters()) and len(store) == 1
     store.pop()
+    # up to 2.4e-7 measured on this CPU: the SwiGLU's vectorised silu rounds a row differently at
+    # another offset of its tensor (one tensor of every expert's rows against one per expert)
     for (name, want), got in zip(experts[False].named_parameters(), experts[True].parameters()):
-        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=7.5e-7, msg=name)

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megadual.config import ConfigError, ModelConfig, parse_args
+from megadual.arguments import parse_args
+from megadual.config import ConfigError, ModelConfig
 from megadual.fp8.quant import quantize
 from megadual.hf import convert
 from megadual.hf.config_map import UnsupportedModel, behaviour_differences, hf_config

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.parallel import collectives
 from megadual.training import device_check
 from megadual.training.loop import pretrain

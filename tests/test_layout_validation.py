@@ -1,7 +1,9 @@
 """Parallel layouts that cannot work are rejected before any process group, naming the flag at fault."""
 import pytest
 
-from megadual.config import ConfigError, parse_args, validate_parallel, validate_world
+from megadual.arguments import parse_args
+from megadual.config import ConfigError
+from megadual.config_validate import validate_parallel, validate_world
 from megadual.parallel.topology import Layout
 from tests.helpers import TINY_MOE
 

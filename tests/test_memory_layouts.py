@@ -5,7 +5,7 @@ and DualPipe's paired F&B chunks with their all-to-alls."""
 import pytest
 
 from megadual import verify
-from megadual.plan_check import measure_and_predict
+from megadual.plan.check import measure_and_predict
 from tests.helpers import TINY_MOE
 
 ARGS = TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--train-iters", "1", "--lr-warmup-iters", "0"]
@@ -56,11 +56,6 @@ PRECISION_CASES = {
                                            "dp2,ep2"),
     "V3-shaped FP8+BF16 BF16-moments PP2-dualpipexEP2": (V3_SHAPED + BF16 + FP8 + BF16_MOMENTS, "pp2:dualpipe,ep2"),
 }
-# Measured / predicted peak activations off by more than 5% (the per-layer formulas of
-# memory_model.py, being rewritten for issue 19's MoE/MLA changes): predicted / measured 0.95
-# (quick-start FP32), 0.90 (BF16, distributed; 0.92 grouped), 0.56 (FP8), 0.58 (FP8+BF16), 0.91
-# (V3-shaped BF16), 0.67 (V3-shaped FP8), 0.90 (V3-shaped FP8+BF16 under DualPipe); TP2+SP: 1.01.
-ACTIVATIONS_PENDING = set(PRECISION_CASES) - {"quick-start BF16 distributed TP2-SPxEP2"}
 CASES.update(PRECISION_CASES)
 RECOMPUTED = {  # the run with recomputation: the same layout's without
     "one process, full recomputation": "one process",
@@ -100,22 +95,27 @@ def test_planner_counts_what_each_precision_holds(runs, case):
             (rank.parameters, rank.gradients, rank.optimizer_state_held)
 
 
+# FP8 linears under --bf16 autocast with FP32 weights (the plain optimizer): the per-layer count
+# over-counts 33-49 KB per layer of the tiny model (measured / predicted 0.88 on this case); the
+# other precisions and optimizers are within 4.3%. Left open in issue 19.
+OPEN = {"quick-start FP8+BF16 plain"}
+
+
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(
-    case in ACTIVATIONS_PENDING, strict=True, reason="per-layer activation formulas (issue 19)"))
+    case in OPEN, strict=True, reason="FP8 under autocast with FP32 weights: over-counted (issue 19)"))
     for case in PRECISION_CASES])
 def test_planner_predicts_each_precisions_activations_within_5_percent(runs, case):
     for report, rank in runs[case].pairs():
         assert abs(report.peak_activations / rank.peak_activations - 1) < 0.05
 
 
-def test_the_grouped_gemms_stacked_weights_are_counted(runs):
-    """The grouped GEMM saves a stack of the experts' weights per micro-batch (BF16 weights here):
-    what it adds to the measured peak, the planner adds."""
+def test_the_grouped_gemm_keeps_no_stack_of_expert_weights(runs):
+    """The grouped GEMM keeps what the per-expert loop keeps (no stacked copy of the experts'
+    weights per micro-batch), measured and planned."""
     ((grouped, grouped_predicted),) = runs["quick-start BF16 distributed grouped GEMM"].pairs()
     ((looped, looped_predicted),) = runs["quick-start BF16 distributed"].pairs()
-    measured = grouped.peak_activations - looped.peak_activations
-    assert measured > 0
-    assert grouped_predicted.peak_activations - looped_predicted.peak_activations == pytest.approx(measured, rel=0.01)
+    assert grouped.peak_activations == pytest.approx(looped.peak_activations, rel=0.01)
+    assert grouped_predicted.peak_activations == looped_predicted.peak_activations
 
 
 def test_recomputation_lowers_the_peak_by_what_the_planner_says(runs):

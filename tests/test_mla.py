@@ -147,9 +147,9 @@ def test_every_linear_runs_through_the_layers_gemm():
     """So FP8 covers every projection, and the W split (its store, passed to the GEMM) every weight."""
     seen = set()
 
-    def gemm(x, weight, wgrad_store=None):
+    def gemm(x, weight, wgrad_store=None, cache=None):
         seen.add(id(weight))
-        return linear(x, weight, wgrad_store)
+        return linear(x, weight, wgrad_store, cache)
 
     for config in (CFG, NO_Q_LORA):
         module = mla(config, gemm=gemm)
@@ -171,3 +171,34 @@ def test_the_model_uses_mla_when_configured():
     tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
     chunk(tokens, tokens).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in chunk.parameters())
+
+
+def test_attention_runs_sdpas_fused_kernel_with_todays_results():
+    """MLA's value head (10) differs from its query/key head (14): the values are padded so that SDPA's
+    fused (flash) kernel, which keeps no s x s score matrix, is selectable; restricted to it, forward
+    and backward run, and equal the unpadded math path (today's)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    module = mla(CFG)
+    x = torch.randn(16, 2, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def run(backends):
+        module.zero_grad()
+        x_ = x.clone().requires_grad_()
+        with sdpa_kernel(backends):
+            out = module(x_)
+            out.square().sum().backward()
+        return out.detach(), x_.grad, [p.grad.clone() for p in module.parameters()]
+
+    fused = run([SDPBackend.FLASH_ATTENTION])
+    q, k, v = (torch.randn(2, HEADS, 16, d) for d in (NOPE + ROPE, NOPE + ROPE, V))
+    with pytest.raises(RuntimeError), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # unpadded: no fused kernel
+    pad = MultiLatentAttention._core
+    try:  # today's: the values as they are, through the math path
+        MultiLatentAttention._core = lambda self, q, k, v, samples: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale)
+        math_path = run([SDPBackend.MATH])
+    finally:
+        MultiLatentAttention._core = pad
+    for got, want in zip(fused, math_path):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-6)  # measured: 1.4e-6

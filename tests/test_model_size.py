@@ -1,7 +1,7 @@
 """The parameter counter against the real model, and the DeepSeek-V3 flag file it is shown on."""
 from pathlib import Path
 
-from megadual.config import parse_model_flags
+from megadual.arguments import parse_model_flags
 from megadual.model.size import parameter_counts
 from megadual.pipeline.stage_model import build_full_model
 from tests.helpers import TINY_MOE

@@ -110,9 +110,9 @@ def test_every_mtp_linear_runs_through_the_layers_gemm():
     """So FP8 (--fp8-format) covers the MTP modules' projections and experts as the main layers'."""
     seen = set()
 
-    def gemm(x, weight, wgrad_store=None):
+    def gemm(x, weight, wgrad_store=None, cache=None):
         seen.add(id(weight))
-        return linear(x, weight, wgrad_store)
+        return linear(x, weight, wgrad_store, cache)
 
     model = build_chunk(MTP, full_model_stage(MTP), seed=2, ctx=BuildContext(gemm=gemm))
     model(*sample(7))

@@ -5,13 +5,11 @@ BF16 (a dispatch mode records each matmul's operand dtypes); only the router's g
 design. With attention dropout, so the core attention is the explicit matmuls (CPU autocast leaves
 SDPA, which CUDA's autocasts, in FP32). Recomputation repeats the BF16 forward bit for bit, so its losses and gradients equal the
 run without it exactly."""
-from dataclasses import replace
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.parallel.context import BuildContext
 from megadual.parallel.recompute import RecomputePlan, _Region
 from megadual.pipeline.actions import Kind

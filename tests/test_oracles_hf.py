@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megadual.config import parse_args, parse_model_flags
+from megadual.arguments import parse_args, parse_model_flags
 from megadual.hf.config_map import hf_config
 from megadual.hf.convert import model_shapes, read_hf
 from megadual.hf.names import hf_name, mtp_copies, to_hf_rows

@@ -8,9 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megadual.config import OptimConfig, TrainConfig, parse_args
-from megadual.fp8.quant import quantize_blocks, quantize_tiles
+from megadual.arguments import parse_args
+from megadual.config import OptimConfig, TrainConfig
 from megadual.data.sampler import PretrainingSampler
+from megadual.fp8.quant import quantize_blocks, quantize_tiles
 from megadual.model.dropout import AttentionDropout, HiddenDropout
 from megadual.moe.router import Router
 from megadual.parallel.topology import Layout, Topology
@@ -19,7 +20,6 @@ from megadual.training.dist_optimizer import DistributedOptimizer
 from megadual.training.lr_schedule import LRSchedule
 from megadual.training.optimizer import build_optimizer, set_learning_rate
 from tests.helpers import TINY_MOE, single_process_group
-
 
 # --- the router -------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from megadual.config import parse_args, resolve_device_defaults
-from megadual.rank_memory import predict
+from megadual.arguments import parse_args, resolve_device_defaults
+from megadual.plan.rank_memory import predict
 from megadual.training.loop import build_model, build_topology
 from tests.helpers import TINY_MOE
 

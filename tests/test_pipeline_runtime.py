@@ -7,7 +7,8 @@ gradients of plain gradient accumulation. Multi-process runs: test_parallel_pp.p
 import pytest
 import torch
 
-from megadual.config import ConfigError, parse_args
+from megadual.arguments import parse_args
+from megadual.config import ConfigError
 from megadual.config_validate import validate_pipeline, virtual_stages
 from megadual.model.gpt import build_chunk, full_model_stage
 from megadual.pipeline.actions import Action, Kind, Layout, match_messages

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from megadual.config import resolve_device_defaults
-from megadual.layout_search import Hardware, chunk_costs
+from megadual.arguments import resolve_device_defaults
 from megadual.model.flops import forward_flops_per_token
 from megadual.parallel.topology import Layout
-from megadual.plan import MB, format_breakdown, main
-from megadual.rank_memory import predict
+from megadual.plan.cli import MB, format_breakdown, main
+from megadual.plan.layout_search import Hardware, chunk_costs
+from megadual.plan.rank_memory import predict
 from pretrain_moe import load_config
 from tests.helpers import TINY_MOE
 

@@ -9,11 +9,12 @@ import re
 
 import pytest
 
-from megadual.config import ConfigError, parse_args
+from megadual.arguments import parse_args
+from megadual.config import ConfigError
 from megadual.data.batch_ramp import BatchRamp
 from megadual.training.checkpoint import CheckpointError
-from megadual.training.lr_schedule import LRSchedule
 from megadual.training.loop import pretrain
+from megadual.training.lr_schedule import LRSchedule
 from tests.helpers import TINY_MOE, single_process_group
 
 BASE = ["--mock-data", "--vocab-size", "64"]
@@ -206,7 +207,7 @@ def test_context_extension_loads_at_another_length(tmp_path):
 
 
 def test_hf_export_writes_the_yarn_it_trained_with_and_import_keeps_it():
-    from megadual.config import parse_model_flags
+    from megadual.arguments import parse_model_flags
     from megadual.hf.config_map import architecture_flags, hf_config
     yarn = ["--rope-scaling-factor", "40", "--original-max-position-embeddings", "16", "--beta-fast", "32",
             "--beta-slow", "1", "--mscale", "1", "--mscale-all-dim", "1"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.training.checkpoint import CheckpointError, iteration_dir
 from megadual.training.checkpoint.integrity import checksums, write_manifest
 from megadual.training.checkpoint.layout import MANIFEST

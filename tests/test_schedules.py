@@ -1,8 +1,6 @@
 """Schedule builders: structure, communication conventions, validation, static checks."""
 import pytest
 
-from megadual.pipeline.simulate import simulate
-
 from megadual.pipeline.actions import Action, Kind, ScheduleError, UnmatchedCommError
 from megadual.pipeline.schedules import (
     build_schedule,
@@ -10,6 +8,7 @@ from megadual.pipeline.schedules import (
     pipeline_layout,
     validate_schedule_args,
 )
+from megadual.pipeline.simulate import simulate
 
 SIZES = {
     "1f1b": [(1, 3), (2, 1), (4, 3), (4, 8), (8, 20)],
@@ -272,9 +271,9 @@ def test_virtual_stages_belong_to_the_interleaved_schedule(name, v):
 def test_planner_searches_and_plans_the_new_schedules():
     """python -m megadual.plan --gpus tries interleaved 1F1B and the overlapped ones, and predicts their
     activations from their action lists: under interleaved, rank 0 warms up the most forwards."""
-    from megadual.config import parse_args
-    from megadual.layout_search import Hardware, candidates
-    from megadual.rank_memory import predict
+    from megadual.arguments import parse_args
+    from megadual.plan.layout_search import Hardware, candidates
+    from megadual.plan.rank_memory import predict
     from tests.helpers import TINY_MOE
 
     base = parse_args(TINY_MOE + ["--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "16"])

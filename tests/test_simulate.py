@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from megadual.pipeline.actions import Action, Kind, UnmatchedCommError
-from megadual.pipeline.schedules import build_schedule
 from megadual.pipeline.hops import Pieces, paired_seconds
+from megadual.pipeline.schedules import build_schedule
 from megadual.pipeline.simulate import DeadlockError, SimCosts, StageCosts, simulate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.parallel import collectives
 from megadual.training.distributed import free_port, init_distributed
 from megadual.training.loop import build_topology, pretrain

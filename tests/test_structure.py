@@ -4,7 +4,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megadual"
 # Bottom to top (STYLE.md); entry-point modules (verify, plan) sit above everything.
-LAYERS = [("config", "config_validate", "data"), ("parallel",), ("fp8",), ("moe",), ("model",), ("pipeline",), ("training",)]
+LAYERS = [("config", "config_validate", "arguments", "data"), ("parallel",), ("fp8",), ("moe",), ("model",), ("pipeline",), ("training",)]
 
 
 def layer_of(module: str) -> int:

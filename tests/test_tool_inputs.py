@@ -3,6 +3,7 @@ at each stage of a second run into the same prefix, an --output-prefix whose fol
 and a verify layout that cannot mean what it says."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,13 +52,25 @@ def old_trio(tmp_path_factory) -> Path:
     return prefix
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "idx", "publishing"])
-def test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_one(old_trio, tmp_path, stage):
-    """Killed before it publishes, the old tokenizer, .bin and .idx are untouched; killed while it
-    publishes, the dataset is refused (no .idx) until the next run completes what the killed one began."""
+# (how the old dataset was written, where the second run is killed, what the prefix reads then)
+KILLS = [("plain", "tokenizer", OLD), ("plain", "adopting", OLD),
+         ("plain", "commit", OLD), ("plain", "committed", NEW),
+         ("versioned", "idx", OLD), ("versioned", "commit", OLD), ("versioned", "committed", NEW)]
+
+
+@pytest.mark.parametrize(("layout", "stage", "expected"), KILLS,
+                         ids=[f"{layout}-{stage}" for layout, stage, _ in KILLS])
+def test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_the_new_one(
+        old_trio, tmp_path, layout, stage, expected):
+    """Killed at any stage before its commit point (one rename of the pointer), the old tokenizer,
+    .bin and .idx read back, whether they were plain files (an older run, Megatron's tool) or
+    published through the pointer; after it, the new ones; the next run leaves no other version."""
     prefix = tmp_path / "data"
-    for suffix, data in trio(old_trio).items():
-        Path(f"{prefix}{suffix}").write_bytes(data)
+    if layout == "plain":
+        for suffix, data in trio(old_trio).items():
+            Path(f"{prefix}{suffix}").write_bytes(data)
+    else:
+        shutil.copytree(old_trio.parent, tmp_path, symlinks=True, dirs_exist_ok=True)
     marker, args = tmp_path / "paused", preprocess_args(corpus(tmp_path / "new.jsonl", NEW), prefix)
     child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "preprocess_paused.py"), stage, str(marker), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -67,17 +80,18 @@ def test_a_second_run_killed_at_any_stage_leaves_the_old_dataset_or_a_refused_on
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.communicate()
-    if stage != "publishing":
+    if stage == "adopting":  # midway: the old tokenizer taken under the pointer, the old .bin not yet
+        assert os.path.islink(f"{prefix}_tokenizer.json")
+        assert not os.path.islink(f"{prefix}_text_document.bin")
+    if expected is OLD:
         assert trio(prefix) == trio(old_trio)
-        assert texts_of(prefix) == OLD
-        return
-    with pytest.raises(FileNotFoundError):
-        IndexedDataset(f"{prefix}_text_document")
-    rerun = subprocess.run([sys.executable, str(SCRIPT), *preprocess_args(tmp_path / "new.jsonl", prefix)],
-                           capture_output=True, text=True)
-    assert rerun.returncode == 0 and "completed what an interrupted run was publishing" in rerun.stderr
+    assert texts_of(prefix) == expected
+    rerun = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
     assert texts_of(prefix) == NEW
-    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tmp", "_commit.json"))]
+    current = os.path.basename(os.readlink(tmp_path / ".data.current"))
+    assert os.listdir(tmp_path / ".data.versions") == [current]  # no other version left
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):

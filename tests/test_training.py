@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from megadual.config import parse_args
+from megadual.arguments import parse_args
 from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.stage_model import build_full_model
 from megadual.training import loop

@@ -16,7 +16,7 @@ from itertools import pairwise
 import numpy as np
 from torch.utils.data import Dataset
 
-from megadual.config_validate import ConfigError
+from megadual.config import ConfigError
 from megadual.data.blended import BlendedDataset
 from megadual.data.data_args import parse_data_path, parse_split
 from megadual.data.gpt_dataset import GPTDataset, MockGPTDataset

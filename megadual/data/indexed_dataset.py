@@ -108,10 +108,18 @@ class IndexedDataset:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.idx_file, self.bin_file = idx_path(prefix), bin_path(prefix)
+        resolved = os.path.realpath(self.idx_file).removesuffix(".idx")
+        # a symlinked .idx (preprocess_data.py publishes through one): its .bin is the one beside
+        # it, so both come from one version even while a newer one is being published
+        if os.path.islink(self.idx_file) and os.path.isfile(bin_path(resolved)):
+            self.idx_file, self.bin_file = idx_path(resolved), bin_path(resolved)
+        self._open()
+
+    def _open(self) -> None:
         for path in (self.idx_file, self.bin_file):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
-                    f"indexed dataset file {path} not found (from --data-path prefix {prefix!r}; "
+                    f"indexed dataset file {path} not found (from --data-path prefix {self.prefix!r}; "
                     "give the prefix without .bin/.idx)"
                 )
         self._read_index()
@@ -213,9 +221,11 @@ class IndexedDataset:
         start = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
         return self._tokens[start : start + length * self.dtype.itemsize].view(self.dtype)
 
-    def __getstate__(self) -> str:
-        # memory maps do not pickle; reopen from the prefix (e.g. in a DataLoader worker)
-        return self.prefix
+    def __getstate__(self) -> tuple[str, str, str]:
+        # memory maps do not pickle; reopen the same files (e.g. in a DataLoader worker), not a
+        # version preprocess_data.py published since
+        return self.prefix, self.idx_file, self.bin_file
 
-    def __setstate__(self, prefix: str) -> None:
-        self.__init__(prefix)
+    def __setstate__(self, state: tuple[str, str, str]) -> None:
+        self.prefix, self.idx_file, self.bin_file = state
+        self._open()

@@ -25,7 +25,7 @@ from megadual.fp8.quant import (
     quantize_tiles,
     quantize_tiles_transposed,
 )
-from megadual.parallel.linear import flat, weight_grad_now_or_deferred
+from megadual.parallel.linear import InputCache, flat, weight_grad_now_or_deferred
 from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 __all__ = ["dequantize_from_dispatch", "fp8_linear", "quantize_for_dispatch"]
@@ -33,18 +33,22 @@ __all__ = ["dequantize_from_dispatch", "fp8_linear", "quantize_for_dispatch"]
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, wgrad_store):
+    def forward(ctx, x, weight, wgrad_store, cache):
         x2 = flat(x)
-        y = fp8_gemm(quantize_tiles(x2), quantize_blocks(weight))
+        cache = InputCache() if cache is None else cache  # GEMMs sharing x share its quantizations
+        y = fp8_gemm(cache.get("fp8 tiles", lambda: quantize_tiles(x2)), quantize_blocks(weight))
         if ctx.needs_input_grad[1]:
-            x_by_tokens = quantize_tiles_transposed(x2)
+            x_by_tokens = cache.get("fp8 tiles by tokens", lambda: quantize_tiles_transposed(x2))
             ctx.save_for_backward(x_by_tokens.data, x_by_tokens.scale)
         else:
             ctx.save_for_backward(None, None)
         ctx.weight = weight  # the parameter itself: see weight_grad_now_or_deferred
         ctx.wgrad_store = store_for_forward(wgrad_store)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        y = y.to(x.dtype)
+        if y.untyped_storage().nbytes() > y.nbytes:  # a view of the GEMM's padded result: not kept whole
+            y = y.clone()
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -55,7 +59,7 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = fp8_gemm(quantize_tiles(dy), quantize_blocks(weight.t()))
             grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
         if not ctx.needs_input_grad[1]:
-            return grad_x, None, None
+            return grad_x, None, None, None
 
         # Quantized now, so a deferred W keeps dy alive in FP8 rather than in full precision.
         dy_by_tokens = quantize_tiles_transposed(dy)
@@ -64,11 +68,12 @@ class _Fp8Linear(torch.autograd.Function):
         def weight_grad() -> torch.Tensor:
             return fp8_gemm(dy_by_tokens, x_by_tokens).to(weight.dtype)
 
-        return grad_x, weight_grad_now_or_deferred(weight, weight_grad, ctx.wgrad_store), None
+        return grad_x, weight_grad_now_or_deferred(weight, weight_grad, ctx.wgrad_store), None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor,
-               wgrad_store: WeightGradStore | None = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, wgrad_store: WeightGradStore | None = None,
+               cache: InputCache | None = None) -> torch.Tensor:
     """y = x @ weight.T with FP8 GEMMs, the weight gradient routed through `wgrad_store` when
-    the store takes this forward (`WeightGradStore.deferrable_forward`)."""
-    return _Fp8Linear.apply(x, weight, wgrad_store)
+    the store takes this forward (`WeightGradStore.deferrable_forward`); GEMMs given one `cache`
+    quantize (and keep) their common input once."""
+    return _Fp8Linear.apply(x, weight, wgrad_store, cache)

@@ -35,7 +35,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences, parse_model_flags
+from megadual.arguments import parse_model_flags
+from megadual.config import ConfigError, ModelConfig, RunConfig, model_config_differences
 from megadual.fp8.quant import WEIGHT_BLOCK
 from megadual.hf.config_map import UnsupportedModel, architecture_flags, behaviour_differences, hf_config
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megadual.config import ModelConfig
 from megadual.data.documents import Documents
 from megadual.model.dropout import ATTENTION_PROBS, AttentionDropout
-from megadual.parallel.linear import linear
+from megadual.parallel.linear import InputCache, linear
 from megadual.parallel.mlp import output_std
 from megadual.parallel.params import ParamSpec
 from megadual.parallel.recompute import NO_RECOMPUTE
@@ -84,9 +84,10 @@ class Attention(torch.nn.Module):
         x = enter_tp_region(x, self.tp)
         s, b, _ = x.shape
         hd = self.config.head_dim
-        q = self.q(x).view(s, b, self.heads, hd)
-        k = self.k(x).view(s, b, self.groups, hd)
-        v = self.v(x).view(s, b, self.groups, hd)
+        cache = InputCache()  # q, k and v keep one copy of x
+        q = self.q(x, cache).view(s, b, self.heads, hd)
+        k = self.k(x, cache).view(s, b, self.groups, hd)
+        v = self.v(x, cache).view(s, b, self.groups, hd)
         positions = documents and documents.position_ids
         cos, sin = rotary_tables(s, rotary_frequencies(hd, self.config.rotary_base, x.device), x.device,
                                  positions=positions)

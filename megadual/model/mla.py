@@ -54,7 +54,7 @@ from megadual.data.documents import Documents
 from megadual.model.dropout import ATTENTION_PROBS, AttentionDropout
 from megadual.model.layers import RMSNorm, apply_rotary, causal_attention, rotary_tables
 from megadual.model.yarn import mla_rope_frequencies, rope_magnitude, yarn_mscale
-from megadual.parallel.linear import linear
+from megadual.parallel.linear import InputCache, linear
 from megadual.parallel.mlp import output_std
 from megadual.parallel.recompute import NO_RECOMPUTE
 from megadual.parallel.tensor import ShardedLinear, TensorParallel, enter_tp_region, leave_tp_region
@@ -105,10 +105,17 @@ class MultiLatentAttention(torch.nn.Module):
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """[query input; c_KV; k_R before RoPE] of this rank's tokens, the query input being
-        c_Q (or x itself without query compression)."""
-        c_kv, k_rope = self.kv_down(x).split([self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], -1)
-        query_input = self.q_norm(self.q_down(x)) if self.q_lora_rank else x
-        return torch.cat([query_input, self.kv_norm(c_kv), k_rope], -1)
+        c_Q (or x itself without query compression). The down-projections share one cached copy
+        of x; the latent norms are recomputed under layernorm or mla_up_proj recomputation."""
+        cache = InputCache()
+        c_kv, k_rope = self.kv_down(x, cache).split([self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], -1)
+        c_q = self.q_down(x, cache) if self.q_lora_rank else None
+        norms = sorted({"layernorm", "mla_up_proj"} & self.recompute.modules)
+        query_input, c_kv = self.recompute.call(norms[0] if norms else "", self._latent_norms, c_q, c_kv)
+        return torch.cat([x if query_input is None else query_input, c_kv, k_rope], -1)
+
+    def _latent_norms(self, c_q: torch.Tensor | None, c_kv: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return (None if c_q is None else self.q_norm(c_q)), self.kv_norm(c_kv)
 
     def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None,
                 documents: Documents | None = None) -> torch.Tensor:
@@ -147,5 +154,10 @@ class MultiLatentAttention(torch.nn.Module):
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: torch.Tensor | None,
               allowed: torch.Tensor | None = None) -> torch.Tensor:
-        return causal_attention(q, k, v, self.softmax_scale, self.dropout, samples, self.tp.rank * self.heads,
-                                allowed)
+        # SDPA's fused kernels (which keep no s x s scores) need one head dim for q, k and v: the
+        # values are zero-padded to the query/key head dim and the padding's output columns dropped.
+        v_dim = v.shape[-1]
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - v_dim))
+        out = causal_attention(q, k, v, self.softmax_scale, self.dropout, samples, self.tp.rank * self.heads,
+                               allowed)
+        return out[..., :v_dim]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megadual.config import ModelConfig, parse_model_flags
+from megadual.arguments import parse_model_flags
+from megadual.config import ModelConfig
 from megadual.model.gpt import GPTChunk, full_model_stage
 
 

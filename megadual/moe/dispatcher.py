@@ -24,6 +24,7 @@ import torch
 
 from megadual.fp8.quant import dequantize_from_dispatch, quantize_for_dispatch
 from megadual.moe.router import RoutingStats
+from megadual.moe.rows import sum_rows_into
 from megadual.parallel import comm
 
 # (rows, local expert per slot, gate per slot, slots per local expert or None: count them) -> output rows
@@ -170,7 +171,7 @@ class Hop:
     def return_wait(self, returning: Returning) -> torch.Tensor:
         """Each source row's returned rows, summed."""
         (back,), d = returning.exchange.wait(), returning.dispatched
-        return back.new_zeros(d.num_tokens, back.shape[-1]).index_add(0, d.token_of_row, back)
+        return sum_rows_into(back, d.token_of_row, d.num_tokens)
 
 
 class TokenDispatcher:

@@ -6,16 +6,24 @@ from collections.abc import Callable
 import torch
 
 from megadual.config import ModelConfig
+from megadual.fp8.quant import TILE, Fp8Tensor, quantize_tiles
 from megadual.moe.grouped_gemm import grouped_linear
-from megadual.parallel.linear import linear
-from megadual.parallel.mlp import SwiGLUMLP, swiglu
+from megadual.moe.rows import sum_rows_into
+from megadual.parallel.linear import InputCache, gemm_input, linear
+from megadual.parallel.mlp import ActivationCodec, SwiGLUMLP, swiglu
 from megadual.parallel.recompute import NO_RECOMPUTE
+
+# --recompute-modules moe_act: the SwiGLU's inputs kept in E4M3 1x128 tiles (DeepSeek-V3 report
+# 3.3.2), the activation recomputed from them in the backward.
+FP8_TILES = ActivationCodec(lambda t: (lambda q: (q.data, q.scale))(quantize_tiles(t)),
+                            lambda parts, dtype: Fp8Tensor(*parts, TILE).dequantize(dtype))
 
 
 class RoutedExperts(torch.nn.Module):
     """`grouped`: each of gate, up and down runs as one grouped GEMM over the local experts
     (full precision and bf16); otherwise, and with FP8 (blockwise scales per expert), one
-    GEMM per expert."""
+    GEMM per expert. Each (row, expert) pair's gate scales the rows entering the down-projection,
+    and the rows move by index (moe/rows.py): no expert output is kept for the backward."""
 
     def __init__(self, config: ModelConfig, first_expert: int, num_local: int, gemm: Callable = linear,
                  grouped: bool = False):
@@ -23,7 +31,8 @@ class RoutedExperts(torch.nn.Module):
         self.first_expert = first_expert
         self.grouped = grouped and gemm is linear
         self.local = torch.nn.ModuleDict({
-            str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, gemm=gemm, expert=True)
+            str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, gemm=gemm, expert=True,
+                                             moe_act_codec=FP8_TILES)
             for i in range(num_local)})
         self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): the grouped path's moe_act
 
@@ -38,19 +47,20 @@ class RoutedExperts(torch.nn.Module):
         order = torch.argsort(expert_of, stable=True)
         rows, slots = rows[order], slots[order]
         run = self._grouped if self.grouped else self._looped
-        weighted = run(tokens[rows], counts) * gates[rows, slots].unsqueeze(-1)
-        return tokens.new_zeros(tokens.shape).index_add(0, rows, weighted.to(tokens.dtype))
+        out = run(tokens[rows], counts, gates[rows, slots])
+        return sum_rows_into(out.to(tokens.dtype), rows, tokens.shape[0])
 
-    def _looped(self, sorted_tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        chunks = sorted_tokens.split(counts)
-        return torch.cat([expert(chunk) for expert, chunk in zip(self.local.values(), chunks)])
+    def _looped(self, sorted_tokens: torch.Tensor, counts: list[int], scale: torch.Tensor) -> torch.Tensor:
+        chunks, scales = sorted_tokens.split(counts), scale.split(counts)
+        return torch.cat([expert(chunk, s) for expert, chunk, s in zip(self.local.values(), chunks, scales)])
 
-    def _grouped(self, sorted_tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _grouped(self, sorted_tokens: torch.Tensor, counts: list[int], scale: torch.Tensor) -> torch.Tensor:
         experts = list(self.local.values())
+        x = gemm_input(sorted_tokens, InputCache())  # gate and up read (and keep) one copy
 
         def project(x: torch.Tensor, name: str) -> torch.Tensor:
             linears = [getattr(expert, name) for expert in experts]
             return grouped_linear(x, counts, [lin.weight for lin in linears], linears[0].wgrad_store)
 
-        gate, up = project(sorted_tokens, "gate"), project(sorted_tokens, "up")
-        return project(self.recompute.call("moe_act", swiglu, gate, up), "down")
+        hidden = swiglu(project(x, "gate"), project(x, "up"), scale, experts[0].activation_codec())
+        return project(hidden, "down")

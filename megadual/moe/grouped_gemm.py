@@ -13,19 +13,23 @@ from megadual.parallel.wgrad import WeightGradStore, store_for_forward
 
 
 class _GroupedLinear(torch.autograd.Function):
+    """Keeps x and the offsets; the weights are stacked again in the backward rather than kept
+    stacked (a copy of every local expert's weight per micro-batch in flight)."""
+
     @staticmethod
     def forward(ctx, x, offsets, wgrad_store, *weights):
         stacked = torch.stack(weights)  # [experts, out, in]
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, stacked = x.to(dtype), stacked.to(dtype)
-        ctx.save_for_backward(x, offsets, stacked)
+        ctx.save_for_backward(x, offsets)
         ctx.weights, ctx.wgrad_store = weights, wgrad_store
         return torch._grouped_mm(x, stacked.transpose(1, 2), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, offsets, stacked = ctx.saved_tensors
+        x, offsets = ctx.saved_tensors
+        stacked = torch.stack(ctx.weights).to(x.dtype)
         grad_out = grad_out.to(x.dtype).contiguous()
         grad_x = torch._grouped_mm(grad_out, stacked, offs=offsets)
 

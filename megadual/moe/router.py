@@ -13,7 +13,7 @@ import torch
 
 from megadual.config import ModelConfig
 from megadual.parallel import comm
-from megadual.parallel.linear import linear
+from megadual.parallel.linear import fp32_linear
 from megadual.parallel.params import ParamSpec
 
 
@@ -134,8 +134,7 @@ class Router(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, num_sequences: int) -> Routing:
         c = self.config
-        with torch.autocast(tokens.device.type, enabled=False):  # the gate in FP32, even from BF16 weights
-            logits = linear(tokens.float(), self.weight, self.wgrad_store)
+        logits = fp32_linear(tokens, self.weight, self.wgrad_store)  # FP32, even from BF16 weights
         if c.moe_router_score_function == "sigmoid":
             scores = torch.sigmoid(logits)
             normalized = scores / scores.sum(-1, keepdim=True)

@@ -3,6 +3,9 @@
 Every linear layer of the model (TP linears, experts, router, head) goes through
 `linear`, so the pipeline's W split covers every weight. The model's linears have
 no bias (as in DeepSeek-V3). Without a store taking the forward it is `F.linear`.
+
+GEMMs that read one input (gate and up, MLA's two down-projections) share an `InputCache`, so
+the copy each would save for its backward (autocast's cast, the FP8 quantization) is made once.
 """
 from __future__ import annotations
 
@@ -26,6 +29,27 @@ def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], 
     return None
 
 
+class InputCache:
+    """What the GEMMs reading one input made of it (its autocast cast, its FP8 quantizations), made
+    once: the GEMMs then save the same tensor for their backwards. Lives for one forward call."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, object] = {}
+
+    def get(self, key: str, make: Callable[[], object]) -> object:
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+
+def gemm_input(x: torch.Tensor, cache: InputCache | None) -> torch.Tensor:
+    """x as a GEMM under the current autocast reads it (cast once per `cache`)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype) if cache is None else cache.get(f"autocast {dtype}", lambda: x.to(dtype))
+
+
 def flat(t: torch.Tensor) -> torch.Tensor:
     """[..., features] -> [tokens, features]."""
     return t.reshape(-1, t.shape[-1])
@@ -37,9 +61,8 @@ class _Linear(torch.autograd.Function):
     Outside autocast the GEMM runs in x's dtype (the router's FP32 gate on BF16 weights)."""
 
     @staticmethod
-    def forward(ctx, x, weight, wgrad_store):
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+    def forward(ctx, x, weight, wgrad_store, cache):
+        x = gemm_input(x, cache)
         gemm_weight = weight.to(x.dtype)
         ctx.save_for_backward(x)
         ctx.weight = weight  # the parameter itself: see weight_grad_now_or_deferred
@@ -55,14 +78,46 @@ class _Linear(torch.autograd.Function):
         def weight_grad() -> torch.Tensor:
             return flat(grad_out).t().matmul(flat(x)).to(weight.dtype)
 
+        return grad_x, weight_grad_now_or_deferred(weight, weight_grad, ctx.wgrad_store), None, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, wgrad_store: WeightGradStore | None = None,
+           cache: InputCache | None = None) -> torch.Tensor:
+    """y = x @ weight.T, with the weight gradient routed through `wgrad_store` when the
+    store takes this forward (`WeightGradStore.deferrable_forward`); GEMMs given one `cache`
+    save one copy of their common input."""
+    store = store_for_forward(wgrad_store)
+    if store is None:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return F.linear(gemm_input(x, cache), weight if autocast else weight.to(x.dtype))
+    return _Linear.apply(x, weight, store, cache)
+
+
+class _Fp32Linear(torch.autograd.Function):
+    """x @ weight.T in FP32 from a lower-precision x, which is kept in its own dtype (cast again
+    in the backward) rather than as the FP32 copy the GEMM reads."""
+
+    @staticmethod
+    def forward(ctx, x, weight, wgrad_store):
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.wgrad_store = weight, wgrad_store  # the parameter: see weight_grad_now_or_deferred
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,), weight = ctx.saved_tensors, ctx.weight
+        grad_x = grad_out.matmul(weight.float()).to(x.dtype)
+
+        def weight_grad() -> torch.Tensor:
+            return flat(grad_out).t().matmul(flat(x).float()).to(weight.dtype)
+
         return grad_x, weight_grad_now_or_deferred(weight, weight_grad, ctx.wgrad_store), None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor,
-           wgrad_store: WeightGradStore | None = None) -> torch.Tensor:
-    """y = x @ weight.T, with the weight gradient routed through `wgrad_store` when the
-    store takes this forward (`WeightGradStore.deferrable_forward`)."""
-    store = store_for_forward(wgrad_store)
-    if store is None:
-        return F.linear(x, weight if torch.is_autocast_enabled(x.device.type) else weight.to(x.dtype))
-    return _Linear.apply(x, weight, store)
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, wgrad_store: WeightGradStore | None = None) -> torch.Tensor:
+    """`linear` in FP32 whatever the dtypes of x and the weight and autocast (the router's gate);
+    its backward keeps x as given, not an FP32 copy of it."""
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dtype == torch.float32:
+            return linear(x, weight, wgrad_store)
+        return _Fp32Linear.apply(x, weight, store_for_forward(wgrad_store))

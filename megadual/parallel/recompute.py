@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from megadual.config_validate import RECOMPUTE_MODULES
+from megadual.config import RECOMPUTE_MODULES
 from megadual.parallel.wgrad import WeightGradStore
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megadual.parallel import collectives, comm
-from megadual.parallel.linear import linear
+from megadual.parallel.linear import InputCache, linear
 from megadual.parallel.params import ParamSpec, TPShard
 
 
@@ -84,8 +84,9 @@ class ShardedLinear(torch.nn.Module):
         self.gemm = gemm
         self.wgrad_store = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gemm(x, self.weight, self.wgrad_store)
+    def forward(self, x: torch.Tensor, cache: InputCache | None = None) -> torch.Tensor:
+        """`cache`: shared by the linears reading this x (parallel/linear.py)."""
+        return self.gemm(x, self.weight, self.wgrad_store, cache)
 
 
 class VocabParallelEmbedding(torch.nn.Module):

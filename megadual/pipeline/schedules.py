@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 
-from megadual.config_validate import SCHEDULES, ConfigError, validate_schedule_args
+from megadual.config import SCHEDULES, ConfigError
+from megadual.config_validate import validate_schedule_args
 from megadual.pipeline.actions import Action, Kind, Layout, ScheduleError, match_messages
 from megadual.pipeline.program import RankProgram
 

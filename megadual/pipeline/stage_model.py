@@ -33,7 +33,8 @@ from itertools import accumulate
 
 import torch
 
-from megadual.config import ModelConfig, pipeline_stage_layers
+from megadual.config import ModelConfig
+from megadual.config_validate import pipeline_stage_layers
 from megadual.model.gpt import GPTChunk, StageSpec, build_chunk, full_model_stage
 from megadual.moe.router import Router
 from megadual.parallel.context import ONE_PROCESS, BuildContext

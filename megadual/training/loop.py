@@ -8,7 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megadual.config import RunConfig, resolve_device_defaults
+from megadual.arguments import resolve_device_defaults
+from megadual.config import RunConfig
 from megadual.config_validate import node_size, num_microbatches, validate_world, virtual_stages
 from megadual.data.batch_ramp import BatchRamp
 from megadual.data.builder import build_datasets
@@ -28,9 +29,10 @@ from megadual.pipeline.schedules import pipeline_layout
 from megadual.pipeline.stage_model import StageModel, build_full_model, build_stage_model
 from megadual.training.checkpoint import CheckpointManager, TrainState
 from megadual.training.checkpoint.load import resumed_schedule
-from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.device_check import watched
+from megadual.training.dist_optimizer import DistributedOptimizer, optimizer_state_bytes
 from megadual.training.distributed import local_world_size
+from megadual.training.lr_schedule import LRSchedule
 from megadual.training.memory import MemoryMeasurement, MemoryReport
 from megadual.training.metrics import (
     IntervalLog,
@@ -39,7 +41,6 @@ from megadual.training.metrics import (
     format_validation,
     mtp_fields,
 )
-from megadual.training.lr_schedule import LRSchedule
 from megadual.training.optimizer import build_optimizer
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
 from megadual.training.stopping import StopRequests

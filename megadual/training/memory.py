@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megadual.parallel.recompute import Recompute, run_steps
 from megadual.pipeline.stage_model import StageModel
 from megadual.training.dist_optimizer import optimizer_state_bytes
 
@@ -84,6 +85,20 @@ class ActivationTracker:
 
     def _freed(self, key: Storage) -> None:
         self.current -= self.live.pop(key)
+
+
+def saved_by(steps_fn: Callable, inputs: tuple, parameters: Iterable[torch.Tensor], recompute: Recompute
+             ) -> tuple[int, object]:
+    """(bytes held for the backward once steps_fn(*inputs) has run, its result), counted as the memory
+    report counts them: every tensor the forward saves outside recomputed regions and every input a
+    region keeps, the parameters left out. `recompute` is the Recompute its modules hold."""
+    tracker = ActivationTracker(parameters)
+    recompute.observer = tracker
+    try:
+        result = run_steps(recompute.observed(steps_fn(*inputs)))
+    finally:
+        recompute.observer = None
+    return tracker.current, result
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from megadual.config_validate import ConfigError
+from megadual.config import ConfigError
 from megadual.model.mtp import mtp_loss_names
 from megadual.training.step import StepResult
 

@@ -8,21 +8,22 @@ from functools import cache
 
 from megadual.config import ModelConfig, RunConfig
 from megadual.config_validate import num_microbatches, virtual_stages
-from megadual.memory_model import (
-    FP32,
-    Activations,
-    MemoryStep,
-    PeakMoment,
-    Shape,
-    memory_steps,
-    peak_moment,
-    stage_activations,
-)
 from megadual.model.gpt import StageSpec, full_model_stage
 from megadual.parallel.recompute import RecomputePlan
 from megadual.pipeline.actions import Action
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.stage_model import stage_specs
+from megadual.plan.memory_model import (
+    FP32,
+    Activations,
+    MemoryStep,
+    PeakMoment,
+    Precision,
+    Shape,
+    memory_steps,
+    peak_moment,
+    stage_activations,
+)
 from megadual.training.dist_optimizer import default_bucket_numel
 
 
@@ -147,18 +148,18 @@ def shape_of(config: RunConfig, layout: Layout, distributed: bool = False) -> Sh
     gemm_bytes = 1 if config.fp8.fp8_format else 2 if bf16 else FP32
     return Shape(config.model.seq_length, config.train.micro_batch_size, layout.tp,
                  config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes,
-                 bf16_weights=bf16 and distributed)
+                 precision=Precision.of_run(bf16, distributed, bool(config.fp8.fp8_format)))
 
 
 @dataclass(frozen=True)
-class Precision:
+class StateBytes:
     """Bytes per element of what a rank holds under the flags and the optimizer chosen."""
     weights: int  # the model's parameters: BF16 under the distributed optimizer with --bf16
     moments: int  # Adam's two moments together (--exp-avg-dtype, --exp-avg-sq-dtype)
     masters: int  # FP32 masters beside BF16 weights (the distributed optimizer's)
 
     @classmethod
-    def of(cls, config: RunConfig, distributed: bool) -> Precision:
+    def of(cls, config: RunConfig, distributed: bool) -> StateBytes:
         o, bf16 = config.optim, distributed and bool(config.train.bf16)
         moments = sum(2 if distributed and o.use_precision_aware_optimizer and dtype == "bf16" else FP32
                       for dtype in (o.exp_avg_dtype, o.exp_avg_sq_dtype))
@@ -174,12 +175,12 @@ def predict(config: RunConfig, world: int, distributed: bool | None = None,
     n_micro = num_microbatches(config, layout.dp)
     distributed = config.optim.use_distributed_optimizer if distributed is None else distributed
     stages = rank_stages(config, layout, n_micro)
-    precision = Precision.of(config, distributed)
+    precision = StateBytes.of(config, distributed)
     ranks = []
     for pp_rank, chunks in enumerate(stages):
         params = rank_parameters(config.model, chunks, layout)
         peak = _peak(config, layout, chunks, pp_rank, distributed).bytes if activations else 0.0
-        sharded = _distributed_adam_bytes(params, layout, Precision.of(config, True), config.optim.ddp_bucket_size)
+        sharded = _distributed_adam_bytes(params, layout, StateBytes.of(config, True), config.optim.ddp_bucket_size)
         ranks.append(RankMemory(pp_rank, params.elements * precision.weights, params.elements * FP32,
                                 _adam_bytes(params), sharded, peak, distributed))
     return ranks
@@ -197,17 +198,11 @@ def rank_parameters(c: ModelConfig, chunks: list[StageSpec], layout: Layout) -> 
 
 def chunk_activations(config: RunConfig, layout: Layout, spec: StageSpec, distributed: bool) -> Activations:
     """One micro-batch of one chunk: its layers' activations and, under --bf16 with FP32 weights,
-    the BF16 copies autocast makes of the GEMMs' weights, which the GEMMs save for the backward."""
+    the BF16 copy autocast makes of the head's weight (the layers count their own copies)."""
     c, shape = config.model, shape_of(config, layout, distributed)
-    fp8, bf16 = bool(config.fp8.fp8_format), bool(config.train.bf16)
-    grouped = bool(config.parallel.moe_grouped_gemm) and not fp8  # moe/experts.py: FP8 experts loop
     acts = Activations()
-    if bf16 and not shape.bf16_weights:
-        copies = 2 * _autocast_weights(c, spec, layout.tp, layout.ep, fp8, grouped)
-        acts.add(copies, kind="weights | BF16 copies")
-    if grouped:  # the grouped GEMM saves its stack of the experts' weights, in the GEMM's dtype
-        stacked = (2 if bf16 else FP32) * _routed_expert_weights(c, spec, layout.ep)
-        acts.add(stacked, kind="weights | stacked experts")
+    if spec.has_head and shape.p.autocast and not shape.p.bf16_weights:
+        acts.add(2 * c.hidden_size * c.vocab_size // layout.tp, kind="head and loss | BF16 weight copy")
     acts += stage_activations(c, shape, range(spec.first_layer, spec.last_layer), spec.has_embedding,
                               spec.has_head, RecomputePlan.from_flags(config.train))
     return acts
@@ -217,32 +212,6 @@ def _stage_layers(c: ModelConfig, stage: StageSpec) -> list[int]:
     """The stage's layers, and the MTP layers beside its head."""
     mtp = range(c.num_layers, c.num_layers + c.mtp_num_layers) if stage.has_head else range(0)
     return [*range(stage.first_layer, stage.last_layer), *mtp]
-
-
-def _routed_expert_weights(c: ModelConfig, stage: StageSpec, ep: int) -> int:
-    return sum(layer_parameters(c, layer, 1, ep).expert_elements for layer in _stage_layers(c, stage))
-
-
-def _autocast_weights(c: ModelConfig, stage: StageSpec, tp: int, ep: int, fp8: bool, grouped: bool) -> int:
-    """Elements of the weights that GEMMs under autocast read (and so copy to BF16) in one micro-
-    batch of `stage`: every linear's but the router's (FP32 by hand) and, with the grouped GEMM,
-    the routed experts' (it casts their stack); under FP8 only the head's (the FP8 linears save
-    their input in FP8 and read the weight itself)."""
-    head = c.hidden_size * c.vocab_size // tp if stage.has_head else 0  # MTP's uses share autocast's copy
-    if fp8:
-        return head
-    h, elements = c.hidden_size, head
-    if stage.has_head:
-        elements += c.mtp_num_layers * 2 * h * h  # eh_proj
-    for layer in _stage_layers(c, stage):
-        params = layer_parameters(c, layer, tp, ep)
-        count = params.elements - 2 * h  # less the two norms
-        if c.multi_latent_attention:
-            count -= c.kv_lora_rank + (c.q_lora_rank or 0)  # the latents' norms
-        if c.is_moe_layer(layer):
-            count -= c.num_experts * h + (params.expert_elements if grouped else 0)  # the router
-        elements += count
-    return elements
 
 
 def peak_activations(config: RunConfig, world: int, pp_rank: int, distributed: bool) -> PeakMoment:
@@ -288,7 +257,7 @@ def _adam_bytes(params: ParamCount) -> float:
     return 2 * FP32 * params.elements + FP32 * params.tensors
 
 
-def _distributed_adam_bytes(params: ParamCount, layout: Layout, precision: Precision, bucket_numel: int | None
+def _distributed_adam_bytes(params: ParamCount, layout: Layout, precision: StateBytes, bucket_numel: int | None
                             ) -> float:
     """ZeRO-1: moments (in their dtypes) and FP32 masters beside BF16 weights of this rank's 1/DP
     shard, padded as the buckets pad it, and a step count per bucket; experts' over their

@@ -1,4 +1,4 @@
-"""python -m megadual.plan: the memory of every rank before launch, and the layouts that fit.
+"""The command line of python -m megadual.plan: the memory of every rank before launch, and the layouts that fit.
 
     python -m megadual.plan [pretrain_moe.py flags] --world-size N [--json | --breakdown [PP_RANK]]
     python -m megadual.plan [model flags] --gpus N --gpu-memory-gib G [hardware flags]
@@ -7,11 +7,11 @@ The first form predicts, per pipeline rank (every data/tensor/expert-parallel ra
 holds the same at balanced routing), what the memory report measures after the first
 iteration: parameters and gradients of the stages it holds (DualPipe: two copies), optimizer
 state with and without --use-distributed-optimizer, and the peak activations: the per-micro-
-batch activations of each stage (megadual/memory_model.py) walked through the rank's schedule
-(megadual/rank_memory.py). Parameters and activations are counted in the dtypes held: BF16
+batch activations of each stage (megadual/plan/memory_model.py) walked through the rank's schedule
+(megadual/plan/rank_memory.py). Parameters and activations are counted in the dtypes held: BF16
 weights under the distributed optimizer with --bf16 (the default for --device cuda), FP32
 weights otherwise, whose GEMMs then save BF16 copies. The second form searches layouts
-(megadual/layout_search.py).
+(megadual/plan/layout_search.py).
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ import json
 import sys
 import time
 
-from megadual.config import RunConfig, resolve_device_defaults
-from megadual.config_validate import ConfigError, node_size, num_microbatches, validate_world
-from megadual.layout_search import Hardware, search
+from megadual.arguments import resolve_device_defaults
+from megadual.config import ConfigError, RunConfig
+from megadual.config_validate import node_size, num_microbatches, validate_world
 from megadual.parallel.recompute import RecomputePlan
-from megadual.rank_memory import chunk_activations, layout_of, peak_activations, predict, rank_stages
+from megadual.plan.layout_search import Hardware, search
+from megadual.plan.rank_memory import chunk_activations, layout_of, peak_activations, predict, rank_stages
 from pretrain_moe import load_config
 
 MB = 1024.0 * 1024.0
@@ -185,6 +186,3 @@ def format_search(config: RunConfig, gpus: int, memory_gib: float, hw: Hardware,
                      f"{tokens / fit.step_seconds / gpus:>13.0f}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megadual import verify
-from megadual.config import resolve_device_defaults
-from megadual.rank_memory import RankMemory, predict
+from megadual.arguments import resolve_device_defaults
+from megadual.plan.rank_memory import RankMemory, predict
 from megadual.training.capture import Capture
 from megadual.training.memory import MemoryReport
 from pretrain_moe import load_config

@@ -6,7 +6,7 @@ of two up to the experts, micro-batch 1 or 2, recomputation none / selective (co
 selective (DeepSeek-V3's: layernorm, mla_up_proj with core_attn) / full (every layer), and the
 distributed optimizer off or on; the end stages take the layers an even split leaves over
 (Megatron's --decoder-first/last-pipeline-num-layers). A layout fits when every rank's predicted
-memory (megadual/plan.py) is at most --memory-fraction of the GPU's.
+memory (megadual/plan/cli.py) is at most --memory-fraction of the GPU's.
 
 The step time is the schedule simulator's makespan (pipeline/simulate.py) over per-stage costs
 from these stated assumptions (flags, defaults for H800/H100-class GPUs):
@@ -31,14 +31,14 @@ import math
 from dataclasses import dataclass, replace
 from functools import cache
 
-from megadual.config import ConfigError, RunConfig, validate_world
-from megadual.config_validate import num_microbatches
-from megadual.memory_model import distinct_ranks_per_token
+from megadual.config import ConfigError, RunConfig
+from megadual.config_validate import num_microbatches, validate_world
 from megadual.model.flops import stage_forward_flops_per_token
 from megadual.parallel.topology import nodes_per_ep_group
 from megadual.pipeline.actions import Action, Kind
 from megadual.pipeline.simulate import simulate
-from megadual.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
+from megadual.plan.memory_model import distinct_ranks_per_token
+from megadual.plan.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
 
 GIB = 1024 ** 3
 RECOMPUTE_CHOICES = {

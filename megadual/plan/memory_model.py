@@ -1,0 +1,446 @@
+"""The memory of one rank, counted before launch: what `python -m megadual.plan` predicts and the
+memory report (training/memory.py) measures.
+
+Parameters, gradients and optimizer state are counted per parameter tensor of the stages a rank
+holds (DualPipe: both copies). Activations are counted per micro-batch and stage, layer type by
+layer type, as the tensors our layers save for the backward, in the dtypes a `Precision` gives them
+(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights; BF16 weights under
+the distributed optimizer; FP8 linears keeping E4M3 copies along the tokens). Per layer
+(`layer_breakdown`: by tensor kind; tests/test_layer_memory.py holds each kind to the saved-tensor
+hooks, byte for byte):
+
+    norm (RMSNorm)       its FP32 input, 1/rms, the normed values; its output as its readers keep it
+    MHA                  one copy of the input for q, k, v; q, k, v, the output and log-sum-exp of SDPA's
+                         fused kernel; RoPE tables; the output projection's input (a view without FP8)
+    MLA                  one copy of the input for both down-projections; the latent norms (recomputed
+                         under layernorm / mla_up_proj); the latents as the up-projections keep them;
+                         q, k, values and output padded to the query/key head dim, the log-sum-exp
+    dense MLP / shared   gate and up (silu recomputed), the down projection's input
+    router               its input as it came (no FP32 copy), scores, their sum, the top-k ids (int64)
+                         and gates; per sequence the balance loss's
+    dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here
+                         mask (none without expert parallelism: no dispatcher); the rows move by index
+    routed experts       per (token, expert) pair its row and slot (int64), the gate, the row as the
+                         GEMMs keep it, gate and up (E4M3 tiles under moe_act), the down projection's
+                         input (the gate scales it: no expert output is kept)
+    head and loss        the final norm, the fp32 softmax over the vocabulary, the labels
+    embedding            the token ids (int64)
+    MTP module (each)    the token ids, enorm and hnorm, eh_proj's input, its layer, its norm and the
+                         head and loss again
+
+How many (token, expert) pairs and rows an EP rank sees depends on the routing; the count here
+is the expected one at balanced load: T x top-k pairs per rank, where T is the tokens a rank
+routes, and T x (distinct ranks a token reaches) rows. Recomputation drops what a region saves
+and keeps its inputs (parallel/recompute.py); the region recomputed in a backward adds its
+activations for the while. The peak over a step walks the rank's schedule: each forward adds
+its chunk's micro-batch activations, a backward frees them, except that a backward whose weight
+gradients wait for a W (the W split) leaves the linears' inputs until that W.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Self
+
+from megadual.config import ModelConfig
+from megadual.parallel.recompute import RecomputePlan
+from megadual.pipeline.actions import Action, Kind
+
+FP32, INT64 = 4, 8
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a run computes and keeps in: --bf16 autocast, BF16 model weights (the distributed
+    optimizer under --bf16, which keeps the FP32 masters itself) and FP8 linears (--fp8-format)."""
+    autocast: bool = False
+    bf16_weights: bool = False
+    fp8: bool = False
+
+    @classmethod
+    def of_run(cls, bf16: bool, distributed_optimizer: bool, fp8: bool) -> Precision:
+        return cls(bf16, bf16 and distributed_optimizer, fp8)
+
+    @property
+    def stream(self) -> int:
+        """Bytes per element of the hidden states between the layers (norm outputs, expert rows)."""
+        return 2 if self.bf16_weights else FP32
+
+    @property
+    def gemm_out(self) -> int:
+        """Bytes per element of a linear's output: BF16 under autocast, the input's dtype with FP8."""
+        return 2 if self.autocast and not self.fp8 else self.stream
+
+    def keeps(self, rows: float, cols: float, x_bytes: int, new: bool = True) -> float:
+        """What the linears reading one [rows, cols] input (of x_bytes per element) keep of it: an FP8
+        copy along the tokens with one scale per 128 of them, autocast's one BF16 cast, or x itself
+        (`new`: not held by anyone else already)."""
+        if self.fp8:
+            return rows * cols + cols * ceil_div(rows, 128) * FP32
+        if self.autocast and x_bytes != 2:
+            return rows * cols * 2
+        return rows * cols * x_bytes if new else 0.0
+
+    def weight_copies(self, elements: float) -> float:
+        """Autocast's BF16 copies of FP32 weights, which each GEMM keeps for its backward."""
+        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What sizes one rank's layers run at: the micro-batch, TP (sequence parallel), EP, dtypes."""
+    seq: int
+    micro_batch: int
+    tp: int = 1
+    sequence_parallel: bool = False
+    ep: int = 1
+    gemm_bytes: int = FP32  # what a GEMM saves its input in: 4, 2 under bf16 autocast, 1 with FP8 caches
+    num_groups: int = 0  # nodes (or virtual node groups) of node-limited routing; 0: none
+    precision: Precision | None = None  # None: read from gemm_bytes (4 FP32, 2 autocast, 1 FP8)
+
+    @property
+    def p(self) -> Precision:
+        if self.precision is not None:
+            return self.precision
+        return Precision(autocast=self.gemm_bytes == 2, fp8=self.gemm_bytes == 1)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.micro_batch
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens this TP rank holds outside TP regions (its part of the sequence under sequence parallelism)."""
+        return self.tokens // self.tp if self.sequence_parallel else self.tokens
+
+    @property
+    def routed_tokens(self) -> int:
+        """Tokens one TP rank routes: its part of the sequence."""
+        return self.tokens // self.tp
+
+
+@dataclass
+class Activations:
+    """Bytes one micro-batch leaves on one stage: `kept` until its backward, `weight_inputs` of those
+    kept until its W when the backward defers weight gradients, and `transient`: how far its
+    backward rises above `kept` when it recomputes a region (the region's activations, less what
+    the backward of the pieces after it has freed by then), and `transient_deferring` the same
+    for a backward that defers its weight gradients (the pieces after the region leave their
+    GEMM inputs to the W). `kinds`: `kept` split by what the bytes are (python -m megadual.plan
+    --breakdown), keyed "PART | KIND" once a stage has named the part (a layer, the head)."""
+    kept: float = 0.0
+    weight_inputs: float = 0.0
+    transient: float = -math.inf
+    transient_deferring: float = -math.inf
+    kinds: Mapping[str, float] = field(default_factory=dict)
+
+    def add(self, saved: float, gemm_inputs: float = 0.0, recomputed: bool = False, kept_inputs: float = 0.0,
+            recomputed_extra: float = 0.0, kind: str | Mapping[str, float] = "other") -> None:
+        """The next piece in forward order: it saves `saved` bytes, `gemm_inputs` of them GEMM
+        inputs; recomputed, only `kept_inputs` stay, and its backward recomputes the rest and
+        `recomputed_extra` (copies of tensors still held outside the region). `kind`: what the
+        kept bytes are, one name or bytes by name summing to what is kept."""
+        transient = saved - kept_inputs + recomputed_extra if recomputed else -math.inf
+        kept = kept_inputs if recomputed else saved
+        kinds = dict(kind) if isinstance(kind, Mapping) else {kind: kept}
+        self += Activations(kept, gemm_inputs, transient, transient, kinds)
+
+    def named(self, part: str) -> Activations:
+        """These activations with their kinds filed under `part` (kinds already filed stay)."""
+        return dataclasses.replace(self, kinds={k if " | " in k else f"{part} | {k}": v
+                                                for k, v in self.kinds.items()})
+
+    def __iadd__(self, later: Activations) -> Self:
+        """`later` comes after these in the forward, so its backward runs first."""
+        self.transient = max(self.transient - later.kept, later.transient)
+        self.transient_deferring = max(self.transient_deferring - later.kept + later.weight_inputs,
+                                       later.transient_deferring)
+        self.kept += later.kept
+        self.weight_inputs += later.weight_inputs
+        kinds = dict(self.kinds)  # a new dict: layer_activations' cached ones are shared
+        for name, value in later.kinds.items():
+            if value:
+                kinds[name] = kinds.get(name, 0.0) + value
+        self.kinds = kinds
+        return self
+
+
+def distinct_ranks_per_token(config: ModelConfig, ep: int) -> float:
+    """Expected EP ranks a token's top-k experts live on, experts drawn uniformly at random."""
+    per_rank, e, k = config.num_experts // ep, config.num_experts, config.moe_router_topk
+    return ep * (1.0 - math.comb(e - per_rank, k) / math.comb(e, k))
+
+
+def ceil_div(n: float, d: int) -> float:
+    return -(-n // d)
+
+
+def codec_bytes(rows: float, cols: int) -> float:
+    """An E4M3 copy of [rows, cols] in 1 x 128 tiles along cols, with its FP32 scales (moe_act's cache)."""
+    return rows * cols + rows * ceil_div(cols, 128) * FP32
+
+
+def per_expert_keeps(p: Precision, pairs: float, cols: int, experts: int, x_bytes: int) -> float:
+    """What the experts' linears keep of their [pairs, cols] input, one GEMM per expert (FP8 scales
+    per 128 of each expert's rows; balanced load)."""
+    if p.fp8:
+        return pairs * cols + cols * experts * ceil_div(pairs / max(experts, 1), 128) * FP32
+    return p.keeps(pairs, cols, x_bytes)
+
+
+def norm_bytes(s: Shape, hidden: int) -> tuple[float, float]:
+    """(saved, kept when recomputed) of an RMSNorm on this rank's tokens: its FP32 input, 1/rms and the
+    normed values; recomputed, its input as it came. Its output is counted with its readers."""
+    lt = s.local_tokens
+    return lt * FP32 * (2 * hidden + 1), lt * s.p.stream * hidden
+
+
+def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
+    """MLA after its input norm (see attention_pieces)."""
+    p, t, lt = s.p, s.tokens, s.local_tokens
+    g, a, heads = p.gemm_out, p.stream, c.num_attention_heads // s.tp
+    ql, kv, rope, qk, v = c.q_lora_rank, c.kv_lora_rank, c.qk_pos_emb_head_dim, c.qk_head_dim + c.qk_pos_emb_head_dim, \
+        c.v_head_dim
+    h = c.hidden_size
+    x_in = p.keeps(lt, h, a)
+    # the latent norms (FP32 input copies, 1/rms, normed values); recomputed, the down-projections' outputs
+    norms = (lt * FP32 * (2 * ql + 1) if ql else 0.0) + lt * FP32 * (kv + (rope if g == FP32 else 0) + kv + 1)
+    norms_kept = lt * g * (ql + kv + rope)
+    latent_bytes = g if ql else max(a, g)  # [query input; c_KV; k_R], the query input x without q-lora
+    if p.fp8 or (p.autocast and latent_bytes != 2):  # the up-projections quantize (cast) their two views
+        latents = p.keeps(t, ql or h, latent_bytes) + p.keeps(t, kv, latent_bytes)
+    else:
+        latents = t * latent_bytes * ((ql or h) + kv + rope)
+    weights = p.weight_copies(h * (ql + kv + rope))
+    up_weights = p.weight_copies((ql or h) * heads * qk + kv * heads * (qk - rope + v))
+    tables = 2 * s.seq * rope * FP32
+    q_k = 2 * t * g * heads * qk
+    lse = t * FP32 * heads
+    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
+    kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
+    norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
+    pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0),
+              ("MLA: latent norms", norms, 0.0, norm_recomputed, norms_kept),
+              # recomputed up-projections drop their copies: their region keeps the latents as they are
+              ("MLA: latents", latents, latents, "mla_up_proj" in mods, t * latent_bytes * ((ql or h) + kv + rope))]
+    if {"mla_up_proj", "core_attn"} <= mods:
+        pieces.append(("MLA: up-projections and core", up_weights + tables + q_k + core, 0.0, True, 0.0))
+    else:
+        pieces.append(("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
+        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
+    proj = p.keeps(t, heads * v, g) + p.weight_copies(heads * v * h)
+    pieces.append(("attention: proj input", proj, proj, False, 0.0))
+    return pieces
+
+
+def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str, float, float, bool, float]]:
+    """The attention after its input norm as (kind, saved, GEMM inputs, recomputed, kept if recomputed)
+    in forward order. SDPA's fused kernel keeps q, k, v, its output and the log-sum-exp; MLA's values
+    and output are padded to the query/key head dim (model/mla.py)."""
+    if c.multi_latent_attention:
+        return mla_pieces(c, s, mods)
+    p, t = s.p, s.tokens
+    g, heads, h = p.gemm_out, c.num_attention_heads // s.tp, c.hidden_size
+    groups, d = c.num_query_groups // s.tp, c.head_dim
+    x_in = p.keeps(t, h, p.stream)
+    weights = p.weight_copies(h * d * (2 * heads + 2 * groups))
+    qkv = t * g * (heads * d + 2 * groups * d)
+    out, lse = t * g * heads * d, t * FP32 * heads
+    # SDPA's output is [s, b, heads, d] in memory: the output projection reads a view of it, so a
+    # recomputed core attention frees only the log-sum-exp (the FP8 projection keeps its own copy)
+    proj = p.keeps(t, heads * d, g, new=False)
+    return [("attention: q, k, v", x_in + weights + qkv + 2 * s.seq * d * FP32, x_in, False, 0.0),
+            ("attention: core", out + lse, out, "core_attn" in mods, 0.0 if p.fp8 else out),
+            ("attention: proj input", proj, proj, False, 0.0)]
+
+
+def mlp_bytes(p: Precision, tokens: float, hidden: int, ffn: int, input_new: bool = True) -> tuple[float, float]:
+    """(saved, GEMM inputs) of a SwiGLU MLP: what gate and up keep of its input, gate and up (kept by the
+    SwiGLU, which recomputes silu(gate)) and the down projection's input."""
+    g = p.gemm_out
+    x_in = p.keeps(tokens, hidden, p.stream, new=input_new)
+    down_in = p.keeps(tokens, ffn, g)
+    return x_in + tokens * g * 2 * ffn + down_in + p.weight_copies(3 * hidden * ffn), x_in + down_in
+
+
+def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> Activations:
+    """One micro-batch of one layer on one rank, selective recomputation applied, pieces in forward order."""
+    acts = _layer_activations(c, s, c.is_moe_layer(layer), plan)
+    return dataclasses.replace(acts, kinds=dict(acts.kinds))
+
+
+def layer_breakdown(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> dict[str, float]:
+    """Bytes one micro-batch of `layer` keeps for its backward on one rank, by tensor kind."""
+    return dict(layer_activations(c, s, layer, plan).kinds)
+
+
+@cache  # the planner's search asks for the same few layers thousands of times
+def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan) -> Activations:
+    mods, t, h = plan.selective_modules, s.tokens, c.hidden_size
+    norm, norm_kept = norm_bytes(s, h)
+    acts = Activations()
+    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="input norm")
+    for kind, saved, gemm_in, recomputed, kept in attention_pieces(c, s, mods):
+        acts.add(saved, gemm_in, recomputed, kept_inputs=kept, kind=kind)
+    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
+    if not moe:
+        saved, gemm_in = mlp_bytes(s.p, t, h, c.ffn_hidden_size // s.tp)
+        acts.add(saved, gemm_in, "mlp" in mods, kept_inputs=t * s.p.stream * h, kind="MLP")
+    else:
+        acts += moe_activations(c, s, mods)
+    return acts
+
+
+def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activations:
+    """The MoE layer after the pre-MLP norm, at balanced load (see the module's doc)."""
+    p, t, h, k, e = s.p, s.routed_tokens, c.hidden_size, c.moe_router_topk, c.num_experts
+    g, a = p.gemm_out, p.stream
+    rows = t * distinct_ranks_per_token(c, s.ep)
+    pairs, f, local = t * k, c.moe_ffn_hidden_size, c.num_experts // s.ep
+    # the router keeps its input as it came (and no FP32 copy), its scores and choices
+    router = t * a * h + t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
+    dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
+    # per pair: its row and slot (int64), the gate; what gate and up keep of the row
+    rows_in = per_expert_keeps(p, pairs, h, local, a)
+    gathered = pairs * (2 * INT64 + g) + rows_in + p.weight_copies(local * 3 * h * f)
+    swiglu_in = codec_bytes(pairs, f) * 2 if "moe_act" in mods else pairs * g * 2 * f
+    down_in = per_expert_keeps(p, pairs, f, local, g)
+    shared_ffn = c.moe_shared_expert_intermediate_size // s.tp
+    shared, shared_in = (mlp_bytes(p, s.tokens, h, shared_ffn, input_new=False) if shared_ffn else (0.0, 0.0))
+    acts = Activations()
+    if "moe" in mods:
+        acts.add(router + dispatch + gathered + swiglu_in + down_in + shared, rows_in + down_in + shared_in, True,
+                 kept_inputs=s.tokens * a * h, kind="MoE (recomputed)")
+        return acts
+    acts.add(router, t * a * h, kind="router")
+    acts.add(dispatch, kind="dispatch and combine")
+    acts.add(gathered, rows_in, kind="experts: rows, gates")
+    acts.add(swiglu_in, kind="experts: SwiGLU input")
+    acts.add(down_in, down_in, kind="experts: down input")
+    acts.add(shared, shared_in, "shared_experts" in mods, kind="shared expert")
+    return acts
+
+
+def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, head: bool,
+                      plan: RecomputePlan) -> Activations:
+    """One micro-batch of one stage (chunk) of `layers`, with the embedding and/or the head."""
+    t, h = s.tokens, c.hidden_size
+    acts = Activations()
+    if embedding:
+        acts.add(t * INT64, kind="embedding | token ids")
+    full = {group.start: group for group in plan.full_layer_groups(len(layers))}
+    position = 0
+    while position < len(layers):
+        group = full.get(position)
+        if group is None:
+            acts += layer_activations(c, s, layers[position], plan).named(f"layer {layers[position]}")
+            position += 1
+            continue
+        whole = Activations()
+        for i in group:
+            whole += layer_activations(c, s, layers[i], RecomputePlan())
+        part = Activations()
+        part.add(whole.kept, whole.weight_inputs, True, kept_inputs=s.local_tokens * s.p.stream * h,
+                 kind="recomputed layers' inputs")
+        acts += part.named(f"layers {layers[group.start]}-{layers[group.stop - 1]}")
+        position = group.stop
+    if head:
+        acts.add(*head_bytes(c, s), kind="head and loss | head, loss")
+        for depth in range(c.mtp_num_layers):
+            acts += mtp_activations(c, s, depth, plan).named(f"MTP {depth + 1}")
+    return acts
+
+
+def head_bytes(c: ModelConfig, s: Shape) -> tuple[float, float]:
+    """(saved, GEMM inputs) of the final norm, the head (full precision: autocast's, never FP8) and the loss."""
+    saved, _ = norm_bytes(s, c.hidden_size)
+    p = s.p
+    gemm_in = dataclasses.replace(p, fp8=False).keeps(s.tokens, c.hidden_size, p.stream)
+    return saved + gemm_in + s.tokens * (FP32 * c.vocab_size // s.tp + INT64 + 1), gemm_in
+
+
+def mtp_activations(c: ModelConfig, s: Shape, depth: int, plan: RecomputePlan) -> Activations:
+    """One MTP module (model/mtp.py) after the head: the embedded token ids, enorm and hnorm, eh_proj's
+    input [2h], its transformer layer (selective recomputation applied), its norm, the shared head."""
+    t, h = s.tokens, c.hidden_size
+    local_t = s.local_tokens
+    norms = 2 * local_t * FP32 * (2 * h + 1)
+    eh_in = s.p.keeps(local_t, 2 * h, s.p.stream)
+    acts = Activations()
+    acts.add(t * INT64 + norms + eh_in, eh_in, kind="MTP inputs")
+    acts += layer_activations(c, s, c.num_layers + depth, plan)
+    acts.add(*head_bytes(c, s), kind="head and loss")
+    return acts
+
+
+MemoryStep = tuple[int, int, bool, int]  # chunk of the forward, of the backward, BI (defers a W), W's; -1: none
+
+
+def memory_steps(actions: list[Action]) -> tuple[MemoryStep, ...]:
+    """The actions of a rank's schedule that change its activations, as `peak_bytes` walks them."""
+    steps = []
+    for action in actions:
+        forward, backward = action.forward_of, action.backward_of
+        step = (forward[0] if forward else -1, backward[0] if backward else -1, action.kind == Kind.BI,
+                action.chunk if action.kind == Kind.W else -1)
+        if step != (-1, -1, False, -1):
+            steps.append(step)
+    return tuple(steps)
+
+
+def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
+               exchanges: list[bool] | None = None) -> float:
+    """The most activation bytes alive at once on a rank running `steps` (`memory_steps`): each
+    forward adds its chunk's micro-batch, a backward frees it (a BI all but its GEMM inputs, which
+    its W frees); the backward's recomputed region comes on top. A paired F&B holds both while it
+    runs when the backward's chunk has expert all-to-alls (`exchanges`, by chunk; default: all
+    have), whose waits run the forward (pipeline/overlap.py); without any, the forward runs after
+    the backward."""
+    return peak_moment(steps, chunk_bytes, exchanges).bytes
+
+
+@dataclass(frozen=True)
+class PeakMoment:
+    """What is alive when a rank's activations peak: `kept[c]` micro-batches of chunk c whole,
+    `deferred[c]` of them down to the GEMM inputs their W still needs, and a backward of chunk
+    `rising` (-1: none) above its kept bytes by `transient` (its recomputed region)."""
+    bytes: float
+    kept: tuple[int, ...]
+    deferred: tuple[int, ...]
+    rising: int = -1
+    transient: float = 0.0
+
+
+def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
+                exchanges: list[bool] | None = None) -> PeakMoment:
+    """`peak_bytes`' walk, telling what is alive at the peak."""
+    kept, deferred = [0] * len(chunk_bytes), [0] * len(chunk_bytes)
+    live = 0.0
+    best = PeakMoment(0.0, tuple(kept), tuple(deferred))
+    for forward, backward, defers_w, w in steps:
+        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]
+        if forward >= 0 and not forward_after:
+            live += chunk_bytes[forward].kept
+            kept[forward] += 1
+        if backward >= 0:
+            acts = chunk_bytes[backward]
+            rise = max(0.0, acts.transient_deferring if defers_w else acts.transient)
+            if live + rise > best.bytes:
+                best = PeakMoment(live + rise, tuple(kept), tuple(deferred), backward, rise)
+            live -= acts.kept
+            kept[backward] -= 1
+            if defers_w:
+                live += acts.weight_inputs
+                deferred[backward] += 1
+        if forward_after:
+            live += chunk_bytes[forward].kept
+            kept[forward] += 1
+        if w >= 0:
+            live -= chunk_bytes[w].weight_inputs
+            deferred[w] -= 1
+        if live > best.bytes:
+            best = PeakMoment(live, tuple(kept), tuple(deferred))
+    return best
