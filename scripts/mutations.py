@@ -1074,4 +1074,19 @@ MUTATIONS = [
         'interleaved = hf.get("rope_interleave", False)',
         ("tests/test_oracles_hf.py::test_deepseek_config_json_imports_with_the_right_logits",),
         "a config.json without rope_interleave (as DeepSeek ships it) is read as half-split RoPE rows"),
+    # issue 20 follow-up (i20-followup)
+    Mutation(
+        "log-interval-sums-last-step", "megadual/training/metrics.py",
+        "self.sums = torch.where(routing_maxima(result), torch.maximum(self.sums, values), self.sums + values)",
+        "self.sums = values",
+        ("tests/test_host_syncs.py::test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line_averages"
+         "_the_interval",),
+        "the log line's interval sums keep only the latest step (its averages are wrong)"),
+    Mutation(
+        "logged-values-to-host-each-step", "megadual/training/step.py",
+        "    return StepResult(values, len(names) - 1, norm, not finite)",
+        "    return StepResult(values, len(names) - 1, norm, not finite, _host=values.tolist())",
+        ("tests/test_host_syncs.py::test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line_averages"
+         "_the_interval",),
+        "every step brings its logged values to the host, whether it logs or not"),
 ]
