@@ -7,8 +7,9 @@ without a device or brings a value to the host outside the allowed list fails na
 (training/device_check.py), and each step counts its host transfers: one per MoE layer per
 micro-batch forward (the dispatch counts) and one for the step (the gradient norm and whether
 the step is finite, which decide the update); the logged values stay on the device until
---log-interval prints them, one more transfer on a step that logs. The same budget under EP2 and PP2 DualPipe x TP2 x EP2 is held in
-test_parallel_layouts.py and test_parallel_pp.py (their runs count too).
+--log-interval prints them, one more transfer on a step that logs. The same budget under EP2 and
+PP2 DualPipe x TP2 x EP2 is held in test_parallel_layouts.py and test_parallel_pp.py (their runs
+count too).
 """
 import os
 
