@@ -40,8 +40,8 @@ def test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line_averag
     and 4 bring the interval's over in one transfer; the line averages the interval's steps as
     Megatron's does (the maxima its maxima, the grad norm the last step's)."""
     lines = []
-    config = parse_args(TINY_MOE + ["--train-iters", "4", "--log-interval", "2", "--moe-router-bias-update-rate",
-                                    "1e-2"])
+    config = parse_args(TINY_MOE + ["--train-iters", "4", "--log-interval", "2",
+                                    "--moe-router-bias-update-rate", "1e-2"])
     with single_process_group() as device:
         result = pretrain(config, device, log=lines.append)
     layers = MOE_LAYERS * MICRO_BATCHES
@@ -50,13 +50,15 @@ def test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line_averag
     assert len(logged) == 2
     for line, steps in zip(logged, (result.steps[:2], result.steps[2:])):
         routing = [step.routing for step in steps]
+        inter = sum(r.inter_node_rows_per_token for r in routing) / 2
+        intra = sum(r.intra_node_rows_per_token for r in routing) / 2
         expected = [f"lm loss: {sum(step.lm_loss for step in steps) / 2:.6E}",
                     f"load_balancing_loss: {sum(r.aux_loss for r in routing) / 2:.6E}",
                     f"moe max/mean expert load: {max(r.max_over_mean_load for r in routing):.3f}",
                     f"moe nodes per token: mean {sum(r.nodes_per_token_mean for r in routing) / 2:.2f} "
                     f"max {max(r.nodes_per_token_max for r in routing)}",
-                    f"moe inter-node rows per token: {sum(r.inter_node_rows_per_token for r in routing) / 2:.3f}",
-                    f"moe intra-node rows per token: {sum(r.intra_node_rows_per_token for r in routing) / 2:.3f}",
+                    f"moe inter-node rows per token: {inter:.3f}",
+                    f"moe intra-node rows per token: {intra:.3f}",
                     f"grad norm: {steps[1].grad_norm:.3f}"]
         assert all(f"| {field} |" in line for field in expected), (expected, line)
     assert result.steps[0].lm_loss != result.steps[1].lm_loss  # the average is not either step's

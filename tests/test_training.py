@@ -44,7 +44,8 @@ def test_too_many_consecutive_skips_stop_the_run(monkeypatch):
 
 @pytest.mark.parametrize("lm_loss, grad_norm, nan", [(2.0, float("inf"), 0), (float("nan"), float("nan"), 1)])
 def test_skipped_and_nan_iterations_are_counted_apart(monkeypatch, lm_loss, grad_norm, nan):
-    monkeypatch.setattr(loop, "train_step", lambda *a, **k: StepResult(torch.tensor([lm_loss], dtype=torch.float64), 0, grad_norm, True))
+    skipped = StepResult(torch.tensor([lm_loss], dtype=torch.float64), 0, grad_norm, True)
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: skipped)
     lines = []
     with single_process_group() as device:
         loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "1", "--log-interval", "1", "--lr-warmup-iters", "0"]),

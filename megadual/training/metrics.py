@@ -27,8 +27,10 @@ class IntervalLog:
     def reset(self) -> None:
         self.iterations = self.skipped = 0
         self.seconds = 0.0
-        self.sums: torch.Tensor | None = None  # StepResult.values summed over the counted steps (maxima kept
-        self.nan: torch.Tensor | None = None  # where RoutingSummary keeps maxima); steps with a non-finite loss
+        # On the device: StepResult.values summed over the counted (not skipped) steps, the maximum
+        # where RoutingSummary keeps maxima; and the count of steps with a non-finite loss.
+        self.sums: torch.Tensor | None = None
+        self.nan: torch.Tensor | None = None
         self.last: StepResult | None = None  # the latest counted step (its grad norm is logged)
 
     def add(self, result: StepResult, seconds: float) -> None:
@@ -43,13 +45,16 @@ class IntervalLog:
         if self.sums is None:
             self.sums = values
         else:
-            self.sums = torch.where(routing_maxima(result), torch.maximum(self.sums, values), self.sums + values)
+            summed, kept = self.sums + values, torch.maximum(self.sums, values)
+            self.sums = torch.where(routing_maxima(result), kept, summed)
         self.last = result
 
     def totals(self) -> IntervalTotals:
-        """The interval on the host: its one transfer (the sums, the nan count, the last counted step's values)."""
+        """The interval on the host, in one transfer: the nan count, the sums, the last counted step's
+        values."""
         counted = self.last is not None
-        values = torch.cat([self.nan.double().reshape(1)] + ([self.sums, self.last.values] if counted else [])).tolist()
+        parts = [self.nan.double().reshape(1)] + ([self.sums, self.last.values] if counted else [])
+        values = torch.cat(parts).tolist()
         totals = IntervalTotals(self.iterations, self.skipped, int(values[0]), self.seconds)
         if counted:
             depths, width = self.last.mtp_depths, len(self.last.values)
@@ -106,7 +111,8 @@ def format_iteration(iteration: int, train_iters: int, consumed: int, lr: float,
             r = log.routing
             parts += [f"load_balancing_loss: {r.aux_loss / counted:.6E}",
                       f"moe max/mean expert load: {r.max_over_mean_load:.3f}",
-                      f"moe nodes per token: mean {r.nodes_per_token_mean / counted:.2f} max {r.nodes_per_token_max}",
+                      f"moe nodes per token: mean {r.nodes_per_token_mean / counted:.2f} "
+                      f"max {r.nodes_per_token_max}",
                       f"moe inter-node rows per token: {r.inter_node_rows_per_token / counted:.3f}",
                       f"moe intra-node rows per token: {r.intra_node_rows_per_token / counted:.3f}"]
         parts.append(f"grad norm: {log.grad_norm:.3f}")
