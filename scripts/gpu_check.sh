@@ -40,10 +40,13 @@ step() {  # step TITLE COMMAND...: run COMMAND, its output and exit status into 
 }
 
 # Files whose tests take their device from device_under_test() (or single_process_group(), which does,
-# or that parametrize over cuda themselves): tests/test_gpu_check.py checks each. The rest of the
-# one-process tests build on the CPU and are not listed (README's GPU section).
+# or the on_device_under_test fixture, which makes a file's tensors and modules there, or that
+# parametrize over cuda themselves): tests/test_gpu_check.py checks each. The rest of the
+# one-process tests build on the CPU and are not listed (docs/devices.md).
 SINGLE_PROCESS_TESTS=(tests/test_dropout.py tests/test_fp8_gemm.py tests/test_fp8_training.py tests/test_training.py
-    tests/test_grouped_gemm.py tests/test_host_syncs.py)
+    tests/test_grouped_gemm.py tests/test_host_syncs.py tests/test_model.py tests/test_mla.py
+    tests/test_router.py tests/test_wgrad.py tests/test_fp8_quant.py tests/test_fp8_linear.py
+    tests/test_flops.py tests/test_cross_entropy.py)
 TINY=(--mock-data --vocab-size 512 --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32
       --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 32 --moe-shared-expert-intermediate-size 32
       --moe-first-k-dense 1 --micro-batch-size 1 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 1

@@ -1150,4 +1150,33 @@ MUTATIONS = [
         ("tests/test_data_indexed.py::test_a_dataset_reads_the_version_it_was_opened_on_while_a_newer_one_is_published",),
         "a dataset pickled into a DataLoader worker reopens the public names: the worker reads a version published "
         "since, under the positions of the old one"),
+    # issue 20 follow-up (i20-followup)
+    Mutation(
+        "log-interval-sums-last-step", "megadual/training/metrics.py",
+        "self.sums = torch.where(routing_maxima(result), kept, summed)",
+        "self.sums = values",
+        ("tests/test_host_syncs.py::test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line"
+         "_averages_the_interval",),
+        "the log line's interval sums keep only the latest step (its averages are wrong)"),
+    Mutation(
+        "logged-values-to-host-each-step", "megadual/training/step.py",
+        "    return StepResult(values, len(names) - 1, norm, not finite)",
+        "    return StepResult(values, len(names) - 1, norm, not finite, _host=values.tolist())",
+        ("tests/test_host_syncs.py::test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line"
+         "_averages_the_interval",),
+        "every step brings its logged values to the host, whether it logs or not"),
+    Mutation(
+        "test-file-tensors-on-the-cpu", "tests/helpers.py",
+        "    with device:\n        yield device\n",
+        "    with torch.device(\"cpu\"):\n        yield device\n",
+        ("tests/test_gpu_check.py::test_a_file_under_the_fixture_makes_its_tensors_and_modules_on_the_device"
+         "_under_test",),
+        "the one-process test files under the on_device_under_test fixture build on the CPU under "
+        "gpu_check.sh"),
+    Mutation(
+        "listed-test-file-without-the-device", "tests/test_wgrad.py",
+        'pytestmark = pytest.mark.usefixtures("on_device_under_test")',
+        'pytestmark = []',
+        ("tests/test_gpu_check.py::test_every_test_file_listed_for_cuda_takes_the_device_under_test",),
+        "a test file gpu_check.sh lists for CUDA never asks for the device under test"),
 ]

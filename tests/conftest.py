@@ -1,4 +1,6 @@
-"""Fixtures any test file can use: `slurm_cluster`, a private two-node Slurm cluster on this host."""
+"""Fixtures any test file can use: `slurm_cluster`, a private two-node Slurm cluster on this host;
+`on_device_under_test`, a test's tensors and modules made on the device under test
+(`pytestmark = pytest.mark.usefixtures("on_device_under_test")` for a whole file)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ import pytest
 
 from megadual.training.device_check import ENV as DEVICE_CHECK
 from megadual.training.distributed import free_port
+from tests import helpers
 
 # Every run of the suite, its multi-process ones (torchrun inherits the environment) included,
 # checks the device contract of its steps (megadual/training/device_check.py).
@@ -56,6 +59,12 @@ def free_port_run(count: int) -> int:
         first = free_port()
         if first + count <= 65536 and all(_port_free(p) for p in range(first, first + count)):
             return first
+
+
+@pytest.fixture
+def on_device_under_test():
+    with helpers.on_device_under_test() as device:
+        yield device
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,16 @@ TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden
 def device_under_test() -> torch.device:
     """MEGADUAL_TEST_DEVICE (default cpu): scripts/gpu_check.sh runs the single-process tests on cuda."""
     return torch.device(os.environ.get("MEGADUAL_TEST_DEVICE", "cpu"))
+
+
+@contextmanager
+def on_device_under_test():
+    """Every tensor made without a device= and every module built inside, on device_under_test():
+    the one-process test files that use it (the `on_device_under_test` fixture, tests/conftest.py)
+    run on CUDA under scripts/gpu_check.sh. A test that passes a generator makes it there too."""
+    device = device_under_test()
+    with device:
+        yield device
 
 
 class single_process_group:

@@ -8,6 +8,7 @@ import shutil
 import threading
 
 import pytest
+import torch
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
 from megadual.arguments import parse_args
@@ -16,7 +17,7 @@ from megadual.training.checkpoint import CheckpointError
 from megadual.training.checkpoint import save as save_module
 from megadual.training.checkpoint.coordination import Coordination
 from megadual.training.checkpoint.load import find_checkpoint
-from megadual.training.step import RoutingSummary, StepResult
+from megadual.training.step import StepResult
 from tests.checkpoint_runs import SMALL, train, train_expecting_error
 from tests.helpers import single_process_group
 
@@ -68,7 +69,7 @@ def test_no_checkpoint_from_a_skipped_step(tmp_path, monkeypatch):
     def train_step(*args, **kwargs):
         steps.append(1)
         if len(steps) in (2, 4):
-            return StepResult(float("nan"), float("nan"), True, RoutingSummary())
+            return StepResult(torch.tensor([float("nan")], dtype=torch.float64), 0, float("nan"), True)
         return real_step(*args, **kwargs)
     monkeypatch.setattr(loop, "train_step", train_step)
     run = train(["--train-iters", "4", "--save", str(tmp_path), "--save-interval", "2"])

@@ -1,11 +1,15 @@
 """The fused cross entropy used without TP against the written-out vocabulary-parallel one."""
+import pytest
 import torch
 
 from megadual.parallel.tensor import NO_TP, sharded_cross_entropy, vocab_parallel_cross_entropy
+from tests.helpers import device_under_test
+
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
 
 
 def test_fused_cross_entropy_equals_the_written_out_one():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device_under_test()).manual_seed(0)
     logits = (torch.randn(32, 4, 512, generator=g) * 3).requires_grad_()
     target = torch.randint(0, 512, (4, 32), generator=g).t()  # [s, b] as the head sees it: not contiguous
     fused = vocab_parallel_cross_entropy(logits, target, NO_TP)
@@ -20,7 +24,7 @@ def test_fused_cross_entropy_equals_the_written_out_one():
 def test_the_vocabulary_padding_takes_no_probability():
     """With 500 real of 512 columns both forms equal float64 cross entropy over the 500 columns,
     and the padded columns get no gradient."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device_under_test()).manual_seed(1)
     logits = (torch.randn(32, 4, 512, generator=g) * 3).requires_grad_()
     target = torch.randint(0, 500, (4, 32), generator=g).t()
     reference = torch.nn.functional.cross_entropy(logits.detach().double()[..., :500].flatten(0, 1),

@@ -8,6 +8,8 @@ from megadual.config import ModelConfig
 from megadual.model.flops import training_flops_per_iteration
 from megadual.pipeline.stage_model import build_full_model
 
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
+
 MOE = {"num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 128,
        "ffn_hidden_size": 48, "num_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 24,
        "moe_shared_expert_intermediate_size": 40, "moe_first_k_dense": 1}
@@ -19,16 +21,21 @@ def _cpu_sdpa(query, key, value, *args, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
-def _cpu_sdpa_backward(grad_out, query, key, value, *args, **kwargs) -> int:
+def _sdpa_backward(grad_out, query, key, value, *args, **kwargs) -> int:
     # The counter's own backward formula adds the flash kernel's recomputation of the scores
     # (hardware FLOPs); model FLOPs count the four gradient GEMMs only: twice the forward.
     return 2 * sdpa_flop_count(query, key, value)
 
 
 # The counter has formulas for the CUDA attention kernels but none for CPU's flash attention
-# (MHA/GQA; MLA's unequal head dims take SDPA's math path, whose matmuls it counts).
-CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+# (MHA/GQA; MLA's unequal head dims take SDPA's math path, whose matmuls it counts). Its formulas
+# for the CUDA kernels' backward add the recomputed scores too: counted as twice the forward here.
+aten = torch.ops.aten
+ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+             aten._scaled_dot_product_flash_attention_backward: _sdpa_backward,
+             aten._scaled_dot_product_efficient_attention_backward: _sdpa_backward,
+             aten._scaled_dot_product_cudnn_attention_backward: _sdpa_backward}
 
 
 @pytest.mark.parametrize("variant", [
@@ -42,7 +49,7 @@ def test_flop_count_equals_the_flop_counter(variant):
     model = build_full_model(config, seed=1)
     batch = 3
     tokens = torch.randint(0, config.vocab_size, (batch, config.seq_length))
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION) as counter:
         model.chunks[0](tokens, tokens).loss.backward()
     assert counter.get_total_flops() == training_flops_per_iteration(config, batch)
 

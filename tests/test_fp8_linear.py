@@ -15,6 +15,8 @@ from megadual.fp8.quant import E4M3
 from megadual.parallel.linear import linear
 from megadual.parallel.wgrad import WeightGradStore
 
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
+
 BOUND = math.sqrt(2 / 3) * 2**-4
 
 

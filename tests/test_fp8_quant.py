@@ -20,6 +20,8 @@ from megadual.fp8.quant import (
     quantize_tiles_transposed,
 )
 
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
+
 SLACK = 1 + 2**-16
 
 

@@ -13,6 +13,7 @@ import torch
 
 from megadual.arguments import parse_args
 from megadual.model.flops import training_flops_per_iteration
+from tests.helpers import on_device_under_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,20 @@ def test_gpu_check_dry_run_runs_every_step_and_logs_throughput(tmp_path):
 def test_every_test_file_listed_for_cuda_takes_the_device_under_test():
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     listed = re.search(r"SINGLE_PROCESS_TESTS=\(([^)]*)\)", script).group(1).split()
-    assert len(listed) >= 5
+    assert len(listed) >= 14
     for name in listed:
         text = (ROOT / name).read_text()
-        assert re.search(r"device_under_test\(|single_process_group\(|\"cuda\"", text), \
+        assert re.search(r"device_under_test\(|single_process_group\(|\"cuda\"|^pytestmark = pytest\.mark\."
+                         r"usefixtures\(\"on_device_under_test\"\)", text, re.MULTILINE), \
             f"{name} never asks for the device under test: on a GPU it would test the CPU"
+
+
+def test_a_file_under_the_fixture_makes_its_tensors_and_modules_on_the_device_under_test(monkeypatch):
+    monkeypatch.setenv("MEGADUAL_TEST_DEVICE", "meta")  # stands in for cuda
+    with on_device_under_test() as device:
+        made = [torch.randn(2), torch.zeros(3, dtype=torch.int64), torch.nn.Linear(2, 2).weight]
+    assert device == torch.device("meta") and all(t.device == device for t in made)
+    assert torch.zeros(1).device == torch.device("cpu")  # only inside
 
 
 def test_an_fp8_backend_is_listed_after_a_tiny_gemm_ran_on_it(monkeypatch):

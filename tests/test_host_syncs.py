@@ -5,9 +5,11 @@ non-contiguous is refused naming the line that passed it (parallel/collectives.p
 MEGADUAL_DEVICE_CHECK (tests/conftest.py sets it for the suite) a step that makes a tensor
 without a device or brings a value to the host outside the allowed list fails naming the line
 (training/device_check.py), and each step counts its host transfers: one per MoE layer per
-micro-batch forward (the dispatch counts) and one for the step (the norm and the logged
-scalars). The same budget under EP2 and PP2 DualPipe x TP2 x EP2 is held in
-test_parallel_layouts.py and test_parallel_pp.py (their runs count too).
+micro-batch forward (the dispatch counts) and one for the step (the gradient norm and whether
+the step is finite, which decide the update); the logged values stay on the device until
+--log-interval prints them, one more transfer on a step that logs. The same budget under EP2 and
+PP2 DualPipe x TP2 x EP2 is held in test_parallel_layouts.py and test_parallel_pp.py (their runs
+count too).
 """
 import os
 
@@ -31,6 +33,35 @@ def test_one_process_step_holds_the_sync_budget_and_the_device_contract():
         result = pretrain(config, device, log=lambda line: None)
     assert [step.host_syncs for step in result.steps] == [MOE_LAYERS * MICRO_BATCHES + 1] * 2
     assert len(result.validation_losses) == 1
+
+
+def test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line_averages_the_interval():
+    """--log-interval 2: steps 1 and 3 keep their losses and routing statistics on the device, steps 2
+    and 4 bring the interval's over in one transfer; the line averages the interval's steps as
+    Megatron's does (the maxima its maxima, the grad norm the last step's)."""
+    lines = []
+    config = parse_args(TINY_MOE + ["--train-iters", "4", "--log-interval", "2",
+                                    "--moe-router-bias-update-rate", "1e-2"])
+    with single_process_group() as device:
+        result = pretrain(config, device, log=lines.append)
+    layers = MOE_LAYERS * MICRO_BATCHES
+    assert [step.host_syncs for step in result.steps] == [layers + 1, layers + 2] * 2
+    logged = [line for line in lines if line.startswith(" iteration")]
+    assert len(logged) == 2
+    for line, steps in zip(logged, (result.steps[:2], result.steps[2:])):
+        routing = [step.routing for step in steps]
+        inter = sum(r.inter_node_rows_per_token for r in routing) / 2
+        intra = sum(r.intra_node_rows_per_token for r in routing) / 2
+        expected = [f"lm loss: {sum(step.lm_loss for step in steps) / 2:.6E}",
+                    f"load_balancing_loss: {sum(r.aux_loss for r in routing) / 2:.6E}",
+                    f"moe max/mean expert load: {max(r.max_over_mean_load for r in routing):.3f}",
+                    f"moe nodes per token: mean {sum(r.nodes_per_token_mean for r in routing) / 2:.2f} "
+                    f"max {max(r.nodes_per_token_max for r in routing)}",
+                    f"moe inter-node rows per token: {inter:.3f}",
+                    f"moe intra-node rows per token: {intra:.3f}",
+                    f"grad norm: {steps[1].grad_norm:.3f}"]
+        assert all(f"| {field} |" in line for field in expected), (expected, line)
+    assert result.steps[0].lm_loss != result.steps[1].lm_loss  # the average is not either step's
 
 
 def test_a_host_tensor_and_a_host_transfer_in_a_step_are_named_by_line():

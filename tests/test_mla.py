@@ -14,6 +14,13 @@ from megadual.parallel.linear import linear
 from megadual.parallel.params import ParamTable
 from megadual.parallel.rng import initialize_parameters
 from megadual.parallel.tensor import NO_TP
+from tests.helpers import device_under_test
+
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator(device_under_test()).manual_seed(seed)
 
 HEADS, NOPE, ROPE, V, KV_RANK = 4, 8, 6, 10, 12
 # YaRN as in DeepSeek-V2-Lite's config, with unequal mscales so that RoPE's magnitude is not 1
@@ -30,7 +37,7 @@ def mla(config: ModelConfig, seed: int = 0, gemm=linear) -> MultiLatentAttention
     with torch.no_grad():  # norms away from 1, so a norm left out shows
         for name, p in module.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+                p.uniform_(0.5, 1.5, generator=seeded(len(name)))
     return module
 
 
@@ -84,7 +91,7 @@ def deepseek_reference(module: MultiLatentAttention, x: torch.Tensor) -> torch.T
 @pytest.mark.parametrize("config", [CFG, NO_Q_LORA], ids=["q-lora", "no-q-lora"])
 def test_equals_deepseeks_formulation_in_float64(config):
     module = mla(config).double()
-    x = torch.randn(10, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(10, 2, 32, dtype=torch.float64, generator=seeded(1))
     out = module(x)
     assert out.shape == (10, 2, 32)
     # cos and sin are float32 tables (as in the model): measured 7e-8 of the largest output
@@ -102,7 +109,7 @@ def test_parameters_have_hugging_faces_shapes():
 
 def test_causal():
     module = mla(CFG)
-    x = torch.randn(12, 2, 32, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(12, 2, 32, generator=seeded(2))
     changed = x.clone()
     changed[7:] += 1.0
     out, out_changed = module(x), module(changed)
@@ -117,8 +124,8 @@ def test_positions_enter_through_the_decoupled_rope_channels_only():
     with torch.no_grad():
         plain.q_up.weight.view(HEADS, NOPE + ROPE, -1)[:, NOPE:] = 0
         plain.kv_down.weight[KV_RANK:] = 0
-    x = torch.randn(9, 1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    shuffled = torch.cat([x[:8][torch.randperm(8, generator=torch.Generator().manual_seed(4))], x[8:]])
+    x = torch.randn(9, 1, 32, dtype=torch.float64, generator=seeded(3))
+    shuffled = torch.cat([x[:8][torch.randperm(8, generator=seeded(4))], x[8:]])
     torch.testing.assert_close(plain(shuffled)[-1], plain(x)[-1], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(module(shuffled)[-1], module(x)[-1], rtol=1e-3)
 
@@ -168,7 +175,7 @@ def test_the_model_uses_mla_when_configured():
                             "init_method_std": 0.02})
     chunk = build_chunk(config, full_model_stage(config), seed=1)
     assert all(isinstance(layer.attention, MultiLatentAttention) for layer in chunk.layers.values())
-    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 64, (2, 10), generator=seeded(5))
     chunk(tokens, tokens).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in chunk.parameters())
 

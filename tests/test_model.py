@@ -8,6 +8,9 @@ from megadual.moe.layer import MoELayer
 from megadual.parallel.params import ParamSpec, ParamTable, TPShard
 from megadual.parallel.rng import initialize_parameters
 from megadual.parallel.wgrad import WeightGradStore
+from tests.helpers import device_under_test
+
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
 
 CFG = ModelConfig(num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                   seq_length=16, vocab_size=128, num_experts=8, moe_ffn_hidden_size=16,
@@ -16,7 +19,7 @@ CFG = ModelConfig(num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attentio
 
 
 def batch(seed=0, b=2):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device_under_test()).manual_seed(seed)
     return torch.randint(0, 128, (b, 16), generator=g), torch.randint(0, 128, (b, 16), generator=g)
 
 

@@ -1,10 +1,13 @@
 """DeepSeek-V3 routing: node limit, bias for selection only, balance loss, bias update."""
 import itertools
 
+import pytest
 import torch
 
 from megadual.config import ModelConfig
 from megadual.moe.router import Router, balance_loss, node_limited_topk, nodes_per_token
+
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
 
 CFG = ModelConfig(hidden_size=16, num_experts=8, moe_router_topk=4, moe_router_max_nodes=2,
                   moe_router_num_groups=4, moe_aux_loss_coeff=1.0, moe_router_topk_scaling_factor=2.5)

@@ -10,7 +10,7 @@ from megadual.parallel.topology import Layout, Topology
 from megadual.pipeline.stage_model import build_full_model
 from megadual.training import loop
 from megadual.training.optimizer import build_optimizer
-from megadual.training.step import RoutingSummary, StepResult, train_step
+from megadual.training.step import StepResult, train_step
 from tests.helpers import TINY_MOE, single_process_group
 
 
@@ -35,7 +35,7 @@ def test_non_finite_loss_skips_update_and_leaves_weights_and_biases():
 
 
 def test_too_many_consecutive_skips_stop_the_run(monkeypatch):
-    bad = StepResult(float("nan"), float("nan"), True, RoutingSummary())
+    bad = StepResult(torch.tensor([float("nan")], dtype=torch.float64), 0, float("nan"), True)
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: bad)
     with single_process_group() as device, pytest.raises(loop.NonFiniteLossError, match="3 iterations in a row"):
         loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "10", "--max-consecutive-skipped-iters", "3"]),
@@ -44,7 +44,8 @@ def test_too_many_consecutive_skips_stop_the_run(monkeypatch):
 
 @pytest.mark.parametrize("lm_loss, grad_norm, nan", [(2.0, float("inf"), 0), (float("nan"), float("nan"), 1)])
 def test_skipped_and_nan_iterations_are_counted_apart(monkeypatch, lm_loss, grad_norm, nan):
-    monkeypatch.setattr(loop, "train_step", lambda *a, **k: StepResult(lm_loss, grad_norm, True, RoutingSummary()))
+    skipped = StepResult(torch.tensor([lm_loss], dtype=torch.float64), 0, grad_norm, True)
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: skipped)
     lines = []
     with single_process_group() as device:
         loop.pretrain(parse_args(TINY_MOE + ["--train-iters", "1", "--log-interval", "1", "--lr-warmup-iters", "0"]),

@@ -1,7 +1,10 @@
+import pytest
 import torch
 
 from megadual.parallel.linear import linear
 from megadual.parallel.wgrad import WeightGradStore
+
+pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
 
 
 def test_split_backward_defers_weight_grad_until_pop():

@@ -41,7 +41,9 @@ ALLOWED_SYNCS = {
                      "theirs (the layer's one transfer)"),
     ("training/step.py", "to_host"): (
         "per step", "the gradient norm and whether the losses are finite decide whether the optimizer "
-                    "steps; the logged scalars come in the same transfer"),
+                    "steps (and the consecutive-skipped counter); the logged values stay on the device"),
+    ("training/metrics.py", "totals"): (
+        "per step", "on a step that logs (--log-interval), the interval's logged values, in one transfer"),
     ("training/loop.py", "_mean_validation_losses"): ("per step", "the validation losses, once per evaluation"),
 }
 STEP_SYNCS = 1

@@ -39,7 +39,6 @@ from megadual.training.metrics import (
     TensorBoard,
     format_iteration,
     format_validation,
-    mtp_fields,
 )
 from megadual.training.optimizer import build_optimizer
 from megadual.training.step import StepResult, autocast_context, forward_backward, train_step
@@ -272,15 +271,16 @@ def train(config: RunConfig, topo: Topology, device: torch.device, log, grad_hoo
                 f"{step.lm_loss}, grad norm {step.grad_norm}) at iteration {state.iteration}; stopping. "
                 f"Lower --lr or raise --max-consecutive-skipped-iters.")
         if state.iteration % t.log_interval == 0 and rank0:
+            with watched(f"log line on rank {topo.rank}") as watch:
+                totals = interval.totals()  # the interval's one host transfer
+            if watch is not None:  # counted with the step that logs
+                step.host_syncs = (step.host_syncs or 0) + len(watch.syncs)
             log(format_iteration(state.iteration, t.train_iters, state.consumed_samples, lr,
-                                 batch, batch * config.model.seq_length, interval, is_moe,
+                                 batch, batch * config.model.seq_length, totals, is_moe,
                                  training_flops_per_iteration(config.model, batch) / dist.get_world_size()
                                  if t.log_throughput else None))
             if not step.skipped:
-                writer.scalars(state.iteration, {"lm loss": step.lm_loss, "learning rate": lr,
-                                                 "grad norm": step.grad_norm,
-                                                 "load_balancing_loss": step.routing.aux_loss,
-                                                 **mtp_fields(step.mtp_losses)})
+                writer.scalars(state.iteration, {**totals.last, "learning rate": lr})
             interval.reset()
         if valid_loader is not None and state.iteration % t.eval_interval == 0:
             losses = evaluate(model, valid_loader, n_micro, t.eval_iters, topo, device, t.bf16, pipeline,

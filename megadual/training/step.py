@@ -2,9 +2,11 @@
 
 A non-finite loss or gradient norm skips the update (gradients dropped, router biases
 left alone); the decision is the same on every rank because both values are reduced
-over all ranks before it is taken. Everything stays on the device until the step's one
-host transfer (`to_host`: the norm, the losses and the routing summary); the router
-biases move by a device-side 0/1 for a skipped step, so the decision needs no other.
+over all ranks before it is taken. The step brings one pair of values to the host
+(`to_host`: the gradient norm and whether the losses are finite), which decide whether the
+optimizer steps; the logged values (losses, routing summary) stay on the device in
+StepResult.values until --log-interval brings an interval's totals over (metrics.py). The
+router biases move by a device-side 0/1 for a skipped step, so the decision needs no other.
 """
 from __future__ import annotations
 
@@ -39,12 +41,38 @@ class RoutingSummary:
 
 @dataclass
 class StepResult:
-    lm_loss: float
+    """`values`: the step's logged values on the device, a float64 vector (lm loss, each MTP depth's
+    loss, then RoutingSummary's fields when the model has experts); reading `lm_loss`,
+    `mtp_losses` or `routing` brings it to the host (callers after the run, tests), the training
+    loop never does."""
+    values: torch.Tensor
+    mtp_depths: int
     grad_norm: float
     skipped: bool
-    routing: RoutingSummary
-    mtp_losses: list[float] = field(default_factory=list)  # per MTP depth, unscaled ("mtp_k loss")
     host_syncs: int | None = None  # values brought to the host, where MEGADUAL_DEVICE_CHECK counts them
+    _host: list[float] | None = field(default=None, repr=False)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """The lm loss and the MTP losses, on the device."""
+        return self.values[:1 + self.mtp_depths]
+
+    def host_values(self) -> list[float]:
+        if self._host is None:
+            self._host = self.values.tolist()
+        return self._host
+
+    @property
+    def lm_loss(self) -> float:
+        return self.host_values()[0]
+
+    @property
+    def mtp_losses(self) -> list[float]:  # per MTP depth, unscaled ("mtp_k loss")
+        return self.host_values()[1:1 + self.mtp_depths]
+
+    @property
+    def routing(self) -> RoutingSummary:
+        return summary_from(self.host_values()[1 + self.mtp_depths:])
 
 
 def autocast_context(device: torch.device, bf16: bool):
@@ -121,7 +149,9 @@ def reduce_routing(model: StageModel, topo: Topology, rate: float, update_bias: 
 
 
 def summary_from(values: list[float]) -> RoutingSummary:
-    """reduce_routing's fields, on the host."""
+    """reduce_routing's fields, on the host (the defaults without experts)."""
+    if not values:
+        return RoutingSummary()
     aux, max_load, nodes_mean, nodes_max, inter, intra = values
     return RoutingSummary(aux, max_load, nodes_mean, int(nodes_max), inter, intra)
 
@@ -138,15 +168,14 @@ def reduce_step_gradients(model: StageModel, optimizer: torch.optim.Optimizer | 
     return grads
 
 
-def to_host(norm_squared: torch.Tensor, losses: torch.Tensor, routing: torch.Tensor | None
-            ) -> tuple[float, float, list[float], RoutingSummary]:
-    """The step's one host transfer: the gradient norm and the losses (which decide whether the
-    optimizer steps) and the routing summary, as (norm, lm loss, MTP losses, routing)."""
-    parts = [norm_squared.reshape(1), losses] + ([] if routing is None else [routing])
-    values = torch.cat(parts).tolist()
-    norm, lm_loss, *rest = values
-    mtp_losses, routing_values = rest[:len(losses) - 1], rest[len(losses) - 1:]
-    return math.sqrt(norm), lm_loss, mtp_losses, summary_from(routing_values) if routing_values else RoutingSummary()
+def to_host(norm_squared: torch.Tensor, losses: torch.Tensor) -> tuple[float, bool]:
+    """The step's one host transfer, (gradient norm, whether the step's values are finite): the
+    only values each step needs on the host. Whether the optimizer steps, the consecutive-skipped
+    counter (its error) and the checkpoint's skipped count are host control flow, and clipping
+    scales by the norm as Megatron does; the logged values stay on the device."""
+    norm_squared, losses_finite = torch.stack([norm_squared, torch.isfinite(losses).all().double()]).tolist()
+    norm = math.sqrt(norm_squared)
+    return norm, math.isfinite(norm) and losses_finite == 1.0
 
 
 def train_step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptimizer, batches: list[dict],
@@ -179,11 +208,11 @@ def _step(model: StageModel, optimizer: torch.optim.Optimizer | DistributedOptim
     norm_squared = grads.norm_squared()
     finite = torch.isfinite(norm_squared) & torch.isfinite(losses).all()
     routing = reduce_routing(model, topo, bias_rate, finite, pipeline)
-    norm, lm_loss, mtp_losses, routing = to_host(norm_squared, losses, routing)
-    finite = all(map(math.isfinite, [norm, lm_loss, *mtp_losses]))
+    norm, finite = to_host(norm_squared, losses)
     if finite:
         grads.clip(norm, clip_grad)
         set_learning_rate(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(lm_loss, norm, not finite, routing, mtp_losses)
+    values = losses if routing is None else torch.cat([losses, routing])
+    return StepResult(values, len(names) - 1, norm, not finite)
