@@ -28,7 +28,7 @@ def _sdpa_backward(grad_out, query, key, value, *args, **kwargs) -> int:
 
 
 # The counter has formulas for the CUDA attention kernels but none for CPU's flash attention
-# (MHA/GQA; MLA's unequal head dims take SDPA's math path, whose matmuls it counts). Its formulas
+# (MHA/GQA, and MLA with its values padded to the query/key head dim). Its formulas
 # for the CUDA kernels' backward add the recomputed scores too: counted as twice the forward here.
 aten = torch.ops.aten
 ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
@@ -51,5 +51,16 @@ def test_flop_count_equals_the_flop_counter(variant):
     tokens = torch.randint(0, config.vocab_size, (batch, config.seq_length))
     with FlopCounterMode(display=False, custom_mapping=ATTENTION) as counter:
         model.chunks[0](tokens, tokens).loss.backward()
-    assert counter.get_total_flops() == training_flops_per_iteration(config, batch)
+    assert counter.get_total_flops() == training_flops_per_iteration(config, batch) + value_padding_flops(config, batch)
+
+
+def value_padding_flops(config: ModelConfig, batch: int) -> int:
+    """MLA's values are zero-padded to the query/key head dim so SDPA can run a fused kernel
+    (model/mla.py): the counter sees the padded columns of probabilities x values (forward, and
+    twice that backward); model FLOPs do not count them."""
+    if not config.multi_latent_attention:
+        return 0
+    padding = config.qk_head_dim + config.qk_pos_emb_head_dim - config.v_head_dim
+    s, layers = config.seq_length, config.num_layers + config.mtp_num_layers
+    return 3 * 2 * batch * config.num_attention_heads * s * s * padding * layers
 

@@ -202,7 +202,7 @@ def test_attention_runs_sdpas_fused_kernel_with_todays_results():
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # unpadded: no fused kernel
     pad = MultiLatentAttention._core
     try:  # today's: the values as they are, through the math path
-        MultiLatentAttention._core = lambda self, q, k, v, samples: torch.nn.functional.scaled_dot_product_attention(
+        MultiLatentAttention._core = lambda self, q, k, v, samples, allowed=None: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale)
         math_path = run([SDPBackend.MATH])
     finally:
