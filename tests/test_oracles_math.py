@@ -20,6 +20,7 @@ from megadual.training.dist_optimizer import DistributedOptimizer
 from megadual.training.lr_schedule import LRSchedule
 from megadual.training.optimizer import build_optimizer, set_learning_rate
 from tests.helpers import TINY_MOE, single_process_group
+from tests.megatron_lr import megatron_lr
 
 # --- the router -------------------------------------------------------------------------------
 
@@ -79,19 +80,6 @@ def test_router_equals_the_written_out_formula(score_function, num_nodes, max_no
 
 
 # --- the learning rate ---------------------------------------------------------------------------
-
-def megatron_lr(num_steps, max_lr, min_lr, warmup, decay_steps, style):
-    """Megatron-LM's OptimizerParamScheduler.get_lr (init_lr 0), restated."""
-    if warmup > 0 and num_steps <= warmup:
-        return max_lr * num_steps / warmup
-    if style == "constant":
-        return max_lr
-    if num_steps > decay_steps:
-        return min_lr
-    ratio = (num_steps - warmup) / (decay_steps - warmup)
-    coeff = 1.0 - ratio if style == "linear" else 0.5 * (math.cos(math.pi * ratio) + 1.0)
-    return min_lr + coeff * (max_lr - min_lr)
-
 
 def learning_rate(iteration: int, cfg: OptimConfig, train_iters: int) -> float:
     """The LR of the update after `iteration` iterations of an iteration-based run."""
