@@ -1,0 +1,103 @@
+"""Planted bugs in the planner (megadual/plan/) (scripts/mutations.py gathers every area)."""
+from mutation import Mutation
+
+MUTATIONS = [
+    Mutation(
+        "planner-w-inputs-free-at-backward", "megadual/plan/memory_model.py",
+        "            if defers_w:\n                live += acts.weight_inputs",
+        "            if defers_w:\n                live += 0.0",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-full-block]",),
+        "the planner frees a deferred W's GEMM inputs at the input-gradient backward"),
+    Mutation(
+        "planner-dualpipe-one-copy", "megadual/plan/rank_memory.py",
+        "        held[rank].append((chunk, specs[stage]))",
+        "        held[rank].append((chunk, specs[stage])) if chunk == 0 else None",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-dualpipexEP2]",),
+        "the planner counts one copy of a DualPipe rank's two stages"),
+    Mutation(
+        "planner-mtp-tied-embedding-missed", "megadual/plan/rank_memory.py",
+        "        params += _dense(c.vocab_size // layout.tp * c.hidden_size)  # MTP's tied embedding",
+        "        params += _dense()  # MTP's tied embedding",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP2-1f1b-MTP2]",),
+        "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
+    Mutation(
+        "planner-paired-forward-always-first", "megadual/plan/memory_model.py",
+        "        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]",
+        "        forward_after = False",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",),
+        "the planner holds a paired F&B's forward beside its backward when no all-to-all runs it early"),
+    Mutation(
+        "planner-zero1-step-counts-missed", "megadual/plan/rank_memory.py",
+        "        total += per_element * -(-elements // group) + FP32 * buckets",
+        "        total += per_element * -(-elements // group)",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[DP2xEP2-distributed-optimizer]",),
+        "the planner's distributed-optimizer state leaves out each bucket's step count"),
+    Mutation(
+        "planner-bf16-weights-in-both-columns", "megadual/plan/rank_memory.py",
+        "o, bf16 = config.optim, distributed and bool(config.train.bf16)",
+        "o, bf16 = config.optim, bool(config.train.bf16)",
+        ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
+        "the planner shows BF16 weights for the plain optimizer too (it keeps FP32 weights)"),
+    Mutation(
+        "planner-moments-always-fp32", "megadual/plan/rank_memory.py",
+        "moments = sum(2 if distributed and o.use_precision_aware_optimizer and dtype == \"bf16\" else FP32",
+        "moments = sum(FP32",
+        ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
+        "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
+    Mutation(
+        "planner-no-autocast-weight-copies", "megadual/plan/memory_model.py",
+        "        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0",
+        "        return 0.0",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA dense-bf16-none]",),
+        "the planner leaves out the BF16 copies autocast makes of FP32 weights for the GEMMs"),
+    Mutation(
+        "plan-bf16-default-cpu", "megadual/plan/cli.py",
+        'parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",',
+        'parser.add_argument("--device", choices=("cuda", "cpu"), default="cpu",',
+        ("tests/test_plan.py::test_bf16_default_follows_the_device_planned_for",),
+        "python -m megadual.plan plans for FP32 when --bf16 is left out, though CUDA runs default to BF16"),
+    Mutation(
+        "plan-gpus-without-memory", "megadual/plan/cli.py",
+        "    if args.gpu_memory_gib is None or args.gpu_memory_gib <= 0:",
+        "    if False:",
+        ("tests/test_plan.py::test_bad_arguments_are_refused_in_one_line",),
+        "python -m megadual.plan --gpus N without --gpu-memory-gib searches anyway"),
+    Mutation(
+        "plan-json-plain-optimizer", "megadual/plan/cli.py",
+        "             for r in predict(config, world)]",
+        "             for r in predict(config, world, False)]",
+        ("tests/test_plan.py::test_json_prints_the_chosen_optimizers_ranks_in_mb",),
+        "--json shows the plain optimizer's figures whatever the flags choose"),
+    Mutation(
+        "plan-breakdown-misses-deferred-w", "megadual/plan/cli.py",
+        "        if deferred:\n",
+        "        if False:\n",
+        ("tests/test_plan.py::test_breakdown_adds_up_to_the_peak",),
+        "--breakdown leaves out the GEMM inputs kept for deferred W actions"),
+    Mutation(
+        "search-own-flop-count", "megadual/plan/layout_search.py",
+        "flops = tokens * stage_forward_flops_per_token(m, layers, spec.has_head) / layout.tp",
+        "flops = tokens * stage_forward_flops_per_token(m, layers, False) / layout.tp",
+        ("tests/test_plan.py::test_search_compute_is_the_throughput_flop_count",),
+        "the layout search's compute leaves out the head and MTP that --log-throughput counts"),
+    Mutation(
+        "search-ep-times-tp-node-rule", "megadual/plan/layout_search.py",
+        "spans_nodes = nodes_per_ep_group(layout.ep, hw.gpus_per_node) > 1",
+        "spans_nodes = layout.ep * layout.tp > hw.gpus_per_node",
+        ("tests/test_plan.py::test_search_takes_expert_groups_as_the_topology_builds_them",),
+        "the search takes an EP group as spanning EP x TP ranks, not EP consecutive ranks"),
+    Mutation(
+        "planner-mla-kv-norm-missed", "megadual/plan/rank_memory.py",
+        "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim), c.kv_lora_rank,",
+        "count += query + _dense(h * (c.kv_lora_rank + c.qk_pos_emb_head_dim),",
+        ("tests/test_oracles_planner.py::test_planner_counts_every_parameter_each_rank_builds[MLA-no-q-lora]",),
+        "the planner leaves MLA's key/value latent norm out of its parameter count"),
+    Mutation(
+        "planner-moe-act-in-full-precision", "megadual/plan/memory_model.py",
+        "swiglu_in = codec_bytes(pairs, f) * 2 if \"moe_act\" in mods else pairs * g * 2 * f",
+        "swiglu_in = pairs * g * 2 * f",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        "the planner counts moe_act's SwiGLU input in full precision"),
+]
