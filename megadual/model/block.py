@@ -48,14 +48,22 @@ class TransformerLayer(torch.nn.Module):
         recompute = self.recompute
         attention = self.attention(recompute.call("layernorm", self.input_norm, hidden), samples, documents)
         residual = hidden + self.attention_dropout(attention, samples)
-        mlp_input = recompute.call("layernorm", self.pre_mlp_norm, residual)
-        if self.is_moe:
-            out = yield from recompute.steps("moe", self.mlp.forward_steps, mlp_input,
-                                             recompute_context=self.mlp.router.stats_paused,
-                                             overlap=self.mlp.dispatcher.overlap)
+        if self.is_moe and "moe" not in recompute.modules:
+            # the router's GEMM runs with the norm, so under layernorm it does not keep the norm's output
+            mlp_input, *routed = recompute.call("layernorm", self._pre_mlp_norm_and_router, residual)
+            out = yield from self.mlp.forward_steps(mlp_input, routed)
+        elif self.is_moe:
+            out = yield from recompute.steps("moe", self.mlp.forward_steps, recompute.call(
+                "layernorm", self.pre_mlp_norm, residual), recompute_context=self.mlp.router.stats_paused,
+                overlap=self.mlp.dispatcher.overlap)
         else:
-            out = recompute.call("mlp", self.mlp, mlp_input)
+            out = recompute.call("mlp", self.mlp, recompute.call("layernorm", self.pre_mlp_norm, residual))
         return residual + self.mlp_dropout(out, samples)
+
+    def _pre_mlp_norm_and_router(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MoE layer's input, the tokens it routes and their router logits."""
+        x = self.pre_mlp_norm(residual)
+        return x, *self.mlp.router_input(x)
 
     def forward(self, hidden: torch.Tensor, samples: torch.Tensor | None = None,
                 documents: Documents | None = None) -> torch.Tensor:

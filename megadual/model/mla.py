@@ -103,37 +103,43 @@ class MultiLatentAttention(torch.nn.Module):
         self.dropout = AttentionDropout(config.attention_dropout, seed, ATTENTION_PROBS, layer_index)
         self.recompute = NO_RECOMPUTE  # the chunk's (model/gpt.py): core_attn, mla_up_proj
 
-    def latents(self, x: torch.Tensor) -> torch.Tensor:
-        """[query input; c_KV; k_R before RoPE] of this rank's tokens, the query input being
-        c_Q (or x itself without query compression). The down-projections share one cached copy
-        of x; the latent norms are recomputed under layernorm or mla_up_proj recomputation."""
-        cache = InputCache()
-        c_kv, k_rope = self.kv_down(x, cache).split([self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], -1)
-        c_q = self.q_down(x, cache) if self.q_lora_rank else None
-        norms = sorted({"layernorm", "mla_up_proj"} & self.recompute.modules)
-        query_input, c_kv = self.recompute.call(norms[0] if norms else "", self._latent_norms, c_q, c_kv)
-        return torch.cat([x if query_input is None else query_input, c_kv, k_rope], -1)
-
-    def _latent_norms(self, c_q: torch.Tensor | None, c_kv: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return (None if c_q is None else self.q_norm(c_q)), self.kv_norm(c_kv)
-
     def forward(self, x: torch.Tensor, samples: torch.Tensor | None = None,
                 documents: Documents | None = None) -> torch.Tensor:
         """`samples`: the micro-batch's global sample indices, for attention dropout; `documents`:
-        its document boundaries (RoPE positions and attention restart at each), None: one sequence."""
-        latents = enter_tp_region(self.latents(x), self.tp)
-        recompute = self.recompute
+        its document boundaries (RoPE positions and attention restart at each), None: one sequence.
+
+        The down-projections share one cached copy of x. Under mla_up_proj one region runs from their
+        outputs to the attention output (latent norms, up-projections, RoPE, core attention), keeping
+        only those outputs; otherwise the latent norms recompute under layernorm, the core under core_attn."""
+        cache = InputCache()
+        c_kv, k_rope = self.kv_down(x, cache).split([self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], -1)
+        query_input = self.q_down(x, cache) if self.q_lora_rank else x
         positions = documents and documents.position_ids
         allowed = documents and documents.attention_allowed()
-        if {"mla_up_proj", "core_attn"} <= recompute.modules:  # one region: q, k and v are not kept
-            out = recompute.call("mla_up_proj", lambda lat, ids: self._core(*self._up_project(lat, positions), ids,
-                                                                            allowed), latents, samples)
+
+        def attend(query_input, c_kv, k_rope, samples):
+            latents = enter_tp_region(self._latents(query_input, c_kv, k_rope), self.tp)
+            return self.recompute.call("core_attn", self._core, *self._up_project(latents, positions), samples, allowed)
+
+        if "mla_up_proj" in self.recompute.modules:
+            out = self.recompute.call("mla_up_proj", attend, query_input, c_kv, k_rope, samples)
         else:
-            q, k, v = recompute.call("mla_up_proj", self._up_project, latents, positions)
-            out = recompute.call("core_attn", self._core, q, k, v, samples, allowed)
-        s, b = latents.shape[:2]
+            out = attend(query_input, c_kv, k_rope, samples)
+        s, b = out.shape[2], out.shape[0]
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.config.v_head_dim)
         return leave_tp_region(self.proj(out), self.tp)
+
+    def _latents(self, query_input: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """[query input; c_KV; k_R before RoPE] of this rank's tokens, the query input being c_Q (or x
+        itself without query compression), the latent norms applied (recomputed under layernorm)."""
+        if self.q_lora_rank:
+            query_input, c_kv = self.recompute.call("layernorm", self._latent_norms, query_input, c_kv)
+        else:
+            c_kv = self.recompute.call("layernorm", self.kv_norm, c_kv)
+        return torch.cat([query_input, c_kv, k_rope], -1)
+
+    def _latent_norms(self, c_q: torch.Tensor, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(c_q), self.kv_norm(c_kv)
 
     def _up_project(self, latents: torch.Tensor, positions: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

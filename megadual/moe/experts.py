@@ -10,11 +10,11 @@ from megadual.fp8.quant import TILE, Fp8Tensor, quantize_tiles
 from megadual.moe.grouped_gemm import grouped_linear
 from megadual.moe.rows import sum_rows_into
 from megadual.parallel.linear import InputCache, gemm_input, linear
-from megadual.parallel.mlp import ActivationCodec, SwiGLUMLP, swiglu
-from megadual.parallel.recompute import NO_RECOMPUTE
+from megadual.parallel.mlp import SwiGLUMLP
+from megadual.parallel.recompute import NO_RECOMPUTE, ActivationCodec
 
 # --recompute-modules moe_act: the SwiGLU's inputs kept in E4M3 1x128 tiles (DeepSeek-V3 report
-# 3.3.2), the activation recomputed from them in the backward.
+# 3.3.2), the activation and the down-projection's input recomputed from them in the backward.
 FP8_TILES = ActivationCodec(lambda t: (lambda q: (q.data, q.scale))(quantize_tiles(t)),
                             lambda parts, dtype: Fp8Tensor(*parts, TILE).dequantize(dtype))
 
@@ -62,5 +62,4 @@ class RoutedExperts(torch.nn.Module):
             linears = [getattr(expert, name) for expert in experts]
             return grouped_linear(x, counts, [lin.weight for lin in linears], linears[0].wgrad_store)
 
-        hidden = swiglu(project(x, "gate"), project(x, "up"), scale, experts[0].activation_codec())
-        return project(hidden, "down")
+        return experts[0].swiglu_down(project(x, "gate"), project(x, "up"), scale, lambda h: project(h, "down"))

@@ -16,7 +16,7 @@ import torch
 
 from megadual.config import ModelConfig
 from megadual.moe.dispatcher import LocalDispatcher, TokenDispatcher
-from megadual.moe.experts import RoutedExperts
+from megadual.moe.experts import FP8_TILES, RoutedExperts
 from megadual.moe.hierarchical import HierarchicalDispatcher
 from megadual.moe.router import Router
 from megadual.parallel import comm
@@ -67,7 +67,8 @@ class MoELayer(torch.nn.Module):
         self.experts = RoutedExperts(config, ep_rank * per_rank, per_rank, ctx.gemm, ctx.grouped_gemm)
         self.shared = None
         if config.moe_shared_expert_intermediate_size:
-            self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, ctx.tp, ctx.gemm)
+            self.shared = SwiGLUMLP(config, config.moe_shared_expert_intermediate_size, ctx.tp, ctx.gemm,
+                                    moe_act_codec=FP8_TILES)
         # The lm loss of each micro-batch is divided by the number of micro-batches;
         # the balance loss's gradient must be scaled the same way.
         self.aux_loss_grad_scale = 1.0
@@ -77,16 +78,23 @@ class MoELayer(torch.nn.Module):
     def _splits_sequence(self) -> bool:
         return self.tp.size > 1 and not self.tp.sequence_parallel
 
-    def forward_steps(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
-        """The layer as a generator that pauses while each all-to-all is in flight (see the dispatchers)."""
+    def router_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tokens this rank routes [tokens, hidden], the router's logits of them) from the layer's input."""
         routed = comm.split_sequence(x, self.tp.group) if self._splits_sequence else x
         tokens = routed.reshape(-1, routed.shape[-1])
-        routing = self.router(tokens, num_sequences=routed.shape[1])
+        return tokens, self.router.logits(tokens)
+
+    def forward_steps(self, x: torch.Tensor, routed: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> Generator[None, None, torch.Tensor]:
+        """The layer as a generator that pauses while each all-to-all is in flight (see the dispatchers).
+        `routed`: `router_input(x)` when already made (with the pre-MLP norm, which recomputes it)."""
+        tokens, logits = self.router_input(x) if routed is None else routed
+        routing = self.router(tokens, x.shape[1], logits)
         shared = ((lambda: self.recompute.call("shared_experts", self.shared, x)) if self.shared is not None
                   else (lambda: None))
         out, shared_out = yield from self.dispatcher.routed_steps(tokens, routing.indices, routing.gates,
                                                                   self.experts, shared, self.router.stats)
-        out = out.view(routed.shape)
+        out = out.view(-1, *x.shape[1:])
         if self._splits_sequence:
             out = comm.gather_split_sequence(out, self.tp.group)
         if shared_out is not None:

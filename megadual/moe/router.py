@@ -132,9 +132,14 @@ class Router(torch.nn.Module):
         self.stats = RoutingStats(config.num_experts)
         self.wgrad_store = None
 
-    def forward(self, tokens: torch.Tensor, num_sequences: int) -> Routing:
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """FP32, even from BF16 weights; the GEMM keeps `tokens` as they are (no FP32 copy)."""
+        return fp32_linear(tokens, self.weight, self.wgrad_store)
+
+    def forward(self, tokens: torch.Tensor, num_sequences: int, logits: torch.Tensor | None = None) -> Routing:
+        """`logits`: `self.logits(tokens)` when already computed."""
         c = self.config
-        logits = fp32_linear(tokens, self.weight, self.wgrad_store)  # FP32, even from BF16 weights
+        logits = self.logits(tokens) if logits is None else logits
         if c.moe_router_score_function == "sigmoid":
             scores = torch.sigmoid(logits)
             normalized = scores / scores.sum(-1, keepdim=True)

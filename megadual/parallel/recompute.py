@@ -46,10 +46,18 @@ from megadual.parallel.wgrad import WeightGradStore
 if TYPE_CHECKING:
     from megadual.config import TrainConfig
 
-__all__ = ["NO_RECOMPUTE", "RECOMPUTE_MODULES", "Recompute", "RecomputePlan", "SavedTensorObserver", "run_steps"]
+__all__ = ["NO_RECOMPUTE", "ActivationCodec", "RECOMPUTE_MODULES", "Recompute", "RecomputePlan", "SavedTensorObserver", "run_steps"]
 
 
 Steps = Generator[None, None, object]
+
+
+@dataclass(frozen=True)
+class ActivationCodec:
+    """How a tensor is kept for the backward: `encode` it into the tensors to keep, `decode` them
+    back in a dtype (--recompute-modules moe_act: E4M3 tiles, moe/experts.py)."""
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    decode: Callable[[tuple[torch.Tensor, ...], torch.dtype], torch.Tensor]
 
 
 class SavedTensorObserver(Protocol):
@@ -109,12 +117,15 @@ class Recompute:
         # The chunk's W-split store: whether a forward could defer its weight gradients decides
         # which autograd node its linears build, so a recomputation must see what its forward saw.
         self.wgrad_store: WeightGradStore | None = None
+        self._inside = False  # a region of this chunk is running (its forward or its recomputation)
 
-    def call(self, module: str, fn: Callable, *inputs, recompute_context: Callable = nullcontext):
-        """fn(*inputs), recomputed in the backward when `module` is selected."""
+    def call(self, module: str, fn: Callable, *inputs, recompute_context: Callable = nullcontext,
+             codecs: Sequence[ActivationCodec | None] = ()):
+        """fn(*inputs), recomputed in the backward when `module` is selected. `codecs[i]`: how the
+        region keeps input i (encoded, and decoded for the recomputation; None: as it is)."""
         if module not in self.modules:
             return fn(*inputs)
-        return run_steps(self.region_steps(_without_pauses(fn), inputs, recompute_context))
+        return run_steps(self.region_steps(_without_pauses(fn), inputs, recompute_context, codecs=codecs))
 
     def steps(self, module: str, steps_fn: Callable[..., Steps], *inputs, recompute_context: Callable = nullcontext,
               overlap=None) -> Steps:
@@ -124,15 +135,25 @@ class Recompute:
         return self.region_steps(steps_fn, inputs, recompute_context, overlap)
 
     def region_steps(self, steps_fn: Callable[..., Steps], inputs: Sequence, recompute_context: Callable = nullcontext,
-                     overlap=None) -> Steps:
+                     overlap=None, codecs: Sequence[ActivationCodec | None] = ()) -> Steps:
         """steps_fn(*inputs) as one recomputed region, whatever the modules; `overlap`: the
-        comm.BackwardOverlap its recomputation's pauses call."""
-        if not torch.is_grad_enabled():
+        comm.BackwardOverlap its recomputation's pauses call. Inside another region of this chunk
+        (moe_act within moe) it runs plainly: the outer region drops what it saves."""
+        if not torch.is_grad_enabled() or self._inside:
             return steps_fn(*inputs)
         store = self.wgrad_store
         if store is not None:
             recompute_context = _also(recompute_context, partial(_deferrable_as, store, store.forward_deferrable))
-        return _Region(steps_fn, inputs, self.observer, recompute_context, overlap).run()
+        return _Region(steps_fn, inputs, self.observer, _also(recompute_context, self._in_region), overlap,
+                       codecs).run(self._in_region)
+
+    @contextmanager
+    def _in_region(self):
+        before, self._inside = self._inside, True
+        try:
+            yield
+        finally:
+            self._inside = before
 
     def observed(self, steps: Steps) -> Steps:
         """`steps` (a chunk's forward) with every tensor it saves outside regions shown to the observer."""
@@ -225,11 +246,24 @@ def _is_weight(t: torch.Tensor) -> bool:
     return base.is_leaf and base.requires_grad
 
 
+class _Encoded:
+    """A region input kept as a codec encodes it."""
+    __slots__ = ("codec", "dtype", "parts")
+
+    def __init__(self, codec: ActivationCodec, x: torch.Tensor):
+        self.codec, self.dtype, self.parts = codec, x.dtype, codec.encode(x.detach())
+
+    def decoded(self) -> torch.Tensor:
+        return self.codec.decode(self.parts, self.dtype)
+
+
 class _Region:
     def __init__(self, steps_fn: Callable[..., Steps], inputs: Sequence, observer: SavedTensorObserver | None,
-                 recompute_context: Callable, overlap):
+                 recompute_context: Callable, overlap, codecs: Sequence[ActivationCodec | None] = ()):
         self.steps_fn, self.given = steps_fn, inputs
-        self.inputs = [x.detach() if torch.is_tensor(x) else x for x in inputs]
+        codecs = list(codecs) + [None] * (len(inputs) - len(codecs))
+        self.inputs = [_Encoded(codec, x) if codec is not None else x.detach() if torch.is_tensor(x) else x
+                       for x, codec in zip(inputs, codecs)]
         self.requires_grad = [torch.is_tensor(x) and x.requires_grad for x in inputs]
         self.input_storages = {_storage(x) for x in self.inputs if torch.is_tensor(x)}
         self.observer, self.recompute_context, self.overlap = observer, recompute_context, overlap
@@ -241,17 +275,19 @@ class _Region:
         self.dropped: set[int] = set()
         self.recomputed: dict[int, torch.Tensor] | None = None
         for x in self.inputs:
-            if torch.is_tensor(x):
-                self._observe(x)
+            for kept in (x.parts if isinstance(x, _Encoded) else (x,)):
+                if torch.is_tensor(kept):
+                    self._observe(kept)
 
     def _observe(self, tensor: torch.Tensor) -> None:
         if self.observer is not None:
             self.observer.saved(tensor)
 
-    def run(self) -> Steps:
+    def run(self, inside: Callable[[], AbstractContextManager]) -> Steps:
+        """The region's forward; `inside` entered around each of its resumptions."""
         steps = self.steps_fn(*self.given)
         self.given = None
-        return (yield from _under(lambda: saved_tensors_hooks(self._pack, _unpack), steps))
+        return (yield from _under(_also(lambda: saved_tensors_hooks(self._pack, _unpack), inside), steps))
 
     def _pack(self, tensor: torch.Tensor):
         index, self.saved = self.saved, self.saved + 1
@@ -281,8 +317,8 @@ class _Region:
                 self._observe(kept)
             return kept
 
-        inputs = [x.detach().requires_grad_(rg) if torch.is_tensor(x) else x
-                  for x, rg in zip(self.inputs, self.requires_grad)]
+        inputs = [x.decoded() if isinstance(x, _Encoded) else x for x in self.inputs]
+        inputs = [x.detach().requires_grad_(rg) if torch.is_tensor(x) else x for x, rg in zip(inputs, self.requires_grad)]
         steps = self.steps_fn(*inputs)
         while True:
             with torch.enable_grad(), self.autocast(), self.recompute_context(), saved_tensors_hooks(record, _identity):
