@@ -52,6 +52,7 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None
     DeepSeek-V3 (report 3.3.2), at the price of the down GEMM's forward again in the backward."""
     if codec is None:
         return down(swiglu(gate, up, scale))
+    scale = None if scale is None else scale.to(gate.dtype)  # kept as the SwiGLU reads it
     return recompute.call("moe_act", lambda g, u, s: down(swiglu(g, u, s)), gate, up, scale, codecs=(codec, codec))
 
 

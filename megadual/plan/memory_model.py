@@ -221,16 +221,18 @@ def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str
     lse = t * FP32 * heads
     core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
     kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
-    norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
-    pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0),
-              ("MLA: latent norms", norms, 0.0, norm_recomputed, norms_kept),
-              # recomputed up-projections drop their copies: their region keeps the latents as they are
-              ("MLA: latents", latents, latents, "mla_up_proj" in mods, t * latent_bytes * ((ql or h) + kv + rope))]
-    if {"mla_up_proj", "core_attn"} <= mods:
-        pieces.append(("MLA: up-projections and core", up_weights + tables + q_k + core, 0.0, True, 0.0))
+    pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0)]
+    if "mla_up_proj" in mods:
+        # one region from the down-projections' outputs (kept; without q-lora x itself, unless the
+        # down-projections' copy of x is x) through the latent norms, up-projections and core
+        x_itself = 0.0 if ql or not p.keeps(lt, h, a, new=False) else lt * a * h
+        pieces.append(("MLA: latents, up-projections and core", norms + latents + up_weights + tables + q_k + core,
+                       latents, True, norms_kept + x_itself))
     else:
-        pieces.append(("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
-        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
+        pieces += [("MLA: latent norms", norms, 0.0, "layernorm" in mods, norms_kept),
+                   ("MLA: latents", latents, latents, False, 0.0),
+                   ("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, False, 0.0),
+                   ("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0)]
     proj = p.keeps(t, heads * v, g) + p.weight_copies(heads * v * h)
     pieces.append(("attention: proj input", proj, proj, False, 0.0))
     return pieces
@@ -257,13 +259,28 @@ def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tup
             ("attention: proj input", proj, proj, False, 0.0)]
 
 
-def mlp_bytes(p: Precision, tokens: float, hidden: int, ffn: int, input_new: bool = True) -> tuple[float, float]:
-    """(saved, GEMM inputs) of a SwiGLU MLP: what gate and up keep of its input, gate and up (kept by the
-    SwiGLU, which recomputes silu(gate)) and the down projection's input."""
-    g = p.gemm_out
+def swiglu_down(p: Precision, pairs: float, ffn: int, down_in: float, down_weights: float,
+                moe_act: bool) -> Activations:
+    """The SwiGLU and the down-projection after gate and up: gate and up (the SwiGLU recomputes
+    silu(gate)), the down projection's input and autocast's copy of its weights (`down_weights`
+    elements); under moe_act one region keeping gate and up in E4M3 tiles, the rest recomputed."""
+    acts = Activations()
+    swiglu_in = pairs * p.gemm_out * 2 * ffn
+    copies = p.weight_copies(down_weights)
+    acts.add(swiglu_in + down_in + copies, down_in, moe_act, kept_inputs=codec_bytes(pairs, ffn) * 2,
+             kind={"SwiGLU input": codec_bytes(pairs, ffn) * 2} if moe_act else
+             {"SwiGLU input": swiglu_in, "down input": down_in + copies})
+    return acts
+
+
+def mlp_bytes(p: Precision, tokens: float, hidden: int, ffn: int, input_new: bool = True,
+              moe_act: bool = False) -> Activations:
+    """A SwiGLU MLP: what gate and up keep of its input, then `swiglu_down`."""
     x_in = p.keeps(tokens, hidden, p.stream, new=input_new)
-    down_in = p.keeps(tokens, ffn, g)
-    return x_in + tokens * g * 2 * ffn + down_in + p.weight_copies(3 * hidden * ffn), x_in + down_in
+    acts = Activations()
+    acts.add(x_in + p.weight_copies(2 * hidden * ffn), x_in, kind="input")
+    acts += swiglu_down(p, tokens, ffn, p.keeps(tokens, ffn, p.gemm_out), hidden * ffn, moe_act)
+    return acts
 
 
 def layer_activations(c: ModelConfig, s: Shape, layer: int, plan: RecomputePlan) -> Activations:
@@ -285,11 +302,18 @@ def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan)
     acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="input norm")
     for kind, saved, gemm_in, recomputed, kept in attention_pieces(c, s, mods):
         acts.add(saved, gemm_in, recomputed, kept_inputs=kept, kind=kind)
-    acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
     if not moe:
-        saved, gemm_in = mlp_bytes(s.p, t, h, c.ffn_hidden_size // s.tp)
-        acts.add(saved, gemm_in, "mlp" in mods, kept_inputs=t * s.p.stream * h, kind="MLP")
-    else:
+        acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
+        mlp = mlp_bytes(s.p, t, h, c.ffn_hidden_size // s.tp)
+        acts.add(mlp.kept, mlp.weight_inputs, "mlp" in mods, kept_inputs=t * s.p.stream * h, kind="MLP")
+    elif "moe" in mods:
+        acts.add(norm, 0.0, "layernorm" in mods, kept_inputs=norm_kept, kind="pre-MLP norm")
+        acts += moe_activations(c, s, mods)
+    else:  # the router's GEMM runs in the pre-MLP norm's region (model/block.py)
+        router_in = s.routed_tokens * s.p.stream * h
+        acts.add(norm + router_in, router_in, "layernorm" in mods, kept_inputs=norm_kept,
+                 kind={"pre-MLP norm": norm_kept} if "layernorm" in mods else {"pre-MLP norm": norm,
+                                                                                 "router": router_in})
         acts += moe_activations(c, s, mods)
     return acts
 
@@ -300,27 +324,37 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     g, a = p.gemm_out, p.stream
     rows = t * distinct_ranks_per_token(c, s.ep)
     pairs, f, local = t * k, c.moe_ffn_hidden_size, c.num_experts // s.ep
-    # the router keeps its input as it came (and no FP32 copy), its scores and choices
-    router = t * a * h + t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
+    # the router's scores and choices; its GEMM's input (no FP32 copy) is counted with the pre-MLP norm,
+    # in whose region it runs, except under moe
+    router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
     dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
     # per pair: its row and slot (int64), the gate; what gate and up keep of the row
     rows_in = per_expert_keeps(p, pairs, h, local, a)
-    gathered = pairs * (2 * INT64 + g) + rows_in + p.weight_copies(local * 3 * h * f)
-    swiglu_in = codec_bytes(pairs, f) * 2 if "moe_act" in mods else pairs * g * 2 * f
-    down_in = per_expert_keeps(p, pairs, f, local, g)
-    shared_ffn = c.moe_shared_expert_intermediate_size // s.tp
-    shared, shared_in = (mlp_bytes(p, s.tokens, h, shared_ffn, input_new=False) if shared_ffn else (0.0, 0.0))
+    gathered = pairs * (2 * INT64 + g) + rows_in + p.weight_copies(local * 2 * h * f)
+    moe_act = "moe_act" in mods and "moe" not in mods  # inside the moe region moe_act's region runs plainly
+    experts = swiglu_down(p, pairs, f, per_expert_keeps(p, pairs, f, local, g), local * h * f, moe_act)
+    shared = Activations()
+    if c.moe_shared_expert_intermediate_size:
+        # its gate and up read the norm's output, which the router keeps unless the norm's region drops it
+        own_input = "layernorm" in mods and "moe" not in mods
+        mlp = mlp_bytes(p, s.tokens, h, c.moe_shared_expert_intermediate_size // s.tp, own_input,
+                        moe_act and "shared_experts" not in mods)
+        if "shared_experts" in mods:
+            shared.add(mlp.kept, mlp.weight_inputs, True, kept_inputs=s.local_tokens * a * h if own_input else 0.0,
+                       kind="shared expert")
+        else:
+            shared = dataclasses.replace(mlp, kinds={"shared expert": mlp.kept})
     acts = Activations()
     if "moe" in mods:
-        acts.add(router + dispatch + gathered + swiglu_in + down_in + shared, rows_in + down_in + shared_in, True,
+        acts.add(t * a * h + router + dispatch + gathered + experts.kept + shared.kept,
+                 t * a * h + rows_in + experts.weight_inputs + shared.weight_inputs, True,
                  kept_inputs=s.tokens * a * h, kind="MoE (recomputed)")
         return acts
-    acts.add(router, t * a * h, kind="router")
+    acts.add(router, kind="router")
     acts.add(dispatch, kind="dispatch and combine")
     acts.add(gathered, rows_in, kind="experts: rows, gates")
-    acts.add(swiglu_in, kind="experts: SwiGLU input")
-    acts.add(down_in, down_in, kind="experts: down input")
-    acts.add(shared, shared_in, "shared_experts" in mods, kind="shared expert")
+    acts += dataclasses.replace(experts, kinds={f"experts: {k}": v for k, v in experts.kinds.items()})
+    acts += shared
     return acts
 
 
