@@ -36,9 +36,9 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, wgrad_store, cache):
         x2 = flat(x)
         cache = InputCache() if cache is None else cache  # GEMMs sharing x share its quantizations
-        y = fp8_gemm(cache.get("fp8 tiles", lambda: quantize_tiles(x2)), quantize_blocks(weight))
+        y = fp8_gemm(cache.get("fp8 tiles", quantize_tiles, x2), quantize_blocks(weight))
         if ctx.needs_input_grad[1]:
-            x_by_tokens = cache.get("fp8 tiles by tokens", lambda: quantize_tiles_transposed(x2))
+            x_by_tokens = cache.get("fp8 tiles by tokens", quantize_tiles_transposed, x2)
             ctx.save_for_backward(x_by_tokens.data, x_by_tokens.scale)
         else:
             ctx.save_for_backward(None, None)

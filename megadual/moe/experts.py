@@ -8,7 +8,7 @@ import torch
 from megadual.config import ModelConfig
 from megadual.fp8.quant import TILE, Fp8Tensor, quantize_tiles
 from megadual.moe.grouped_gemm import grouped_linear
-from megadual.moe.rows import sum_rows_into
+from megadual.moe.rows import RowsKeptOnce, sum_rows_into
 from megadual.parallel.linear import InputCache, gemm_input, linear
 from megadual.parallel.mlp import SwiGLUMLP
 from megadual.parallel.recompute import NO_RECOMPUTE, ActivationCodec
@@ -47,16 +47,21 @@ class RoutedExperts(torch.nn.Module):
         order = torch.argsort(expert_of, stable=True)
         rows, slots = rows[order], slots[order]
         run = self._grouped if self.grouped else self._looped
-        out = run(tokens[rows], counts, gates[rows, slots])
+        with RowsKeptOnce(tokens, self.recompute) as kept:  # the rows' copies kept as their index
+            caches = [kept.cache(part) for part in ([rows] if self.grouped else rows.split(counts))]
+            out = run(tokens[rows], counts, gates[rows, slots], caches)
         return sum_rows_into(out.to(tokens.dtype), rows, tokens.shape[0])
 
-    def _looped(self, sorted_tokens: torch.Tensor, counts: list[int], scale: torch.Tensor) -> torch.Tensor:
+    def _looped(self, sorted_tokens: torch.Tensor, counts: list[int], scale: torch.Tensor,
+                caches: list[InputCache]) -> torch.Tensor:
         chunks, scales = sorted_tokens.split(counts), scale.split(counts)
-        return torch.cat([expert(chunk, s) for expert, chunk, s in zip(self.local.values(), chunks, scales)])
+        return torch.cat([expert(chunk, s, cache) for expert, chunk, s, cache in
+                          zip(self.local.values(), chunks, scales, caches)])
 
-    def _grouped(self, sorted_tokens: torch.Tensor, counts: list[int], scale: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, sorted_tokens: torch.Tensor, counts: list[int], scale: torch.Tensor,
+                 caches: list[InputCache]) -> torch.Tensor:
         experts = list(self.local.values())
-        x = gemm_input(sorted_tokens, InputCache())  # gate and up read (and keep) one copy
+        x = gemm_input(sorted_tokens, caches[0])  # gate and up read (and keep) one copy
 
         def project(x: torch.Tensor, name: str) -> torch.Tensor:
             linears = [getattr(expert, name) for expert in experts]

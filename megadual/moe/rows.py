@@ -1,8 +1,14 @@
 """Rows moved by index, keeping only the index for the backward (indexing and `index_add` would
-keep the rows they move)."""
+keep the rows they move), and the experts' copies of gathered rows kept as the index too."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from megadual.parallel.linear import InputCache, tensors_of
+from megadual.parallel.recompute import Recompute
 
 
 class _SumRowsInto(torch.autograd.Function):
@@ -20,3 +26,62 @@ class _SumRowsInto(torch.autograd.Function):
 def sum_rows_into(rows: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
     """[num_rows, ...]: row i the sum of the `rows` whose `index` is i (zeros where none is)."""
     return _SumRowsInto.apply(rows, index, num_rows)
+
+
+class _Remade:
+    """In place of a saved copy of gathered rows: made again from the rows in the backward."""
+    __slots__ = ("make", "part", "remake")
+
+    def __init__(self, remake, make, part: int):
+        self.remake, self.make, self.part = remake, make, part
+
+    def tensor(self) -> torch.Tensor:
+        return tensors_of(self.make(self.remake()))[self.part]
+
+
+def _unpack(packed):
+    return packed.tensor() if isinstance(packed, _Remade) else packed
+
+
+class RowsKeptOnce:
+    """While the routed experts run: what their gate and up GEMMs save of the rows gathered from
+    `tokens` (the FP8 copy, the autocast cast, made by the InputCaches handed out by `cache`) is kept
+    as the index it was gathered by, and gathered and made again in the backward. So a row that
+    reaches several local experts is kept once (as DeepSeek-V3 keeps each dispatched row once per
+    rank), bit for bit the same. Inside a recomputed region (`moe`) the region drops all anyway."""
+
+    def __init__(self, tokens: torch.Tensor, recompute: Recompute):
+        self.tokens, self.observer = tokens, recompute.observer
+        self.active = torch.is_grad_enabled() and not recompute.in_region
+        self._caches: list[tuple[InputCache, torch.Tensor]] = []
+        self._hooks = saved_tensors_hooks(self._pack, _unpack)
+
+    def cache(self, rows: torch.Tensor) -> InputCache:
+        """The InputCache of the gate and up GEMMs reading tokens[rows]."""
+        if not self.active:
+            return InputCache()
+        cache = InputCache(partial(torch.Tensor.__getitem__, self.tokens, rows))
+        self._caches.append((cache, rows))
+        return cache
+
+    def __enter__(self) -> RowsKeptOnce:
+        if self.active:
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self._hooks.__exit__(*exc)
+        self._caches = []
+
+    def _pack(self, tensor: torch.Tensor):
+        for cache, rows in self._caches:
+            for ref, make, part in cache.recipes:
+                if ref() is tensor:
+                    if self.observer is not None:
+                        self.observer.saved(self.tokens)
+                        self.observer.saved(rows)
+                    return _Remade(cache.remake, make, part)
+        if self.observer is not None:  # what Recompute.observed does outside these GEMMs
+            self.observer.saved(tensor)
+        return tensor

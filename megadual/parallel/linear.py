@@ -9,7 +9,9 @@ the copy each would save for its backward (autocast's cast, the FP8 quantization
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +33,30 @@ def weight_grad_now_or_deferred(weight: torch.Tensor, weight_grad: Callable[[], 
 
 class InputCache:
     """What the GEMMs reading one input made of it (its autocast cast, its FP8 quantizations), made
-    once: the GEMMs then save the same tensor for their backwards. Lives for one forward call."""
+    once: the GEMMs then save the same tensor for their backwards. Lives for one forward call.
 
-    def __init__(self) -> None:
+    `remake`: the input made again (routed experts' rows, gathered again by index). Each tensor made
+    here is then listed in `recipes` (a weak reference to it, how to make it from the input again,
+    which of its tensors it is), so that a saved-tensor hook may keep the recipe in its place
+    (moe/rows.py)."""
+
+    def __init__(self, remake: Callable[[], torch.Tensor] | None = None) -> None:
         self._made: dict[str, object] = {}
+        self.remake = remake
+        self.recipes: list[tuple[weakref.ref, Callable[[torch.Tensor], object], int]] = []
 
-    def get(self, key: str, make: Callable[[], object]) -> object:
+    def get(self, key: str, make: Callable[[torch.Tensor], object], x: torch.Tensor) -> object:
+        """make(x), made once per key."""
         if key not in self._made:
-            self._made[key] = make()
+            self._made[key] = made = make(x)
+            if self.remake is not None:
+                self.recipes += [(weakref.ref(t), make, i) for i, t in enumerate(tensors_of(made))]
         return self._made[key]
+
+
+def tensors_of(made: object) -> tuple[torch.Tensor, ...]:
+    """The tensors of what an InputCache made: the tensor, or an Fp8Tensor's data and scale."""
+    return (made,) if torch.is_tensor(made) else (made.data, made.scale)
 
 
 def gemm_input(x: torch.Tensor, cache: InputCache | None) -> torch.Tensor:
@@ -47,7 +64,7 @@ def gemm_input(x: torch.Tensor, cache: InputCache | None) -> torch.Tensor:
     if not torch.is_autocast_enabled(x.device.type):
         return x
     dtype = torch.get_autocast_dtype(x.device.type)
-    return x.to(dtype) if cache is None else cache.get(f"autocast {dtype}", lambda: x.to(dtype))
+    return x.to(dtype) if cache is None else cache.get(f"autocast {dtype}", partial(torch.Tensor.to, dtype=dtype), x)
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:

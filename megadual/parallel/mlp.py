@@ -83,10 +83,11 @@ class SwiGLUMLP(torch.nn.Module):
         codec = self.moe_act_codec if "moe_act" in self.recompute.modules else None
         return swiglu_down(gate, up, scale, down, self.recompute, codec)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """`scale`: a routed expert's gate per row of x."""
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, cache: InputCache | None = None
+                ) -> torch.Tensor:
+        """`scale`: a routed expert's gate per row of x; `cache`: the InputCache of gate and up (a new one)."""
         if self.in_tp_region:
             x = enter_tp_region(x, self.tp)
-        cache = InputCache()
+        cache = InputCache() if cache is None else cache
         out = self.swiglu_down(self.gate(x, cache), self.up(x, cache), scale, self.down)
         return leave_tp_region(out, self.tp) if self.in_tp_region else out

@@ -119,6 +119,11 @@ class Recompute:
         self.wgrad_store: WeightGradStore | None = None
         self._inside = False  # a region of this chunk is running (its forward or its recomputation)
 
+    @property
+    def in_region(self) -> bool:
+        """Whether a region of this chunk is running (its forward or its recomputation)."""
+        return self._inside
+
     def call(self, module: str, fn: Callable, *inputs, recompute_context: Callable = nullcontext,
              codecs: Sequence[ActivationCodec | None] = ()):
         """fn(*inputs), recomputed in the backward when `module` is selected. `codecs[i]`: how the

@@ -328,8 +328,13 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     # in whose region it runs, except under moe
     router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
     dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
-    # per pair: its row and slot (int64), the gate; what gate and up keep of the row
-    rows_in = per_expert_keeps(p, pairs, h, local, a)
+    # per pair: its row and slot (int64), the gate; what gate and up keep of the row. Where their
+    # InputCache made it (FP8, autocast), the received rows are kept instead, once (moe/rows.py); without
+    # expert parallelism they are the norm's output, which the router keeps unless recomputed.
+    if (p.fp8 or p.autocast) and "moe" not in mods:
+        rows_in = rows * a * h if s.ep > 1 else s.local_tokens * a * h if "layernorm" in mods else 0.0
+    else:
+        rows_in = per_expert_keeps(p, pairs, h, local, a)
     gathered = pairs * (2 * INT64 + g) + rows_in + p.weight_copies(local * 2 * h * f)
     moe_act = "moe_act" in mods and "moe" not in mods  # inside the moe region moe_act's region runs plainly
     experts = swiglu_down(p, pairs, f, per_expert_keeps(p, pairs, f, local, g), local * h * f, moe_act)
