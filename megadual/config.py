@@ -309,7 +309,9 @@ class TrainConfig:
               "--recompute-num-layers layers of each pipeline stage)", choices=("uniform", "block"), group=RECOMPUTE)
     recompute_num_layers: int | None = option(None, "layers per group (uniform) or per stage (block)",
                                               group=RECOMPUTE, positive=True)
-    recompute_modules: tuple[str, ...] = option(("core_attn",), "what selective recomputation recomputes",
+    recompute_modules: tuple[str, ...] = option(("core_attn",), "what selective recomputation recomputes (mla_up_proj: MLA from "
+                                                "the latents through the core attention; moe_act: the experts' "
+                                                "SwiGLU and down input, from its E4M3 copy; docs/memory.md)",
                                                 choices=RECOMPUTE_MODULES, group=RECOMPUTE)
     distributed_timeout_minutes: float = option(10.0, "a collective that waits longer (a rank stopped, hung or "
                                                       "lost) ends the run with an error", positive=True)

@@ -30,9 +30,11 @@ RECOMPUTE = {
     "none": (),
     "core_attn": ("core_attn",),
     "layernorm mla_up_proj": ("layernorm", "mla_up_proj"),
+    "layernorm moe_act": ("layernorm", "moe_act"),  # the router in the norm's region; MLA's latent norms alone
     "mla_up_proj core_attn moe_act": ("mla_up_proj", "core_attn", "moe_act"),
-    "mlp shared_experts": ("mlp", "shared_experts"),
-    "moe": ("moe",),
+    "layernorm mla_up_proj core_attn moe_act": ("layernorm", "mla_up_proj", "core_attn", "moe_act"),
+    "mlp shared_experts moe_act": ("mlp", "shared_experts", "moe_act"),  # moe_act's region inside another
+    "moe moe_act": ("moe", "moe_act"),
 }
 
 
@@ -78,7 +80,7 @@ def test_planner_counts_every_tensor_a_layer_keeps_in_fp32(kind, modules, micro_
     assert sum(predicted.kinds.values()) == predicted.kept
 
 
-@pytest.mark.parametrize("modules", ["none", "mla_up_proj core_attn moe_act"])
+@pytest.mark.parametrize("modules", ["none", "layernorm mla_up_proj core_attn moe_act"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_planner_counts_every_tensor_a_layer_keeps_in_every_precision(kind, precision, modules):

@@ -74,13 +74,16 @@ class RecomputePlan:
     layer:
 
         core_attn       the core attention, softmax(q k^T) v
-        layernorm       the input and pre-MLP RMSNorms
-        mla_up_proj     MLA's query/key/value up-projections and RoPE (with core_attn: one region
-                        from the latents to the attention output, so q, k, v are not kept)
+        layernorm       the input and pre-MLP RMSNorms (the router's GEMM with the latter, so it
+                        keeps no norm output) and MLA's latent norms
+        mla_up_proj     MLA from the down-projections' outputs (kept) to the attention output: the
+                        latent norms, the query/key/value up-projections, RoPE and the core attention
+                        they feed (recomputing the up-projections while SDPA kept q, k, v would save nothing)
         mlp             the dense layers' MLP
         moe             the whole MoE layer: routing, dispatch, experts, combine, shared experts
         shared_experts  the MoE layer's shared experts
-        moe_act         the routed experts' SwiGLU activation
+        moe_act         the MoE layer's SwiGLUs (routed and shared experts): their input kept in E4M3
+                        1x128 tiles, the activation and the down-projection's input recomputed from it
     """
     granularity: str | None = None
     method: str | None = None

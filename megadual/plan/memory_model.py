@@ -13,16 +13,21 @@ hooks, byte for byte):
     MHA                  one copy of the input for q, k, v; q, k, v, the output and log-sum-exp of SDPA's
                          fused kernel; RoPE tables; the output projection's input (a view without FP8)
     MLA                  one copy of the input for both down-projections; the latent norms (recomputed
-                         under layernorm / mla_up_proj); the latents as the up-projections keep them;
-                         q, k, values and output padded to the query/key head dim, the log-sum-exp
-    dense MLP / shared   gate and up (silu recomputed), the down projection's input
-    router               its input as it came (no FP32 copy), scores, their sum, the top-k ids (int64)
-                         and gates; per sequence the balance loss's
+                         under layernorm); the latents as the up-projections keep them; q, k, values
+                         and output padded to the query/key head dim, the log-sum-exp; under
+                         mla_up_proj one region keeping only the down-projections' outputs
+    dense MLP / shared   gate and up (silu recomputed), the down projection's input; under moe_act
+                         (shared) gate and up in E4M3 tiles, the rest recomputed
+    router               its input as it came (no FP32 copy; in the pre-MLP norm's region, dropped
+                         under layernorm), scores, their sum, the top-k ids (int64) and gates; per
+                         sequence the balance loss's
     dispatch / combine   per sent row its source token (int64, twice: nonzero's pair) and the chosen-here
                          mask (none without expert parallelism: no dispatcher); the rows move by index
     routed experts       per (token, expert) pair its row and slot (int64), the gate, the row as the
-                         GEMMs keep it, gate and up (E4M3 tiles under moe_act), the down projection's
-                         input (the gate scales it: no expert output is kept)
+                         GEMMs keep it (where their InputCache copies it, FP8 or autocast: the received
+                         rows once instead, moe/rows.py), gate and up and the down projection's input
+                         (the gate scales it: no expert output is kept); under moe_act gate and up in
+                         E4M3 tiles, the rest recomputed
     head and loss        the final norm, the fp32 softmax over the vocabulary, the labels
     embedding            the token ids (int64)
     MTP module (each)    the token ids, enorm and hnorm, eh_proj's input, its layer, its norm and the
@@ -340,8 +345,9 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     experts = swiglu_down(p, pairs, f, per_expert_keeps(p, pairs, f, local, g), local * h * f, moe_act)
     shared = Activations()
     if c.moe_shared_expert_intermediate_size:
-        # its gate and up read the norm's output, which the router keeps unless the norm's region drops it
-        own_input = "layernorm" in mods and "moe" not in mods
+        # its gate and up read the norm's output, which the router keeps unless the norm's region drops
+        # it, and without expert parallelism the routed experts' kept rows are
+        own_input = "layernorm" in mods and "moe" not in mods and not (s.ep == 1 and (p.fp8 or p.autocast))
         mlp = mlp_bytes(p, s.tokens, h, c.moe_shared_expert_intermediate_size // s.tp, own_input,
                         moe_act and "shared_experts" not in mods)
         if "shared_experts" in mods:
