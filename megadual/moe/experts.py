@@ -30,6 +30,7 @@ class RoutedExperts(torch.nn.Module):
         super().__init__()
         self.first_expert = first_expert
         self.grouped = grouped and gemm is linear
+        self.copy_bytes = None if gemm is linear else 1  # what gate and up keep of a row, per element: FP8
         self.local = torch.nn.ModuleDict({
             str(first_expert + i): SwiGLUMLP(config, config.moe_ffn_hidden_size, gemm=gemm, expert=True,
                                              moe_act_codec=FP8_TILES)
@@ -47,7 +48,7 @@ class RoutedExperts(torch.nn.Module):
         order = torch.argsort(expert_of, stable=True)
         rows, slots = rows[order], slots[order]
         run = self._grouped if self.grouped else self._looped
-        with RowsKeptOnce(tokens, self.recompute) as kept:  # the rows' copies kept as their index
+        with RowsKeptOnce(tokens, len(rows), self.copy_bytes, self.recompute) as kept:  # the rows' copies kept as their index
             caches = [kept.cache(part) for part in ([rows] if self.grouped else rows.split(counts))]
             out = run(tokens[rows], counts, gates[rows, slots], caches)
         return sum_rows_into(out.to(tokens.dtype), rows, tokens.shape[0])

@@ -48,11 +48,18 @@ class RowsKeptOnce:
     `tokens` (the FP8 copy, the autocast cast, made by the InputCaches handed out by `cache`) is kept
     as the index it was gathered by, and gathered and made again in the backward. So a row that
     reaches several local experts is kept once (as DeepSeek-V3 keeps each dispatched row once per
-    rank), bit for bit the same. Inside a recomputed region (`moe`) the region drops all anyway."""
+    rank), bit for bit the same; only where `tokens` take fewer bytes than the `pairs` copies of
+    `copy_bytes` per element (FP8: 1; None: autocast's dtype, or the rows' own), so not where
+    rows meet about one expert each. Inside a recomputed region (`moe`) the region drops all anyway."""
 
-    def __init__(self, tokens: torch.Tensor, recompute: Recompute):
+    def __init__(self, tokens: torch.Tensor, pairs: int, copy_bytes: int | None, recompute: Recompute):
         self.tokens, self.observer = tokens, recompute.observer
-        self.active = torch.is_grad_enabled() and not recompute.in_region
+        if copy_bytes is None:
+            device = tokens.device.type
+            copy_bytes = (torch.get_autocast_dtype(device).itemsize if torch.is_autocast_enabled(device)
+                          else tokens.element_size())
+        smaller = tokens.numel() * tokens.element_size() < pairs * tokens.shape[-1] * copy_bytes
+        self.active = smaller and torch.is_grad_enabled() and not recompute.in_region
         self._caches: list[tuple[InputCache, torch.Tensor]] = []
         self._hooks = saved_tensors_hooks(self._pack, _unpack)
 

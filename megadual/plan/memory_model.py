@@ -323,6 +323,12 @@ def _layer_activations(c: ModelConfig, s: Shape, moe: bool, plan: RecomputePlan)
     return acts
 
 
+def rows_kept_once(p: Precision, mods: frozenset[str], received: float, pairs: float) -> bool:
+    """Whether the routed experts keep their received rows rather than gate and up's copies per pair
+    (moe/rows.py: where an InputCache makes the copies and the rows are smaller)."""
+    return (p.fp8 or p.autocast) and "moe" not in mods and received * p.stream < pairs * (1 if p.fp8 else 2)
+
+
 def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activations:
     """The MoE layer after the pre-MLP norm, at balanced load (see the module's doc)."""
     p, t, h, k, e = s.p, s.routed_tokens, c.hidden_size, c.moe_router_topk, c.num_experts
@@ -334,9 +340,11 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     router = t * (FP32 * (e + 2 + k) + INT64 * k) + s.micro_batch * FP32 * e
     dispatch = rows * (2 * INT64 + k) if s.ep > 1 else 0.0  # EP1: no dispatcher
     # per pair: its row and slot (int64), the gate; what gate and up keep of the row. Where their
-    # InputCache made it (FP8, autocast), the received rows are kept instead, once (moe/rows.py); without
-    # expert parallelism they are the norm's output, which the router keeps unless recomputed.
-    if (p.fp8 or p.autocast) and "moe" not in mods:
+    # InputCache made it (FP8, autocast) and the received rows are smaller, those are kept instead
+    # (moe/rows.py); without expert parallelism they are the norm's output, which the router keeps
+    # unless recomputed.
+    received = rows if s.ep > 1 else t
+    if rows_kept_once(p, mods, received, pairs):
         rows_in = rows * a * h if s.ep > 1 else s.local_tokens * a * h if "layernorm" in mods else 0.0
     else:
         rows_in = per_expert_keeps(p, pairs, h, local, a)
@@ -347,7 +355,7 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
     if c.moe_shared_expert_intermediate_size:
         # its gate and up read the norm's output, which the router keeps unless the norm's region drops
         # it, and without expert parallelism the routed experts' kept rows are
-        own_input = "layernorm" in mods and "moe" not in mods and not (s.ep == 1 and (p.fp8 or p.autocast))
+        own_input = "layernorm" in mods and "moe" not in mods and not (s.ep == 1 and rows_kept_once(p, mods, t, pairs))
         mlp = mlp_bytes(p, s.tokens, h, c.moe_shared_expert_intermediate_size // s.tp, own_input,
                         moe_act and "shared_experts" not in mods)
         if "shared_experts" in mods:
