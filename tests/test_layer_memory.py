@@ -89,3 +89,28 @@ def test_planner_counts_every_tensor_a_layer_keeps_in_every_precision(kind, prec
     plan = RecomputePlan("selective", modules=frozenset(RECOMPUTE[modules]))
     shape = Shape(config.seq_length, 2, precision=PRECISIONS[precision])
     assert layer_activations(config, shape, index, plan).kept == saved, layer_breakdown(config, shape, index, plan)
+
+
+@pytest.mark.parametrize("gemm", [linear, fp8_linear], ids=["bf16", "fp8"])
+def test_rows_kept_once_give_the_same_gradients(gemm):
+    """The routed experts keep each row once, as its index (moe/rows.py; here top-4, BF16 weights, so the
+    rows are smaller than their copies per pair), and remake the GEMMs' copies in the backward: the
+    gradients are bit for bit those of the `moe` region, inside which the copies per pair are kept."""
+    config = load_config(TINY_MOE + ["--moe-router-topk", "4"]).model
+    grads = []
+    for modules in ((), ("moe",)):
+        torch.manual_seed(0)
+        layer = TransformerLayer(config, 1, BuildContext(gemm=gemm))
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.1)
+        layer = layer.to(torch.bfloat16)
+        recompute = Recompute(frozenset(modules))
+        for module in layer.modules():
+            if hasattr(module, "recompute"):
+                module.recompute = recompute
+        x = torch.randn(config.seq_length, 2, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in layer.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
