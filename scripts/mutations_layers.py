@@ -290,8 +290,8 @@ MUTATIONS = [
         "summing the experts' outputs into their rows keeps the outputs (as index_add does)"),
     Mutation(
         "gate-and-up-cast-twice", "megadual/parallel/mlp.py",
-        "hidden = swiglu(self.gate(x, cache), self.up(x, cache), scale, self.activation_codec())",
-        "hidden = swiglu(self.gate(x, cache), self.up(x, InputCache()), scale, self.activation_codec())",
+        "out = self.swiglu_down(self.gate(x, cache), self.up(x, cache), scale, self.down)",
+        "out = self.swiglu_down(self.gate(x, cache), self.up(x, InputCache()), scale, self.down)",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
          "[MHA dense-fp8-none]",),
         "gate and up each keep their own copy (FP8 quantization, autocast cast) of their common input"),
@@ -309,9 +309,57 @@ MUTATIONS = [
         "MLA's values keep their own head dim, so SDPA falls back to the math path and its s x s scores"),
     Mutation(
         "mla-latent-norms-kept", "megadual/model/mla.py",
-        "norms = sorted({\"layernorm\", \"mla_up_proj\"} & self.recompute.modules)",
-        "norms = []",
+        "query_input, c_kv = self.recompute.call(\"layernorm\", self._latent_norms, query_input, c_kv)",
+        "query_input, c_kv = self._latent_norms(query_input, c_kv)",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MLA MoE-layernorm moe_act-2]",),
+        "MLA's latent norms are not recomputed under layernorm recomputation"),
+    # issue 19 (s3-mem)
+    Mutation(
+        "moe-act-down-input-kept", "megadual/parallel/mlp.py",
+        "return recompute.call(\"moe_act\", lambda g, u, s: down(swiglu(g, u, s)), gate, up, scale, codecs=(codec, codec))",
+        "return down(recompute.call(\"moe_act\", swiglu, gate, up, scale, codecs=(codec, codec)))",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        "moe_act recomputes the SwiGLU but the down-projection keeps its input"),
+    Mutation(
+        "router-keeps-norm-output", "megadual/model/block.py",
+        "mlp_input, *routed = recompute.call(\"layernorm\", self._pre_mlp_norm_and_router, residual)",
+        "mlp_input, routed = recompute.call(\"layernorm\", self.pre_mlp_norm, residual), None",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-layernorm moe_act-2]",),
+        "the router's GEMM runs outside the pre-MLP norm's region, keeping the norm's output under layernorm"),
+    Mutation(
+        "shared-expert-swiglu-in-full-precision", "megadual/moe/layer.py",
+        "moe_act_codec=FP8_TILES)",
+        "moe_act_codec=None)",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        "moe_act leaves the shared expert's SwiGLU and down input in full precision"),
+    Mutation(
+        "mla-up-proj-keeps-q-k-v", "megadual/model/mla.py",
+        "if \"mla_up_proj\" in self.recompute.modules:",
+        "if {\"mla_up_proj\", \"core_attn\"} <= self.recompute.modules:",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
          "[MLA MoE-layernorm mla_up_proj-2]",),
-        "MLA's latent norms are not recomputed under layernorm / mla_up_proj recomputation"),
+        "mla_up_proj without core_attn recomputes nothing (SDPA keeps q, k, v)"),
+    Mutation(
+        "experts-rows-kept-per-pair", "megadual/moe/rows.py",
+        "if ref() is tensor:",
+        "if False:",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-bf16-weights-none]",),
+        "the routed experts keep gate and up's copy of each (row, expert) pair, not the rows once"),
+    Mutation(
+        "rows-remade-from-other-rows", "megadual/moe/rows.py",
+        "InputCache(partial(torch.Tensor.__getitem__, self.tokens, rows))",
+        "InputCache(partial(torch.Tensor.__getitem__, self.tokens, rows.flip(0)))",
+        ("tests/test_layer_memory.py::test_rows_kept_once_give_the_same_gradients[bf16]",),
+        "the backward remakes the experts' copies from the wrong rows"),
+    Mutation(
+        "region-inside-region-keeps", "megadual/parallel/recompute.py",
+        "if not torch.is_grad_enabled() or self._inside:",
+        "if not torch.is_grad_enabled():",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32[MHA MoE-moe moe_act-2]",),
+        "moe_act's region inside the moe region keeps its FP8 copies though the outer region drops all"),
 ]

@@ -95,9 +95,24 @@ MUTATIONS = [
         "the planner leaves MLA's key/value latent norm out of its parameter count"),
     Mutation(
         "planner-moe-act-in-full-precision", "megadual/plan/memory_model.py",
-        "swiglu_in = codec_bytes(pairs, f) * 2 if \"moe_act\" in mods else pairs * g * 2 * f",
-        "swiglu_in = pairs * g * 2 * f",
+        "acts.add(swiglu_in + down_in + copies, down_in, moe_act, kept_inputs=codec_bytes(pairs, ffn) * 2,",
+        "acts.add(swiglu_in + down_in + copies, down_in, moe_act, kept_inputs=swiglu_in,",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
          "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
         "the planner counts moe_act's SwiGLU input in full precision"),
+    # issue 19 (s3-mem)
+    Mutation(
+        "planner-router-keeps-norm-output", "megadual/plan/memory_model.py",
+        "acts.add(norm + router_in, router_in, \"layernorm\" in mods, kept_inputs=norm_kept,",
+        "acts.add(norm + router_in, router_in, \"layernorm\" in mods, kept_inputs=norm_kept + router_in,",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-layernorm moe_act-2]",),
+        "the planner counts the router's input under layernorm, which the norm's region drops"),
+    Mutation(
+        "planner-rows-kept-per-pair", "megadual/plan/memory_model.py",
+        "if rows_kept_once(p, mods, received, pairs):",
+        "if False:",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-bf16-weights-none]",),
+        "the planner counts gate and up's copies per (row, expert) pair where the experts keep the rows once"),
 ]
