@@ -51,8 +51,8 @@ MUTATIONS = [
         ("tests/test_mla.py::test_positions_enter_through_the_decoupled_rope_channels_only",),
         "RoPE rotates the heads' non-RoPE channels too"),
     Mutation("mla-kv-latent-not-normed", "megadual/model/mla.py",
-        "return (None if c_q is None else self.q_norm(c_q)), self.kv_norm(c_kv)",
-        "return (None if c_q is None else self.q_norm(c_q)), c_kv",
+        "c_kv = self.recompute.call(\"layernorm\", self.kv_norm, c_kv)",
+        "c_kv = self.recompute.call(\"layernorm\", lambda kv: kv, c_kv)",
         ("tests/test_mla.py::test_equals_deepseeks_formulation_in_float64[no-q-lora]",),
         "the key/value latent skips its RMSNorm"),
     Mutation("mla-softmax-scale-without-rope-dims", "megadual/model/mla.py",
@@ -277,8 +277,8 @@ MUTATIONS = [
         "a recomputed region runs without its forward's autocast (FP32 GEMMs, or a dtype mismatch, under --bf16)"),
     Mutation(
         "router-keeps-fp32-copy", "megadual/moe/router.py",
-        "logits = fp32_linear(tokens, self.weight, self.wgrad_store)",
-        "logits = fp32_linear(tokens.float(), self.weight, self.wgrad_store)",
+        "return fp32_linear(tokens, self.weight, self.wgrad_store)",
+        "return fp32_linear(tokens.float(), self.weight, self.wgrad_store)",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
          "[MHA MoE-bf16-weights-none]",),
         "the router's gate keeps an FP32 copy of its BF16 input for the backward"),
