@@ -61,7 +61,7 @@ class RowsKeptOnce:
         smaller = tokens.numel() * tokens.element_size() < pairs * tokens.shape[-1] * copy_bytes
         self.active = smaller and torch.is_grad_enabled() and not recompute.in_region
         self._caches: list[tuple[InputCache, torch.Tensor]] = []
-        self._hooks = saved_tensors_hooks(self._pack, _unpack)
+        self._hooks: saved_tensors_hooks | None = None
 
     def cache(self, rows: torch.Tensor) -> InputCache:
         """The InputCache of the gate and up GEMMs reading tokens[rows]."""
@@ -73,13 +73,14 @@ class RowsKeptOnce:
 
     def __enter__(self) -> RowsKeptOnce:
         if self.active:
+            self._hooks = saved_tensors_hooks(self._pack, _unpack)
             self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.active:
+        if self._hooks is not None:
             self._hooks.__exit__(*exc)
-        self._caches = []
+        self._hooks, self._caches = None, []  # no cycle through the hooks: the rows go with the backward
 
     def _pack(self, tensor: torch.Tensor):
         for cache, rows in self._caches:
