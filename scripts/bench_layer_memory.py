@@ -35,8 +35,9 @@ V3 = ["--mock-data", "--vocab-size", "512", "--num-layers", "1", "--hidden-size"
       "--moe-router-topk", "8", "--moe-ffn-hidden-size", "2048", "--moe-shared-expert-intermediate-size", "2048",
       "--moe-first-k-dense", "0", "--micro-batch-size", "1", "--global-batch-size", "1"]
 PRECISIONS = {"fp32": (False, False), "bf16": (True, False), "fp8": (False, True), "bf16-fp8": (True, True)}
-# DeepSeek recomputes the norms and MLA's up-projections (so q, k, v are not kept: with core_attn,
-# one region from the latents), and the SwiGLU from its FP8 input
+# DeepSeek recomputes the norms and MLA's up-projections (mla_up_proj: one region from the latents
+# through the core attention, so q, k, v are not kept; core_attn adds nothing to it), and the SwiGLU
+# from its FP8 input
 DEEPSEEK_RECOMPUTE = ["layernorm", "mla_up_proj", "core_attn", "moe_act"]
 
 
