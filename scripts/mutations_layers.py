@@ -319,36 +319,36 @@ MUTATIONS = [
         "moe-act-down-input-kept", "megadual/parallel/mlp.py",
         "return recompute.call(\"moe_act\", lambda g, u, s: down(swiglu(g, u, s)), gate, up, scale, codecs=(codec, codec))",
         "return down(recompute.call(\"moe_act\", swiglu, gate, up, scale, codecs=(codec, codec)))",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
-         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]"),),
         "moe_act recomputes the SwiGLU but the down-projection keeps its input"),
     Mutation(
         "router-keeps-norm-output", "megadual/model/block.py",
         "mlp_input, *routed = recompute.call(\"layernorm\", self._pre_mlp_norm_and_router, residual)",
         "mlp_input, routed = recompute.call(\"layernorm\", self.pre_mlp_norm, residual), None",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
-         "[MHA MoE-fp8-layernorm mla_up_proj core_attn moe_act]",),  # in FP32 the shared expert keeps it too
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-fp8-layernorm mla_up_proj core_attn moe_act]"),),  # in FP32 the shared expert keeps it too
         "the router's GEMM runs outside the pre-MLP norm's region, keeping the norm's output under layernorm"),
     Mutation(
         "shared-expert-swiglu-in-full-precision", "megadual/moe/layer.py",
         "moe_act_codec=FP8_TILES)",
         "moe_act_codec=None)",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
-         "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-mla_up_proj core_attn moe_act-2]"),),
         "moe_act leaves the shared expert's SwiGLU and down input in full precision"),
     Mutation(
         "mla-up-proj-keeps-q-k-v", "megadual/model/mla.py",
         "if \"mla_up_proj\" in self.recompute.modules:",
         "if {\"mla_up_proj\", \"core_attn\"} <= self.recompute.modules:",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
-         "[MLA MoE-layernorm mla_up_proj-2]",),
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MLA MoE-layernorm mla_up_proj-2]"),),
         "mla_up_proj without core_attn recomputes nothing (SDPA keeps q, k, v)"),
     Mutation(
         "experts-rows-kept-per-pair", "megadual/moe/rows.py",
         "if ref() is tensor:",
         "if False:",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
-         "[MHA MoE-bf16-weights-none]",),
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-bf16-weights-none]"),),
         "the routed experts keep gate and up's copy of each (row, expert) pair, not the rows once"),
     Mutation(
         "rows-remade-from-other-rows", "megadual/moe/rows.py",

@@ -105,14 +105,14 @@ MUTATIONS = [
         "planner-router-keeps-norm-output", "megadual/plan/memory_model.py",
         "acts.add(norm + router_in, router_in, \"layernorm\" in mods, kept_inputs=norm_kept,",
         "acts.add(norm + router_in, router_in, \"layernorm\" in mods, kept_inputs=norm_kept + router_in,",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
-         "[MHA MoE-layernorm moe_act-2]",),
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
+         "[MHA MoE-layernorm moe_act-2]"),),
         "the planner counts the router's input under layernorm, which the norm's region drops"),
     Mutation(
         "planner-rows-kept-per-pair", "megadual/plan/memory_model.py",
         "if rows_kept_once(p, mods, received, pairs):",
         "if False:",
-        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
-         "[MHA MoE-bf16-weights-none]",),
+        (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MHA MoE-bf16-weights-none]"),),
         "the planner counts gate and up's copies per (row, expert) pair where the experts keep the rows once"),
 ]

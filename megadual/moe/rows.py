@@ -3,6 +3,7 @@ keep the rows they move), and the experts' copies of gathered rows kept as the i
 from __future__ import annotations
 
 from functools import partial
+from typing import Self
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -71,7 +72,7 @@ class RowsKeptOnce:
         self._caches.append((cache, rows))
         return cache
 
-    def __enter__(self) -> RowsKeptOnce:
+    def __enter__(self) -> Self:
         if self.active:
             self._hooks = saved_tensors_hooks(self._pack, _unpack)
             self._hooks.__enter__()

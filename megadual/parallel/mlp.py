@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 

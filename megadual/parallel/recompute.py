@@ -46,7 +46,7 @@ from megadual.parallel.wgrad import WeightGradStore
 if TYPE_CHECKING:
     from megadual.config import TrainConfig
 
-__all__ = ["NO_RECOMPUTE", "ActivationCodec", "RECOMPUTE_MODULES", "Recompute", "RecomputePlan", "SavedTensorObserver", "run_steps"]
+__all__ = ["NO_RECOMPUTE", "RECOMPUTE_MODULES", "ActivationCodec", "Recompute", "RecomputePlan", "SavedTensorObserver", "run_steps"]
 
 
 Steps = Generator[None, None, object]
