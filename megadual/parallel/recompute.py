@@ -46,7 +46,8 @@ from megadual.parallel.wgrad import WeightGradStore
 if TYPE_CHECKING:
     from megadual.config import TrainConfig
 
-__all__ = ["NO_RECOMPUTE", "RECOMPUTE_MODULES", "ActivationCodec", "Recompute", "RecomputePlan", "SavedTensorObserver", "run_steps"]
+__all__ = ["NO_RECOMPUTE", "RECOMPUTE_MODULES", "ActivationCodec", "Recompute", "RecomputePlan", "SavedTensorObserver",
+           "run_steps"]
 
 
 Steps = Generator[None, None, object]
