@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megadual.model.gpt import StageSpec, build_chunk
 from megadual.parallel import comm
 from megadual.parallel.context import BuildContext
-from megadual.parallel.emulate import LinkModel, Record, emulated_links
+from megadual.parallel.emulate import LinkModel, Record
 from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Kind
 from megadual.pipeline.hops import Pieces
@@ -85,13 +85,13 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
     if bench.links is not None:
         overlap = comm.BackwardOverlap()
         chunk.attach_schedule(store, overlap)
-        with emulated_links(LinkModel(), bench.grid.node_size) as sent_forward:
+        with bench.emulate(LinkModel()) as sent_forward:
             steps = chunk.forward_steps(tokens if spec.has_embedding else hidden, tokens)
             marks = [time.perf_counter()]
             out = run_marked(steps, marks)
             out = out.loss if spec.has_head else out
         costs["hops_f"] = hop_pieces(marks, sent_forward.records, bench.links)
-        with emulated_links(LinkModel(), bench.grid.node_size) as sent_backward:
+        with bench.emulate(LinkModel()) as sent_backward:
             marks = [time.perf_counter()]
             with overlap.filling(lambda: marks.append(time.perf_counter())):
                 out.backward(grad)
