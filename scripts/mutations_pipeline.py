@@ -63,4 +63,11 @@ MUTATIONS = [
         ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",
          "tests/test_dist_optimizer.py::test_bf16_layouts_agree_with_one_process_and_dualpipe_with_1f1b"),
         "the forward of a paired F&B chunk runs without autocast under --bf16"),
+    # issue 22 (s3-bench)
+    Mutation(
+        "hops-forward-ignores-its-own-hops", "megadual/pipeline/hops.py",
+        "rank.compute(forward.compute[step], forward_ready)",
+        "rank.compute(forward.compute[step], 0.0)",
+        ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
+        "the hop-level simulator never lets a pair's forward wait for its own all-to-all hops"),
 ]

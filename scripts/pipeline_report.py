@@ -210,10 +210,10 @@ def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[s
     def mb(values) -> str:
         return " ".join(f"{v / 2 ** 20:.2f}" for v in values)
 
-    lines = ["", "ms and MB per pipeline rank; exposed: time blocked on all-to-alls inside actions; "
-                 "step / DualPipe: per-round median (quartiles)",
-             "| schedule | step ms | step / DualPipe | sim | sim\\* | sim\\* / step | exposed: measured / sim\\* | "
-             "bubble: measured / sim\\* | peak activations MB: measured / planned | parameters MB: measured / planned |",
+    lines = ["", ("ms and MB per pipeline rank; exposed: time blocked on all-to-alls inside actions; "
+                  "step / DualPipe: per-round median (quartiles)"),
+             ("| schedule | step ms | step / DualPipe | sim | sim\\* | sim\\* / step | exposed: measured / sim\\* | "
+             "bubble: measured / sim\\* | peak activations MB: measured / planned | parameters MB: measured / planned |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         per_round = sorted(r / b for r, b in zip(row.makespans, base.makespans))
