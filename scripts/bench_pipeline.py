@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline_memory
-from pipeline_costs import INTERLEAVED_V, SEED, rank_costs, shape_specs, step_compute
+from pipeline_costs import INTERLEAVED_V, SEED, link_wait, rank_costs, shape_specs, step_compute
 from pipeline_report import (
     Memory,
     Sample,
@@ -245,8 +245,9 @@ def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: to
     sent = torch.tensor(float(sum(r.bytes_inter for r in records)))
     dist.all_reduce(sent)
     compute = step_compute(runner.runtime.trace.events, records) if isinstance(runner, OurRunner) else {}
-    exposed = sum(r.blocked for r in records if r.what == "all_to_all")
-    return Sample(elapsed.item(), busy, sent.item(), compute, exposed)
+    all_to_alls = [r for r in records if r.what == "all_to_all"]
+    exposed = sum(r.blocked for r in all_to_alls)
+    return Sample(elapsed.item(), busy, sent.item(), compute, exposed, sum(map(link_wait, all_to_alls)))
 
 
 def step_memory(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: torch.Tensor,

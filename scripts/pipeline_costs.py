@@ -143,10 +143,21 @@ def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,
     return costs
 
 
+def link_wait(record: Record) -> float:
+    """The part of a recorded wait spent on the links. An all-to-all's wait past the time its own bytes
+    left this rank's links (`sent`) is for its EP peers to arrive at it: in the steps, a peer that
+    reaches the collective late, which the simulator (one rank per pipeline stage, links modelled
+    from this rank's side) does not see, so it stays in the action's cost. A receive waits wholly
+    on the link or the sender, which the simulator times itself."""
+    if record.what != "all_to_all" or record.sent is None:
+        return record.blocked
+    return min(record.blocked, max(0.0, record.sent - record.waited_at))
+
+
 def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
     """Median compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
-    compute action's time less its waits on the emulated links."""
-    waits = [(r.waited_at, r.blocked) for r in records]
+    compute action's time less its waits on the emulated links (link_wait)."""
+    waits = [(r.waited_at, link_wait(r)) for r in records]
     by_kind: dict[str, list[float]] = {}
     for label, start, end in events:
         if label.startswith("comm:"):

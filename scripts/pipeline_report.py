@@ -27,6 +27,7 @@ class Sample:
     inter_bytes: float  # all ranks
     compute: dict[str, float]  # ours only: median compute seconds per action kind (pipeline_costs.step_compute)
     exposed: float = 0.0  # this rank's seconds blocked on emulated all-to-alls
+    exposed_on_links: float = 0.0  # the part of it before its own bytes had left (pipeline_costs.link_wait)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Row:
     predicted_from_steps: float | None  # the makespan simulated from the compute the steps took
     compute_in_steps: dict[int, dict[str, float]] | None  # per pipeline rank, per action kind: seconds
     exposed: list[float]  # seconds per pipeline rank blocked on all-to-alls, median over rounds
+    exposed_on_links: list[float]  # the part of it on the links (the rest waits for EP peers)
     predicted_exposed: list[float] | None  # sim*'s
     predicted_bubble_from_steps: list[float] | None  # sim*'s
     memory: Memory | None
@@ -130,9 +132,10 @@ def summarize(variant: Variant, per_rank: list[list[Sample]], schedules: list[li
     predicted = simulate(schedules, costs, rendezvous=False)
     from_steps = None if costs_in_steps is None else simulate(schedules, costs_in_steps, rendezvous=False)
     exposed = [statistics.median(samples[i].exposed for i in rounds) for samples in per_rank]
+    on_links = [statistics.median(samples[i].exposed_on_links for i in rounds) for samples in per_rank]
     return Row(variant, makespans, statistics.median(makespans), busy, bubbles,
                statistics.median(per_rank[0][i].inter_bytes for i in rounds), predicted.makespan, predicted.bubble,
-               from_steps and from_steps.makespan, compute_in_steps, exposed,
+               from_steps and from_steps.makespan, compute_in_steps, exposed, on_links,
                from_steps and exposed_seconds(schedules, costs_in_steps), from_steps and from_steps.bubble, memory)
 
 
@@ -210,7 +213,8 @@ def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[s
     def mb(values) -> str:
         return " ".join(f"{v / 2 ** 20:.2f}" for v in values)
 
-    lines = ["", ("ms and MB per pipeline rank; exposed: time blocked on all-to-alls inside actions; "
+    lines = ["", ("ms and MB per pipeline rank; exposed: time blocked on all-to-alls inside actions (in brackets: of it, "
+                  "on the links; the rest waits for the EP peer, in sim*'s compute); "
                   "step / DualPipe: per-round median (quartiles)"),
              ("| schedule | step ms | step / DualPipe | sim | sim\\* | sim\\* / step | exposed: measured / sim\\* | "
              "bubble: measured / sim\\* | peak activations MB: measured / planned | parameters MB: measured / planned |"),
@@ -226,7 +230,8 @@ def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[s
         lines.append(f"| {row.variant.label.removeprefix('ours ')} | {row.makespan * 1e3:.0f} | "
                      f"{statistics.median(per_round):.3f} ({q[0]:.2f}-{q[2]:.2f}) | "
                      f"{row.predicted_makespan * 1e3:.0f} | {row.predicted_from_steps * 1e3:.0f} | "
-                     f"{row.predicted_from_steps / row.makespan:.3f} | {ms(row.exposed)} / {ms(row.predicted_exposed)} | "
+                     f"{row.predicted_from_steps / row.makespan:.3f} | {ms(row.exposed)} ({ms(row.exposed_on_links)}) / "
+                     f"{ms(row.predicted_exposed)} | "
                      f"{ms(row.bubble)} / {ms(row.predicted_bubble_from_steps)} | {acts} | {params} |")
     return lines
 

@@ -37,6 +37,8 @@ def test_bench_pipeline_expert_parallel_on_emulated_links(tmp_path):
 
 
 def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
+    """What the simulator's sim* is given: each action's time less its waits on the emulated links; an
+    all-to-all's wait past the moment its own bytes left counts as the action's (its peer came late)."""
     sys.path.insert(0, str(SCRIPT.parent))
     from pipeline_costs import step_compute
 
@@ -47,5 +49,6 @@ def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
     records = [Record("all_to_all", 1, 0, 0.1, waited_at=0.5, blocked=0.25),  # in F0.0
                Record("send", 1, 0, 1.0, waited_at=1.2, blocked=0.3),  # in a comm batch: not compute
                Record("all_to_all", 1, 0, 3.1, waited_at=4.0, blocked=0.5),  # in B0.0
-               Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0)]  # in the pair
-    assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.0, "w": 0.5})
+               # in the pair: its bytes left at 6.4, the last 0.6 s it waited for its EP peer (compute to the simulator)
+               Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0, sent=6.4)]
+    assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.6, "w": 0.5})

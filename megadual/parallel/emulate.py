@@ -89,6 +89,7 @@ class Record:
     deadline: float = 0.0
     blocked: float = 0.0  # seconds wait() spent (real wait plus sleep)
     waited_at: float = 0.0  # when wait() was called
+    sent: float | None = None  # when this rank's own bytes have left its links; a wait past it is for its peers
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Emulator:
         arrivals = {peer: now if (name := self.link_name(peer)) is None
                     else departs[name] + getattr(self.links, name).latency for peer in bytes_to}
         what = self.describe(what) if self.describe else what
-        record = Record(what, by_link["inter"], by_link["intra"], now, max(departs.values()))
+        record = Record(what, by_link["inter"], by_link["intra"], now, max(departs.values()), sent=max(departs.values()))
         self.records.append(record)
         return arrivals, record
 
