@@ -46,8 +46,8 @@ MUTATIONS = [
         "the schedule check accepts a paired F&B of one micro-batch's forward and its own backward"),
     Mutation(
         "hops-share-no-link", "megadual/pipeline/hops.py",
-        "self.link_free = max(self.clock, self.link_free) + seconds",
-        "self.link_free = self.clock + seconds",
+        "self.link_free = max(self.clock - lead, self.link_free) + seconds",
+        "self.link_free = self.clock - lead + seconds",
         ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
         "the hop-level simulator lets a rank's hops travel at once instead of queueing on its link"),
     Mutation(
@@ -70,4 +70,10 @@ MUTATIONS = [
         "rank.compute(forward.compute[step], 0.0)",
         ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
         "the hop-level simulator never lets a pair's forward wait for its own all-to-all hops"),
+    Mutation(
+        "hop-lead-ignored", "megadual/pipeline/hops.py",
+        "self.link_free = max(self.clock - lead, self.link_free) + seconds",
+        "self.link_free = max(self.clock, self.link_free) + seconds",
+        ("tests/test_simulate.py::test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece",),
+        "the hop-level simulator launches each hop at the end of its piece, hiding nothing behind the shared expert"),
 ]

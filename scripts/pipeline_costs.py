@@ -115,15 +115,18 @@ def run_marked(steps, marks: list[float]):
 
 
 def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> Pieces:
-    """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each an
-    all-to-all launch, with free links), and the link time of what each piece launched."""
+    """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each a pause
+    after an all-to-all launch, with free links), the link time of what each piece launched, and
+    how long the piece computed on after its last launch (the shared expert beside a dispatch)."""
     compute = tuple(b - a for a, b in zip(marks, marks[1:]))
-    hops = [0.0] * (len(compute) - 1)
+    hops, launched = [0.0] * (len(compute) - 1), [None] * (len(compute) - 1)
     for record in records:
         piece = next((i for i in range(len(hops)) if record.launched <= marks[i + 1]), len(hops) - 1)
         if hops:
             hops[piece] += links.free_seconds(record)
-    return Pieces(compute, tuple(hops))
+            launched[piece] = max(launched[piece] or record.launched, record.launched)
+    lead = tuple(0.0 if at is None else max(0.0, marks[i + 1] - at) for i, at in enumerate(launched))
+    return Pieces(compute, tuple(hops), lead)
 
 
 def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,
@@ -155,8 +158,9 @@ def link_wait(record: Record) -> float:
 
 
 def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
-    """Median compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
-    compute action's time less its waits on the emulated links (link_wait)."""
+    """Mean compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
+    compute action's time less its waits on the emulated links (link_wait). The mean, as the step
+    takes the sum: actions that ran while other ranks shared the cores are slower."""
     waits = [(r.waited_at, link_wait(r)) for r in records]
     by_kind: dict[str, list[float]] = {}
     for label, start, end in events:
@@ -165,4 +169,4 @@ def step_compute(events: list[tuple[str, float, float]], records: list[Record]) 
         kind = next(kind for marker, kind in _KIND_OF_LABEL if marker in label)
         blocked = sum(seconds for at, seconds in waits if start <= at <= end)
         by_kind.setdefault(kind.value.lower(), []).append(end - start - blocked)
-    return {kind: statistics.median(values) for kind, values in by_kind.items()}
+    return {kind: statistics.fmean(values) for kind, values in by_kind.items()}

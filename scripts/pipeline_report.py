@@ -172,7 +172,7 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, di
         lines.append(f"chunk costs, {name} stages 0-{len(stages) - 1} (ms): " + " | ".join(
             f"{key.upper()} " + " ".join(f"{c[key] * ms:.1f}" for c in stages) for key in keys))
     if bench.links is not None:
-        lines.append(calibration(bench.links, next(iter(costs.values()))))
+        lines.append(calibration(bench.links, next(iter(costs.values())), rows))
 
     def per_rank(values: list[float]) -> str:
         return " ".join(f"{v * ms:6.0f}" for v in values)
@@ -236,16 +236,23 @@ def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[s
     return lines
 
 
-def calibration(links: LinkModel, per_stage: dict[int, dict]) -> str:
+def calibration(links: LinkModel, per_stage: dict[int, dict], rows: list[Row]) -> str:
     """One MoE layer's dispatch hop on the links against its routed experts' compute (the piece
     between dispatch and combine), medians over the stages' layers measured alone, and the
-    inter-node bandwidth at which the two would match (the hop's bytes over the experts' time)."""
+    inter-node bandwidth at which the two would match (the hop's bytes over the experts' time);
+    then the same with the compute as slow as 1F1B's forwards ran in the steps (ranks sharing cores)."""
     hops = [c["hops_f"] for c in per_stage.values() if c.get("hops_f") and c["hops_f"].hops]
     dispatch = statistics.median(h for p in hops for h in p.hops[0::2])
     experts = statistics.median(e for p in hops for e in p.compute[1:-1:2])
     matched = links.inter.bandwidth * dispatch / experts
-    return (f"one micro-batch, one MoE layer (alone): dispatch {dispatch * 1e3:.1f} ms on the links, routed experts "
+    line = (f"one micro-batch, one MoE layer (alone): dispatch {dispatch * 1e3:.1f} ms on the links, routed experts "
             f"{experts * 1e3:.1f} ms; they match at inter = {matched / 1e6:.1f} MB/s")
+    plain = next((row for row in rows if row.variant.label == "ours 1F1B" and row.compute_in_steps), None)
+    if plain is not None:
+        slower = statistics.median(plain.compute_in_steps[r]["f"] / per_stage[r]["f"] for r in plain.compute_in_steps)
+        line += (f"; in the steps 1F1B's forwards took {slower:.2f}x their time alone, so there the dispatch is "
+                 f"{dispatch / (experts * slower):.2f}x the experts, matched at {matched / slower / 1e6:.1f} MB/s")
+    return line
 
 
 def ratio_lines(by_label: dict[str, Row]) -> list[str]:

@@ -6,8 +6,10 @@ pieces are attention (with routing and permutation), then the dispatch hop, the 
 combine hop, the next layer's attention, ...; a backward walks the same in reverse. `Pieces`
 holds that sequence: compute[0], hops[0], compute[1], ..., compute[-1].
 
-Alone, a hop is waited for right after its launch, so a chunk takes the sum of everything. In
-a paired F&B the backward runs, and at each hop it launches the forward advances one step:
+A hop may be launched before its piece's compute ends (`lead`): the MoE layer launches its
+dispatch, then computes the shared expert, then pauses; that compute runs while the hop is in
+flight. Alone, a chunk waits for each hop at the end of its piece, so it takes its compute and
+each hop's remainder after its lead (`exposed`). In a paired F&B the backward runs, and at each hop it launches the forward advances one step:
 it waits for its own previous hop, computes its next piece and launches its next hop. Hops
 queue on one outbound link per rank (what the emulated links of parallel/emulate.py do), and
 the compute runs one piece at a time. So a pair takes max(compute, communication) only while
@@ -21,22 +23,38 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Pieces:
-    """One direction of a chunk on one micro-batch: seconds of each compute piece, and of each
-    hop between two pieces on the links (one fewer than the pieces)."""
+    """One direction of a chunk on one micro-batch: seconds of each compute piece, of each hop
+    between two pieces on the links (one fewer than the pieces), and of each hop's lead: the end
+    of the piece before it that computes while the hop is already in flight (default none)."""
     compute: tuple[float, ...]
     hops: tuple[float, ...] = ()
+    lead: tuple[float, ...] = ()
 
     def __post_init__(self):
         if len(self.hops) != len(self.compute) - 1:
             raise ValueError(f"{len(self.compute)} compute pieces need {len(self.compute) - 1} hops between "
                              f"them, got {len(self.hops)}")
+        if self.lead and len(self.lead) != len(self.hops):
+            raise ValueError(f"{len(self.hops)} hops need as many leads, got {len(self.lead)}")
+
+    def lead_of(self, hop: int) -> float:
+        return self.lead[hop] if self.lead else 0.0
+
+    def exposed(self) -> float:
+        """Alone, the time spent waiting for hops: each waited for at the end of the piece that launched it."""
+        rank = _Rank()
+        for i, seconds in enumerate(self.compute):
+            rank.compute(seconds, 0.0)
+            if i < len(self.hops):
+                rank.compute(0.0, rank.hop(self.hops[i], self.lead_of(i)))
+        return rank.clock - sum(self.compute)
 
     def alone(self) -> float:
-        return sum(self.compute) + sum(self.hops)
+        return sum(self.compute) + self.exposed()
 
     def scaled(self, factor: float) -> Pieces:
-        """The compute pieces times `factor` (the hops as they are)."""
-        return Pieces(tuple(c * factor for c in self.compute), self.hops)
+        """The compute pieces (and leads) times `factor` (the hops as they are)."""
+        return Pieces(tuple(c * factor for c in self.compute), self.hops, tuple(c * factor for c in self.lead))
 
 
 class _Rank:
@@ -48,9 +66,9 @@ class _Rank:
     def compute(self, seconds: float, ready: float) -> None:
         self.clock = max(self.clock, ready) + seconds
 
-    def hop(self, seconds: float) -> float:
-        """Launch a hop now; the time it arrives."""
-        self.link_free = max(self.clock, self.link_free) + seconds
+    def hop(self, seconds: float, lead: float = 0.0) -> float:
+        """Launch a hop `lead` seconds before now; the time it arrives."""
+        self.link_free = max(self.clock - lead, self.link_free) + seconds
         return self.link_free
 
 
@@ -66,7 +84,7 @@ def paired_seconds(forward: Pieces, backward: Pieces, forward_first: bool = Fals
             return
         rank.compute(forward.compute[step], forward_ready)
         if step < len(forward.hops):
-            forward_ready = rank.hop(forward.hops[step])
+            forward_ready = rank.hop(forward.hops[step], forward.lead_of(step))
         step += 1
 
     if forward_first:
@@ -75,7 +93,7 @@ def paired_seconds(forward: Pieces, backward: Pieces, forward_first: bool = Fals
     for i, seconds in enumerate(backward.compute):
         rank.compute(seconds, backward_ready)
         if i < len(backward.hops):
-            backward_ready = rank.hop(backward.hops[i])
+            backward_ready = rank.hop(backward.hops[i], backward.lead_of(i))
             forward_step()
     while step < len(forward.compute):
         forward_step()
