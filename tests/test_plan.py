@@ -112,7 +112,7 @@ def test_search_times_a_paired_chunk_hop_by_hop():
     """The search's step time pairs F&B chunks at hop level (pipeline/hops.py). DualPipe PP2 x EP2
     with the EP group over two nodes: a chunk's forward is, per MoE layer, attention with the router
     and shared expert, the dispatch hop, the routed experts, the combine hop (written out here from
-    the throughput FLOP count); its backward is the same reversed at twice the compute. Where one hop
+    the throughput FLOP count; the shared expert while the dispatch is in flight); its backward is the same reversed at twice the compute. Where one hop
     outlasts the routed experts' piece beside it, the pair takes longer than its compute though its
     links take less in all (the chunk-level model's max(compute, links) would say compute)."""
     from megadual.model.flops import attention_flops, gemm, swiglu_flops
@@ -137,6 +137,8 @@ def test_search_times_a_paired_chunk_hop_by_hop():
         forward, backward = costs[0, 0].hops_f, costs[0, 1].hops_b
         assert forward.compute == pytest.approx((before, routed, before, routed, 0.0))
         assert forward.hops == pytest.approx((hop,) * 4)
+        shared = tokens * swiglu_flops(m.hidden_size, m.moe_shared_expert_intermediate_size) / per_second
+        assert forward.lead == pytest.approx((shared, 0.0, shared, 0.0))  # computed beside its dispatch
         head = costs[0, 1].f - 2 * (before + routed)  # chunk 1 (layers 2-3 of the reverse copy) holds the head
         assert backward.compute == pytest.approx((2 * head, 2 * routed, 2 * before, 2 * routed, 2 * before))
         assert backward.hops == pytest.approx((hop,) * 4)

@@ -21,8 +21,8 @@ from these stated assumptions (flags, defaults for H800/H100-class GPUs):
   chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm), timed hop by hop
   (pipeline/hops.py): each layer's dispatch and combine against the other side's compute piece
   beside it (attention and shared experts before a dispatch, routed experts between dispatch and
-  combine), so a hop longer than that piece shows even where the pair's compute outlasts its
-  communication;
+  combine; the shared expert computes while its own dispatch is in flight), so a hop longer than
+  that piece shows even where the pair's compute outlasts its communication;
 - TP: two all-reduces of the hidden state per layer each way, over NVLink, exposed;
 - pipeline p2p: one activation message per micro-batch and stage boundary over InfiniBand;
 - data parallelism: one reduce-scatter of FP32 gradients and one all-gather of the weights per
@@ -187,22 +187,24 @@ def chunk_costs(config: RunConfig, world: int, hw: Hardware) -> dict[tuple[int, 
     seconds = 1 / (hw.tflops * 1e12) * tokens / layout.tp
     tp = 2 * message * (layout.tp - 1) / layout.tp / (hw.nvlink_gbps * 1e9)  # one layer's, each way
     routed = m.moe_router_topk * swiglu_flops(m.hidden_size, m.moe_ffn_hidden_size) * seconds
+    shared = swiglu_flops(m.hidden_size, m.moe_shared_expert_intermediate_size) * seconds  # beside the dispatch
     costs = {}
     for rank, chunks in enumerate(rank_stages(config, layout, num_microbatches(config, layout.dp))):
         for chunk, spec in enumerate(chunks):
             layers = range(spec.first_layer, spec.last_layer)
             f = stage_forward_flops_per_token(m, layers, spec.has_head) * seconds
-            pieces, current = [], 0.0  # the forward's compute pieces; what has run since the last hop
+            pieces, lead, current = [], [], 0.0  # the forward's compute pieces; what has run since the last hop
             for layer in layers:
                 if m.is_moe_layer(layer) and layout.ep > 1:
                     pieces += [current + layer_flops(m, layer) * seconds - routed, routed]
+                    lead += [shared, 0.0]
                     current = 0.0
                 else:
                     current += layer_flops(m, layer) * seconds
             pieces.append(current + f - sum(layer_flops(m, layer) * seconds for layer in layers))
             hops = (hop,) * (len(pieces) - 1)
             exposed_tp = len(layers) * tp
-            forward = Pieces((pieces[0] + exposed_tp, *pieces[1:]), hops)
+            forward = Pieces((pieces[0] + exposed_tp, *pieces[1:]), hops, tuple(lead))
             back = [backward * p for p in reversed(pieces)]
             costs[rank, chunk] = SimCosts(f=f + exposed_tp, b=backward * f + exposed_tp, w=f,
                                           comm_f=sum(hops), comm_b=sum(hops), hops_f=forward,
