@@ -66,8 +66,8 @@ MUTATIONS = [
     # issue 22 (s3-bench)
     Mutation(
         "hops-forward-ignores-its-own-hops", "megadual/pipeline/hops.py",
-        "rank.compute(forward.compute[step], forward_ready)",
-        "rank.compute(forward.compute[step], 0.0)",
+        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready)",
+        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, 0.0)",
         ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
         "the hop-level simulator never lets a pair's forward wait for its own all-to-all hops"),
     Mutation(
@@ -76,4 +76,11 @@ MUTATIONS = [
         "self.link_free = max(self.clock, self.link_free) + seconds",
         ("tests/test_simulate.py::test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece",),
         "the hop-level simulator launches each hop at the end of its piece, hiding nothing behind the shared expert"),
+    Mutation(
+        "hop-lag-ignored", "megadual/pipeline/hops.py",
+        "        first = min(lag, seconds)\n",
+        "        first = 0.0\n",
+        ("tests/test_simulate.py::test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece",),
+        "the hop-level simulator waits for a hop before any of the next piece, though a backward computes "
+        "other branches first"),
 ]

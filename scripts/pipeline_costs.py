@@ -116,17 +116,21 @@ def run_marked(steps, marks: list[float]):
 
 def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> Pieces:
     """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each a pause
-    after an all-to-all launch, with free links), the link time of what each piece launched, and
-    how long the piece computed on after its last launch (the shared expert beside a dispatch)."""
+    after an all-to-all launch, with free links), the link time of what each piece launched, how
+    long the piece computed on after its last launch (the shared expert beside a dispatch), and
+    how long the next piece computed before waiting for it (a backward's other branches)."""
     compute = tuple(b - a for a, b in zip(marks, marks[1:]))
-    hops, launched = [0.0] * (len(compute) - 1), [None] * (len(compute) - 1)
+    hops, last = [0.0] * (len(compute) - 1), [None] * (len(compute) - 1)
     for record in records:
         piece = next((i for i in range(len(hops)) if record.launched <= marks[i + 1]), len(hops) - 1)
         if hops:
             hops[piece] += links.free_seconds(record)
-            launched[piece] = max(launched[piece] or record.launched, record.launched)
-    lead = tuple(0.0 if at is None else max(0.0, marks[i + 1] - at) for i, at in enumerate(launched))
-    return Pieces(compute, tuple(hops), lead)
+            if last[piece] is None or record.launched >= last[piece].launched:
+                last[piece] = record
+    lead = tuple(0.0 if r is None else max(0.0, marks[i + 1] - r.launched) for i, r in enumerate(last))
+    lag = tuple(0.0 if r is None else min(compute[i + 1], max(0.0, r.waited_at - marks[i + 1]))
+                for i, r in enumerate(last))
+    return Pieces(compute, tuple(hops), lead, lag)
 
 
 def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,

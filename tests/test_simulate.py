@@ -208,6 +208,13 @@ def test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece():
     assert paired_seconds(Pieces((2, 1), (3,), lead=(1.5,)), Pieces((1, 1), (1,))) == 6
     assert paired_seconds(Pieces((2, 1), (3,)), Pieces((1, 1), (1,))) == 7  # launched at 3: 3-6, F1 6-7
     assert SimCosts(f=3, comm_f=6, hops_f=led).duration(Action(Kind.F, 0, 0)) == 8.5
+    # a lag: the next piece computes 0.5 before waiting; alone F0 0-1 hop 1-4, F1 1-1.5 then waits: 4-4.5
+    lagging = Pieces((1, 1), (3,), lag=(0.5,))
+    assert lagging.alone() == 4.5 and lagging.scaled(2).lag == (1.0,)
+    # paired, the backward lagging: B0 0-1 hop 1-4; F0 1-2, its hop queues 4-4.5; B1 2-2.5 (lag), waits for 4:
+    # 4-4.5; F1 4.5-5.5. Without the lag B1 runs 4-5 and F1 5-6.
+    assert paired_seconds(Pieces((1, 1), (0.5,)), lagging) == 5.5
+    assert paired_seconds(Pieces((1, 1), (0.5,)), Pieces((1, 1), (3,))) == 6
     with pytest.raises(ValueError, match="2 hops need as many leads"):
         Pieces((1, 1, 1), (1, 1), lead=(0.5,))
 
