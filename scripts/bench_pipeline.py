@@ -378,9 +378,13 @@ def report(run: Run) -> str:
         if gathered[0][4][i] is not None:
             memory = Memory(stage_memory([(pp_rank, mem[i]) for pp_rank, _, _, _, mem in gathered]),
                             pipeline_memory.planned(bench, v))
+        rounds = range(len(first_pipeline[0][1][i]))
+        each_round = in_steps and [stage_costs(layout, alone, latency, step_compute_per_rank(
+            [(pp_rank, [samples[i][r]]) for pp_rank, _, _, samples, _ in gathered])) for r in rounds]
         rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench),
                               stage_costs(layout, alone, latency),
-                              in_steps and stage_costs(layout, alone, latency, in_steps), in_steps, memory))
+                              in_steps and stage_costs(layout, alone, latency, in_steps), in_steps, memory,
+                              each_round))
     return format_report(bench, rows, costs, latency, run.load)
 
 

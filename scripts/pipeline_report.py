@@ -117,13 +117,16 @@ class Row:
     predicted_exposed: list[float] | None  # sim*'s
     predicted_bubble_from_steps: list[float] | None  # sim*'s
     memory: Memory | None
+    from_steps_per_round: list[float] | None  # sorted: each round's sim* (from its own compute) / its step
 
 
 def summarize(variant: Variant, per_rank: list[list[Sample]], schedules: list[list[Action]],
               costs: StageCosts, costs_in_steps: StageCosts | None,
-              compute_in_steps: dict[int, dict[str, float]] | None, memory: Memory | None = None) -> Row:
+              compute_in_steps: dict[int, dict[str, float]] | None, memory: Memory | None = None,
+              costs_each_round: list[StageCosts] | None = None) -> Row:
     """`per_rank[p]`: the samples of pipeline rank p (of the first pipeline); `schedules` and the
-    costs: what the simulator predicts from."""
+    costs: what the simulator predicts from (`costs_each_round`: sim*'s from each round's compute alone,
+    against that round's step)."""
     rounds = range(len(per_rank[0]))
     makespans = [per_rank[0][i].makespan for i in rounds]
     busy = [statistics.median(samples[i].busy for i in rounds) for samples in per_rank]
@@ -133,10 +136,13 @@ def summarize(variant: Variant, per_rank: list[list[Sample]], schedules: list[li
     from_steps = None if costs_in_steps is None else simulate(schedules, costs_in_steps, rendezvous=False)
     exposed = [statistics.median(samples[i].exposed for i in rounds) for samples in per_rank]
     on_links = [statistics.median(samples[i].exposed_on_links for i in rounds) for samples in per_rank]
+    per_round = costs_each_round and sorted(simulate(schedules, c, rendezvous=False).makespan / m
+                                            for c, m in zip(costs_each_round, makespans))
     return Row(variant, makespans, statistics.median(makespans), busy, bubbles,
                statistics.median(per_rank[0][i].inter_bytes for i in rounds), predicted.makespan, predicted.bubble,
                from_steps and from_steps.makespan, compute_in_steps, exposed, on_links,
-               from_steps and exposed_seconds(schedules, costs_in_steps), from_steps and from_steps.bubble, memory)
+               from_steps and exposed_seconds(schedules, costs_in_steps), from_steps and from_steps.bubble, memory,
+               per_round)
 
 
 def describe(bench: Bench) -> str:
@@ -200,6 +206,11 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, di
     return "\n".join(lines)
 
 
+def quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{statistics.median(values):.3f} ({q[0]:.2f}-{q[2]:.2f})"
+
+
 def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[str]:
     """The rows as a markdown table next to the simulator (sim*) and the planner: step time, also per
     round as a ratio to `baseline`'s; exposed all-to-all waits, bubbles, memory per pipeline rank."""
@@ -216,21 +227,20 @@ def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[s
     lines = ["", ("ms and MB per pipeline rank; exposed: time blocked on all-to-alls inside actions (in brackets: of it, "
                   "on the links; the rest waits for the EP peer, in sim*'s compute); "
                   "step / DualPipe: per-round median (quartiles)"),
-             ("| schedule | step ms | step / DualPipe | sim | sim\\* | sim\\* / step | exposed: measured / sim\\* | "
+             ("| schedule | step ms | step / DualPipe | sim | sim\\* | sim\\* / step, per round | exposed: measured / sim\\* | "
              "bubble: measured / sim\\* | peak activations MB: measured / planned | parameters MB: measured / planned |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         per_round = sorted(r / b for r, b in zip(row.makespans, base.makespans))
-        q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
         memory = row.memory
         acts = params = "-"
         if memory is not None:
             acts = f"{mb(p for _, p in memory.measured)} / {mb(p for _, p in memory.planned)}"
             params = f"{mb(p for p, _ in memory.measured)} / {mb(p for p, _ in memory.planned)}"
         lines.append(f"| {row.variant.label.removeprefix('ours ')} | {row.makespan * 1e3:.0f} | "
-                     f"{statistics.median(per_round):.3f} ({q[0]:.2f}-{q[2]:.2f}) | "
+                     f"{quartiles(per_round)} | "
                      f"{row.predicted_makespan * 1e3:.0f} | {row.predicted_from_steps * 1e3:.0f} | "
-                     f"{row.predicted_from_steps / row.makespan:.3f} | {ms(row.exposed)} ({ms(row.exposed_on_links)}) / "
+                     f"{quartiles(row.from_steps_per_round)} | {ms(row.exposed)} ({ms(row.exposed_on_links)}) / "
                      f"{ms(row.predicted_exposed)} | "
                      f"{ms(row.bubble)} / {ms(row.predicted_bubble_from_steps)} | {acts} | {params} |")
     return lines
