@@ -91,13 +91,18 @@ def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, 
 
 
 def step_compute_per_rank(samples: list[tuple[int, list[Sample]]]) -> dict[int, dict[str, float]] | None:
-    """Per pipeline rank, each action kind's compute in the steps: the median over rounds, the slowest
-    of the ranks at that pipeline position. None where the steps were not traced (torch's rows)."""
+    """Per pipeline rank, each action kind's compute in the steps: the median over rounds, the mean of
+    the ranks at that pipeline position. None where the steps were not traced (torch's rows). The
+    mean, not the slowest: each rank's compute holds its waits for a late EP peer (link_wait), so
+    the EP ranks of a stage agree, and the largest of noisy figures would overstate them."""
     if not all(s.compute for _, rounds in samples for s in rounds):
         return None
-    measured = [{pp_rank: {kind: statistics.median(s.compute[kind] for s in rounds) for kind in rounds[0].compute}}
-                for pp_rank, rounds in samples]
-    return slowest_per_stage(measured)
+    by_stage: dict[int, list[dict[str, float]]] = {}
+    for pp_rank, rounds in samples:
+        by_stage.setdefault(pp_rank, []).append(
+            {kind: statistics.median(s.compute[kind] for s in rounds) for kind in rounds[0].compute})
+    return {pp_rank: {kind: statistics.fmean(m[kind] for m in ranks) for kind in ranks[0]}
+            for pp_rank, ranks in by_stage.items()}
 
 
 @dataclass(frozen=True)
