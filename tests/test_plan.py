@@ -148,3 +148,13 @@ def test_search_times_a_paired_chunk_hop_by_hop():
         assert duration == pytest.approx(paired_seconds(costs[0, 0].hops_f, costs[0, 1].hops_b))
         assert (duration > 1.05 * compute) if long_hop else duration == pytest.approx(compute)
         assert (hop > routed) == long_hop
+
+
+def test_gpus_lists_every_schedule_with_its_step_time(capsys):
+    """--gpus ranks interleaved 1F1B and the overlapped schedules beside DualPipe(V) and 1F1B, each with
+    a throughput from the hop-level simulation (tiny MoE, EP over nodes of 2 GPUs)."""
+    code, out, _ = run(capsys, *TINY_MOE, "--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "16",
+                       "--gpus", "8", "--gpu-memory-gib", "80", "--gpus-per-node", "2", "--top", "1000")
+    assert code == 0
+    listed = {line.split()[2] for line in out.splitlines() if line.startswith("TP") and float(line.split()[-1]) > 0}
+    assert listed == {"1f1b", "1f1b+ov", "interleaved", "interleaved+ov", "dualpipe", "dualpipev"}
