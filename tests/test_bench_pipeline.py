@@ -24,16 +24,23 @@ def test_bench_pipeline_tiny(tmp_path):
 
 def test_bench_pipeline_expert_parallel_on_emulated_links(tmp_path):
     rows = ["ours 1F1B", "ours DualPipe", "ours DualPipe, no overlap", "ours interleaved, overlap"]
-    moe = ["--ep", "2", "--ranks-per-node", "1", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+    moe = ["--ep", "2", "--ep-across-nodes", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
            "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "32",
-           "--emulate-links", "inter=20MB/s,10us", "--schedules", *rows]
+           "--emulate-links", "inter=20MB/s,10us", "--schedules", *rows, "--save", "run.pkl"]
     result = subprocess.run([sys.executable, str(SCRIPT), *TINY, *moe], cwd=tmp_path, check=False,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "COMM_F" in result.stdout and "emulated links: inter=0.02GB/s" in result.stdout, result.stdout
+    assert "one node per EP rank" in result.stdout and "they match at inter = " in result.stdout, result.stdout
     for row in rows:  # its step time, then the simulator's from the costs alone and from the steps
         assert re.search(rf"\n{row} +\d+ +\d+ +\d+ +\d+ ", result.stdout), result.stdout
+        # the comparison table: ratios to DualPipe, exposed waits, bubbles, memory measured / planned
+        assert re.search(rf"\n\| {row.removeprefix('ours ')} \| \d+ \| [\d.]+ \(.*\) \|( [\d. ()]+/[\d. ]+\|){{3}}",
+                         result.stdout), result.stdout
     assert "tokens/s ratio ours DualPipe / ours DualPipe, no overlap: " in result.stdout, result.stdout
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report-from", "run.pkl"], cwd=tmp_path, check=False,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == result.stdout.strip(), again.stdout + again.stderr
 
 
 def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():

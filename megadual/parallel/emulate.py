@@ -75,7 +75,7 @@ class LinkModel:
 
     def __str__(self) -> str:
         def show(link: Link) -> str:
-            return "free" if link is FREE else f"{link.bandwidth / 1e9:g}GB/s,{link.latency * 1e6:g}us"
+            return "free" if link == FREE else f"{link.bandwidth / 1e9:g}GB/s,{link.latency * 1e6:g}us"
         return f"inter={show(self.inter)};intra={show(self.intra)}"
 
 
