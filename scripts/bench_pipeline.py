@@ -26,12 +26,10 @@ row gives a step's inter-node bytes; the simulator adds the links' time.
     python scripts/bench_pipeline.py --ep 2 --ranks-per-node 1 --num-experts 8 \\
         --emulate-links "inter=...;intra=..."          # DualPipe vs 1F1B vs no overlap, 4 processes
 
-`--ep-across-nodes` puts each EP rank on its own emulated node instead (2 nodes at EP2: the
-all-to-alls cross them, the pipeline's messages do not). With DualPipe among the rows, a markdown
-table follows: step times also per round as ratios to DualPipe's, sim* per round, the all-to-all
-waits (and their part on the links), bubbles, and memory per rank measured as the memory report
-counts it and planned by megadual.plan (scripts/pipeline_memory.py). `--save FILE` keeps the
-measurements; `bench_pipeline.py --report-from FILE` prints the report again.
+`--ep-across-nodes`: one emulated node per EP rank (all-to-alls cross nodes, pipeline messages do
+not). With DualPipe among the rows a markdown table follows (ratios to it per round, sim* per round,
+all-to-all waits, bubbles, memory per rank measured and planned: scripts/pipeline_memory.py).
+`--save FILE` keeps the measurements; `--report-from FILE` prints the report again.
 """
 from __future__ import annotations
 
