@@ -25,14 +25,19 @@ row gives a step's inter-node bytes; the simulator adds the links' time.
 
     python scripts/bench_pipeline.py --ep 2 --ranks-per-node 1 --num-experts 8 \\
         --emulate-links "inter=...;intra=..."          # DualPipe vs 1F1B vs no overlap, 4 processes
+
+`--ep-across-nodes`: one emulated node per EP rank (all-to-alls cross nodes, pipeline messages do
+not). With DualPipe among the rows a markdown table follows (ratios to it per round, sim* per round,
+all-to-all waits, bubbles, memory per rank measured and planned: scripts/pipeline_memory.py).
+`--save FILE` keeps the measurements; `--report-from FILE` prints the report again.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +48,21 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline_costs import INTERLEAVED_V, SEED, rank_costs, shape_specs, step_compute
+import pipeline_memory
+from pipeline_costs import INTERLEAVED_V, SEED, link_wait, rank_costs, shape_specs, step_compute
 from pipeline_report import (
+    Memory,
     Sample,
     format_report,
     slowest_per_stage,
     stage_costs,
+    stage_memory,
     step_compute_per_rank,
     summarize,
 )
+from pipeline_torch import TorchRunner
 
 from megadual.config import ModelConfig
-from megadual.model.gpt import StageLoss, build_chunk
 from megadual.parallel.context import BuildContext
 from megadual.parallel.emulate import LinkModel, Record, emulated_links
 from megadual.parallel.topology import Layout as Grid
@@ -78,6 +86,7 @@ class Bench:
     ep: int = 1
     ranks_per_node: int = 0  # 0: one node
     links: LinkModel | None = None  # None: no emulation
+    ep_nodes: bool = False  # one emulated node per EP rank: all-to-alls cross nodes, pipeline messages do not
 
     @property
     def world(self) -> int:
@@ -86,6 +95,17 @@ class Bench:
     @property
     def grid(self) -> Grid:
         return Grid(self.world, pp=self.pp, ep=self.ep, ranks_per_node=self.ranks_per_node)
+
+    @property
+    def nodes_per_ep_group(self) -> int:
+        return self.ep if self.ep_nodes else self.grid.nodes_per_ep_group
+
+    def node_of(self, rank: int) -> int:
+        return self.grid.coords(rank)[1] % self.ep if self.ep_nodes else rank // self.grid.node_size
+
+    def emulate(self, links: LinkModel):
+        """emulated_links with this benchmark's ranks on their nodes."""
+        return emulated_links(links, self.grid.node_size, node_of=self.node_of)
 
     @property
     def tokens_per_step(self) -> int:
@@ -139,13 +159,13 @@ def runs_here(variant: Variant, bench: Bench) -> bool:
     if variant.overlap:  # pairs hide expert all-to-alls: none without EP
         return bench.ep > 1
     if variant.dispatcher == "hierarchical":
-        per_node = bench.ep // bench.grid.nodes_per_ep_group
-        return bench.grid.nodes_per_ep_group > 1 and per_node > 1
+        per_node = bench.ep // bench.nodes_per_ep_group
+        return bench.nodes_per_ep_group > 1 and per_node > 1
     return True
 
 
 def build_context(bench: Bench, topo: Topology, dispatcher: str) -> BuildContext:
-    return BuildContext(ep_group=topo.group("ep"), num_nodes=bench.grid.nodes_per_ep_group,
+    return BuildContext(ep_group=topo.group("ep"), num_nodes=bench.nodes_per_ep_group,
                         ep_node_groups=topo.ep_node_groups() if dispatcher == "hierarchical" else None)
 
 
@@ -162,74 +182,6 @@ def make_batch(bench: Bench, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (bench.microbatches * bench.micro_batch_size, bench.model.seq_length)
     tokens = torch.randint(bench.model.vocab_size, shape, generator=generator)
     return tokens, torch.roll(tokens, -1, dims=1)
-
-
-class BusyClock:
-    """Accumulates the time spent inside the callables it wraps."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def timed(self, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-        return wrapper
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.distributed.pipelining
-
-
-class _TensorOutput(torch.nn.Module):
-    """A GPTChunk whose last stage returns its loss tensor instead of a StageLoss: torch's stages
-    pass tensors only."""
-
-    def __init__(self, chunk: torch.nn.Module):
-        super().__init__()
-        self.chunk = chunk
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.chunk(inputs, labels)
-        return out.loss if isinstance(out, StageLoss) else out
-
-
-def _loss_is_output(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The last stage returns the loss itself (labels come in as a keyword argument)."""
-    return loss
-
-
-class TorchRunner:
-    """torch's schedule on its PipelineStages; busy time is taken around the stages' forward and
-    backward calls."""
-
-    def __init__(self, variant: Variant, bench: Bench, rank: int):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
-
-        specs = shape_specs(variant.shape, bench.model.num_layers, bench.pp)
-        indices = [rank] if variant.shape == "1f1b" else [rank, 2 * bench.pp - 1 - rank]
-        self.clock = BusyClock()
-        stages = []
-        for index in indices:
-            module = _TensorOutput(build_chunk(bench.model, specs[index], SEED))
-            stage = PipelineStage(module, index, len(specs), torch.device("cpu"))
-            for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
-                setattr(stage, name, self.clock.timed(getattr(stage, name)))
-            stages.append(stage)
-        self.modules = [stage.submod for stage in stages]
-        if variant.shape == "1f1b":
-            self.schedule = Schedule1F1B(stages[0], bench.microbatches, _loss_is_output, scale_grads=False)
-        else:
-            self.schedule = ScheduleDualPipeV(stages, bench.microbatches, _loss_is_output, scale_grads=False)
-
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> float:
-        """Runs one step; returns this rank's busy seconds."""
-        self.clock.seconds = 0.0
-        self.schedule.step(tokens, target=labels, labels=labels, return_outputs=False)
-        return self.clock.seconds
 
 
 class OurRunner:
@@ -277,7 +229,7 @@ def p2p_latency(bench: Bench, topo: Topology, reps: int = 20) -> float:
     latency = elapsed.item() / (2 * reps)
     if bench.links is not None:
         num_bytes = buffer.numel() * buffer.element_size()
-        inter = first // bench.grid.node_size != second // bench.grid.node_size
+        inter = bench.node_of(first) != bench.node_of(second)
         latency += bench.links.free_seconds(Record("send", num_bytes if inter else 0, 0 if inter else num_bytes, 0))
     return latency
 
@@ -287,7 +239,7 @@ def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: to
     """One step, on the emulated links if any; gradients zeroed first."""
     for module in runner.modules:
         module.zero_grad(set_to_none=True)
-    links = emulated_links(bench.links, bench.grid.node_size) if bench.links else nullcontext()
+    links = bench.emulate(bench.links) if bench.links else nullcontext()
     dist.barrier()
     start = time.perf_counter()
     with links as emulator:
@@ -298,7 +250,19 @@ def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: to
     sent = torch.tensor(float(sum(r.bytes_inter for r in records)))
     dist.all_reduce(sent)
     compute = step_compute(runner.runtime.trace.events, records) if isinstance(runner, OurRunner) else {}
-    return Sample(elapsed.item(), busy, sent.item(), compute)
+    all_to_alls = [r for r in records if r.what == "all_to_all"]
+    exposed = sum(r.blocked for r in all_to_alls)
+    return Sample(elapsed.item(), busy, sent.item(), compute, exposed, sum(map(link_wait, all_to_alls)))
+
+
+def step_memory(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: torch.Tensor,
+                bench: Bench) -> tuple[int, int] | None:
+    """Our rows: (parameter bytes, peak activation bytes) of one untimed step, as the memory report counts them."""
+    if not isinstance(runner, OurRunner):
+        return None
+    for module in runner.modules:
+        module.zero_grad(set_to_none=True)
+    return pipeline_memory.measured(runner.modules, lambda: runner.step(tokens, labels))
 
 
 def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, queue) -> None:
@@ -315,13 +279,14 @@ def worker(rank: int, bench: Bench, variants: tuple[Variant, ...], port: int, qu
         for runner in runners:
             for _ in range(bench.warmup):
                 timed_step(runner, tokens, labels, bench)
+        memory = [step_memory(runner, tokens, labels, bench) for runner in runners]
         samples: list[list[Sample]] = [[] for _ in variants]
         for round_ in range(bench.rounds):
             order = list(zip(runners, samples))
             for runner, out in order if round_ % 2 == 0 else reversed(order):
                 out.append(timed_step(runner, tokens, labels, bench))
         gathered = [None] * bench.world
-        dist.all_gather_object(gathered, (topo.pp_rank, topo.dp_rank, costs, samples))
+        dist.all_gather_object(gathered, (topo.pp_rank, topo.dp_rank, costs, samples, memory))
         if rank == 0:
             queue.put((latency, gathered))
     finally:
@@ -351,6 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per schedule, interleaved")
     parser.add_argument("--cost-reps", type=int, default=5, help="repetitions per measured chunk cost")
+    parser.add_argument("--ep-across-nodes", action="store_true",
+                        help="one emulated node per EP rank (the EP all-to-alls cross nodes, the pipeline's messages "
+                             "stay within one), instead of --ranks-per-node consecutive ranks per node")
+    parser.add_argument("--save", default=None, metavar="FILE", help="keep the measurements for --report-from FILE "
+                                                                     "(given alone: print the report again)")
     parser.add_argument("--schedules", nargs="+", default=None, choices=[v.label for v in VARIANTS],
                         metavar="LABEL", help=f"rows to run (default: those the layout runs), from: "
                                               f"{'; '.join(v.label for v in VARIANTS)}")
@@ -368,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                         moe_first_k_dense=args.moe_first_k_dense)
     links = None if args.emulate_links is None else LinkModel.parse(args.emulate_links)
     bench = Bench(model, args.pp, args.num_microbatches, args.micro_batch_size, args.warmup, args.rounds,
-                  args.cost_reps, args.ep, args.ranks_per_node, links)
+                  args.cost_reps, args.ep, args.ranks_per_node, links, args.ep_across_nodes)
     bench.grid.validate()
     variants = tuple(v for v in VARIANTS if (v.label in args.schedules if args.schedules else runs_here(v, bench)))
     for v in variants:
@@ -383,18 +353,50 @@ def main(argv: list[str] | None = None) -> None:
     mp.start_processes(worker, args=(bench, variants, free_port(), queue), nprocs=bench.world,
                        start_method="spawn")
     latency, gathered = queue.get()
-    costs = {key: slowest_per_stage([measured[key] for _, _, measured, _ in gathered]) for key in gathered[0][2]}
-    first_pipeline = sorted(((pp_rank, samples) for pp_rank, dp_rank, _, samples in gathered if dp_rank == 0),
+    run = Run(bench, variants, latency, gathered, (load_before, os.getloadavg()[0]))
+    if args.save:
+        with open(args.save, "wb") as file:
+            pickle.dump(run, file)
+    print(report(run))
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run measured, as --save keeps it for --report-from."""
+    bench: Bench
+    variants: tuple[Variant, ...]
+    latency: float
+    gathered: list  # per process: (pp rank, dp rank, chunk costs alone, samples per variant, memory per variant)
+    load: tuple[float, float]
+
+
+def report(run: Run) -> str:
+    bench, latency, gathered = run.bench, run.latency, run.gathered
+    costs = {key: slowest_per_stage([process[2][key] for process in gathered]) for key in gathered[0][2]}
+    first_pipeline = sorted(((pp_rank, samples) for pp_rank, dp_rank, _, samples, _ in gathered if dp_rank == 0),
                             key=lambda item: item[0])
     rows = []
-    for i, v in enumerate(variants):
+    for i, v in enumerate(run.variants):
         layout, alone = v.layout(bench), costs[v.shape, v.dispatcher]
-        in_steps = step_compute_per_rank([(pp_rank, samples[i]) for pp_rank, _, _, samples in gathered])
+        in_steps = step_compute_per_rank([(pp_rank, samples[i]) for pp_rank, _, _, samples, _ in gathered])
+        memory = None
+        if gathered[0][4][i] is not None:
+            memory = Memory(stage_memory([(pp_rank, mem[i]) for pp_rank, _, _, _, mem in gathered]),
+                            pipeline_memory.planned(bench, v))
+        rounds = range(len(first_pipeline[0][1][i]))
+        each_round = in_steps and [stage_costs(layout, alone, latency, step_compute_per_rank(
+            [(pp_rank, [samples[i][r]]) for pp_rank, _, _, samples, _ in gathered])) for r in rounds]
         rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench),
                               stage_costs(layout, alone, latency),
-                              in_steps and stage_costs(layout, alone, latency, in_steps), in_steps))
-    print(format_report(bench, rows, costs, latency, (load_before, os.getloadavg()[0])))
+                              in_steps and stage_costs(layout, alone, latency, in_steps), in_steps, memory,
+                              each_round))
+    return format_report(bench, rows, costs, latency, run.load)
 
 
 if __name__ == "__main__":
-    main()
+    args = sys.argv[1:]
+    if args[:1] == ["--report-from"]:
+        with open(args[1], "rb") as file:
+            print(report(pickle.load(file)))
+    else:
+        main(args)

@@ -46,8 +46,8 @@ MUTATIONS = [
         "the schedule check accepts a paired F&B of one micro-batch's forward and its own backward"),
     Mutation(
         "hops-share-no-link", "megadual/pipeline/hops.py",
-        "self.link_free = max(self.clock, self.link_free) + seconds",
-        "self.link_free = self.clock + seconds",
+        "self.link_free = max(self.clock - lead, self.link_free) + seconds",
+        "self.link_free = self.clock - lead + seconds",
         ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
         "the hop-level simulator lets a rank's hops travel at once instead of queueing on its link"),
     Mutation(
@@ -63,4 +63,24 @@ MUTATIONS = [
         ("tests/test_oracles_bf16.py::test_every_gemm_of_paired_chunks_and_recomputed_regions_runs_in_bf16",
          "tests/test_dist_optimizer.py::test_bf16_layouts_agree_with_one_process_and_dualpipe_with_1f1b"),
         "the forward of a paired F&B chunk runs without autocast under --bf16"),
+    # issue 22 (s3-bench)
+    Mutation(
+        "hops-forward-ignores-its-own-hops", "megadual/pipeline/hops.py",
+        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready)",
+        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, 0.0)",
+        ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
+        "the hop-level simulator never lets a pair's forward wait for its own all-to-all hops"),
+    Mutation(
+        "hop-lead-ignored", "megadual/pipeline/hops.py",
+        "self.link_free = max(self.clock - lead, self.link_free) + seconds",
+        "self.link_free = max(self.clock, self.link_free) + seconds",
+        ("tests/test_simulate.py::test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece",),
+        "the hop-level simulator launches each hop at the end of its piece, hiding nothing behind the shared expert"),
+    Mutation(
+        "hop-lag-ignored", "megadual/pipeline/hops.py",
+        "        first = min(lag, seconds)\n",
+        "        first = 0.0\n",
+        ("tests/test_simulate.py::test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece",),
+        "the hop-level simulator waits for a hop before any of the next piece, though a backward computes "
+        "other branches first"),
 ]

@@ -77,8 +77,8 @@ MUTATIONS = [
         "--breakdown leaves out the GEMM inputs kept for deferred W actions"),
     Mutation(
         "search-own-flop-count", "megadual/plan/layout_search.py",
-        "flops = tokens * stage_forward_flops_per_token(m, layers, spec.has_head) / layout.tp",
-        "flops = tokens * stage_forward_flops_per_token(m, layers, False) / layout.tp",
+        "f = stage_forward_flops_per_token(m, layers, spec.has_head) * seconds",
+        "f = stage_forward_flops_per_token(m, layers, False) * seconds",
         ("tests/test_plan.py::test_search_compute_is_the_throughput_flop_count",),
         "the layout search's compute leaves out the head and MTP that --log-throughput counts"),
     Mutation(
@@ -115,4 +115,17 @@ MUTATIONS = [
         (("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
          "[MHA MoE-bf16-weights-none]"),),
         "the planner counts gate and up's copies per (row, expert) pair where the experts keep the rows once"),
+    # issue 22 (s3-bench)
+    Mutation(
+        "search-pairs-at-chunk-level", "megadual/plan/layout_search.py",
+        "comm_f=sum(hops), comm_b=sum(hops), hops_f=forward,",
+        "comm_f=sum(hops), comm_b=sum(hops), hops_f=None,",
+        ("tests/test_plan.py::test_search_times_a_paired_chunk_hop_by_hop",),
+        "the layout search times a paired F&B by its chunk totals, blind to a hop longer than its step"),
+    Mutation(
+        "search-backward-hops-in-forward-order", "megadual/plan/layout_search.py",
+        "back = [backward * p for p in reversed(pieces)]",
+        "back = [backward * p for p in pieces]",
+        ("tests/test_plan.py::test_search_times_a_paired_chunk_hop_by_hop",),
+        "the layout search's backward meets its hops in the forward's order"),
 ]

@@ -289,4 +289,11 @@ MUTATIONS = [
         'pytestmark = []',
         ("tests/test_gpu_check.py::test_every_test_file_listed_for_cuda_takes_the_device_under_test",),
         "a test file gpu_check.sh lists for CUDA never asks for the device under test"),
+    # issue 22 (s3-bench)
+    Mutation(
+        "sim-star-peer-wait-taken-as-link", "scripts/pipeline_costs.py",
+        "return min(record.blocked, max(0.0, record.sent - record.waited_at))",
+        "return record.blocked",
+        ("tests/test_bench_pipeline.py::test_step_compute_takes_the_waits_on_the_links_out_of_each_action",),
+        "sim*'s costs from the steps take an all-to-all's wait for a late EP peer out of the action, as link time"),
 ]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megadual.model.gpt import StageSpec, build_chunk
 from megadual.parallel import comm
 from megadual.parallel.context import BuildContext
-from megadual.parallel.emulate import LinkModel, Record, emulated_links
+from megadual.parallel.emulate import LinkModel, Record
 from megadual.parallel.wgrad import WeightGradStore
 from megadual.pipeline.actions import Kind
 from megadual.pipeline.hops import Pieces
@@ -85,13 +85,13 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
     if bench.links is not None:
         overlap = comm.BackwardOverlap()
         chunk.attach_schedule(store, overlap)
-        with emulated_links(LinkModel(), bench.grid.node_size) as sent_forward:
+        with bench.emulate(LinkModel()) as sent_forward:
             steps = chunk.forward_steps(tokens if spec.has_embedding else hidden, tokens)
             marks = [time.perf_counter()]
             out = run_marked(steps, marks)
             out = out.loss if spec.has_head else out
         costs["hops_f"] = hop_pieces(marks, sent_forward.records, bench.links)
-        with emulated_links(LinkModel(), bench.grid.node_size) as sent_backward:
+        with bench.emulate(LinkModel()) as sent_backward:
             marks = [time.perf_counter()]
             with overlap.filling(lambda: marks.append(time.perf_counter())):
                 out.backward(grad)
@@ -115,15 +115,22 @@ def run_marked(steps, marks: list[float]):
 
 
 def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> Pieces:
-    """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each an
-    all-to-all launch, with free links), and the link time of what each piece launched."""
+    """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each a pause
+    after an all-to-all launch, with free links), the link time of what each piece launched, how
+    long the piece computed on after its last launch (the shared expert beside a dispatch), and
+    how long the next piece computed before waiting for it (a backward's other branches)."""
     compute = tuple(b - a for a, b in zip(marks, marks[1:]))
-    hops = [0.0] * (len(compute) - 1)
+    hops, last = [0.0] * (len(compute) - 1), [None] * (len(compute) - 1)
     for record in records:
         piece = next((i for i in range(len(hops)) if record.launched <= marks[i + 1]), len(hops) - 1)
         if hops:
             hops[piece] += links.free_seconds(record)
-    return Pieces(compute, tuple(hops))
+            if last[piece] is None or record.launched >= last[piece].launched:
+                last[piece] = record
+    lead = tuple(0.0 if r is None else max(0.0, marks[i + 1] - r.launched) for i, r in enumerate(last))
+    lag = tuple(0.0 if r is None else min(compute[i + 1], max(0.0, r.waited_at - marks[i + 1]))
+                for i, r in enumerate(last))
+    return Pieces(compute, tuple(hops), lead, lag)
 
 
 def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,
@@ -143,10 +150,22 @@ def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,
     return costs
 
 
+def link_wait(record: Record) -> float:
+    """The part of a recorded wait spent on the links. An all-to-all's wait past the time its own bytes
+    left this rank's links (`sent`) is for its EP peers to arrive at it: in the steps, a peer that
+    reaches the collective late, which the simulator (one rank per pipeline stage, links modelled
+    from this rank's side) does not see, so it stays in the action's cost. A receive waits wholly
+    on the link or the sender, which the simulator times itself."""
+    if record.what != "all_to_all" or record.sent is None:
+        return record.blocked
+    return min(record.blocked, max(0.0, record.sent - record.waited_at))
+
+
 def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
-    """Median compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
-    compute action's time less its waits on the emulated links."""
-    waits = [(r.waited_at, r.blocked) for r in records]
+    """Mean compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
+    compute action's time less its waits on the emulated links (link_wait). The mean, as the step
+    takes the sum: actions that ran while other ranks shared the cores are slower."""
+    waits = [(r.waited_at, link_wait(r)) for r in records]
     by_kind: dict[str, list[float]] = {}
     for label, start, end in events:
         if label.startswith("comm:"):
@@ -154,4 +173,4 @@ def step_compute(events: list[tuple[str, float, float]], records: list[Record]) 
         kind = next(kind for marker, kind in _KIND_OF_LABEL if marker in label)
         blocked = sum(seconds for at, seconds in waits if start <= at <= end)
         by_kind.setdefault(kind.value.lower(), []).append(end - start - blocked)
-    return {kind: statistics.median(values) for kind, values in by_kind.items()}
+    return {kind: statistics.fmean(values) for kind, values in by_kind.items()}

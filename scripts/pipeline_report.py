@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from megadual.parallel.emulate import LinkModel
 from megadual.pipeline.actions import Action, Layout
 from megadual.pipeline.hops import Pieces
 from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
@@ -25,6 +26,34 @@ class Sample:
     busy: float  # this rank's compute seconds
     inter_bytes: float  # all ranks
     compute: dict[str, float]  # ours only: median compute seconds per action kind (pipeline_costs.step_compute)
+    exposed: float = 0.0  # this rank's seconds blocked on emulated all-to-alls
+    exposed_on_links: float = 0.0  # the part of it before its own bytes had left (pipeline_costs.link_wait)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Per pipeline rank (parameter bytes, peak activation bytes): measured as the memory report counts them
+    (the largest peak of a stage's EP ranks), and planned by megadual.plan."""
+    measured: list[tuple[int, int]]
+    planned: list[tuple[float, float]]
+
+
+def stage_memory(per_process: list[tuple[int, tuple[int, int]]]) -> list[tuple[int, int]]:
+    """(pp rank, (parameter bytes, peak activation bytes)) of every process -> the largest per pipeline rank."""
+    stages: dict[int, tuple[int, int]] = {}
+    for pp_rank, (params, peak) in per_process:
+        old = stages.get(pp_rank, (0, 0))
+        stages[pp_rank] = (max(old[0], params), max(old[1], peak))
+    return [stages[r] for r in sorted(stages)]
+
+
+def exposed_seconds(schedules: list[list[Action]], costs: StageCosts) -> list[float]:
+    """Per rank, the simulator's time its compute actions wait on all-to-alls: each action's duration
+    less what it takes on free links."""
+    free = StageCosts({key: replace(c, comm_f=0.0, comm_b=0.0, hops_f=None, hops_b=None)
+                       for key, c in costs.chunks.items()}, costs.latency)
+    return [sum(costs.duration(a, rank) - free.duration(a, rank) for a in actions if not a.is_comm)
+            for rank, actions in enumerate(schedules)]
 
 
 def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float,
@@ -62,13 +91,18 @@ def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, 
 
 
 def step_compute_per_rank(samples: list[tuple[int, list[Sample]]]) -> dict[int, dict[str, float]] | None:
-    """Per pipeline rank, each action kind's compute in the steps: the median over rounds, the slowest
-    of the ranks at that pipeline position. None where the steps were not traced (torch's rows)."""
+    """Per pipeline rank, each action kind's compute in the steps: the median over rounds, the mean of
+    the ranks at that pipeline position. None where the steps were not traced (torch's rows). The
+    mean, not the slowest: each rank's compute holds its waits for a late EP peer (link_wait), so
+    the EP ranks of a stage agree, and the largest of noisy figures would overstate them."""
     if not all(s.compute for _, rounds in samples for s in rounds):
         return None
-    measured = [{pp_rank: {kind: statistics.median(s.compute[kind] for s in rounds) for kind in rounds[0].compute}}
-                for pp_rank, rounds in samples]
-    return slowest_per_stage(measured)
+    by_stage: dict[int, list[dict[str, float]]] = {}
+    for pp_rank, rounds in samples:
+        by_stage.setdefault(pp_rank, []).append(
+            {kind: statistics.median(s.compute[kind] for s in rounds) for kind in rounds[0].compute})
+    return {pp_rank: {kind: statistics.fmean(m[kind] for m in ranks) for kind in ranks[0]}
+            for pp_rank, ranks in by_stage.items()}
 
 
 @dataclass(frozen=True)
@@ -83,23 +117,37 @@ class Row:
     predicted_bubble: list[float]
     predicted_from_steps: float | None  # the makespan simulated from the compute the steps took
     compute_in_steps: dict[int, dict[str, float]] | None  # per pipeline rank, per action kind: seconds
+    exposed: list[float]  # seconds per pipeline rank blocked on all-to-alls, median over rounds
+    exposed_on_links: list[float]  # the part of it on the links (the rest waits for EP peers)
+    predicted_exposed: list[float] | None  # sim*'s
+    predicted_bubble_from_steps: list[float] | None  # sim*'s
+    memory: Memory | None
+    from_steps_per_round: list[float] | None  # sorted: each round's sim* (from its own compute) / its step
 
 
 def summarize(variant: Variant, per_rank: list[list[Sample]], schedules: list[list[Action]],
               costs: StageCosts, costs_in_steps: StageCosts | None,
-              compute_in_steps: dict[int, dict[str, float]] | None) -> Row:
+              compute_in_steps: dict[int, dict[str, float]] | None, memory: Memory | None = None,
+              costs_each_round: list[StageCosts] | None = None) -> Row:
     """`per_rank[p]`: the samples of pipeline rank p (of the first pipeline); `schedules` and the
-    costs: what the simulator predicts from."""
+    costs: what the simulator predicts from (`costs_each_round`: sim*'s from each round's compute alone,
+    against that round's step)."""
     rounds = range(len(per_rank[0]))
     makespans = [per_rank[0][i].makespan for i in rounds]
     busy = [statistics.median(samples[i].busy for i in rounds) for samples in per_rank]
     bubbles = [statistics.median(samples[i].makespan - samples[i].busy for i in rounds) for samples in per_rank]
     # Neither runtime waits for its sends to be received before computing on.
     predicted = simulate(schedules, costs, rendezvous=False)
-    from_steps = None if costs_in_steps is None else simulate(schedules, costs_in_steps, rendezvous=False).makespan
+    from_steps = None if costs_in_steps is None else simulate(schedules, costs_in_steps, rendezvous=False)
+    exposed = [statistics.median(samples[i].exposed for i in rounds) for samples in per_rank]
+    on_links = [statistics.median(samples[i].exposed_on_links for i in rounds) for samples in per_rank]
+    per_round = costs_each_round and sorted(simulate(schedules, c, rendezvous=False).makespan / m
+                                            for c, m in zip(costs_each_round, makespans))
     return Row(variant, makespans, statistics.median(makespans), busy, bubbles,
                statistics.median(per_rank[0][i].inter_bytes for i in rounds), predicted.makespan, predicted.bubble,
-               from_steps, compute_in_steps)
+               from_steps and from_steps.makespan, compute_in_steps, exposed, on_links,
+               from_steps and exposed_seconds(schedules, costs_in_steps), from_steps and from_steps.bubble, memory,
+               per_round)
 
 
 def describe(bench: Bench) -> str:
@@ -107,7 +155,7 @@ def describe(bench: Bench) -> str:
     layers = f"{m.num_layers} layers, hidden {m.hidden_size}, FFN {m.ffn_hidden_size}, {m.num_attention_heads} heads"
     if not m.num_experts:
         return f"dense GPT: {layers}, vocab {m.vocab_size}"
-    nodes = bench.grid.nodes_per_ep_group
+    nodes = bench.nodes_per_ep_group
     return (f"MoE GPT: {layers}, vocab {m.vocab_size}; layers from {m.moe_first_k_dense} on: {m.num_experts} "
             f"experts (FFN {m.moe_ffn_hidden_size}, top-{m.moe_router_topk}), shared expert FFN "
             f"{m.moe_shared_expert_intermediate_size}; EP={bench.ep} over {nodes} node{'s' * (nodes > 1)}")
@@ -125,13 +173,17 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, di
          f"(1 min) {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores"),
     ]
     if bench.links is not None:
-        lines.append(f"emulated links: {bench.links}, {bench.grid.node_size} rank(s) per node")
+        placement = ("one node per EP rank (pipeline messages within a node)" if bench.ep_nodes
+                     else f"{bench.grid.node_size} rank(s) per node")
+        lines.append(f"emulated links: {bench.links}, {placement}")
     for (shape, dispatcher), per_stage in costs.items():
         stages = [per_stage[i] for i in sorted(per_stage)]
         keys = [key for key in ("f", "b", "bi", "w", "comm_f", "comm_b") if key in stages[0]]
         name = shape if dispatcher == "alltoall" else f"{shape} {dispatcher}"
         lines.append(f"chunk costs, {name} stages 0-{len(stages) - 1} (ms): " + " | ".join(
             f"{key.upper()} " + " ".join(f"{c[key] * ms:.1f}" for c in stages) for key in keys))
+    if bench.links is not None:
+        lines.append(calibration(bench.links, next(iter(costs.values())), rows))
 
     def per_rank(values: list[float]) -> str:
         return " ".join(f"{v * ms:6.0f}" for v in values)
@@ -155,7 +207,67 @@ def format_report(bench: Bench, rows: list[Row], costs: dict[tuple, dict[int, di
                 for kind in ("f", "b", "bi", "w", "fb") if kind in ranks[0]))
     lines.append("")
     lines += ratio_lines({row.variant.label: row for row in rows})
+    lines += comparison_table(rows)
     return "\n".join(lines)
+
+
+def quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{statistics.median(values):.3f} ({q[0]:.2f}-{q[2]:.2f})"
+
+
+def comparison_table(rows: list[Row], baseline: str = "ours DualPipe") -> list[str]:
+    """The rows as a markdown table next to the simulator (sim*) and the planner: step time, also per
+    round as a ratio to `baseline`'s; exposed all-to-all waits, bubbles, memory per pipeline rank."""
+    base = next((row for row in rows if row.variant.label == baseline), None)
+    if base is None or any(row.predicted_from_steps is None for row in rows):
+        return []
+
+    def ms(values) -> str:
+        return " ".join(f"{v * 1e3:.0f}" for v in values)
+
+    def mb(values) -> str:
+        return " ".join(f"{v / 2 ** 20:.2f}" for v in values)
+
+    lines = ["", ("ms and MB per pipeline rank; exposed: time blocked on all-to-alls inside actions (in brackets: of it, "
+                  "on the links; the rest waits for the EP peer, in sim*'s compute); "
+                  "step / DualPipe: per-round median (quartiles)"),
+             ("| schedule | step ms | step / DualPipe | sim | sim\\* | sim\\* / step, per round | exposed: measured / sim\\* | "
+             "bubble: measured / sim\\* | peak activations MB: measured / planned | parameters MB: measured / planned |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        per_round = sorted(r / b for r, b in zip(row.makespans, base.makespans))
+        memory = row.memory
+        acts = params = "-"
+        if memory is not None:
+            acts = f"{mb(p for _, p in memory.measured)} / {mb(p for _, p in memory.planned)}"
+            params = f"{mb(p for p, _ in memory.measured)} / {mb(p for p, _ in memory.planned)}"
+        lines.append(f"| {row.variant.label.removeprefix('ours ')} | {row.makespan * 1e3:.0f} | "
+                     f"{quartiles(per_round)} | "
+                     f"{row.predicted_makespan * 1e3:.0f} | {row.predicted_from_steps * 1e3:.0f} | "
+                     f"{quartiles(row.from_steps_per_round)} | {ms(row.exposed)} ({ms(row.exposed_on_links)}) / "
+                     f"{ms(row.predicted_exposed)} | "
+                     f"{ms(row.bubble)} / {ms(row.predicted_bubble_from_steps)} | {acts} | {params} |")
+    return lines
+
+
+def calibration(links: LinkModel, per_stage: dict[int, dict], rows: list[Row]) -> str:
+    """One MoE layer's dispatch hop on the links against its routed experts' compute (the piece
+    between dispatch and combine), medians over the stages' layers measured alone, and the
+    inter-node bandwidth at which the two would match (the hop's bytes over the experts' time);
+    then the same with the compute as slow as 1F1B's forwards ran in the steps (ranks sharing cores)."""
+    hops = [c["hops_f"] for c in per_stage.values() if c.get("hops_f") and c["hops_f"].hops]
+    dispatch = statistics.median(h for p in hops for h in p.hops[0::2])
+    experts = statistics.median(e for p in hops for e in p.compute[1:-1:2])
+    matched = links.inter.bandwidth * dispatch / experts
+    line = (f"one micro-batch, one MoE layer (alone): dispatch {dispatch * 1e3:.1f} ms on the links, routed experts "
+            f"{experts * 1e3:.1f} ms; they match at inter = {matched / 1e6:.1f} MB/s")
+    plain = next((row for row in rows if row.variant.label == "ours 1F1B" and row.compute_in_steps), None)
+    if plain is not None:
+        slower = statistics.median(plain.compute_in_steps[r]["f"] / per_stage[r]["f"] for r in plain.compute_in_steps)
+        line += (f"; in the steps 1F1B's forwards took {slower:.2f}x their time alone, so there the dispatch is "
+                 f"{dispatch / (experts * slower):.2f}x the experts, matched at {matched / slower / 1e6:.1f} MB/s")
+    return line
 
 
 def ratio_lines(by_label: dict[str, Row]) -> list[str]:

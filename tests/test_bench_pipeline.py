@@ -24,19 +24,28 @@ def test_bench_pipeline_tiny(tmp_path):
 
 def test_bench_pipeline_expert_parallel_on_emulated_links(tmp_path):
     rows = ["ours 1F1B", "ours DualPipe", "ours DualPipe, no overlap", "ours interleaved, overlap"]
-    moe = ["--ep", "2", "--ranks-per-node", "1", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+    moe = ["--ep", "2", "--ep-across-nodes", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
            "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "32",
-           "--emulate-links", "inter=20MB/s,10us", "--schedules", *rows]
+           "--emulate-links", "inter=20MB/s,10us", "--schedules", *rows, "--save", "run.pkl"]
     result = subprocess.run([sys.executable, str(SCRIPT), *TINY, *moe], cwd=tmp_path, check=False,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "COMM_F" in result.stdout and "emulated links: inter=0.02GB/s" in result.stdout, result.stdout
+    assert "one node per EP rank" in result.stdout and "they match at inter = " in result.stdout, result.stdout
     for row in rows:  # its step time, then the simulator's from the costs alone and from the steps
         assert re.search(rf"\n{row} +\d+ +\d+ +\d+ +\d+ ", result.stdout), result.stdout
+        # the comparison table: ratios to DualPipe, exposed waits, bubbles, memory measured / planned
+        assert re.search(rf"\n\| {row.removeprefix('ours ')} \| \d+ \| [\d.]+ \(.*\) \|( [\d. ()]+/[\d. ]+\|){{3}}",
+                         result.stdout), result.stdout
     assert "tokens/s ratio ours DualPipe / ours DualPipe, no overlap: " in result.stdout, result.stdout
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report-from", "run.pkl"], cwd=tmp_path, check=False,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == result.stdout.strip(), again.stdout + again.stderr
 
 
 def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
+    """What the simulator's sim* is given: each action's time less its waits on the emulated links; an
+    all-to-all's wait past the moment its own bytes left counts as the action's (its peer came late)."""
     sys.path.insert(0, str(SCRIPT.parent))
     from pipeline_costs import step_compute
 
@@ -47,5 +56,6 @@ def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
     records = [Record("all_to_all", 1, 0, 0.1, waited_at=0.5, blocked=0.25),  # in F0.0
                Record("send", 1, 0, 1.0, waited_at=1.2, blocked=0.3),  # in a comm batch: not compute
                Record("all_to_all", 1, 0, 3.1, waited_at=4.0, blocked=0.5),  # in B0.0
-               Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0)]  # in the pair
-    assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.0, "w": 0.5})
+               # in the pair: its bytes left at 6.4, the last 0.6 s it waited for its EP peer (compute to the simulator)
+               Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0, sent=6.4)]
+    assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.6, "w": 0.5})

@@ -3,6 +3,7 @@ optimizer column, --device, --json and --breakdown against the predictions they 
 search arguments, and the search's step-time model using --log-throughput's FLOP count and the
 topology's expert groups. (Predictions against the memory report: tests/test_memory_layouts.py.)"""
 import json
+import math
 
 import pytest
 
@@ -103,5 +104,57 @@ def test_search_takes_expert_groups_as_the_topology_builds_them():
     assert all(len({rank // 8 for rank in group}) == 1 for group in layout.group_members()["ep"])
     c = config(*TINY_MOE, "--tensor-model-parallel-size", "8", "--num-attention-heads", "8",
                "--expert-model-parallel-size", "2", "--global-batch-size", "4")
-    nvlink, ib = (chunk_costs(c, 16, Hardware(nvlink_gbps=n, ib_gbps=i))[0, 0].a2a for n, i in ((10, 1), (1, 10)))
+    nvlink, ib = (chunk_costs(c, 16, Hardware(nvlink_gbps=n, ib_gbps=i))[0, 0].comm_f for n, i in ((10, 1), (1, 10)))
     assert nvlink < ib
+
+
+def test_search_times_a_paired_chunk_hop_by_hop():
+    """The search's step time pairs F&B chunks at hop level (pipeline/hops.py). DualPipe PP2 x EP2
+    with the EP group over two nodes: a chunk's forward is, per MoE layer, attention with the router
+    and shared expert, the dispatch hop, the routed experts, the combine hop (written out here from
+    the throughput FLOP count; the shared expert while the dispatch is in flight); its backward is the same reversed at twice the compute. Where one hop
+    outlasts the routed experts' piece beside it, the pair takes longer than its compute though its
+    links take less in all (the chunk-level model's max(compute, links) would say compute)."""
+    from megadual.model.flops import attention_flops, gemm, swiglu_flops
+    from megadual.pipeline.actions import Action, Kind
+    from megadual.pipeline.hops import paired_seconds
+    from megadual.pipeline.simulate import StageCosts
+
+    c = config(*TINY_MOE, "--num-layers", "4", "--moe-first-k-dense", "0", "--pipeline-model-parallel-size", "2",
+               "--pipeline-schedule", "dualpipe", "--expert-model-parallel-size", "2", "--global-batch-size", "16")
+    m, tokens = c.model, c.model.seq_length * c.train.micro_batch_size
+    per_second = 1e9  # Hardware's 1e-3 TFLOP/s
+    routed = tokens * m.moe_router_topk * swiglu_flops(m.hidden_size, m.moe_ffn_hidden_size) / per_second
+    before = tokens * (attention_flops(m) + gemm(m.hidden_size, m.num_experts)
+                       + swiglu_flops(m.hidden_size, m.moe_shared_expert_intermediate_size)) / per_second
+    pair = Action(Kind.FB, 0, 1, b_chunk=1, b_mb=0)  # rank 0: chunk 0 (layers 0-1) forward, chunk 1's backward
+    for ib_gbps, long_hop in ((2e-3, True), (1e-2, False)):
+        hw = Hardware(gpus_per_node=1, tflops=1e-3, ib_gbps=ib_gbps)
+        costs = chunk_costs(c, 4, hw)
+        # each hop: a token's hidden state (BF16) once to each other EP rank holding one of its top-2 of 8
+        # experts (4 per rank); uniform routing leaves the other rank out with C(4, 2) / C(8, 2)
+        hop = tokens * m.hidden_size * 2 * (1 - math.comb(4, 2) / math.comb(8, 2)) / (ib_gbps * 1e9)
+        forward, backward = costs[0, 0].hops_f, costs[0, 1].hops_b
+        assert forward.compute == pytest.approx((before, routed, before, routed, 0.0))
+        assert forward.hops == pytest.approx((hop,) * 4)
+        shared = tokens * swiglu_flops(m.hidden_size, m.moe_shared_expert_intermediate_size) / per_second
+        assert forward.lead == pytest.approx((shared, 0.0, shared, 0.0))  # computed beside its dispatch
+        head = costs[0, 1].f - 2 * (before + routed)  # chunk 1 (layers 2-3 of the reverse copy) holds the head
+        assert backward.compute == pytest.approx((2 * head, 2 * routed, 2 * before, 2 * routed, 2 * before))
+        assert backward.hops == pytest.approx((hop,) * 4)
+        compute = costs[0, 0].f + costs[0, 1].b
+        assert costs[0, 0].comm_f + costs[0, 1].comm_b < compute
+        duration = StageCosts(costs, 0.0).duration(pair, 0)
+        assert duration == pytest.approx(paired_seconds(costs[0, 0].hops_f, costs[0, 1].hops_b))
+        assert (duration > 1.05 * compute) if long_hop else duration == pytest.approx(compute)
+        assert (hop > routed) == long_hop
+
+
+def test_gpus_lists_every_schedule_with_its_step_time(capsys):
+    """--gpus ranks interleaved 1F1B and the overlapped schedules beside DualPipe(V) and 1F1B, each with
+    a throughput from the hop-level simulation (tiny MoE, EP over nodes of 2 GPUs)."""
+    code, out, _ = run(capsys, *TINY_MOE, "--num-layers", "8", "--micro-batch-size", "1", "--global-batch-size", "16",
+                       "--gpus", "8", "--gpu-memory-gib", "80", "--gpus-per-node", "2", "--top", "1000")
+    assert code == 0
+    listed = {line.split()[2] for line in out.splitlines() if line.startswith("TP") and float(line.split()[-1]) > 0}
+    assert listed == {"1f1b", "1f1b+ov", "interleaved", "interleaved+ov", "dualpipe", "dualpipev"}

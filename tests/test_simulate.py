@@ -195,6 +195,30 @@ def test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step():
     assert paired_seconds(Pieces((1, 1), (4,)), Pieces((1, 1), (4,))) == 10
 
 
+def test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece():
+    """The shared expert computes while the dispatch is in flight (lead): alone, a hop of 3 launched
+    0.5 before the end of its piece exposes 2.5; hops on one link still queue."""
+    led = Pieces((1, 1, 1), (3, 3), lead=(0.5, 0.0))
+    # piece 0 ends at 1, its hop left at 0.5 and arrives at 3.5; piece 1 3.5-4.5, hop 4.5-7.5; piece 2 7.5-8.5
+    assert led.alone() == 8.5 and led.exposed() == 5.5
+    # a lead longer than the link was busy before: F0 0-2 launches at 0.5 behind nothing, so 0.5-3.5
+    assert Pieces((2, 1), (3,), lead=(1.5,)).alone() == 2 + 1.5 + 1
+    assert led.scaled(2).lead == (1.0, 0.0)
+    # paired: B0 0-1 hop 1-2; F0 1-3, its hop launched at 1.5 waits for the link: 2-5; B1 3-4; F1 waits, 5-6
+    assert paired_seconds(Pieces((2, 1), (3,), lead=(1.5,)), Pieces((1, 1), (1,))) == 6
+    assert paired_seconds(Pieces((2, 1), (3,)), Pieces((1, 1), (1,))) == 7  # launched at 3: 3-6, F1 6-7
+    assert SimCosts(f=3, comm_f=6, hops_f=led).duration(Action(Kind.F, 0, 0)) == 8.5
+    # a lag: the next piece computes 0.5 before waiting; alone F0 0-1 hop 1-4, F1 1-1.5 then waits: 4-4.5
+    lagging = Pieces((1, 1), (3,), lag=(0.5,))
+    assert lagging.alone() == 4.5 and lagging.scaled(2).lag == (1.0,)
+    # paired, the backward lagging: B0 0-1 hop 1-4; F0 1-2, its hop queues 4-4.5; B1 2-2.5 (lag), waits for 4:
+    # 4-4.5; F1 4.5-5.5. Without the lag B1 runs 4-5 and F1 5-6.
+    assert paired_seconds(Pieces((1, 1), (0.5,)), lagging) == 5.5
+    assert paired_seconds(Pieces((1, 1), (0.5,)), Pieces((1, 1), (3,))) == 6
+    with pytest.raises(ValueError, match="2 hops need as many leads"):
+        Pieces((1, 1, 1), (1, 1), lead=(0.5,))
+
+
 def test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given():
     pair = Action(Kind.FB, 0, 1, b_chunk=0, b_mb=0)
     chunk = SimCosts(f=3, b=6, w=2, comm_f=6, comm_b=2)

@@ -75,7 +75,7 @@ class LinkModel:
 
     def __str__(self) -> str:
         def show(link: Link) -> str:
-            return "free" if link is FREE else f"{link.bandwidth / 1e9:g}GB/s,{link.latency * 1e6:g}us"
+            return "free" if link == FREE else f"{link.bandwidth / 1e9:g}GB/s,{link.latency * 1e6:g}us"
         return f"inter={show(self.inter)};intra={show(self.intra)}"
 
 
@@ -89,6 +89,7 @@ class Record:
     deadline: float = 0.0
     blocked: float = 0.0  # seconds wait() spent (real wait plus sleep)
     waited_at: float = 0.0  # when wait() was called
+    sent: float | None = None  # when this rank's own bytes have left its links; a wait past it is for its peers
 
 
 @dataclass
@@ -98,11 +99,12 @@ class Emulator:
     ranks_per_node: int
     rank: int
     describe: Callable[[str], str] | None = None  # names a record (benchmarks' breakdowns)
+    node_of: Callable[[int], int] | None = None  # rank -> node, where nodes are not consecutive ranks
     free_at: dict[str, float] = field(default_factory=lambda: {"inter": 0.0, "intra": 0.0})
     records: list[Record] = field(default_factory=list)
 
     def node(self, rank: int) -> int:
-        return rank // self.ranks_per_node
+        return rank // self.ranks_per_node if self.node_of is None else self.node_of(rank)
 
     def link_name(self, peer: int) -> str | None:
         if peer == self.rank:
@@ -124,7 +126,7 @@ class Emulator:
         arrivals = {peer: now if (name := self.link_name(peer)) is None
                     else departs[name] + getattr(self.links, name).latency for peer in bytes_to}
         what = self.describe(what) if self.describe else what
-        record = Record(what, by_link["inter"], by_link["intra"], now, max(departs.values()))
+        record = Record(what, by_link["inter"], by_link["intra"], now, max(departs.values()), sent=max(departs.values()))
         self.records.append(record)
         return arrivals, record
 
@@ -200,11 +202,12 @@ def _batch_isend_irecv(emulator: Emulator, original, ops: list) -> list:
 
 
 @contextmanager
-def emulated_links(links: LinkModel, ranks_per_node: int,
-                   describe: Callable[[str], str] | None = None) -> Iterator[Emulator]:
+def emulated_links(links: LinkModel, ranks_per_node: int, describe: Callable[[str], str] | None = None,
+                   node_of: Callable[[int], int] | None = None) -> Iterator[Emulator]:
     """Emulate `links` for this process's collectives inside the block (see the module doc);
-    `describe(kind)` names each record, e.g. from the caller's stack."""
-    emulator = Emulator(links, ranks_per_node, dist.get_rank(), describe)
+    `describe(kind)` names each record, e.g. from the caller's stack; `node_of(rank)` places the
+    ranks on nodes where consecutive ranks do not share one."""
+    emulator = Emulator(links, ranks_per_node, dist.get_rank(), describe, node_of)
     a2a, p2p = dist.all_to_all_single, dist.batch_isend_irecv
     with mock.patch.object(dist, "all_to_all_single", lambda *a, **k: _all_to_all_single(emulator, a2a, *a, **k)), \
             mock.patch.object(dist, "batch_isend_irecv", lambda ops: _batch_isend_irecv(emulator, p2p, ops)):

@@ -6,8 +6,11 @@ pieces are attention (with routing and permutation), then the dispatch hop, the 
 combine hop, the next layer's attention, ...; a backward walks the same in reverse. `Pieces`
 holds that sequence: compute[0], hops[0], compute[1], ..., compute[-1].
 
-Alone, a hop is waited for right after its launch, so a chunk takes the sum of everything. In
-a paired F&B the backward runs, and at each hop it launches the forward advances one step:
+A hop may be launched before its piece's compute ends (`lead`): the MoE layer launches its
+dispatch, then computes the shared expert, then pauses; that compute runs while the hop is in
+flight. And the next piece may start before it waits for the hop (`lag`): a backward launches an
+all-to-all's gradient and autograd runs other branches before the node that waits for it. Alone,
+a chunk takes its compute and each hop's remainder after its lead and lag (`exposed`). In a paired F&B the backward runs, and at each hop it launches the forward advances one step:
 it waits for its own previous hop, computes its next piece and launches its next hop. Hops
 queue on one outbound link per rank (what the emulated links of parallel/emulate.py do), and
 the compute runs one piece at a time. So a pair takes max(compute, communication) only while
@@ -21,22 +24,45 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Pieces:
-    """One direction of a chunk on one micro-batch: seconds of each compute piece, and of each
-    hop between two pieces on the links (one fewer than the pieces)."""
+    """One direction of a chunk on one micro-batch: seconds of each compute piece, of each hop
+    between two pieces on the links (one fewer than the pieces), of each hop's lead: the end of
+    the piece before it that computes while the hop is already in flight, and of its lag: the
+    start of the piece after it that computes before waiting for it (default none)."""
     compute: tuple[float, ...]
     hops: tuple[float, ...] = ()
+    lead: tuple[float, ...] = ()
+    lag: tuple[float, ...] = ()
 
     def __post_init__(self):
         if len(self.hops) != len(self.compute) - 1:
             raise ValueError(f"{len(self.compute)} compute pieces need {len(self.compute) - 1} hops between "
                              f"them, got {len(self.hops)}")
+        for name in ("lead", "lag"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.hops):
+                raise ValueError(f"{len(self.hops)} hops need as many {name}s, got {len(getattr(self, name))}")
+
+    def lead_of(self, hop: int) -> float:
+        return self.lead[hop] if self.lead else 0.0
+
+    def lag_of(self, hop: int) -> float:
+        return self.lag[hop] if self.lag else 0.0
+
+    def exposed(self) -> float:
+        """Alone, the time spent waiting for hops: each waited for after its lag in the next piece."""
+        rank, ready = _Rank(), 0.0
+        for i, seconds in enumerate(self.compute):
+            rank.piece(seconds, self.lag_of(i - 1) if i else 0.0, ready)
+            if i < len(self.hops):
+                ready = rank.hop(self.hops[i], self.lead_of(i))
+        return rank.clock - sum(self.compute)
 
     def alone(self) -> float:
-        return sum(self.compute) + sum(self.hops)
+        return sum(self.compute) + self.exposed()
 
     def scaled(self, factor: float) -> Pieces:
-        """The compute pieces times `factor` (the hops as they are)."""
-        return Pieces(tuple(c * factor for c in self.compute), self.hops)
+        """The compute pieces (and leads) times `factor` (the hops as they are)."""
+        return Pieces(tuple(c * factor for c in self.compute), self.hops, tuple(c * factor for c in self.lead),
+                      tuple(c * factor for c in self.lag))
 
 
 class _Rank:
@@ -48,9 +74,15 @@ class _Rank:
     def compute(self, seconds: float, ready: float) -> None:
         self.clock = max(self.clock, ready) + seconds
 
-    def hop(self, seconds: float) -> float:
-        """Launch a hop now; the time it arrives."""
-        self.link_free = max(self.clock, self.link_free) + seconds
+    def piece(self, seconds: float, lag: float, ready: float) -> None:
+        """A compute piece whose first `lag` seconds need not wait for `ready`."""
+        first = min(lag, seconds)
+        self.compute(first, 0.0)
+        self.compute(seconds - first, ready)
+
+    def hop(self, seconds: float, lead: float = 0.0) -> float:
+        """Launch a hop `lead` seconds before now; the time it arrives."""
+        self.link_free = max(self.clock - lead, self.link_free) + seconds
         return self.link_free
 
 
@@ -64,18 +96,18 @@ def paired_seconds(forward: Pieces, backward: Pieces, forward_first: bool = Fals
         nonlocal step, forward_ready
         if step == len(forward.compute):
             return
-        rank.compute(forward.compute[step], forward_ready)
+        rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready)
         if step < len(forward.hops):
-            forward_ready = rank.hop(forward.hops[step])
+            forward_ready = rank.hop(forward.hops[step], forward.lead_of(step))
         step += 1
 
     if forward_first:
         forward_step()
     backward_ready = 0.0
     for i, seconds in enumerate(backward.compute):
-        rank.compute(seconds, backward_ready)
+        rank.piece(seconds, backward.lag_of(i - 1) if i else 0.0, backward_ready)
         if i < len(backward.hops):
-            backward_ready = rank.hop(backward.hops[i])
+            backward_ready = rank.hop(backward.hops[i], backward.lead_of(i))
             forward_step()
     while step < len(forward.compute):
         forward_step()

@@ -56,13 +56,23 @@ class SimCosts:
     forward_first: bool = False  # a pair with this backward starts with a forward step (overlap.py)
 
     def duration(self, action: Action, rank: int = 0) -> float:
-        return {
-            Kind.F: self.f + self.comm_f,
-            Kind.B: self.b + self.comm_b,
-            Kind.W: self.w,
-            Kind.BI: (self.b - self.w if self.bi is None else self.bi) + self.comm_b,
-            Kind.FB: paired(self, self),
-        }[action.kind]
+        if action.kind == Kind.FB:
+            return paired(self, self)
+        if action.kind == Kind.W:
+            return self.w
+        if action.kind == Kind.F:
+            return _alone(self.f, self.hops_f, self.comm_f)
+        return _alone(self.b if action.kind == Kind.B else self.b - self.w if self.bi is None else self.bi,
+                      self.hops_b, self.comm_b)
+
+
+def _alone(compute: float, pieces: Pieces | None, comm: float) -> float:
+    """A forward or backward alone: its compute and its communication whole, or at hop level (pieces
+    scaled to `compute`) what its hops expose."""
+    if pieces is None:
+        return compute + comm
+    total = sum(pieces.compute)
+    return compute + pieces.scaled(compute / total if total else 1.0).exposed()
 
 
 def paired(forward: SimCosts, backward: SimCosts) -> float:

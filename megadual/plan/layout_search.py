@@ -18,7 +18,11 @@ from these stated assumptions (flags, defaults for H800/H100-class GPUs):
   its experts and back, forward and backward, over InfiniBand (--ib-gbps per GPU) once the EP
   group spans nodes (as parallel/topology.py builds it: EP consecutive ranks), else NVLink
   (--nvlink-gbps); exposed under 1F1B, hidden behind the other micro-batch's compute in paired
-  chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm) as far as that compute lasts;
+  chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm), timed hop by hop
+  (pipeline/hops.py): each layer's dispatch and combine against the other side's compute piece
+  beside it (attention and shared experts before a dispatch, routed experts between dispatch and
+  combine; the shared expert computes while its own dispatch is in flight), so a hop longer than
+  that piece shows even where the pair's compute outlasts its communication;
 - TP: two all-reduces of the hidden state per layer each way, over NVLink, exposed;
 - pipeline p2p: one activation message per micro-batch and stage boundary over InfiniBand;
 - data parallelism: one reduce-scatter of FP32 gradients and one all-gather of the weights per
@@ -33,10 +37,10 @@ from functools import cache
 
 from megadual.config import ConfigError, RunConfig
 from megadual.config_validate import num_microbatches, validate_world
-from megadual.model.flops import stage_forward_flops_per_token
+from megadual.model.flops import layer_flops, stage_forward_flops_per_token, swiglu_flops
 from megadual.parallel.topology import nodes_per_ep_group
-from megadual.pipeline.actions import Action, Kind
-from megadual.pipeline.simulate import simulate
+from megadual.pipeline.hops import Pieces
+from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
 from megadual.plan.memory_model import distinct_ranks_per_token
 from megadual.plan.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
 
@@ -144,37 +148,11 @@ def search(base: RunConfig, world: int, gpu_memory_gib: float, hw: Hardware) -> 
     return sorted(fits, key=lambda fit: fit.step_seconds), tried
 
 
-@dataclass(frozen=True)
-class ChunkCost:
-    """Seconds of one micro-batch on one chunk: compute forward / backward (weights included) /
-    weight half, and its expert all-to-alls in each direction."""
-    f: float
-    b: float
-    w: float
-    a2a: float
-
-
-@dataclass(frozen=True)
-class PairedCosts:
-    """simulate()'s cost model with the all-to-alls exposed by F, B, BI and hidden in a paired F&B
-    as far as the pair's compute lasts."""
-    chunks: dict[tuple[int, int], ChunkCost]
-    latency: float
-
-    def duration(self, action: Action, rank: int) -> float:
-        own = self.chunks[rank, action.chunk]
-        if action.kind == Kind.FB:
-            other = self.chunks[rank, action.b_chunk]
-            return max(own.f + other.b, own.a2a + other.a2a)
-        return {Kind.F: own.f + own.a2a, Kind.B: own.b + own.a2a, Kind.BI: own.b - own.w + own.a2a,
-                Kind.W: own.w}[action.kind]
-
-
 @cache  # layouts that differ only in what costs nothing here (the optimizer, selective recomputation) share it
 def _makespan(schedule: tuple, pp: int, n_micro: int, costs: tuple, latency: float) -> float:
     name, virtual, overlap = schedule
     return simulate(schedule_actions(name, pp, n_micro, True, virtual, overlap),
-                    PairedCosts(dict(costs), latency)).makespan
+                    StageCosts(dict(costs), latency)).makespan
 
 
 def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankMemory]) -> float:
@@ -184,7 +162,7 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     message = m.seq_length * t.micro_batch_size * m.hidden_size * 2  # BF16
     costs = chunk_costs(config, world, hw)
     if layout.pp == 1:
-        makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + 2 * costs[0, 0].a2a)
+        makespan = n_micro * (costs[0, 0].f + costs[0, 0].b + costs[0, 0].comm_f + costs[0, 0].comm_b)
     else:
         makespan = _makespan((layout.schedule, layout.virtual_stages, layout.overlap), layout.pp, n_micro,
                              tuple(costs.items()), message / (hw.ib_gbps * 1e9))
@@ -193,22 +171,42 @@ def step_seconds(config: RunConfig, world: int, hw: Hardware, memory: list[RankM
     return makespan + sync
 
 
-def chunk_costs(config: RunConfig, world: int, hw: Hardware) -> dict[tuple[int, int], ChunkCost]:
-    """Each (pipeline rank, chunk)'s costs of one micro-batch (see the module's doc)."""
+def chunk_costs(config: RunConfig, world: int, hw: Hardware) -> dict[tuple[int, int], SimCosts]:
+    """Each (pipeline rank, chunk)'s costs of one micro-batch (see the module's doc), at hop level: the
+    forward's compute pieces between its expert all-to-alls (what runs before a layer's dispatch, its
+    routed experts, ...), the backward's the same in reverse at twice the compute (three times under
+    full recomputation), each hop one direction of one layer's all-to-all."""
     m, t, layout = config.model, config.train, layout_of(config, world)
     tokens = m.seq_length * t.micro_batch_size
     spans_nodes = nodes_per_ep_group(layout.ep, hw.gpus_per_node) > 1
     a2a_bandwidth = (hw.ib_gbps if spans_nodes else hw.nvlink_gbps) * 1e9
     message = tokens * m.hidden_size * 2  # BF16
     remote = distinct_ranks_per_token(m, layout.ep) * (1 - 1 / layout.ep) if m.num_experts else 0.0
-    recomputed = 1.0 if t.recompute_granularity == "full" else 0.0
+    hop = message / layout.tp * remote / a2a_bandwidth
+    backward = 3.0 if t.recompute_granularity == "full" else 2.0
+    seconds = 1 / (hw.tflops * 1e12) * tokens / layout.tp
+    tp = 2 * message * (layout.tp - 1) / layout.tp / (hw.nvlink_gbps * 1e9)  # one layer's, each way
+    routed = m.moe_router_topk * swiglu_flops(m.hidden_size, m.moe_ffn_hidden_size) * seconds
+    shared = swiglu_flops(m.hidden_size, m.moe_shared_expert_intermediate_size) * seconds  # beside the dispatch
     costs = {}
     for rank, chunks in enumerate(rank_stages(config, layout, num_microbatches(config, layout.dp))):
         for chunk, spec in enumerate(chunks):
             layers = range(spec.first_layer, spec.last_layer)
-            flops = tokens * stage_forward_flops_per_token(m, layers, spec.has_head) / layout.tp
-            f = flops / (hw.tflops * 1e12)
-            tp = len(layers) * 2 * message * (layout.tp - 1) / layout.tp / (hw.nvlink_gbps * 1e9)
-            a2a = sum(m.is_moe_layer(i) for i in layers) * 2 * message / layout.tp * remote / a2a_bandwidth
-            costs[rank, chunk] = ChunkCost(f + tp, 2 * f + recomputed * f + tp, f, a2a)
+            f = stage_forward_flops_per_token(m, layers, spec.has_head) * seconds
+            pieces, lead, current = [], [], 0.0  # the forward's compute pieces; what has run since the last hop
+            for layer in layers:
+                if m.is_moe_layer(layer) and layout.ep > 1:
+                    pieces += [current + layer_flops(m, layer) * seconds - routed, routed]
+                    lead += [shared, 0.0]
+                    current = 0.0
+                else:
+                    current += layer_flops(m, layer) * seconds
+            pieces.append(current + f - sum(layer_flops(m, layer) * seconds for layer in layers))
+            hops = (hop,) * (len(pieces) - 1)
+            exposed_tp = len(layers) * tp
+            forward = Pieces((pieces[0] + exposed_tp, *pieces[1:]), hops, tuple(lead))
+            back = [backward * p for p in reversed(pieces)]
+            costs[rank, chunk] = SimCosts(f=f + exposed_tp, b=backward * f + exposed_tp, w=f,
+                                          comm_f=sum(hops), comm_b=sum(hops), hops_f=forward,
+                                          hops_b=Pieces((*back[:-1], back[-1] + exposed_tp), hops))
     return costs
