@@ -1,11 +1,12 @@
 """DeepSeek-V3 routing: node limit, bias for selection only, balance loss, bias update."""
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from megadual.config import ModelConfig
-from megadual.moe.router import Router, balance_loss, node_limited_topk, nodes_per_token
+from megadual.moe.router import Router, RoutingStats, balance_loss, node_limited_topk, nodes_per_token
 
 pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
 
@@ -58,12 +59,9 @@ def test_bias_steers_selection_but_not_gate_values():
     assert torch.allclose(biased.gates.sum(-1), torch.full((64,), 2.5), atol=1e-5)
 
 
-def test_sequence_balance_loss_matches_formula():
-    torch.manual_seed(0)
-    s, b, e, k = 6, 3, 8, 2
-    scores = torch.rand(s * b, e)
-    normalized = scores / scores.sum(-1, keepdim=True)
-    idx = scores.topk(k).indices
+def written_out_balance_loss(normalized, idx, b, e, k) -> float:
+    """The report's sequence-wise loss sum_i f_i P_i, averaged over the b sequences (tokens [s, b])."""
+    s = normalized.shape[0] // b
     want = 0.0
     for seq in range(b):
         tokens = [t * b + seq for t in range(s)]
@@ -71,8 +69,60 @@ def test_sequence_balance_loss_matches_formula():
             f = e / (k * s) * sum(int(i in idx[t].tolist()) for t in tokens)
             p = sum(float(normalized[t, i]) for t in tokens) / s
             want += f * p
+    return want / b
+
+
+def test_sequence_balance_loss_matches_formula():
+    torch.manual_seed(0)
+    s, b, e, k = 6, 3, 8, 2
+    scores = torch.rand(s * b, e)
+    normalized = scores / scores.sum(-1, keepdim=True)
+    idx = scores.topk(k).indices
     got = balance_loss(normalized, idx, b, e, k)
-    assert abs(float(got) - want / b) < 1e-6
+    assert abs(float(got) - written_out_balance_loss(normalized, idx, b, e, k)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["seq_aux_loss", "aux_loss", "none"])
+def test_aux_loss_is_the_chosen_balance_loss_times_its_coefficient(kind):
+    """--moe-router-load-balancing-type: per sequence, over the whole micro-batch as one, or none."""
+    torch.manual_seed(2)
+    router = Router(replace(CFG, moe_router_load_balancing_type=kind, moe_aux_loss_coeff=0.3), num_nodes=4)
+    torch.nn.init.normal_(router.weight, std=1.0)
+    x = torch.randn(40, 16)
+    r = router(x, num_sequences=4)
+    scores = torch.sigmoid(x @ router.weight.t()).detach().cpu().double()
+    normalized = scores / scores.sum(-1, keepdim=True)
+    groups = {"seq_aux_loss": 4, "aux_loss": 1}.get(kind)
+    want = 0.3 * written_out_balance_loss(normalized, r.indices.cpu(), groups, 8, 4) if groups else 0.0
+    assert abs(float(r.aux_loss.detach()) - want) < 1e-6
+
+
+def test_routing_statistics_add_up_the_counted_routings():
+    """What a step logs and the bias update reads: every expert's tokens, the aux losses, calls, tokens,
+    destination nodes (sum and most) and dispatch rows, summed over the routings of the step, a
+    recomputed routing (stats_paused) left out; taking them starts the next step from nothing."""
+    torch.manual_seed(4)
+    router = Router(replace(CFG, moe_router_max_nodes=4), num_nodes=4)  # tokens reach 1 to 4 nodes
+    torch.nn.init.normal_(router.weight, std=1.0)
+    x = torch.randn(40, 16)
+    first = router(x[:37], num_sequences=1)
+    with router.stats_paused():
+        router(x, num_sequences=4)
+    second = router(x[37:], num_sequences=1)
+    router.stats.record_dispatch(5, 7)
+    router.stats.record_dispatch(1, 2)
+    stats = router.take_stats()
+    chosen = torch.cat([first.indices, second.indices]).cpu()
+    nodes = [len({e // 2 for e in row}) for row in chosen.tolist()]  # 8 experts on 4 nodes
+    load = [sum(row.count(e) for row in chosen.tolist()) for e in range(8)]
+    sums, most = stats.as_tensors(x.device)
+    assert sums.dtype == torch.float64 and sums[:8].tolist() == load
+    assert sums[9:].tolist() == [2, 40, sum(nodes), 6, 9]  # calls, tokens, node counts, inter-, intra-node rows
+    assert abs(float(sums[8]) - float(first.aux_loss.detach() + second.aux_loss.detach())) < 1e-6
+    assert most.tolist() == [max(nodes)] and max(nodes[:37]) != max(nodes[37:])  # the most of both calls
+    assert router.take_stats().calls == 0
+    sums, most = RoutingStats(8).as_tensors(x.device)  # a router that saw nothing
+    assert sums.tolist() == [0.0] * 14 and most.tolist() == [0]
 
 
 def test_stats_and_aux_loss_use_final_node_limited_routing():
