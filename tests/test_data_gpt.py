@@ -76,3 +76,23 @@ def test_mock_dataset_is_seeded_and_in_vocab():
     assert not all(torch.equal(first[i]["tokens"], other[i]["tokens"]) for i in range(50))
     tokens = torch.cat([first[i]["tokens"] for i in range(50)])
     assert tokens.min() >= 0 and tokens.max() == 99  # 99 is the end-of-document id
+
+
+def test_epochs_and_the_separate_final_epoch_follow_megatrons_rule(source):
+    """Megatron's GPTDataset: the fewest epochs whose stream (samples overlapping by one token) gives
+    num_samples; the final epoch shuffled apart (documents and samples) when fewer than
+    int(0.8 x samples per epoch) of num_samples come from it. Every num_samples over three epochs."""
+    documents = np.arange(20)
+    tokens = int(source.sequence_lengths.sum())
+    per_epoch = (tokens - 1) // SEQ
+    for num_samples in range(1, 3 * per_epoch + 1):
+        epochs = 1
+        while (epochs * tokens - 1) // SEQ < num_samples:
+            epochs += 1
+        before = ((epochs - 1) * tokens - 1) // SEQ
+        separate = epochs > 1 and num_samples - before < int(0.8 * per_epoch)
+        dataset = GPTDataset(source, documents, num_samples, SEQ, seed=num_samples)
+        assert len(dataset.document_index) == 20 * epochs and len(dataset) == (epochs * tokens - 1) // SEQ
+        last_epoch_alone = sorted(dataset.document_index[-20:].tolist()) == documents.tolist()
+        first_samples_alone = sorted(dataset.shuffle_index[:before].tolist()) == list(range(before))
+        assert (last_epoch_alone and first_samples_alone) == separate or epochs == 1, num_samples
