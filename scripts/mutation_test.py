@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def run_module(module: str, keep: bool, only: list[str] | None = None) -> collec
     functions = only or functions
     (scratch / "setup.cfg").write_text(setup_cfg(tests, select).replace("{module}", module))
     started = time.perf_counter()
-    subprocess.run(["mutmut", "run", "--max-children", "1", *functions], cwd=scratch, stdout=subprocess.DEVNULL)
+    # mutmut's timeout is a limit on CPU seconds: torch's idle threads spinning on a loaded machine used it up
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["mutmut", "run", "--max-children", "1", *functions], cwd=scratch, stdout=subprocess.DEVNULL, env=env)
     results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=scratch, capture_output=True,
                              text=True).stdout
     counts = collections.Counter()
