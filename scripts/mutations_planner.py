@@ -100,4 +100,11 @@ MUTATIONS = [
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
          "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
         "the planner counts moe_act's SwiGLU input in full precision"),
+    # issue 23 (s3-mut)
+    Mutation(
+        "planner-expert-state-over-dp", "megadual/plan/rank_memory.py",
+        "(params.expert_elements, expert_dp)):",
+        "(params.expert_elements, layout.dp)):",
+        ("tests/test_oracles_planner.py::test_zero1_keeps_each_ranks_shard_of_moments_and_masters_and_a_step_per_bucket",),
+        "the planner shards the experts' distributed-optimizer state over DP, not their expert-DP group"),
 ]
