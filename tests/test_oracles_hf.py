@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from megadual.arguments import parse_args, parse_model_flags
+from megadual.config import ModelConfig
 from megadual.hf.config_map import hf_config
 from megadual.hf.convert import model_shapes, read_hf
-from megadual.config import ModelConfig
 from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import write_sharded
 from megadual.parallel.recompute import run_steps

@@ -18,8 +18,16 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.config import ConfigError, ModelConfig
 from megadual.plan.layout_search import end_stage_layers
-from megadual.plan.memory_model import (Activations, Precision, Shape, codec_bytes, distinct_ranks_per_token,
-                                        mlp_bytes, norm_bytes, per_expert_keeps)
+from megadual.plan.memory_model import (
+    Activations,
+    Precision,
+    Shape,
+    codec_bytes,
+    distinct_ranks_per_token,
+    mlp_bytes,
+    norm_bytes,
+    per_expert_keeps,
+)
 from megadual.plan.rank_memory import Layout, ParamCount, StateBytes, _distributed_adam_bytes, predict
 from megadual.training.loop import build_model, build_topology
 from tests.helpers import TINY_MOE
