@@ -41,7 +41,7 @@ MODULES = {
                          "*PretrainingSampler*global_step_samples__*"]),
     "data/gpt_dataset.py": (["tests/test_data_gpt.py"], "",
                             ["*x__num_epochs__*", "*x__full_epoch_samples__*", "*x__document_index__*",
-                             "*x__sample_index__*", "*x__shuffle_index__*", "*GPTDataset*sample_tokens__*"]),
+                             "*x__sample_index__*", "*x__shuffle_index__*", "*ǁGPTDatasetǁ*"]),
     "hf/names.py": (["tests/test_oracles_hf.py"], "", ["*"]),
     "model/dropout.py": (["tests/test_dropout.py", "tests/test_oracles_math.py"],
                          "not training_losses and (not oracles_math or dropout)", ["*"]),
