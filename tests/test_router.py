@@ -4,9 +4,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from megadual.config import ModelConfig
 from megadual.moe.router import Router, RoutingStats, balance_loss, node_limited_topk, nodes_per_token
+from megadual.parallel.params import ParamSpec
+from megadual.parallel.tensor import attach_wgrad_store
+from megadual.parallel.wgrad import WeightGradStore
 
 pytestmark = pytest.mark.usefixtures("on_device_under_test")  # made on CUDA under scripts/gpu_check.sh
 
@@ -120,9 +125,39 @@ def test_routing_statistics_add_up_the_counted_routings():
     assert sums[9:].tolist() == [2, 40, sum(nodes), 6, 9]  # calls, tokens, node counts, inter-, intra-node rows
     assert abs(float(sums[8]) - float(first.aux_loss.detach() + second.aux_loss.detach())) < 1e-6
     assert most.tolist() == [max(nodes)] and max(nodes[:37]) != max(nodes[37:])  # the most of both calls
-    assert router.take_stats().calls == 0
+    router(x[:5], num_sequences=1)
+    assert router.take_stats().tokens_per_expert.sum() == 5 * 4  # the next step counts from nothing
     sums, most = RoutingStats(8).as_tensors(x.device)  # a router that saw nothing
     assert sums.tolist() == [0.0] * 14 and most.tolist() == [0]
+    many = RoutingStats(8)
+    many.tokens = 2 ** 24 + 1  # a step's tokens past float32's integers: counted exactly
+    assert many.as_tensors(x.device)[0][10].item() == 2 ** 24 + 1
+
+
+def test_gates_in_the_tokens_dtype_and_the_weight_gradient_deferred_to_its_w():
+    """The gate is computed in FP32 (fp32_linear) but returned in the tokens' dtype; under the W split
+    the router's weight gradient waits for the store's W as every other linear's does."""
+    router, x = seeded_router(5, 1.0, 12)
+    assert router(x.bfloat16(), num_sequences=1).gates.dtype == torch.bfloat16
+    store = WeightGradStore()
+    attach_wgrad_store(router, store)
+    with store.deferrable_forward():
+        routing = router(x, num_sequences=1)
+    with store.split_backward():
+        routing.gates.square().sum().backward()
+    assert router.weight.grad is None and len(store) == 1
+    store.pop()
+    assert router.weight.grad is not None
+
+
+def test_router_weight_is_initialized_and_its_gradient_summed_over_tp_when_tp_splits_the_sequence():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        tp = dist.new_group([0, 1])
+        assert Router(CFG, 4, tp).param_specs == {"weight": ParamSpec(CFG.init_method_std, grad_partial_over_tp=True)}
+        assert Router(CFG, 4).param_specs == {"weight": ParamSpec(CFG.init_method_std, grad_partial_over_tp=False)}
+    finally:
+        dist.destroy_process_group()
 
 
 def test_stats_and_aux_loss_use_final_node_limited_routing():
