@@ -62,9 +62,9 @@ MODULES = {
 
 def setup_cfg(tests: list[str], select: str) -> str:
     selection = [*tests, *(["-k", select] if select else [])]
-    # also_copy: the files tests read besides tests/ (examples/: test_oracles_hf reads V3's args file)
+    # also_copy: what tests read besides tests/ (V3's args file in examples/; pretrain_moe's load_config)
     return "\n".join(["[mutmut]", "source_paths = megadual", "only_mutate = megadual/{module}",
-                      "also_copy =", "    examples",
+                      "also_copy =", "    examples", "    pretrain_moe.py",
                       "pytest_add_cli_args_test_selection =", *[f"    {t}" for t in selection],
                       "pytest_add_cli_args =", "    -x", "    -q", "    -p", "    no:cacheprovider",
                       "timeout_multiplier = 4.0", "timeout_constant = 10.0", ""])
