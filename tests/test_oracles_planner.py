@@ -43,16 +43,19 @@ CASES = {
     "PP2-dualpipe-EP2-MTP-BF16-distopt": (4, MLA + ["--pipeline-model-parallel-size", "2", "--pipeline-schedule",
                                                      "dualpipe", "--expert-model-parallel-size", "2",
                                                      "--mtp-num-layers", "1", "--bf16",
-                                                     "--use-distributed-optimizer"]),
+                                                     "--use-distributed-optimizer", "--ddp-bucket-size", "1000"]),
+    "dense-layers-MTP2": (1, ["--moe-first-k-dense", "4", "--mtp-num-layers", "2"]),  # MoE in the MTP layers only
 }
 
 
-def built_parameters(config, world: int, rank: int) -> tuple[int, int]:
-    """(elements, tensors) of the parameters rank `rank` builds."""
+def built_parameters(config, world: int, rank: int) -> tuple[int, int, int]:
+    """(elements, tensors, routed experts' elements) of the parameters rank `rank` builds."""
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         model = build_model(config, build_topology(config), torch.device("cpu"))
-        return sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
+        named = dict(model.named_parameters())
+        return (sum(p.numel() for p in named.values()), len(named),
+                sum(p.numel() for name, p in named.items() if ".experts." in name))
     finally:
         dist.destroy_process_group()
 
@@ -66,11 +69,16 @@ def test_planner_counts_every_parameter_each_rank_builds(case):
     predicted = predict(config, world, activations=False)
     tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
     for rank in range(0, world, world // pp):  # the first rank of each pipeline stage: TP rank 0, EP rank 0
-        elements, tensors = built_parameters(config, world, rank)
+        elements, tensors, experts = built_parameters(config, world, rank)
         got = predicted[rank // (world // pp)]
-        assert got.parameters == elements * weight_bytes, (case, rank)
+        assert got.parameters == elements * weight_bytes and got.peak_activations == 0, (case, rank)
         # FP32 gradients; AdamW's two FP32 moments per element and an FP32 step count per tensor
         assert (got.gradients, got.optimizer_state) == (4 * elements, 8 * elements + 4 * tensors), (case, rank)
+        if config.optim.ddp_bucket_size:  # ZeRO-1 over DP 2 (the experts' expert-DP group: 1 rank), 1000-element
+            # buckets: FP32 moments and masters (12 bytes) of this rank's shard, a step count per bucket
+            dense = elements - experts
+            assert got.optimizer_state_distributed == 12 * (-(-dense // 2) + experts) + \
+                4 * (-(-dense // 1000) - (-experts // 1000)), (case, rank)
     assert tp * pp <= world
 
 
