@@ -24,8 +24,10 @@ from megadual.plan.memory_model import (
     Shape,
     codec_bytes,
     distinct_ranks_per_token,
+    PeakMoment,
     mlp_bytes,
     norm_bytes,
+    peak_moment,
     per_expert_keeps,
 )
 from megadual.plan.rank_memory import Layout, ParamCount, StateBytes, _distributed_adam_bytes, predict
@@ -164,6 +166,32 @@ def test_a_recomputed_piece_rises_above_the_kept_bytes_less_what_the_pieces_afte
     nothing = Activations()
     nothing.add(30.0, 30.0)
     assert nothing.transient == -math.inf and nothing.kinds == {"other": 30.0}
+
+
+def test_precision_of_the_flags():
+    """--bf16 autocasts; its weights are BF16 only under the distributed optimizer; --fp8-format."""
+    assert Precision.of_run(True, False, False) == Precision(autocast=True)
+    assert Precision.of_run(True, True, True) == Precision(autocast=True, bf16_weights=True, fp8=True)
+    assert Precision.of_run(False, True, False) == Precision()
+
+
+def test_the_peak_of_a_schedule_walked_by_hand():
+    """Chunk 0 keeps 100 bytes a micro-batch (30 of them GEMM inputs a W needs; its recomputation rises 7,
+    11 when deferring), chunk 1 1000 (300; 70, 110). Steps: F0, F1, F0, BI1 (its W deferred), paired
+    F1 & B0, W1. The paired forward runs first when B0's chunk has all-to-alls, else after B0."""
+    chunks = [Activations(100.0, 30.0, 7.0, 11.0), Activations(1000.0, 300.0, 70.0, 110.0)]
+    steps = ((0, -1, False, -1), (1, -1, False, -1), (0, -1, False, -1), (-1, 1, True, -1), (1, 0, False, -1),
+             (-1, -1, False, 1))
+    # F0 F1 F0: 1200 alive; BI1 rises 110 above it (1310), then leaves 1200 - 1000 + 300 = 500; F1 first: 1500,
+    # B0 rises 7 (1507), leaves 1400; W1: 1100
+    assert peak_moment(steps, chunks) == PeakMoment(1507.0, (2, 1), (0, 1), 0, 7.0)
+    assert peak_moment(steps, chunks, [True, False]) == PeakMoment(1507.0, (2, 1), (0, 1), 0, 7.0)
+    # B0 first: 500 + 7, leaves 400; then F1: 1400, the most alive with nothing rising
+    assert peak_moment(steps, chunks, [False, True]) == PeakMoment(1400.0, (1, 1), (0, 1))
+    # without the paired step the peak is BI1's rise over the three forwards
+    assert peak_moment(steps[:4], chunks) == PeakMoment(1310.0, (2, 1), (0, 0), 1, 110.0)
+    plain = ((0, -1, False, -1), (-1, 0, False, -1))  # F0 then B0, no recomputation: 100 alive at most
+    assert peak_moment(plain, [Activations(100.0, 30.0)]) == PeakMoment(100.0, (1,), (0,))
 
 
 def test_zero1_keeps_each_ranks_shard_of_moments_and_masters_and_a_step_per_bucket():
