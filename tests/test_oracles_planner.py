@@ -102,10 +102,13 @@ def test_fp8_copies_hold_one_byte_per_element_and_an_fp32_scale_per_128():
     """moe_act's cache: 1 x 128 tiles along the columns. A linear's FP8 input: 128 tokens per scale of each
     column (as the experts' GEMMs do it, per expert: 300 pairs over 3 experts is 100 each, one scale)."""
     assert codec_bytes(10, 300) == 10 * 300 + 10 * 3 * 4
+    assert codec_bytes(10, 129) == 10 * 129 + 10 * 2 * 4
     assert Precision(fp8=True).keeps(300, 16, 4) == 300 * 16 + 16 * 3 * 4
     assert per_expert_keeps(Precision(fp8=True), 300, 16, 3, 4) == 300 * 16 + 3 * 16 * 1 * 4
+    assert per_expert_keeps(Precision(fp8=True), 387, 16, 3, 4) == 387 * 16 + 3 * 16 * 2 * 4  # 129 pairs each
     assert per_expert_keeps(Precision(fp8=True), 300, 16, 1, 4) == 300 * 16 + 16 * 3 * 4
     assert per_expert_keeps(Precision(autocast=True), 300, 16, 3, 4) == 300 * 16 * 2
+    assert per_expert_keeps(Precision(), 300, 16, 3, 4) == 300 * 16 * 4
 
 
 @pytest.mark.parametrize("precision", ["fp32", "autocast", "bf16-weights", "fp8"])
@@ -163,9 +166,11 @@ def test_a_recomputed_piece_rises_above_the_kept_bytes_less_what_the_pieces_afte
     assert (acts.transient, acts.transient_deferring) == rise_above_kept(walked)
     assert acts.kinds == {"piece 100": 100, "piece 50": 5, "piece 40": 40, "piece 70": 8, "piece 25": 25}
     assert dict(acts.named("layer 3").kinds) == {f"layer 3 | {k}": v for k, v in acts.kinds.items()}
-    nothing = Activations()
-    nothing.add(30.0, 30.0)
-    assert nothing.transient == -math.inf and nothing.kinds == {"other": 30.0}
+    kept, recomputed = Activations(), Activations()
+    kept.add(30.0)  # nothing of it a GEMM input, nothing recomputed
+    recomputed.add(30.0, recomputed=True)  # nothing kept, all of it recomputed
+    assert (kept.kept, kept.weight_inputs, kept.transient, kept.kinds) == (30.0, 0.0, -math.inf, {"other": 30.0})
+    assert (recomputed.kept, recomputed.transient, recomputed.transient_deferring) == (0.0, 30.0, 30.0)
 
 
 def test_precision_of_the_flags():
