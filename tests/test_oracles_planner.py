@@ -154,7 +154,7 @@ def rise_above_kept(pieces) -> tuple[float, float]:
 
 def test_a_recomputed_piece_rises_above_the_kept_bytes_less_what_the_pieces_after_it_freed():
     """Pieces in forward order (saved, GEMM inputs, recomputed, kept inputs, recomputed copies)."""
-    pieces = [(100.0, 10.0, False, 0.0, 0.0), (50.0, 20.0, True, 5.0, 3.0), (40.0, 30.0, False, 0.0, 0.0),
+    pieces = [(100.0, 10.0, False, 0.0, 0.0), (50.0, 20.0, True, 5.0, 100.0), (40.0, 30.0, False, 0.0, 0.0),
               (70.0, 0.0, True, 8.0, 0.0), (25.0, 15.0, False, 0.0, 0.0)]
     acts = Activations()
     for saved, gemm, recomputed, kept_inputs, extra in pieces:
@@ -166,6 +166,8 @@ def test_a_recomputed_piece_rises_above_the_kept_bytes_less_what_the_pieces_afte
     assert (acts.transient, acts.transient_deferring) == rise_above_kept(walked)
     assert acts.kinds == {"piece 100": 100, "piece 50": 5, "piece 40": 40, "piece 70": 8, "piece 25": 25}
     assert dict(acts.named("layer 3").kinds) == {f"layer 3 | {k}": v for k, v in acts.kinds.items()}
+    acts.add(10.0, kind={"piece 25": 4.0, "router": 6.0})  # bytes by kind; a kind seen before adds up
+    assert acts.kinds == {"piece 100": 100, "piece 50": 5, "piece 40": 40, "piece 70": 8, "piece 25": 29, "router": 6}
     kept, recomputed = Activations(), Activations()
     kept.add(30.0)  # nothing of it a GEMM input, nothing recomputed
     recomputed.add(30.0, recomputed=True)  # nothing kept, all of it recomputed
@@ -197,6 +199,21 @@ def test_the_peak_of_a_schedule_walked_by_hand():
     assert peak_moment(steps[:4], chunks) == PeakMoment(1310.0, (2, 1), (0, 0), 1, 110.0)
     plain = ((0, -1, False, -1), (-1, 0, False, -1))  # F0 then B0, no recomputation: 100 alive at most
     assert peak_moment(plain, [Activations(100.0, 30.0)]) == PeakMoment(100.0, (1,), (0,))
+    # a tie keeps the first moment; nothing run, nothing alive
+    tie = ((0, -1, False, -1), (-1, 0, False, -1), (1, -1, False, -1))
+    assert peak_moment(tie, [Activations(100.0), Activations(100.0)]) == PeakMoment(100.0, (1, 0), (0, 0))
+    assert peak_moment((), chunks) == PeakMoment(0.0, (0, 0), (0, 0))
+
+
+def test_the_peak_after_deferred_ws_walked_by_hand():
+    """The chunks above. F0 F0: 200; BI0 rises 11 (211) and leaves 130, BI0 again leaves 60 (two W0 owed);
+    F0 F1: 1160; W0: 1130; paired F0 & B1 (B1 without all-to-alls: F0 after it): B1 rises 70 (1200), leaves
+    130, F0: 230; W0: 200; F1 F1: 2200."""
+    chunks = [Activations(100.0, 30.0, 7.0, 11.0), Activations(1000.0, 300.0, 70.0, 110.0)]
+    f0, f1, bi0, w0 = (0, -1, False, -1), (1, -1, False, -1), (-1, 0, True, -1), (-1, -1, False, 0)
+    steps = (f0, f0, bi0, bi0, f0, f1, w0, (0, 1, False, -1), w0, f1, f1)
+    assert peak_moment(steps[:8], chunks, [True, False]) == PeakMoment(1200.0, (1, 1), (1, 0), 1, 70.0)
+    assert peak_moment(steps, chunks, [True, False]) == PeakMoment(2200.0, (2, 2), (0, 0))
 
 
 def test_zero1_keeps_each_ranks_shard_of_moments_and_masters_and_a_step_per_bucket():
