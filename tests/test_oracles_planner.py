@@ -104,6 +104,7 @@ def test_fp8_copies_hold_one_byte_per_element_and_an_fp32_scale_per_128():
     assert codec_bytes(10, 300) == 10 * 300 + 10 * 3 * 4
     assert codec_bytes(10, 129) == 10 * 129 + 10 * 2 * 4
     assert Precision(fp8=True).keeps(300, 16, 4) == 300 * 16 + 16 * 3 * 4
+    assert Precision(fp8=True).keeps(129, 16, 4) == 129 * 16 + 16 * 2 * 4
     assert per_expert_keeps(Precision(fp8=True), 300, 16, 3, 4) == 300 * 16 + 3 * 16 * 1 * 4
     assert per_expert_keeps(Precision(fp8=True), 387, 16, 3, 4) == 387 * 16 + 3 * 16 * 2 * 4  # 129 pairs each
     assert per_expert_keeps(Precision(fp8=True), 300, 16, 1, 4) == 300 * 16 + 16 * 3 * 4
