@@ -124,3 +124,13 @@ def test_epochs_and_shuffles_are_megatrons_at_every_boundary():
             want = megatron_indices(lengths, num_samples, seq, seed=num_samples)
             assert (dataset.document_index.tolist(), dataset.shuffle_index.tolist()) == want, \
                 (tokens, seq, num_samples)
+
+
+@pytest.mark.parametrize("documents, num_samples, seq, message", [
+    ([3], 1, 0, "sequence length must be positive, got 0 (--seq-length)"),
+    ([3], 0, 4, "num_samples must be positive, got 0"),
+    ([1, 0], 1, 4, "the 2 documents given hold 1 tokens; need at least 2"),
+])
+def test_a_dataset_that_cannot_give_a_sample_is_refused_saying_why(documents, num_samples, seq, message):
+    with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+        GPTDataset(Lengths(documents), np.arange(len(documents)), num_samples, seq, seed=0)

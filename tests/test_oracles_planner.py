@@ -20,11 +20,11 @@ from megadual.config import ConfigError, ModelConfig
 from megadual.plan.layout_search import end_stage_layers
 from megadual.plan.memory_model import (
     Activations,
+    PeakMoment,
     Precision,
     Shape,
     codec_bytes,
     distinct_ranks_per_token,
-    PeakMoment,
     mlp_bytes,
     norm_bytes,
     peak_moment,
