@@ -362,4 +362,11 @@ MUTATIONS = [
         "if not torch.is_grad_enabled():",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32[MHA MoE-moe moe_act-2]",),
         "moe_act's region inside the moe region keeps its FP8 copies though the outer region drops all"),
+    # issue 23 (s3-mut)
+    Mutation(
+        "aux-loss-type-ignored", "megadual/moe/router.py",
+        "groups = num_sequences if c.moe_router_load_balancing_type == \"seq_aux_loss\" else 1",
+        "groups = num_sequences",
+        ("tests/test_router.py::test_aux_loss_is_the_chosen_balance_loss_times_its_coefficient[aux_loss]",),
+        "--moe-router-load-balancing-type aux_loss computes the sequence-wise loss"),
 ]

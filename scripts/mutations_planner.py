@@ -128,4 +128,11 @@ MUTATIONS = [
         "back = [backward * p for p in pieces]",
         ("tests/test_plan.py::test_search_times_a_paired_chunk_hop_by_hop",),
         "the layout search's backward meets its hops in the forward's order"),
+    # issue 23 (s3-mut)
+    Mutation(
+        "planner-expert-state-over-dp", "megadual/plan/rank_memory.py",
+        "(params.expert_elements, expert_dp)):",
+        "(params.expert_elements, layout.dp)):",
+        ("tests/test_oracles_planner.py::test_zero1_keeps_each_ranks_shard_of_moments_and_masters_and_a_step_per_bucket",),
+        "the planner shards the experts' distributed-optimizer state over DP, not their expert-DP group"),
 ]

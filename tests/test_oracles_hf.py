@@ -5,12 +5,14 @@ computed from the HF tensors by DeepSeek's MTP formula."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from megadual.arguments import parse_args, parse_model_flags
+from megadual.config import ModelConfig
 from megadual.hf.config_map import hf_config
 from megadual.hf.convert import model_shapes, read_hf
-from megadual.hf.names import hf_name, mtp_copies, to_hf_rows
+from megadual.hf.names import from_hf_rows, hf_name, mtp_copies, mtp_copy_of, our_name, to_hf_rows
 from megadual.hf.safetensors_io import write_sharded
 from megadual.parallel.recompute import run_steps
 from megadual.pipeline.stage_model import build_full_model
@@ -75,6 +77,59 @@ def test_export_names_equal_deepseek_v3s_release():
     small = parse_args(TINY_MOE + ["--num-layers", "2", "--moe-first-k-dense", "1", "--mtp-num-layers", "1",
                                    "--multi-latent-attention", "--q-lora-rank", "16"]).model
     assert set(exported(small)) == release_names(2, 1, 8, 1)  # layer 2 is the MTP layer, as 61 is V3's
+
+
+# DeepSeek-V3's names (2 layers here, so model.layers.2 is the MTP layer) -> ours; None: an MTP layer's
+# copy of the embedding or head, which import checks against the tensor named second.
+IMPORTED = {"model.embed_tokens.weight": "embedding.weight", "model.norm.weight": "final_norm.weight",
+            "lm_head.weight": "output_layer.weight",
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": "layers.0.attention.kv_down.weight",
+            "model.layers.1.mlp.gate.e_score_correction_bias": "layers.1.mlp.router.expert_bias",
+            "model.layers.1.mlp.experts.17.up_proj.weight": "layers.1.mlp.experts.local.17.up.weight",
+            "model.layers.1.post_attention_layernorm.weight": "layers.1.pre_mlp_norm.weight",
+            "model.layers.2.enorm.weight": "mtp.0.enorm.weight", "model.layers.2.hnorm.weight": "mtp.0.hnorm.weight",
+            "model.layers.3.eh_proj.weight": "mtp.1.eh_proj.weight",
+            "model.layers.2.shared_head.norm.weight": "mtp.0.final_norm.weight",
+            "model.layers.2.self_attn.q_b_proj.weight": "mtp.0.layer.attention.q_up.weight",
+            "model.layers.3.mlp.experts.3.down_proj.weight": "mtp.1.layer.mlp.experts.local.3.down.weight",
+            "model.layers.2.embed_tokens.weight": (None, "embedding.weight"),
+            "model.layers.3.shared_head.head.weight": (None, "output_layer.weight")}
+
+
+def test_imported_names_are_deepseeks_and_unknown_ones_are_named():
+    for theirs, ours in IMPORTED.items():
+        ours, copied = ours if isinstance(ours, tuple) else (ours, None)
+        assert (our_name(theirs, 2), mtp_copy_of(theirs)) == (ours, copied), theirs
+        if ours is not None:
+            assert hf_name(ours, 2) == theirs
+    assert mtp_copies(2, 2) == {n: ours[1] for n, ours in IMPORTED.items() if isinstance(ours, tuple)} | {
+        "model.layers.2.shared_head.head.weight": "output_layer.weight",
+        "model.layers.3.embed_tokens.weight": "embedding.weight"}
+    for theirs in ("model.layers.1.mlp.unknown.weight", "model.layers.2.unknown.weight", "model.unknown.weight"):
+        with pytest.raises(KeyError, match=f"^\"megadual has no tensor for Hugging Face's {theirs}\"$"):
+            our_name(theirs, 2)
+    for ours in ("layers.0.attention.unknown.weight", "mtp.0.unknown.weight", "unknown.weight"):
+        with pytest.raises(KeyError, match=f"^'no Hugging Face name for megadual tensor {ours}'$"):
+            hf_name(ours, 2)
+
+
+def test_rope_rows_are_interleaved_in_hf_and_half_split_in_ours():
+    """3 RoPE dims per half (6 rows): ours [x0 x1 x2 y0 y1 y2] is HF's [x0 y0 x1 y1 x2 y2] (rope_interleave),
+    in the last 6 rows of kv_a_proj_with_mqa and of each head's rows of the query projection."""
+    config = ModelConfig(num_attention_heads=2, qk_pos_emb_head_dim=6)
+    to_hf = [0, 3, 1, 4, 2, 5]
+    kv = torch.arange(10.0).unsqueeze(1).expand(10, 3)  # 4 latent rows, then 6 RoPE rows
+    hf_kv = kv[[0, 1, 2, 3] + [4 + i for i in to_hf]]
+    assert torch.equal(to_hf_rows("layers.0.attention.kv_down.weight", kv, config), hf_kv)
+    assert torch.equal(from_hf_rows("layers.0.attention.kv_down.weight", hf_kv, config), kv)
+    assert torch.equal(from_hf_rows("layers.0.attention.kv_down.weight", hf_kv, config, interleaved=False), hf_kv)
+    q = torch.arange(16.0).unsqueeze(1)  # 2 heads of 8 rows: 2 without RoPE, then 6
+    hf_q = q[[h * 8 + i for h in range(2) for i in [0, 1] + [2 + j for j in to_hf]]]
+    for name in ("layers.1.attention.q_up.weight", "mtp.0.layer.attention.q.weight"):
+        assert torch.equal(to_hf_rows(name, q, config), hf_q)
+        assert torch.equal(from_hf_rows(name, hf_q, config), q)
+    assert torch.equal(to_hf_rows("layers.0.attention.kv_up.weight", q, config), q)
+    assert torch.equal(from_hf_rows("layers.0.attention.kv_up.weight", q, config), q)
 
 
 # DeepSeek-V3's config.json as released, but for the sizes (its keys, its rope_scaling and
