@@ -36,10 +36,11 @@ RECOMPUTE = {
 }
 
 
-PRECISIONS = {  # --bf16, the distributed optimizer's BF16 weights under it, --fp8-format e4m3
+PRECISIONS = {  # --bf16, the distributed optimizer's BF16 weights under it, --fp8-format e4m3 alone and with each
     "bf16": Precision(autocast=True),
     "bf16-weights": Precision(autocast=True, bf16_weights=True),
     "fp8": Precision(fp8=True),
+    "fp8-bf16": Precision(autocast=True, fp8=True),  # --bf16 with the plain optimizer's FP32 weights
     "fp8-bf16-weights": Precision(autocast=True, bf16_weights=True, fp8=True),
 }
 

@@ -74,6 +74,12 @@ class Precision:
         """Bytes per element of a linear's output: BF16 under autocast, the input's dtype with FP8."""
         return 2 if self.autocast and not self.fp8 else self.stream
 
+    @property
+    def attention(self) -> int:
+        """Bytes per element of what SDPA keeps of q, k, v and its output: BF16 under autocast, which
+        casts the FP32 outputs of FP8 linears under FP32 weights (new copies), else the GEMMs' output."""
+        return 2 if self.autocast else self.gemm_out
+
     def keeps(self, rows: float, cols: float, x_bytes: int, new: bool = True) -> float:
         """What the linears reading one [rows, cols] input (of x_bytes per element) keep of it: an FP8
         copy along the tokens with one scale per 128 of them, autocast's one BF16 cast, or x itself
@@ -217,9 +223,12 @@ def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str
     weights = p.weight_copies(h * (ql + kv + rope))
     up_weights = p.weight_copies((ql or h) * heads * qk + kv * heads * (qk - rope + v))
     tables = 2 * s.seq * rope * FP32
-    q_k = 2 * t * g * heads * qk
+    # q and k as SDPA keeps them, or as they came where core_attn alone is recomputed (its inputs); SDPA
+    # recomputed on its own keeps autocast's casts of them again for the while (`casts`)
+    q_k = 2 * t * (g if "core_attn" in mods and "mla_up_proj" not in mods else p.attention) * heads * qk
+    casts = 2 * t * p.attention * heads * qk if p.attention != g else 0.0
     lse = t * FP32 * heads
-    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
+    core = 2 * t * p.attention * heads * qk + lse  # the padded values and output, the log-sum-exp
     kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
     norm_recomputed = bool({"layernorm", "mla_up_proj"} & mods)
     pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0),
@@ -230,8 +239,8 @@ def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str
         pieces.append(("MLA: up-projections and core", up_weights + tables + q_k + core, 0.0, True, 0.0))
     else:
         pieces.append(("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, "mla_up_proj" in mods, q_k))
-        pieces.append(("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
-    proj = p.keeps(t, heads * v, g) + p.weight_copies(heads * v * h)
+        pieces.append(("MLA: core", core + (casts if "core_attn" in mods else 0.0), 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0))
+    proj = p.keeps(t, heads * v, p.attention) + p.weight_copies(heads * v * h)
     pieces.append(("attention: proj input", proj, proj, False, 0.0))
     return pieces
 
@@ -247,13 +256,17 @@ def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tup
     groups, d = c.num_query_groups // s.tp, c.head_dim
     x_in = p.keeps(t, h, p.stream)
     weights = p.weight_copies(h * d * (2 * heads + 2 * groups))
-    qkv = t * g * (heads * d + 2 * groups * d)
-    out, lse = t * g * heads * d, t * FP32 * heads
+    # q, k, v as SDPA keeps them (autocast's casts), or as they came when core_attn keeps them as its
+    # inputs: then the recomputed SDPA keeps the casts for the while
+    qkv, a = t * (heads * d + 2 * groups * d), p.attention
+    casts = qkv * a if a != g and "core_attn" in mods else 0.0
+    qkv *= g if "core_attn" in mods else a
+    out, lse = t * a * heads * d, t * FP32 * heads
     # SDPA's output is [s, b, heads, d] in memory: the output projection reads a view of it, so a
     # recomputed core attention frees only the log-sum-exp (the FP8 projection keeps its own copy)
-    proj = p.keeps(t, heads * d, g, new=False)
+    proj = p.keeps(t, heads * d, a, new=False)
     return [("attention: q, k, v", x_in + weights + qkv + 2 * s.seq * d * FP32, x_in, False, 0.0),
-            ("attention: core", out + lse, out, "core_attn" in mods, 0.0 if p.fp8 else out),
+            ("attention: core", out + lse + casts, out, "core_attn" in mods, 0.0 if p.fp8 else out),
             ("attention: proj input", proj, proj, False, 0.0)]
 
 
