@@ -100,4 +100,15 @@ MUTATIONS = [
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
          "[MHA MoE-mla_up_proj core_attn moe_act-2]",),
         "the planner counts moe_act's SwiGLU input in full precision"),
+    # issue 19 (s3-plan)
+    Mutation(
+        "planner-sdpa-keeps-fp8-outputs-uncast", "megadual/plan/memory_model.py",
+        "        return 2 if self.autocast else self.gemm_out",
+        "        return self.gemm_out",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MLA MoE-fp8-bf16-none]",
+         "tests/test_memory_layouts.py::test_planner_predicts_each_precisions_activations_within_5_percent"
+         "[quick-start FP8+BF16 plain]"),
+        "the planner counts SDPA's q, k, v and output in the FP8 linears' FP32 under --bf16 with FP32 weights, "
+        "not in autocast's BF16 casts"),
 ]

@@ -95,15 +95,7 @@ def test_planner_counts_what_each_precision_holds(runs, case):
             (rank.parameters, rank.gradients, rank.optimizer_state_held)
 
 
-# FP8 linears under --bf16 autocast with FP32 weights (the plain optimizer): the per-layer count
-# over-counts 33-49 KB per layer of the tiny model (measured / predicted 0.88 on this case); the
-# other precisions and optimizers are within 4.3%. Left open in issue 19.
-OPEN = {"quick-start FP8+BF16 plain"}
-
-
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.xfail(
-    case in OPEN, strict=True, reason="FP8 under autocast with FP32 weights: over-counted (issue 19)"))
-    for case in PRECISION_CASES])
+@pytest.mark.parametrize("case", PRECISION_CASES)
 def test_planner_predicts_each_precisions_activations_within_5_percent(runs, case):
     for report, rank in runs[case].pairs():
         assert abs(report.peak_activations / rank.peak_activations - 1) < 0.05

@@ -4,8 +4,9 @@ memory report (training/memory.py) measures.
 Parameters, gradients and optimizer state are counted per parameter tensor of the stages a rank
 holds (DualPipe: both copies). Activations are counted per micro-batch and stage, layer type by
 layer type, as the tensors our layers save for the backward, in the dtypes a `Precision` gives them
-(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights; BF16 weights under
-the distributed optimizer; FP8 linears keeping E4M3 copies along the tokens). Per layer
+(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights, and whose SDPA keeps
+BF16 casts of the FP8 linears' FP32 outputs; BF16 weights under the distributed optimizer; FP8 linears
+keeping E4M3 copies along the tokens). Per layer
 (`layer_breakdown`: by tensor kind; tests/test_layer_memory.py holds each kind to the saved-tensor
 hooks, byte for byte):
 
