@@ -13,10 +13,11 @@ SELECTIVE = ["--recompute-granularity", "selective"]
 FULL = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"]
 FULL_BLOCK = ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3"]
 SELECTIVE_MOE = SELECTIVE + ["--recompute-modules", "moe", "core_attn", "layernorm"]
+FEWER = ["--global-batch-size", "2"]  # without a pipeline the peak is one micro-batch's: two show the accumulation
 CASES = {
-    "one process": (ARGS, ""),
-    "one process, full recomputation": (ARGS + FULL, ""),
-    "DP2xEP2-distributed-optimizer": (ARGS + ["--use-distributed-optimizer"], "dp2,ep2"),
+    "one process": (ARGS + FEWER, ""),
+    "one process, full recomputation": (ARGS + FULL + FEWER, ""),
+    "DP2xEP2-distributed-optimizer": (ARGS + ["--use-distributed-optimizer", "--global-batch-size", "4"], "dp2,ep2"),
     "PP2-dualpipexEP2": (ARGS, "pp2:dualpipe,ep2"),
     "PP2-dualpipexEP2-selective-moe": (ARGS + SELECTIVE_MOE, "pp2:dualpipe,ep2"),
     "PP2-1f1b": (ARGS, "pp2"),
