@@ -78,7 +78,7 @@ MATRIX = [  # (shape, precision, optimizer, recomputation, layout)
     ("quick-start", "FP8+BF16", "plain", "", ""),
     ("V3-shaped", "FP8+BF16", "plain", "selective core_attn", "DP2xEP2"),
     ("V3-shaped", "FP8+BF16", "BF16-moments", "", "PP2-dualpipexEP2"),
-    ("quick-start", "FP8+BF16", "BF16-moments", "selective layernorm mla_up_proj", "DP2xEP2"),
+    ("quick-start", "FP8+BF16", "BF16-moments", "selective layernorm mla_up_proj", ""),
 ]
 PRECISION_CASES = {
     " ".join(filter(None, row)): (SHAPES[row[0]] + PRECISIONS[row[1]] + OPTIMIZERS[row[2]] + RECOMPUTATIONS[row[3]]
