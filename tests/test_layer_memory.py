@@ -79,7 +79,8 @@ def test_planner_counts_every_tensor_a_layer_keeps_in_fp32(kind, modules, micro_
     assert sum(predicted.kinds.values()) == predicted.kept
 
 
-@pytest.mark.parametrize("modules", ["none", "mla_up_proj core_attn moe_act"])
+# core_attn alone keeps q, k (and MHA's v) as its region's inputs, not as autocast's casts SDPA keeps
+@pytest.mark.parametrize("modules", ["none", "core_attn", "mla_up_proj core_attn moe_act"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_planner_counts_every_tensor_a_layer_keeps_in_every_precision(kind, precision, modules):

@@ -228,10 +228,12 @@ def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str
     weights = p.weight_copies(h * (ql + kv + rope))
     up_weights = p.weight_copies((ql or h) * heads * qk + kv * heads * (qk - rope + v))
     tables = 2 * s.seq * rope * FP32
-    # q and k as SDPA keeps them, or as they came where core_attn alone is recomputed (its inputs); SDPA
-    # recomputed on its own keeps autocast's casts of them again for the while (`casts`)
-    q_k = 2 * t * (g if "core_attn" in mods and "mla_up_proj" not in mods else p.attention) * heads * qk
-    casts = 2 * t * p.attention * heads * qk if p.attention != g else 0.0
+    # q and k as SDPA keeps them, or where core_attn alone is recomputed as its region's inputs: q as the
+    # up-projection gives it, k in the latents' dtype (RoPE's part); that SDPA recomputed keeps autocast's
+    # casts of them again for the while (`casts`)
+    kept_alone = (g, latent_bytes) if "core_attn" in mods and "mla_up_proj" not in mods else (p.attention,) * 2
+    q_k = t * heads * qk * sum(kept_alone)
+    casts = t * heads * qk * sum(p.attention for b in (g, latent_bytes) if b != p.attention)
     lse = t * FP32 * heads
     core = 2 * t * p.attention * heads * qk + lse  # the padded values and output, the log-sum-exp
     kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
