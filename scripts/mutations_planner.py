@@ -119,4 +119,14 @@ MUTATIONS = [
          "[quick-start BF16 plain selective mla_up_proj core_attn moe_act PP2-dualpipexEP2]",),
         "the planner counts autocast's weight copies for forwards whose backward is a BI (their linears "
         "recast the weights in the backward)"),
+    Mutation(
+        "planner-recomputed-core-inputs-as-sdpa-casts", "megadual/plan/memory_model.py",
+        "kept_alone = (g, latent_bytes) if",
+        "kept_alone = (p.attention, p.attention) if",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MLA MoE-fp8-bf16-core_attn]",
+         "tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MLA no q-lora MoE-bf16-core_attn]"),
+        "the planner counts the q and k a recomputed core attention keeps as its inputs in SDPA's dtype "
+        "(autocast's casts), not as they came"),
 ]
