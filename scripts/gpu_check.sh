@@ -56,6 +56,7 @@ if [ "$DRY" = 1 ]; then
     DEVICE=cpu SHARED=gloo ONE=gloo
     TESTS=(tests/test_host_syncs.py -k collectives)  # the command, not the coverage
     LAYOUTS=(ep2) OPTIMIZERS=("") ITERS=1
+    TINY+=(--global-batch-size 2)  # two micro-batches of 1: the commands run, the budget still shows
     SYNC=(--train-iters 2)
     LOSS_GAP=(--steps 2 --window 1 --hidden-size 128 --num-layers 2 --seq-length 32 --threads 1)
     BENCH_STEP=(--model tiny --iters 1)

@@ -46,7 +46,7 @@ MUTATIONS = [
         "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
     Mutation(
         "planner-no-autocast-weight-copies", "megadual/plan/memory_model.py",
-        "        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0",
+        "        return elements * 2 if kept else 0.0",
         "        return 0.0",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
          "[MHA dense-bf16-none]",),
@@ -135,4 +135,33 @@ MUTATIONS = [
         "(params.expert_elements, layout.dp)):",
         ("tests/test_oracles_planner.py::test_zero1_keeps_each_ranks_shard_of_moments_and_masters_and_a_step_per_bucket",),
         "the planner shards the experts' distributed-optimizer state over DP, not their expert-DP group"),
+    # issue 19 (s3-plan)
+    Mutation(
+        "planner-sdpa-keeps-fp8-outputs-uncast", "megadual/plan/memory_model.py",
+        "        return 2 if self.autocast else self.gemm_out",
+        "        return self.gemm_out",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MLA MoE-fp8-bf16-none]",
+         "tests/test_memory_layouts.py::test_planner_predicts_each_precisions_activations_within_5_percent"
+         "[quick-start FP8+BF16 plain]"),
+        "the planner counts SDPA's q, k, v and output in the FP8 linears' FP32 under --bf16 with FP32 weights, "
+        "not in autocast's BF16 casts"),
+    Mutation(
+        "planner-bi-forwards-keep-weight-copies", "megadual/plan/memory_model.py",
+        "kept = self.autocast and not self.fp8 and not self.bf16_weights and not self.recast_weights",
+        "kept = self.autocast and not self.fp8 and not self.bf16_weights",
+        ("tests/test_memory_layouts.py::test_planner_predicts_each_precisions_activations_within_5_percent"
+         "[quick-start BF16 plain selective mla_up_proj core_attn moe_act PP2-dualpipexEP2]",),
+        "the planner counts autocast's weight copies for forwards whose backward is a BI (their linears "
+        "recast the weights in the backward)"),
+    Mutation(
+        "planner-recomputed-core-inputs-as-sdpa-casts", "megadual/plan/memory_model.py",
+        "kept_alone = (g, latent_bytes) if",
+        "kept_alone = (p.attention, p.attention) if",
+        ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MLA MoE-fp8-bf16-core_attn]",
+         "tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
+         "[MLA no q-lora MoE-bf16-core_attn]"),
+        "the planner counts the q and k a recomputed core attention keeps as its inputs in SDPA's dtype "
+        "(autocast's casts), not as they came"),
 ]

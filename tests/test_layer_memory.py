@@ -38,10 +38,11 @@ RECOMPUTE = {
 }
 
 
-PRECISIONS = {  # --bf16, the distributed optimizer's BF16 weights under it, --fp8-format e4m3
+PRECISIONS = {  # --bf16, the distributed optimizer's BF16 weights under it, --fp8-format e4m3 alone and with each
     "bf16": Precision(autocast=True),
     "bf16-weights": Precision(autocast=True, bf16_weights=True),
     "fp8": Precision(fp8=True),
+    "fp8-bf16": Precision(autocast=True, fp8=True),  # --bf16 with the plain optimizer's FP32 weights
     "fp8-bf16-weights": Precision(autocast=True, bf16_weights=True, fp8=True),
 }
 
@@ -80,7 +81,8 @@ def test_planner_counts_every_tensor_a_layer_keeps_in_fp32(kind, modules, micro_
     assert sum(predicted.kinds.values()) == predicted.kept
 
 
-@pytest.mark.parametrize("modules", ["none", "layernorm mla_up_proj core_attn moe_act"])
+# core_attn alone keeps q, k (and MHA's v) as its region's inputs, not as autocast's casts SDPA keeps
+@pytest.mark.parametrize("modules", ["none", "core_attn", "layernorm mla_up_proj core_attn moe_act"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_planner_counts_every_tensor_a_layer_keeps_in_every_precision(kind, precision, modules):

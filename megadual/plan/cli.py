@@ -83,11 +83,13 @@ def format_breakdown(config: RunConfig, world: int, pp_rank: int | None) -> str:
     moment = peak_activations(config, world, pp_rank, distributed)
     chunks = rank_stages(config, layout, num_microbatches(config, layout.dp))[pp_rank]
     alive: dict[tuple[str, str], float] = {}
-    for spec, kept, deferred in zip(chunks, moment.kept, moment.deferred):
+    for spec, kept, deferred, recast in zip(chunks, moment.kept, moment.deferred, moment.recast):
         acts = chunk_activations(config, layout, spec, distributed)
-        for name, value in acts.kinds.items():
-            part, kind = name.split(" | ", 1)
-            alive[part, kind] = alive.get((part, kind), 0.0) + kept * value
+        recast_acts = chunk_activations(config, layout, spec, distributed, recast_weights=True)
+        for count, alike in ((kept - recast, acts), (recast, recast_acts)):
+            for name, value in alike.kinds.items():
+                part, kind = name.split(" | ", 1)
+                alive[part, kind] = alive.get((part, kind), 0.0) + count * value
         if deferred:
             alive["deferred W", "GEMM inputs"] = alive.get(("deferred W", "GEMM inputs"), 0.0) \
                                                   + deferred * acts.weight_inputs

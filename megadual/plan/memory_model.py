@@ -4,8 +4,9 @@ memory report (training/memory.py) measures.
 Parameters, gradients and optimizer state are counted per parameter tensor of the stages a rank
 holds (DualPipe: both copies). Activations are counted per micro-batch and stage, layer type by
 layer type, as the tensors our layers save for the backward, in the dtypes a `Precision` gives them
-(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights; BF16 weights under
-the distributed optimizer; FP8 linears keeping E4M3 copies along the tokens). Per layer
+(FP32; --bf16 autocast, whose GEMMs keep BF16 copies of FP32 inputs and weights, and whose SDPA keeps
+BF16 casts of the FP8 linears' FP32 outputs; BF16 weights under the distributed optimizer; FP8 linears
+keeping E4M3 copies along the tokens). Per layer
 (`layer_breakdown`: by tensor kind; tests/test_layer_memory.py holds each kind to the saved-tensor
 hooks, byte for byte):
 
@@ -60,10 +61,13 @@ FP32, INT64 = 4, 8
 @dataclass(frozen=True)
 class Precision:
     """What a run computes and keeps in: --bf16 autocast, BF16 model weights (the distributed
-    optimizer under --bf16, which keeps the FP32 masters itself) and FP8 linears (--fp8-format)."""
+    optimizer under --bf16, which keeps the FP32 masters itself) and FP8 linears (--fp8-format);
+    `recast_weights`: a forward whose backward defers its weight gradients (a BI of the W split),
+    whose linears cast the weights again in the backward instead of keeping autocast's copies."""
     autocast: bool = False
     bf16_weights: bool = False
     fp8: bool = False
+    recast_weights: bool = False
 
     @classmethod
     def of_run(cls, bf16: bool, distributed_optimizer: bool, fp8: bool) -> Precision:
@@ -79,6 +83,12 @@ class Precision:
         """Bytes per element of a linear's output: BF16 under autocast, the input's dtype with FP8."""
         return 2 if self.autocast and not self.fp8 else self.stream
 
+    @property
+    def attention(self) -> int:
+        """Bytes per element of what SDPA keeps of q, k, v and its output: BF16 under autocast, which
+        casts the FP32 outputs of FP8 linears under FP32 weights (new copies), else the GEMMs' output."""
+        return 2 if self.autocast else self.gemm_out
+
     def keeps(self, rows: float, cols: float, x_bytes: int, new: bool = True) -> float:
         """What the linears reading one [rows, cols] input (of x_bytes per element) keep of it: an FP8
         copy along the tokens with one scale per 128 of them, autocast's one BF16 cast, or x itself
@@ -90,8 +100,9 @@ class Precision:
         return rows * cols * x_bytes if new else 0.0
 
     def weight_copies(self, elements: float) -> float:
-        """Autocast's BF16 copies of FP32 weights, which each GEMM keeps for its backward."""
-        return elements * 2 if self.autocast and not self.fp8 and not self.bf16_weights else 0.0
+        """Autocast's BF16 copies of FP32 weights, which each GEMM keeps for its backward (parallel/linear.py)."""
+        kept = self.autocast and not self.fp8 and not self.bf16_weights and not self.recast_weights
+        return elements * 2 if kept else 0.0
 
 
 @dataclass(frozen=True)
@@ -222,9 +233,14 @@ def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str
     weights = p.weight_copies(h * (ql + kv + rope))
     up_weights = p.weight_copies((ql or h) * heads * qk + kv * heads * (qk - rope + v))
     tables = 2 * s.seq * rope * FP32
-    q_k = 2 * t * g * heads * qk
+    # q and k as SDPA keeps them, or where core_attn alone is recomputed as its region's inputs: q as the
+    # up-projection gives it, k in the latents' dtype (RoPE's part); that SDPA recomputed keeps autocast's
+    # casts of them again for the while (`casts`)
+    kept_alone = (g, latent_bytes) if "core_attn" in mods and "mla_up_proj" not in mods else (p.attention,) * 2
+    q_k = t * heads * qk * sum(kept_alone)
+    casts = t * heads * qk * sum(p.attention for b in (g, latent_bytes) if b != p.attention)
     lse = t * FP32 * heads
-    core = 2 * t * g * heads * qk + lse  # the padded values and output, the log-sum-exp
+    core = 2 * t * p.attention * heads * qk + lse  # the padded values and output, the log-sum-exp
     kv_up = t * g * heads * (qk - rope + v)  # what a recomputed core keeps of v: the key/value up-projection
     pieces = [("MLA: down-projections' input", x_in + weights, x_in, False, 0.0)]
     if "mla_up_proj" in mods:
@@ -236,9 +252,10 @@ def mla_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tuple[str
     else:
         pieces += [("MLA: latent norms", norms, 0.0, "layernorm" in mods, norms_kept),
                    ("MLA: latents", latents, latents, False, 0.0),
-                   ("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, False, 0.0),
-                   ("MLA: core", core, 0.0, "core_attn" in mods, kv_up if "core_attn" in mods else 0.0)]
-    proj = p.keeps(t, heads * v, g) + p.weight_copies(heads * v * h)
+                   ("MLA: q, k (RoPE tables)", up_weights + tables + q_k, 0.0, False, 0.0)]
+        recomputed = "core_attn" in mods
+        pieces.append(("MLA: core", core + (casts if recomputed else 0.0), 0.0, recomputed, kv_up if recomputed else 0.0))
+    proj = p.keeps(t, heads * v, p.attention) + p.weight_copies(heads * v * h)
     pieces.append(("attention: proj input", proj, proj, False, 0.0))
     return pieces
 
@@ -254,13 +271,17 @@ def attention_pieces(c: ModelConfig, s: Shape, mods: frozenset[str]) -> list[tup
     groups, d = c.num_query_groups // s.tp, c.head_dim
     x_in = p.keeps(t, h, p.stream)
     weights = p.weight_copies(h * d * (2 * heads + 2 * groups))
-    qkv = t * g * (heads * d + 2 * groups * d)
-    out, lse = t * g * heads * d, t * FP32 * heads
+    # q, k, v as SDPA keeps them (autocast's casts), or as they came when core_attn keeps them as its
+    # inputs: then the recomputed SDPA keeps the casts for the while
+    qkv, a = t * (heads * d + 2 * groups * d), p.attention
+    casts = qkv * a if a != g and "core_attn" in mods else 0.0
+    qkv *= g if "core_attn" in mods else a
+    out, lse = t * a * heads * d, t * FP32 * heads
     # SDPA's output is [s, b, heads, d] in memory: the output projection reads a view of it, so a
     # recomputed core attention frees only the log-sum-exp (the FP8 projection keeps its own copy)
-    proj = p.keeps(t, heads * d, g, new=False)
+    proj = p.keeps(t, heads * d, a, new=False)
     return [("attention: q, k, v", x_in + weights + qkv + 2 * s.seq * d * FP32, x_in, False, 0.0),
-            ("attention: core", out + lse, out, "core_attn" in mods, 0.0 if p.fp8 else out),
+            ("attention: core", out + lse + casts, out, "core_attn" in mods, 0.0 if p.fp8 else out),
             ("attention: proj input", proj, proj, False, 0.0)]
 
 
@@ -429,71 +450,84 @@ def mtp_activations(c: ModelConfig, s: Shape, depth: int, plan: RecomputePlan) -
     return acts
 
 
-MemoryStep = tuple[int, int, bool, int]  # chunk of the forward, of the backward, BI (defers a W), W's; -1: none
+# chunk of the forward, of the backward, BI (defers a W), W's (-1: none); whether the forward's backward
+# will be a BI (its linears recast the weights: Precision.recast_weights)
+MemoryStep = tuple[int, int, bool, int, bool]
 
 
 def memory_steps(actions: list[Action]) -> tuple[MemoryStep, ...]:
     """The actions of a rank's schedule that change its activations, as `peak_bytes` walks them."""
+    split_later = {action.backward_of for action in actions if action.kind == Kind.BI}
     steps = []
     for action in actions:
         forward, backward = action.forward_of, action.backward_of
         step = (forward[0] if forward else -1, backward[0] if backward else -1, action.kind == Kind.BI,
-                action.chunk if action.kind == Kind.W else -1)
-        if step != (-1, -1, False, -1):
+                action.chunk if action.kind == Kind.W else -1, forward in split_later)
+        if step[:4] != (-1, -1, False, -1):
             steps.append(step)
     return tuple(steps)
 
 
 def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
-               exchanges: list[bool] | None = None) -> float:
+               exchanges: list[bool] | None = None, recast_bytes: list[Activations] | None = None) -> float:
     """The most activation bytes alive at once on a rank running `steps` (`memory_steps`): each
-    forward adds its chunk's micro-batch, a backward frees it (a BI all but its GEMM inputs, which
-    its W frees); the backward's recomputed region comes on top. A paired F&B holds both while it
-    runs when the backward's chunk has expert all-to-alls (`exchanges`, by chunk; default: all
-    have), whose waits run the forward (pipeline/overlap.py); without any, the forward runs after
-    the backward."""
-    return peak_moment(steps, chunk_bytes, exchanges).bytes
+    forward adds its chunk's micro-batch (`recast_bytes` where its backward will be a BI, default
+    `chunk_bytes`), a backward frees it (a BI all but its GEMM inputs, which its W frees); the
+    backward's recomputed region comes on top. A paired F&B holds both while it runs when the
+    backward's chunk has expert all-to-alls (`exchanges`, by chunk; default: all have), whose
+    waits run the forward (pipeline/overlap.py); without any, the forward runs after the backward."""
+    return peak_moment(steps, chunk_bytes, exchanges, recast_bytes).bytes
 
 
 @dataclass(frozen=True)
 class PeakMoment:
-    """What is alive when a rank's activations peak: `kept[c]` micro-batches of chunk c whole,
-    `deferred[c]` of them down to the GEMM inputs their W still needs, and a backward of chunk
-    `rising` (-1: none) above its kept bytes by `transient` (its recomputed region)."""
+    """What is alive when a rank's activations peak: `kept[c]` micro-batches of chunk c whole
+    (`recast[c]` of them forwards whose backward will be a BI), `deferred[c]` of them down to the
+    GEMM inputs their W still needs, and a backward of chunk `rising` (-1: none) above its kept
+    bytes by `transient` (its recomputed region)."""
     bytes: float
     kept: tuple[int, ...]
     deferred: tuple[int, ...]
     rising: int = -1
     transient: float = 0.0
+    recast: tuple[int, ...] = ()
 
 
 def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
-                exchanges: list[bool] | None = None) -> PeakMoment:
+                exchanges: list[bool] | None = None, recast_bytes: list[Activations] | None = None
+                ) -> PeakMoment:
     """`peak_bytes`' walk, telling what is alive at the peak."""
-    kept, deferred = [0] * len(chunk_bytes), [0] * len(chunk_bytes)
+    recast_bytes = chunk_bytes if recast_bytes is None else recast_bytes
+    kept, deferred, recast = [0] * len(chunk_bytes), [0] * len(chunk_bytes), [0] * len(chunk_bytes)
     live = 0.0
-    best = PeakMoment(0.0, tuple(kept), tuple(deferred))
-    for forward, backward, defers_w, w in steps:
+    best = PeakMoment(0.0, tuple(kept), tuple(deferred), recast=tuple(recast))
+
+    def forward_runs(chunk: int, split_later: bool) -> None:
+        nonlocal live
+        live += (recast_bytes if split_later else chunk_bytes)[chunk].kept
+        kept[chunk] += 1
+        recast[chunk] += split_later
+
+    for forward, backward, defers_w, w, split_later in steps:
         forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]
         if forward >= 0 and not forward_after:
-            live += chunk_bytes[forward].kept
-            kept[forward] += 1
+            forward_runs(forward, split_later)
         if backward >= 0:
-            acts = chunk_bytes[backward]
+            acts = (recast_bytes if defers_w else chunk_bytes)[backward]  # a BI's forward was split_later
             rise = max(0.0, acts.transient_deferring if defers_w else acts.transient)
             if live + rise > best.bytes:
-                best = PeakMoment(live + rise, tuple(kept), tuple(deferred), backward, rise)
+                best = PeakMoment(live + rise, tuple(kept), tuple(deferred), backward, rise, tuple(recast))
             live -= acts.kept
             kept[backward] -= 1
+            recast[backward] -= defers_w
             if defers_w:
                 live += acts.weight_inputs
                 deferred[backward] += 1
         if forward_after:
-            live += chunk_bytes[forward].kept
-            kept[forward] += 1
+            forward_runs(forward, split_later)
         if w >= 0:
-            live -= chunk_bytes[w].weight_inputs
+            live -= recast_bytes[w].weight_inputs
             deferred[w] -= 1
         if live > best.bytes:
-            best = PeakMoment(live, tuple(kept), tuple(deferred))
+            best = PeakMoment(live, tuple(kept), tuple(deferred), recast=tuple(recast))
     return best

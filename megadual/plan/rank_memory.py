@@ -3,6 +3,7 @@ holds (DualPipe: both copies), and the peak activations of its schedule (memory_
 What `python -m megadual.plan --world-size N` prints and the memory report measures."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 
@@ -143,12 +144,13 @@ def rank_stages(config: RunConfig, layout: Layout, n_micro: int) -> list[list[St
     return [[spec for _, spec in sorted(chunks, key=lambda item: item[0])] for chunks in held]
 
 
-def shape_of(config: RunConfig, layout: Layout, distributed: bool = False) -> Shape:
+def shape_of(config: RunConfig, layout: Layout, distributed: bool = False, recast_weights: bool = False) -> Shape:
     bf16 = bool(config.train.bf16)
     gemm_bytes = 1 if config.fp8.fp8_format else 2 if bf16 else FP32
+    precision = Precision.of_run(bf16, distributed, bool(config.fp8.fp8_format))
     return Shape(config.model.seq_length, config.train.micro_batch_size, layout.tp,
                  config.parallel.sequence_parallel and layout.tp > 1, layout.ep, gemm_bytes,
-                 precision=Precision.of_run(bf16, distributed, bool(config.fp8.fp8_format)))
+                 precision=dataclasses.replace(precision, recast_weights=recast_weights))
 
 
 @dataclass(frozen=True)
@@ -196,13 +198,16 @@ def rank_parameters(c: ModelConfig, chunks: list[StageSpec], layout: Layout) -> 
     return params
 
 
-def chunk_activations(config: RunConfig, layout: Layout, spec: StageSpec, distributed: bool) -> Activations:
-    """One micro-batch of one chunk: its layers' activations and, under --bf16 with FP32 weights,
-    the BF16 copy autocast makes of the head's weight (the layers count their own copies)."""
-    c, shape = config.model, shape_of(config, layout, distributed)
+def chunk_activations(config: RunConfig, layout: Layout, spec: StageSpec, distributed: bool,
+                      recast_weights: bool = False) -> Activations:
+    """One micro-batch of one chunk (`recast_weights`: one whose backward will be a BI): its layers'
+    activations and, under --bf16 with FP32 weights, the BF16 copy autocast makes of the head's
+    weight (never FP8; the layers count their own copies)."""
+    c, shape = config.model, shape_of(config, layout, distributed, recast_weights)
     acts = Activations()
-    if spec.has_head and shape.p.autocast and not shape.p.bf16_weights:
-        acts.add(2 * c.hidden_size * c.vocab_size // layout.tp, kind="head and loss | BF16 weight copy")
+    head_copy = dataclasses.replace(shape.p, fp8=False).weight_copies(c.hidden_size * c.vocab_size // layout.tp)
+    if spec.has_head and head_copy:
+        acts.add(head_copy, kind="head and loss | BF16 weight copy")
     acts += stage_activations(c, shape, range(spec.first_layer, spec.last_layer), spec.has_embedding,
                               spec.has_head, RecomputePlan.from_flags(config.train))
     return acts
@@ -224,12 +229,13 @@ def peak_activations(config: RunConfig, world: int, pp_rank: int, distributed: b
 def _peak(config: RunConfig, layout: Layout, chunks: list[StageSpec], pp_rank: int, distributed: bool
           ) -> PeakMoment:
     acts = [chunk_activations(config, layout, spec, distributed) for spec in chunks]
-    if layout.pp == 1:
+    if layout.pp == 1:  # no pipeline runtime, no W split
         rise = max(0.0, acts[0].transient)
-        return PeakMoment(acts[0].kept + rise, (1,), (0,), 0 if rise else -1, rise)
+        return PeakMoment(acts[0].kept + rise, (1,), (0,), 0 if rise else -1, rise, (0,))
+    recast = [chunk_activations(config, layout, spec, distributed, recast_weights=True) for spec in chunks]
     steps = schedule_steps(layout.schedule, layout.pp, num_microbatches(config, layout.dp),
                            config.parallel.pipeline_split_backward, layout.virtual_stages, layout.overlap)[pp_rank]
-    return peak_moment(steps, acts, [layout.ep > 1 and _has_moe_layer(config.model, s) for s in chunks])
+    return peak_moment(steps, acts, [layout.ep > 1 and _has_moe_layer(config.model, s) for s in chunks], recast)
 
 
 def _has_moe_layer(c: ModelConfig, stage: StageSpec) -> bool:
