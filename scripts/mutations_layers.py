@@ -314,4 +314,11 @@ MUTATIONS = [
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_fp32"
          "[MLA MoE-layernorm mla_up_proj-2]",),
         "MLA's latent norms are not recomputed under layernorm / mla_up_proj recomputation"),
+    # issue 20 (s3-gpu)
+    Mutation(
+        "hierarchical-second-sync", "megadual/moe/hierarchical.py",
+        "origin=source_node, counts=intra_counts)",
+        "origin=source_node)",
+        ("tests/test_dispatch_layouts.py::test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once",),
+        "the hierarchical dispatch's second hop brings its counts to the host itself (two syncs per layer)"),
 ]
