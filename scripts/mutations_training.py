@@ -225,4 +225,11 @@ MUTATIONS = [
         ("tests/test_host_syncs.py::test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line"
          "_averages_the_interval",),
         "every step brings its logged values to the host, whether it logs or not"),
+    # issue 20 (s3-gpu)
+    Mutation(
+        "dist-optimizer-expert-grad-into-row-0", "megadual/training/dist_optimizer.py",
+        "(main_grad if row is None else main_grad[row]).add_(grad)",
+        "(main_grad if row is None else main_grad[0]).add_(grad)",
+        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        "the distributed optimizer adds an expert's deferred weight gradient into the first expert's row of the bucket"),
 ]

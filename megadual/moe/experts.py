@@ -126,10 +126,11 @@ class RoutedExperts(torch.nn.Module):
 
 
 def _rows_into_state_dict(module: RoutedExperts, state: dict, prefix: str, local_metadata) -> None:
-    """A stack's rows under their experts' names, in place of the stack."""
-    for stacked, rows in module.param_rows.items():
-        value = state.pop(prefix + stacked)
-        state.update({prefix + name: row for name, row in zip(rows, value.unbind(0))})
+    """The stacks' rows under their experts' names, in place of the stacks, in the parameter table's
+    order (each expert's projections together)."""
+    stacks = [(rows, state.pop(prefix + stacked).unbind(0)) for stacked, rows in module.param_rows.items()]
+    for row in range(len(module.local)):
+        state.update({prefix + names[row]: values[row] for names, values in stacks})
 
 
 def _rows_from_state_dict(module: RoutedExperts, state: dict, prefix: str, *args) -> None:
