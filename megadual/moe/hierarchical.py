@@ -78,7 +78,6 @@ class HierarchicalDispatcher:
         yield
         return self.inter.return_wait(back_to_source), beside
 
-
     def exchange_counts(self, indices: torch.Tensor) -> tuple[Counts, Counts]:
         """Both hops' counts in one host transfer (the layer's one sync). Each source counts, per
         destination rank, the rows it will reach and their slots per expert; hop 1's counts exchange

@@ -5,7 +5,8 @@ and laid out (`ParamSpec`): split over TP along a dim, a routed expert's (replic
 only over the expert-data-parallel group), or a gradient that is a partial sum over TP
 (sequence-parallel norms, the router under TP). `ParamTable.build` walks a model once
 and records every parameter under its global name, with whether it is DualPipe's
-second copy of a stage. Initialization, gradient reduction, the gradient norm,
+second copy of a stage; a stacked parameter (a rank's experts of one projection) is recorded
+as its rows, each under its expert's name. Initialization, gradient reduction, the gradient norm,
 checkpoints and the layout checker read the table; nothing else inspects parameters.
 """
 from __future__ import annotations
