@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import quickstart_flags  # noqa: E402
+from bench_step import quickstart_flags
 
-from megadual.arguments import parse_args  # noqa: E402
-from megadual.pipeline.stage_model import build_full_model  # noqa: E402
-from megadual.training.optimizer import build_optimizer  # noqa: E402
-from tests.helpers import TINY_MOE  # noqa: E402
+from megadual.arguments import parse_args
+from megadual.pipeline.stage_model import build_full_model
+from megadual.training.optimizer import build_optimizer
+from tests.helpers import TINY_MOE
 
 
 def expert_params(config) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -117,8 +117,7 @@ def counts_to_host(*counts: torch.Tensor) -> list[list[int]]:
     """Integer vectors on the device brought to the host in one transfer: the one host sync of an MoE
     layer's dispatch (the all-to-all's buffers are sized by them)."""
     flat = torch.cat(counts).tolist()
-    bounds = [0, *accumulate(c.numel() for c in counts)]
-    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [flat[a:b] for a, b in pairwise([0, *accumulate(c.numel() for c in counts)])]
 
 
 @dataclass
