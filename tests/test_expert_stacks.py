@@ -10,6 +10,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 from megadual.arguments import parse_args
 from megadual.parallel.topology import Layout, Topology
+from megadual.parallel.wgrad import add_to_grad
 from megadual.pipeline.stage_model import build_full_model
 from megadual.training.checkpoint import safe_pickle
 from megadual.training.checkpoint.state import OPTIONS, checkpoint_state, restore_state
@@ -36,9 +37,21 @@ def test_optimizers_see_three_expert_tensors_per_moe_layer():
     expert_records = [r for r in model.param_table if r.spec.expert]
     assert len(expert_records) == 3 * EXPERTS * MOE_LAYERS  # what names, counts and saves: one per expert
     distributed = DistributedOptimizer(model.param_table, Topology(Layout(1), 0), config.optim)
-    in_buckets = {id(b.main_grads[k]): k for b in distributed.buckets for k in b.main_grads}
     expert_ids = {id(r.owner) for r in expert_records}
-    assert len(expert_ids) == 3 * MOE_LAYERS and expert_ids <= set(in_buckets.values())
+    assert len(expert_ids) == 3 * MOE_LAYERS
+    assert expert_ids <= {key for bucket in distributed.buckets for key in bucket.main_grads}
+    # A deferred weight gradient (the W split) of one expert, given as the row the expert computed
+    # with, lands in that expert's gradient alone, in either optimizer's gradients.
+    record = next(r for r in expert_records if r.row == 5)
+    grad = torch.randn(record.param.shape, generator=torch.Generator().manual_seed(0))
+    add_to_grad(record.owner.unbind(0)[5], grad)
+    distributed.accumulate_grad(record.owner.unbind(0)[5], grad)
+    in_buckets = {name: g for bucket in distributed.buckets for name, g in bucket.views(bucket.grads).items()}
+    for other in expert_records:
+        want = grad if other is record else torch.zeros_like(other.param)
+        assert torch.equal(in_buckets[other.name], want), other.name
+        if other.owner is record.owner:
+            assert torch.equal(other.grad, want), other.name
 
 
 class _Named(torch.nn.Module):
