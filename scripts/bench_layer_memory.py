@@ -23,6 +23,7 @@ import torch
 
 from megadual.model.block import TransformerLayer
 from megadual.model.yarn import mla_rope_frequencies
+from megadual.moe.experts import RoutedExperts
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.recompute import Recompute
@@ -46,19 +47,13 @@ def build_layer(seq: int, bf16: bool, fp8: bool) -> tuple[TransformerLayer, obje
     gemm = linear
     if fp8:
         from megadual.fp8 import linear as fp8
-        # Every expert is one module here: its weights quantized once, not once per expert call (the
-        # quantized weights are not kept for the backward, so what is measured does not change).
-        quantized, quantize_blocks = {}, fp8.quantize_blocks
-        fp8.quantize_blocks = lambda w: quantized.setdefault((id(w), w.shape), None) or \
-            quantized.__setitem__((id(w), w.shape), quantize_blocks(w)) or quantized[(id(w), w.shape)]
         gemm = fp8.fp8_linear
     with torch.device("meta"):
         layer = TransformerLayer(config, 0, BuildContext(gemm=gemm))
-    # One EP rank's share: every token's 8 experts on it (the router's bias steers them there), the
-    # 8 experts one module under 8 names, so the weights fit a small machine and every expert GEMM
-    # runs; what the layer keeps depends on the (token, expert) pairs, not on which weights they meet.
-    one = layer.mlp.experts.local["0"]
-    layer.mlp.experts.local = torch.nn.ModuleDict({str(i): one for i in range(config.moe_router_topk)})
+        # One EP rank's share: every token's 8 experts on it (the router's bias steers them to the
+        # first 8), only those 8 built, so the weights fit a small machine and every expert GEMM
+        # runs; what the layer keeps depends on the (token, expert) pairs, not on which weights they meet.
+        layer.mlp.experts = RoutedExperts(config, 0, config.moe_router_topk, gemm)
     layer = layer.to_empty(device="cpu")
     layer.attention.rope_frequencies = mla_rope_frequencies(config)  # a plain tensor, made on meta
     generator = torch.Generator().manual_seed(0)

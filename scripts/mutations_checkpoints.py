@@ -175,4 +175,17 @@ MUTATIONS = [
         "files = {name: entry for each in [mine] for name, entry in each.items()}",
         ("tests/test_dist_optimizer.py::test_every_ranks_shards_are_in_the_manifest_and_a_flip_in_any_is_named",),
         "the checkpoint manifest holds rank 0's checksums only: a flipped byte in another rank's shard verifies"),
+    # issue 20 (s3-gpu)
+    Mutation(
+        "expert-checkpoint-key-renamed", "megadual/moe/experts.py",
+        'self.param_rows[stacked] = [f"local.{e}.{name}.weight" for e in self.local]',
+        'self.param_rows[stacked] = [f"local.{e}.{name}_proj.weight" for e in self.local]',
+        ("tests/test_expert_stacks.py::test_a_checkpoint_with_a_parameter_per_expert_loads_into_the_stacks",),
+        "the experts' rows are saved under new names, so a checkpoint with per-expert keys no longer loads"),
+    Mutation(
+        "expert-moments-joined-in-reverse", "megadual/training/checkpoint/stack_rows.py",
+        "torch.stack(parts) if _per_element(parts[0])",
+        "torch.stack(parts[::-1]) if _per_element(parts[0])",
+        ("tests/test_expert_stacks.py::test_a_checkpoint_with_a_parameter_per_expert_loads_into_the_stacks",),
+        "a checkpoint's per-expert AdamW moments are stacked in the wrong order when loaded"),
 ]

@@ -173,8 +173,8 @@ MUTATIONS = [
         "--log-throughput's FLOP count leaves out the shared experts"),
     Mutation(
         "grouped-experts-wrong-order", "megadual/moe/experts.py",
-        "experts = list(self.local.values())",
-        "experts = list(reversed(self.local.values()))",
+        'grouped_linear(x, counts, getattr(self, f"{name}_weight"),',
+        'grouped_linear(x, counts, getattr(self, f"{name}_weight").flip(0),',
         ("tests/test_grouped_gemm.py::test_grouped_experts_equal_the_per_expert_loop[fp32]",
          "tests/test_grouped_gemm.py::test_grouped_experts_defer_their_weight_gradients_to_the_w_action"),
         "the grouped GEMM gives each expert's tokens another expert's weights"),
@@ -369,4 +369,17 @@ MUTATIONS = [
         "groups = num_sequences",
         ("tests/test_router.py::test_aux_loss_is_the_chosen_balance_loss_times_its_coefficient[aux_loss]",),
         "--moe-router-load-balancing-type aux_loss computes the sequence-wise loss"),
+    # issue 20 (s3-gpu)
+    Mutation(
+        "hierarchical-second-sync", "megadual/moe/hierarchical.py",
+        "origin=source_node, counts=intra_counts)",
+        "origin=source_node)",
+        ("tests/test_dispatch_layouts.py::test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once",),
+        "the hierarchical dispatch's second hop brings its counts to the host itself (two syncs per layer)"),
+    Mutation(
+        "deferred-expert-grad-into-row-0", "megadual/parallel/wgrad.py",
+        "param.grad[row].add_(grad)",
+        "param.grad[0].add_(grad)",
+        ("tests/test_model.py::test_weight_gradient_split_gives_identical_gradients",),
+        "a deferred weight gradient of an expert (a row of its projection's stack) lands in the first expert's row"),
 ]

@@ -30,7 +30,7 @@ MUTATIONS = [
         "dist-opt-mirror-shards-not-summed", "megadual/training/dist_optimizer.py",
         "            pipeline.sum_with_mirror(shards)\n",
         "            pass\n",
-        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        ("tests/test_expert_stacks.py::test_optimizers_see_three_expert_tensors_per_moe_layer",),
         "with the distributed optimizer, DualPipe's mirrored ranks do not add their gradient shards"),
     Mutation(
         "dist-opt-norm-counts-dp-rank-0-only", "megadual/training/grads.py",
@@ -54,7 +54,7 @@ MUTATIONS = [
         "dist-opt-deferred-grads-bypass-buckets", "megadual/training/loop.py",
         "accumulate_grad=optimizer.accumulate_grad if isinstance(optimizer, DistributedOptimizer)",
         "accumulate_grad=add_to_grad if isinstance(optimizer, DistributedOptimizer)",
-        ("tests/test_dist_optimizer.py::test_distributed_optimizer_takes_the_plain_steps[PP2xDP2xEP2-dualpipe-FP8]",),
+        ("tests/test_expert_stacks.py::test_optimizers_see_three_expert_tensors_per_moe_layer",),
         "the pipeline's deferred (W-split) weight gradients go to param.grad, not the distributed optimizer's buckets"),
     Mutation(
         "dist-opt-grads-not-zeroed", "megadual/training/dist_optimizer.py",
@@ -225,4 +225,11 @@ MUTATIONS = [
         ("tests/test_host_syncs.py::test_only_a_step_that_logs_brings_the_logged_values_over_and_the_line"
          "_averages_the_interval",),
         "every step brings its logged values to the host, whether it logs or not"),
+    # issue 20 (s3-gpu)
+    Mutation(
+        "dist-optimizer-expert-grad-into-row-0", "megadual/training/dist_optimizer.py",
+        "(main_grad if row is None else main_grad[row]).add_(grad)",
+        "(main_grad if row is None else main_grad[0]).add_(grad)",
+        ("tests/test_expert_stacks.py::test_optimizers_see_three_expert_tensors_per_moe_layer",),
+        "the distributed optimizer adds an expert's deferred weight gradient into the first expert's row of the bucket"),
 ]

@@ -4,7 +4,8 @@ Eight processes on virtual nodes of two ranks (--moe-ranks-per-node 2), 16 exper
 EP4 over 2 nodes with M = 1, 2 and EP8 over 4 nodes with M = 1, 2, 4 (--moe-router-max-nodes),
 M = 2 with FP8 (GEMMs and dispatch). For each, the hierarchical run is compared with the flat
 (alltoall) run by megadual.verify's comparison - logged values, grad norm, every first-step
-gradient and every final parameter - and on the dispatch traffic counted from the send counts.
+gradient and every final parameter - on the dispatch traffic counted from the send counts, and
+on the host-sync budget (one transfer per MoE layer per micro-batch forward for both hops).
 All runs share one launch of the processes. The per-token bound on inter-node rows is checked
 in test_dispatch.py.
 """
@@ -46,3 +47,6 @@ def test_hierarchical_dispatch_matches_flat_and_crosses_each_node_once():
         nodes = flat.logged["moe nodes per token mean"][0]
         assert 0 < inter <= nodes <= m and inter < flat_inter, (name, inter, nodes, flat_inter)
         assert intra > 0, name
+        # The host-sync budget (tests/test_host_syncs.py): one transfer per MoE layer per micro-batch
+        # forward, both hops' counts in it, and one per step; 2 MoE layers, 1 micro-batch per rank.
+        assert hierarchical.host_syncs == flat.host_syncs == [2 * 1 + 1], (name, hierarchical.host_syncs)

@@ -215,7 +215,7 @@ def test_shards_cover_every_element_once():
 def tiny_dist_optimizer(dtype: torch.dtype):
     config = parse_args(TINY_MOE)
     model = build_full_model(config.model, seed=1)
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    initial = {r.name: r.param.detach().clone() for r in model.param_table}  # experts: rows of the stacks
     topo = Topology(Layout(1), 0)
     return config, model, topo, initial, DistributedOptimizer(model.param_table, topo, config.optim, dtype, 5000)
 
@@ -250,7 +250,7 @@ def test_bf16_model_holds_bf16_weights_and_steps_fp32_masters():
         result = train(model, optimizer, topo, device)
         weights, _ = optimizer.state_dict_for_checkpoint()
     assert not result.skipped
-    for name, param in model.named_parameters():
+    for name, param in ((r.name, r.param) for r in model.param_table):
         assert weights[name].dtype == torch.float32 and not torch.equal(weights[name], initial[name])
         assert torch.equal(param, weights[name].to(torch.bfloat16)), name
 

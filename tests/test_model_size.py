@@ -15,7 +15,8 @@ def test_counts_equal_the_built_models_parameters():
                                            "--mtp-num-layers", "1"]).model
     model = build_full_model(config, seed=1)
     main = {name: p.numel() for name, p in model.named_parameters() if not name.startswith("mtp.")}
-    one_expert = sum(p.numel() for p in model.layers["1"].mlp.experts.local["0"].parameters())
+    expert = model.layers["1"].mlp.experts.local["0"]  # its weights: rows of the layer's stacks
+    one_expert = sum(getattr(expert, name).weight.numel() for name in ("gate", "up", "down"))
     moe_layers = config.num_layers - config.moe_first_k_dense
     all_experts = one_expert * config.num_experts * moe_layers
     counts = parameter_counts(config)

@@ -76,5 +76,7 @@ def test_fp8_dispatch_sends_quantized_tokens_and_tracks_bf16():
 
 def test_ep2_steps_hold_the_host_sync_budget(outcomes):
     """One transfer per MoE layer per micro-batch forward (the dispatch counts) and one per step
-    (tests/test_host_syncs.py): TINY_MOE's 2 MoE layers, 2 micro-batches of 2 per DP rank (EP2 is DP2)."""
+    (tests/test_host_syncs.py): TINY_MOE's 2 MoE layers, 2 micro-batches of 2 per DP rank (EP2 is DP2);
+    EP4 over 2 nodes (the hierarchical dispatch, both hops' counts in the one transfer) 1 micro-batch."""
     assert outcomes["EP2"].run.host_syncs == [2 * 2 + 1] * 4
+    assert outcomes["EP4-on-2-nodes-M2"].run.host_syncs == [2 * 1 + 1] * 4

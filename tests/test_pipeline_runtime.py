@@ -142,7 +142,7 @@ def test_stage_models_hold_the_full_model_under_its_names(schedule, pp):
             assert torch.equal(value, full[name]), name
             copies[name] += 1
         mirrored = {record.name for record in model.param_table if record.mirror}
-        mirror_chunk = [name for chunk in model.chunks[1:] for name, _ in chunk.named_parameters()]
+        mirror_chunk = [record.name for chunk in model.chunks[1:] for record in chunk.param_table()]
         assert mirrored == (set(mirror_chunk) if schedule == "dualpipe" else set())
         assert mirror_rank(layout, rank) == (pp - 1 - rank if schedule == "dualpipe" else None)
     assert set(copies.values()) == {2 if schedule == "dualpipe" else 1}

@@ -25,6 +25,7 @@ from megadual.model.block import TransformerLayer
 from megadual.model.dropout import EMBEDDING, HiddenDropout
 from megadual.model.layers import RMSNorm
 from megadual.model.mtp import MultiTokenPrediction, masked_mean, mtp_loss_names
+from megadual.moe.experts import ExpertLinear
 from megadual.moe.layer import MoELayer
 from megadual.moe.router import Router
 from megadual.parallel import comm
@@ -189,7 +190,7 @@ class GPTChunk(torch.nn.Module):
         `overlap` fill the backward's expert all-to-alls (the paired F&B chunk)."""
         self.overlap, self.recompute.wgrad_store = overlap, store
         for module in self.modules():
-            if isinstance(module, ShardedLinear | Router):
+            if isinstance(module, ShardedLinear | ExpertLinear | Router):
                 module.wgrad_store = store
             elif isinstance(module, MoELayer):
                 module.dispatcher.overlap = overlap

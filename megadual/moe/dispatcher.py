@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -104,6 +105,22 @@ class Dispatched:
 
 
 @dataclass
+class Counts:
+    """A hop's counts: `received` on the device, the rest on the host."""
+    received: torch.Tensor  # [members, ...] from each member, column 0 its rows (count_rows' rows)
+    send: list[int]  # rows to each member
+    recv: list[int]  # rows from each member
+    experts: list[int]  # slots per local expert
+
+
+def counts_to_host(*counts: torch.Tensor) -> list[list[int]]:
+    """Integer vectors on the device brought to the host in one transfer: the one host sync of an MoE
+    layer's dispatch (the all-to-all's buffers are sized by them)."""
+    flat = torch.cat(counts).tolist()
+    return [flat[a:b] for a, b in pairwise([0, *accumulate(c.numel() for c in counts)])]
+
+
+@dataclass
 class InFlight:
     exchange: comm.Exchange
     plan: RowPlan
@@ -140,25 +157,24 @@ class Hop:
 
     def start(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
               overlap: comm.BackwardOverlap | None, stats: RoutingStats | None = None,
-              origin: torch.Tensor | None = None) -> InFlight:
-        """Launch the rows; `origin`, an integer tag per source row, travels with them. The one host
-        sync of the hop: the row counts both ways and the local experts' slot counts, in one transfer."""
-        received, (send_counts, recv_counts, expert_counts) = self.exchange_counts(experts)
-        plan = plan_rows(experts, gates, self.experts_per_rank, self.size, send_counts)
+              origin: torch.Tensor | None = None, counts: Counts | None = None) -> InFlight:
+        """Launch the rows; `origin`, an integer tag per source row, travels with them. `counts`: the
+        hop's counts when the caller has them already (the hierarchical dispatch, which brings both
+        hops' over together); otherwise the hop's one host sync brings them (`exchange_counts`)."""
+        counts = counts or self.exchange_counts(experts)
+        plan = plan_rows(experts, gates, self.experts_per_rank, self.size, counts.send)
         if stats is not None:
             stats.record_dispatch(*count_traffic(plan.send_counts, self.nodes, self.index))
-        exchange = comm.Exchange(self.group, recv_counts, plan.send_counts, (self.codec,), overlap)
+        exchange = comm.Exchange(self.group, counts.recv, plan.send_counts, (self.codec,), overlap)
         tags = () if origin is None else (origin[plan.source],)
-        return InFlight(exchange.start(tokens[plan.source], plan.experts, plan.gates, *tags), plan, recv_counts,
-                        expert_counts, received, tokens.shape[0])
+        return InFlight(exchange.start(tokens[plan.source], plan.experts, plan.gates, *tags), plan, counts.recv,
+                        counts.experts, counts.received, tokens.shape[0])
 
-    def exchange_counts(self, experts: torch.Tensor) -> tuple[torch.Tensor, tuple[list[int], list[int], list[int]]]:
-        """What each member sends this rank (count_rows' rows, on the device), and on the host (rows to
-        each member, rows from each member, slots per local expert)."""
+    def exchange_counts(self, experts: torch.Tensor) -> Counts:
+        """The counts exchanged on the device, then brought to the host in one transfer."""
         sent = count_rows(experts, self.experts_per_rank, self.size)
         received = comm.exchange_counts(sent, self.group)
-        counts = torch.cat([sent[:, 0], received[:, 0], received[:, 1:].sum(0)]).tolist()
-        return received, (counts[:self.size], counts[self.size:2 * self.size], counts[2 * self.size:])
+        return Counts(received, *counts_to_host(sent[:, 0], received[:, 0], received[:, 1:].sum(0)))
 
     def wait(self, sent: InFlight) -> Dispatched:
         tokens, experts, gates, *origin = sent.exchange.wait()

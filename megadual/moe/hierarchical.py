@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from megadual.moe.dispatcher import Dispatched, Experts, Hop
+from megadual.moe.dispatcher import Counts, Dispatched, Experts, Hop, count_rows, counts_to_host
 from megadual.moe.router import RoutingStats
 from megadual.parallel import comm
 
@@ -60,7 +60,8 @@ class HierarchicalDispatcher:
     def routed_steps(self, tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts: Experts,
                      alongside: Callable[[], Any], stats: RoutingStats | None = None
                      ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
-        to_node = self.inter.start(tokens, indices, gates, self.overlap, stats)
+        inter_counts, intra_counts = self.exchange_counts(indices)
+        to_node = self.inter.start(tokens, indices, gates, self.overlap, stats, counts=inter_counts)
         yield
         at_node = self.inter.wait(to_node)
         source_node = torch.repeat_interleave(torch.arange(len(at_node.recv_counts), device=tokens.device),
@@ -68,7 +69,7 @@ class HierarchicalDispatcher:
         # Covered by the shared experts alone, in the forward and (reversed) in the backward: its
         # backward launch resumes no forward step.
         to_rank = self.intra.start(at_node.tokens, at_node.local_experts, at_node.gates, None, stats,
-                                   origin=source_node)
+                                   origin=source_node, counts=intra_counts)
         beside = alongside()
         at_rank = self.intra.wait(to_rank)
         back_in_node = self.intra.return_start(experts_in_flat_order(experts, at_rank), at_rank, self.overlap)
@@ -76,6 +77,23 @@ class HierarchicalDispatcher:
         back_to_source = self.inter.return_start(self.intra.return_wait(back_in_node), at_node, self.overlap)
         yield
         return self.inter.return_wait(back_to_source), beside
+
+    def exchange_counts(self, indices: torch.Tensor) -> tuple[Counts, Counts]:
+        """Both hops' counts in one host transfer (the layer's one sync). Each source counts, per
+        destination rank, the rows it will reach and their slots per expert; hop 1's counts exchange
+        carries them to the forwarding rank of each node, whose sums are what it forwards to each
+        rank of its node (a row reaches a rank once, however many of its experts are there), and an
+        exchange inside the node tells each rank what it will receive; only then does anything
+        come to the host."""
+        nodes, per_node, per_rank = self.inter.size, self.intra.size, self.intra.experts_per_rank
+        to_node = count_rows(indices, per_rank * per_node, nodes)[:, :1]
+        to_rank = count_rows(indices, per_rank, nodes * per_node).view(nodes, per_node * (1 + per_rank))
+        at_node = comm.exchange_counts(torch.cat([to_node, to_rank], 1), self.inter.group)
+        forwarded = at_node[:, 1:].sum(0).view(per_node, 1 + per_rank)  # rows, then slots per expert
+        at_rank = comm.exchange_counts(forwarded, self.intra.group)
+        host = counts_to_host(to_node[:, 0], at_node[:, 0], forwarded[:, 0], at_rank[:, 0], at_rank[:, 1:].sum(0))
+        inter_send, inter_recv, intra_send, intra_recv, slots = host
+        return Counts(at_node, inter_send, inter_recv, []), Counts(at_rank, intra_send, intra_recv, slots)
 
 
 def experts_in_flat_order(experts: Experts, d: Dispatched) -> torch.Tensor:

@@ -5,7 +5,8 @@ and laid out (`ParamSpec`): split over TP along a dim, a routed expert's (replic
 only over the expert-data-parallel group), or a gradient that is a partial sum over TP
 (sequence-parallel norms, the router under TP). `ParamTable.build` walks a model once
 and records every parameter under its global name, with whether it is DualPipe's
-second copy of a stage. Initialization, gradient reduction, the gradient norm,
+second copy of a stage; a stacked parameter (a rank's experts of one projection) is recorded
+as its rows, each under its expert's name. Initialization, gradient reduction, the gradient norm,
 checkpoints and the layout checker read the table; nothing else inspects parameters.
 """
 from __future__ import annotations
@@ -37,10 +38,22 @@ class ParamSpec:
 @dataclass(frozen=True)
 class ParamRecord:
     name: str  # the global name: layers by global index, experts by global expert index
-    param: torch.nn.Parameter
+    owner: torch.nn.Parameter  # the module's parameter: this one, or the stack this is row `row` of
     spec: ParamSpec
     mirror: bool = False  # DualPipe's second copy of a stage (its twin lives on the mirrored rank)
     tied: bool = False  # a tied copy of a parameter another pipeline rank owns (see ParamTable.build)
+    row: int | None = None  # a row of a stacked parameter (a rank's experts of one projection)
+    owner_name: str | None = None  # the stacked parameter's own name, for a row
+
+    @property
+    def param(self) -> torch.Tensor:
+        """The parameter, or its row of the stack (a view, taken now: a stack's storage can move)."""
+        return self.owner if self.row is None else self.owner[self.row]
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        grad = self.owner.grad
+        return grad if grad is None or self.row is None else grad[self.row]
 
     @property
     def full_shape(self) -> list[int]:
@@ -78,20 +91,30 @@ class ParamTable:
 
     def __init__(self, records: list[ParamRecord]):
         self.records = records
-        self._by_param = {id(r.param): r for r in records}
 
     @classmethod
     def build(cls, module: torch.nn.Module, mirror: bool = False, tied: tuple[str, ...] = ()) -> ParamTable:
         """Read each parameter's spec from the module that owns it; `mirror` marks a second copy.
         `tied` names submodules that are tied copies of modules another pipeline rank owns (the
         last stage's embedding shared with the first under 1F1B): their gradients are summed with
-        the owner's, so the copies stay equal."""
+        the owner's, so the copies stay equal. A stacked parameter (the module's `param_rows` names
+        its rows, under the module) is recorded row by row, the stacks of one module interleaved
+        (row 0 of each, then row 1, ...): its rows are what everything else names and counts."""
         records = []
         for module_name, owner in module.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            rows = owner.__dict__.get("param_rows", {})
+            stacked = []
             for local_name, param in owner.named_parameters(recurse=False):
-                name = f"{module_name}.{local_name}" if module_name else local_name
-                records.append(ParamRecord(name, param, _declared_spec(owner, local_name, name), mirror,
-                                           tied=module_name in tied))
+                name = prefix + local_name
+                spec = _declared_spec(owner, local_name, name)
+                if local_name in rows:
+                    stacked.append((name, param, spec, rows[local_name]))
+                else:
+                    records.append(ParamRecord(name, param, spec, mirror, tied=module_name in tied))
+            for row in range(len(stacked[0][3]) if stacked else 0):
+                records += [ParamRecord(prefix + row_names[row], param, spec, mirror, module_name in tied, row, name)
+                            for name, param, spec, row_names in stacked]
         return cls(records)
 
     @classmethod
@@ -104,8 +127,6 @@ class ParamTable:
     def __len__(self) -> int:
         return len(self.records)
 
-    def of(self, param: torch.Tensor) -> ParamRecord:
-        return self._by_param[id(param)]
-
     def params(self) -> list[torch.nn.Parameter]:
-        return [r.param for r in self.records]
+        """The module parameters, each once (a stack once for all its rows)."""
+        return list({id(r.owner): r.owner for r in self.records}.values())

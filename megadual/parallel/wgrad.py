@@ -26,9 +26,24 @@ from contextlib import contextmanager
 import torch
 
 
+def stack_row(weight: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """(the parameter, None) for a parameter; for a row of a stacked parameter (the view a routed
+    expert computes with, moe/experts.py), (the stack, the row): where its gradient goes."""
+    stack = weight._base
+    if stack is None:
+        return weight, None
+    return stack, (weight.storage_offset() - stack.storage_offset()) // stack.stride(0)
+
+
 def add_to_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add a weight gradient into `param.grad`, as autograd accumulates one."""
-    if param.grad is None:
+    """Add a weight gradient into `param.grad` (a stack row's into its row of the stack's), as
+    autograd accumulates one."""
+    param, row = stack_row(param)
+    if row is not None:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        param.grad[row].add_(grad)
+    elif param.grad is None:
         param.grad = grad
     else:
         param.grad.add_(grad)

@@ -68,7 +68,7 @@ def _layer_parameters(c: ModelConfig, moe: bool, tp: int, ep: int) -> ParamCount
         count += _dense(*[h * c.moe_shared_expert_intermediate_size // tp] * 3)
     experts = c.num_experts // ep
     per_expert = 3 * h * c.moe_ffn_hidden_size
-    return count + ParamCount(experts * per_expert, 3 * experts, experts * per_expert)
+    return count + ParamCount(experts * per_expert, 3, experts * per_expert)  # 3 stacks (moe/experts.py)
 
 
 def stage_parameters(c: ModelConfig, stage: StageSpec, tp: int, ep: int) -> ParamCount:

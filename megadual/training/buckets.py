@@ -47,16 +47,26 @@ def shard_pieces(numels: list[int], group_size: int, rank: int) -> list[Piece]:
     return pieces
 
 
+def bucket_order(records: list[ParamRecord]) -> list[ParamRecord]:
+    """By global name (so DualPipe's mirrored ranks lay out the same buckets), the rows of a stacked
+    parameter together and in order, where its first row's name puts them: a stack is one view."""
+    by_name = sorted(records, key=lambda r: r.name)
+    first = {}
+    for record in by_name:
+        first.setdefault(id(record.owner), record.name)
+    return sorted(by_name, key=lambda r: (first[id(r.owner)], r.row or 0))
+
+
 def split_into_buckets(records: list[ParamRecord], bucket_numel: int) -> list[list[ParamRecord]]:
     """`records` in runs of consecutive parameters, each run closed once it holds `bucket_numel`
-    elements (a parameter larger than that closes its own)."""
+    elements (a parameter larger than that closes its own), never inside a stack's rows."""
     buckets: list[list[ParamRecord]] = []
     current: list[ParamRecord] = []
     size = 0
-    for record in records:
+    for record, following in zip(records, [*records[1:], None]):
         current.append(record)
         size += record.param.numel()
-        if size >= bucket_numel:
+        if size >= bucket_numel and (following is None or following.owner is not record.owner):
             buckets.append(current)
             current, size = [], 0
     return buckets + [current] if current else buckets
@@ -92,7 +102,10 @@ class Bucket:
         self.grad_shard = self.grads[shard]
         self.main_grads: dict[int, torch.Tensor] = {}  # by id of the parameter: its FP32 gradient
         for record, start in zip(records, self.offsets):
-            param, end = record.param, start + record.param.numel()
+            param = record.owner
+            if id(param) in self.main_grads:
+                continue  # a stack's later row: the stack went in place at its first
+            end = start + param.numel()
             param.data = self.params[start:end].view(param.shape)
             self.main_grads[id(param)] = main_grad = self.grads[start:end].view(param.shape)
             param.register_post_accumulate_grad_hook(partial(_move_into, main_grad))

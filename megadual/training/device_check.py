@@ -30,10 +30,10 @@ PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../meg
 _HERE = os.path.abspath(__file__)
 
 # Where a step may bring a value to the host, and why: (file under megadual/, function) -> reason.
-# "per layer": once per MoE layer per micro-batch forward (per hop for the hierarchical dispatch);
-# "per step": counted against STEP_SYNCS.
+# "per layer": once per MoE layer per micro-batch forward (both hops of the hierarchical dispatch
+# together); "per step": counted against STEP_SYNCS.
 ALLOWED_SYNCS = {
-    ("moe/dispatcher.py", "exchange_counts"): (
+    ("moe/dispatcher.py", "counts_to_host"): (
         "per layer", "an all-to-all's row counts size its buffers; the local experts' slot counts come "
                      "in the same transfer"),
     ("moe/experts.py", "forward"): (

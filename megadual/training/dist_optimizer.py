@@ -3,7 +3,8 @@
 AdamW whose FP32 master weights and moments are sharded over each parameter's data-parallel
 ranks: the DP group for dense parameters, the expert-DP group for routed experts (the
 ParamTable says which). Parameters live in flat buckets (buckets.py), sorted by global name
-so that DualPipe's mirrored ranks lay out the same buckets. One step:
+so that DualPipe's mirrored ranks lay out the same buckets (a stack of experts' rows as one
+run, where its first row's name puts it). One step:
 
 1. gradients accumulate in FP32 in the buckets, whatever the model's dtype (autograd's through
    a hook on each parameter, the pipeline's deferred ones through `accumulate_grad`);
@@ -33,8 +34,9 @@ from torch.optim.adam import adam
 from megadual.config import OptimConfig
 from megadual.parallel.params import ParamTable
 from megadual.parallel.topology import Topology
+from megadual.parallel.wgrad import stack_row
 from megadual.pipeline.driver import Pipeline
-from megadual.training.buckets import Bucket, split_into_buckets
+from megadual.training.buckets import Bucket, bucket_order, split_into_buckets
 from megadual.training.grads import ReducedGradients, counted_in_norm, sum_partial_over_tp
 from megadual.training.optimizer import adamw_group_settings, decayed
 
@@ -77,7 +79,7 @@ class DistributedOptimizer:
         bucket_numel = bucket_numel or default_bucket_numel(topo.layout.dp)
         self.buckets: list[Bucket] = []
         for group, expert in (("dp", False), ("edp", True)):
-            records = sorted((r for r in table if r.spec.expert == expert), key=lambda r: r.name)
+            records = bucket_order([r for r in table if r.spec.expert == expert])
             self.buckets += [Bucket(run, topo.group(group), model_dtype)
                              for run in split_into_buckets(records, bucket_numel)]
         self._main_grads = {key: grad for bucket in self.buckets for key, grad in bucket.main_grads.items()}
@@ -86,10 +88,12 @@ class DistributedOptimizer:
         self._decayed_ranges = [_merged([(p.start, p.end) for record, p in b.pieces if decayed(record.param)])
                                 for b in self.buckets]
 
-    def accumulate_grad(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    def accumulate_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Add a weight gradient autograd did not accumulate (the pipeline's deferred W) into the
-        parameter's FP32 gradient, as autograd's go."""
-        self._main_grads[id(param)].add_(grad)
+        parameter's FP32 gradient (a stack row's into its row), as autograd's go."""
+        param, row = stack_row(param)
+        main_grad = self._main_grads[id(param)]
+        (main_grad if row is None else main_grad[row]).add_(grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the FP32 gradients (the buffers stay: `set_to_none` only matches torch's signature)."""

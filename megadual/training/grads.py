@@ -77,12 +77,15 @@ def reduce_gradients(table: ParamTable, topo: Topology) -> ReducedGradients:
     """All-reduce every gradient over its replicas (the plain optimizer's reduction)."""
     ensure_grads(table)
     dp = topo.layout.dp
-    sum_partial_over_tp([r.param.grad for r in table if r.spec.grad_partial_over_tp], topo)
-    _all_reduce_coalesced([r.param.grad for r in table if not r.spec.expert], topo.group("dp"), 1.0 / dp)
-    _all_reduce_coalesced([r.param.grad for r in table if r.spec.expert], topo.group("edp"), 1.0 / dp)
-    return ReducedGradients([r.param.grad for r in table],
-                            [r.param.grad for r in table if counted_in_norm(r, topo, sharded_over_dp=False)],
-                            lambda: {r.name: r.param.grad for r in table})
+    # Row by row (an expert's projections together, as the table orders them), so each element's
+    # place in the coalesced buffer, and so the order a ring all-reduce sums it in, does not depend
+    # on how the experts' weights are stored.
+    sum_partial_over_tp([r.grad for r in table if r.spec.grad_partial_over_tp], topo)
+    _all_reduce_coalesced([r.grad for r in table if not r.spec.expert], topo.group("dp"), 1.0 / dp)
+    _all_reduce_coalesced([r.grad for r in table if r.spec.expert], topo.group("edp"), 1.0 / dp)
+    return ReducedGradients([p.grad for p in table.params()],  # a stack once, not row by row
+                            [r.grad for r in table if counted_in_norm(r, topo, sharded_over_dp=False)],
+                            lambda: {r.name: r.grad for r in table})
 
 
 def counted_in_norm(record: ParamRecord, topo: Topology, sharded_over_dp: bool) -> bool:

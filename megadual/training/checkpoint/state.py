@@ -1,6 +1,7 @@
 """What a checkpoint holds, as state dicts that load under any parallel layout.
 
-Tensors are keyed by global parameter name (experts by global expert index), and tensor-
+Tensors are keyed by global parameter name (experts by global expert index: the rows of the
+stacked expert weights, moe/experts.py and stack_rows.py), and tensor-
 parallel shards are DTensors, pieces of the whole tensor, so a checkpoint written under one
 TP/EP/PP/DP layout loads under another. Each part has one function that gives the state dicts
 for saving (and, filled by DCP, for loading) and one that restores them:
@@ -24,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megadual.pipeline.stage_model import StageModel
-from megadual.training.checkpoint import vocab
+from megadual.training.checkpoint import stack_rows, vocab
 from megadual.training.dist_optimizer import DistributedOptimizer
 
 # Optimizer state flattened to one key per (parameter, state): a layout-independent key set.
@@ -41,6 +42,7 @@ def checkpoint_state(model: StageModel, optimizer: torch.optim.Optimizer | Distr
         model_sd.update(weights)
     elif with_optimizer:
         optim_sd = get_optimizer_state_dict(model, optimizer, options=OPTIONS)
+        stack_rows.split(optim_sd, stack_rows.stacks(model.param_table))
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optim_sd
@@ -58,6 +60,7 @@ def restore_state(model: StageModel, optimizer: torch.optim.Optimizer | Distribu
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.load_checkpoint_state(model_sd, optim_sd)
     elif optim_sd is not None:
+        stack_rows.join(optim_sd, stack_rows.stacks(model.param_table))
         set_optimizer_state_dict(model, optimizer, optim_sd, options=OPTIONS)
 
 
