@@ -56,8 +56,10 @@ MODULES = {
                              ["*Precision*", "*x_ceil_div__*", "*x_codec_bytes__*", "*x_per_expert_keeps__*",
                               "*x_norm_bytes__*", "*x_mlp_bytes__*", "*x_distinct_ranks_per_token__*",
                               "*ǁActivationsǁadd__*", "*ǁActivationsǁ__iadd____*", "*x_peak_moment__*"]),
-    "plan/layout_search.py": (["tests/test_oracles_planner.py", "tests/test_schedules.py"], "planner",
-                              ["*x_end_stage_layers__*"]),
+    "plan/layout_search.py": (["tests/test_oracles_layout_search.py", "tests/test_oracles_planner.py",
+                               "tests/test_schedules.py"],
+                              "(planner or search) and not walked_by_hand and not after_deferred",
+                              ["*x_end_stage_layers__*", "*x_candidates__*"]),
 }
 
 
