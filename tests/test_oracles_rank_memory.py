@@ -7,7 +7,8 @@ import pytest
 
 from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.model.gpt import StageSpec
-from megadual.plan.memory_model import PeakMoment, Precision, Shape
+from megadual.parallel.recompute import RecomputePlan
+from megadual.plan.memory_model import PeakMoment, Precision, Shape, stage_activations
 from megadual.plan.rank_memory import (
     Layout,
     ParamCount,
@@ -39,6 +40,10 @@ def test_layout_of_the_flags():
     assert layout_of(c, 8) == Layout(8, 2, 2, 2, "interleaved", 2, True)
     assert layout_of(c, 8).dp == 2
     assert layout_of(config(), 3) == Layout(3, 1, 1, 1, "1f1b", 1, False)
+    # V from layers per virtual stage: 4 layers / (PP 2 x 1)
+    per_stage = config("--pipeline-model-parallel-size", "2", "--pipeline-schedule", "interleaved",
+                       "--num-layers-per-virtual-pipeline-stage", "1")
+    assert layout_of(per_stage, 2) == Layout(2, 1, 2, 1, "interleaved", 2, False)
 
 
 def spec(first, last, embedding=False, head=False):
@@ -58,6 +63,10 @@ def test_each_rank_holds_its_schedules_stages_in_chunk_order():
     assert stages(one_f) == [[spec(0, 2, embedding=True)], [spec(2, 4, head=True)]]
     assert stages(one_f, "--decoder-first-pipeline-num-layers", "1", "--decoder-last-pipeline-num-layers", "3") == \
         [[spec(0, 1, embedding=True)], [spec(1, 4, head=True)]]
+    # 6 layers over 4 stages: 1 first, 1 last, the middle 2 each
+    assert stages(Layout(4, 1, 4, 1, "1f1b"), "--num-layers", "6", "--decoder-first-pipeline-num-layers", "1",
+                  "--decoder-last-pipeline-num-layers", "1") == \
+        [[spec(0, 1, embedding=True)], [spec(1, 3)], [spec(3, 5)], [spec(5, 6, head=True)]]
     assert stages(Layout(2, 1, 2, 1, "interleaved", 2)) == \
         [[spec(0, 1, embedding=True), spec(2, 3)], [spec(1, 2), spec(3, 4, head=True)]]
     assert stages(Layout(2, 1, 2, 1, "dualpipe")) == \
@@ -96,6 +105,12 @@ def test_a_chunk_with_the_head_adds_autocasts_copy_of_its_weight(flags, world, h
     with_head = chunk_activations(c, layout, spec(2, 4, head=True), distributed)
     assert with_head.kinds.get(HEAD_COPY, 0) == head_copy
     assert HEAD_COPY not in chunk_activations(c, layout, spec(0, 2, embedding=True), distributed).kinds
+    # besides the copy, what the memory model's stage sum gives for the stage's layers, embedding and head
+    shape, plan = shape_of(c, layout, distributed), RecomputePlan.from_flags(c.train)
+    for stage, copy in ((spec(0, 2, embedding=True), 0), (spec(2, 4, head=True), head_copy)):
+        reference = stage_activations(c.model, shape, range(stage.first_layer, stage.last_layer), stage.has_embedding,
+                                      stage.has_head, plan)
+        assert chunk_activations(c, layout, stage, distributed).kept == reference.kept + copy
     # a forward whose backward will be a BI keeps no copy: its backward casts the weight again
     assert HEAD_COPY not in chunk_activations(c, layout, spec(2, 4, head=True), distributed, recast_weights=True).kinds
 
