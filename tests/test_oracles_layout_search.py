@@ -34,7 +34,8 @@ def offered(world, hw, *flags):
 def expected(world, gpus, recomputes, layers=4, samples=8, experts=8):
     """TP up to a node, TP x PP dividing the world; PP 1 only plain 1F1B; interleaved (V 2) and DualPipeV
     run 2 PP stages, at most one layer each; EP a power of two up to the experts dividing DP x TP;
-    DualPipe(V) needs at least 2 PP micro-batches (samples / (micro-batch x DP))."""
+    the global batch a multiple of micro-batch x DP, DualPipe(V) at least 2 PP micro-batches of it and
+    interleaved a multiple of PP (Megatron's rule)."""
     schedules = [("1f1b", False), ("1f1b", True), ("interleaved", False), ("interleaved", True), ("dualpipe", False),
                  ("dualpipev", False)]
     found = collections.Counter()
@@ -46,7 +47,9 @@ def expected(world, gpus, recomputes, layers=4, samples=8, experts=8):
         stages = pp * (2 if schedule in ("interleaved", "dualpipev") else 1)
         if (pp == 1 and (schedule, overlap) != ("1f1b", False)) or stages > layers or (dp * tp) % ep:
             continue
-        if schedule.startswith("dualpipe") and samples // (mb * dp) < 2 * pp:
+        micro = samples // (mb * dp)
+        if samples % (mb * dp) or (schedule.startswith("dualpipe") and micro < 2 * pp) or \
+                (schedule == "interleaved" and micro % pp):
             continue
         found[(tp, pp, schedule, overlap, ep, mb, recompute, distributed)] += 1
     return found
@@ -58,6 +61,9 @@ def test_the_search_offers_every_valid_layout_once_and_nothing_else():
     # MLA adds DeepSeek-V3's selective recomputation (its up-projections and norms)
     assert offered(4, hw, *MLA) == expected(4, 2, ("none", "selective", "selective+norm+mla", "full"))
     assert offered(2, Hardware(gpus_per_node=1)) == expected(2, 1, ("none", "selective", "full"))
+    # a node of 8: TP 4 and 8 (8 heads), PP up to 8 over 8 layers
+    assert offered(8, Hardware(), "--num-layers", "8", "--num-attention-heads", "8") == \
+        expected(8, 8, ("none", "selective", "full"), layers=8)
 
 
 def test_uneven_layers_give_the_end_stages_what_an_even_split_leaves():
