@@ -46,10 +46,10 @@ MODULES = {
     "hf/names.py": (["tests/test_oracles_hf.py"], "", ["*"]),
     "model/dropout.py": (["tests/test_dropout.py", "tests/test_oracles_math.py"],
                          "not training_losses and (not oracles_math or dropout)", ["*"]),
-    # the planner: the parameter and optimizer-state counts, the memory model's shared pieces (norms, MLP,
-    # precisions, FP8 copies, the walk over a schedule) and the end stages' layers; mutmut leaves out
-    # decorated functions (@cache's _layer_parameters and _layer_activations, properties)
-    # rank_memory.py: all of it; the hand-walked peaks of paired steps test memory_model.py's walk, not it
+    # the planner: the rank memory whole, the memory model's shared pieces (norms, MLP, precisions, FP8
+    # copies, the walk over a schedule), the search's candidates and end stages; mutmut leaves out decorated
+    # functions (@cache's _layer_parameters and _layer_activations, properties). Deselected: the hand-walked
+    # peaks of memory_model.peak_moment (its steps gained a field; they test that module, not these)
     "plan/rank_memory.py": (["tests/test_oracles_rank_memory.py", "tests/test_oracles_planner.py", "tests/test_plan.py"],
                             "not walked_by_hand and not after_deferred", ["*"]),
     "plan/memory_model.py": (["tests/test_oracles_planner.py", "tests/test_layer_memory.py"], "",
