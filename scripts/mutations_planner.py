@@ -164,4 +164,12 @@ MUTATIONS = [
          "[MLA no q-lora MoE-bf16-core_attn]"),
         "the planner counts the q and k a recomputed core attention keeps as its inputs in SDPA's dtype "
         "(autocast's casts), not as they came"),
+    # issue 23 (s4-mut)
+    Mutation(
+        "planner-stages-ignore-first-stage-layers", "megadual/plan/rank_memory.py",
+        "len(placement.paths[0]), p.decoder_first_pipeline_num_layers,",
+        "len(placement.paths[0]), None,",
+        ("tests/test_oracles_rank_memory.py::test_each_rank_holds_its_schedules_stages_in_chunk_order",),
+        "the planner places the layers as if --decoder-first-pipeline-num-layers were unset (the last "
+        "stage's count alone decides a 2-stage split, not a 4-stage one)"),
 ]
