@@ -48,17 +48,16 @@ MODULES = {
                          "not training_losses and (not oracles_math or dropout)", ["*"]),
     # the planner: the rank memory whole, the memory model's shared pieces (norms, MLP, precisions, FP8
     # copies, the walk over a schedule), the search's candidates and end stages; mutmut leaves out decorated
-    # functions (@cache's _layer_parameters and _layer_activations, properties). Deselected: the hand-walked
-    # peaks of memory_model.peak_moment (its steps gained a field; they test that module, not these)
+    # functions (@cache's _layer_parameters and _layer_activations, properties).
     "plan/rank_memory.py": (["tests/test_oracles_rank_memory.py", "tests/test_oracles_planner.py", "tests/test_plan.py"],
-                            "not walked_by_hand and not after_deferred", ["*"]),
+                            "", ["*"]),
     "plan/memory_model.py": (["tests/test_oracles_planner.py", "tests/test_layer_memory.py"], "",
                              ["*Precision*", "*x_ceil_div__*", "*x_codec_bytes__*", "*x_per_expert_keeps__*",
                               "*x_norm_bytes__*", "*x_mlp_bytes__*", "*x_distinct_ranks_per_token__*",
                               "*ǁActivationsǁadd__*", "*ǁActivationsǁ__iadd____*", "*x_peak_moment__*"]),
     "plan/layout_search.py": (["tests/test_oracles_layout_search.py", "tests/test_oracles_planner.py",
                                "tests/test_schedules.py"],
-                              "(planner or search) and not walked_by_hand and not after_deferred",
+                              "planner or search",
                               ["*x_end_stage_layers__*", "*x_candidates__*"]),
 }
 
