@@ -152,6 +152,9 @@ class Activations:
     transient: float = -math.inf
     transient_deferring: float = -math.inf
     kinds: Mapping[str, float] = field(default_factory=dict)
+    # (kept, weight_inputs) so far at each expert all-to-all the forward pauses at, in forward order: a
+    # paired F&B's backward frees down to them as the forward steps between them (pipeline/overlap.py)
+    pauses: tuple[tuple[float, float], ...] = ()
 
     def add(self, saved: float, gemm_inputs: float = 0.0, recomputed: bool = False, kept_inputs: float = 0.0,
             recomputed_extra: float = 0.0, kind: str | Mapping[str, float] = "other") -> None:
@@ -174,6 +177,7 @@ class Activations:
         self.transient = max(self.transient - later.kept, later.transient)
         self.transient_deferring = max(self.transient_deferring - later.kept + later.weight_inputs,
                                        later.transient_deferring)
+        self.pauses += tuple((kept + self.kept, inputs + self.weight_inputs) for kept, inputs in later.pauses)
         self.kept += later.kept
         self.weight_inputs += later.weight_inputs
         kinds = dict(self.kinds)  # a new dict: layer_activations' cached ones are shared
@@ -389,12 +393,17 @@ def moe_activations(c: ModelConfig, s: Shape, mods: frozenset[str]) -> Activatio
         acts.add(t * a * h + router + dispatch + gathered + experts.kept + shared.kept,
                  t * a * h + rows_in + experts.weight_inputs + shared.weight_inputs, True,
                  kept_inputs=s.tokens * a * h, kind="MoE (recomputed)")
-        return acts
-    acts.add(router, kind="router")
-    acts.add(dispatch, kind="dispatch and combine")
-    acts.add(gathered, rows_in, kind="experts: rows, gates")
-    acts += dataclasses.replace(experts, kinds={f"experts: {k}": v for k, v in experts.kinds.items()})
-    acts += shared
+        dispatched = (acts.kept, acts.weight_inputs)  # the region keeps its input from the start
+    else:
+        acts.add(router, kind="router")
+        acts.add(dispatch, kind="dispatch and combine")
+        acts.add(gathered, rows_in, kind="experts: rows, gates")
+        acts += dataclasses.replace(experts, kinds={f"experts: {k}": v for k, v in experts.kinds.items()})
+        acts += shared
+        # the shared expert runs beside the dispatch, before the forward's first pause
+        dispatched = (router + dispatch + shared.kept, shared.weight_inputs)
+    if s.ep > 1:  # the forward pauses at the dispatch and at the combine (moe/dispatcher.py)
+        acts.pauses = (dispatched, (acts.kept, acts.weight_inputs))
     return acts
 
 
@@ -419,6 +428,7 @@ def stage_activations(c: ModelConfig, s: Shape, layers: range, embedding: bool, 
         part = Activations()
         part.add(whole.kept, whole.weight_inputs, True, kept_inputs=s.local_tokens * s.p.stream * h,
                  kind="recomputed layers' inputs")
+        part.pauses = tuple((part.kept, part.weight_inputs) for _ in whole.pauses)  # the region's own
         acts += part.named(f"layers {layers[group.start]}-{layers[group.stop - 1]}")
         position = group.stop
     if head:
@@ -473,9 +483,11 @@ def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
     """The most activation bytes alive at once on a rank running `steps` (`memory_steps`): each
     forward adds its chunk's micro-batch (`recast_bytes` where its backward will be a BI, default
     `chunk_bytes`), a backward frees it (a BI all but its GEMM inputs, which its W frees); the
-    backward's recomputed region comes on top. A paired F&B holds both while it runs when the
-    backward's chunk has expert all-to-alls (`exchanges`, by chunk; default: all have), whose
-    waits run the forward (pipeline/overlap.py); without any, the forward runs after the backward."""
+    backward's recomputed region comes on top. In a paired F&B whose backward's chunk has expert
+    all-to-alls (`exchanges`, by chunk; default: all have) the forward steps at each of them
+    (pipeline/overlap.py): the backward has freed down to the matching pause of its micro-batch
+    (`Activations.pauses`, from the end) when the forward's next step adds its bytes up to its next
+    pause; forward steps left when the backward ends, or all of them without all-to-alls, run after it."""
     return peak_moment(steps, chunk_bytes, exchanges, recast_bytes).bytes
 
 
@@ -483,14 +495,16 @@ def peak_bytes(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
 class PeakMoment:
     """What is alive when a rank's activations peak: `kept[c]` micro-batches of chunk c whole
     (`recast[c]` of them forwards whose backward will be a BI), `deferred[c]` of them down to the
-    GEMM inputs their W still needs, and a backward of chunk `rising` (-1: none) above its kept
-    bytes by `transient` (its recomputed region)."""
+    GEMM inputs their W still needs, a backward of chunk `rising` (-1: none) above its kept
+    bytes by `transient` (its recomputed region), and `paired` bytes of a paired F&B part-way
+    (the backward's micro-batch not yet freed, the forward's so far; neither is in `kept`)."""
     bytes: float
     kept: tuple[int, ...]
     deferred: tuple[int, ...]
     rising: int = -1
     transient: float = 0.0
     recast: tuple[int, ...] = ()
+    paired: float = 0.0
 
 
 def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
@@ -509,8 +523,7 @@ def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
         recast[chunk] += split_later
 
     for forward, backward, defers_w, w, split_later in steps:
-        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]
-        if forward >= 0 and not forward_after:
+        if forward >= 0 and backward < 0:
             forward_runs(forward, split_later)
         if backward >= 0:
             acts = (recast_bytes if defers_w else chunk_bytes)[backward]  # a BI's forward was split_later
@@ -520,11 +533,19 @@ def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
             live -= acts.kept
             kept[backward] -= 1
             recast[backward] -= defers_w
+            if forward >= 0 and (exchanges is None or exchanges[backward]):
+                steps_f = (recast_bytes if split_later else chunk_bytes)[forward]
+                for j, (freed_to, inputs_to) in enumerate(reversed(acts.pauses)):
+                    held = freed_to + (acts.weight_inputs - inputs_to if defers_w else 0.0)
+                    pair = held + (steps_f.pauses[j][0] if j < len(steps_f.pauses) else steps_f.kept)
+                    if live + pair > best.bytes:
+                        best = PeakMoment(live + pair, tuple(kept), tuple(deferred), recast=tuple(recast),
+                                          paired=pair)
             if defers_w:
                 live += acts.weight_inputs
                 deferred[backward] += 1
-        if forward_after:
-            forward_runs(forward, split_later)
+            if forward >= 0:
+                forward_runs(forward, split_later)
         if w >= 0:
             live -= recast_bytes[w].weight_inputs
             deferred[w] -= 1
