@@ -164,4 +164,16 @@ MUTATIONS = [
          "[MLA no q-lora MoE-bf16-core_attn]"),
         "the planner counts the q and k a recomputed core attention keeps as its inputs in SDPA's dtype "
         "(autocast's casts), not as they came"),
+    # issue 22 (s4-pair)
+    Mutation(
+        "planner-pair-holds-both-micro-batches", "megadual/plan/memory_model.py",
+        "pair = held + (steps_f.pauses[j][0] if j < len(steps_f.pauses) else steps_f.kept)",
+        "pair = acts.kept + steps_f.kept",
+        ("tests/test_oracles_planner.py::test_a_paired_backward_frees_down_to_each_pause_as_the_forward_fills",
+         "tests/test_memory_layouts.py::test_planner_predicts_the_paired_schedules_within_5_percent"
+         "[PP2-1f1bxEP2-overlap]",
+         "tests/test_memory_layouts.py::test_planner_predicts_the_paired_schedules_within_5_percent"
+         "[PP2xV2xEP2-interleaved-overlap]"),
+        "a paired F&B holds both micro-batches whole while it runs, though the backward frees its "
+        "layers as the forward's allocate (pipeline/overlap.py)"),
 ]
