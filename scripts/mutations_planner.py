@@ -22,8 +22,8 @@ MUTATIONS = [
         "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
     Mutation(
         "planner-paired-forward-always-first", "megadual/plan/memory_model.py",
-        "        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]",
-        "        forward_after = False",
+        "        forward_first = forward >= 0 and backward < 0",
+        "        forward_first = forward >= 0",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",),
         "the planner holds a paired F&B's forward beside its backward when no all-to-all runs it early"),
     Mutation(
@@ -45,7 +45,7 @@ MUTATIONS = [
         ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
         "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
     Mutation(
-        "planner-no-autocast-weight-copies", "megadual/plan/memory_model.py",
+        "planner-no-autocast-weight-copies", "megadual/plan/tensor_bytes.py",
         "        return elements * 2 if kept else 0.0",
         "        return 0.0",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
@@ -137,7 +137,7 @@ MUTATIONS = [
         "the planner shards the experts' distributed-optimizer state over DP, not their expert-DP group"),
     # issue 19 (s3-plan)
     Mutation(
-        "planner-sdpa-keeps-fp8-outputs-uncast", "megadual/plan/memory_model.py",
+        "planner-sdpa-keeps-fp8-outputs-uncast", "megadual/plan/tensor_bytes.py",
         "        return 2 if self.autocast else self.gemm_out",
         "        return self.gemm_out",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
@@ -147,7 +147,7 @@ MUTATIONS = [
         "the planner counts SDPA's q, k, v and output in the FP8 linears' FP32 under --bf16 with FP32 weights, "
         "not in autocast's BF16 casts"),
     Mutation(
-        "planner-bi-forwards-keep-weight-copies", "megadual/plan/memory_model.py",
+        "planner-bi-forwards-keep-weight-copies", "megadual/plan/tensor_bytes.py",
         "kept = self.autocast and not self.fp8 and not self.bf16_weights and not self.recast_weights",
         "kept = self.autocast and not self.fp8 and not self.bf16_weights",
         ("tests/test_memory_layouts.py::test_planner_predicts_each_precisions_activations_within_5_percent"

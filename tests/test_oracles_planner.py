@@ -18,19 +18,17 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.config import ConfigError, ModelConfig
 from megadual.plan.layout_search import end_stage_layers
-from megadual.plan.memory_model import (
+from megadual.plan.memory_model import PeakMoment, mlp_bytes, peak_moment
+from megadual.plan.rank_memory import Layout, ParamCount, StateBytes, _distributed_adam_bytes, predict
+from megadual.plan.tensor_bytes import (
     Activations,
-    PeakMoment,
     Precision,
     Shape,
     codec_bytes,
     distinct_ranks_per_token,
-    mlp_bytes,
     norm_bytes,
-    peak_moment,
     per_expert_keeps,
 )
-from megadual.plan.rank_memory import Layout, ParamCount, StateBytes, _distributed_adam_bytes, predict
 from megadual.training.loop import build_model, build_topology
 from tests.helpers import TINY_MOE
 
@@ -203,7 +201,8 @@ def test_the_peak_of_a_schedule_walked_by_hand():
     assert peak_moment(plain, [Activations(100.0, 30.0)]) == PeakMoment(100.0, (1,), (0,), recast=(0,))
     # a tie keeps the first moment; nothing run, nothing alive
     tie = ((0, -1, False, -1, False), (-1, 0, False, -1, False), (1, -1, False, -1, False))
-    assert peak_moment(tie, [Activations(100.0), Activations(100.0)]) == PeakMoment(100.0, (1, 0), (0, 0), recast=(0, 0))
+    assert peak_moment(tie, [Activations(100.0), Activations(100.0)]) == \
+        PeakMoment(100.0, (1, 0), (0, 0), recast=(0, 0))
     assert peak_moment((), chunks) == PeakMoment(0.0, (0, 0), (0, 0), recast=(0, 0))
 
 
@@ -228,7 +227,8 @@ def test_the_peak_after_deferred_ws_walked_by_hand():
     F0 F1: 1160; W0: 1130; paired F0 & B1 (B1 without all-to-alls: F0 after it): B1 rises 70 (1200), leaves
     130, F0: 230; W0: 200; F1 F1: 2200."""
     chunks = [Activations(100.0, 30.0, 7.0, 11.0), Activations(1000.0, 300.0, 70.0, 110.0)]
-    f0, f1, bi0, w0 = (0, -1, False, -1, False), (1, -1, False, -1, False), (-1, 0, True, -1, False), (-1, -1, False, 0, False)
+    f0, f1, bi0 = (0, -1, False, -1, False), (1, -1, False, -1, False), (-1, 0, True, -1, False)
+    w0 = (-1, -1, False, 0, False)
     split = (0, -1, False, -1, True)  # an F0 whose backward is a BI
     steps = (split, split, bi0, bi0, f0, f1, w0, (0, 1, False, -1, False), w0, f1, f1)
     assert peak_moment(steps[:8], chunks, [True, False]) == PeakMoment(1200.0, (1, 1), (1, 0), 1, 70.0, (0, 0))
