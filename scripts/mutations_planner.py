@@ -22,8 +22,8 @@ MUTATIONS = [
         "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
     Mutation(
         "planner-paired-forward-always-first", "megadual/plan/memory_model.py",
-        "        forward_first = forward >= 0 and backward < 0",
-        "        forward_first = forward >= 0",
+        "        forward_alone = forward >= 0 and backward < 0",
+        "        forward_alone = forward >= 0",
         ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",
          "tests/test_oracles_planner.py::test_a_paired_backward_frees_down_to_each_pause_as_the_forward_fills"),
         "the planner holds a paired F&B's forward beside its backward when no all-to-all runs it early"),

@@ -369,8 +369,8 @@ def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
         recast[chunk] += split_later
 
     for forward, backward, defers_w, w, split_later in steps:
-        forward_first = forward >= 0 and backward < 0  # a paired forward runs as its backward frees (below)
-        if forward_first:
+        forward_alone = forward >= 0 and backward < 0  # a paired forward runs as its backward frees (below)
+        if forward_alone:
             forward_runs(forward, split_later)
         if backward >= 0:
             acts = (recast_bytes if defers_w else chunk_bytes)[backward]  # a BI's forward was split_later
@@ -391,7 +391,7 @@ def peak_moment(steps: tuple[MemoryStep, ...], chunk_bytes: list[Activations],
             if defers_w:
                 live += acts.weight_inputs
                 deferred[backward] += 1
-            if forward >= 0 and not forward_first:
+            if forward >= 0 and not forward_alone:
                 forward_runs(forward, split_later)
         if w >= 0:
             live -= recast_bytes[w].weight_inputs
