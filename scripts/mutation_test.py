@@ -46,15 +46,17 @@ MODULES = {
     "hf/names.py": (["tests/test_oracles_hf.py"], "", ["*"]),
     "model/dropout.py": (["tests/test_dropout.py", "tests/test_oracles_math.py"],
                          "not training_losses and (not oracles_math or dropout)", ["*"]),
-    # the planner: the rank memory whole, the memory model's shared pieces (norms, MLP, precisions, FP8
-    # copies, the walk over a schedule), the search's candidates and end stages; mutmut leaves out decorated
-    # functions (@cache's _layer_parameters and _layer_activations, properties).
+    # the planner: the rank memory whole, the shared byte counts (precisions, norms, FP8 copies), the memory
+    # model's MLP and its walk over a schedule, the search's candidates and end stages; mutmut leaves out
+    # decorated functions (@cache's _layer_parameters and _layer_activations, properties).
     "plan/rank_memory.py": (["tests/test_oracles_rank_memory.py", "tests/test_oracles_planner.py", "tests/test_plan.py"],
                             "", ["*"]),
-    "plan/memory_model.py": (["tests/test_oracles_planner.py", "tests/test_layer_memory.py"], "",
+    "plan/tensor_bytes.py": (["tests/test_oracles_planner.py", "tests/test_layer_memory.py"], "",
                              ["*Precision*", "*x_ceil_div__*", "*x_codec_bytes__*", "*x_per_expert_keeps__*",
-                              "*x_norm_bytes__*", "*x_mlp_bytes__*", "*x_distinct_ranks_per_token__*",
-                              "*ǁActivationsǁadd__*", "*ǁActivationsǁ__iadd____*", "*x_peak_moment__*"]),
+                              "*x_norm_bytes__*", "*x_distinct_ranks_per_token__*",
+                              "*ǁActivationsǁadd__*", "*ǁActivationsǁ__iadd____*"]),
+    "plan/memory_model.py": (["tests/test_oracles_planner.py", "tests/test_layer_memory.py"], "",
+                             ["*x_mlp_bytes__*", "*x_peak_moment__*"]),
     "plan/layout_search.py": (["tests/test_oracles_layout_search.py", "tests/test_oracles_planner.py",
                                "tests/test_schedules.py"],
                               "planner or search",

@@ -22,9 +22,10 @@ MUTATIONS = [
         "the planner leaves out the embedding copy 1F1B's last stage keeps for MTP"),
     Mutation(
         "planner-paired-forward-always-first", "megadual/plan/memory_model.py",
-        "        forward_after = forward >= 0 and backward >= 0 and exchanges is not None and not exchanges[backward]",
-        "        forward_after = False",
-        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",),
+        "        forward_alone = forward >= 0 and backward < 0",
+        "        forward_alone = forward >= 0",
+        ("tests/test_memory_layouts.py::test_planner_predicts_the_memory_report[PP4-dualpipev]",
+         "tests/test_oracles_planner.py::test_a_paired_backward_frees_down_to_each_pause_as_the_forward_fills"),
         "the planner holds a paired F&B's forward beside its backward when no all-to-all runs it early"),
     Mutation(
         "planner-zero1-step-counts-missed", "megadual/plan/rank_memory.py",
@@ -45,7 +46,7 @@ MUTATIONS = [
         ("tests/test_plan.py::test_parameters_are_counted_in_the_dtype_held",),
         "the planner counts --exp-avg-dtype/--exp-avg-sq-dtype bf16 moments as FP32"),
     Mutation(
-        "planner-no-autocast-weight-copies", "megadual/plan/memory_model.py",
+        "planner-no-autocast-weight-copies", "megadual/plan/tensor_bytes.py",
         "        return elements * 2 if kept else 0.0",
         "        return 0.0",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
@@ -137,7 +138,7 @@ MUTATIONS = [
         "the planner shards the experts' distributed-optimizer state over DP, not their expert-DP group"),
     # issue 19 (s3-plan)
     Mutation(
-        "planner-sdpa-keeps-fp8-outputs-uncast", "megadual/plan/memory_model.py",
+        "planner-sdpa-keeps-fp8-outputs-uncast", "megadual/plan/tensor_bytes.py",
         "        return 2 if self.autocast else self.gemm_out",
         "        return self.gemm_out",
         ("tests/test_layer_memory.py::test_planner_counts_every_tensor_a_layer_keeps_in_every_precision"
@@ -147,7 +148,7 @@ MUTATIONS = [
         "the planner counts SDPA's q, k, v and output in the FP8 linears' FP32 under --bf16 with FP32 weights, "
         "not in autocast's BF16 casts"),
     Mutation(
-        "planner-bi-forwards-keep-weight-copies", "megadual/plan/memory_model.py",
+        "planner-bi-forwards-keep-weight-copies", "megadual/plan/tensor_bytes.py",
         "kept = self.autocast and not self.fp8 and not self.bf16_weights and not self.recast_weights",
         "kept = self.autocast and not self.fp8 and not self.bf16_weights",
         ("tests/test_memory_layouts.py::test_planner_predicts_each_precisions_activations_within_5_percent"
@@ -172,4 +173,16 @@ MUTATIONS = [
         ("tests/test_oracles_rank_memory.py::test_each_rank_holds_its_schedules_stages_in_chunk_order",),
         "the planner places the layers as if --decoder-first-pipeline-num-layers were unset (the last "
         "stage's count alone decides a 2-stage split, not a 4-stage one)"),
+    # issue 22 (s4-pair)
+    Mutation(
+        "planner-pair-holds-both-micro-batches", "megadual/plan/memory_model.py",
+        "pair = held + (steps_f.pauses[j][0] if j < len(steps_f.pauses) else steps_f.kept)",
+        "pair = acts.kept + steps_f.kept",
+        ("tests/test_oracles_planner.py::test_a_paired_backward_frees_down_to_each_pause_as_the_forward_fills",
+         "tests/test_memory_layouts.py::test_planner_predicts_the_paired_schedules_within_5_percent"
+         "[PP2-1f1bxEP2-overlap]",
+         "tests/test_memory_layouts.py::test_planner_predicts_the_paired_schedules_within_5_percent"
+         "[PP2xV2xEP2-interleaved-overlap]"),
+        "a paired F&B holds both micro-batches whole while it runs, though the backward frees its "
+        "layers as the forward's allocate (pipeline/overlap.py)"),
 ]

@@ -11,7 +11,8 @@ from megadual.model.block import TransformerLayer
 from megadual.parallel.context import BuildContext
 from megadual.parallel.linear import linear
 from megadual.parallel.recompute import Recompute, RecomputePlan
-from megadual.plan.memory_model import Precision, Shape, layer_activations, layer_breakdown
+from megadual.plan.memory_model import layer_activations, layer_breakdown
+from megadual.plan.tensor_bytes import Precision, Shape
 from megadual.training.memory import saved_by
 from pretrain_moe import load_config
 from tests.helpers import TINY_MOE

@@ -26,6 +26,14 @@ CASES = {
     "PP4-dualpipev": (ARGS, "pp4:dualpipev"),
     "PP4-dualpipev-selective": (ARGS + SELECTIVE, "pp4:dualpipev"),
 }
+# --overlap-moe-expert-parallel-comm's paired F&B (and DualPipe's): the backward frees its micro-batch
+# while the forward's fills (pipeline/overlap.py); world 4, so they share the PP2 DualPipe x EP2 launch
+PAIRED = {
+    "PP2-1f1bxEP2-overlap": (ARGS, "pp2,ep2,--overlap-moe-expert-parallel-comm"),
+    "PP2xV2xEP2-interleaved-overlap": (ARGS, "pp2:interleaved,ep2,--num-virtual-stages-per-pipeline-rank=2,"
+                                             "--overlap-moe-expert-parallel-comm"),
+}
+CASES.update(PAIRED)
 # Issue 19's matrix: FP32, --bf16, FP8 and FP8 + --bf16, each with the plain and the distributed
 # optimizer, without and with recomputation, each precision at the quick-start shape and at V3's
 # proportions (MLA, top-8 of 32 experts, hidden 4x the expert FFN) and under one process, DP2 x EP2
@@ -110,6 +118,12 @@ def test_planner_predicts_the_memory_report(runs, case):
         assert report.gradients == rank.gradients
         assert report.optimizer_state == rank.optimizer_state_held
         assert abs(report.peak_activations / rank.peak_activations - 1) < 0.10
+
+
+@pytest.mark.parametrize("case", [*PAIRED, "PP2-dualpipexEP2"])
+def test_planner_predicts_the_paired_schedules_within_5_percent(runs, case):
+    for report, rank in runs[case].pairs():
+        assert abs(report.peak_activations / rank.peak_activations - 1) < 0.05
 
 
 def test_the_precision_cases_cover_the_issues_matrix():

@@ -7,7 +7,6 @@ shapes and dtypes: an RMSNorm's and a SwiGLU MLP's saved tensors in each precisi
 with their scales, the expected EP ranks a token reaches (all top-k choices enumerated), how a
 recomputed piece rises above what a micro-batch keeps, ZeRO-1's optimizer shard, and the layers
 the end stages take."""
-import dataclasses
 import itertools
 import math
 
@@ -19,19 +18,17 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.config import ConfigError, ModelConfig
 from megadual.plan.layout_search import end_stage_layers
-from megadual.plan.memory_model import (
+from megadual.plan.memory_model import PeakMoment, mlp_bytes, peak_moment
+from megadual.plan.rank_memory import Layout, ParamCount, StateBytes, _distributed_adam_bytes, predict
+from megadual.plan.tensor_bytes import (
     Activations,
-    PeakMoment,
     Precision,
     Shape,
     codec_bytes,
     distinct_ranks_per_token,
-    mlp_bytes,
     norm_bytes,
-    peak_moment,
     per_expert_keeps,
 )
-from megadual.plan.rank_memory import Layout, ParamCount, StateBytes, _distributed_adam_bytes, predict
 from megadual.training.loop import build_model, build_topology
 from tests.helpers import TINY_MOE
 
@@ -187,33 +184,42 @@ def test_precision_of_the_flags():
     assert Precision.of_run(False, True, False) == Precision()
 
 
-def walked(*args) -> PeakMoment:
-    """peak_moment without which forwards will be BIs (recast): the walks below give the same bytes
-    and chunks whichever they are, as nothing here keeps autocast's weight copies."""
-    return dataclasses.replace(peak_moment(*args), recast=())
-
-
 def test_the_peak_of_a_schedule_walked_by_hand():
     """Chunk 0 keeps 100 bytes a micro-batch (30 of them GEMM inputs a W needs; its recomputation rises 7,
-    11 when deferring), chunk 1 1000 (300; 70, 110). Steps: F0, F1, F0, BI1 (its W deferred), paired
-    F1 & B0, W1. The paired forward runs first when B0's chunk has all-to-alls, else after B0."""
+    11 when deferring), chunk 1 1000 (300; 70, 110), neither pausing at an all-to-all. Steps: F0, F1, F0,
+    BI1 (its W deferred), paired F1 & B0, W1. Without pauses the paired forward runs after B0."""
     chunks = [Activations(100.0, 30.0, 7.0, 11.0), Activations(1000.0, 300.0, 70.0, 110.0)]
     steps = ((0, -1, False, -1, False), (1, -1, False, -1, True), (0, -1, False, -1, False),
              (-1, 1, True, -1, False), (1, 0, False, -1, False), (-1, -1, False, 1, False))
-    # F0 F1 F0: 1200 alive; BI1 rises 110 above it (1310), then leaves 1200 - 1000 + 300 = 500; F1 first: 1500,
-    # B0 rises 7 (1507), leaves 1400; W1: 1100
-    assert walked(steps, chunks) == PeakMoment(1507.0, (2, 1), (0, 1), 0, 7.0)
-    assert walked(steps, chunks, [True, False]) == PeakMoment(1507.0, (2, 1), (0, 1), 0, 7.0)
-    # B0 first: 500 + 7, leaves 400; then F1: 1400, the most alive with nothing rising
-    assert walked(steps, chunks, [False, True]) == PeakMoment(1400.0, (1, 1), (0, 1))
+    # F0 F1 F0: 1200 alive; BI1 rises 110 above it (1310), then leaves 1200 - 1000 + 300 = 500; B0 rises 7
+    # (507), leaves 400; then F1: 1400, the most alive with nothing rising; W1: 1100
+    assert peak_moment(steps, chunks) == PeakMoment(1400.0, (1, 1), (0, 1), recast=(0, 0))
+    assert peak_moment(steps, chunks, [False, True]) == PeakMoment(1400.0, (1, 1), (0, 1), recast=(0, 0))
     # without the paired step the peak is BI1's rise over the three forwards
-    assert walked(steps[:4], chunks) == PeakMoment(1310.0, (2, 1), (0, 0), 1, 110.0)
-    plain = ((0, -1, False, -1, False), (-1, 0, False, -1, False))  # F0 then B0, no recomputation: 100 alive at most
-    assert walked(plain, [Activations(100.0, 30.0)]) == PeakMoment(100.0, (1,), (0,))
+    assert peak_moment(steps[:4], chunks) == PeakMoment(1310.0, (2, 1), (0, 0), 1, 110.0, (0, 1))
+    plain = ((0, -1, False, -1, False), (-1, 0, False, -1, False))  # F0 then B0: 100 alive at most
+    assert peak_moment(plain, [Activations(100.0, 30.0)]) == PeakMoment(100.0, (1,), (0,), recast=(0,))
     # a tie keeps the first moment; nothing run, nothing alive
     tie = ((0, -1, False, -1, False), (-1, 0, False, -1, False), (1, -1, False, -1, False))
-    assert walked(tie, [Activations(100.0), Activations(100.0)]) == PeakMoment(100.0, (1, 0), (0, 0))
-    assert walked((), chunks) == PeakMoment(0.0, (0, 0), (0, 0))
+    assert peak_moment(tie, [Activations(100.0), Activations(100.0)]) == \
+        PeakMoment(100.0, (1, 0), (0, 0), recast=(0, 0))
+    assert peak_moment((), chunks) == PeakMoment(0.0, (0, 0), (0, 0), recast=(0, 0))
+
+
+def test_a_paired_backward_frees_down_to_each_pause_as_the_forward_fills():
+    """A micro-batch of 100 bytes (30 GEMM inputs) whose forward pauses at two all-to-alls, with 60 kept
+    (20 GEMM inputs) and then 90 (30). F0, F0, then a paired F0 & B0 (pipeline/overlap.py): B0 frees
+    down to 90 and launches, F0 steps to its first pause (60); B0 frees down to 60, F0 steps to 90;
+    B0 ends, F0 finishes. Not both whole (300): one whole and 150 of the pair at most (250)."""
+    mb = [Activations(100.0, 30.0, pauses=((60.0, 20.0), (90.0, 30.0)))]
+    f, f_b = (0, -1, False, -1, False), (0, 0, False, -1, False)
+    assert peak_moment((f, f, f_b), mb) == PeakMoment(250.0, (1,), (0,), recast=(0,), paired=150.0)
+    # without all-to-alls in the backward's chunk the forward runs after it: two whole at most
+    assert peak_moment((f, f, f_b), mb, [False]) == PeakMoment(200.0, (2,), (0,), recast=(0,))
+    # the backward a BI: what it frees down to keeps the GEMM inputs after the pause for the W:
+    # 90 + (30 - 30) + 60, then 60 + (30 - 20) + 90 = 160 of the pair
+    f_bi, split = (0, 0, True, -1, False), (0, -1, False, -1, True)
+    assert peak_moment((split, f, f_bi), mb) == PeakMoment(260.0, (1,), (0,), recast=(0,), paired=160.0)
 
 
 def test_the_peak_after_deferred_ws_walked_by_hand():
@@ -221,11 +227,12 @@ def test_the_peak_after_deferred_ws_walked_by_hand():
     F0 F1: 1160; W0: 1130; paired F0 & B1 (B1 without all-to-alls: F0 after it): B1 rises 70 (1200), leaves
     130, F0: 230; W0: 200; F1 F1: 2200."""
     chunks = [Activations(100.0, 30.0, 7.0, 11.0), Activations(1000.0, 300.0, 70.0, 110.0)]
-    f0, f1 = (0, -1, False, -1, True), (1, -1, False, -1, False)
-    bi0, w0 = (-1, 0, True, -1, False), (-1, -1, False, 0, False)
-    steps = (f0, f0, bi0, bi0, f0, f1, w0, (0, 1, False, -1, False), w0, f1, f1)
-    assert walked(steps[:8], chunks, [True, False]) == PeakMoment(1200.0, (1, 1), (1, 0), 1, 70.0)
-    assert walked(steps, chunks, [True, False]) == PeakMoment(2200.0, (2, 2), (0, 0))
+    f0, f1, bi0 = (0, -1, False, -1, False), (1, -1, False, -1, False), (-1, 0, True, -1, False)
+    w0 = (-1, -1, False, 0, False)
+    split = (0, -1, False, -1, True)  # an F0 whose backward is a BI
+    steps = (split, split, bi0, bi0, f0, f1, w0, (0, 1, False, -1, False), w0, f1, f1)
+    assert peak_moment(steps[:8], chunks, [True, False]) == PeakMoment(1200.0, (1, 1), (1, 0), 1, 70.0, (0, 0))
+    assert peak_moment(steps, chunks, [True, False]) == PeakMoment(2200.0, (2, 2), (0, 0), recast=(0, 0))
 
 
 def test_zero1_keeps_each_ranks_shard_of_moments_and_masters_and_a_step_per_bucket():

@@ -8,7 +8,8 @@ import pytest
 from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.model.gpt import StageSpec
 from megadual.parallel.recompute import RecomputePlan
-from megadual.plan.memory_model import PeakMoment, Precision, Shape, stage_activations
+from megadual.plan.memory_model import PeakMoment, stage_activations
+from megadual.plan.tensor_bytes import Precision, Shape
 from megadual.plan.rank_memory import (
     Layout,
     ParamCount,
@@ -118,7 +119,8 @@ def test_a_chunk_with_the_head_adds_autocasts_copy_of_its_weight(flags, world, h
 def test_moe_stages_and_layers_counted_by_the_layers_index():
     """--moe-first-k-dense 4 with 4 layers and one MTP layer: only the MTP layer (index 4, beside the
     head) is MoE. A dense layer: 2 norms, q/k/v/o of 64 x 64, a 64 x 256 SwiGLU (3 matrices); an MoE one:
-    the router (8 x 64), the shared expert (3 x 64 x 32) and this EP rank's experts (8 / EP of 3 x 64 x 32)."""
+    the router (8 x 64), the shared expert (3 x 64 x 32) and this EP rank's experts (8 / EP of 3 x 64 x 32,
+    as 3 stacked tensors)."""
     c = config("--moe-first-k-dense", "4", "--mtp-num-layers", "1").model
     assert _stage_layers(c, spec(0, 4, True, True)) == [0, 1, 2, 3, 4]
     assert _stage_layers(c, spec(1, 3)) == [1, 2]
@@ -131,7 +133,7 @@ def test_moe_stages_and_layers_counted_by_the_layers_index():
     for ep in (1, 2):
         experts = 8 // ep * 3 * h * 32
         assert layer_parameters(c, 4, 1, ep) == attention + ParamCount(8 * h + 3 * h * 32, 4) + \
-            ParamCount(experts, 3 * 8 // ep, experts)
+            ParamCount(experts, 3, experts)
     assert ParamCount(1, 2, 3) + ParamCount(10, 20, 30) == ParamCount(11, 22, 33)
 
 

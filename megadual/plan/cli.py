@@ -95,6 +95,8 @@ def format_breakdown(config: RunConfig, world: int, pp_rank: int | None) -> str:
                                                   + deferred * acts.weight_inputs
     if moment.transient:
         alive["recomputed region", f"chunk {moment.rising}'s backward"] = moment.transient
+    if moment.paired:
+        alive["paired F&B", "part-way (forward, backward)"] = moment.paired
     unit, scale = ("GiB", 2.0 ** 30) if moment.bytes > 2 ** 30 else ("MB", MB)
     lines = [f"pipeline rank {pp_rank}: peak activations {moment.bytes / scale:.3f} {unit} "
              f"({'distributed' if distributed else 'plain'} optimizer); micro-batches alive: "

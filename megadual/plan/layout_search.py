@@ -41,8 +41,8 @@ from megadual.model.flops import layer_flops, stage_forward_flops_per_token, swi
 from megadual.parallel.topology import nodes_per_ep_group
 from megadual.pipeline.hops import Pieces
 from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
-from megadual.plan.memory_model import distinct_ranks_per_token
 from megadual.plan.rank_memory import RankMemory, layout_of, predict, rank_stages, schedule_actions
+from megadual.plan.tensor_bytes import distinct_ranks_per_token
 
 GIB = 1024 ** 3
 RECOMPUTE_CHOICES = {

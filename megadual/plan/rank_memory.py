@@ -14,17 +14,8 @@ from megadual.parallel.recompute import RecomputePlan
 from megadual.pipeline.actions import Action
 from megadual.pipeline.schedules import build_schedule, pipeline_layout
 from megadual.pipeline.stage_model import stage_specs
-from megadual.plan.memory_model import (
-    FP32,
-    Activations,
-    MemoryStep,
-    PeakMoment,
-    Precision,
-    Shape,
-    memory_steps,
-    peak_moment,
-    stage_activations,
-)
+from megadual.plan.memory_model import MemoryStep, PeakMoment, memory_steps, peak_moment, stage_activations
+from megadual.plan.tensor_bytes import FP32, Activations, Precision, Shape
 from megadual.training.dist_optimizer import default_bucket_numel
 
 
