@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.parallel import collectives
-from megadual.training.distributed import default_backend, free_port
+from megadual.training.distributed import default_backend, free_port, init_one_rank_group
 
 TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden-size", "64",
             "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "8",
@@ -42,8 +42,7 @@ class single_process_group:
         self.device = device or device_under_test()
 
     def __enter__(self):
-        dist.init_process_group(default_backend(self.device), init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1)
+        init_one_rank_group(default_backend(self.device))
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
         collectives.use_device(self.device)
         return self.device

@@ -33,9 +33,9 @@ def init_distributed(timeout_minutes: float | None = None, backend: str | None =
     default) raises.
     """
     exit_with_torchrun_agent()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -44,9 +44,19 @@ def init_distributed(timeout_minutes: float | None = None, backend: str | None =
     timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         backend = backend or default_backend(device)
-        dist.init_process_group(backend, timeout=timeout)
+        if alone:
+            init_one_rank_group(backend, timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     collectives.use_device(device, timeout)
     return device
+
+
+def init_one_rank_group(backend: str, timeout: timedelta | None = None) -> None:
+    """A world of one process, its store listening on a port the kernel gives it as it binds:
+    a port found free first and bound later can be taken in between by a process beside it."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 def default_backend(device: torch.device) -> str:
