@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--recompute-modules", nargs="*", default=DEEPSEEK_RECOMPUTE)
     args = parser.parse_args()
     torch.manual_seed(0)
-    saved, config = measure(args.seq, args.precision, args.recompute_modules)
+    saved, _ = measure(args.seq, args.precision, args.recompute_modules)
     print(f"| {args.precision} | {' '.join(args.recompute_modules) or '-'} | {args.seq} | "
           f"{saved / args.seq / 1000:.1f} |")
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megadual.parallel import collectives
-from megadual.training.distributed import default_backend, free_port, init_one_rank_group
+from megadual.training.distributed import default_backend, init_one_rank_group
 
 TINY_MOE = ["--mock-data", "--vocab-size", "512", "--num-layers", "3", "--hidden-size", "64",
             "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "8",

@@ -213,16 +213,16 @@ def test_converters_write_only_into_new_or_empty_folders(pristine, hf_folder, tm
 
 def nan_in_first_tensor(folder: Path) -> str:
     from safetensors.torch import load_file, save_file
-    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard = min(folder.glob("*.safetensors"))
     tensors = load_file(shard)
-    name = sorted(tensors)[0]
+    name = min(tensors)
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
     return name
 
 
 def truncate_a_shard(folder: Path) -> str:
-    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard = min(folder.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
     return str(shard)
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megadual.parallel import comm
-from tests.helpers import free_port
+from megadual.training.distributed import free_port
 
 
 def _check(rank: int, port: int) -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megadual.parallel.emulate import Emulator, Link, LinkModel, emulated_links
-from tests.helpers import free_port
+from megadual.training.distributed import free_port
 
 MODELLED = 1.0  # seconds one transfer takes on the emulated inter-node link
 ROWS, WIDTH = 256, 256  # 256 KB of float32 per peer

@@ -9,7 +9,6 @@ from megadual.arguments import parse_args, resolve_device_defaults
 from megadual.model.gpt import StageSpec
 from megadual.parallel.recompute import RecomputePlan
 from megadual.plan.memory_model import PeakMoment, stage_activations
-from megadual.plan.tensor_bytes import Precision, Shape
 from megadual.plan.rank_memory import (
     Layout,
     ParamCount,
@@ -23,6 +22,7 @@ from megadual.plan.rank_memory import (
     rank_stages,
     shape_of,
 )
+from megadual.plan.tensor_bytes import Precision, Shape
 from tests.helpers import TINY_MOE
 
 HEAD_COPY = "head and loss | BF16 weight copy"

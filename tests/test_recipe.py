@@ -31,7 +31,7 @@ def run_recipe(save: Path) -> str:
            "EXT_ARGS": "--micro-batch-size 1", "EXT_STEPS": str(EXT_STEPS), "EXT1_SEQ": str(EXT[0][0]), "EXT1_GBS": str(EXT[0][1]),
            "EXT2_SEQ": str(EXT[1][0]), "EXT2_GBS": str(EXT[1][1])}
     done = subprocess.run(["bash", "examples/deepseek_v3_recipe.sh"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

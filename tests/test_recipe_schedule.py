@@ -169,7 +169,7 @@ def test_a_new_phase_takes_the_schedule_as_megatron_decides(tmp_path):
 def test_context_extension_loads_at_another_length(tmp_path):
     mla = ["--multi-latent-attention", "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
            "--v-head-dim", "16"]
-    first, _ = run(mla + ["--train-iters", "2", "--seq-length", "16", "--save", str(tmp_path / "a")])
+    run(mla + ["--train-iters", "2", "--seq-length", "16", "--save", str(tmp_path / "a")])
     yarn = ["--rope-scaling-factor", "4", "--original-max-position-embeddings", "16", "--mscale", "1",
             "--mscale-all-dim", "1"]
     longer, lines = run(mla + yarn + ["--train-iters", "3", "--seq-length", "32", "--load", str(tmp_path / "a"),

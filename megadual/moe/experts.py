@@ -22,10 +22,15 @@ from megadual.parallel.linear import InputCache, gemm_input, linear
 from megadual.parallel.mlp import SwiGLUMLP
 from megadual.parallel.recompute import NO_RECOMPUTE, ActivationCodec
 
+
 # --recompute-modules moe_act: the SwiGLU's inputs kept in E4M3 1x128 tiles (DeepSeek-V3 report
 # 3.3.2), the activation and the down-projection's input recomputed from them in the backward.
-FP8_TILES = ActivationCodec(lambda t: (lambda q: (q.data, q.scale))(quantize_tiles(t)),
-                            lambda parts, dtype: Fp8Tensor(*parts, TILE).dequantize(dtype))
+def _fp8_tile_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    quantized = quantize_tiles(t)
+    return quantized.data, quantized.scale
+
+
+FP8_TILES = ActivationCodec(_fp8_tile_parts, lambda parts, dtype: Fp8Tensor(*parts, TILE).dequantize(dtype))
 PROJECTIONS = ("gate", "up", "down")
 
 
