@@ -50,7 +50,7 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
     micro-batch, with our W split: a WeightGradStore attached to every linear. With emulated links,
     also what its forward's and backward's all-to-alls take on them (comm_f, comm_b), from the
     bytes they sent (the compute costs are measured without emulation), and the chunk at hop level
-    (hops_f, hops_b: its compute between launches, each launch's link time)."""
+    (hops_f, hops_b: its compute between launches, each launch's link time; medians of the reps)."""
     config, micro_batch_size, reps = bench.model, bench.micro_batch_size, bench.cost_reps
     chunk = build_chunk(config, spec, SEED, ctx)
     store = WeightGradStore()
@@ -85,22 +85,42 @@ def chunk_costs(bench: Bench, spec: StageSpec, ctx: BuildContext) -> dict[str, f
     if bench.links is not None:
         overlap = comm.BackwardOverlap()
         chunk.attach_schedule(store, overlap)
-        with bench.emulate(LinkModel()) as sent_forward:
-            steps = chunk.forward_steps(tokens if spec.has_embedding else hidden, tokens)
-            marks = [time.perf_counter()]
-            out = run_marked(steps, marks)
-            out = out.loss if spec.has_head else out
-        costs["hops_f"] = hop_pieces(marks, sent_forward.records, bench.links)
-        with bench.emulate(LinkModel()) as sent_backward:
-            marks = [time.perf_counter()]
-            with overlap.filling(lambda: marks.append(time.perf_counter())):
-                out.backward(grad)
-            marks.append(time.perf_counter())
-        costs["hops_b"] = hop_pieces(marks, sent_backward.records, bench.links)
+        start = tokens if spec.has_embedding else hidden
+        measured = [hop_level(bench, chunk, overlap, start, tokens, grad, spec.has_head) for _ in range(reps)]
+        costs["hops_f"] = median_pieces([forward for forward, _ in measured])
+        costs["hops_b"] = median_pieces([backward for _, backward in measured])
         costs["forward_first"] = overlap.forward_first  # the hierarchical dispatcher's phase
         costs["comm_f"] = sum(costs["hops_f"].hops)
         costs["comm_b"] = sum(costs["hops_b"].hops)
     return costs
+
+
+def hop_level(bench: Bench, chunk, overlap: comm.BackwardOverlap, start: torch.Tensor, tokens: torch.Tensor,
+              grad: torch.Tensor | None, has_head: bool) -> tuple[Pieces, Pieces]:
+    """One forward and backward of `chunk` at hop level, marked at each all-to-all pause on free
+    links: (forward, backward) Pieces with the link times of `bench.links`."""
+    with bench.emulate(LinkModel()) as sent_forward:
+        steps = chunk.forward_steps(start, tokens)
+        marks = [time.perf_counter()]
+        out = run_marked(steps, marks)
+        out = out.loss if has_head else out
+    forward = hop_pieces(marks, sent_forward.records, bench.links)
+    with bench.emulate(LinkModel()) as sent_backward:
+        marks = [time.perf_counter()]
+        with overlap.filling(lambda: marks.append(time.perf_counter())):
+            out.backward(grad)
+        marks.append(time.perf_counter())
+    return forward, hop_pieces(marks, sent_backward.records, bench.links)
+
+
+def median_pieces(measured: list[Pieces]) -> Pieces:
+    """Element by element, the median of several measurements of one chunk at hop level (a single
+    lead or lag is a few milliseconds, and one run's noise is of that size)."""
+    def median(name: str) -> tuple[float, ...]:
+        return tuple(map(statistics.median, zip(*(getattr(pieces, name) for pieces in measured))))
+    drains = [statistics.median(values) if None not in values else None
+              for values in zip(*(pieces.drain for pieces in measured))]
+    return Pieces(median("compute"), median("hops"), median("lead"), median("lag"), tuple(drains))
 
 
 def run_marked(steps, marks: list[float]):
@@ -117,20 +137,26 @@ def run_marked(steps, marks: list[float]):
 def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> Pieces:
     """The chunk at hop level (pipeline/hops.py): the compute between consecutive marks (each a pause
     after an all-to-all launch, with free links), the link time of what each piece launched, how
-    long the piece computed on after its last launch (the shared expert beside a dispatch), and
-    how long the next piece computed before waiting for it (a backward's other branches)."""
+    long the piece computed on after its last launch (the shared expert beside a dispatch), how
+    long the next piece computed before waiting for it (a backward's other branches), and where a
+    piece waited for an exchange it launched itself (the token counts: a drain)."""
     compute = tuple(b - a for a, b in zip(marks, marks[1:]))
     hops, last = [0.0] * (len(compute) - 1), [None] * (len(compute) - 1)
+    drain: list[float | None] = [None] * len(compute)
     for record in records:
         piece = next((i for i in range(len(hops)) if record.launched <= marks[i + 1]), len(hops) - 1)
+        within = next((i for i in range(len(compute)) if marks[i] <= record.launched
+                       and record.waited_at <= marks[i + 1]), None)
+        if within is not None and drain[within] is None:
+            drain[within] = record.launched - marks[within]
         if hops:
             hops[piece] += links.free_seconds(record)
-            if last[piece] is None or record.launched >= last[piece].launched:
+            if within is None and (last[piece] is None or record.launched >= last[piece].launched):
                 last[piece] = record
     lead = tuple(0.0 if r is None else max(0.0, marks[i + 1] - r.launched) for i, r in enumerate(last))
     lag = tuple(0.0 if r is None else min(compute[i + 1], max(0.0, r.waited_at - marks[i + 1]))
                 for i, r in enumerate(last))
-    return Pieces(compute, tuple(hops), lead, lag)
+    return Pieces(compute, tuple(hops), lead, lag, tuple(drain))
 
 
 def rank_costs(bench: Bench, shapes: list[tuple[str, str]], pp_rank: int,

@@ -72,22 +72,28 @@ def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency:
     return StageCosts(chunks, latency)
 
 
-def _slower(a, b):
-    """The larger of two costs: of two hop-level chunks (pipeline/hops.py), piece by piece."""
-    if b is None:
-        return a
-    if isinstance(a, Pieces):
-        return Pieces(tuple(map(max, a.compute, b.compute)), tuple(map(max, a.hops, b.hops)))
-    return max(a, b)
+def _slowest(values: list):
+    """Of an EP group's measurements of one cost, the largest; of hop-level chunks (pipeline/hops.py),
+    piece by piece the longest compute and hop, the mean lead and lag (each rank's wait on its link
+    is its hop less its own; sim* takes the mean of the ranks' compute too) and the earliest drain."""
+    if not isinstance(values[0], Pieces):
+        return max(values)
+
+    def each(name: str, reduce) -> tuple:
+        return tuple(map(reduce, zip(*(getattr(pieces, name) for pieces in values))))
+    return Pieces(each("compute", max), each("hops", max), each("lead", statistics.fmean),
+                  each("lag", statistics.fmean),
+                  each("drain", lambda drains: min((d for d in drains if d is not None), default=None)))
 
 
 def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
     """Each stage's costs as the slowest of its ranks measured them (an EP group waits for its slowest)."""
-    stages: dict[int, dict[str, float]] = {}
+    stages: dict[int, dict[str, list]] = {}
     for per_stage in measured:
         for stage, costs in per_stage.items():
-            stages[stage] = {k: _slower(v, stages.get(stage, {}).get(k)) for k, v in costs.items()}
-    return stages
+            for key, value in costs.items():
+                stages.setdefault(stage, {}).setdefault(key, []).append(value)
+    return {stage: {key: _slowest(values) for key, values in costs.items()} for stage, costs in stages.items()}
 
 
 def step_compute_per_rank(samples: list[tuple[int, list[Sample]]]) -> dict[int, dict[str, float]] | None:

@@ -9,7 +9,10 @@ holds that sequence: compute[0], hops[0], compute[1], ..., compute[-1].
 A hop may be launched before its piece's compute ends (`lead`): the MoE layer launches its
 dispatch, then computes the shared expert, then pauses; that compute runs while the hop is in
 flight. And the next piece may start before it waits for the hop (`lag`): a backward launches an
-all-to-all's gradient and autograd runs other branches before the node that waits for it. Alone,
+all-to-all's gradient and autograd runs other branches before the node that waits for it. And a
+piece may exchange something small and wait for it (`drain`): the token counts before a dispatch.
+That message queues behind the hops in flight on the rank's link, so the piece stops until they
+have left (collectives on one communicator run in order, on NCCL as on the emulated links). Alone,
 a chunk takes its compute and each hop's remainder after its lead and lag (`exposed`). In a paired F&B the backward runs, and at each hop it launches the forward advances one step:
 it waits for its own previous hop, computes its next piece and launches its next hop. Hops
 queue on one outbound link per rank (what the emulated links of parallel/emulate.py do), and
@@ -32,6 +35,7 @@ class Pieces:
     hops: tuple[float, ...] = ()
     lead: tuple[float, ...] = ()
     lag: tuple[float, ...] = ()
+    drain: tuple[float | None, ...] = ()  # per piece: its compute before it waits for its link to drain
 
     def __post_init__(self):
         if len(self.hops) != len(self.compute) - 1:
@@ -40,6 +44,9 @@ class Pieces:
         for name in ("lead", "lag"):
             if getattr(self, name) and len(getattr(self, name)) != len(self.hops):
                 raise ValueError(f"{len(self.hops)} hops need as many {name}s, got {len(getattr(self, name))}")
+        if self.drain and len(self.drain) != len(self.compute):
+            raise ValueError(f"{len(self.compute)} compute pieces need as many drains (None: none), "
+                             f"got {len(self.drain)}")
 
     def lead_of(self, hop: int) -> float:
         return self.lead[hop] if self.lead else 0.0
@@ -47,11 +54,14 @@ class Pieces:
     def lag_of(self, hop: int) -> float:
         return self.lag[hop] if self.lag else 0.0
 
+    def drain_of(self, piece: int) -> float | None:
+        return self.drain[piece] if self.drain else None
+
     def exposed(self) -> float:
         """Alone, the time spent waiting for hops: each waited for after its lag in the next piece."""
         rank, ready = _Rank(), 0.0
         for i, seconds in enumerate(self.compute):
-            rank.piece(seconds, self.lag_of(i - 1) if i else 0.0, ready)
+            rank.piece(seconds, self.lag_of(i - 1) if i else 0.0, ready, self.drain_of(i))
             if i < len(self.hops):
                 ready = rank.hop(self.hops[i], self.lead_of(i))
         return rank.clock - sum(self.compute)
@@ -60,9 +70,10 @@ class Pieces:
         return sum(self.compute) + self.exposed()
 
     def scaled(self, factor: float) -> Pieces:
-        """The compute pieces (and leads) times `factor` (the hops as they are)."""
-        return Pieces(tuple(c * factor for c in self.compute), self.hops, tuple(c * factor for c in self.lead),
-                      tuple(c * factor for c in self.lag))
+        """The compute pieces (and leads, lags and drains) times `factor` (the hops as they are)."""
+        def times(values):
+            return tuple(None if c is None else c * factor for c in values)
+        return Pieces(times(self.compute), self.hops, times(self.lead), times(self.lag), times(self.drain))
 
 
 class _Rank:
@@ -74,11 +85,18 @@ class _Rank:
     def compute(self, seconds: float, ready: float) -> None:
         self.clock = max(self.clock, ready) + seconds
 
-    def piece(self, seconds: float, lag: float, ready: float) -> None:
-        """A compute piece whose first `lag` seconds need not wait for `ready`."""
-        first = min(lag, seconds)
-        self.compute(first, 0.0)
-        self.compute(seconds - first, ready)
+    def piece(self, seconds: float, lag: float, ready: float, drain: float | None = None) -> None:
+        """A compute piece whose first `lag` seconds need not wait for `ready`, and which waits for
+        the link to be free after its first `drain` seconds."""
+        waits = [(min(lag, seconds), ready)]
+        if drain is not None:
+            waits.append((min(drain, seconds), None))
+        done = 0.0
+        for offset, until in sorted(waits, key=lambda wait: wait[0]):
+            self.compute(offset - done, 0.0)
+            self.clock = max(self.clock, self.link_free if until is None else until)
+            done = offset
+        self.compute(seconds - done, 0.0)
 
     def hop(self, seconds: float, lead: float = 0.0) -> float:
         """Launch a hop `lead` seconds before now; the time it arrives."""
@@ -96,7 +114,8 @@ def paired_seconds(forward: Pieces, backward: Pieces, forward_first: bool = Fals
         nonlocal step, forward_ready
         if step == len(forward.compute):
             return
-        rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready)
+        rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready,
+                   forward.drain_of(step))
         if step < len(forward.hops):
             forward_ready = rank.hop(forward.hops[step], forward.lead_of(step))
         step += 1
@@ -105,7 +124,7 @@ def paired_seconds(forward: Pieces, backward: Pieces, forward_first: bool = Fals
         forward_step()
     backward_ready = 0.0
     for i, seconds in enumerate(backward.compute):
-        rank.piece(seconds, backward.lag_of(i - 1) if i else 0.0, backward_ready)
+        rank.piece(seconds, backward.lag_of(i - 1) if i else 0.0, backward_ready, backward.drain_of(i))
         if i < len(backward.hops):
             backward_ready = rank.hop(backward.hops[i], backward.lead_of(i))
             forward_step()
