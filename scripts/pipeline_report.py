@@ -52,7 +52,7 @@ def exposed_seconds(schedules: list[list[Action]], costs: StageCosts) -> list[fl
     less what it takes on free links."""
     free = StageCosts({key: replace(c, comm_f=0.0, comm_b=0.0, hops_f=None, hops_b=None)
                        for key, c in costs.chunks.items()}, costs.latency)
-    return [sum(costs.duration(a, rank) - free.duration(a, rank) for a in actions if not a.is_comm)
+    return [sum(max(0.0, costs.duration(a, rank) - free.duration(a, rank)) for a in actions if not a.is_comm)
             for rank, actions in enumerate(schedules)]
 
 
