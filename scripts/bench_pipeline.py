@@ -49,10 +49,11 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline_memory
-from pipeline_costs import INTERLEAVED_V, SEED, link_wait, rank_costs, shape_specs, step_compute
+from pipeline_costs import INTERLEAVED_V, SEED, action_compute, link_wait, rank_costs, shape_specs, step_compute
 from pipeline_report import (
     Memory,
     Sample,
+    TracedCosts,
     format_report,
     slowest_per_stage,
     stage_costs,
@@ -249,10 +250,12 @@ def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: to
     records = emulator.records if emulator else []
     sent = torch.tensor(float(sum(r.bytes_inter for r in records)))
     dist.all_reduce(sent)
-    compute = step_compute(runner.runtime.trace.events, records) if isinstance(runner, OurRunner) else {}
+    ours = isinstance(runner, OurRunner)
+    compute = step_compute(runner.runtime.trace.events, records) if ours else {}
+    per_action = action_compute(runner.runtime.trace.events, records) if ours else {}
     all_to_alls = [r for r in records if r.what == "all_to_all"]
     exposed = sum(r.blocked for r in all_to_alls)
-    return Sample(elapsed.item(), busy, sent.item(), compute, exposed, sum(map(link_wait, all_to_alls)))
+    return Sample(elapsed.item(), busy, sent.item(), compute, exposed, sum(map(link_wait, all_to_alls)), per_action)
 
 
 def step_memory(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: torch.Tensor,
@@ -378,18 +381,19 @@ def report(run: Run) -> str:
     rows = []
     for i, v in enumerate(run.variants):
         layout, alone = v.layout(bench), costs[v.shape, v.dispatcher]
-        in_steps = step_compute_per_rank([(pp_rank, samples[i]) for pp_rank, _, _, samples, _ in gathered])
+        per_pipeline_rank = [(pp_rank, samples[i]) for pp_rank, _, _, samples, _ in gathered]
+        in_steps = step_compute_per_rank(per_pipeline_rank)
+        traced = step_compute_per_rank(per_pipeline_rank, by="per_action")
         memory = None
         if gathered[0][4][i] is not None:
             memory = Memory(stage_memory([(pp_rank, mem[i]) for pp_rank, _, _, _, mem in gathered]),
                             pipeline_memory.planned(bench, v))
+        chunks = stage_costs(layout, alone, latency)
         rounds = range(len(first_pipeline[0][1][i]))
-        each_round = in_steps and [stage_costs(layout, alone, latency, step_compute_per_rank(
-            [(pp_rank, [samples[i][r]]) for pp_rank, _, _, samples, _ in gathered])) for r in rounds]
-        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench),
-                              stage_costs(layout, alone, latency),
-                              in_steps and stage_costs(layout, alone, latency, in_steps), in_steps, memory,
-                              each_round))
+        each_round = traced and [TracedCosts(chunks, step_compute_per_rank(
+            [(pp_rank, [samples[r]]) for pp_rank, samples in per_pipeline_rank], by="per_action")) for r in rounds]
+        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench), chunks,
+                              traced and TracedCosts(chunks, traced), in_steps, memory, each_round))
     return format_report(bench, rows, costs, latency, run.load)
 
 

@@ -78,9 +78,16 @@ MUTATIONS = [
         "the hop-level simulator launches each hop at the end of its piece, hiding nothing behind the shared expert"),
     Mutation(
         "hop-lag-ignored", "megadual/pipeline/hops.py",
-        "        first = min(lag, seconds)\n",
-        "        first = 0.0\n",
+        "        waits = [(min(lag, seconds), ready)]\n",
+        "        waits = [(0.0, ready)]\n",
         ("tests/test_simulate.py::test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece",),
         "the hop-level simulator waits for a hop before any of the next piece, though a backward computes "
         "other branches first"),
+    # issue 22 (sim* within 5%)
+    Mutation(
+        "hop-drain-ignored", "megadual/pipeline/hops.py",
+        "self.clock = max(self.clock, self.link_free if until is None else until)",
+        "self.clock = max(self.clock, 0.0 if until is None else until)",
+        ("tests/test_simulate.py::test_a_piece_that_exchanges_token_counts_waits_for_its_link_to_drain",),
+        "the hop-level simulator lets a dispatch's token counts pass the hops queued on the link"),
 ]

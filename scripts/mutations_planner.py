@@ -185,4 +185,11 @@ MUTATIONS = [
          "[PP2xV2xEP2-interleaved-overlap]"),
         "a paired F&B holds both micro-batches whole while it runs, though the backward frees its "
         "layers as the forward's allocate (pipeline/overlap.py)"),
+    # issue 22 (sim* within 5%)
+    Mutation(
+        "plan-counts-pass-the-hops-in-flight", "megadual/plan/layout_search.py",
+        "tuple(lead), drain=(first_drain, *drain[1:]))",
+        "tuple(lead))",
+        ("tests/test_plan.py::test_search_times_a_paired_chunk_hop_by_hop",),
+        "the planner's pairs send a dispatch's token counts past the other side's hops on the link"),
 ]

@@ -296,4 +296,29 @@ MUTATIONS = [
         "return record.blocked",
         ("tests/test_bench_pipeline.py::test_step_compute_takes_the_waits_on_the_links_out_of_each_action",),
         "sim*'s costs from the steps take an all-to-all's wait for a late EP peer out of the action, as link time"),
+    # issue 22 (sim* within 5%)
+    Mutation(
+        "sim-star-drains-not-found", "scripts/pipeline_costs.py",
+        "if within is not None and drain[within] is None:",
+        "if False:",
+        ("tests/test_bench_pipeline.py::test_a_chunk_at_hop_level_has_each_hop_with_its_lead_and_lag_and_each_drain",),
+        "sim*'s chunks never wait for their token counts behind the hops in flight"),
+    Mutation(
+        "sim-star-counts-become-a-hops-last-launch", "scripts/pipeline_costs.py",
+        "if within is None and (last[piece] is None",
+        "if (last[piece] is None",
+        ("tests/test_bench_pipeline.py::test_a_chunk_at_hop_level_has_each_hop_with_its_lead_and_lag_and_each_drain",),
+        "an exchange a piece waits for itself sets the lead and lag of the hop it falls in"),
+    Mutation(
+        "sim-star-ep-group-drops-leads", "scripts/pipeline_report.py",
+        'each("lead", statistics.fmean),',
+        "(),",
+        ("tests/test_bench_pipeline.py::test_an_ep_group_times_a_chunk_by_its_slowest_rank_hiding_what_its_ranks_hide_on_average",),
+        "an EP group's chunk hides nothing of its hops behind the shared expert (sim* over-predicted 1F1B by 7-18%)"),
+    Mutation(
+        "sim-star-hops-of-the-first-rep", "scripts/pipeline_costs.py",
+        "zip(*(getattr(pieces, name) for pieces in measured))",
+        "zip(*(getattr(pieces, name) for pieces in measured[:1]))",
+        ("tests/test_bench_pipeline.py::test_an_ep_group_times_a_chunk_by_its_slowest_rank_hiding_what_its_ranks_hide_on_average",),
+        "sim*'s chunk at hop level is one noisy run, not the median of the reps"),
 ]

@@ -146,7 +146,7 @@ def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> P
     for record in records:
         piece = next((i for i in range(len(hops)) if record.launched <= marks[i + 1]), len(hops) - 1)
         within = next((i for i in range(len(compute)) if marks[i] <= record.launched
-                       and record.waited_at <= marks[i + 1]), None)
+                       and record.waited_at < marks[i + 1]), None)
         if within is not None and drain[within] is None:
             drain[within] = record.launched - marks[within]
         if hops:
@@ -187,16 +187,19 @@ def link_wait(record: Record) -> float:
     return min(record.blocked, max(0.0, record.sent - record.waited_at))
 
 
-def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
-    """Mean compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step: each
-    compute action's time less its waits on the emulated links (link_wait). The mean, as the step
-    takes the sum: actions that ran while other ranks shared the cores are slower."""
+def action_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
+    """Compute seconds of each action of one traced step, by its label: its time less its waits on the
+    emulated links (link_wait)."""
     waits = [(r.waited_at, link_wait(r)) for r in records]
+    return {label: end - start - sum(seconds for at, seconds in waits if start <= at <= end)
+            for label, start, end in events if not label.startswith("comm:")}
+
+
+def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
+    """Mean compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step (action_compute).
+    The mean, as the step takes the sum: actions that ran while other ranks shared the cores are slower."""
     by_kind: dict[str, list[float]] = {}
-    for label, start, end in events:
-        if label.startswith("comm:"):
-            continue
+    for label, seconds in action_compute(events, records).items():
         kind = next(kind for marker, kind in _KIND_OF_LABEL if marker in label)
-        blocked = sum(seconds for at, seconds in waits if start <= at <= end)
-        by_kind.setdefault(kind.value.lower(), []).append(end - start - blocked)
+        by_kind.setdefault(kind.value.lower(), []).append(seconds)
     return {kind: statistics.fmean(values) for kind, values in by_kind.items()}

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from megadual.parallel.emulate import LinkModel
-from megadual.pipeline.actions import Action, Layout
+from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.hops import Pieces
-from megadual.pipeline.simulate import SimCosts, StageCosts, simulate
+from megadual.pipeline.simulate import SimCosts, StageCosts, paired, simulate
 
 if TYPE_CHECKING:
     from bench_pipeline import Bench, Variant
@@ -25,9 +25,10 @@ class Sample:
     makespan: float  # seconds, over all ranks
     busy: float  # this rank's compute seconds
     inter_bytes: float  # all ranks
-    compute: dict[str, float]  # ours only: median compute seconds per action kind (pipeline_costs.step_compute)
+    compute: dict[str, float]  # ours only: mean compute seconds per action kind (pipeline_costs.step_compute)
     exposed: float = 0.0  # this rank's seconds blocked on emulated all-to-alls
     exposed_on_links: float = 0.0  # the part of it before its own bytes had left (pipeline_costs.link_wait)
+    per_action: dict[str, float] = field(default_factory=dict)  # ours only: pipeline_costs.action_compute
 
 
 @dataclass(frozen=True)
@@ -47,24 +48,22 @@ def stage_memory(per_process: list[tuple[int, tuple[int, int]]]) -> list[tuple[i
     return [stages[r] for r in sorted(stages)]
 
 
-def exposed_seconds(schedules: list[list[Action]], costs: StageCosts) -> list[float]:
+def exposed_seconds(schedules: list[list[Action]], costs: TracedCosts) -> list[float]:
     """Per rank, the simulator's time its compute actions wait on all-to-alls: each action's duration
     less what it takes on free links."""
-    free = StageCosts({key: replace(c, comm_f=0.0, comm_b=0.0, hops_f=None, hops_b=None)
-                       for key, c in costs.chunks.items()}, costs.latency)
+    free = replace(costs, stages=StageCosts({key: replace(c, comm_f=0.0, comm_b=0.0, hops_f=None, hops_b=None)
+                                             for key, c in costs.stages.chunks.items()}, costs.latency))
     return [sum(max(0.0, costs.duration(a, rank) - free.duration(a, rank)) for a in actions if not a.is_comm)
             for rank, actions in enumerate(schedules)]
 
 
-def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float,
-                per_rank: dict[int, dict[str, float]] | None = None) -> StageCosts:
+def stage_costs(layout: Layout, per_stage: dict[int, dict[str, float]], latency: float) -> StageCosts:
     """Each chunk of the layout costs what its stage measured alone (DualPipe's two directions are cut
-    alike), or, given `per_rank`, the compute its rank's actions took in the steps (the all-to-alls'
-    link costs stay those of its stage)."""
+    alike)."""
     chunks = {}
     for path in layout.paths:
         for stage, (rank, chunk) in enumerate(path):
-            c = per_stage[stage] if per_rank is None else per_stage[stage] | per_rank[rank]
+            c = per_stage[stage]
             chunks[rank, chunk] = SimCosts(f=c["f"], b=c.get("b", 0.0), w=c.get("w", 0.0), bi=c.get("bi"),
                                            fb=c.get("fb"), comm_f=c.get("comm_f", 0.0), comm_b=c.get("comm_b", 0.0),
                                            hops_f=c.get("hops_f"), hops_b=c.get("hops_b"),
@@ -96,19 +95,45 @@ def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, 
     return {stage: {key: _slowest(values) for key, values in costs.items()} for stage, costs in stages.items()}
 
 
-def step_compute_per_rank(samples: list[tuple[int, list[Sample]]]) -> dict[int, dict[str, float]] | None:
-    """Per pipeline rank, each action kind's compute in the steps: the median over rounds, the mean of
-    the ranks at that pipeline position. None where the steps were not traced (torch's rows). The
-    mean, not the slowest: each rank's compute holds its waits for a late EP peer (link_wait), so
-    the EP ranks of a stage agree, and the largest of noisy figures would overstate them."""
-    if not all(s.compute for _, rounds in samples for s in rounds):
+def step_compute_per_rank(samples: list[tuple[int, list[Sample]]], by: str = "compute"
+                          ) -> dict[int, dict[str, float]] | None:
+    """Per pipeline rank, the compute in the steps of each action kind (`by="compute"`) or of each action
+    (`by="per_action"`): the median over rounds, the mean of the ranks at that pipeline position. None
+    where the steps were not traced (torch's rows). The mean, not the slowest: each rank's compute
+    holds its waits for a late EP peer (link_wait), so the EP ranks of a stage agree, and the largest
+    of noisy figures would overstate them."""
+    if not all(getattr(s, by) for _, rounds in samples for s in rounds):
         return None
     by_stage: dict[int, list[dict[str, float]]] = {}
     for pp_rank, rounds in samples:
+        first = getattr(rounds[0], by)
         by_stage.setdefault(pp_rank, []).append(
-            {kind: statistics.median(s.compute[kind] for s in rounds) for kind in rounds[0].compute})
-    return {pp_rank: {kind: statistics.fmean(m[kind] for m in ranks) for kind in ranks[0]}
+            {key: statistics.median(getattr(s, by)[key] for s in rounds) for key in first})
+    return {pp_rank: {key: statistics.fmean(m[key] for m in ranks) for key in ranks[0]}
             for pp_rank, ranks in by_stage.items()}
+
+
+_COMPUTE_OF = {Kind.F: "f", Kind.B: "b", Kind.BI: "bi", Kind.W: "w", Kind.FB: "fb"}
+
+
+@dataclass(frozen=True)
+class TracedCosts:
+    """sim*'s costs: each action's compute as the steps traced it (`compute[pp rank][label]`), with its
+    stage chunk's hops and links (`stages`). Per action, not per kind: on a CPU shared by more ranks
+    than cores a rank computes faster while others wait (warm-up, cool-down, bubbles) than in the
+    steady state, and a cost per kind would move that time between the phases of the schedule."""
+    stages: StageCosts
+    compute: dict[int, dict[str, float]]
+
+    @property
+    def latency(self) -> float:
+        return self.stages.latency
+
+    def duration(self, action: Action, rank: int) -> float:
+        own = replace(self.stages.chunks[rank, action.chunk], **{_COMPUTE_OF[action.kind]: self.compute[rank][str(action)]})
+        if action.kind == Kind.FB:
+            return paired(own, self.stages.chunks[rank, action.b_chunk])
+        return own.duration(action)
 
 
 @dataclass(frozen=True)
@@ -132,9 +157,9 @@ class Row:
 
 
 def summarize(variant: Variant, per_rank: list[list[Sample]], schedules: list[list[Action]],
-              costs: StageCosts, costs_in_steps: StageCosts | None,
+              costs: StageCosts, costs_in_steps: TracedCosts | None,
               compute_in_steps: dict[int, dict[str, float]] | None, memory: Memory | None = None,
-              costs_each_round: list[StageCosts] | None = None) -> Row:
+              costs_each_round: list[TracedCosts] | None = None) -> Row:
     """`per_rank[p]`: the samples of pipeline rank p (of the first pipeline); `schedules` and the
     costs: what the simulator predicts from (`costs_each_round`: sim*'s from each round's compute alone,
     against that round's step)."""

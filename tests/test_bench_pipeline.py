@@ -59,3 +59,41 @@ def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
                # in the pair: its bytes left at 6.4, the last 0.6 s it waited for its EP peer (compute to the simulator)
                Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0, sent=6.4)]
     assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.6, "w": 0.5})
+
+
+def test_a_chunk_at_hop_level_has_each_hop_with_its_lead_and_lag_and_each_drain():
+    """What sim* is given of a chunk: its compute between pauses, each pause's link time, how much of it
+    the piece before (lead) and after (lag) hid, and where a piece waited on its own exchange (drain)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from pipeline_costs import hop_pieces
+
+    from megadual.parallel.emulate import Link, LinkModel, Record
+
+    links = LinkModel(inter=Link(1000.0, 0.0))  # one byte, one millisecond
+    records = [Record("all_to_all", 10, 0, 0.2, waited_at=0.25),  # the counts: waited for in piece 0
+               Record("all_to_all", 500, 0, 0.6, waited_at=1.3),  # the dispatch: launched 0.4 before the pause
+               Record("all_to_all", 300, 0, 1.9, waited_at=2.1),
+               Record("all_to_all", 10, 0, 2.5, waited_at=2.55)]  # counts in the last piece: no hop's lag
+    pieces = hop_pieces([0.0, 1.0, 2.0, 3.0], records, links)
+    assert pieces.compute == (1.0, 1.0, 1.0) and pieces.drain == pytest.approx((0.2, None, 0.5))
+    assert pieces.hops == pytest.approx((0.51, 0.31))
+    assert pieces.lead == pytest.approx((0.4, 0.1)) and pieces.lag == pytest.approx((0.3, 0.1))
+
+
+def test_an_ep_group_times_a_chunk_by_its_slowest_rank_hiding_what_its_ranks_hide_on_average():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from pipeline_costs import median_pieces
+    from pipeline_report import slowest_per_stage
+
+    from megadual.pipeline.hops import Pieces
+
+    ranks = [Pieces((1.0, 3.0), (2.0,), (0.4,), (0.2,), (0.5, None)), Pieces((2.0, 1.0), (1.0,), (0.2,), (0.0,),
+                                                                            (0.3, None))]
+    stage = slowest_per_stage([{0: {"f": 1.0, "hops_f": ranks[0]}}, {0: {"f": 2.0, "hops_f": ranks[1]}}])[0]
+    assert stage["f"] == 2.0
+    merged = stage["hops_f"]
+    assert (merged.compute, merged.hops, merged.drain) == ((2.0, 3.0), (2.0,), (0.3, None))
+    assert merged.lead == pytest.approx((0.3,)) and merged.lag == pytest.approx((0.1,))
+    runs = [Pieces((1.0, 5.0), (2.0,), (0.1,), (0.0,), (0.2, None)), Pieces((3.0, 4.0), (9.0,), (0.3,), (0.5,),
+                                                                           (0.4, None)), *ranks]
+    assert median_pieces(runs[:3]) == Pieces((1.0, 4.0), (2.0,), (0.3,), (0.2,), (0.4, None))

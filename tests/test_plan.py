@@ -139,6 +139,7 @@ def test_search_times_a_paired_chunk_hop_by_hop():
         assert forward.hops == pytest.approx((hop,) * 4)
         shared = tokens * swiglu_flops(m.hidden_size, m.moe_shared_expert_intermediate_size) / per_second
         assert forward.lead == pytest.approx((shared, 0.0, shared, 0.0))  # computed beside its dispatch
+        assert forward.drain == pytest.approx((before - shared, None, before - shared, None, None))  # counts first
         head = costs[0, 1].f - 2 * (before + routed)  # chunk 1 (layers 2-3 of the reverse copy) holds the head
         assert backward.compute == pytest.approx((2 * head, 2 * routed, 2 * before, 2 * routed, 2 * before))
         assert backward.hops == pytest.approx((hop,) * 4)

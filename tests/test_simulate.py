@@ -219,6 +219,22 @@ def test_a_hop_launched_before_its_piece_ends_overlaps_the_rest_of_the_piece():
         Pieces((1, 1, 1), (1, 1), lead=(0.5,))
 
 
+def test_a_piece_that_exchanges_token_counts_waits_for_its_link_to_drain():
+    """The counts a dispatch sends first queue behind the hops in flight on the link (collectives of
+    one group run in order), and the piece waits for them: in a pair, the other side's long hop."""
+    counts_first = Pieces((2, 1), (1,), drain=(1.0, None))
+    # B0 0-1, its hop 1-5; F0 computes 1-2, waits for the link to drain at 5, computes 5-6, its hop 6-7;
+    # B1 waits for 5: 6-7; F1 waits for 7: 7-8.  Without the drain: F0 1-3, hop 5-6; B1 5-6; F1 6-7.
+    assert paired_seconds(counts_first, Pieces((1, 1), (4,))) == 8
+    assert paired_seconds(Pieces((2, 1), (1,)), Pieces((1, 1), (4,))) == 7
+    # alone, behind its own hop: F0 0-1, hop 1-4; F1 computes 0.5 of its 1 s lag, drains at 4, 4-5.5
+    lagging = Pieces((1, 2), (3,), lag=(1.0,), drain=(None, 0.5))
+    assert lagging.alone() == 5.5 and Pieces((1, 2), (3,), lag=(1.0,)).alone() == 5
+    assert lagging.scaled(2).drain == (None, 1.0)
+    with pytest.raises(ValueError, match="2 compute pieces need as many drains"):
+        Pieces((1, 1), (1,), drain=(0.5,))
+
+
 def test_the_simulator_times_a_pair_hop_by_hop_where_the_pieces_are_given():
     pair = Action(Kind.FB, 0, 1, b_chunk=0, b_mb=0)
     chunk = SimCosts(f=3, b=6, w=2, comm_f=6, comm_b=2)

@@ -21,7 +21,8 @@ from these stated assumptions (flags, defaults for H800/H100-class GPUs):
   chunks (DualPipe's; 1F1B's with --overlap-moe-expert-parallel-comm), timed hop by hop
   (pipeline/hops.py): each layer's dispatch and combine against the other side's compute piece
   beside it (attention and shared experts before a dispatch, routed experts between dispatch and
-  combine; the shared expert computes while its own dispatch is in flight), so a hop longer than
+  combine; the shared expert computes while its own dispatch is in flight, and the dispatch's
+  token counts, sent before it, wait for the hops already on the link), so a hop longer than
   that piece shows even where the pair's compute outlasts its communication;
 - TP: two all-reduces of the hidden state per layer each way, over NVLink, exposed;
 - pipeline p2p: one activation message per micro-batch and stage boundary over InfiniBand;
@@ -194,17 +195,22 @@ def chunk_costs(config: RunConfig, world: int, hw: Hardware) -> dict[tuple[int, 
             layers = range(spec.first_layer, spec.last_layer)
             f = stage_forward_flops_per_token(m, layers, spec.has_head) * seconds
             pieces, lead, current = [], [], 0.0  # the forward's compute pieces; what has run since the last hop
+            drain: list[float | None] = []  # where each piece sends its dispatch's token counts
             for layer in layers:
                 if m.is_moe_layer(layer) and layout.ep > 1:
-                    pieces += [current + layer_flops(m, layer) * seconds - routed, routed]
+                    before = current + layer_flops(m, layer) * seconds - routed
+                    pieces += [before, routed]
                     lead += [shared, 0.0]
+                    drain += [before - shared, None]
                     current = 0.0
                 else:
                     current += layer_flops(m, layer) * seconds
             pieces.append(current + f - sum(layer_flops(m, layer) * seconds for layer in layers))
             hops = (hop,) * (len(pieces) - 1)
             exposed_tp = len(layers) * tp
-            forward = Pieces((pieces[0] + exposed_tp, *pieces[1:]), hops, tuple(lead))
+            drain.append(None)
+            first_drain = None if drain[0] is None else drain[0] + exposed_tp
+            forward = Pieces((pieces[0] + exposed_tp, *pieces[1:]), hops, tuple(lead), drain=(first_drain, *drain[1:]))
             back = [backward * p for p in reversed(pieces)]
             costs[rank, chunk] = SimCosts(f=f + exposed_tp, b=backward * f + exposed_tp, w=f,
                                           comm_f=sum(hops), comm_b=sum(hops), hops_f=forward,
