@@ -353,9 +353,14 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(bench, variants, free_port(), queue), nprocs=bench.world,
-                       start_method="spawn")
-    latency, gathered = queue.get()
+    workers = mp.start_processes(worker, args=(bench, variants, free_port(), queue), nprocs=bench.world,
+                                 start_method="spawn", join=False)
+    # Read while joining: rank 0's put blocks until the pipe is read once the results outgrow its buffer.
+    result = None
+    while not workers.join(timeout=1.0):  # raises where a worker failed
+        if result is None and not queue.empty():
+            result = queue.get()
+    latency, gathered = queue.get() if result is None else result
     run = Run(bench, variants, latency, gathered, (load_before, os.getloadavg()[0]))
     if args.save:
         with open(args.save, "wb") as file:
