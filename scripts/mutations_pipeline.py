@@ -66,8 +66,8 @@ MUTATIONS = [
     # issue 22 (s3-bench)
     Mutation(
         "hops-forward-ignores-its-own-hops", "megadual/pipeline/hops.py",
-        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready)",
-        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, 0.0)",
+        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, forward_ready,",
+        "rank.piece(forward.compute[step], forward.lag_of(step - 1) if step else 0.0, 0.0,",
         ("tests/test_simulate.py::test_a_paired_chunk_at_hop_level_shows_the_hops_that_outlast_their_step",),
         "the hop-level simulator never lets a pair's forward wait for its own all-to-all hops"),
     Mutation(

@@ -119,8 +119,8 @@ MUTATIONS = [
         'the requeued job trains from scratch instead of resuming from --save'),
     Mutation(
         "step-compute-keeps-link-waits", "scripts/pipeline_costs.py",
-        "by_kind.setdefault(kind.value.lower(), []).append(end - start - blocked)",
-        "by_kind.setdefault(kind.value.lower(), []).append(end - start)",
+        "return {label: end - start - sum(seconds for at, seconds in waits if start <= at <= end)",
+        "return {label: end - start",
         ("tests/test_bench_pipeline.py::test_step_compute_takes_the_waits_on_the_links_out_of_each_action",),
         "the simulator's in-step costs count time blocked on the emulated links as compute"),
     Mutation(
@@ -321,4 +321,10 @@ MUTATIONS = [
         "zip(*(getattr(pieces, name) for pieces in measured[:1]))",
         ("tests/test_bench_pipeline.py::test_an_ep_group_times_a_chunk_by_its_slowest_rank_hiding_what_its_ranks_hide_on_average",),
         "sim*'s chunk at hop level is one noisy run, not the median of the reps"),
+    Mutation(
+        "sim-star-costs-alone", "scripts/pipeline_report.py",
+        "**{_COMPUTE_OF[action.kind]: self.compute[rank][str(action)]})",
+        "**{})",
+        ("tests/test_bench_pipeline.py::test_sim_star_times_each_action_by_its_own_compute_in_the_steps",),
+        "sim* times the actions by the chunk costs measured alone, not by what each took in the steps"),
 ]

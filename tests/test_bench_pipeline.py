@@ -47,7 +47,7 @@ def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
     """What the simulator's sim* is given: each action's time less its waits on the emulated links; an
     all-to-all's wait past the moment its own bytes left counts as the action's (its peer came late)."""
     sys.path.insert(0, str(SCRIPT.parent))
-    from pipeline_costs import step_compute
+    from pipeline_costs import action_compute, step_compute
 
     from megadual.parallel.emulate import Record
 
@@ -59,6 +59,29 @@ def test_step_compute_takes_the_waits_on_the_links_out_of_each_action():
                # in the pair: its bytes left at 6.4, the last 0.6 s it waited for its EP peer (compute to the simulator)
                Record("all_to_all", 1, 0, 5.1, waited_at=6.0, blocked=1.0, sent=6.4)]
     assert step_compute(events, records) == pytest.approx({"f": (0.75 + 0.8) / 2, "b": 1.5, "fb": 3.6, "w": 0.5})
+    assert action_compute(events, records) == pytest.approx(
+        {"F0.0": 0.75, "F0.1": 0.8, "B0.0": 1.5, "F0.2&B0.1": 3.6, "W0.0": 0.5})
+
+
+def test_sim_star_times_each_action_by_its_own_compute_in_the_steps():
+    """On a CPU shared by more ranks than cores one forward runs faster than another (others idle in the
+    warm-up): sim* takes each action's own compute, on its chunk's hops."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from pipeline_report import TracedCosts
+
+    from megadual.pipeline.actions import Action, Kind
+    from megadual.pipeline.hops import Pieces
+    from megadual.pipeline.simulate import SimCosts, StageCosts
+
+    halves = Pieces((1.0, 1.0), (3.0,))
+    chunk = SimCosts(f=1.0, b=2.0, w=1.0, comm_f=3.0, comm_b=3.0, hops_f=halves, hops_b=halves)
+    traced = TracedCosts(StageCosts({(0, 0): chunk}), {0: {"F0.0": 4.0, "F0.1": 2.0, "F0.2&B0.0": 6.0, "W0.0": 0.5}})
+    # alone, the pieces scale to the action's compute and the hop shows: 2 + 3 + 2, 1 + 3 + 1
+    assert traced.duration(Action(Kind.F, 0, 0), 0) == 7.0 and traced.duration(Action(Kind.F, 0, 1), 0) == 5.0
+    assert traced.duration(Action(Kind.W, 0, 0), 0) == 0.5
+    # the pair's 6 s scale its pieces to 1.5: B0 0-1.5, hop 1.5-4.5; F0 1.5-3, its hop queues 4.5-7.5;
+    # B1 4.5-6; F1 7.5-9
+    assert traced.duration(Action(Kind.FB, 0, 2, b_chunk=0, b_mb=0), 0) == 9.0
 
 
 def test_a_chunk_at_hop_level_has_each_hop_with_its_lead_and_lag_and_each_drain():
