@@ -323,7 +323,7 @@ MUTATIONS = [
         "sim*'s chunk at hop level is one noisy run, not the median of the reps"),
     Mutation(
         "sim-star-costs-alone", "scripts/pipeline_report.py",
-        "**{_COMPUTE_OF[action.kind]: self.compute[rank][str(action)]})",
+        "**{_COMPUTE_OF[action.kind]: traced})",
         "**{})",
         ("tests/test_bench_pipeline.py::test_sim_star_times_each_action_by_its_own_compute_in_the_steps",),
         "sim* times the actions by the chunk costs measured alone, not by what each took in the steps"),

@@ -130,7 +130,8 @@ class TracedCosts:
         return self.stages.latency
 
     def duration(self, action: Action, rank: int) -> float:
-        own = replace(self.stages.chunks[rank, action.chunk], **{_COMPUTE_OF[action.kind]: self.compute[rank][str(action)]})
+        traced = self.compute[rank][str(action)]
+        own = replace(self.stages.chunks[rank, action.chunk], **{_COMPUTE_OF[action.kind]: traced})
         if action.kind == Kind.FB:
             return paired(own, self.stages.chunks[rank, action.b_chunk])
         return own.duration(action)

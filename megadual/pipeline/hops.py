@@ -12,9 +12,11 @@ flight. And the next piece may start before it waits for the hop (`lag`): a back
 all-to-all's gradient and autograd runs other branches before the node that waits for it. And a
 piece may exchange something small and wait for it (`drain`): the token counts before a dispatch.
 That message queues behind the hops in flight on the rank's link, so the piece stops until they
-have left (collectives on one communicator run in order, on NCCL as on the emulated links). Alone,
-a chunk takes its compute and each hop's remainder after its lead and lag (`exposed`). In a paired F&B the backward runs, and at each hop it launches the forward advances one step:
-it waits for its own previous hop, computes its next piece and launches its next hop. Hops
+have left (collectives on one communicator run in order, on NCCL as on the emulated links).
+
+Alone, a chunk takes its compute and each hop's remainder after its lead and lag (`exposed`). In
+a paired F&B the backward runs, and at each hop it launches the forward advances one step: it
+waits for its own previous hop, computes its next piece and launches its next hop. Hops
 queue on one outbound link per rank (what the emulated links of parallel/emulate.py do), and
 the compute runs one piece at a time. So a pair takes max(compute, communication) only while
 every hop is shorter than the compute it is paired with; a long hop shows where it outlasts
