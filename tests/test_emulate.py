@@ -36,6 +36,18 @@ def test_transfers_on_one_link_queue_behind_each_other():
     assert second[2] - first[2] == pytest.approx(MODELLED)
 
 
+def test_a_transfer_on_idle_links_takes_its_slower_link_as_the_emulator_sends_it():
+    """What the benchmarks' simulator charges for a recorded all-to-all (free_seconds) is what the
+    emulator makes it take on idle links: both links send at once."""
+    links = LinkModel(inter=Link(1000.0, 0.5), intra=Link(4000.0, 0.25))
+    emulator = Emulator(links, ranks_per_node=2, rank=0)
+    arrivals, record = emulator.send({1: 2000, 2: 1000}, "a")  # rank 1: intra, 0.5 s; rank 2: inter, 1 s
+    assert arrivals[1] - record.launched == pytest.approx(0.75) and arrivals[2] - record.launched == pytest.approx(1.5)
+    assert links.free_seconds(record) == pytest.approx(max(arrivals.values()) - record.launched)
+    _, intra_only = Emulator(links, ranks_per_node=2, rank=0).send({1: 8000}, "b")
+    assert links.free_seconds(intra_only) == pytest.approx(2.25)
+
+
 def _compute_for(seconds: float) -> None:
     a = torch.randn(64, 64)
     end = time.perf_counter() + seconds

@@ -66,12 +66,11 @@ class LinkModel:
         return LinkModel(**links)
 
     def free_seconds(self, record: Record) -> float:
-        """What a recorded transfer takes on idle links: its bytes over each link, plus the
-        latency of the slower link it used."""
-        used = [link for link, num_bytes in ((self.inter, record.bytes_inter), (self.intra, record.bytes_intra))
-                if num_bytes]
-        return (self.inter.transfer_seconds(record.bytes_inter) + self.intra.transfer_seconds(record.bytes_intra)
-                + max((link.latency for link in used), default=0.0))
+        """What a recorded transfer takes on idle links: the two links send at once, so the slower
+        of its bytes over each link it used, with that link's latency."""
+        return max((link.transfer_seconds(num_bytes) + link.latency
+                    for link, num_bytes in ((self.inter, record.bytes_inter), (self.intra, record.bytes_intra))
+                    if num_bytes), default=0.0)
 
     def __str__(self) -> str:
         def show(link: Link) -> str:
