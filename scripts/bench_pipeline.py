@@ -49,18 +49,16 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline_memory
-from pipeline_costs import INTERLEAVED_V, SEED, action_compute, link_wait, rank_costs, shape_specs, step_compute
-from pipeline_report import (
-    Memory,
-    Sample,
-    TracedCosts,
-    format_report,
-    slowest_per_stage,
-    stage_costs,
-    stage_memory,
-    step_compute_per_rank,
-    summarize,
+from pipeline_costs import (
+    INTERLEAVED_V,
+    SEED,
+    action_compute,
+    link_wait,
+    rank_costs,
+    shape_specs,
+    step_compute,
 )
+from pipeline_report import Run, Sample, report
 from pipeline_torch import TorchRunner
 
 from megadual.config import ModelConfig
@@ -366,40 +364,6 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.save, "wb") as file:
             pickle.dump(run, file)
     print(report(run))
-
-
-@dataclass(frozen=True)
-class Run:
-    """What a run measured, as --save keeps it for --report-from."""
-    bench: Bench
-    variants: tuple[Variant, ...]
-    latency: float
-    gathered: list  # per process: (pp rank, dp rank, chunk costs alone, samples per variant, memory per variant)
-    load: tuple[float, float]
-
-
-def report(run: Run) -> str:
-    bench, latency, gathered = run.bench, run.latency, run.gathered
-    costs = {key: slowest_per_stage([process[2][key] for process in gathered]) for key in gathered[0][2]}
-    first_pipeline = sorted(((pp_rank, samples) for pp_rank, dp_rank, _, samples, _ in gathered if dp_rank == 0),
-                            key=lambda item: item[0])
-    rows = []
-    for i, v in enumerate(run.variants):
-        layout, alone = v.layout(bench), costs[v.shape, v.dispatcher]
-        per_pipeline_rank = [(pp_rank, samples[i]) for pp_rank, _, _, samples, _ in gathered]
-        in_steps = step_compute_per_rank(per_pipeline_rank)
-        traced = step_compute_per_rank(per_pipeline_rank, by="per_action")
-        memory = None
-        if gathered[0][4][i] is not None:
-            memory = Memory(stage_memory([(pp_rank, mem[i]) for pp_rank, _, _, _, mem in gathered]),
-                            pipeline_memory.planned(bench, v))
-        chunks = stage_costs(layout, alone, latency)
-        rounds = range(len(first_pipeline[0][1][i]))
-        each_round = traced and [TracedCosts(chunks, step_compute_per_rank(
-            [(pp_rank, [samples[r]]) for pp_rank, samples in per_pipeline_rank], by="per_action")) for r in rounds]
-        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench), chunks,
-                              traced and TracedCosts(chunks, traced), in_steps, memory, each_round))
-    return format_report(bench, rows, costs, latency, run.load)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import pipeline_memory
+
 from megadual.parallel.emulate import LinkModel
 from megadual.pipeline.actions import Action, Kind, Layout
 from megadual.pipeline.hops import Pieces
@@ -319,3 +321,36 @@ def ratio_lines(by_label: dict[str, Row]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Run:
+    """What a run measured, as --save keeps it for --report-from."""
+    bench: Bench
+    variants: tuple[Variant, ...]
+    latency: float
+    gathered: list  # per process: (pp rank, dp rank, chunk costs alone, samples per variant, memory per variant)
+    load: tuple[float, float]
+
+
+def report(run: Run) -> str:
+    """The report of a run: the rows of each variant next to the simulator and the planner."""
+    bench, latency, gathered = run.bench, run.latency, run.gathered
+    costs = {key: slowest_per_stage([process[2][key] for process in gathered]) for key in gathered[0][2]}
+    first_pipeline = sorted(((pp_rank, samples) for pp_rank, dp_rank, _, samples, _ in gathered if dp_rank == 0),
+                            key=lambda item: item[0])
+    rows = []
+    for i, v in enumerate(run.variants):
+        layout, alone = v.layout(bench), costs[v.shape, v.dispatcher]
+        per_pipeline_rank = [(pp_rank, samples[i]) for pp_rank, _, _, samples, _ in gathered]
+        in_steps = step_compute_per_rank(per_pipeline_rank)
+        traced = step_compute_per_rank(per_pipeline_rank, by="per_action")
+        memory = None
+        if gathered[0][4][i] is not None:
+            memory = Memory(stage_memory([(pp_rank, mem[i]) for pp_rank, _, _, _, mem in gathered]),
+                            pipeline_memory.planned(bench, v))
+        chunks = stage_costs(layout, alone, latency)
+        rounds = range(len(first_pipeline[0][1][i]))
+        each_round = traced and [TracedCosts(chunks, step_compute_per_rank(
+            [(pp_rank, [samples[r]]) for pp_rank, samples in per_pipeline_rank], by="per_action")) for r in rounds]
+        rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench), chunks,
+                              traced and TracedCosts(chunks, traced), in_steps, memory, each_round))
+    return format_report(bench, rows, costs, latency, run.load)
