@@ -4,6 +4,7 @@ The formulas are written out here from Megatron's definitions (REFERENCE.md), no
 megadual's modules; the runs compare a ramped run with fixed-batch runs chained through
 checkpoints, a resumed ramp with an unstopped one, and check what a new phase may change.
 """
+import itertools
 import math
 import re
 
@@ -224,4 +225,4 @@ def test_ramped_data_order_is_the_unstopped_order_on_every_dp_rank():
     first, consumed = steps(0, 3)
     rest, _ = steps(consumed, 5)
     assert first + rest == straight
-    assert sum(straight, []) == list(range(sum(len(step) for step in straight)))
+    assert list(itertools.chain.from_iterable(straight)) == list(range(sum(len(step) for step in straight)))
