@@ -56,7 +56,6 @@ from pipeline_costs import (
     link_wait,
     rank_costs,
     shape_specs,
-    step_compute,
 )
 from pipeline_report import Run, Sample, report
 from pipeline_torch import TorchRunner
@@ -249,11 +248,10 @@ def timed_step(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: to
     sent = torch.tensor(float(sum(r.bytes_inter for r in records)))
     dist.all_reduce(sent)
     ours = isinstance(runner, OurRunner)
-    compute = step_compute(runner.runtime.trace.events, records) if ours else {}
-    per_action = action_compute(runner.runtime.trace.events, records) if ours else {}
+    compute = action_compute(runner.runtime.trace.events, records) if ours else {}
     all_to_alls = [r for r in records if r.what == "all_to_all"]
     exposed = sum(r.blocked for r in all_to_alls)
-    return Sample(elapsed.item(), busy, sent.item(), compute, exposed, sum(map(link_wait, all_to_alls)), per_action)
+    return Sample(elapsed.item(), busy, sent.item(), compute, exposed, sum(map(link_wait, all_to_alls)))
 
 
 def step_memory(runner: TorchRunner | OurRunner, tokens: torch.Tensor, labels: torch.Tensor,

@@ -12,6 +12,7 @@ alone leave out.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -140,7 +141,7 @@ def hop_pieces(marks: list[float], records: list[Record], links: LinkModel) -> P
     long the piece computed on after its last launch (the shared expert beside a dispatch), how
     long the next piece computed before waiting for it (a backward's other branches), and where a
     piece waited for an exchange it launched itself (the token counts: a drain)."""
-    compute = tuple(b - a for a, b in zip(marks, marks[1:]))
+    compute = tuple(b - a for a, b in itertools.pairwise(marks))
     hops, last = [0.0] * (len(compute) - 1), [None] * (len(compute) - 1)
     drain: list[float | None] = [None] * len(compute)
     for record in records:
@@ -195,11 +196,11 @@ def action_compute(events: list[tuple[str, float, float]], records: list[Record]
             for label, start, end in events if not label.startswith("comm:")}
 
 
-def step_compute(events: list[tuple[str, float, float]], records: list[Record]) -> dict[str, float]:
-    """Mean compute seconds per action kind ("f", "b", "bi", "w", "fb") of one traced step (action_compute).
+def step_compute(per_action: dict[str, float]) -> dict[str, float]:
+    """Mean compute seconds per action kind ("f", "b", "bi", "w", "fb") of the actions' (action_compute).
     The mean, as the step takes the sum: actions that ran while other ranks shared the cores are slower."""
     by_kind: dict[str, list[float]] = {}
-    for label, seconds in action_compute(events, records).items():
+    for label, seconds in per_action.items():
         kind = next(kind for marker, kind in _KIND_OF_LABEL if marker in label)
         by_kind.setdefault(kind.value.lower(), []).append(seconds)
     return {kind: statistics.fmean(values) for kind, values in by_kind.items()}

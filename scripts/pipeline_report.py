@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import pipeline_memory
+from pipeline_costs import step_compute
 
 from megadual.parallel.emulate import LinkModel
 from megadual.pipeline.actions import Action, Kind, Layout
@@ -27,10 +28,9 @@ class Sample:
     makespan: float  # seconds, over all ranks
     busy: float  # this rank's compute seconds
     inter_bytes: float  # all ranks
-    compute: dict[str, float]  # ours only: mean compute seconds per action kind (pipeline_costs.step_compute)
+    compute: dict[str, float]  # ours only: each action's compute seconds, by its label (pipeline_costs.action_compute)
     exposed: float = 0.0  # this rank's seconds blocked on emulated all-to-alls
     exposed_on_links: float = 0.0  # the part of it before its own bytes had left (pipeline_costs.link_wait)
-    per_action: dict[str, float] = field(default_factory=dict)  # ours only: pipeline_costs.action_compute
 
 
 @dataclass(frozen=True)
@@ -97,20 +97,17 @@ def slowest_per_stage(measured: list[dict[int, dict[str, float]]]) -> dict[int, 
     return {stage: {key: _slowest(values) for key, values in costs.items()} for stage, costs in stages.items()}
 
 
-def step_compute_per_rank(samples: list[tuple[int, list[Sample]]], by: str = "compute"
-                          ) -> dict[int, dict[str, float]] | None:
-    """Per pipeline rank, the compute in the steps of each action kind (`by="compute"`) or of each action
-    (`by="per_action"`): the median over rounds, the mean of the ranks at that pipeline position. None
-    where the steps were not traced (torch's rows). The mean, not the slowest: each rank's compute
+def step_compute_per_rank(samples: list[tuple[int, list[Sample]]]) -> dict[int, dict[str, float]] | None:
+    """Per pipeline rank, each action's compute in the steps, by its label: the median over rounds, the
+    mean of the ranks at that pipeline position. None where the steps were not traced (torch's rows). The mean, not the slowest: each rank's compute
     holds its waits for a late EP peer (link_wait), so the EP ranks of a stage agree, and the largest
     of noisy figures would overstate them."""
-    if not all(getattr(s, by) for _, rounds in samples for s in rounds):
+    if not all(s.compute for _, rounds in samples for s in rounds):
         return None
     by_stage: dict[int, list[dict[str, float]]] = {}
     for pp_rank, rounds in samples:
-        first = getattr(rounds[0], by)
         by_stage.setdefault(pp_rank, []).append(
-            {key: statistics.median(getattr(s, by)[key] for s in rounds) for key in first})
+            {label: statistics.median(s.compute[label] for s in rounds) for label in rounds[0].compute})
     return {pp_rank: {key: statistics.fmean(m[key] for m in ranks) for key in ranks[0]}
             for pp_rank, ranks in by_stage.items()}
 
@@ -341,8 +338,8 @@ def report(run: Run) -> str:
     for i, v in enumerate(run.variants):
         layout, alone = v.layout(bench), costs[v.shape, v.dispatcher]
         per_pipeline_rank = [(pp_rank, samples[i]) for pp_rank, _, _, samples, _ in gathered]
-        in_steps = step_compute_per_rank(per_pipeline_rank)
-        traced = step_compute_per_rank(per_pipeline_rank, by="per_action")
+        traced = step_compute_per_rank(per_pipeline_rank)
+        in_steps = traced and {pp_rank: step_compute(per_action) for pp_rank, per_action in traced.items()}
         memory = None
         if gathered[0][4][i] is not None:
             memory = Memory(stage_memory([(pp_rank, mem[i]) for pp_rank, _, _, _, mem in gathered]),
@@ -350,7 +347,7 @@ def report(run: Run) -> str:
         chunks = stage_costs(layout, alone, latency)
         rounds = range(len(first_pipeline[0][1][i]))
         each_round = traced and [TracedCosts(chunks, step_compute_per_rank(
-            [(pp_rank, [samples[r]]) for pp_rank, samples in per_pipeline_rank], by="per_action")) for r in rounds]
+            [(pp_rank, [samples[r]]) for pp_rank, samples in per_pipeline_rank])) for r in rounds]
         rows.append(summarize(v, [samples[i] for _, samples in first_pipeline], v.actions(bench), chunks,
                               traced and TracedCosts(chunks, traced), in_steps, memory, each_round))
     return format_report(bench, rows, costs, latency, run.load)
